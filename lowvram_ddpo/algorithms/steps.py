@@ -1,0 +1,98 @@
+"""One training micro-step of each family of algorithms: the loss for a micro-batch at
+one (sampled) timestep, with the UNet's forward pass inside.
+
+- policy gradient (DDPO-IS, DDPO-SF): re-score the stored action ``x_{k+1}`` under
+  the current weights and compare with the log-prob recorded while sampling;
+- reward weighted (RWR, sparse RWR): the denoising loss on the model's own final
+  samples at a random timestep, weighted per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler
+from torch import Tensor
+
+from lowvram_ddpo.algorithms.losses import (
+    ppo_clip_loss,
+    score_function_loss,
+    weighted_denoising_loss,
+)
+from lowvram_ddpo.policy import Conditioning, PolicyStep
+from lowvram_ddpo.rollout import Trajectories
+
+
+@dataclass
+class MicroBatch:
+    """Which samples, and for each of them which step of its trajectory, to train on."""
+
+    samples: Tensor
+    """[b] indices into the trajectories."""
+    steps: Tensor
+    """[b] step index k (the action is x_k -> x_{k+1})."""
+
+
+def _conditioning(
+    trajectories: Trajectories,
+    batch: MicroBatch,
+    negative: Tensor | None,
+    scale: float,
+    device: torch.device,
+) -> Conditioning:
+    embeds = trajectories.prompt_embeds[batch.samples].to(device)
+    neg = None if negative is None else negative.expand_as(embeds).to(device)
+    return Conditioning(embeds, neg, scale)
+
+
+def policy_gradient_loss(
+    algorithm: str,
+    unet: torch.nn.Module,
+    policy: PolicyStep,
+    trajectories: Trajectories,
+    batch: MicroBatch,
+    advantages: Tensor,
+    negative: Tensor | None,
+    guidance_scale: float,
+    clip_range: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    device = next(p for p in unet.parameters() if p.requires_grad).device
+    x_t = trajectories.latents[batch.samples, batch.steps].to(device)
+    x_next = trajectories.latents[batch.samples, batch.steps + 1].to(device)
+    old_log_prob = trajectories.log_probs[batch.samples, batch.steps].to(device)
+    timesteps = trajectories.timesteps[batch.steps]
+    cond = _conditioning(trajectories, batch, negative, guidance_scale, device)
+    log_prob = policy(unet, x_t, timesteps, cond).log_prob(x_next)
+    adv = advantages[batch.samples].to(device)
+    if algorithm == "ddpo-is":
+        return ppo_clip_loss(log_prob, old_log_prob, adv, clip_range)
+    return score_function_loss(log_prob, old_log_prob, adv)
+
+
+def denoising_target(scheduler: DDIMScheduler, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return x0
+
+
+def reward_weighted_loss(
+    unet: torch.nn.Module,
+    scheduler: DDIMScheduler,
+    trajectories: Trajectories,
+    batch: MicroBatch,
+    weights: Tensor,
+    generator: torch.Generator,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    device = next(p for p in unet.parameters() if p.requires_grad).device
+    x0 = trajectories.latents[batch.samples, -1]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    noisy = scheduler.add_noise(x0, noise, t)
+    target = denoising_target(scheduler, x0, noise, t).to(device)
+    embeds = trajectories.prompt_embeds[batch.samples].to(device)
+    prediction = unet(noisy.to(device), t.to(device), encoder_hidden_states=embeds).sample
+    return weighted_denoising_loss(prediction, target, weights[batch.samples].to(device))

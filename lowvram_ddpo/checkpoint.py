@@ -1,0 +1,131 @@
+"""Atomic checkpoints: a run killed at any moment resumes from the last complete one.
+
+Layout of a run folder::
+
+    config.toml                         the resolved config (``--resume`` reads it)
+    metrics.jsonl                       one JSON object per finished epoch
+    latest.json                         {"checkpoint": "checkpoints/epoch-0007", "epochs_done": 7}
+    pytorch_lora_weights.safetensors    the newest adapter, for pipeline.load_lora_weights(run)
+    checkpoints/epoch-0007/             adapter, optimiser, advantage statistics, RNG states
+    grids/                              sample grids
+
+A checkpoint folder is written under a temporary name and renamed into place, and
+``latest.json`` is replaced only after that, so a kill leaves either the old or the
+new checkpoint, never half of one. Nothing here is unpickled: tensors are read with
+``weights_only=True`` or from safetensors, the rest is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.models import (
+    LORA_WEIGHTS_NAME,
+    adapter_state_dict,
+    load_adapter_state_dict,
+    save_lora_for_diffusers,
+)
+
+ADAPTER_FILE = "adapter_model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.json"
+LATEST_FILE = "latest.json"
+
+
+@dataclass
+class TrainerState:
+    epochs_done: int
+    stat_tracker: dict
+    rng: dict[str, torch.Tensor]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def restore_rng_states(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["torch"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    unet: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epochs_done: int,
+    stat_tracker: dict,
+    keep: int = 2,
+) -> Path:
+    """Write ``checkpoints/epoch-NNNN`` atomically and point ``latest.json`` at it."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"epoch-{epochs_done:04d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(adapter_state_dict(unet), tmp / ADAPTER_FILE)
+    save_lora_for_diffusers(unet, tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states()}, tmp / OPTIMIZER_FILE)
+    state = {"epochs_done": epochs_done, "stat_tracker": stat_tracker}
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest = {"checkpoint": f"checkpoints/{name}", "epochs_done": epochs_done}
+    write_text_atomic(run_dir / LATEST_FILE, json.dumps(latest))
+    _copy_atomic(final / LORA_WEIGHTS_NAME, run_dir / LORA_WEIGHTS_NAME)
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob("epoch-*") if p.is_dir())
+    for old in done[: max(0, len(done) - max(keep, 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    folder = run_dir / json.loads(pointer.read_text())["checkpoint"]
+    if not folder.is_dir():
+        raise UserError(
+            f"{pointer} points at {folder}, which is missing: the run folder is damaged"
+        )
+    return folder
+
+
+def load_checkpoint(
+    folder: Path, unet: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> TrainerState:
+    """Load adapter and optimiser in place; return the rest of the trainer's state."""
+    load_adapter_state_dict(unet, load_file(folder / ADAPTER_FILE))
+    blob = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    state = json.loads((folder / STATE_FILE).read_text())
+    return TrainerState(state["epochs_done"], state["stat_tracker"], blob["rng"])

@@ -1,0 +1,221 @@
+"""The command line: ``lowvram-ddpo presets | rewards | train | sample``.
+
+Parsing and messages only; the work is done by ``trainer`` and ``rollout``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lowvram_ddpo.errors import UserError
+
+app = typer.Typer(
+    help="RL fine-tuning (DDPO, RWR) of Stable Diffusion with LoRA on one consumer GPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@contextmanager
+def _user_errors():  # noqa: ANN202
+    """Print a UserError as one line and exit 2; no traceback for mistakes a user can fix."""
+    try:
+        yield
+    except UserError as err:
+        typer.secho(f"error: {err}", err=True, fg="red")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def presets() -> None:
+    """List every preset with a one-line description."""
+    from lowvram_ddpo.config import list_presets, presets_dir
+
+    with _user_errors():
+        entries = list_presets()
+    width = max(map(len, entries), default=0)
+    for name, description in entries.items():
+        typer.echo(f"{name.ljust(width)}  {description}")
+    typer.echo(f"\n(preset files: {presets_dir()})")
+
+
+@app.command()
+def rewards() -> None:
+    """List the available reward functions."""
+    from lowvram_ddpo.rewards import available_rewards
+
+    for name, description in available_rewards().items():
+        typer.echo(f"{name}  {description}")
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _apply_samples_per_epoch(config, samples: int) -> None:  # noqa: ANN001
+    per_round = config.sample.batch_size * _world_size()
+    if samples % per_round == 0:
+        config.sample.batches_per_epoch = samples // per_round
+    elif samples < per_round and samples % _world_size() == 0:
+        config.sample.batch_size = samples // _world_size()
+        config.sample.batches_per_epoch = 1
+    else:
+        raise UserError(
+            f"--samples-per-epoch {samples} is not a multiple of sample.batch_size x processes "
+            f"({per_round}): pick a multiple or change sample.batch_size with --set"
+        )
+
+
+@app.command()
+def train(
+    preset: Annotated[str, typer.Option(help="Preset name (see `presets`) or a .toml path.")] = "",
+    model: Annotated[str, typer.Option(help="Hub id or local diffusers folder.")] = "",
+    output: Annotated[str, typer.Option(help="Run folder (default: runs/<preset>).")] = "",
+    epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Image size in pixels.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps per sample.")] = None,
+    samples_per_epoch: Annotated[
+        int | None, typer.Option(help="Images sampled per epoch, all processes together.")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    algorithm: Annotated[str, typer.Option(help="ddpo-is, ddpo-sf, rwr or sparse-rwr.")] = "",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override any preset field: --set train.clip_range=2e-4"),
+    ] = None,
+    resume: Annotated[
+        str, typer.Option(help="Continue the run in this folder from its last checkpoint.")
+    ] = "",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Fine-tune a LoRA on a reward with DDPO (or RWR)."""
+    from lowvram_ddpo.config import (
+        apply_overrides,
+        load_config_file,
+        load_preset,
+        set_field,
+        validate,
+    )
+
+    with _user_errors():
+        if resume:
+            run_dir = Path(resume)
+            if not (run_dir / "config.toml").is_file():
+                raise UserError(f"{run_dir} is not a run folder (no config.toml): check --resume")
+            changed = [
+                name
+                for name, value in [
+                    ("--preset", preset),
+                    ("--model", model),
+                    ("--output", output),
+                    ("--seed", seed),
+                    ("--resolution", resolution),
+                    ("--steps", steps),
+                    ("--lr", lr),
+                    ("--samples-per-epoch", samples_per_epoch),
+                    ("--algorithm", algorithm),
+                    ("--set", set_),
+                ]
+                if value
+            ]
+            if changed:
+                raise UserError(
+                    f"{', '.join(changed)} cannot change a run being resumed; only --epochs can"
+                )
+            config = load_config_file(run_dir / "config.toml")
+        else:
+            if not preset:
+                raise UserError("choose a preset with --preset (`lowvram-ddpo presets` lists them)")
+            config = load_preset(preset)
+            flags = {
+                "model.name": model or None,
+                "run.output": output or None,
+                "run.seed": seed,
+                "sample.resolution": resolution,
+                "sample.num_steps": steps,
+                "train.learning_rate": lr,
+                "train.algorithm": algorithm or None,
+            }
+            for key, value in flags.items():
+                if value is not None:
+                    set_field(config, key, value, source="the command line")
+            apply_overrides(config, set_ or [])
+            if samples_per_epoch is not None:
+                _apply_samples_per_epoch(config, samples_per_epoch)
+            run_dir = Path(config.run.output or f"runs/{Path(preset).stem}")
+            if (run_dir / "latest.json").exists():
+                raise UserError(
+                    f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                    "or pick another --output"
+                )
+            config.run.output = str(run_dir)
+        if epochs is not None:
+            config.run.epochs = epochs
+        config.run.progress = progress and config.run.progress
+        validate(config)
+        from lowvram_ddpo.trainer import train as run_training
+
+        try:
+            run_training(config, run_dir, resume=bool(resume))
+        except KeyboardInterrupt:
+            typer.secho(
+                f"\ninterrupted: continue with `lowvram-ddpo train --resume {run_dir}`", err=True
+            )
+            raise typer.Exit(130) from None
+    typer.echo(f"done: LoRA in {run_dir}, grids in {run_dir / 'grids'}")
+
+
+@app.command()
+def sample(
+    prompts: Annotated[list[str], typer.Option("--prompts", help="A prompt (repeat the flag).")],
+    lora: Annotated[str, typer.Option(help="Run folder, checkpoint folder or LoRA file.")] = "",
+    model: Annotated[str, typer.Option(help="Base model (default: the run's).")] = "",
+    seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Seeds (repeat).")] = None,
+    grid: Annotated[Path, typer.Option(help="Output PNG.")] = Path("grid.png"),
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 0,
+    guidance: Annotated[float, typer.Option(help="Guidance scale.")] = -1.0,
+    eta: Annotated[float, typer.Option(help="DDIM eta (> 0).")] = 1.0,
+    resolution: Annotated[int, typer.Option(help="Image size in pixels.")] = 0,
+    reward: Annotated[str, typer.Option(help="Print each image's reward (a reward name).")] = "",
+) -> None:
+    """Render a grid (rows = prompts, columns = seeds): the base model and, with --lora, the
+    fine-tuned one side by side."""
+    from lowvram_ddpo.sampling import SampleRequest, render_comparison
+
+    with _user_errors():
+        request = SampleRequest(
+            prompts=prompts,
+            seeds=seeds or [0, 1, 2, 3],
+            lora=lora,
+            model=model,
+            steps=steps,
+            guidance_scale=guidance,
+            eta=eta,
+            resolution=resolution,
+            reward=reward,
+        )
+        result = render_comparison(request)
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        result.image.save(grid)
+    for line in result.report_lines():
+        typer.echo(line)
+    typer.echo(f"wrote {grid}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""Every knob of a run, as dataclasses; presets are TOML files of the same shape.
+
+A preset file has one table per section (``[model]``, ``[sample]``, ...) and may
+start with ``extends = "other-preset"`` to change only a few fields of another
+preset. Any field can be overridden with a dotted key (``train.learning_rate=1e-4``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from lowvram_ddpo.errors import UserError
+
+ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr", "sparse-rwr")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """Hub id or local diffusers folder (StableDiffusionPipeline layout)."""
+    revision: str = ""
+    """Hub revision; empty for the default branch."""
+    mixed_precision: str = "fp16"
+    """Frozen base weights and autocast dtype: no (fp32), fp16 or bf16. LoRA stays fp32."""
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = True
+
+
+@dataclass
+class SampleConfig:
+    resolution: int = 512
+    num_steps: int = 50
+    eta: float = 1.0
+    guidance_scale: float = 5.0
+    batch_size: int = 8
+    """Images denoised together, per process."""
+    batches_per_epoch: int = 32
+    """Sampling batches per epoch, per process."""
+    negative_prompt: str = ""
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = "ddpo-is"
+    """ddpo-is (PPO clip), ddpo-sf (REINFORCE), rwr, sparse-rwr."""
+    learning_rate: float = 3e-4
+    batch_size: int = 4
+    """Training micro-batch (samples per forward/backward), per process."""
+    gradient_accumulation_steps: int = 16
+    """Micro-batches per optimiser step (each micro-batch covers all its trained timesteps)."""
+    inner_epochs: int = 1
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    max_grad_norm: float = 1.0
+    timestep_fraction: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    rwr_beta: float = 1.0
+    """RWR inverse temperature, applied to the normalised advantages."""
+    sparse_rwr_percentile: float = 90.0
+    """Sparse RWR keeps samples whose advantage is at or above this batch percentile."""
+
+
+@dataclass
+class RewardConfig:
+    name: str = "jpeg_incompressibility"
+
+
+@dataclass
+class PromptConfig:
+    source: str = "imagenet_animals"
+    """A built-in prompt set name or a text file of prompts, one per line."""
+    prompts: list[str] = field(default_factory=list)
+    """An explicit list; when not empty it replaces ``source``."""
+
+
+@dataclass
+class StatsConfig:
+    per_prompt: bool = True
+    """Normalise rewards per prompt (running buffer) instead of over the whole batch."""
+    buffer_size: int = 16
+    min_count: int = 16
+
+
+@dataclass
+class RunConfig:
+    epochs: int = 100
+    seed: int = 42
+    output: str = ""
+    """Run folder; empty means runs/<preset>."""
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+    grid_every: int = 10
+    """Render the fixed grid every N epochs (0: only before and after training)."""
+    grid_prompts: list[str] = field(default_factory=lambda: ["a cat", "a dog", "a fox"])
+    grid_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    log_rollouts: bool = False
+    """Write the gathered prompts, rewards and advantages of every epoch to rollouts/."""
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---------------------------------------------------------------- presets
+
+
+def presets_dir() -> Path:
+    """The presets folder: inside the installed wheel, or at the source checkout's root."""
+    packaged = Path(__file__).parent / "presets"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "presets"
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> one-line description."""
+    return {
+        path.stem: load_preset(path.stem).description
+        for path in sorted(presets_dir().glob("*.toml"), key=lambda p: p.stem)
+    }
+
+
+def _preset_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.is_file():
+        return path
+    candidate = presets_dir() / f"{name_or_path}.toml"
+    if candidate.is_file():
+        return candidate
+    known = ", ".join(p.stem for p in sorted(presets_dir().glob("*.toml")))
+    raise UserError(
+        f"unknown preset '{name_or_path}': use one of {known}, or a path to a .toml file "
+        "(`lowvram-ddpo presets` lists them)"
+    )
+
+
+def _read_preset_tables(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = _preset_path(name_or_path)
+    if str(path) in seen:
+        raise UserError(f"preset {path} extends itself in a loop")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"preset {path} is not valid TOML: {err}") from None
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    merged = _read_preset_tables(parent, (*seen, str(path)))
+    for key, value in data.items():
+        if isinstance(value, dict):
+            merged.setdefault(key, {}).update(value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_preset(name_or_path: str) -> Config:
+    """Read a preset by name (from ``presets/``) or by path, following ``extends``."""
+    return config_from_dict(_read_preset_tables(name_or_path), source=name_or_path)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    config = Config()
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                set_field(config, f"{key}.{sub_key}", sub_value, source=source)
+        else:
+            set_field(config, key, value, source=source)
+    return config
+
+
+def load_config_file(path: Path) -> Config:
+    return config_from_dict(tomllib.loads(path.read_text()), source=str(path))
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def _field_type(owner: Any, name: str) -> Any:
+    return typing.get_type_hints(type(owner))[name]
+
+
+def _coerce(value: Any, expected: Any, key: str) -> Any:
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value else []
+        if not isinstance(value, list):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item_type, key) for v in value]
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise UserError(f"{key} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise UserError(f"{key} must be an integer, got {value!r}") from None
+    if expected is float:
+        if isinstance(value, bool):
+            raise UserError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{key} must be a number, got {value!r}") from None
+    if expected is str:
+        return str(value)
+    raise TypeError(f"unsupported field type {expected} for {key}")  # pragma: no cover
+
+
+def set_field(config: Config, key: str, value: Any, source: str = "--set") -> None:
+    """Set a dotted field (``train.learning_rate``), converting the value to the field's type."""
+    *sections, name = key.split(".")
+    owner: Any = config
+    for section in sections:
+        if not dataclasses.is_dataclass(owner) or section not in _names(owner):
+            raise UserError(_unknown_key_message(key, source))
+        owner = getattr(owner, section)
+    if not dataclasses.is_dataclass(owner) or name not in _names(owner):
+        raise UserError(_unknown_key_message(key, source))
+    expected = _field_type(owner, name)
+    if dataclasses.is_dataclass(expected):
+        raise UserError(f"{key} is a section; set one of its fields, e.g. {key}.<field>=...")
+    setattr(owner, name, _coerce(value, expected, key))
+
+
+def _names(obj: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(obj)]
+
+
+def all_keys(config: Config | None = None) -> list[str]:
+    config = config or Config()
+    keys = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += [f"{f.name}.{sub}" for sub in _names(value)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _unknown_key_message(key: str, source: str) -> str:
+    section = key.split(".")[0]
+    near = [k for k in all_keys() if k.startswith(section + ".")] or all_keys()
+    return f"unknown config key '{key}' (from {source}); valid keys: {', '.join(near)}"
+
+
+def apply_overrides(config: Config, assignments: list[str]) -> None:
+    """Apply ``key=value`` strings; values are read as TOML literals when they parse as one."""
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise UserError(f"--set expects key=value, got '{assignment}'")
+        key, raw = assignment.split("=", 1)
+        set_field(config, key.strip(), _parse_literal(raw.strip()))
+
+
+def _parse_literal(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(config: Config) -> None:
+    """Reject settings that cannot work, with a message that says what to change."""
+    s, t = config.sample, config.train
+    checks = [
+        (
+            s.resolution > 0 and s.resolution % 8 == 0,
+            f"sample.resolution must be a positive multiple of 8 (got {s.resolution}); "
+            "try 512 for SD 1.5",
+        ),
+        (s.num_steps >= 1, f"sample.num_steps must be at least 1 (got {s.num_steps})"),
+        (s.eta > 0, f"sample.eta must be > 0 for the policy to be stochastic (got {s.eta})"),
+        (
+            s.batch_size >= 1 and s.batches_per_epoch >= 1,
+            "sample.batch_size and sample.batches_per_epoch must be at least 1",
+        ),
+        (
+            t.algorithm in ALGORITHMS,
+            f"unknown algorithm '{t.algorithm}': use one of {', '.join(ALGORITHMS)}",
+        ),
+        (
+            config.model.mixed_precision in MIXED_PRECISION,
+            f"model.mixed_precision must be one of {', '.join(MIXED_PRECISION)}",
+        ),
+        (config.model.lora_rank >= 1, "model.lora_rank must be at least 1"),
+        (0 < t.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]"),
+        (
+            t.batch_size >= 1 and t.gradient_accumulation_steps >= 1 and t.inner_epochs >= 1,
+            "train.batch_size, gradient_accumulation_steps and inner_epochs must be >= 1",
+        ),
+        (
+            t.learning_rate > 0 and math.isfinite(t.learning_rate),
+            "train.learning_rate must be a positive number",
+        ),
+        (0 <= t.sparse_rwr_percentile < 100, "train.sparse_rwr_percentile must be in [0, 100)"),
+        (config.run.epochs >= 0, "run.epochs must be >= 0"),
+        (
+            config.stats.buffer_size >= 1 and config.stats.min_count >= 1,
+            "stats.buffer_size and stats.min_count must be at least 1",
+        ),
+        (
+            len(config.run.grid_seeds) > 0 or config.run.grid_every < 0,
+            "run.grid_seeds must not be empty",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    samples = s.batch_size * s.batches_per_epoch
+    per_step = t.batch_size * t.gradient_accumulation_steps
+    if samples % per_step != 0:
+        raise UserError(
+            f"each epoch samples {samples} images per process (sample.batch_size x "
+            f"sample.batches_per_epoch), which is not a multiple of the {per_step} samples of "
+            "one optimiser step (train.batch_size x train.gradient_accumulation_steps): "
+            "change one of them so every sample is trained on"
+        )
+
+
+# ---------------------------------------------------------------- writing
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_toml(config: Config) -> str:
+    """The resolved config as TOML (the run folder keeps it; ``--resume`` reads it back)."""
+    lines = []
+    data = to_dict(config)
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")  # pragma: no cover

@@ -1,0 +1,100 @@
+"""Load a Stable Diffusion pipeline and put LoRA adapters on its UNet.
+
+The frozen base is cast to the run's dtype; the adapter weights stay fp32 so that
+small updates are not lost to fp16 rounding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+
+from lowvram_ddpo.errors import UserError
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "org/name": one slash, no leading "./", "/" or "~".
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def load_pipeline(
+    name: str, dtype: torch.dtype = torch.float32, revision: str = ""
+) -> StableDiffusionPipeline:
+    """Load a ``StableDiffusionPipeline`` from a local folder or a hub id, without safety checker.
+
+    Errors a user can fix (missing folder, not a diffusers folder, offline hub) become
+    a one-line ``UserError``.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UserError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json): "
+                "save one with pipeline.save_pretrained(folder) or pass a hub id"
+            )
+        source = str(path)
+    elif _looks_like_path(name):
+        raise UserError(f"model folder '{name}' does not exist: check the path given to --model")
+    else:
+        source = name
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            source,
+            torch_dtype=dtype,
+            revision=revision or None,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"could not load model '{name}' ({first_line}). If you are offline, download it "
+            f"first (`hf download {name}`) or pass a local diffusers folder with --model"
+        ) from None
+
+
+def attach_lora(
+    unet: UNet2DConditionModel,
+    rank: int,
+    alpha: float,
+    targets: list[str],
+) -> list[torch.nn.Parameter]:
+    """Freeze the UNet, add a LoRA adapter on the attention projections, return its fp32 params."""
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+    )
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise UserError(f"no LoRA target modules {targets} found in the UNet")
+    for param in params:
+        param.data = param.data.float()
+    return params
+
+
+def adapter_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The adapter weights in peft's naming (what ``load_adapter_state_dict`` takes back)."""
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def load_adapter_state_dict(unet: UNet2DConditionModel, state: dict[str, torch.Tensor]) -> None:
+    result = set_peft_model_state_dict(unet, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise UserError(f"checkpoint does not match the model: unexpected keys {unexpected[:3]}")
+
+
+def save_lora_for_diffusers(unet: UNet2DConditionModel, folder: Path) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` that ``pipeline.load_lora_weights`` reads."""
+    state = convert_state_dict_to_diffusers(adapter_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=state, weight_name=LORA_WEIGHTS_NAME, safe_serialization=True
+    )
+    return Path(folder) / LORA_WEIGHTS_NAME

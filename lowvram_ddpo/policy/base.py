@@ -1,0 +1,87 @@
+"""The interface every sampler step implements: a Gaussian policy over the next latent.
+
+The trainer only ever asks a policy step for the distribution of ``x_prev`` given
+``x_t``; it never needs to know whether that step is DDIM, a consistency model or
+anything else. A step returns the mean and std of ``x_prev`` and, through
+``GaussianStep``, the exact log-prob of any stored ``x_prev``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Log-density of an isotropic Gaussian, averaged (not summed) over all but the batch dim.
+
+    The average keeps log-prob differences small enough for a PPO clip range of 1e-4,
+    as in the reference implementation.
+    """
+    x, mean, std = x.float(), mean.float(), std.float()
+    per_dim = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
+    return per_dim.mean(dim=tuple(range(1, x.ndim)))
+
+
+@dataclass
+class GaussianStep:
+    """The policy's distribution over ``x_prev``: N(mean, std^2 I)."""
+
+    mean: Tensor
+    """[B, C, H, W], fp32."""
+    std: Tensor
+    """Broadcastable to ``mean`` ([B, 1, 1, 1]), fp32, > 0."""
+    denoised: Tensor
+    """The step's estimate of the clean latent x_0 (what a consistency model decodes)."""
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(
+            self.mean.shape,
+            generator=generator,
+            device="cpu" if generator is None else generator.device,
+            dtype=torch.float32,
+        ).to(self.mean.device)
+        return self.mean + self.std * noise
+
+    def log_prob(self, x_prev: Tensor) -> Tensor:
+        """[B] log-prob of ``x_prev`` (mean over latent dims)."""
+        return gaussian_log_prob(x_prev, self.mean, self.std.expand_as(self.mean))
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for one batch, already encoded."""
+
+    prompt_embeds: Tensor
+    """[B, L, D]"""
+    negative_embeds: Tensor | None = None
+    """[B, L, D] for classifier-free guidance; None for no guidance."""
+    guidance_scale: float = 1.0
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        neg = None if self.negative_embeds is None else self.negative_embeds.to(device)
+        return Conditioning(self.prompt_embeds.to(device), neg, self.guidance_scale)
+
+
+class PolicyStep(ABC):
+    """A sampler step seen as a Gaussian policy ``pi(x_prev | x_t, t, c)``."""
+
+    @abstractmethod
+    def timesteps(self) -> Tensor:
+        """The [T] timesteps of a rollout, first (noisiest) to last."""
+
+    @abstractmethod
+    def __call__(
+        self, unet: torch.nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning
+    ) -> GaussianStep:
+        """The distribution of the next latent for a batch at per-sample ``timesteps`` [B]."""
+
+    def latents_to_decode(self, last_step: GaussianStep, last_latents: Tensor) -> Tensor:
+        """What the VAE decodes after the final step: the sampled latent by default."""
+        return last_latents

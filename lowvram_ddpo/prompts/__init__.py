@@ -1,0 +1,42 @@
+"""Prompt sets: the paper's built-in lists (package data) and user files.
+
+Built-in sets hold bare names; prompts are "a(n) <name>" as in the paper.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lowvram_ddpo.errors import UserError
+
+_DATA = Path(__file__).parent
+BUILTIN_SETS = {
+    "imagenet_animals": "imagenet_animals.txt",  # ImageNet-1k classes 0-397
+    "simple_animals": "simple_animals.txt",  # the 45 animals of the aesthetic task
+}
+
+
+def with_article(name: str) -> str:
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_prompts(source: str, explicit: list[str] | None = None) -> list[str]:
+    """The training prompts: an explicit list, a built-in set name, or a text file path."""
+    if explicit:
+        return list(explicit)
+    if source in BUILTIN_SETS:
+        return [with_article(name) for name in _read_lines(_DATA / BUILTIN_SETS[source])]
+    path = Path(source).expanduser()
+    if path.is_file():
+        prompts = _read_lines(path)
+        if not prompts:
+            raise UserError(f"prompt file {path} has no prompts (one per line)")
+        return prompts
+    raise UserError(
+        f"unknown prompt source '{source}': use one of {', '.join(BUILTIN_SETS)} "
+        "or the path of a text file with one prompt per line"
+    )

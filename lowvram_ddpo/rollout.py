@@ -1,0 +1,175 @@
+"""Sampling with log-probs: run a policy step from noise to image, keeping every latent.
+
+A rollout stores, per sample, the latent of every step, the log-prob of each
+action and the prompt embedding, all on the CPU. Log-probs are computed on exactly
+the fp32 latents that are stored, so replaying a trajectory under unchanged weights
+gives an importance ratio of 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lowvram_ddpo.policy import Conditioning, PolicyStep
+
+
+@dataclass
+class Trajectories:
+    """A batch of rollouts, on the CPU."""
+
+    prompts: list[str]
+    prompt_embeds: Tensor
+    """[B, L, D]"""
+    latents: Tensor
+    """[B, T + 1, C, h, w] fp32: x_T, ..., x_0."""
+    log_probs: Tensor
+    """[B, T] fp32: log pi_old(x_{k+1} | x_k)."""
+    timesteps: Tensor
+    """[T] long, shared by every sample."""
+    images: Tensor
+    """[B, 3, H, W] float in [0, 1]."""
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @staticmethod
+    def cat(batches: list[Trajectories]) -> Trajectories:
+        return Trajectories(
+            prompts=[p for b in batches for p in b.prompts],
+            prompt_embeds=torch.cat([b.prompt_embeds for b in batches]),
+            latents=torch.cat([b.latents for b in batches]),
+            log_probs=torch.cat([b.log_probs for b in batches]),
+            timesteps=batches[0].timesteps,
+            images=torch.cat([b.images for b in batches]),
+        )
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: list[str]) -> Tensor:  # noqa: ANN001
+    """[B, L, D] CLIP hidden states, as the pipeline feeds the UNet."""
+    max_length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    device = next(text_encoder.parameters()).device
+    return text_encoder(ids.to(device))[0]
+
+
+def latent_shape(unet: torch.nn.Module, vae: torch.nn.Module, resolution: int) -> tuple[int, ...]:
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % scale != 0:
+        raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {scale}")
+    return (unet.config.in_channels, resolution // scale, resolution // scale)
+
+
+@torch.no_grad()
+def rollout(
+    unet: torch.nn.Module,
+    policy: PolicyStep,
+    cond: Conditioning,
+    initial_latents: Tensor,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Denoise ``initial_latents``; returns (latents [B,T+1,...], log_probs [B,T], timesteps,
+    latents to decode [B,...]). Everything returned is on the CPU except the last."""
+    timesteps = policy.timesteps()
+    batch = initial_latents.shape[0]
+    x = initial_latents.float()
+    latents, log_probs = [x.cpu()], []
+    step = None
+    for t in tqdm(timesteps, desc="denoising", leave=False, disable=not progress):
+        step = policy(unet, x, t.repeat(batch), cond)
+        x = step.sample(generator)
+        latents.append(x.cpu())
+        log_probs.append(step.log_prob(x).cpu())
+    assert step is not None, "a rollout needs at least one step"
+    final = policy.latents_to_decode(step, x)
+    return torch.stack(latents, dim=1), torch.stack(log_probs, dim=1), timesteps, final
+
+
+@torch.no_grad()
+def decode_latents(vae: torch.nn.Module, latents: Tensor) -> Tensor:
+    """Images in [0, 1] on the CPU, decoding one latent at a time to bound memory."""
+    device = next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    images = []
+    for latent in latents:
+        z = latent[None].to(device, dtype) / vae.config.scaling_factor
+        image = vae.decode(z).sample.float()
+        images.append((image / 2 + 0.5).clamp(0, 1).cpu())
+    return torch.cat(images)
+
+
+def initial_noise(
+    shape: tuple[int, ...], batch: int, generator: torch.Generator, device: torch.device
+) -> Tensor:
+    """x_T drawn on the CPU generator (same images on any device for the same seed)."""
+    return torch.randn((batch, *shape), generator=generator).to(device)
+
+
+def sample_trajectories(
+    pipe,  # noqa: ANN001  (a StableDiffusionPipeline)
+    unet: torch.nn.Module,
+    policy: PolicyStep,
+    prompts: list[str],
+    negative_embeds: Tensor | None,
+    guidance_scale: float,
+    resolution: int,
+    generator: torch.Generator,
+    progress: bool = False,
+) -> Trajectories:
+    """One sampling batch: encode prompts, roll out, decode. Returns CPU tensors."""
+    device = next(unet.parameters()).device
+    embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts).to(device)
+    negative = None if negative_embeds is None else negative_embeds.expand_as(embeds).to(device)
+    cond = Conditioning(embeds, negative, guidance_scale)
+    shape = latent_shape(unet, pipe.vae, resolution)
+    noise = initial_noise(shape, len(prompts), generator, device)
+    latents, log_probs, timesteps, final = rollout(unet, policy, cond, noise, generator, progress)
+    return Trajectories(
+        prompts=list(prompts),
+        prompt_embeds=embeds.cpu(),
+        latents=latents,
+        log_probs=log_probs,
+        timesteps=timesteps,
+        images=decode_latents(pipe.vae, final),
+    )
+
+
+def render(
+    pipe,  # noqa: ANN001  (a StableDiffusionPipeline)
+    unet: torch.nn.Module,
+    policy: PolicyStep,
+    prompts: list[str],
+    seeds: list[int],
+    negative_embeds: Tensor | None,
+    guidance_scale: float,
+    resolution: int,
+    progress: bool = False,
+) -> Tensor:
+    """[P, S, 3, H, W] images, one per (prompt, seed), each from its own seeded generator,
+    so an image depends only on its prompt, its seed and the weights."""
+    rows = []
+    for prompt in tqdm(prompts, desc="rendering", leave=False, disable=not progress):
+        row = []
+        for seed in seeds:
+            generator = torch.Generator().manual_seed(seed)
+            row.append(
+                sample_trajectories(
+                    pipe,
+                    unet,
+                    policy,
+                    [prompt],
+                    negative_embeds,
+                    guidance_scale,
+                    resolution,
+                    generator,
+                ).images[0]
+            )
+        rows.append(torch.stack(row))
+    return torch.stack(rows)

@@ -1,0 +1,131 @@
+"""Before/after grids for the ``sample`` command: the base model, then the same seeds with
+a trained LoRA, through the same DDIM policy the trainer samples with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from lowvram_ddpo.config import load_config_file
+from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.grid import make_grid
+from lowvram_ddpo.models import DTYPES, LORA_WEIGHTS_NAME, load_pipeline
+from lowvram_ddpo.policy import DDIMPolicy
+from lowvram_ddpo.rewards import build_reward, check_rewards
+from lowvram_ddpo.rollout import encode_prompts, render
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@dataclass
+class SampleRequest:
+    prompts: list[str]
+    seeds: list[int]
+    lora: str = ""
+    model: str = ""
+    steps: int = 0
+    """0: the run's (or 50)."""
+    guidance_scale: float = -1.0
+    """< 0: the run's (or 5.0)."""
+    eta: float = 1.0
+    resolution: int = 0
+    """0: the run's (or 512)."""
+    reward: str = ""
+
+
+@dataclass
+class SampleResult:
+    image: Image.Image
+    prompts: list[str]
+    seeds: list[int]
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def report_lines(self) -> list[str]:
+        lines = []
+        for panel, values in self.scores.items():
+            for p, prompt in enumerate(self.prompts):
+                cells = "  ".join(
+                    f"seed {s}: {values[p, i].item():.4g}" for i, s in enumerate(self.seeds)
+                )
+                lines.append(f"[{panel}] {prompt}: {cells}")
+            lines.append(f"[{panel}] mean reward {values.mean().item():.4g}")
+        return lines
+
+
+def _lora_location(lora: str) -> tuple[Path, str]:
+    """(folder, weight file name) that ``load_lora_weights`` takes."""
+    path = Path(lora).expanduser()
+    if path.is_file():
+        return path.parent, path.name
+    if (path / LORA_WEIGHTS_NAME).is_file():
+        return path, LORA_WEIGHTS_NAME
+    raise UserError(
+        f"no LoRA at '{lora}': give a run folder, a checkpoint folder or a .safetensors file "
+        f"(looked for {path / LORA_WEIGHTS_NAME})"
+    )
+
+
+def _run_config_for(lora: str):  # noqa: ANN202
+    """The training config of the run a LoRA came from, when it can be found."""
+    if not lora:
+        return None
+    path = Path(lora).expanduser()
+    for folder in (path, *path.parents[:3]):
+        if (folder / "config.toml").is_file():
+            return load_config_file(folder / "config.toml")
+    return None
+
+
+def render_comparison(request: SampleRequest) -> SampleResult:
+    run = _run_config_for(request.lora)
+    model = request.model or (run.model.name if run else DEFAULT_MODEL)
+    steps = request.steps or (run.sample.num_steps if run else 50)
+    guidance = (
+        request.guidance_scale
+        if request.guidance_scale >= 0
+        else (run.sample.guidance_scale if run else 5.0)
+    )
+    resolution = request.resolution or (run.sample.resolution if run else 512)
+    negative_prompt = run.sample.negative_prompt if run else ""
+    if resolution % 8 != 0:
+        raise UserError(f"--resolution must be a multiple of 8 (got {resolution})")
+    location = _lora_location(request.lora) if request.lora else None
+
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    dtype = DTYPES["fp16"] if on_gpu else DTYPES["no"]
+    pipe = load_pipeline(model, dtype).to(device)
+    policy = DDIMPolicy(pipe.scheduler.config, steps, request.eta)
+    negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [negative_prompt])
+
+    def images() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return render(
+                pipe,
+                pipe.unet,
+                policy,
+                request.prompts,
+                request.seeds,
+                negative,
+                guidance,
+                resolution,
+                progress=True,
+            )
+
+    panels = {"base": images()}
+    if location is not None:
+        pipe.load_lora_weights(str(location[0]), weight_name=location[1])
+        panels[f"LoRA {Path(request.lora).name}"] = images()
+    scores = {}
+    if request.reward:
+        reward = build_reward(request.reward)
+        for name, panel in panels.items():
+            flat = panel.flatten(0, 1)
+            prompts = [p for p in request.prompts for _ in request.seeds]
+            values = check_rewards(reward(flat, prompts), len(flat), request.reward)
+            scores[name] = values.view(len(request.prompts), len(request.seeds))
+    image = make_grid(panels, request.prompts, request.seeds, scores or None)
+    return SampleResult(image, request.prompts, request.seeds, scores)

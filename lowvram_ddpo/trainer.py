@@ -1,0 +1,403 @@
+"""The training loop, top to bottom: sample -> reward -> advantages -> train -> checkpoint.
+
+Runs on ``accelerate``: one process per GPU under ``accelerate launch``; rewards and
+per-prompt statistics are gathered so every process computes the same advantages.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+from lowvram_ddpo.algorithms import (
+    POLICY_GRADIENT,
+    PerPromptStatTracker,
+    clip_advantages,
+    rwr_weights,
+    sparse_rwr_weights,
+)
+from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss, reward_weighted_loss
+from lowvram_ddpo.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_states,
+    save_checkpoint,
+    write_text_atomic,
+)
+from lowvram_ddpo.config import Config, dump_toml
+from lowvram_ddpo.grid import make_grid
+from lowvram_ddpo.models import DTYPES, attach_lora, load_pipeline
+from lowvram_ddpo.policy import DDIMPolicy
+from lowvram_ddpo.prompts import load_prompts
+from lowvram_ddpo.rewards import build_reward, check_rewards
+from lowvram_ddpo.rollout import Trajectories, encode_prompts, render, sample_trajectories
+
+
+def epoch_generator(seed: int, epoch: int, process: int, stream: int) -> torch.Generator:
+    """An independent, reproducible RNG stream per (seed, epoch, process, purpose):
+    resuming at epoch N draws exactly what an uninterrupted run would have drawn."""
+    state = np.random.SeedSequence([seed, epoch, process, stream]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+SAMPLING_STREAM, TRAINING_STREAM = 0, 1
+
+
+def resolve_mixed_precision(requested: str, on_gpu: bool) -> str:
+    if requested != "no" and not on_gpu:
+        print(f"note: no GPU found, running in fp32 instead of {requested}")
+        return "no"
+    return requested
+
+
+@dataclass
+class Trainer:
+    config: Config
+    run_dir: Path
+    accelerator: Accelerator = field(init=False)
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        cfg = self.config
+        steps_trained = self.trained_steps_per_sample()
+        precision = resolve_mixed_precision(cfg.model.mixed_precision, torch.cuda.is_available())
+        self.accelerator = acc = Accelerator(
+            mixed_precision=precision,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps * steps_trained,
+        )
+        torch.backends.cuda.matmul.allow_tf32 = cfg.model.allow_tf32
+        set_seed(cfg.run.seed)
+        self.pipe = load_pipeline(cfg.model.name, DTYPES[precision], cfg.model.revision)
+        self.pipe.set_progress_bar_config(disable=True)
+        for module in (self.pipe.text_encoder, self.pipe.vae, self.pipe.unet):
+            module.requires_grad_(False)
+            module.to(acc.device)
+        self.params = attach_lora(
+            self.pipe.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets
+        )
+        if cfg.model.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+        t = cfg.train
+        optimizer = torch.optim.AdamW(
+            self.params,
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.adam_weight_decay,
+            eps=t.adam_epsilon,
+        )
+        self.unet, self.optimizer = acc.prepare(self.pipe.unet, optimizer)
+        self.policy = DDIMPolicy(self.pipe.scheduler.config, cfg.sample.num_steps, cfg.sample.eta)
+        self.reward_fn = build_reward(cfg.reward.name)
+        self.tracker = PerPromptStatTracker(
+            cfg.stats.buffer_size, cfg.stats.min_count, cfg.stats.per_prompt
+        )
+        self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.prompts)
+        self.negative_embeds = encode_prompts(
+            self.pipe.tokenizer, self.pipe.text_encoder, [cfg.sample.negative_prompt]
+        )
+
+    def trained_steps_per_sample(self) -> int:
+        return max(1, round(self.config.sample.num_steps * self.config.train.timestep_fraction))
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self, resume: bool = False) -> list[dict]:
+        self.setup()
+        cfg = self.config
+        start = self.restore() if resume else self.start_fresh()
+        history = []
+        for epoch in range(start, cfg.run.epochs):
+            timer = time.perf_counter()
+            samples = self.sample(epoch)
+            sampled = time.perf_counter()
+            rewards = self.score(samples)
+            scored = time.perf_counter()
+            advantages, gathered_rewards = self.advantages(samples.prompts, rewards, epoch)
+            train_metrics = self.train_on(samples, advantages, epoch)
+            trained = time.perf_counter()
+            metrics = {
+                "epoch": epoch,
+                "reward_mean": gathered_rewards.mean().item(),
+                "reward_std": gathered_rewards.std(unbiased=False).item(),
+                "reward_min": gathered_rewards.min().item(),
+                "reward_max": gathered_rewards.max().item(),
+                "samples": len(gathered_rewards),
+                **train_metrics,
+                "seconds_sampling": sampled - timer,
+                "seconds_reward": scored - sampled,
+                "seconds_training": trained - scored,
+            }
+            self.end_epoch(epoch, metrics)
+            history.append(metrics)
+        self.finish()
+        return history
+
+    def start_fresh(self) -> int:
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / "config.toml", dump_toml(self.config))
+            (self.run_dir / "metrics.jsonl").write_text("")
+            self.save_grid("epoch-0000")
+        self.accelerator.wait_for_everyone()
+        return 0
+
+    def restore(self) -> int:
+        folder = latest_checkpoint(self.run_dir)
+        if folder is None:
+            self.log(f"no checkpoint in {self.run_dir} yet: starting from epoch 0")
+            return self.start_fresh()
+        state = load_checkpoint(folder, self.accelerator.unwrap_model(self.unet), self.optimizer)
+        self.tracker.load_state_dict(state.stat_tracker)
+        restore_rng_states(state.rng)
+        if self.is_main:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", state.epochs_done)
+        self.log(f"resumed {self.run_dir} after epoch {state.epochs_done} ({folder.name})")
+        self.accelerator.wait_for_everyone()
+        return state.epochs_done
+
+    # ------------------------------------------------------------ phases
+
+    def sample(self, epoch: int) -> Trajectories:
+        cfg, acc = self.config, self.accelerator
+        generator = epoch_generator(cfg.run.seed, epoch, acc.process_index, SAMPLING_STREAM)
+        unet = acc.unwrap_model(self.unet)
+        unet.eval()
+        batches = []
+        bar = tqdm(
+            range(cfg.sample.batches_per_epoch),
+            desc=f"epoch {epoch} sampling",
+            leave=False,
+            disable=not (cfg.run.progress and self.is_main),
+        )
+        for _ in bar:
+            picks = torch.randint(len(self.prompts), (cfg.sample.batch_size,), generator=generator)
+            with acc.autocast():
+                batches.append(
+                    sample_trajectories(
+                        self.pipe,
+                        unet,
+                        self.policy,
+                        [self.prompts[i] for i in picks],
+                        self.negative_embeds,
+                        cfg.sample.guidance_scale,
+                        cfg.sample.resolution,
+                        generator,
+                    )
+                )
+        return Trajectories.cat(batches)
+
+    def score(self, samples: Trajectories) -> torch.Tensor:
+        rewards = self.reward_fn(samples.images, samples.prompts)
+        return check_rewards(rewards, len(samples), self.config.reward.name)
+
+    def advantages(
+        self, prompts: list[str], rewards: torch.Tensor, epoch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather every process's rewards, normalise them identically everywhere, keep ours.
+
+        Returns (this process's per-sample training signal, all gathered rewards). The
+        signal is the clipped advantage for DDPO and the sample weight for (sparse) RWR.
+        """
+        acc, t = self.accelerator, self.config.train
+        all_rewards = acc.gather(rewards.to(acc.device)).cpu()
+        all_prompts = gather_object(list(prompts)) if acc.num_processes > 1 else list(prompts)
+        advantages = clip_advantages(self.tracker.update(all_prompts, all_rewards), t.adv_clip_max)
+        if t.algorithm == "rwr":
+            signal = rwr_weights(advantages, t.rwr_beta)
+        elif t.algorithm == "sparse-rwr":
+            signal = sparse_rwr_weights(advantages, t.sparse_rwr_percentile)
+        else:
+            signal = advantages
+        n = len(prompts)
+        local = signal[acc.process_index * n : (acc.process_index + 1) * n]
+        if self.config.run.log_rollouts:
+            self.write_rollout_log(epoch, f"rank{acc.process_index}", prompts, rewards, local)
+            if self.is_main:
+                self.write_rollout_log(epoch, "gathered", all_prompts, all_rewards, signal)
+        return local, all_rewards
+
+    def train_on(self, samples: Trajectories, signal: torch.Tensor, epoch: int) -> dict:
+        """Inner epochs over the stored samples, one timestep's forward/backward at a time."""
+        cfg, acc = self.config, self.accelerator
+        generator = epoch_generator(cfg.run.seed, epoch, acc.process_index, TRAINING_STREAM)
+        n, num_steps = len(samples), samples.log_probs.shape[1]
+        k = self.trained_steps_per_sample()
+        self.unet.train()
+        totals: dict[str, float] = {}
+        count = grad_steps = 0
+        micro_batches = range(0, n, cfg.train.batch_size)
+        bar = tqdm(
+            total=cfg.train.inner_epochs * len(micro_batches) * k,
+            desc=f"epoch {epoch} training",
+            leave=False,
+            disable=not (cfg.run.progress and self.is_main),
+        )
+        for _ in range(cfg.train.inner_epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in micro_batches:
+                indices = order[start : start + cfg.train.batch_size]
+                # each sample trains on its own random subset/order of timesteps
+                steps = torch.stack(
+                    [torch.randperm(num_steps, generator=generator)[:k] for _ in indices]
+                )
+                for j in range(k):
+                    batch = MicroBatch(samples=indices, steps=steps[:, j])
+                    with acc.accumulate(self.unet):
+                        with acc.autocast():
+                            loss, metrics = self.micro_step_loss(samples, batch, signal, generator)
+                        acc.backward(loss)
+                        if acc.sync_gradients:
+                            norm = acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
+                            totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(norm)
+                            grad_steps += 1
+                        self.optimizer.step()
+                        self.optimizer.zero_grad()
+                    for name, value in {"loss": loss, **metrics}.items():
+                        totals[name] = totals.get(name, 0.0) + float(value.detach())
+                    count += 1
+                    bar.update()
+        bar.close()
+        result = {name: totals[name] / count for name in ("loss", "approx_kl", "clipfrac")}
+        result["grad_norm"] = totals.get("grad_norm", 0.0) / max(grad_steps, 1)
+        result["optimizer_steps"] = grad_steps
+        return result
+
+    def micro_step_loss(
+        self,
+        samples: Trajectories,
+        batch: MicroBatch,
+        signal: torch.Tensor,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.config
+        if cfg.train.algorithm in POLICY_GRADIENT:
+            return policy_gradient_loss(
+                cfg.train.algorithm,
+                self.unet,
+                self.policy,
+                samples,
+                batch,
+                signal,
+                self.negative_embeds,
+                cfg.sample.guidance_scale,
+                cfg.train.clip_range,
+            )
+        return reward_weighted_loss(
+            self.unet, self.policy.scheduler, samples, batch, signal, generator
+        )
+
+    # ------------------------------------------------------------ outputs
+
+    def end_epoch(self, epoch: int, metrics: dict) -> None:
+        cfg, acc = self.config, self.accelerator
+        done = epoch + 1
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            self.log(
+                f"epoch {epoch}: reward {metrics['reward_mean']:.4g} ± {metrics['reward_std']:.3g}"
+                f"  loss {metrics['loss']:.3g}  kl {metrics['approx_kl']:.2e}"
+                f"  clipfrac {metrics['clipfrac']:.3f}  time sample/reward/train "
+                f"{metrics['seconds_sampling']:.1f}/{metrics['seconds_reward']:.1f}/"
+                f"{metrics['seconds_training']:.1f}s"
+            )
+            if done % cfg.run.checkpoint_every == 0 or done == cfg.run.epochs:
+                save_checkpoint(
+                    self.run_dir,
+                    acc.unwrap_model(self.unet),
+                    self.optimizer,
+                    done,
+                    self.tracker.state_dict(),
+                    cfg.run.keep_checkpoints,
+                )
+            if cfg.run.grid_every > 0 and done % cfg.run.grid_every == 0 and done < cfg.run.epochs:
+                self.save_grid(f"epoch-{done:04d}")
+        acc.wait_for_everyone()
+
+    def finish(self) -> None:
+        cfg = self.config
+        if self.is_main and cfg.run.epochs > 0:
+            self.save_grid(f"after {cfg.run.epochs} epochs", before_after=True)
+        self.accelerator.wait_for_everyone()
+
+    def save_grid(self, name: str, before_after: bool = False) -> Path:
+        """Render the fixed prompts x seeds; with ``before_after`` also the base model beside it."""
+        cfg = self.config
+        unet = self.accelerator.unwrap_model(self.unet)
+        unet.eval()
+
+        def images() -> torch.Tensor:
+            with self.accelerator.autocast():
+                return render(
+                    self.pipe,
+                    unet,
+                    self.policy,
+                    cfg.run.grid_prompts,
+                    cfg.run.grid_seeds,
+                    self.negative_embeds,
+                    cfg.sample.guidance_scale,
+                    cfg.sample.resolution,
+                )
+
+        panels = {}
+        if before_after:
+            unet.disable_adapters()
+            panels["base"] = images()
+            unet.enable_adapters()
+        panels[name] = images()
+        folder = self.run_dir / "grids"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / ("before_after.png" if before_after else f"{name}.png")
+        make_grid(panels, cfg.run.grid_prompts, cfg.run.grid_seeds).save(path)
+        return path
+
+    def write_rollout_log(
+        self,
+        epoch: int,
+        part: str,
+        prompts: list[str],
+        rewards: torch.Tensor,
+        signal: torch.Tensor,
+    ) -> None:
+        """rollouts/epoch-NNNN-<part>.json: prompts, rewards and the training signal
+        (advantage or RWR weight), per process (rankN) and gathered."""
+        folder = self.run_dir / "rollouts"
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {
+            "epoch": epoch,
+            "prompts": list(prompts),
+            "rewards": rewards.tolist(),
+            "signal": signal.tolist(),
+        }
+        (folder / f"epoch-{epoch:04d}-{part}.json").write_text(json.dumps(record))
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop metric lines of epochs a killed run logged but did not checkpoint."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] < epochs_done]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def train(config: Config, run_dir: Path, resume: bool = False) -> list[dict]:
+    """Train a LoRA with the config's algorithm; returns this run's per-epoch metrics."""
+    return Trainer(config, run_dir).fit(resume=resume)
