@@ -170,7 +170,8 @@ def train(
                 f"\ninterrupted: continue with `lowvram-ddpo train --resume {run_dir}`", err=True
             )
             raise typer.Exit(130) from None
-    typer.echo(f"done: LoRA in {run_dir}, grids in {run_dir / 'grids'}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"done: LoRA in {run_dir}, grids in {run_dir / 'grids'}")
 
 
 @app.command()

@@ -47,7 +47,7 @@ def load_pipeline(
     try:
         return StableDiffusionPipeline.from_pretrained(
             source,
-            torch_dtype=dtype,
+            dtype=dtype,
             revision=revision or None,
             safety_checker=None,
             requires_safety_checker=False,

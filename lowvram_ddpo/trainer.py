@@ -71,6 +71,8 @@ class Trainer:
         steps_trained = self.trained_steps_per_sample()
         precision = resolve_mixed_precision(cfg.model.mixed_precision, torch.cuda.is_available())
         self.accelerator = acc = Accelerator(
+            # cpu=True is what lets `accelerate launch --cpu` / torchrun run several CPU processes
+            cpu=not torch.cuda.is_available(),
             mixed_precision=precision,
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps * steps_trained,
         )

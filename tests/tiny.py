@@ -3,8 +3,6 @@ weights, built offline (the tokenizer's vocabulary is made here, no download).""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -32,11 +30,39 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=16)
 
 
+@torch.no_grad()
+def make_decoder_transparent(vae: AutoencoderKL, gain: float = 0.5) -> None:
+    """Turn the random decoder into a plain upsampler (residual branches zeroed, identity
+    convolutions), so an image's structure follows its latent's: rewards such as JPEG size
+    then respond to what the policy does instead of to the decoder's own random texture."""
+
+    def identity(conv: torch.nn.Conv2d, channels: int, scale: float = 1.0) -> None:
+        conv.weight.zero_()
+        conv.bias.zero_()
+        centre = conv.weight.shape[-1] // 2
+        for c in range(channels):
+            conv.weight[c, c, centre, centre] = scale
+
+    decoder = vae.decoder
+    identity(vae.post_quant_conv, vae.config.latent_channels)
+    identity(decoder.conv_in, vae.config.latent_channels)
+    for module in decoder.modules():
+        if module.__class__.__name__ == "ResnetBlock2D":
+            module.conv2.weight.zero_()
+            module.conv2.bias.zero_()
+        elif module.__class__.__name__ == "Attention":
+            module.to_out[0].weight.zero_()
+            module.to_out[0].bias.zero_()
+        elif module.__class__.__name__ == "Upsample2D":
+            identity(module.conv, module.conv.in_channels)
+    identity(decoder.conv_out, 3, gain)
+
+
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline with random weights: 32 px images, 16x16x4 latents."""
+    """A StableDiffusionPipeline with random weights: 32 px images, 8x8x4 latents."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=16,
+        sample_size=8,
         in_channels=4,
         out_channels=4,
         block_out_channels=(16, 32),
@@ -50,13 +76,15 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=4,
         norm_num_groups=8,
         sample_size=32,
     )
+    make_decoder_transparent(vae)
     tokenizer = tiny_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -91,6 +119,36 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
-def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
-    build_tiny_pipeline(seed).save_pretrained(folder)
-    return folder
+def smooth_latents(count: int, generator: torch.Generator, size: int = 8) -> torch.Tensor:
+    """Low-frequency random latents (bilinear upsampling of a 2x2 field): the "data" that
+    ``train_tiny_denoiser`` teaches the tiny UNet to generate."""
+    coarse = torch.randn(count, 4, 2, 2, generator=generator)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
+
+
+def train_tiny_denoiser(
+    pipe: StableDiffusionPipeline, steps: int = 300, batch: int = 64, seed: int = 0
+) -> StableDiffusionPipeline:
+    """A few hundred steps of the standard epsilon loss on smooth latents, so that samples
+    have structure the policy can change (a random UNet only passes its noise through)."""
+    generator = torch.Generator().manual_seed(seed)
+    unet, scheduler = pipe.unet, pipe.scheduler
+    with torch.no_grad():
+        ids = pipe.tokenizer(
+            ["a cat", "a dog", ""], padding="max_length", max_length=16, return_tensors="pt"
+        ).input_ids
+        embeds = pipe.text_encoder(ids)[0]
+    optimizer = torch.optim.Adam(unet.parameters(), lr=2e-3)
+    unet.train()
+    for _ in range(steps):
+        x0 = smooth_latents(batch, generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        cond = embeds[torch.randint(0, 3, (batch,), generator=generator)]
+        prediction = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unet.eval()
+    return pipe

@@ -1,0 +1,81 @@
+"""Shared fixtures: everything offline, on the CPU, with tiny models built here."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import build_tiny_pipeline, train_tiny_denoiser  # noqa: E402
+
+TINY_PRESET = """
+extends = "incompressibility"
+description = "tiny test run"
+
+[model]
+name = "{model}"
+mixed_precision = "no"
+
+[sample]
+resolution = 32
+num_steps = 4
+batch_size = 8
+batches_per_epoch = 2
+
+[train]
+batch_size = 8
+gradient_accumulation_steps = 2
+learning_rate = 3e-2
+
+[stats]
+buffer_size = 16
+min_count = 4
+
+[prompts]
+prompts = ["a cat", "a dog"]
+
+[run]
+epochs = 2
+grid_every = 0
+grid_prompts = ["a cat"]
+grid_seeds = [0, 1]
+progress = false
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline, its UNet briefly trained (so samples have structure), saved once."""
+    folder = tmp_path_factory.mktemp("tiny-sd") / "pipeline"
+    train_tiny_denoiser(build_tiny_pipeline()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_pipeline():
+    return build_tiny_pipeline()
+
+
+@pytest.fixture
+def tiny_preset(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A preset file for a 2-epoch run of the tiny pipeline; tests add `--set` overrides."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_PRESET.format(model=tiny_model_dir))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each test starts from a clean one."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -1,0 +1,131 @@
+"""The command line: listings, clear one-line errors, train and sample on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from lowvram_ddpo.cli import app
+from lowvram_ddpo.config import list_presets, load_config_file
+
+runner = CliRunner()
+
+
+def _run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def _assert_clean_error(result, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+
+
+def test_presets_lists_every_preset_with_its_description():
+    result = _run("presets")
+    assert result.exit_code == 0
+    for name, description in list_presets().items():
+        assert name in result.output and description in result.output
+
+
+def test_rewards_lists_the_jpeg_rewards():
+    result = _run("rewards")
+    assert "jpeg_compressibility" in result.output and "jpeg_incompressibility" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--preset", "incompressibility", "--model", "./no/such/folder"], "does not exist"),
+        (["--preset", "incompressibility", "--set", "train.nope=1"], "unknown config key"),
+        (["--preset", "incompressibility", "--resolution", "500"], "multiple of 8"),
+        (["--preset", "incompressibility", "--algorithm", "ppo"], "unknown algorithm"),
+        (["--preset", "incompressibility", "--samples-per-epoch", "12"], "not a multiple"),
+        (["--model", "x"], "choose a preset"),
+        (["--resume", "/no/such/run"], "not a run folder"),
+    ],
+)
+def test_bad_input_gets_a_one_line_error(args, message):
+    _assert_clean_error(_run("train", *args), message)
+
+
+def test_unreachable_hub_model_says_what_to_do(tiny_preset, tmp_path):
+    result = _run(
+        "train",
+        "--preset",
+        str(tiny_preset),
+        "--model",
+        "no-such-org/no-such-model",
+        "--output",
+        str(tmp_path / "run"),
+    )
+    _assert_clean_error(result, "could not load model 'no-such-org/no-such-model'")
+    assert "--model" in result.output
+
+
+def test_folder_without_model_index_is_refused(tiny_preset, tmp_path):
+    result = _run("train", "--preset", str(tiny_preset), "--model", str(tmp_path))
+    _assert_clean_error(result, "not a diffusers pipeline folder")
+
+
+def test_train_from_a_saved_folder_then_sample_before_and_after(tiny_preset, tmp_path):
+    run_dir = tmp_path / "run"
+    result = _run(
+        "train",
+        "--preset",
+        str(tiny_preset),
+        "--output",
+        str(run_dir),
+        "--epochs",
+        "1",
+        "--steps",
+        "3",
+        "--samples-per-epoch",
+        "16",
+        "--lr",
+        "1e-2",
+        "--seed",
+        "7",
+        "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+    config = load_config_file(run_dir / "config.toml")
+    assert (config.sample.num_steps, config.train.learning_rate, config.run.seed) == (3, 1e-2, 7)
+    assert (run_dir / "pytorch_lora_weights.safetensors").is_file()
+
+    again = _run("train", "--preset", str(tiny_preset), "--output", str(run_dir))
+    _assert_clean_error(again, f"--resume {run_dir}")
+    changed = _run("train", "--resume", str(run_dir), "--lr", "1")
+    _assert_clean_error(changed, "--lr cannot change a run being resumed")
+
+    grid = tmp_path / "grid.png"
+    result = _run(
+        "sample",
+        "--lora",
+        str(run_dir),
+        "--prompts",
+        "a cat",
+        "--prompts",
+        "a dog",
+        "--seeds",
+        "0",
+        "--seeds",
+        "1",
+        "--grid",
+        str(grid),
+        "--reward",
+        "jpeg_incompressibility",
+    )
+    assert result.exit_code == 0, result.output
+    image = Image.open(grid)
+    assert image.width > 2 * 2 * 32  # two panels of two seeds
+    assert "[base] a cat:" in result.output and "[LoRA run] a dog:" in result.output
+    assert result.output.count("mean reward") == 2
+
+
+def test_sample_without_a_lora_at_the_path_is_refused(tmp_path):
+    result = _run("sample", "--lora", str(tmp_path), "--prompts", "a cat", "--model", str(tmp_path))
+    _assert_clean_error(result, "no LoRA at")

@@ -1,0 +1,113 @@
+"""Presets, overrides and validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from lowvram_ddpo.config import (
+    apply_overrides,
+    dump_toml,
+    list_presets,
+    load_config_file,
+    load_preset,
+    validate,
+)
+from lowvram_ddpo.errors import UserError
+
+PAPER_TASKS = ("compressibility", "incompressibility")
+
+
+def test_every_shipped_preset_loads_validates_and_has_a_description():
+    presets = list_presets()
+    for task in PAPER_TASKS:
+        for suffix in ("", "-sf", "-rwr", "-sparse-rwr"):
+            assert f"{task}{suffix}" in presets
+    for name, description in presets.items():
+        assert description, name
+        validate(load_preset(name))
+
+
+def test_paper_presets_carry_the_reference_hyperparameters():
+    config = load_preset("incompressibility")
+    assert config.model.name == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert (config.sample.num_steps, config.sample.eta, config.sample.guidance_scale) == (
+        50,
+        1.0,
+        5.0,
+    )
+    assert config.sample.batch_size * config.sample.batches_per_epoch == 256
+    assert config.train.batch_size * config.train.gradient_accumulation_steps == 64
+    assert (config.train.learning_rate, config.train.clip_range) == (3e-4, 1e-4)
+    assert (config.stats.buffer_size, config.stats.min_count) == (16, 16)
+    assert config.model.lora_rank == 4 and config.run.epochs == 100
+
+
+def test_variants_extend_their_task():
+    assert load_preset("compressibility").reward.name == "jpeg_compressibility"
+    sf = load_preset("compressibility-sf")
+    assert sf.train.algorithm == "ddpo-sf" and sf.reward.name == "jpeg_compressibility"
+    assert load_preset("incompressibility-sparse-rwr").train.algorithm == "sparse-rwr"
+    assert load_preset("incompressibility-rwr").train.algorithm == "rwr"
+
+
+def test_overrides_are_typed():
+    config = load_preset("incompressibility")
+    apply_overrides(
+        config,
+        [
+            "train.learning_rate=1e-4",
+            "sample.num_steps=20",
+            "run.grid_prompts=a cat,a dog",
+            "model.gradient_checkpointing=true",
+            "prompts.source=simple_animals",
+        ],
+    )
+    assert config.train.learning_rate == 1e-4
+    assert config.sample.num_steps == 20
+    assert config.run.grid_prompts == ["a cat", "a dog"]
+    assert config.model.gradient_checkpointing is True
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("train.learnig_rate=1", "unknown config key 'train.learnig_rate'"),
+        ("nosection.x=1", "unknown config key"),
+        ("sample.num_steps=many", "must be an integer"),
+        ("train=1", "is a section"),
+        ("no-equals", "expects key=value"),
+    ],
+)
+def test_bad_overrides_say_what_is_wrong(assignment, message):
+    with pytest.raises(UserError, match=message):
+        apply_overrides(load_preset("incompressibility"), [assignment])
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("sample.resolution=500", "multiple of 8"),
+        ("sample.eta=0", "eta must be > 0"),
+        ("train.algorithm=ppo", "unknown algorithm"),
+        ("train.gradient_accumulation_steps=3", "not a multiple"),
+        ("train.timestep_fraction=0", "timestep_fraction"),
+    ],
+)
+def test_validation_rejects_settings_that_cannot_work(assignment, message):
+    config = load_preset("incompressibility")
+    apply_overrides(config, [assignment])
+    with pytest.raises(UserError, match=message):
+        validate(config)
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(UserError, match="unknown preset 'nope'.*incompressibility"):
+        load_preset("nope")
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    config = load_preset("compressibility-sparse-rwr")
+    apply_overrides(config, ['sample.negative_prompt="blurry, \\"low\\" quality"'])
+    path = tmp_path / "config.toml"
+    path.write_text(dump_toml(config))
+    assert load_config_file(path) == config
