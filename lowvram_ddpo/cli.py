@@ -181,10 +181,16 @@ def sample(
     model: Annotated[str, typer.Option(help="Base model (default: the run's).")] = "",
     seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Seeds (repeat).")] = None,
     grid: Annotated[Path, typer.Option(help="Output PNG.")] = Path("grid.png"),
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 0,
-    guidance: Annotated[float, typer.Option(help="Guidance scale.")] = -1.0,
+    steps: Annotated[
+        int | None, typer.Option(help="Denoising steps [default: the run's, else 50].")
+    ] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="Guidance scale [default: the run's, else 5.0].")
+    ] = None,
     eta: Annotated[float, typer.Option(help="DDIM eta (> 0).")] = 1.0,
-    resolution: Annotated[int, typer.Option(help="Image size in pixels.")] = 0,
+    resolution: Annotated[
+        int | None, typer.Option(help="Image size in pixels [default: the run's, else 512].")
+    ] = None,
     reward: Annotated[str, typer.Option(help="Print each image's reward (a reward name).")] = "",
 ) -> None:
     """Render a grid (rows = prompts, columns = seeds): the base model and, with --lora, the

@@ -30,8 +30,8 @@ class Trajectories:
     """[B, T] fp32: log pi_old(x_{k+1} | x_k)."""
     timesteps: Tensor
     """[T] long, shared by every sample."""
-    images: Tensor
-    """[B, 3, H, W] float in [0, 1]."""
+    images: Tensor | None
+    """[B, 3, H, W] float in [0, 1]; the trainer drops them once they are scored."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -44,7 +44,9 @@ class Trajectories:
             latents=torch.cat([b.latents for b in batches]),
             log_probs=torch.cat([b.log_probs for b in batches]),
             timesteps=batches[0].timesteps,
-            images=torch.cat([b.images for b in batches]),
+            images=None
+            if any(b.images is None for b in batches)
+            else torch.cat([b.images for b in batches]),
         )
 
 

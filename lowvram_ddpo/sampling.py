@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lowvram_ddpo.config import load_config_file
+from lowvram_ddpo.config import ModelConfig, SampleConfig, load_config_file
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.models import DTYPES, LORA_WEIGHTS_NAME, load_pipeline
@@ -17,7 +17,7 @@ from lowvram_ddpo.policy import DDIMPolicy
 from lowvram_ddpo.rewards import build_reward, check_rewards
 from lowvram_ddpo.rollout import encode_prompts, render
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_MODEL = ModelConfig().name
 
 
 @dataclass
@@ -26,13 +26,13 @@ class SampleRequest:
     seeds: list[int]
     lora: str = ""
     model: str = ""
-    steps: int = 0
-    """0: the run's (or 50)."""
-    guidance_scale: float = -1.0
-    """< 0: the run's (or 5.0)."""
+    steps: int | None = None
+    """None: the run's (or 50)."""
+    guidance_scale: float | None = None
+    """None: the run's (or 5.0)."""
     eta: float = 1.0
-    resolution: int = 0
-    """0: the run's (or 512)."""
+    resolution: int | None = None
+    """None: the run's (or 512)."""
     reward: str = ""
 
 
@@ -82,14 +82,13 @@ def _run_config_for(lora: str):  # noqa: ANN202
 def render_comparison(request: SampleRequest) -> SampleResult:
     run = _run_config_for(request.lora)
     model = request.model or (run.model.name if run else DEFAULT_MODEL)
-    steps = request.steps or (run.sample.num_steps if run else 50)
-    guidance = (
-        request.guidance_scale
-        if request.guidance_scale >= 0
-        else (run.sample.guidance_scale if run else 5.0)
-    )
-    resolution = request.resolution or (run.sample.resolution if run else 512)
-    negative_prompt = run.sample.negative_prompt if run else ""
+    defaults = run.sample if run else SampleConfig()  # the run's settings, else SD 1.5's
+    steps = defaults.num_steps if request.steps is None else request.steps
+    guidance = defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale
+    resolution = defaults.resolution if request.resolution is None else request.resolution
+    negative_prompt = defaults.negative_prompt
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1 (got {steps})")
     if resolution % 8 != 0:
         raise UserError(f"--resolution must be a multiple of 8 (got {resolution})")
     location = _lora_location(request.lora) if request.lora else None

@@ -126,14 +126,10 @@ class Trainer:
         start = self.restore() if resume else self.start_fresh()
         history = []
         for epoch in range(start, cfg.run.epochs):
-            timer = time.perf_counter()
-            samples = self.sample(epoch)
-            sampled = time.perf_counter()
-            rewards = self.score(samples)
-            scored = time.perf_counter()
+            samples, rewards, seconds = self.sample_and_score(epoch)
             advantages, gathered_rewards = self.advantages(samples.prompts, rewards, epoch)
+            started = time.perf_counter()
             train_metrics = self.train_on(samples, advantages, epoch)
-            trained = time.perf_counter()
             metrics = {
                 "epoch": epoch,
                 "reward_mean": gathered_rewards.mean().item(),
@@ -142,9 +138,8 @@ class Trainer:
                 "reward_max": gathered_rewards.max().item(),
                 "samples": len(gathered_rewards),
                 **train_metrics,
-                "seconds_sampling": sampled - timer,
-                "seconds_reward": scored - sampled,
-                "seconds_training": trained - scored,
+                **seconds,
+                "seconds_training": time.perf_counter() - started,
             }
             self.end_epoch(epoch, metrics)
             history.append(metrics)
@@ -176,12 +171,15 @@ class Trainer:
 
     # ------------------------------------------------------------ phases
 
-    def sample(self, epoch: int) -> Trajectories:
+    def sample_and_score(self, epoch: int) -> tuple[Trajectories, torch.Tensor, dict]:
+        """Roll out this epoch's batches and score each one as soon as it is decoded (the
+        pixels are dropped once scored: only latents and log-probs are kept for training)."""
         cfg, acc = self.config, self.accelerator
         generator = epoch_generator(cfg.run.seed, epoch, acc.process_index, SAMPLING_STREAM)
         unet = acc.unwrap_model(self.unet)
         unet.eval()
-        batches = []
+        batches, rewards = [], []
+        seconds = {"seconds_sampling": 0.0, "seconds_reward": 0.0}
         bar = tqdm(
             range(cfg.sample.batches_per_epoch),
             desc=f"epoch {epoch} sampling",
@@ -189,25 +187,31 @@ class Trainer:
             disable=not (cfg.run.progress and self.is_main),
         )
         for _ in bar:
+            started = time.perf_counter()
             picks = torch.randint(len(self.prompts), (cfg.sample.batch_size,), generator=generator)
+            prompts = [self.prompts[i] for i in picks]
             with acc.autocast():
-                batches.append(
-                    sample_trajectories(
-                        self.pipe,
-                        unet,
-                        self.policy,
-                        [self.prompts[i] for i in picks],
-                        self.negative_embeds,
-                        cfg.sample.guidance_scale,
-                        cfg.sample.resolution,
-                        generator,
-                    )
+                batch = sample_trajectories(
+                    self.pipe,
+                    unet,
+                    self.policy,
+                    prompts,
+                    self.negative_embeds,
+                    cfg.sample.guidance_scale,
+                    cfg.sample.resolution,
+                    generator,
                 )
-        return Trajectories.cat(batches)
+            sampled = time.perf_counter()
+            rewards.append(self.score(batch.images, prompts))
+            batch.images = None
+            batches.append(batch)
+            seconds["seconds_sampling"] += sampled - started
+            seconds["seconds_reward"] += time.perf_counter() - sampled
+        return Trajectories.cat(batches), torch.cat(rewards), seconds
 
-    def score(self, samples: Trajectories) -> torch.Tensor:
-        rewards = self.reward_fn(samples.images, samples.prompts)
-        return check_rewards(rewards, len(samples), self.config.reward.name)
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        rewards = self.reward_fn(images, prompts)
+        return check_rewards(rewards, len(prompts), self.config.reward.name)
 
     def advantages(
         self, prompts: list[str], rewards: torch.Tensor, epoch: int
@@ -279,6 +283,7 @@ class Trainer:
         result = {name: totals[name] / count for name in ("loss", "approx_kl", "clipfrac")}
         result["grad_norm"] = totals.get("grad_norm", 0.0) / max(grad_steps, 1)
         result["optimizer_steps"] = grad_steps
+        result["micro_steps"] = count
         return result
 
     def micro_step_loss(

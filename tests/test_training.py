@@ -112,6 +112,17 @@ def test_every_algorithm_trains_the_adapter(tiny_preset, tmp_path, algorithm):
     assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # B starts at zero
 
 
+@pytest.mark.parametrize(("fraction", "micro_steps"), [(1.0, 8), (0.5, 4)])
+def test_timestep_fraction_trains_a_share_of_the_steps(
+    tiny_preset, tmp_path, fraction, micro_steps
+):
+    # 16 samples in micro-batches of 8, 4 denoising steps: 2 x 4 micro-steps at fraction 1
+    config = _config(tiny_preset, f"train.timestep_fraction={fraction}", "run.epochs=1")
+    history = train(config, tmp_path / "run")
+    assert history[0]["micro_steps"] == micro_steps
+    assert history[0]["optimizer_steps"] == 1  # accumulation spans the trained timesteps
+
+
 def _train_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "lowvram_ddpo.cli", "train", "--no-progress", *args]
 
