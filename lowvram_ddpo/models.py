@@ -24,15 +24,34 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
+POCKET_DIR = Path(__file__).parent / "pocket" / "weights"
+MODEL_ALIASES = {"pocket": POCKET_DIR / "pocket-sd"}
+"""Names that stand for model folders shipped inside the package (see ``lowvram_ddpo.pocket``)."""
+
+
+def resolve_model_name(name: str) -> str:
+    """A shipped model's folder for its alias; any other name unchanged."""
+    alias = MODEL_ALIASES.get(name)
+    if alias is None:
+        return name
+    if not (alias / "model_index.json").is_file():
+        raise UserError(
+            f"the '{name}' model is not in this installation ({alias} is missing): "
+            "reinstall lowvram-ddpo, or rebuild it with `python -m lowvram_ddpo.pocket.train`"
+        )
+    return str(alias)
+
+
 def load_pipeline(
     name: str, dtype: torch.dtype = torch.float32, revision: str = ""
 ) -> StableDiffusionPipeline:
-    """Load a ``StableDiffusionPipeline`` from a local folder or a hub id, without safety checker.
+    """Load a ``StableDiffusionPipeline`` from a local folder, a hub id or a shipped alias
+    (``pocket``), without safety checker.
 
     Errors a user can fix (missing folder, not a diffusers folder, offline hub) become
     a one-line ``UserError``.
     """
-    path = Path(name).expanduser()
+    path = Path(resolve_model_name(name)).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise UserError(

@@ -1,6 +1,7 @@
 """Prompt sets: the paper's built-in lists (package data) and user files.
 
 Built-in sets hold bare names; prompts are "a(n) <name>" as in the paper.
+``pocket_world`` is every caption of the pocket model's world (160 prompts).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def load_prompts(source: str, explicit: list[str] | None = None) -> list[str]:
         return list(explicit)
     if source in BUILTIN_SETS:
         return [with_article(name) for name in _read_lines(_DATA / BUILTIN_SETS[source])]
+    if source == "pocket_world":
+        from lowvram_ddpo.pocket.world import all_captions
+
+        return all_captions()
     path = Path(source).expanduser()
     if path.is_file():
         prompts = _read_lines(path)
@@ -37,6 +42,6 @@ def load_prompts(source: str, explicit: list[str] | None = None) -> list[str]:
             raise UserError(f"prompt file {path} has no prompts (one per line)")
         return prompts
     raise UserError(
-        f"unknown prompt source '{source}': use one of {', '.join(BUILTIN_SETS)} "
+        f"unknown prompt source '{source}': use one of {', '.join(BUILTIN_SETS)}, pocket_world "
         "or the path of a text file with one prompt per line"
     )
