@@ -189,7 +189,7 @@ def sample(
     ] = None,
     eta: Annotated[float, typer.Option(help="DDIM eta (> 0).")] = 1.0,
     resolution: Annotated[
-        int | None, typer.Option(help="Image size in pixels [default: the run's, else 512].")
+        int | None, typer.Option(help="Image size [default: the run's, else the model's].")
     ] = None,
     reward: Annotated[str, typer.Option(help="Print each image's reward (a reward name).")] = "",
 ) -> None:

@@ -32,7 +32,7 @@ class SampleRequest:
     """None: the run's (or 5.0)."""
     eta: float = 1.0
     resolution: int | None = None
-    """None: the run's (or 512)."""
+    """None: the run's, else the model's own size."""
     reward: str = ""
 
 
@@ -85,11 +85,11 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     defaults = run.sample if run else SampleConfig()  # the run's settings, else SD 1.5's
     steps = defaults.num_steps if request.steps is None else request.steps
     guidance = defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale
-    resolution = defaults.resolution if request.resolution is None else request.resolution
+    resolution = request.resolution or (run.sample.resolution if run else None)
     negative_prompt = defaults.negative_prompt
     if steps < 1:
         raise UserError(f"--steps must be at least 1 (got {steps})")
-    if resolution % 8 != 0:
+    if resolution is not None and resolution % 8 != 0:
         raise UserError(f"--resolution must be a multiple of 8 (got {resolution})")
     location = _lora_location(request.lora) if request.lora else None
 
@@ -97,6 +97,8 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = DTYPES["fp16"] if on_gpu else DTYPES["no"]
     pipe = load_pipeline(model, dtype).to(device)
+    # like diffusers: without a run or a flag, the size the model was trained at
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     policy = DDIMPolicy(pipe.scheduler.config, steps, request.eta)
     negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [negative_prompt])
 

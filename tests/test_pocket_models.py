@@ -1,0 +1,76 @@
+"""The shipped pocket models: they load with diffusers' own pipeline classes from the
+installed package and draw what their prompts ask for, above a stated floor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+
+from lowvram_ddpo.models import POCKET_DIR, load_pipeline
+from lowvram_ddpo.pocket import world
+from lowvram_ddpo.pocket.classifier import load_classifier, prompt_accuracy
+from lowvram_ddpo.policy import DDIMPolicy
+from lowvram_ddpo.rollout import encode_prompts, sample_trajectories
+
+SD_FLOOR = 0.6  # shape and colour both right; README states the measured figure
+LCM_FLOOR = 0.5
+
+pytestmark = pytest.mark.skipif(
+    not (POCKET_DIR / "pocket-sd" / "model_index.json").is_file(), reason="pocket not built"
+)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier(POCKET_DIR / "world_classifier.safetensors")
+
+
+def _captions() -> list[str]:
+    return world.all_captions()[::2]  # 80 prompts, every shape, colour and background
+
+
+def test_pocket_loads_with_diffusers_and_draws_its_prompts(classifier):
+    pipe = StableDiffusionPipeline.from_pretrained(POCKET_DIR / "pocket-sd", dtype=torch.float32)
+    assert pipe.unet.config.sample_size * 4 == world.SIZE
+    policy = DDIMPolicy(pipe.scheduler.config, num_steps=20, eta=1.0)
+    negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    captions = _captions()
+    with torch.no_grad():
+        images = sample_trajectories(
+            pipe,
+            pipe.unet,
+            policy,
+            captions,
+            negative,
+            5.0,
+            world.SIZE,
+            torch.Generator().manual_seed(0),
+        ).images
+    assert prompt_accuracy(classifier, images, captions) >= SD_FLOOR
+
+
+def test_pocket_alias_goes_through_the_ordinary_loader():
+    pipe = load_pipeline("pocket")
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert pipe.unet.dtype == torch.float32  # shipped in fp16, loaded in the dtype asked for
+
+
+@pytest.mark.skipif(not (POCKET_DIR / "pocket-lcm").is_dir(), reason="pocket LCM not built")
+def test_pocket_lcm_draws_its_prompts_in_four_steps(classifier):
+    pipe = LatentConsistencyModelPipeline.from_pretrained(
+        POCKET_DIR / "pocket-lcm", dtype=torch.float32
+    )
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.config.time_cond_proj_dim is not None
+    captions = _captions()
+    images = pipe(
+        captions,
+        num_inference_steps=4,
+        guidance_scale=6.0,
+        height=world.SIZE,
+        width=world.SIZE,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    assert prompt_accuracy(classifier, images, captions) >= LCM_FLOOR
