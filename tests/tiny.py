@@ -1,5 +1,5 @@
 """Tiny random Stable Diffusion pipelines for tests: real diffusers classes, a few KB of
-weights, built offline (the tokenizer's vocabulary is made here, no download)."""
+weights, built offline (the tokenizer's vocabulary is made in code, no download)."""
 
 from __future__ import annotations
 
@@ -7,27 +7,13 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-
-def _byte_vocab() -> dict[str, int]:
-    """CLIP's byte-level alphabet (and its end-of-word forms) plus the special tokens."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    return {token: i for i, token in enumerate(tokens)}
+from lowvram_ddpo.pocket.tokenizer import build_tokenizer
+from lowvram_ddpo.pocket.train import SCHEDULER
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
-    return CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=16)
+    """CLIP's byte-level alphabet and special tokens only (no merges): any text tokenizes."""
+    return build_tokenizer([], max_length=16)
 
 
 @torch.no_grad()
@@ -99,14 +85,7 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**SCHEDULER)  # Stable Diffusion's noise schedule
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
