@@ -30,7 +30,12 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from lowvram_ddpo.models import load_pipeline
 from lowvram_ddpo.pocket import world
-from lowvram_ddpo.pocket.classifier import WorldClassifier, prompt_accuracy, save_classifier
+from lowvram_ddpo.pocket.classifier import (
+    HEADS,
+    WorldClassifier,
+    prompt_accuracy,
+    save_classifier,
+)
 from lowvram_ddpo.pocket.tokenizer import MAX_LENGTH, build_tokenizer
 
 SCHEDULER = dict(  # Stable Diffusion's noise schedule
@@ -134,7 +139,7 @@ def train_classifier(steps: int, rng: np.random.Generator, started: float) -> Wo
     softer images a generative model draws."""
     model = WorldClassifier()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    indices = {k: {v: i for i, v in enumerate(vals)} for k, vals in _heads().items()}
+    indices = {k: {v: i for i, v in enumerate(vals)} for k, vals in HEADS.items()}
     for step in range(steps):
         images, scenes = world.batch(64, rng)
         x = (to_tensor(images) + 1) / 2
@@ -150,12 +155,6 @@ def train_classifier(steps: int, rng: np.random.Generator, started: float) -> Wo
         if step % 250 == 0 or step == steps - 1:
             log(f"classifier {step}/{steps} loss {loss.item():.4f}", started)
     return model.eval()
-
-
-def _heads() -> dict[str, list[str]]:
-    from lowvram_ddpo.pocket.classifier import HEADS
-
-    return HEADS
 
 
 def _augment(x: Tensor, rng: np.random.Generator) -> Tensor:
