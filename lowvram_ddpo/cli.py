@@ -73,6 +73,16 @@ def _apply_samples_per_epoch(config, samples: int) -> None:  # noqa: ANN001
         )
 
 
+def _fit_to_card(config):  # noqa: ANN001, ANN202
+    from lowvram_ddpo.memory.fit import fit_to_vram
+    from lowvram_ddpo.memory.units import parse_size
+
+    fit = fit_to_vram(config, config.model.name, parse_size(config.memory.vram))
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(fit.summary(config.memory.vram))
+    return fit.config
+
+
 @app.command()
 def train(
     preset: Annotated[str, typer.Option(help="Preset name (see `presets`) or a .toml path.")] = "",
@@ -95,6 +105,10 @@ def train(
         str, typer.Option(help="Continue the run in this folder from its last checkpoint.")
     ] = "",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    vram: Annotated[
+        str,
+        typer.Option(help="Fit batch sizes and memory levers to a card of this size (e.g. 8GB)."),
+    ] = "",
 ) -> None:
     """Fine-tune a LoRA on a reward with DDPO (or RWR)."""
     from lowvram_ddpo.config import (
@@ -122,15 +136,17 @@ def train(
                     ("--lr", lr),
                     ("--samples-per-epoch", samples_per_epoch),
                     ("--algorithm", algorithm),
-                    ("--set", set_),
+                    ("--set", [s for s in set_ or [] if not s.startswith("memory.")]),
                 ]
                 if value
             ]
             if changed:
                 raise UserError(
-                    f"{', '.join(changed)} cannot change a run being resumed; only --epochs can"
+                    f"{', '.join(changed)} cannot change a run being resumed; only --epochs, "
+                    "--vram and --set memory.* can"
                 )
             config = load_config_file(run_dir / "config.toml")
+            apply_overrides(config, set_ or [])
         else:
             if not preset:
                 raise UserError("choose a preset with --preset (`lowvram-ddpo presets` lists them)")
@@ -160,7 +176,11 @@ def train(
         if epochs is not None:
             config.run.epochs = epochs
         config.run.progress = progress and config.run.progress
+        if vram:
+            config.memory.vram = vram
         validate(config)
+        if config.memory.vram:
+            config = _fit_to_card(config)
         from lowvram_ddpo.trainer import train as run_training
 
         try:
@@ -215,6 +235,68 @@ def sample(
     for line in result.report_lines():
         typer.echo(line)
     typer.echo(f"wrote {grid}")
+
+
+bench_app = typer.Typer(help="Benchmarks: memory per phase (more to come).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("memory")
+def bench_memory(
+    preset: Annotated[str, typer.Option(help="Preset name or .toml path.")],
+    arch: Annotated[
+        str,
+        typer.Option(
+            help="sd15, pocket or a diffusers folder [default: pocket for pocket presets, "
+            "else sd15]. Built from its config with random weights: nothing is downloaded."
+        ),
+    ] = "",
+    resolution: Annotated[
+        int | None, typer.Option(help="Image size [default: the preset's].")
+    ] = None,
+    vram: Annotated[
+        str, typer.Option(help="Fit the settings to a card of this size first (e.g. 8GB).")
+    ] = "",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a preset field (repeatable).")
+    ] = None,
+    estimate: Annotated[
+        bool, typer.Option(help="Estimate even when a CUDA GPU is present.")
+    ] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Peak accelerator memory of each phase of a DDPO epoch (sampling, decode, reward,
+    training): measured on a CUDA GPU, else estimated on the meta device."""
+    from lowvram_ddpo.config import apply_overrides, load_preset, set_field, validate
+    from lowvram_ddpo.memory.units import parse_size
+
+    with _user_errors():
+        config = load_preset(preset)
+        apply_overrides(config, set_ or [])
+        if resolution is not None:
+            set_field(config, "sample.resolution", resolution, source="the command line")
+        validate(config)
+        arch = arch or ("pocket" if config.model.name == "pocket" else "sd15")
+        notes = []
+        vram = vram or config.memory.vram
+        if vram:
+            from lowvram_ddpo.memory.fit import fit_to_vram
+
+            fit = fit_to_vram(config, arch, parse_size(vram))
+            config = fit.config
+            notes.append(fit.summary(vram))
+        import torch
+
+        if torch.cuda.is_available() and not estimate:
+            from lowvram_ddpo.memory.measure import measure_on_cuda
+
+            report = measure_on_cuda(config, arch)
+        else:
+            from lowvram_ddpo.memory.estimate import estimate_memory
+
+            report = estimate_memory(config, arch)
+        report.notes = notes + report.notes
+    typer.echo(report.to_json() if json_ else report.to_text())
 
 
 def main() -> None:

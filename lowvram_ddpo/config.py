@@ -24,6 +24,9 @@ from lowvram_ddpo.errors import UserError
 
 ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr", "sparse-rwr")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+QUANTIZE = ("none", "int8", "nf4")
+ATTENTION = ("sdpa", "xformers")
 
 
 @dataclass
@@ -35,10 +38,29 @@ class ModelConfig:
     mixed_precision: str = "fp16"
     """Frozen base weights and autocast dtype: no (fp32), fp16 or bf16. LoRA stays fp32."""
     lora_rank: int = 4
+    """LoRA rank; 0 fine-tunes the whole UNet (fp32 weights: needs a large card)."""
     lora_alpha: float = 4.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    gradient_checkpointing: bool = False
     allow_tf32: bool = True
+
+
+@dataclass
+class MemoryConfig:
+    """Levers that trade speed for accelerator memory (``lowvram-ddpo bench memory``)."""
+
+    vram: str = ""
+    """Fit the run to a card of this size ("8GB"): picks the micro-batch, checkpointing
+    and quantisation below and reports the predicted peak. Empty: use them as set."""
+    gradient_checkpointing: bool = False
+    """Recompute the UNet's activations in the backward pass (less memory, ~30% slower)."""
+    offload: bool = True
+    """Keep the text encoder and VAE on the CPU, on the GPU only for their phase."""
+    optimizer: str = "adamw8bit"
+    """adamw8bit (bitsandbytes; falls back to adamw where it or CUDA is missing) or adamw."""
+    quantize: str = "none"
+    """Frozen UNet weights in int8 or nf4 (bitsandbytes, CUDA), LoRA on top (QLoRA)."""
+    attention: str = "sdpa"
+    """sdpa (PyTorch's fused kernels) or xformers (when installed)."""
 
 
 @dataclass
@@ -125,6 +147,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -322,7 +345,23 @@ def validate(config: Config) -> None:
             config.model.mixed_precision in MIXED_PRECISION,
             f"model.mixed_precision must be one of {', '.join(MIXED_PRECISION)}",
         ),
-        (config.model.lora_rank >= 1, "model.lora_rank must be at least 1"),
+        (config.model.lora_rank >= 0, "model.lora_rank must be >= 0 (0: full fine-tuning)"),
+        (
+            config.memory.optimizer in OPTIMIZERS,
+            f"memory.optimizer must be one of {', '.join(OPTIMIZERS)}",
+        ),
+        (
+            config.memory.quantize in QUANTIZE,
+            f"memory.quantize must be one of {', '.join(QUANTIZE)}",
+        ),
+        (
+            config.memory.quantize == "none" or config.model.lora_rank > 0,
+            "memory.quantize needs LoRA (model.lora_rank > 0): quantised weights cannot be trained",
+        ),
+        (
+            config.memory.attention in ATTENTION,
+            f"memory.attention must be one of {', '.join(ATTENTION)}",
+        ),
         (0 < t.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]"),
         (
             t.batch_size >= 1 and t.gradient_accumulation_steps >= 1 and t.inner_epochs >= 1,
@@ -346,6 +385,10 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    if config.memory.vram:
+        from lowvram_ddpo.memory.units import parse_size
+
+        parse_size(config.memory.vram)
     samples = s.batch_size * s.batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
     if samples % per_step != 0:

@@ -42,11 +42,46 @@ def resolve_model_name(name: str) -> str:
     return str(alias)
 
 
+def quantization_config(quantize: str, dtype: torch.dtype):  # noqa: ANN201
+    """diffusers' bitsandbytes config for a frozen UNet in int8 or nf4 (QLoRA style)."""
+    from lowvram_ddpo.optimizers import bitsandbytes_usable
+
+    if not bitsandbytes_usable():
+        raise UserError(
+            f"memory.quantize={quantize} needs a CUDA GPU and bitsandbytes "
+            "(pip install 'lowvram-ddpo[bnb]'); set memory.quantize=none otherwise"
+        )
+    from diffusers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def use_attention(unet: UNet2DConditionModel, kind: str) -> None:
+    """PyTorch SDPA is diffusers' default; xformers only when asked for and installed."""
+    if kind != "xformers":
+        return
+    try:
+        unet.enable_xformers_memory_efficient_attention()
+    except (ImportError, ModuleNotFoundError, ValueError) as err:
+        raise UserError(
+            f"memory.attention=xformers failed ({str(err).splitlines()[0]}): install it with "
+            "pip install 'lowvram-ddpo[xformers]' or use memory.attention=sdpa"
+        ) from None
+
+
 def load_pipeline(
-    name: str, dtype: torch.dtype = torch.float32, revision: str = ""
+    name: str, dtype: torch.dtype = torch.float32, revision: str = "", quantize: str = "none"
 ) -> StableDiffusionPipeline:
     """Load a ``StableDiffusionPipeline`` from a local folder, a hub id or a shipped alias
-    (``pocket``), without safety checker.
+    (``pocket``), without safety checker; with ``quantize`` the UNet's Linear weights are
+    loaded in int8 or nf4 (bitsandbytes).
 
     Errors a user can fix (missing folder, not a diffusers folder, offline hub) become
     a one-line ``UserError``.
@@ -63,13 +98,23 @@ def load_pipeline(
         raise UserError(f"model folder '{name}' does not exist: check the path given to --model")
     else:
         source = name
+    parts = {}
     try:
+        if quantize != "none":
+            parts["unet"] = UNet2DConditionModel.from_pretrained(
+                source,
+                subfolder="unet",
+                revision=revision or None,
+                dtype=dtype,
+                quantization_config=quantization_config(quantize, dtype),
+            )
         return StableDiffusionPipeline.from_pretrained(
             source,
             dtype=dtype,
             revision=revision or None,
             safety_checker=None,
             requires_safety_checker=False,
+            **parts,
         )
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -8,13 +8,19 @@ gives an importance ratio of 1.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.policy import Conditioning, PolicyStep
+
+
+def _loaded(offloader: Offloader | None, name: str) -> AbstractContextManager:
+    return nullcontext() if offloader is None else offloader.loaded(name)
 
 
 @dataclass
@@ -124,22 +130,28 @@ def sample_trajectories(
     resolution: int,
     generator: torch.Generator,
     progress: bool = False,
+    offloader: Offloader | None = None,
 ) -> Trajectories:
-    """One sampling batch: encode prompts, roll out, decode. Returns CPU tensors."""
+    """One sampling batch: encode prompts, roll out, decode. Returns CPU tensors.
+
+    With an ``offloader`` the text encoder and VAE are on the GPU only while they work."""
     device = next(unet.parameters()).device
-    embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts).to(device)
+    with _loaded(offloader, "text_encoder"):
+        embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts).to(device)
     negative = None if negative_embeds is None else negative_embeds.expand_as(embeds).to(device)
     cond = Conditioning(embeds, negative, guidance_scale)
     shape = latent_shape(unet, pipe.vae, resolution)
     noise = initial_noise(shape, len(prompts), generator, device)
     latents, log_probs, timesteps, final = rollout(unet, policy, cond, noise, generator, progress)
+    with _loaded(offloader, "vae"):
+        images = decode_latents(pipe.vae, final)
     return Trajectories(
         prompts=list(prompts),
         prompt_embeds=embeds.cpu(),
         latents=latents,
         log_probs=log_probs,
         timesteps=timesteps,
-        images=decode_latents(pipe.vae, final),
+        images=images,
     )
 
 
@@ -153,6 +165,7 @@ def render(
     guidance_scale: float,
     resolution: int,
     progress: bool = False,
+    offloader: Offloader | None = None,
 ) -> Tensor:
     """[P, S, 3, H, W] images, one per (prompt, seed), each from its own seeded generator,
     so an image depends only on its prompt, its seed and the weights."""
@@ -171,6 +184,7 @@ def render(
                     guidance_scale,
                     resolution,
                     generator,
+                    offloader=offloader,
                 ).images[0]
             )
         rows.append(torch.stack(row))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
+from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from lowvram_ddpo.algorithms import (
@@ -33,8 +34,12 @@ from lowvram_ddpo.checkpoint import (
     write_text_atomic,
 )
 from lowvram_ddpo.config import Config, dump_toml
+from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
-from lowvram_ddpo.models import DTYPES, attach_lora, load_pipeline
+from lowvram_ddpo.memory.meter import PhaseMeter
+from lowvram_ddpo.models import DTYPES, attach_lora, load_pipeline, use_attention
+from lowvram_ddpo.offload import Offloader
+from lowvram_ddpo.optimizers import build_optimizer
 from lowvram_ddpo.policy import DDIMPolicy
 from lowvram_ddpo.prompts import load_prompts
 from lowvram_ddpo.rewards import build_reward, check_rewards
@@ -63,6 +68,12 @@ class Trainer:
     config: Config
     run_dir: Path
     accelerator: Accelerator = field(init=False)
+    pipeline: StableDiffusionPipeline | None = None
+    """An already built pipeline (the memory benchmark's random-weight models); None loads
+    ``config.model.name``."""
+    phase: str = "setting up"
+    """What the loop is doing now, for error messages."""
+    meter: PhaseMeter = field(default_factory=PhaseMeter)
 
     # ------------------------------------------------------------ setup
 
@@ -78,24 +89,31 @@ class Trainer:
         )
         torch.backends.cuda.matmul.allow_tf32 = cfg.model.allow_tf32
         set_seed(cfg.run.seed)
-        self.pipe = load_pipeline(cfg.model.name, DTYPES[precision], cfg.model.revision)
+        m = cfg.memory
+        if cfg.model.lora_rank == 0:
+            raise UserError(
+                "full fine-tuning (model.lora_rank=0) can be sized with `lowvram-ddpo bench "
+                "memory` but training it is not implemented yet: use a LoRA rank >= 1"
+            )
+        self.pipe = self.pipeline or load_pipeline(
+            cfg.model.name, DTYPES[precision], cfg.model.revision, quantize=m.quantize
+        )
         self.pipe.set_progress_bar_config(disable=True)
         for module in (self.pipe.text_encoder, self.pipe.vae, self.pipe.unet):
             module.requires_grad_(False)
-            module.to(acc.device)
+        self.offloader = Offloader(acc.device, enabled=m.offload)
+        # a quantised UNet is loaded onto the GPU by bitsandbytes and cannot be moved
+        if m.quantize == "none":
+            self.offloader.register("unet", self.pipe.unet, stays=True)
+        self.offloader.register("text_encoder", self.pipe.text_encoder)
+        self.offloader.register("vae", self.pipe.vae)
+        use_attention(self.pipe.unet, m.attention)
         self.params = attach_lora(
             self.pipe.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets
         )
-        if cfg.model.gradient_checkpointing:
+        if m.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
-        t = cfg.train
-        optimizer = torch.optim.AdamW(
-            self.params,
-            lr=t.learning_rate,
-            betas=(t.adam_beta1, t.adam_beta2),
-            weight_decay=t.adam_weight_decay,
-            eps=t.adam_epsilon,
-        )
+        optimizer, self.optimizer_kind = build_optimizer(self.params, cfg.train, m.optimizer)
         self.unet, self.optimizer = acc.prepare(self.pipe.unet, optimizer)
         self.policy = DDIMPolicy(self.pipe.scheduler.config, cfg.sample.num_steps, cfg.sample.eta)
         self.reward_fn = build_reward(cfg.reward.name)
@@ -103,9 +121,10 @@ class Trainer:
             cfg.stats.buffer_size, cfg.stats.min_count, cfg.stats.per_prompt
         )
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.prompts)
-        self.negative_embeds = encode_prompts(
-            self.pipe.tokenizer, self.pipe.text_encoder, [cfg.sample.negative_prompt]
-        )
+        with self.offloader.loaded("text_encoder"):
+            self.negative_embeds = encode_prompts(
+                self.pipe.tokenizer, self.pipe.text_encoder, [cfg.sample.negative_prompt]
+            ).cpu()
 
     def trained_steps_per_sample(self) -> int:
         return max(1, round(self.config.sample.num_steps * self.config.train.timestep_fraction))
@@ -125,26 +144,53 @@ class Trainer:
         cfg = self.config
         start = self.restore() if resume else self.start_fresh()
         history = []
-        for epoch in range(start, cfg.run.epochs):
-            samples, rewards, seconds = self.sample_and_score(epoch)
-            advantages, gathered_rewards = self.advantages(samples.prompts, rewards, epoch)
-            started = time.perf_counter()
-            train_metrics = self.train_on(samples, advantages, epoch)
-            metrics = {
-                "epoch": epoch,
-                "reward_mean": gathered_rewards.mean().item(),
-                "reward_std": gathered_rewards.std(unbiased=False).item(),
-                "reward_min": gathered_rewards.min().item(),
-                "reward_max": gathered_rewards.max().item(),
-                "samples": len(gathered_rewards),
-                **train_metrics,
-                **seconds,
-                "seconds_training": time.perf_counter() - started,
-            }
-            self.end_epoch(epoch, metrics)
-            history.append(metrics)
-        self.finish()
+        epoch = start
+        try:
+            for epoch in range(start, cfg.run.epochs):
+                metrics = self.run_epoch(epoch)
+                self.end_epoch(epoch, metrics)
+                history.append(metrics)
+            self.finish()
+        except torch.OutOfMemoryError:
+            raise UserError(self.out_of_memory_message(epoch)) from None
         return history
+
+    def run_epoch(self, epoch: int) -> dict:
+        samples, rewards, seconds = self.sample_and_score(epoch)
+        advantages, gathered_rewards = self.advantages(samples.prompts, rewards, epoch)
+        started = time.perf_counter()
+        self.phase = "training"
+        with self.meter.phase("training"):
+            train_metrics = self.train_on(samples, advantages, epoch)
+        return {
+            "epoch": epoch,
+            "reward_mean": gathered_rewards.mean().item(),
+            "reward_std": gathered_rewards.std(unbiased=False).item(),
+            "reward_min": gathered_rewards.min().item(),
+            "reward_max": gathered_rewards.max().item(),
+            "samples": len(gathered_rewards),
+            **train_metrics,
+            **seconds,
+            "seconds_training": time.perf_counter() - started,
+        }
+
+    def out_of_memory_message(self, epoch: int) -> str:
+        """What to change after a CUDA out-of-memory error; the last checkpoint is untouched
+        (checkpoints are only written between epochs)."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        folder = latest_checkpoint(self.run_dir)
+        kept = f"checkpoint {folder.name} is kept" if folder else "no checkpoint was written yet"
+        m, t = self.config.memory, self.config.train
+        return (
+            f"out of GPU memory while {self.phase} in epoch {epoch} ({kept}). Use less memory "
+            f"and continue: `lowvram-ddpo train --resume {self.run_dir} --vram <card size, "
+            f"e.g. 8GB>` picks the settings; by hand: train.batch_size={t.batch_size} -> "
+            f"{max(1, t.batch_size // 2)}"
+            + ("" if m.gradient_checkpointing else ", memory.gradient_checkpointing=true")
+            + ("" if m.offload else ", memory.offload=true")
+            + ". `lowvram-ddpo bench memory` predicts the peak of each setting"
+        )
 
     def start_fresh(self) -> int:
         if self.is_main:
@@ -187,10 +233,11 @@ class Trainer:
             disable=not (cfg.run.progress and self.is_main),
         )
         for _ in bar:
+            self.phase = "sampling"
             started = time.perf_counter()
             picks = torch.randint(len(self.prompts), (cfg.sample.batch_size,), generator=generator)
             prompts = [self.prompts[i] for i in picks]
-            with acc.autocast():
+            with self.meter.phase("sampling"), acc.autocast():
                 batch = sample_trajectories(
                     self.pipe,
                     unet,
@@ -200,9 +247,12 @@ class Trainer:
                     cfg.sample.guidance_scale,
                     cfg.sample.resolution,
                     generator,
+                    offloader=self.offloader,
                 )
             sampled = time.perf_counter()
-            rewards.append(self.score(batch.images, prompts))
+            self.phase = "scoring rewards"
+            with self.meter.phase("reward"):
+                rewards.append(self.score(batch.images, prompts))
             batch.images = None
             batches.append(batch)
             seconds["seconds_sampling"] += sampled - started
@@ -347,6 +397,7 @@ class Trainer:
     def save_grid(self, name: str, before_after: bool = False) -> Path:
         """Render the fixed prompts x seeds; with ``before_after`` also the base model beside it."""
         cfg = self.config
+        self.phase = "rendering the grid"
         unet = self.accelerator.unwrap_model(self.unet)
         unet.eval()
 
@@ -361,6 +412,7 @@ class Trainer:
                     self.negative_embeds,
                     cfg.sample.guidance_scale,
                     cfg.sample.resolution,
+                    offloader=self.offloader,
                 )
 
         panels = {}

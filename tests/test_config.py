@@ -58,14 +58,14 @@ def test_overrides_are_typed():
             "train.learning_rate=1e-4",
             "sample.num_steps=20",
             "run.grid_prompts=a cat,a dog",
-            "model.gradient_checkpointing=true",
+            "memory.gradient_checkpointing=true",
             "prompts.source=simple_animals",
         ],
     )
     assert config.train.learning_rate == 1e-4
     assert config.sample.num_steps == 20
     assert config.run.grid_prompts == ["a cat", "a dog"]
-    assert config.model.gradient_checkpointing is True
+    assert config.memory.gradient_checkpointing is True
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,294 @@
+"""Predict a run's accelerator memory per phase without an accelerator.
+
+The models are built on the ``meta`` device from their configs; each phase of an epoch
+runs the trainer's own code for one step (a denoising step, one image's decode, one
+training micro-step with its backward) under ``DeviceBytesCounter``. What stays on the
+device between phases (UNet, LoRA, optimiser state, and the text encoder and VAE when
+they are not offloaded) is added from the parameter sizes. The result mirrors what
+``Trainer`` keeps where, so the two must change together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss, reward_weighted_loss
+from lowvram_ddpo.architectures import Components, build_components
+from lowvram_ddpo.config import Config
+from lowvram_ddpo.memory.counting import DeviceBytesCounter, GpuKernelEmulation
+from lowvram_ddpo.memory.report import MemoryReport, PhaseMemory
+from lowvram_ddpo.models import DTYPES, attach_lora
+from lowvram_ddpo.policy import Conditioning, DDIMPolicy
+from lowvram_ddpo.rollout import Trajectories
+
+RESERVED_OVER_ALLOCATED = 1.10
+"""The CUDA caching allocator holds more than the live tensors (block rounding, cached
+free blocks). Not calibrated on a GPU yet: see docs/benchmarks.md."""
+
+BITS_PER_WEIGHT = {"int8": 8 + 0.25, "nf4": 4 + 0.127}
+"""Quantised Linear weights: int8 + one fp32 scale per 128-wide row chunk (approx.);
+nf4 + double-quantised absmax per block of 64 (bitsandbytes' QLoRA defaults)."""
+
+ADAM_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8 / 2048}
+"""Per trained parameter: two fp32 moments, or two 8-bit moments with a fp32 absmax per
+2048-block (bitsandbytes keeps tensors under 4096 elements in 32 bits)."""
+
+BNB_MIN_8BIT_SIZE = 4096
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(t.nbytes for t in (*module.parameters(), *module.buffers()))
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def optimizer_state_bytes(params: list[nn.Parameter], kind: str) -> int:
+    total = 0.0
+    for p in params:
+        per_param = ADAM_STATE_BYTES[kind] if p.numel() >= BNB_MIN_8BIT_SIZE else 8.0
+        total += p.numel() * per_param
+    return int(total)
+
+
+def _frozen_linears(unet: nn.Module) -> list[nn.Linear]:
+    """The base Linear layers a quantiser would replace (not the LoRA matrices)."""
+    return [
+        m
+        for name, m in unet.named_modules()
+        if isinstance(m, nn.Linear) and "lora_" not in name and not m.weight.requires_grad
+    ]
+
+
+def quantised_savings(unet: nn.Module, quantize: str) -> tuple[int, int]:
+    """(bytes saved on the resident UNet, bytes of the largest weight dequantised at a time)."""
+    if quantize == "none":
+        return 0, 0
+    linears = _frozen_linears(unet)
+    saved = sum(
+        m.weight.nbytes - int(m.weight.numel() * BITS_PER_WEIGHT[quantize] / 8) for m in linears
+    )
+    return saved, max((m.weight.nbytes for m in linears), default=0)
+
+
+@dataclass
+class MetaRun:
+    """A run's models on the meta device, in the dtypes and with the adapters it trains."""
+
+    config: Config
+    arch: str
+    parts: Components = field(init=False)
+    policy: DDIMPolicy = field(init=False)
+    dtype: torch.dtype = field(init=False)
+    _peaks: dict[tuple, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.dtype = DTYPES[cfg.model.mixed_precision]
+        self.parts = build_components(self.arch, "meta", self.dtype)
+        unet = self.parts.unet
+        if cfg.model.lora_rank > 0:
+            attach_lora(unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
+        else:  # full fine-tuning: fp32 master weights, autocast runs the matmuls in fp16
+            unet.float().requires_grad_(True)
+        self.policy = DDIMPolicy(self.parts.scheduler_config, cfg.sample.num_steps, cfg.sample.eta)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return None if self.dtype == torch.float32 else self.dtype
+
+    def measure(self, key: tuple, work: Callable[[], object]) -> int:
+        """Peak bytes of what ``work`` allocates on the device (remembered per ``key``: the
+        auto-fit asks for the same phase settings many times)."""
+        if key not in self._peaks:
+            self._peaks[key] = self._measure(work)
+        return self._peaks[key]
+
+    def _measure(self, work: Callable[[], object]) -> int:
+        counter = DeviceBytesCounter()
+        with GpuKernelEmulation(self.autocast_dtype), counter:
+            result = work()
+            del result
+        return counter.peak
+
+    def _checkpoint(self, module: nn.Module, *args: object) -> object:
+        """diffusers' checkpointing call, with the GPU emulation on during the recomputation
+        too (the autograd engine recomputes outside the mode the forward ran under)."""
+
+        def run(*inputs: object) -> object:
+            with GpuKernelEmulation(self.autocast_dtype):
+                return module(*inputs)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        scale = 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
+        return (self.parts.unet.config.in_channels, resolution // scale, resolution // scale)
+
+    def text_shape(self) -> tuple[int, int]:
+        text = self.parts.text_encoder.config
+        return text.max_position_embeddings, text.hidden_size
+
+    def _conditioning(self, batch: int) -> Conditioning:
+        length, width = self.text_shape()
+        embeds = torch.empty(batch, length, width, device="meta", dtype=self.dtype)
+        negative = embeds if self.config.sample.guidance_scale != 1.0 else None
+        return Conditioning(embeds, negative, self.config.sample.guidance_scale)
+
+    # ---------------------------------------------------------------- phases
+
+    def encode_prompts(self, batch: int) -> int:
+        length, _ = self.text_shape()
+        ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
+        with torch.no_grad():
+            return self.measure(("encode", len(ids)), lambda: self.parts.text_encoder(ids)[0])
+
+    def denoising_step(self, batch: int) -> int:
+        unet, cond = self.parts.unet, self._conditioning(batch)
+        unet.eval()
+        latents = torch.empty(
+            batch, *self.latent_shape(self.config.sample.resolution), device="meta"
+        )
+        t = self.policy.timesteps()[:1].repeat(batch)
+
+        def step() -> torch.Tensor:
+            out = self.policy(unet, latents, t, cond)
+            return out.log_prob(out.mean)
+
+        with torch.no_grad():
+            return self.measure(("sampling", batch), step)
+
+    def decode_one(self) -> int:
+        vae = self.parts.vae
+        z = torch.empty(1, *self.latent_shape(self.config.sample.resolution), device="meta")
+        with torch.no_grad():
+            return self.measure(("decode",), lambda: vae.decode(z.to(self.dtype)).sample.float())
+
+    def training_micro_step(self, micro_batch: int, checkpointing: bool) -> int:
+        """One micro-step's forward and backward with gradients already accumulated."""
+        key = ("training", micro_batch, checkpointing)
+        if key in self._peaks:
+            return self._peaks[key]
+        cfg, unet = self.config, self.parts.unet
+        if checkpointing:
+            unet.enable_gradient_checkpointing(self._checkpoint)
+        else:
+            unet.disable_gradient_checkpointing()
+        unet.train()
+        params = trainable(unet)
+        for p in params:  # steady state: earlier micro-steps left their gradients
+            p.grad = torch.empty_like(p)
+        samples = self._cpu_trajectories(micro_batch)
+        batch = MicroBatch(
+            samples=torch.arange(micro_batch), steps=torch.zeros(micro_batch, dtype=torch.long)
+        )
+        signal = torch.zeros(micro_batch)
+
+        def step() -> None:
+            if cfg.train.algorithm in ("ddpo-is", "ddpo-sf"):
+                loss, _ = policy_gradient_loss(
+                    cfg.train.algorithm,
+                    unet,
+                    self.policy,
+                    samples,
+                    batch,
+                    signal,
+                    samples.prompt_embeds[:1],
+                    cfg.sample.guidance_scale,
+                    cfg.train.clip_range,
+                )
+            else:
+                generator = torch.Generator().manual_seed(0)
+                loss, _ = reward_weighted_loss(
+                    unet, self.policy.scheduler, samples, batch, signal, generator
+                )
+            # not loss.backward(): a function mode is switched off while it handles a call,
+            # and checkpointing recomputes inside backward, where the emulation must be on
+            torch.autograd.backward(loss)
+
+        try:
+            return self.measure(key, step)
+        finally:
+            for p in params:
+                p.grad = None
+
+    def _cpu_trajectories(self, batch: int) -> Trajectories:
+        """Stand-in stored rollouts (they live on the CPU, as in training)."""
+        length, width = self.text_shape()
+        shape = self.latent_shape(self.config.sample.resolution)
+        return Trajectories(
+            prompts=[""] * batch,
+            prompt_embeds=torch.zeros(batch, length, width, dtype=self.dtype),
+            latents=torch.zeros(batch, 2, *shape),
+            log_probs=torch.zeros(batch, 1),
+            timesteps=self.policy.timesteps()[:1],
+            images=None,
+        )
+
+
+def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> MemoryReport:
+    """Predicted peak accelerator memory of each phase of one epoch of ``config``.
+
+    ``run`` reuses models already built on the meta device (the auto-fit tries many
+    settings of one run); it must have been built from the same model settings.
+    """
+    run = run or MetaRun(config, arch)
+    m, s = config.memory, config.sample
+    unet, vae, text = run.parts.unet, run.parts.vae, run.parts.text_encoder
+    saved, dequantised = quantised_savings(unet, m.quantize)
+    params = trainable(unet)
+    # what stays on the device through the whole epoch (Adam's state exists after step 1)
+    resident = {
+        "unet": module_bytes(unet) - saved,
+        "optimizer state": optimizer_state_bytes(params, m.optimizer),
+    }
+    for_phase = {"text encoder": module_bytes(text), "vae": module_bytes(vae)}
+    if not m.offload:
+        resident |= for_phase
+
+    def phase(
+        name: str, peak: int, loaded: dict[str, int] | None = None, also: dict | None = None
+    ) -> PhaseMemory:
+        """``loaded``: moved in for this phase when offloading; ``also``: held in any case."""
+        held = resident | ((loaded or {}) if m.offload else {}) | (also or {})
+        allocated = sum(held.values()) + peak
+        return PhaseMemory(name, allocated, int(allocated * RESERVED_OVER_ALLOCATED), held)
+
+    guided = s.guidance_scale != 1.0
+    encode_peak = run.encode_prompts(s.batch_size)
+    step_peak = run.denoising_step(s.batch_size * (2 if guided else 1))
+    decode_peak = run.decode_one()
+    train_peak = run.training_micro_step(config.train.batch_size, m.gradient_checkpointing)
+    grads = {"gradients": sum(p.nbytes for p in params)}
+    phases = [
+        phase("encode", encode_peak, {"text encoder": for_phase["text encoder"]}),
+        phase("sampling", step_peak + dequantised),
+        phase("decode", decode_peak, {"vae": for_phase["vae"]}),
+        phase("reward", 0),
+        phase("training", train_peak + dequantised, also=grads),
+    ]
+    return MemoryReport(method="estimate", arch=arch, settings=settings_of(config), phases=phases)
+
+
+def settings_of(config: Config) -> dict[str, object]:
+    """The settings that decide the footprint, as the report prints them."""
+    m, s, t = config.memory, config.sample, config.train
+    return {
+        "resolution": s.resolution,
+        "mixed_precision": config.model.mixed_precision,
+        "lora_rank": config.model.lora_rank,
+        "sample_batch": s.batch_size,
+        "train_micro_batch": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "guidance_scale": s.guidance_scale,
+        "gradient_checkpointing": m.gradient_checkpointing,
+        "offload": m.offload,
+        "optimizer": m.optimizer,
+        "quantize": m.quantize,
+        "attention": m.attention,
+    }

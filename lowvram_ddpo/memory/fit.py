@@ -1,0 +1,109 @@
+"""`--vram 8GB`: choose the memory levers that fit a card, from the estimate.
+
+Levers are tried from the cheapest in time to the dearest: first the largest sampling
+batch that fits; for training, smaller micro-batches (free on a GPU that a 512 px
+batch already fills), then gradient checkpointing (~30% slower training), and
+last a 4-bit frozen base. The images per epoch and per optimiser step never change:
+a smaller batch means more batches, or more accumulation steps.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from lowvram_ddpo.config import Config
+from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory
+from lowvram_ddpo.memory.report import MemoryReport
+from lowvram_ddpo.memory.units import GB, format_size
+
+CUDA_CONTEXT_BYTES = GB // 2
+"""What the CUDA context and kernels take on the card besides PyTorch's allocations."""
+
+
+@dataclass
+class Fit:
+    config: Config
+    report: MemoryReport
+    changes: list[str]
+
+    def summary(self, vram: str) -> str:
+        changed = "; ".join(self.changes) if self.changes else "the settings as given"
+        return (
+            f"--vram {vram}: {changed}; predicted peak {format_size(self.report.peak_bytes)} "
+            f"reserved + ~{format_size(CUDA_CONTEXT_BYTES)} CUDA context ({self.report.method})"
+        )
+
+
+def _halvings(value: int, total: int) -> list[int]:
+    """value, value/2, ..., 1, keeping only divisors of ``total``."""
+    options, v = [], value
+    while v >= 1:
+        if total % v == 0:
+            options.append(v)
+        v //= 2
+    return options or [1]
+
+
+def candidates(config: Config, quantize: str) -> Iterator[Config]:
+    """Settings in order of preference (cheapest in time first)."""
+    s, t = config.sample, config.train
+    samples = s.batch_size * s.batches_per_epoch
+    per_step = t.batch_size * t.gradient_accumulation_steps
+    checkpointing = [False, True] if not config.memory.gradient_checkpointing else [True]
+    for ckpt in checkpointing:
+        for micro in _halvings(t.batch_size, per_step):
+            for batch in _halvings(s.batch_size, samples):
+                trial = copy.deepcopy(config)
+                trial.memory.gradient_checkpointing = ckpt
+                trial.memory.quantize = quantize
+                trial.train.batch_size = micro
+                trial.train.gradient_accumulation_steps = per_step // micro
+                trial.sample.batch_size = batch
+                trial.sample.batches_per_epoch = samples // batch
+                yield trial
+
+
+def describe_changes(before: Config, after: Config) -> list[str]:
+    keys = [
+        ("sample", "batch_size"),
+        ("sample", "batches_per_epoch"),
+        ("train", "batch_size"),
+        ("train", "gradient_accumulation_steps"),
+        ("memory", "gradient_checkpointing"),
+        ("memory", "quantize"),
+    ]
+    changes = []
+    for section, name in keys:
+        old, new = getattr(getattr(before, section), name), getattr(getattr(after, section), name)
+        if old != new:
+            changes.append(f"{section}.{name} {old} -> {new}")
+    return changes
+
+
+def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:
+    """The first candidate whose estimated peak fits ``vram_bytes`` minus the CUDA context."""
+    budget = vram_bytes - CUDA_CONTEXT_BYTES
+    run = MetaRun(config, arch)
+    quantizations = [config.memory.quantize]
+    if config.memory.quantize == "none" and config.model.lora_rank > 0:
+        quantizations.append("nf4")
+    smallest = None
+    for quantize in quantizations:
+        for trial in candidates(config, quantize):
+            report = estimate_memory(trial, arch, run)
+            if report.peak_bytes <= budget:
+                return Fit(trial, report, describe_changes(config, trial))
+            smallest = report if smallest is None else min(smallest, report, key=_peak)
+    assert smallest is not None
+    raise UserError(
+        f"nothing fits in {format_size(vram_bytes)}: the smallest setting needs "
+        f"{format_size(smallest.peak_bytes + CUDA_CONTEXT_BYTES)} with the CUDA context. "
+        "Lower sample.resolution, or use a bigger card"
+    )
+
+
+def _peak(report: MemoryReport) -> int:
+    return report.peak_bytes

@@ -1,0 +1,51 @@
+"""`bench memory` on a CUDA GPU: one real (shortened) DDPO epoch of the trainer on
+random-weight models, with the peak memory and seconds of each phase."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lowvram_ddpo.architectures import random_pipeline
+from lowvram_ddpo.config import Config
+from lowvram_ddpo.memory.estimate import settings_of
+from lowvram_ddpo.memory.report import MemoryReport
+from lowvram_ddpo.models import DTYPES
+
+
+def bench_config(config: Config) -> Config:
+    """One sampling batch, trained on at every step of its trajectories, then stop."""
+    cfg = copy.deepcopy(config)
+    cfg.run.epochs = 1
+    cfg.run.progress = False
+    cfg.run.grid_prompts, cfg.run.grid_seeds, cfg.run.grid_every = cfg.run.grid_prompts[:1], [0], 0
+    cfg.sample.batches_per_epoch = 1
+    cfg.train.batch_size = min(cfg.train.batch_size, cfg.sample.batch_size)
+    cfg.train.gradient_accumulation_steps = cfg.sample.batch_size // cfg.train.batch_size
+    cfg.sample.batch_size = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+    return cfg
+
+
+def measure_on_cuda(config: Config, arch: str) -> MemoryReport:
+    from lowvram_ddpo.trainer import Trainer
+
+    cfg = bench_config(config)
+    pipe = random_pipeline(arch, DTYPES[cfg.model.mixed_precision])
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = Trainer(cfg, Path(folder), pipeline=pipe)
+        trainer.fit()
+    phases = [trainer.meter.phases[name] for name in ("sampling", "reward", "training")]
+    return MemoryReport(
+        method="cuda",
+        arch=arch,
+        settings=settings_of(cfg),
+        phases=phases,
+        notes=[
+            f"device: {torch.cuda.get_device_name()}",
+            "sampling includes prompt encoding and decoding; one sampling batch, "
+            f"{cfg.sample.num_steps} steps, every step trained",
+        ],
+    )

@@ -1,0 +1,36 @@
+"""Measure peak CUDA memory and wall-clock time per phase of a real run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from lowvram_ddpo.memory.report import PhaseMemory
+
+
+class PhaseMeter:
+    """``with meter.phase("training"): ...`` records that phase's peak reserved and allocated
+    bytes (``torch.cuda.max_memory_*`` since the phase began) and adds up its seconds.
+    Without CUDA only the seconds are recorded."""
+
+    def __init__(self) -> None:
+        self.cuda = torch.cuda.is_available()
+        self.phases: dict[str, PhaseMemory] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        record = self.phases.setdefault(name, PhaseMemory(name, 0, 0, seconds=0.0))
+        record.seconds = (record.seconds or 0.0) + time.perf_counter() - started
+        if self.cuda:
+            record.peak_reserved = max(record.peak_reserved, torch.cuda.max_memory_reserved())
+            record.peak_allocated = max(record.peak_allocated, torch.cuda.max_memory_allocated())

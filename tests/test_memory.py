@@ -1,0 +1,210 @@
+"""The memory estimate, its levers, the budgets of the shipped presets and `--vram`.
+
+Stable Diffusion 1.5 is built on the meta device from its config (no download, no
+memory); each estimate runs a real forward and backward in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from typer.testing import CliRunner
+
+from lowvram_ddpo.cli import app
+from lowvram_ddpo.config import apply_overrides, list_presets, load_preset
+from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.memory.counting import DeviceBytesCounter, GpuKernelEmulation
+from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory
+from lowvram_ddpo.memory.fit import CUDA_CONTEXT_BYTES, fit_to_vram
+from lowvram_ddpo.memory.units import GB, parse_size
+
+# ---------------------------------------------------------------- the counter
+
+
+def test_counter_tracks_live_and_peak_bytes_of_device_tensors():
+    with DeviceBytesCounter() as counter:
+        a = torch.empty(1000, device="meta")  # 4000 bytes
+        b = torch.empty(500, device="meta", dtype=torch.float16)  # 1000 bytes
+        on_cpu = torch.empty(10_000)  # not accelerator memory
+        assert counter.live == 5000
+        del a
+        assert counter.live == 1000
+    assert counter.peak == 5000
+    del b, on_cpu
+
+
+def test_attention_is_counted_as_a_fused_kernel_not_the_math_path():
+    q = torch.empty(1, 8, 4096, 40, device="meta", dtype=torch.float16)
+    attention_matrix = 8 * 4096 * 4096 * 2
+    with DeviceBytesCounter() as plain:
+        F.scaled_dot_product_attention(q, q, q)
+    with GpuKernelEmulation(None), DeviceBytesCounter() as fused:
+        out = F.scaled_dot_product_attention(q, q, q)
+    assert plain.peak >= attention_matrix  # meta decomposes into the math path
+    assert fused.peak < attention_matrix / 10
+    assert out.shape == q.shape
+
+
+def test_autocast_emulation_runs_matmuls_low_and_norms_in_float32():
+    x = torch.empty(2, 8, 4, 4, device="meta")
+    weight = torch.empty(16, 8, device="meta")
+    with GpuKernelEmulation(torch.float16):
+        assert F.linear(x.flatten(2).transpose(1, 2), weight).dtype == torch.float16
+        assert F.group_norm(x.half(), 2).dtype == torch.float32
+
+
+# ---------------------------------------------------------------- levers
+
+
+@pytest.fixture(scope="module")
+def sd15_run():
+    """SD 1.5 on the meta device, with the incompressibility preset's adapters."""
+    return MetaRun(load_preset("incompressibility"), "sd15")
+
+
+def _estimate(run: MetaRun, *overrides: str):
+    config = load_preset("incompressibility")
+    apply_overrides(config, list(overrides))
+    return estimate_memory(config, "sd15", run)
+
+
+def test_sd15_parameter_sizes_match_the_architecture(sd15_run):
+    unet = sum(p.numel() for p in sd15_run.parts.unet.parameters() if not p.requires_grad)
+    lora = sum(p.numel() for p in sd15_run.parts.unet.parameters() if p.requires_grad)
+    assert 855e6 < unet < 865e6  # ~860 M
+    assert lora == 797_184  # rank 4 on q/k/v/out, as the reference counts
+
+
+def test_checkpointing_lowers_the_training_peak(sd15_run):
+    plain = _estimate(sd15_run, "train.batch_size=2").phase("training")
+    checkpointed = _estimate(
+        sd15_run, "train.batch_size=2", "memory.gradient_checkpointing=true"
+    ).phase("training")
+    assert checkpointed.peak_allocated < plain.peak_allocated - 1 * GB
+
+
+def test_micro_batch_not_sampling_batch_sets_the_training_peak(sd15_run):
+    one = _estimate(sd15_run, "train.batch_size=1").phase("training")
+    four = _estimate(sd15_run, "train.batch_size=4").phase("training")
+    bigger_sampling = _estimate(sd15_run, "train.batch_size=1", "sample.batch_size=16")
+    assert four.peak_allocated > one.peak_allocated + 2 * GB
+    assert bigger_sampling.phase("training").peak_allocated == one.peak_allocated
+
+
+def test_offload_keeps_text_encoder_and_vae_off_the_card_while_training(sd15_run):
+    offloaded = _estimate(sd15_run, "memory.offload=true")
+    resident = _estimate(sd15_run, "memory.offload=false")
+    for name in ("training", "sampling", "reward"):
+        assert "text encoder" not in offloaded.phase(name).held
+        assert "vae" not in offloaded.phase(name).held
+        assert "text encoder" in resident.phase(name).held
+    assert "text encoder" in offloaded.phase("encode").held
+    assert "vae" in offloaded.phase("decode").held
+    gap = resident.phase("training").peak_allocated - offloaded.phase("training").peak_allocated
+    assert gap == resident.phase("training").held["text encoder"] + resident.phase(
+        "training"
+    ).held["vae"]
+
+
+def test_a_4_bit_base_shrinks_the_resident_unet(sd15_run):
+    fp16 = _estimate(sd15_run).phase("reward").held["unet"]
+    nf4 = _estimate(sd15_run, "memory.quantize='nf4'").phase("reward").held["unet"]
+    int8 = _estimate(sd15_run, "memory.quantize='int8'").phase("reward").held["unet"]
+    assert nf4 < int8 < fp16
+    assert fp16 - nf4 > 0.3 * GB  # the Linear layers (attention, feed-forward) shrink 4x
+
+
+def test_8_bit_adam_state_is_a_quarter_for_full_fine_tuning():
+    full = load_preset("incompressibility")
+    apply_overrides(full, ["model.lora_rank=0", "train.batch_size=1"])
+    run = MetaRun(full, "sd15")
+    apply_overrides(full, ["memory.optimizer='adamw8bit'"])
+    small = estimate_memory(full, "sd15", run).phase("reward").held["optimizer state"]
+    apply_overrides(full, ["memory.optimizer='adamw'"])
+    adam = estimate_memory(full, "sd15", run).phase("reward").held["optimizer state"]
+    assert adam > 6.8e9  # 860 M params x two fp32 moments (memory.md: ~6.9 GB)
+    assert small < adam / 3.5
+
+
+# ---------------------------------------------------------------- budgets
+
+
+def _arch(config) -> str:  # noqa: ANN001
+    return "pocket" if config.model.name == "pocket" else "sd15"
+
+
+@pytest.mark.parametrize("preset", sorted(list_presets()))
+def test_every_shipped_preset_fits_6_gb(preset):
+    config = load_preset(preset)
+    report = estimate_memory(config, _arch(config))
+    assert report.peak_bytes <= 6 * GB, report.to_text()
+
+
+def test_micro_batch_1_fits_4_gb_and_3_gb_with_a_4_bit_base(sd15_run):
+    small = ["train.batch_size=1", "sample.batch_size=2", "memory.gradient_checkpointing=true"]
+    assert _estimate(sd15_run, *small).peak_bytes <= 4 * GB
+    assert _estimate(sd15_run, *small, "memory.quantize='nf4'").peak_bytes <= 3 * GB
+
+
+# ---------------------------------------------------------------- --vram
+
+
+def test_vram_fit_keeps_the_batch_per_step_and_fits_the_card():
+    config = load_preset("incompressibility")
+    apply_overrides(config, ["train.batch_size=4", "train.gradient_accumulation_steps=16"])
+    fit = fit_to_vram(config, "sd15", parse_size("4GB"))
+    t, s = fit.config.train, fit.config.sample
+    assert fit.report.peak_bytes + CUDA_CONTEXT_BYTES <= 4 * GB
+    assert t.batch_size * t.gradient_accumulation_steps == 64
+    assert s.batch_size * s.batches_per_epoch == 256
+    assert fit.changes and "4GB" in fit.summary("4GB")
+    roomy = fit_to_vram(config, "sd15", parse_size("24GB"))
+    assert roomy.changes == []  # nothing to give up on a big card
+
+
+def test_vram_refuses_when_nothing_fits():
+    with pytest.raises(UserError, match="nothing fits in 1.00 GB"):
+        fit_to_vram(load_preset("incompressibility"), "sd15", parse_size("1GB"))
+
+
+def test_sizes_parse_and_reject_nonsense():
+    assert parse_size("8GB") == 8 * GB == parse_size("8 gib")
+    assert parse_size("512MB") == GB // 2
+    with pytest.raises(UserError, match="memory size"):
+        parse_size("eight")
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_bench_memory_json_reports_every_phase():
+    result = CliRunner().invoke(
+        app, ["bench", "memory", "--preset", "pocket-incompressibility", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["method"] == "estimate" and report["arch"] == "pocket"
+    phases = report["phases"]
+    assert set(phases) == {"encode", "sampling", "decode", "reward", "training"}
+    assert report["peak_bytes"] == max(p["peak_bytes"] for p in phases.values()) > 0
+
+
+def test_bench_memory_with_vram_fits_sd15_in_4_gb():
+    result = CliRunner().invoke(
+        app, ["bench", "memory", "--preset", "incompressibility", "--vram", "4GB", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["peak_bytes"] + CUDA_CONTEXT_BYTES <= 4 * GB
+    assert any("--vram 4GB" in note for note in report["notes"])
+
+
+def test_bench_memory_unknown_arch_is_one_line():
+    result = CliRunner().invoke(
+        app, ["bench", "memory", "--preset", "incompressibility", "--arch", "./no-such-model"]
+    )
+    assert result.exit_code == 2
+    assert "error:" in result.output and "Traceback" not in result.output

@@ -1,0 +1,140 @@
+"""The memory levers inside a real (tiny, CPU) training run: offloading, the optimiser
+fallback, quantisation and xformers errors, and what a CUDA out-of-memory error leaves."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lowvram_ddpo.cli import app
+from lowvram_ddpo.config import TrainConfig, apply_overrides, load_preset, validate
+from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.models import load_pipeline, use_attention
+from lowvram_ddpo.optimizers import build_optimizer
+from lowvram_ddpo.trainer import Trainer
+
+
+def _config(preset: Path, *overrides: str):
+    config = load_preset(str(preset))
+    apply_overrides(config, ["run.epochs=1", *overrides])
+    validate(config)
+    return config
+
+
+def test_offloaded_models_are_off_the_device_while_training(tiny_preset, tmp_path, monkeypatch):
+    seen: dict[str, set[str]] = {}
+    original = Trainer.train_on
+
+    def spy(self, samples, signal, epoch):  # noqa: ANN001, ANN202
+        seen["training"] = set(self.offloader.resident)
+        return original(self, samples, signal, epoch)
+
+    monkeypatch.setattr(Trainer, "train_on", spy)
+    trainer = Trainer(_config(tiny_preset, "memory.offload=true"), tmp_path / "on")
+    trainer.fit()
+    assert seen["training"] == {"unet"}
+    trainer = Trainer(_config(tiny_preset, "memory.offload=false"), tmp_path / "off")
+    trainer.fit()
+    assert seen["training"] == {"unet", "text_encoder", "vae"}
+
+
+def test_offloader_brings_a_module_in_only_for_its_phase():
+    from lowvram_ddpo.offload import Offloader
+
+    moves: list[str] = []
+
+    class Recorder(torch.nn.Module):
+        def to(self, device):  # noqa: ANN001, ANN202
+            moves.append(str(device))
+            return self
+
+    offloader = Offloader(torch.device("cuda"), enabled=True)
+    offloader.register("vae", Recorder())
+    assert moves == ["cpu"] and offloader.resident == set()
+    with offloader.loaded("vae"):
+        assert offloader.resident == {"vae"} and moves[-1] == "cuda"
+    assert moves[-1] == "cpu" and offloader.resident == set()
+
+
+def test_8_bit_adam_falls_back_with_a_notice_without_cuda(capsys):
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    optimizer, kind = build_optimizer(params, TrainConfig(), "adamw8bit")
+    assert kind == "adamw" and isinstance(optimizer, torch.optim.AdamW)
+    assert "8-bit AdamW needs bitsandbytes" in capsys.readouterr().out
+    _, kind = build_optimizer(params, TrainConfig(), "adamw")
+    assert kind == "adamw" and capsys.readouterr().out == ""
+
+
+def test_8_bit_adam_is_used_when_bitsandbytes_can_run(monkeypatch):
+    made = {}
+
+    class FakeAdamW8bit(torch.optim.AdamW):
+        def __init__(self, params, **options):  # noqa: ANN001, ANN003
+            made.update(options)
+            super().__init__(params, **options)
+
+    fake = types.ModuleType("bitsandbytes")
+    fake.optim = types.SimpleNamespace(AdamW8bit=FakeAdamW8bit)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    monkeypatch.setattr("lowvram_ddpo.optimizers.bitsandbytes_usable", lambda: True)
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    optimizer, kind = build_optimizer(params, TrainConfig(), "adamw8bit")
+    assert kind == "adamw8bit" and isinstance(optimizer, FakeAdamW8bit)
+    assert made["lr"] == TrainConfig().learning_rate
+
+
+def test_quantised_base_without_cuda_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(UserError, match="memory.quantize=nf4 needs a CUDA GPU and bitsandbytes"):
+        load_pipeline(str(tiny_model_dir), quantize="nf4")
+
+
+def test_xformers_missing_is_a_clear_error(tiny_pipeline):
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="lowvram-ddpo\\[xformers\\]"):
+            use_attention(tiny_pipeline.unet, "xformers")
+    else:  # pragma: no cover
+        pytest.skip("xformers is installed here")
+    use_attention(tiny_pipeline.unet, "sdpa")  # the default needs nothing
+
+
+def test_out_of_memory_says_what_to_change_and_keeps_the_checkpoint(
+    tiny_preset, tmp_path, monkeypatch
+):
+    original = Trainer.train_on
+
+    def run_out_at_epoch_1(self, samples, signal, epoch):  # noqa: ANN001, ANN202
+        if epoch == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, samples, signal, epoch)
+
+    monkeypatch.setattr(Trainer, "train_on", run_out_at_epoch_1)
+    run_dir = tmp_path / "run"
+    args = ["train", "--preset", str(tiny_preset), "--output", str(run_dir), "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "out of GPU memory while training in epoch 1" in result.output
+    assert "checkpoint epoch-0001 is kept" in result.output
+    assert f"--resume {run_dir} --vram" in result.output
+    assert "Traceback" not in result.output
+    assert json.loads((run_dir / "latest.json").read_text())["epochs_done"] == 1
+
+    monkeypatch.setattr(Trainer, "train_on", original)
+    result = CliRunner().invoke(
+        app, ["train", "--resume", str(run_dir), "--set", "train.batch_size=4", "--no-progress"]
+    )
+    assert result.exit_code == 2 and "cannot change a run being resumed" in result.output
+    result = CliRunner().invoke(
+        app,
+        ["train", "--resume", str(run_dir), "--set", "memory.offload=false", "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").open()]
+    assert epochs == [0, 1]
