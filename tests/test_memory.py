@@ -6,6 +6,7 @@ memory); each estimate runs a real forward and backward in about a second.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -104,9 +105,10 @@ def test_offload_keeps_text_encoder_and_vae_off_the_card_while_training(sd15_run
     assert "text encoder" in offloaded.phase("encode").held
     assert "vae" in offloaded.phase("decode").held
     gap = resident.phase("training").peak_allocated - offloaded.phase("training").peak_allocated
-    assert gap == resident.phase("training").held["text encoder"] + resident.phase(
-        "training"
-    ).held["vae"]
+    assert (
+        gap
+        == resident.phase("training").held["text encoder"] + resident.phase("training").held["vae"]
+    )
 
 
 def test_a_4_bit_base_shrinks_the_resident_unet(sd15_run):
@@ -208,3 +210,39 @@ def test_bench_memory_unknown_arch_is_one_line():
     )
     assert result.exit_code == 2
     assert "error:" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_meta_estimate_matches_a_real_run_with_fused_attention(checkpointing):
+    """The same UNet forward and backward, counted on the meta device with the emulation
+    and on real CPU tensors (whose SDPA is a fused flash kernel too), peak within 10%."""
+    from diffusers import UNet2DConditionModel
+
+    from lowvram_ddpo.memory.counting import emulated_checkpoint
+
+    config = dict(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    peaks = {}
+    for device in ("cpu", "meta"):
+        torch.manual_seed(0)
+        with torch.device(device):
+            unet = UNet2DConditionModel(**config)
+            x, text = torch.randn(4, 4, 32, 32), torch.randn(4, 7, 32)
+        emulation = GpuKernelEmulation(None) if device == "meta" else contextlib.nullcontext()
+        if checkpointing:  # the real run uses diffusers' own checkpointing
+            unet.enable_gradient_checkpointing(
+                emulated_checkpoint(None) if device == "meta" else None
+            )
+        with emulation, DeviceBytesCounter(include_cpu=True) as counter:
+            out = unet(x, torch.full((4,), 500, device=device), encoder_hidden_states=text)
+            torch.autograd.backward(out.sample.square().mean())
+        peaks[device] = counter.peak
+    assert abs(peaks["meta"] / peaks["cpu"] - 1) < 0.10, peaks

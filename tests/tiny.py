@@ -7,8 +7,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from lowvram_ddpo.architectures import SD_SCHEDULER
 from lowvram_ddpo.pocket.tokenizer import build_tokenizer
-from lowvram_ddpo.pocket.train import SCHEDULER
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
@@ -85,7 +85,7 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = DDIMScheduler(**SCHEDULER)  # Stable Diffusion's noise schedule
+    scheduler = DDIMScheduler(**SD_SCHEDULER)  # Stable Diffusion's noise schedule
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -20,10 +20,12 @@ Two things the meta device does differently from a GPU are modelled by
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
@@ -37,17 +39,20 @@ class DeviceBytesCounter(TorchDispatchMode):
     them itself, so that it can say where they live in each phase.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, include_cpu: bool = False) -> None:
         super().__init__()
+        self.include_cpu = include_cpu
+        """Count CPU tensors too (to check the meta estimate against a real CPU run)."""
         self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.live = 0
         self.peak = 0
 
-    def _count(self, tensor: torch.Tensor) -> None:
-        if tensor.device.type == "cpu":
+    def _count(self, tensor: torch.Tensor, inputs: set[int]) -> None:
+        if tensor.device.type == "cpu" and not self.include_cpu:
             return
         storage = tensor.untyped_storage()
-        if storage in self._seen:
+        # a view of an input (``weight.t()``, ``x.view(...)``) allocates nothing
+        if storage._cdata in inputs or storage in self._seen:
             return
         size = storage.nbytes()
         self._seen[storage] = size
@@ -59,10 +64,16 @@ class DeviceBytesCounter(TorchDispatchMode):
         self.live -= size
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        inputs = {
+            t.untyped_storage()._cdata
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        out = func(*args, **kwargs)
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
-                self._count(leaf)
+                self._count(leaf, inputs)
         return out
 
 
@@ -130,3 +141,18 @@ class GpuKernelEmulation(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             return fused_attention(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def emulated_checkpoint(autocast_dtype: torch.dtype | None) -> Callable[..., Any]:
+    """A ``gradient_checkpointing_func`` for diffusers models that keeps the emulation on
+    during the recomputation too (the autograd engine recomputes outside the mode the
+    forward ran under)."""
+
+    def checkpoint(module: torch.nn.Module, *args: Any) -> Any:  # noqa: ANN401
+        def run(*inputs: Any) -> Any:  # noqa: ANN401
+            with GpuKernelEmulation(autocast_dtype):
+                return module(*inputs)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    return checkpoint

@@ -19,7 +19,11 @@ from torch import nn
 from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss, reward_weighted_loss
 from lowvram_ddpo.architectures import Components, build_components
 from lowvram_ddpo.config import Config
-from lowvram_ddpo.memory.counting import DeviceBytesCounter, GpuKernelEmulation
+from lowvram_ddpo.memory.counting import (
+    DeviceBytesCounter,
+    GpuKernelEmulation,
+    emulated_checkpoint,
+)
 from lowvram_ddpo.memory.report import MemoryReport, PhaseMemory
 from lowvram_ddpo.models import DTYPES, attach_lora
 from lowvram_ddpo.policy import Conditioning, DDIMPolicy
@@ -116,16 +120,6 @@ class MetaRun:
             del result
         return counter.peak
 
-    def _checkpoint(self, module: nn.Module, *args: object) -> object:
-        """diffusers' checkpointing call, with the GPU emulation on during the recomputation
-        too (the autograd engine recomputes outside the mode the forward ran under)."""
-
-        def run(*inputs: object) -> object:
-            with GpuKernelEmulation(self.autocast_dtype):
-                return module(*inputs)
-
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
-
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         scale = 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
         return (self.parts.unet.config.in_channels, resolution // scale, resolution // scale)
@@ -176,7 +170,7 @@ class MetaRun:
             return self._peaks[key]
         cfg, unet = self.config, self.parts.unet
         if checkpointing:
-            unet.enable_gradient_checkpointing(self._checkpoint)
+            unet.enable_gradient_checkpointing(emulated_checkpoint(self.autocast_dtype))
         else:
             unet.disable_gradient_checkpointing()
         unet.train()

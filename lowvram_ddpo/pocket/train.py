@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from lowvram_ddpo.architectures import SD_SCHEDULER
 from lowvram_ddpo.models import load_pipeline
 from lowvram_ddpo.pocket import world
 from lowvram_ddpo.pocket.classifier import (
@@ -37,17 +38,6 @@ from lowvram_ddpo.pocket.classifier import (
     save_classifier,
 )
 from lowvram_ddpo.pocket.tokenizer import MAX_LENGTH, build_tokenizer
-
-SCHEDULER = dict(  # Stable Diffusion's noise schedule
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
 
 
 def to_tensor(images: np.ndarray) -> Tensor:
@@ -192,7 +182,7 @@ def train_denoiser(
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer), tokenizer)
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
-    scheduler = DDIMScheduler(**SCHEDULER)
+    scheduler = DDIMScheduler(**SD_SCHEDULER)
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
     ids = tokenizer(
@@ -208,7 +198,7 @@ def train_denoiser(
         token_rows = torch.where(drop, torch.full_like(pick, empty), pick)
         x0 = latents[pick]
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, SCHEDULER["num_train_timesteps"], (batch,), generator=generator)
+        t = torch.randint(0, SD_SCHEDULER["num_train_timesteps"], (batch,), generator=generator)
         embeds = text_encoder(ids[token_rows])[0]
         prediction = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=embeds)
         loss = F.mse_loss(prediction.sample, noise)
@@ -291,7 +281,7 @@ def main() -> None:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler(**SCHEDULER),
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
