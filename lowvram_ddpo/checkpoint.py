@@ -30,11 +30,14 @@ from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.models import (
     LORA_WEIGHTS_NAME,
     adapter_state_dict,
+    has_lora,
     load_adapter_state_dict,
     save_lora_for_diffusers,
 )
 
 ADAPTER_FILE = "adapter_model.safetensors"
+FULL_UNET_DIR = "unet"
+"""Full fine-tuning (``model.lora_rank = 0``) saves the whole UNet as a diffusers folder."""
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest.json"
@@ -54,7 +57,17 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy a file or a folder into place by renaming, so ``dst`` is never half written."""
     tmp = dst.with_name(f".{dst.name}.tmp")
+    if src.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        old = dst.with_name(f".{dst.name}.old")
+        if dst.exists():
+            os.replace(dst, old)  # a folder cannot be replaced in one step: keep it until done
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+        return
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
 
@@ -88,8 +101,13 @@ def save_checkpoint(
     tmp, final = root / f".tmp-{name}", root / name
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(adapter_state_dict(unet), tmp / ADAPTER_FILE)
-    save_lora_for_diffusers(unet, tmp)
+    if has_lora(unet):
+        save_file(adapter_state_dict(unet), tmp / ADAPTER_FILE)
+        save_lora_for_diffusers(unet, tmp)
+        export = LORA_WEIGHTS_NAME
+    else:
+        unet.save_pretrained(tmp / FULL_UNET_DIR)
+        export = FULL_UNET_DIR
     torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states()}, tmp / OPTIMIZER_FILE)
     state = {"epochs_done": epochs_done, "stat_tracker": stat_tracker}
     (tmp / STATE_FILE).write_text(json.dumps(state))
@@ -97,7 +115,7 @@ def save_checkpoint(
     os.replace(tmp, final)
     latest = {"checkpoint": f"checkpoints/{name}", "epochs_done": epochs_done}
     write_text_atomic(run_dir / LATEST_FILE, json.dumps(latest))
-    _copy_atomic(final / LORA_WEIGHTS_NAME, run_dir / LORA_WEIGHTS_NAME)
+    _copy_atomic(final / export, run_dir / export)
     _prune(root, keep)
     return final
 
@@ -124,7 +142,11 @@ def load_checkpoint(
     folder: Path, unet: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> TrainerState:
     """Load adapter and optimiser in place; return the rest of the trainer's state."""
-    load_adapter_state_dict(unet, load_file(folder / ADAPTER_FILE))
+    if (folder / ADAPTER_FILE).is_file():
+        load_adapter_state_dict(unet, load_file(folder / ADAPTER_FILE))
+    else:
+        weights = folder / FULL_UNET_DIR / "diffusion_pytorch_model.safetensors"
+        unet.load_state_dict(load_file(weights))
     blob = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     state = json.loads((folder / STATE_FILE).read_text())

@@ -288,9 +288,9 @@ def bench_memory(
         import torch
 
         if torch.cuda.is_available() and not estimate:
-            from lowvram_ddpo.memory.measure import measure_on_cuda
+            from lowvram_ddpo.memory.measure import measure_run
 
-            report = measure_on_cuda(config, arch)
+            report = measure_run(config, arch)
         else:
             from lowvram_ddpo.memory.estimate import estimate_memory
 

@@ -124,6 +124,21 @@ def load_pipeline(
         ) from None
 
 
+def make_trainable(
+    unet: UNet2DConditionModel, rank: int, alpha: float, targets: list[str]
+) -> list[torch.nn.Parameter]:
+    """The parameters to train, in fp32: a LoRA adapter's (``rank`` >= 1) or, with
+    ``rank`` 0, every UNet weight (full fine-tuning; autocast still runs in fp16/bf16)."""
+    if rank == 0:
+        unet.to(torch.float32).requires_grad_(True)
+        return list(unet.parameters())
+    return attach_lora(unet, rank, alpha, targets)
+
+
+def has_lora(unet: torch.nn.Module) -> bool:
+    return bool(getattr(unet, "peft_config", None))
+
+
 def attach_lora(
     unet: UNet2DConditionModel,
     rank: int,

@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image
 
+from lowvram_ddpo.checkpoint import FULL_UNET_DIR
 from lowvram_ddpo.config import ModelConfig, SampleConfig, load_config_file
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
@@ -56,15 +58,18 @@ class SampleResult:
 
 
 def _lora_location(lora: str) -> tuple[Path, str]:
-    """(folder, weight file name) that ``load_lora_weights`` takes."""
+    """(folder, weight file name) that ``load_lora_weights`` takes; for a fully fine-tuned
+    run, (its ``unet`` folder, "")."""
     path = Path(lora).expanduser()
     if path.is_file():
         return path.parent, path.name
     if (path / LORA_WEIGHTS_NAME).is_file():
         return path, LORA_WEIGHTS_NAME
+    if (path / FULL_UNET_DIR / "config.json").is_file():
+        return path / FULL_UNET_DIR, ""
     raise UserError(
         f"no LoRA at '{lora}': give a run folder, a checkpoint folder or a .safetensors file "
-        f"(looked for {path / LORA_WEIGHTS_NAME})"
+        f"(looked for {path / LORA_WEIGHTS_NAME} and {path / FULL_UNET_DIR})"
     )
 
 
@@ -118,8 +123,13 @@ def render_comparison(request: SampleRequest) -> SampleResult:
 
     panels = {"base": images()}
     if location is not None:
-        pipe.load_lora_weights(str(location[0]), weight_name=location[1])
-        panels[f"LoRA {Path(request.lora).name}"] = images()
+        folder, weight_name = location
+        if weight_name:
+            pipe.load_lora_weights(str(folder), weight_name=weight_name)
+            panels[f"LoRA {Path(request.lora).name}"] = images()
+        else:
+            pipe.unet = UNet2DConditionModel.from_pretrained(folder, dtype=dtype).to(device)
+            panels[f"fine-tuned {Path(request.lora).name}"] = images()
     scores = {}
     if request.reward:
         reward = build_reward(request.reward)

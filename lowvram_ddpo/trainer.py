@@ -37,7 +37,7 @@ from lowvram_ddpo.config import Config, dump_toml
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.memory.meter import PhaseMeter
-from lowvram_ddpo.models import DTYPES, attach_lora, load_pipeline, use_attention
+from lowvram_ddpo.models import DTYPES, has_lora, load_pipeline, make_trainable, use_attention
 from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.optimizers import build_optimizer
 from lowvram_ddpo.policy import DDIMPolicy
@@ -90,11 +90,6 @@ class Trainer:
         torch.backends.cuda.matmul.allow_tf32 = cfg.model.allow_tf32
         set_seed(cfg.run.seed)
         m = cfg.memory
-        if cfg.model.lora_rank == 0:
-            raise UserError(
-                "full fine-tuning (model.lora_rank=0) can be sized with `lowvram-ddpo bench "
-                "memory` but training it is not implemented yet: use a LoRA rank >= 1"
-            )
         self.pipe = self.pipeline or load_pipeline(
             cfg.model.name, DTYPES[precision], cfg.model.revision, quantize=m.quantize
         )
@@ -108,7 +103,7 @@ class Trainer:
         self.offloader.register("text_encoder", self.pipe.text_encoder)
         self.offloader.register("vae", self.pipe.vae)
         use_attention(self.pipe.unet, m.attention)
-        self.params = attach_lora(
+        self.params = make_trainable(
             self.pipe.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets
         )
         if m.gradient_checkpointing:
@@ -172,6 +167,7 @@ class Trainer:
             **train_metrics,
             **seconds,
             "seconds_training": time.perf_counter() - started,
+            **self.meter.peaks(),
         }
 
     def out_of_memory_message(self, epoch: int) -> str:
@@ -374,6 +370,11 @@ class Trainer:
                 f"  clipfrac {metrics['clipfrac']:.3f}  time sample/reward/train "
                 f"{metrics['seconds_sampling']:.1f}/{metrics['seconds_reward']:.1f}/"
                 f"{metrics['seconds_training']:.1f}s"
+                + (
+                    f"  peak {metrics['peak_reserved_bytes'] / 2**30:.2f} GB"
+                    if self.meter.cuda
+                    else ""
+                )
             )
             if done % cfg.run.checkpoint_every == 0 or done == cfg.run.epochs:
                 save_checkpoint(
@@ -416,7 +417,7 @@ class Trainer:
                 )
 
         panels = {}
-        if before_after:
+        if before_after and has_lora(unet):  # full fine-tuning: epoch-0000.png is the "before"
             unet.disable_adapters()
             panels["base"] = images()
             unet.enable_adapters()

@@ -246,3 +246,18 @@ def test_meta_estimate_matches_a_real_run_with_fused_attention(checkpointing):
             torch.autograd.backward(out.sample.square().mean())
         peaks[device] = counter.peak
     assert abs(peaks["meta"] / peaks["cpu"] - 1) < 0.10, peaks
+
+
+def test_the_measured_path_runs_one_short_epoch_of_the_trainer():
+    """What `bench memory` does on a GPU, run here on the CPU with the pocket architecture
+    (random weights): one sampling batch, every sample trained, seconds per phase."""
+    from lowvram_ddpo.memory.measure import bench_config, measure_run
+
+    config = load_preset("pocket-incompressibility")
+    short = bench_config(config)
+    assert short.run.epochs == 1 and short.sample.batches_per_epoch == 1
+    assert short.train.batch_size * short.train.gradient_accumulation_steps == 16
+    report = measure_run(config, "pocket")
+    assert report.method == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert [p.name for p in report.phases] == ["sampling", "reward", "training"]
+    assert all(p.seconds and p.seconds > 0 for p in report.phases)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from lowvram_ddpo.config import apply_overrides, load_preset, validate
@@ -166,3 +166,42 @@ def test_resume_after_a_kill_repeats_no_epoch_and_loses_none(tiny_preset, tmp_pa
     killed_state, straight_state = load_file(killed / final), load_file(straight / final)
     for key, value in straight_state.items():
         assert torch.allclose(killed_state[key], value, atol=1e-6), key
+
+
+def test_full_fine_tuning_trains_every_weight_resumes_and_samples(
+    tiny_preset, tiny_model_dir, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from lowvram_ddpo.cli import app
+
+    run_dir = tmp_path / "full"
+    train(_config(tiny_preset, "model.lora_rank=0", "run.epochs=1"), run_dir)
+    base = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").state_dict()
+    tuned = UNet2DConditionModel.from_pretrained(run_dir / "unet").state_dict()
+    changed = {name for name, value in tuned.items() if not torch.equal(value, base[name])}
+    assert "conv_in.weight" in changed  # not an attention projection: no LoRA here
+    assert any("resnets" in name for name in changed)
+    assert not list(run_dir.glob("*.safetensors"))  # no LoRA file pretending to be one
+
+    resumed = train(_config(tiny_preset, "model.lora_rank=0", "run.epochs=2"), run_dir, True)
+    assert [m["epoch"] for m in resumed] == [1]
+    assert (run_dir / "checkpoints/epoch-0002/unet/config.json").is_file()
+
+    grid = tmp_path / "grid.png"
+    result = CliRunner().invoke(
+        app,
+        [
+            "sample",
+            "--lora",
+            str(run_dir),
+            "--prompts",
+            "a cat",
+            "--seeds",
+            "0",
+            "--grid",
+            str(grid),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert grid.is_file()

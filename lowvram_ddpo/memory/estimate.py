@@ -25,7 +25,7 @@ from lowvram_ddpo.memory.counting import (
     emulated_checkpoint,
 )
 from lowvram_ddpo.memory.report import MemoryReport, PhaseMemory
-from lowvram_ddpo.models import DTYPES, attach_lora
+from lowvram_ddpo.models import DTYPES, make_trainable
 from lowvram_ddpo.policy import Conditioning, DDIMPolicy
 from lowvram_ddpo.rollout import Trajectories
 
@@ -96,10 +96,8 @@ class MetaRun:
         self.dtype = DTYPES[cfg.model.mixed_precision]
         self.parts = build_components(self.arch, "meta", self.dtype)
         unet = self.parts.unet
-        if cfg.model.lora_rank > 0:
-            attach_lora(unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
-        else:  # full fine-tuning: fp32 master weights, autocast runs the matmuls in fp16
-            unet.float().requires_grad_(True)
+        # full fine-tuning (rank 0): fp32 master weights, autocast runs the matmuls in fp16
+        make_trainable(unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
         self.policy = DDIMPolicy(self.parts.scheduler_config, cfg.sample.num_steps, cfg.sample.eta)
 
     @property

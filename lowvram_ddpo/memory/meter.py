@@ -34,3 +34,10 @@ class PhaseMeter:
         if self.cuda:
             record.peak_reserved = max(record.peak_reserved, torch.cuda.max_memory_reserved())
             record.peak_allocated = max(record.peak_allocated, torch.cuda.max_memory_allocated())
+
+    def peaks(self) -> dict[str, int]:
+        """The run's peak reserved bytes so far, per phase and overall (CUDA only)."""
+        if not self.cuda or not self.phases:
+            return {}
+        per_phase = {f"peak_reserved_bytes_{p.name}": p.peak_reserved for p in self.phases.values()}
+        return {"peak_reserved_bytes": max(per_phase.values()), **per_phase}
