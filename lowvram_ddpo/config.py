@@ -103,6 +103,30 @@ class TrainConfig:
 @dataclass
 class RewardConfig:
     name: str = "jpeg_incompressibility"
+    batch_size: int = 8
+    """Images scored together by a reward model (aesthetic, alignment)."""
+    clip_model: str = "openai/clip-vit-large-patch14"
+    """aesthetic: the CLIP model whose vision tower embeds the images (hub id or folder)."""
+    head_weights: str = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
+    """aesthetic: LAION's linear head (.pth state dict or .safetensors): a local file or
+    a hub file as "org/repo/path/in/repo"."""
+    captioner: str = "http"
+    """prompt_alignment: "http" (an OpenAI-compatible chat-completions server) or "local"
+    (a transformers vision-language model loaded for the reward phase)."""
+    captioner_url: str = "http://127.0.0.1:8000/v1"
+    captioner_model: str = "HuggingFaceTB/SmolVLM-256M-Instruct"
+    """The VLM: a hub id or folder (local), or the model name the server expects (http)."""
+    captioner_4bit: bool = False
+    """local captioner in 4-bit (bitsandbytes, CUDA)."""
+    captioner_timeout: float = 60.0
+    captioner_retries: int = 3
+    captioner_parallel: int = 8
+    captioner_api_key: str = ""
+    question: str = "Answer concisely: what is going on in this image?"
+    reference_template: str = "The image contains {prompt}"
+    """BERTScore's reference sentence; {prompt} is replaced by the image's prompt."""
+    bertscore_model: str = "roberta-large"
+    bertscore_layer: int = 17
 
 
 @dataclass
@@ -372,6 +396,15 @@ def validate(config: Config) -> None:
             "train.learning_rate must be a positive number",
         ),
         (0 <= t.sparse_rwr_percentile < 100, "train.sparse_rwr_percentile must be in [0, 100)"),
+        (config.reward.batch_size >= 1, "reward.batch_size must be at least 1"),
+        (
+            config.reward.captioner in ("http", "local"),
+            "reward.captioner must be http or local",
+        ),
+        (
+            "{prompt}" in config.reward.reference_template,
+            "reward.reference_template must contain {prompt}",
+        ),
         (config.run.epochs >= 0, "run.epochs must be >= 0"),
         (
             config.stats.buffer_size >= 1 and config.stats.min_count >= 1,

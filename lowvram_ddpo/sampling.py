@@ -16,7 +16,7 @@ from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.models import DTYPES, LORA_WEIGHTS_NAME, load_pipeline
 from lowvram_ddpo.policy import DDIMPolicy
-from lowvram_ddpo.rewards import build_reward, check_rewards
+from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards
 from lowvram_ddpo.rollout import encode_prompts, render
 
 DEFAULT_MODEL = ModelConfig().name
@@ -132,7 +132,9 @@ def render_comparison(request: SampleRequest) -> SampleResult:
             panels[f"fine-tuned {Path(request.lora).name}"] = images()
     scores = {}
     if request.reward:
-        reward = build_reward(request.reward)
+        reward = build_reward(request.reward, run.reward if run else None, dtype)
+        if isinstance(reward, ModelReward):
+            reward.module.to(device)
         for name, panel in panels.items():
             flat = panel.flatten(0, 1)
             prompts = [p for p in request.prompts for _ in request.seeds]

@@ -42,7 +42,7 @@ from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.optimizers import build_optimizer
 from lowvram_ddpo.policy import DDIMPolicy
 from lowvram_ddpo.prompts import load_prompts
-from lowvram_ddpo.rewards import build_reward, check_rewards
+from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards
 from lowvram_ddpo.rollout import Trajectories, encode_prompts, render, sample_trajectories
 
 
@@ -111,7 +111,9 @@ class Trainer:
         optimizer, self.optimizer_kind = build_optimizer(self.params, cfg.train, m.optimizer)
         self.unet, self.optimizer = acc.prepare(self.pipe.unet, optimizer)
         self.policy = DDIMPolicy(self.pipe.scheduler.config, cfg.sample.num_steps, cfg.sample.eta)
-        self.reward_fn = build_reward(cfg.reward.name)
+        self.reward_fn = build_reward(cfg.reward.name, cfg.reward, DTYPES[precision])
+        if isinstance(self.reward_fn, ModelReward):  # on the GPU only while scoring
+            self.offloader.register("reward", self.reward_fn.module)
         self.tracker = PerPromptStatTracker(
             cfg.stats.buffer_size, cfg.stats.min_count, cfg.stats.per_prompt
         )
@@ -168,6 +170,7 @@ class Trainer:
             **seconds,
             "seconds_training": time.perf_counter() - started,
             **self.meter.peaks(),
+            **(self.reward_fn.extra_metrics() if isinstance(self.reward_fn, ModelReward) else {}),
         }
 
     def out_of_memory_message(self, epoch: int) -> str:
@@ -256,7 +259,11 @@ class Trainer:
         return Trajectories.cat(batches), torch.cat(rewards), seconds
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        rewards = self.reward_fn(images, prompts)
+        if isinstance(self.reward_fn, ModelReward):
+            with self.offloader.loaded("reward"), self.accelerator.autocast():
+                rewards = self.reward_fn(images, prompts)
+        else:
+            rewards = self.reward_fn(images, prompts)
         return check_rewards(rewards, len(prompts), self.config.reward.name)
 
     def advantages(

@@ -131,6 +131,13 @@ def test_8_bit_adam_state_is_a_quarter_for_full_fine_tuning():
     assert small < adam / 3.5
 
 
+def test_the_aesthetic_scorer_is_on_the_card_only_while_scoring():
+    report = estimate_memory(load_preset("aesthetic"), "sd15")
+    scorer = report.phase("reward").held["reward model"]
+    assert 0.55 * GB < scorer < 0.6 * GB  # ViT-L/14 vision tower, 304 M params in fp16
+    assert all("reward model" not in report.phase(p).held for p in ("sampling", "training"))
+
+
 # ---------------------------------------------------------------- budgets
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss, reward_weighted_loss
 from lowvram_ddpo.architectures import Components, build_components
@@ -27,6 +27,7 @@ from lowvram_ddpo.memory.counting import (
 from lowvram_ddpo.memory.report import MemoryReport, PhaseMemory
 from lowvram_ddpo.models import DTYPES, make_trainable
 from lowvram_ddpo.policy import Conditioning, DDIMPolicy
+from lowvram_ddpo.rewards import ModelReward, reward_on_meta
 from lowvram_ddpo.rollout import Trajectories
 
 RESERVED_OVER_ALLOCATED = 1.10
@@ -155,6 +156,25 @@ class MetaRun:
         with torch.no_grad():
             return self.measure(("sampling", batch), step)
 
+    def reward_model(self) -> ModelReward | None:
+        if not hasattr(self, "_reward"):
+            self._reward = reward_on_meta(self.config.reward, self.dtype)
+        return self._reward
+
+    def score_rewards(self, batch: int) -> int:
+        """One scoring micro-batch of decoded images (0 for rewards without a network)."""
+        reward = self.reward_model()
+        if reward is None:
+            return 0
+        size = self.config.sample.resolution
+        prompts = [""] * batch
+
+        def work() -> Tensor:
+            return reward.score(torch.empty(batch, 3, size, size, device="meta"), prompts)
+
+        with torch.no_grad():
+            return self.measure(("reward", batch), work)
+
     def decode_one(self) -> int:
         vae = self.parts.vae
         z = torch.empty(1, *self.latent_shape(self.config.sample.resolution), device="meta")
@@ -242,6 +262,9 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     for_phase = {"text encoder": module_bytes(text), "vae": module_bytes(vae)}
     if not m.offload:
         resident |= for_phase
+        reward_model = run.reward_model()
+        if reward_model is not None:
+            resident["reward model"] = module_bytes(reward_model.module)
 
     def phase(
         name: str, peak: int, loaded: dict[str, int] | None = None, also: dict | None = None
@@ -255,13 +278,16 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     encode_peak = run.encode_prompts(s.batch_size)
     step_peak = run.denoising_step(s.batch_size * (2 if guided else 1))
     decode_peak = run.decode_one()
+    reward_peak = run.score_rewards(config.reward.batch_size)
+    reward_model = run.reward_model()
+    scorer = {} if reward_model is None else {"reward model": module_bytes(reward_model.module)}
     train_peak = run.training_micro_step(config.train.batch_size, m.gradient_checkpointing)
     grads = {"gradients": sum(p.nbytes for p in params)}
     phases = [
         phase("encode", encode_peak, {"text encoder": for_phase["text encoder"]}),
         phase("sampling", step_peak + dequantised),
         phase("decode", decode_peak, {"vae": for_phase["vae"]}),
-        phase("reward", 0),
+        phase("reward", reward_peak, loaded=scorer),
         phase("training", train_peak + dequantised, also=grads),
     ]
     return MemoryReport(method="estimate", arch=arch, settings=settings_of(config), phases=phases)

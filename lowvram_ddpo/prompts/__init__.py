@@ -14,6 +14,9 @@ _DATA = Path(__file__).parent
 BUILTIN_SETS = {
     "imagenet_animals": "imagenet_animals.txt",  # ImageNet-1k classes 0-397
     "simple_animals": "simple_animals.txt",  # the 45 animals of the aesthetic task
+    "nouns_activities": "nouns_activities.txt",  # those 45 x 3 activities (prompt alignment)
+    # evaluation only: 10 animals and 3 activities the alignment task never trains on
+    "nouns_activities_heldout": "nouns_activities_heldout.txt",
 }
 
 

@@ -1,12 +1,22 @@
 """Rewards: one file each, registered by name. Importing this package registers them all."""
 
-from lowvram_ddpo.rewards import jpeg  # noqa: F401  (registers the JPEG rewards)
+from lowvram_ddpo.rewards import aesthetic, alignment, jpeg  # noqa: F401  (registers them)
 from lowvram_ddpo.rewards.base import (
+    ModelReward,
     Reward,
     available_rewards,
     build_reward,
     check_rewards,
     register_reward,
+    reward_on_meta,
 )
 
-__all__ = ["Reward", "available_rewards", "build_reward", "check_rewards", "register_reward"]
+__all__ = [
+    "ModelReward",
+    "Reward",
+    "available_rewards",
+    "build_reward",
+    "check_rewards",
+    "register_reward",
+    "reward_on_meta",
+]

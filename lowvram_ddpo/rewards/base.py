@@ -2,17 +2,24 @@
 
 A reward maps a batch of images ([B, 3, H, W] floats in [0, 1], on the CPU) and
 their prompts to a [B] float tensor. A new reward is one file in this folder that
-decorates a factory with ``@register_reward("name")``.
+decorates a factory with ``@register_reward("name", "description")``; the factory
+is called with the run's ``RewardConfig`` and the dtype for any network it loads.
+
+Rewards computed by a network derive from ``ModelReward``: the trainer keeps their
+``module`` on the CPU and moves it to the GPU only while scoring (memory.offload),
+and the memory estimate builds the same network on the meta device (``on_meta``).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from lowvram_ddpo.config import RewardConfig
 from lowvram_ddpo.errors import UserError
 
 
@@ -20,13 +27,47 @@ class Reward(Protocol):
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor: ...
 
 
-_REGISTRY: dict[str, tuple[Callable[[], Reward], str]] = {}
+class ModelReward(ABC):
+    """A reward that runs a network, scored in micro-batches on the network's device."""
+
+    module: torch.nn.Module
+    """Every weight the reward needs (what offloading moves, what the estimate counts)."""
+    batch_size: int = 8
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @abstractmethod
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """[b] rewards of images already on ``device``; differentiable (no ``no_grad``)."""
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        scores = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size].to(self.device)
+            scores.append(self.score(chunk, prompts[start : start + self.batch_size]).float().cpu())
+        return torch.cat(scores)
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Per-epoch figures the reward wants logged beside the reward (e.g. BERTScore F1)."""
+        return {}
+
+    @classmethod
+    def on_meta(cls, config: RewardConfig, dtype: torch.dtype) -> ModelReward:
+        """The same reward with random weights on the meta device, for the memory estimate."""
+        raise NotImplementedError(f"{cls.__name__} has no memory estimate yet")
+
+
+Factory = Callable[[RewardConfig, torch.dtype], Reward]
+_REGISTRY: dict[str, tuple[Factory, str]] = {}
 
 
 def register_reward(name: str, description: str) -> Callable:
-    """Class or factory decorator: ``build_reward(name)`` calls it with no arguments."""
+    """Class or factory decorator: ``build_reward(name)`` calls it with (config, dtype)."""
 
-    def decorator(factory: Callable[[], Reward]) -> Callable[[], Reward]:
+    def decorator(factory: Factory) -> Factory:
         _REGISTRY[name] = (factory, description)
         return factory
 
@@ -37,10 +78,25 @@ def available_rewards() -> dict[str, str]:
     return {name: description for name, (_, description) in sorted(_REGISTRY.items())}
 
 
-def build_reward(name: str) -> Reward:
+def _factory(name: str) -> Factory:
     if name not in _REGISTRY:
         raise UserError(f"unknown reward '{name}': use one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name][0]()
+    return _REGISTRY[name][0]
+
+
+def build_reward(
+    name: str, config: RewardConfig | None = None, dtype: torch.dtype = torch.float32
+) -> Reward:
+    config = config if config is not None and config.name == name else RewardConfig(name=name)
+    return _factory(name)(config, dtype)
+
+
+def reward_on_meta(config: RewardConfig, dtype: torch.dtype) -> ModelReward | None:
+    """The reward's network on the meta device; None for rewards that use no network."""
+    factory = _factory(config.name)
+    if isinstance(factory, type) and issubclass(factory, ModelReward):
+        return factory.on_meta(config, dtype)
+    return None
 
 
 def check_rewards(rewards: Tensor, batch_size: int, name: str) -> Tensor:

@@ -27,13 +27,20 @@ def jpeg_sizes(images: Tensor) -> Tensor:
     return torch.tensor([jpeg_size_kb(image) for image in images], dtype=torch.float32)
 
 
+class _JpegReward:
+    """CPU only, no network: the config and dtype are not needed."""
+
+    def __init__(self, config: object = None, dtype: object = None) -> None:
+        pass
+
+
 @register_reward("jpeg_incompressibility", "JPEG file size in kB (bigger is better)")
-class JpegIncompressibility:
+class JpegIncompressibility(_JpegReward):
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
         return jpeg_sizes(images)
 
 
 @register_reward("jpeg_compressibility", "minus the JPEG file size in kB (smaller files win)")
-class JpegCompressibility:
+class JpegCompressibility(_JpegReward):
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
         return -jpeg_sizes(images)

@@ -1,0 +1,172 @@
+"""The LAION aesthetic score (DDPO paper's aesthetic task).
+
+CLIP ViT-L/14's image embedding, L2-normalised, through LAION's "improved aesthetic
+predictor": an MLP 768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropouts and no
+nonlinearities. At inference it is one affine map, so it is folded into a single
+768 -> 1 layer. Only the vision tower is loaded (~304 M params, ~0.6 GB in fp16,
+not the whole CLIP), and images are preprocessed as tensors on the scorer's device
+(resize, centre crop, normalise), so the score stays differentiable.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from lowvram_ddpo.config import RewardConfig
+from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.rewards.base import ModelReward, register_reward
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+VIT_L_14 = dict(  # openai/clip-vit-large-patch14's vision tower (its config.json)
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
+LAION_LINEAR_LAYERS = ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
+"""The Linear layers of LAION's MLP in its state dict (the odd indices are dropouts)."""
+
+
+def fold_linear_layers(state: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(weight [1, D], bias [1]) of the affine map the stacked Linear layers compute."""
+    if "weight" in state and "bias" in state:  # already folded
+        return state["weight"].float(), state["bias"].float()
+    missing = [f"{n}.weight" for n in LAION_LINEAR_LAYERS if f"{n}.weight" not in state]
+    if missing:
+        raise UserError(
+            f"the aesthetic head has no {missing[0]}: expected LAION's improved-aesthetic-"
+            "predictor state dict (layers.0/2/4/6/7)"
+        )
+    weight = bias = None
+    for name in LAION_LINEAR_LAYERS:
+        w, b = state[f"{name}.weight"].double(), state[f"{name}.bias"].double()
+        weight = w if weight is None else w @ weight
+        bias = b if bias is None else w @ bias + b
+    return weight.float(), bias.float()
+
+
+def _head_file(location: str) -> Path:
+    path = Path(location).expanduser()
+    if path.is_file():
+        return path
+    parts = location.split("/")
+    if len(parts) < 3 or location.startswith((".", "/", "~")):
+        raise UserError(
+            f"aesthetic head '{location}' not found: give a local .pth/.safetensors file or a "
+            'hub file as "org/repo/file.pth" (reward.head_weights)'
+        )
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+    except Exception as err:  # noqa: BLE001  (any hub failure gets the same advice)
+        raise UserError(
+            f"could not get the aesthetic head '{location}' ({type(err).__name__}); offline, "
+            "download it first and set reward.head_weights to the local file"
+        ) from None
+
+
+def load_head_state(location: str) -> dict[str, Tensor]:
+    """LAION's head weights from a .pth (read with weights_only=True) or .safetensors file."""
+    path = _head_file(location)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{path} holds more than tensors; it is not unpickled (weights_only): convert the "
+            "head to a plain state dict or .safetensors"
+        ) from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a state dict of tensors")
+    return state
+
+
+def load_clip_vision(name: str, dtype: torch.dtype) -> CLIPVisionModelWithProjection:
+    try:
+        return CLIPVisionModelWithProjection.from_pretrained(name, dtype=dtype)
+    except OSError as err:
+        raise UserError(
+            f"could not load the CLIP model '{name}' ({str(err).splitlines()[0]}); offline, "
+            f"download it first (`hf download {name}`) or set reward.clip_model to a folder"
+        ) from None
+
+
+class AestheticScorer(nn.Module):
+    """images [B, 3, H, W] in [0, 1] -> [B] aesthetic scores."""
+
+    def __init__(self, vision: CLIPVisionModelWithProjection, weight: Tensor, bias: Tensor):
+        super().__init__()
+        self.vision = vision.requires_grad_(False).eval()
+        self.head = nn.Linear(weight.shape[1], 1)
+        self.head.weight.data.copy_(weight)
+        self.head.bias.data.copy_(bias)
+        self.head.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """CLIP's preprocessing on tensors: shorter side to the model's size (bicubic,
+        antialiased), centre crop, normalise."""
+        size = self.vision.config.image_size
+        height, width = images.shape[-2:]
+        scale = size / min(height, width)
+        new = (max(size, round(height * scale)), max(size, round(width * scale)))
+        x = F.interpolate(images.float(), size=new, mode="bicubic", antialias=True)
+        top, left = (new[0] - size) // 2, (new[1] - size) // 2
+        x = x[..., top : top + size, left : left + size]
+        return (x - self.mean.float()) / self.std.float()
+
+    def forward(self, images: Tensor) -> Tensor:
+        pixels = self.preprocess(images).to(self.vision.dtype)
+        embeds = self.vision(pixel_values=pixels).image_embeds.float()
+        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+        return F.linear(embeds, self.head.weight.float(), self.head.bias.float()).squeeze(-1)
+
+
+@register_reward("aesthetic", "LAION aesthetic score: CLIP ViT-L/14 + LAION's linear head (~1-10)")
+class AestheticReward(ModelReward):
+    def __init__(
+        self, config: RewardConfig, dtype: torch.dtype, scorer: AestheticScorer | None = None
+    ) -> None:
+        self.batch_size = config.batch_size
+        if scorer is None:
+            weight, bias = fold_linear_layers(load_head_state(config.head_weights))
+            scorer = AestheticScorer(load_clip_vision(config.clip_model, dtype), weight, bias)
+        self.module = scorer
+
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        return self.module(images)
+
+    @classmethod
+    def on_meta(cls, config: RewardConfig, dtype: torch.dtype) -> AestheticReward:
+        vision_config = (
+            CLIPVisionConfig(**VIT_L_14)
+            if config.clip_model == DEFAULT_CLIP
+            else CLIPVisionConfig.from_pretrained(config.clip_model)
+        )
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device("meta"):
+                vision = CLIPVisionModelWithProjection(vision_config)
+                weight, bias = torch.empty(1, vision_config.projection_dim), torch.empty(1)
+                scorer = AestheticScorer(vision, weight, bias)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        return cls(config, dtype, scorer)
