@@ -196,7 +196,13 @@ def train(
 
 @app.command()
 def sample(
-    prompts: Annotated[list[str], typer.Option("--prompts", help="A prompt (repeat the flag).")],
+    prompts: Annotated[
+        list[str] | None, typer.Option("--prompts", help="A prompt (repeat the flag).")
+    ] = None,
+    prompt_set: Annotated[
+        str,
+        typer.Option(help="Add a prompt set or file (e.g. nouns_activities_heldout)."),
+    ] = "",
     lora: Annotated[str, typer.Option(help="Run folder, checkpoint folder or LoRA file.")] = "",
     model: Annotated[str, typer.Option(help="Base model (default: the run's).")] = "",
     seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Seeds (repeat).")] = None,
@@ -215,11 +221,15 @@ def sample(
 ) -> None:
     """Render a grid (rows = prompts, columns = seeds): the base model and, with --lora, the
     fine-tuned one side by side."""
+    from lowvram_ddpo.prompts import load_prompts
     from lowvram_ddpo.sampling import SampleRequest, render_comparison
 
     with _user_errors():
+        every_prompt = list(prompts or []) + (load_prompts(prompt_set) if prompt_set else [])
+        if not every_prompt:
+            raise UserError("give prompts with --prompts (repeatable) or --prompt-set")
         request = SampleRequest(
-            prompts=prompts,
+            prompts=every_prompt,
             seeds=seeds or [0, 1, 2, 3],
             lora=lora,
             model=model,

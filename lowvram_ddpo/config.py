@@ -105,6 +105,10 @@ class RewardConfig:
     name: str = "jpeg_incompressibility"
     batch_size: int = 8
     """Images scored together by a reward model (aesthetic, alignment)."""
+    overlap: str = "auto"
+    """Score a batch in a worker thread while the next one samples: on, off, or auto
+    (on for CPU rewards such as JPEG; off for reward models, which would share the GPU
+    with sampling)."""
     clip_model: str = "openai/clip-vit-large-patch14"
     """aesthetic: the CLIP model whose vision tower embeds the images (hub id or folder)."""
     head_weights: str = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
@@ -135,6 +139,8 @@ class PromptConfig:
     """A built-in prompt set name or a text file of prompts, one per line."""
     prompts: list[str] = field(default_factory=list)
     """An explicit list; when not empty it replaces ``source``."""
+    eval_source: str = ""
+    """Prompts never trained on, scored every ``run.eval_every`` epochs (generalisation)."""
 
 
 @dataclass
@@ -157,6 +163,9 @@ class RunConfig:
     """Render the fixed grid every N epochs (0: only before and after training)."""
     grid_prompts: list[str] = field(default_factory=lambda: ["a cat", "a dog", "a fox"])
     grid_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    eval_every: int = 0
+    """Score the ``prompts.eval_source`` prompts every N epochs (0: never)."""
+    eval_seeds: list[int] = field(default_factory=lambda: [0])
     log_rollouts: bool = False
     """Write the gathered prompts, rewards and advantages of every epoch to rollouts/."""
     progress: bool = True
@@ -398,6 +407,10 @@ def validate(config: Config) -> None:
         (0 <= t.sparse_rwr_percentile < 100, "train.sparse_rwr_percentile must be in [0, 100)"),
         (config.reward.batch_size >= 1, "reward.batch_size must be at least 1"),
         (
+            config.reward.overlap in ("auto", "on", "off"),
+            "reward.overlap must be auto, on or off",
+        ),
+        (
             config.reward.captioner in ("http", "local"),
             "reward.captioner must be http or local",
         ),
@@ -406,6 +419,10 @@ def validate(config: Config) -> None:
             "reward.reference_template must contain {prompt}",
         ),
         (config.run.epochs >= 0, "run.epochs must be >= 0"),
+        (
+            config.run.eval_every == 0 or bool(config.prompts.eval_source),
+            "run.eval_every needs prompts.eval_source (a prompt set or file to evaluate on)",
+        ),
         (
             config.stats.buffer_size >= 1 and config.stats.min_count >= 1,
             "stats.buffer_size and stats.min_count must be at least 1",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,11 +155,14 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> dict:
         samples, rewards, seconds = self.sample_and_score(epoch)
+        reward_extras = self.reward_extras()
         advantages, gathered_rewards = self.advantages(samples.prompts, rewards, epoch)
         started = time.perf_counter()
         self.phase = "training"
         with self.meter.phase("training"):
             train_metrics = self.train_on(samples, advantages, epoch)
+        seconds["seconds_training"] = time.perf_counter() - started
+        evaluation = self.evaluate(epoch)
         return {
             "epoch": epoch,
             "reward_mean": gathered_rewards.mean().item(),
@@ -168,10 +172,43 @@ class Trainer:
             "samples": len(gathered_rewards),
             **train_metrics,
             **seconds,
-            "seconds_training": time.perf_counter() - started,
             **self.meter.peaks(),
-            **(self.reward_fn.extra_metrics() if isinstance(self.reward_fn, ModelReward) else {}),
+            **reward_extras,
+            **evaluation,
         }
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Mean reward on prompts never trained on (``prompts.eval_source``), main process."""
+        cfg = self.config
+        due = cfg.run.eval_every > 0 and (epoch + 1) % cfg.run.eval_every == 0
+        if not (due and self.is_main):
+            return {}
+        self.phase = "evaluating"
+        prompts = load_prompts(cfg.prompts.eval_source)
+        unet = self.accelerator.unwrap_model(self.unet)
+        unet.eval()
+        with self.accelerator.autocast():
+            images = render(
+                self.pipe,
+                unet,
+                self.policy,
+                prompts,
+                cfg.run.eval_seeds,
+                self.negative_embeds,
+                cfg.sample.guidance_scale,
+                cfg.sample.resolution,
+                offloader=self.offloader,
+            )
+        repeated = [p for p in prompts for _ in cfg.run.eval_seeds]
+        rewards = self.score(images.flatten(0, 1), repeated)
+        return {
+            "eval_reward_mean": rewards.mean().item(),
+            **{f"eval_{k}": v for k, v in self.reward_extras().items()},
+        }
+
+    def reward_extras(self) -> dict[str, float]:
+        """What the reward logs beside itself since the last call (BERTScore precision, F1)."""
+        return self.reward_fn.extra_metrics() if isinstance(self.reward_fn, ModelReward) else {}
 
     def out_of_memory_message(self, epoch: int) -> str:
         """What to change after a CUDA out-of-memory error; the last checkpoint is untouched
@@ -217,13 +254,14 @@ class Trainer:
     # ------------------------------------------------------------ phases
 
     def sample_and_score(self, epoch: int) -> tuple[Trajectories, torch.Tensor, dict]:
-        """Roll out this epoch's batches and score each one as soon as it is decoded (the
-        pixels are dropped once scored: only latents and log-probs are kept for training)."""
+        """Roll out this epoch's batches; each batch is scored while the next one samples
+        (``reward.overlap``), then its pixels are dropped: only latents and log-probs are
+        kept for training."""
         cfg, acc = self.config, self.accelerator
         generator = epoch_generator(cfg.run.seed, epoch, acc.process_index, SAMPLING_STREAM)
         unet = acc.unwrap_model(self.unet)
         unet.eval()
-        batches, rewards = [], []
+        batches, pending = [], []
         seconds = {"seconds_sampling": 0.0, "seconds_reward": 0.0}
         bar = tqdm(
             range(cfg.sample.batches_per_epoch),
@@ -231,32 +269,53 @@ class Trainer:
             leave=False,
             disable=not (cfg.run.progress and self.is_main),
         )
-        for _ in bar:
-            self.phase = "sampling"
-            started = time.perf_counter()
-            picks = torch.randint(len(self.prompts), (cfg.sample.batch_size,), generator=generator)
-            prompts = [self.prompts[i] for i in picks]
-            with self.meter.phase("sampling"), acc.autocast():
-                batch = sample_trajectories(
-                    self.pipe,
-                    unet,
-                    self.policy,
-                    prompts,
-                    self.negative_embeds,
-                    cfg.sample.guidance_scale,
-                    cfg.sample.resolution,
-                    generator,
-                    offloader=self.offloader,
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as scorer:
+            for _ in bar:
+                self.phase = "sampling"
+                started = time.perf_counter()
+                picks = torch.randint(
+                    len(self.prompts), (cfg.sample.batch_size,), generator=generator
                 )
-            sampled = time.perf_counter()
+                prompts = [self.prompts[i] for i in picks]
+                with self.meter.phase("sampling"), acc.autocast():
+                    batch = sample_trajectories(
+                        self.pipe,
+                        unet,
+                        self.policy,
+                        prompts,
+                        self.negative_embeds,
+                        cfg.sample.guidance_scale,
+                        cfg.sample.resolution,
+                        generator,
+                        offloader=self.offloader,
+                    )
+                seconds["seconds_sampling"] += time.perf_counter() - started
+                images, batch.images = batch.images, None
+                batches.append(batch)
+                if self.overlap_rewards:
+                    pending.append(scorer.submit(self.timed_score, images, prompts, seconds))
+                else:
+                    self.phase = "scoring rewards"
+                    with self.meter.phase("reward"):
+                        pending.append(_done(self.timed_score(images, prompts, seconds)))
             self.phase = "scoring rewards"
-            with self.meter.phase("reward"):
-                rewards.append(self.score(batch.images, prompts))
-            batch.images = None
-            batches.append(batch)
-            seconds["seconds_sampling"] += sampled - started
-            seconds["seconds_reward"] += time.perf_counter() - sampled
+            rewards = [future.result() for future in pending]
         return Trajectories.cat(batches), torch.cat(rewards), seconds
+
+    @property
+    def overlap_rewards(self) -> bool:
+        """Score in a worker thread while the next batch samples: by default for rewards
+        computed on the CPU (JPEG); a reward model would share the GPU with sampling."""
+        choice = self.config.reward.overlap
+        if choice == "auto":
+            return not isinstance(self.reward_fn, ModelReward)
+        return choice == "on"
+
+    def timed_score(self, images: torch.Tensor, prompts: list[str], seconds: dict) -> torch.Tensor:
+        started = time.perf_counter()
+        rewards = self.score(images, prompts)
+        seconds["seconds_reward"] += time.perf_counter() - started
+        return rewards
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if isinstance(self.reward_fn, ModelReward):
@@ -454,6 +513,12 @@ class Trainer:
             "signal": signal.tolist(),
         }
         (folder / f"epoch-{epoch:04d}-{part}.json").write_text(json.dumps(record))
+
+
+def _done(value: torch.Tensor) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -129,3 +131,49 @@ def test_train_from_a_saved_folder_then_sample_before_and_after(tiny_preset, tmp
 def test_sample_without_a_lora_at_the_path_is_refused(tmp_path):
     result = _run("sample", "--lora", str(tmp_path), "--prompts", "a cat", "--model", str(tmp_path))
     _assert_clean_error(result, "no LoRA at")
+
+
+def test_held_out_prompts_are_scored_during_training_and_by_sample(tiny_preset, tmp_path):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a cat riding a bike\na fox playing chess\n")
+    run_dir = tmp_path / "run"
+    result = _run(
+        "train",
+        "--preset",
+        str(tiny_preset),
+        "--output",
+        str(run_dir),
+        "--epochs",
+        "2",
+        "--set",
+        f"prompts.eval_source='{held_out}'",
+        "--set",
+        "run.eval_every=2",
+        "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "eval_reward_mean" not in metrics[0]  # every 2 epochs
+    assert metrics[1]["eval_reward_mean"] > 0  # JPEG kB of the held-out images
+
+    grid = tmp_path / "grid.png"
+    result = _run(
+        "sample",
+        "--lora",
+        str(run_dir),
+        "--prompt-set",
+        str(held_out),
+        "--seeds",
+        "0",
+        "--grid",
+        str(grid),
+        "--reward",
+        "jpeg_incompressibility",
+    )
+    assert result.exit_code == 0, result.output
+    assert "a fox playing chess" in result.output and grid.is_file()
+
+
+def test_eval_every_without_prompts_is_refused(tiny_preset):
+    result = _run("train", "--preset", str(tiny_preset), "--set", "run.eval_every=5")
+    assert result.exit_code == 2 and "needs prompts.eval_source" in result.output

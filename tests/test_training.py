@@ -205,3 +205,50 @@ def test_full_fine_tuning_trains_every_weight_resumes_and_samples(
     )
     assert result.exit_code == 0, result.output
     assert grid.is_file()
+
+
+_SCORED_IN: list[str] = []
+
+
+def _register_probe_rewards() -> None:
+    import threading
+
+    from lowvram_ddpo.rewards import register_reward
+    from lowvram_ddpo.rewards.jpeg import JpegIncompressibility
+
+    @register_reward("test_thread_probe", "JPEG size, recording the thread that scored it")
+    class Probe(JpegIncompressibility):
+        def __call__(self, images, prompts):  # noqa: ANN001, ANN204
+            _SCORED_IN.append(threading.current_thread().name)
+            return super().__call__(images, prompts)
+
+    @register_reward("test_nan_reward", "always NaN")
+    class NanReward(JpegIncompressibility):
+        def __call__(self, images, prompts):  # noqa: ANN001, ANN204
+            return torch.full((len(prompts),), float("nan"))
+
+
+def test_rewards_scored_beside_sampling_give_the_same_run(tiny_preset, tmp_path):
+    _register_probe_rewards()
+    histories, weights = {}, {}
+    for overlap in ("on", "off"):
+        _SCORED_IN.clear()
+        config = _config(
+            tiny_preset, "reward.name='test_thread_probe'", f"reward.overlap='{overlap}'"
+        )
+        histories[overlap] = train(config, tmp_path / overlap)
+        weights[overlap] = load_file(tmp_path / overlap / "pytorch_lora_weights.safetensors")
+        scored_in = set(_SCORED_IN)
+        assert scored_in == ({"reward_0"} if overlap == "on" else {"MainThread"}), scored_in
+    for key in ("reward_mean", "reward_std", "loss"):
+        assert [m[key] for m in histories["on"]] == [m[key] for m in histories["off"]]
+    assert all(torch.equal(weights["on"][k], weights["off"][k]) for k in weights["on"])
+
+
+def test_a_failing_reward_in_the_worker_thread_stops_the_run_clearly(tiny_preset, tmp_path):
+    from lowvram_ddpo.errors import UserError
+
+    _register_probe_rewards()
+    config = _config(tiny_preset, "reward.name='test_nan_reward'", "reward.overlap='on'")
+    with pytest.raises(UserError, match="NaN"):
+        train(config, tmp_path / "nan")

@@ -281,11 +281,17 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     reward_peak = run.score_rewards(config.reward.batch_size)
     reward_model = run.reward_model()
     scorer = {} if reward_model is None else {"reward model": module_bytes(reward_model.module)}
+    overlapped = reward_model is not None and config.reward.overlap == "on"
     train_peak = run.training_micro_step(config.train.batch_size, m.gradient_checkpointing)
     grads = {"gradients": sum(p.nbytes for p in params)}
     phases = [
         phase("encode", encode_peak, {"text encoder": for_phase["text encoder"]}),
-        phase("sampling", step_peak + dequantised),
+        # a reward model scoring in a worker thread shares the card with sampling
+        phase(
+            "sampling",
+            step_peak + dequantised + (reward_peak if overlapped else 0),
+            loaded=scorer if overlapped else None,
+        ),
         phase("decode", decode_peak, {"vae": for_phase["vae"]}),
         phase("reward", reward_peak, loaded=scorer),
         phase("training", train_peak + dequantised, also=grads),

@@ -23,6 +23,7 @@ def bench_config(config: Config) -> Config:
     cfg.run.progress = False
     cfg.run.grid_prompts, cfg.run.grid_seeds, cfg.run.grid_every = cfg.run.grid_prompts[:1], [0], 0
     cfg.sample.batches_per_epoch = 1
+    cfg.reward.overlap = "off"  # one batch: nothing to overlap, and each phase measured alone
     cfg.train.batch_size = min(cfg.train.batch_size, cfg.sample.batch_size)
     cfg.train.gradient_accumulation_steps = cfg.sample.batch_size // cfg.train.batch_size
     cfg.sample.batch_size = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
