@@ -227,3 +227,48 @@ def test_prompt_sets_of_the_alignment_task():
     train_animals = {p.split()[1] for p in prompts}
     assert held_out and all(p.split()[1] not in train_animals for p in held_out)
     assert load_preset("prompt-alignment").prompts.source == "nouns_activities"
+
+
+# ---------------------------------------------------------------- the local captioner
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    from tiny import save_tiny_vlm
+
+    folder = tmp_path_factory.mktemp("vlm")
+    save_tiny_vlm(folder)
+    return folder
+
+
+def test_local_captioner_answers_each_image_greedily(tiny_vlm):
+    from lowvram_ddpo.rewards.captioners import LocalCaptioner
+
+    captioner = LocalCaptioner.from_pretrained(str(tiny_vlm), torch.float32, max_tokens=5)
+    images = torch.rand(3, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    answers = captioner(images, "what is going on in this image ?")
+    assert len(answers) == 3 and all(answers)
+    assert all(len(a.split()) <= 5 for a in answers)  # word-level tokens: at most max_tokens
+    alone = [captioner(image[None], "what is going on in this image ?")[0] for image in images]
+    assert answers == alone  # greedy, and batching does not change an answer
+
+
+def test_local_captioner_in_the_alignment_reward_is_offloadable(tiny_vlm, bertscore):
+    config = RewardConfig(
+        name="prompt_alignment", captioner="local", captioner_model=str(tiny_vlm), batch_size=2
+    )
+    reward = PromptAlignmentReward(config, torch.float32, scorer=bertscore)
+    assert set(reward.module) == {"bertscore", "captioner"}  # both move to the GPU to score
+    values = reward(torch.rand(3, 3, 16, 16), ["a cat", "a dog", "a cat riding a bike"])
+    assert values.shape == (3,) and torch.isfinite(values).all()
+    with pytest.raises(UserError, match="captioner_4bit needs a CUDA GPU"):
+        PromptAlignmentReward(
+            RewardConfig(
+                name="prompt_alignment",
+                captioner="local",
+                captioner_model=str(tiny_vlm),
+                captioner_4bit=True,
+            ),
+            torch.float32,
+            scorer=bertscore,
+        )

@@ -125,6 +125,9 @@ class LocalCaptioner(torch.nn.Module):
         self.model = model.requires_grad_(False).eval()
         self.processor = processor
         self.max_tokens = max_tokens
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is not None:  # batched generation continues after the prompt's last token
+            tokenizer.padding_side = "left"
 
     @classmethod
     def from_pretrained(
