@@ -272,3 +272,23 @@ def test_local_captioner_in_the_alignment_reward_is_offloadable(tiny_vlm, bertsc
             torch.float32,
             scorer=bertscore,
         )
+
+
+def test_memory_estimate_covers_the_local_captioner_and_its_4_bit_form(tiny_vlm):
+    from lowvram_ddpo.config import apply_overrides
+    from lowvram_ddpo.memory.estimate import estimate_memory
+
+    def reward_phase(*overrides: str):  # noqa: ANN202
+        config = load_preset("prompt-alignment")
+        apply_overrides(config, list(overrides))
+        return estimate_memory(config, "sd15").phase("reward")
+
+    remote = reward_phase()
+    local = ["reward.captioner='local'", f"reward.captioner_model='{tiny_vlm}'"]
+    fp16 = reward_phase(*local)
+    nf4 = reward_phase(*local, "reward.captioner_4bit=true")
+    # the remote setup holds only the BERTScore encoder (roberta-large, 355 M, fp16)
+    assert 0.6e9 < remote.held["reward model"] < 0.75e9
+    assert fp16.held["reward model"] > remote.held["reward model"]
+    assert nf4.held["reward model"] < fp16.held["reward model"]
+    assert fp16.peak_allocated > remote.peak_allocated  # the VLM's prefill and KV cache

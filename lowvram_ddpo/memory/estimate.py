@@ -24,6 +24,7 @@ from lowvram_ddpo.memory.counting import (
     GpuKernelEmulation,
     emulated_checkpoint,
 )
+from lowvram_ddpo.memory.quantisation import quantised_savings
 from lowvram_ddpo.memory.report import MemoryReport, PhaseMemory
 from lowvram_ddpo.models import DTYPES, make_trainable
 from lowvram_ddpo.policy import Conditioning, DDIMPolicy
@@ -33,10 +34,6 @@ from lowvram_ddpo.rollout import Trajectories
 RESERVED_OVER_ALLOCATED = 1.10
 """The CUDA caching allocator holds more than the live tensors (block rounding, cached
 free blocks). Not calibrated on a GPU yet: see docs/benchmarks.md."""
-
-BITS_PER_WEIGHT = {"int8": 8 + 0.25, "nf4": 4 + 0.127}
-"""Quantised Linear weights: int8 + one fp32 scale per 128-wide row chunk (approx.);
-nf4 + double-quantised absmax per block of 64 (bitsandbytes' QLoRA defaults)."""
 
 ADAM_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8 / 2048}
 """Per trained parameter: two fp32 moments, or two 8-bit moments with a fp32 absmax per
@@ -59,26 +56,6 @@ def optimizer_state_bytes(params: list[nn.Parameter], kind: str) -> int:
         per_param = ADAM_STATE_BYTES[kind] if p.numel() >= BNB_MIN_8BIT_SIZE else 8.0
         total += p.numel() * per_param
     return int(total)
-
-
-def _frozen_linears(unet: nn.Module) -> list[nn.Linear]:
-    """The base Linear layers a quantiser would replace (not the LoRA matrices)."""
-    return [
-        m
-        for name, m in unet.named_modules()
-        if isinstance(m, nn.Linear) and "lora_" not in name and not m.weight.requires_grad
-    ]
-
-
-def quantised_savings(unet: nn.Module, quantize: str) -> tuple[int, int]:
-    """(bytes saved on the resident UNet, bytes of the largest weight dequantised at a time)."""
-    if quantize == "none":
-        return 0, 0
-    linears = _frozen_linears(unet)
-    saved = sum(
-        m.weight.nbytes - int(m.weight.numel() * BITS_PER_WEIGHT[quantize] / 8) for m in linears
-    )
-    return saved, max((m.weight.nbytes for m in linears), default=0)
 
 
 @dataclass
@@ -264,7 +241,7 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
         resident |= for_phase
         reward_model = run.reward_model()
         if reward_model is not None:
-            resident["reward model"] = module_bytes(reward_model.module)
+            resident["reward model"] = reward_model.device_bytes()
 
     def phase(
         name: str, peak: int, loaded: dict[str, int] | None = None, also: dict | None = None
@@ -280,7 +257,7 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     decode_peak = run.decode_one()
     reward_peak = run.score_rewards(config.reward.batch_size)
     reward_model = run.reward_model()
-    scorer = {} if reward_model is None else {"reward model": module_bytes(reward_model.module)}
+    scorer = {} if reward_model is None else {"reward model": reward_model.device_bytes()}
     overlapped = reward_model is not None and config.reward.overlap == "on"
     train_peak = run.training_micro_step(config.train.batch_size, m.gradient_checkpointing)
     grads = {"gradients": sum(p.nbytes for p in params)}

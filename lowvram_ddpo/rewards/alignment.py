@@ -25,7 +25,11 @@ ROBERTA_LARGE = dict(  # roberta-large's config.json (for the memory estimate)
     pad_token_id=1,
 )
 ESTIMATE_TOKENS = 64
-"""Sentence length the memory estimate assumes (answers are at most 64 new tokens)."""
+"""Sentence length the memory estimate assumes for BERTScore (answers are <= 64 tokens)."""
+VLM_PROMPT_TOKENS = 1024
+"""Image and question tokens the estimate assumes a local VLM reads (LLaVA-1.5: 576 image
+tokens; SmolVLM: 64 per image tile): an assumption, stated in the report."""
+VLM_ANSWER_TOKENS = 64
 
 
 def build_captioner(config: RewardConfig, dtype: torch.dtype) -> Captioner:
@@ -83,19 +87,24 @@ class PromptAlignmentReward(ModelReward):
 
     @classmethod
     def on_meta(cls, config: RewardConfig, dtype: torch.dtype) -> ModelReward:
-        from lowvram_ddpo.errors import UserError
-
-        if config.captioner != "http":
-            raise UserError(
-                "the memory estimate does not cover a local captioner yet: use "
-                "reward.captioner=http (the VLM elsewhere) for `bench memory`"
-            )
-        return _MetaBertScore(config, dtype)
+        return _MetaAlignment(config, dtype)
 
 
-class _MetaBertScore(ModelReward):
-    """The memory of the local half of the remote-captioner setup: the BERTScore encoder
-    embedding a micro-batch of answers and references."""
+def _on_meta(dtype: torch.dtype, build):  # noqa: ANN001, ANN202
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            return build()
+    finally:
+        torch.set_default_dtype(default)
+
+
+class _MetaAlignment(ModelReward):
+    """The alignment reward's accelerator memory: the BERTScore encoder embedding answers
+    and references and, with a local captioner, the VLM (4-bit if asked) prefilling
+    ``VLM_PROMPT_TOKENS`` + the answer's tokens with its KV cache. The vision tower's
+    activations are not modelled (small beside the language model's)."""
 
     def __init__(self, config: RewardConfig, dtype: torch.dtype) -> None:
         from transformers import AutoConfig, AutoModel, RobertaConfig
@@ -105,15 +114,42 @@ class _MetaBertScore(ModelReward):
             if config.bertscore_model == "roberta-large"
             else AutoConfig.from_pretrained(config.bertscore_model)
         )
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device("meta"):
-                self.module = AutoModel.from_config(encoder_config)
-        finally:
-            torch.set_default_dtype(default)
+        modules = {"bertscore": _on_meta(dtype, lambda: AutoModel.from_config(encoder_config))}
+        self.quantised = 0
+        if config.captioner == "local":
+            from transformers import AutoModelForImageTextToText
+
+            from lowvram_ddpo.memory.quantisation import quantised_savings
+
+            vlm_config = _vlm_config(config.captioner_model)
+            vlm = _on_meta(dtype, lambda: AutoModelForImageTextToText.from_config(vlm_config))
+            modules["captioner"] = vlm.requires_grad_(False)
+            if config.captioner_4bit:
+                self.quantised = quantised_savings(vlm, "nf4", skip=("lm_head",))[0]
+        self.module = nn.ModuleDict(modules)
         self.batch_size = config.batch_size
 
+    def device_bytes(self) -> int:
+        return super().device_bytes() - self.quantised
+
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        if "captioner" in self.module:
+            tokens = VLM_PROMPT_TOKENS + VLM_ANSWER_TOKENS
+            ids = torch.zeros(len(images), tokens, dtype=torch.long, device="meta")
+            self.module["captioner"].get_decoder()(input_ids=ids, use_cache=True)
         ids = torch.zeros(2 * len(images), ESTIMATE_TOKENS, dtype=torch.long, device="meta")
-        return self.module(input_ids=ids, output_hidden_states=True).last_hidden_state
+        return self.module["bertscore"](input_ids=ids, output_hidden_states=True).last_hidden_state
+
+
+def _vlm_config(name: str):  # noqa: ANN202
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except OSError:
+        from lowvram_ddpo.errors import UserError
+
+        raise UserError(
+            f"the memory estimate needs the config of the captioner '{name}': download it "
+            "(`hf download NAME config.json`) or set reward.captioner_model to a folder"
+        ) from None

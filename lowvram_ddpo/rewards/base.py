@@ -50,6 +50,10 @@ class ModelReward(ABC):
             scores.append(self.score(chunk, prompts[start : start + self.batch_size]).float().cpu())
         return torch.cat(scores)
 
+    def device_bytes(self) -> int:
+        """Bytes the reward's weights take on the accelerator."""
+        return sum(t.nbytes for t in (*self.module.parameters(), *self.module.buffers()))
+
     def extra_metrics(self) -> dict[str, float]:
         """Per-epoch figures the reward wants logged beside the reward (e.g. BERTScore F1)."""
         return {}
