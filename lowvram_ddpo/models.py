@@ -130,7 +130,9 @@ def make_trainable(
     """The parameters to train, in fp32: a LoRA adapter's (``rank`` >= 1) or, with
     ``rank`` 0, every UNet weight (full fine-tuning; autocast still runs in fp16/bf16)."""
     if rank == 0:
-        unet.to(torch.float32).requires_grad_(True)
+        unet.requires_grad_(True)
+        for param in unet.parameters():
+            param.data = param.data.float()
         return list(unet.parameters())
     return attach_lora(unet, rank, alpha, targets)
 

@@ -95,6 +95,14 @@ def test_micro_batch_not_sampling_batch_sets_the_training_peak(sd15_run):
     assert bigger_sampling.phase("training").peak_allocated == one.peak_allocated
 
 
+def test_guidance_doubles_the_sampling_batch_once(sd15_run):
+    guided = _estimate(sd15_run, "sample.batch_size=4").phase("sampling").peak_allocated
+    unguided_8 = _estimate(sd15_run, "sample.batch_size=8", "sample.guidance_scale=1.0")
+    unguided_4 = _estimate(sd15_run, "sample.batch_size=4", "sample.guidance_scale=1.0")
+    assert abs(guided - unguided_8.phase("sampling").peak_allocated) < 0.05 * GB
+    assert guided > unguided_4.phase("sampling").peak_allocated + 0.2 * GB
+
+
 def test_offload_keeps_text_encoder_and_vae_off_the_card_while_training(sd15_run):
     offloaded = _estimate(sd15_run, "memory.offload=true")
     resident = _estimate(sd15_run, "memory.offload=false")

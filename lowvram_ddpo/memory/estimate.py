@@ -60,7 +60,11 @@ def optimizer_state_bytes(params: list[nn.Parameter], kind: str) -> int:
 
 @dataclass
 class MetaRun:
-    """A run's models on the meta device, in the dtypes and with the adapters it trains."""
+    """A run's models on the meta device, in the dtypes and with the adapters it trains.
+
+    Built once per model settings (architecture, precision, LoRA, resolution, steps,
+    reward); the phase methods take what the auto-fit varies (batch sizes, guidance,
+    checkpointing) and remember each result."""
 
     config: Config
     arch: str
@@ -104,11 +108,10 @@ class MetaRun:
         text = self.parts.text_encoder.config
         return text.max_position_embeddings, text.hidden_size
 
-    def _conditioning(self, batch: int) -> Conditioning:
+    def _conditioning(self, batch: int, guidance: float) -> Conditioning:
         length, width = self.text_shape()
         embeds = torch.empty(batch, length, width, device="meta", dtype=self.dtype)
-        negative = embeds if self.config.sample.guidance_scale != 1.0 else None
-        return Conditioning(embeds, negative, self.config.sample.guidance_scale)
+        return Conditioning(embeds, embeds if guidance != 1.0 else None, guidance)
 
     # ---------------------------------------------------------------- phases
 
@@ -118,8 +121,10 @@ class MetaRun:
         with torch.no_grad():
             return self.measure(("encode", len(ids)), lambda: self.parts.text_encoder(ids)[0])
 
-    def denoising_step(self, batch: int) -> int:
-        unet, cond = self.parts.unet, self._conditioning(batch)
+    def denoising_step(self, batch: int, guidance: float) -> int:
+        """One denoising step of a sampling batch (classifier-free guidance, when the policy
+        uses it, doubles the UNet's batch inside the policy, as in sampling)."""
+        unet, cond = self.parts.unet, self._conditioning(batch, guidance)
         unet.eval()
         latents = torch.empty(
             batch, *self.latent_shape(self.config.sample.resolution), device="meta"
@@ -131,7 +136,7 @@ class MetaRun:
             return out.log_prob(out.mean)
 
         with torch.no_grad():
-            return self.measure(("sampling", batch), step)
+            return self.measure(("sampling", batch, guidance), step)
 
     def reward_model(self) -> ModelReward | None:
         if not hasattr(self, "_reward"):
@@ -158,12 +163,14 @@ class MetaRun:
         with torch.no_grad():
             return self.measure(("decode",), lambda: vae.decode(z.to(self.dtype)).sample.float())
 
-    def training_micro_step(self, micro_batch: int, checkpointing: bool) -> int:
+    def training_micro_step(self, config: Config) -> int:
         """One micro-step's forward and backward with gradients already accumulated."""
-        key = ("training", micro_batch, checkpointing)
+        t, guidance = config.train, config.sample.guidance_scale
+        checkpointing = config.memory.gradient_checkpointing
+        key = ("training", t.batch_size, checkpointing, t.algorithm, guidance)
         if key in self._peaks:
             return self._peaks[key]
-        cfg, unet = self.config, self.parts.unet
+        unet, micro_batch = self.parts.unet, t.batch_size
         if checkpointing:
             unet.enable_gradient_checkpointing(emulated_checkpoint(self.autocast_dtype))
         else:
@@ -179,17 +186,17 @@ class MetaRun:
         signal = torch.zeros(micro_batch)
 
         def step() -> None:
-            if cfg.train.algorithm in ("ddpo-is", "ddpo-sf"):
+            if t.algorithm in ("ddpo-is", "ddpo-sf"):
                 loss, _ = policy_gradient_loss(
-                    cfg.train.algorithm,
+                    t.algorithm,
                     unet,
                     self.policy,
                     samples,
                     batch,
                     signal,
-                    samples.prompt_embeds[:1],
-                    cfg.sample.guidance_scale,
-                    cfg.train.clip_range,
+                    samples.prompt_embeds[:1] if guidance != 1.0 else None,
+                    guidance,
+                    t.clip_range,
                 )
             else:
                 generator = torch.Generator().manual_seed(0)
@@ -251,15 +258,14 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
         allocated = sum(held.values()) + peak
         return PhaseMemory(name, allocated, int(allocated * RESERVED_OVER_ALLOCATED), held)
 
-    guided = s.guidance_scale != 1.0
     encode_peak = run.encode_prompts(s.batch_size)
-    step_peak = run.denoising_step(s.batch_size * (2 if guided else 1))
+    step_peak = run.denoising_step(s.batch_size, s.guidance_scale)
     decode_peak = run.decode_one()
     reward_peak = run.score_rewards(config.reward.batch_size)
     reward_model = run.reward_model()
     scorer = {} if reward_model is None else {"reward model": reward_model.device_bytes()}
     overlapped = reward_model is not None and config.reward.overlap == "on"
-    train_peak = run.training_micro_step(config.train.batch_size, m.gradient_checkpointing)
+    train_peak = run.training_micro_step(config)
     grads = {"gradients": sum(p.nbytes for p in params)}
     phases = [
         phase("encode", encode_peak, {"text encoder": for_phase["text encoder"]}),
