@@ -64,7 +64,14 @@ SD15_TEXT_ENCODER = dict(  # CLIP ViT-L/14's text tower
     projection_dim=768,
 )
 
-ARCHITECTURES = {"sd15": "Stable Diffusion 1.5 (860 M UNet), built from its config"}
+LCM_SCHEDULER = dict(SD_SCHEDULER, _class_name="LCMScheduler", original_inference_steps=50)
+"""A latent consistency model's scheduler (LCM_Dreamshaper_v7 and the pocket LCM)."""
+
+ARCHITECTURES = {
+    "sd15": "Stable Diffusion 1.5 (860 M UNet), built from its config",
+    "sd15-lcm": "an LCM distilled from SD 1.5 (LCM_Dreamshaper_v7's shape: SD 1.5 + a "
+    "256-d guidance embedding)",
+}
 
 
 @dataclass
@@ -95,6 +102,9 @@ def architecture_configs(arch: str) -> tuple[dict, dict, CLIPTextConfig, dict]:
     """(UNet config, VAE config, text encoder config, scheduler config) for a name or folder."""
     if arch == "sd15":
         return SD15_UNET, SD15_VAE, CLIPTextConfig(**SD15_TEXT_ENCODER), SD_SCHEDULER
+    if arch == "sd15-lcm":
+        unet = dict(SD15_UNET, time_cond_proj_dim=256)
+        return unet, SD15_VAE, CLIPTextConfig(**SD15_TEXT_ENCODER), LCM_SCHEDULER
     from lowvram_ddpo.models import resolve_model_name
 
     folder = Path(resolve_model_name(arch)).expanduser()
@@ -138,7 +148,7 @@ def build_components(arch: str, device: str | torch.device, dtype: torch.dtype) 
 def random_pipeline(arch: str, dtype: torch.dtype, device: str = "cpu"):  # noqa: ANN201
     """A ``StableDiffusionPipeline`` of ``arch`` with random weights and a byte-level
     tokenizer built in code: what the memory benchmark trains on a GPU without a download."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline
 
     from lowvram_ddpo.pocket.tokenizer import build_tokenizer
 
@@ -149,8 +159,22 @@ def random_pipeline(arch: str, dtype: torch.dtype, device: str = "cpu"):  # noqa
         text_encoder=parts.text_encoder,
         tokenizer=build_tokenizer([], max_length=length),
         unet=parts.unet,
-        scheduler=DDIMScheduler.from_config(parts.scheduler_config),
+        scheduler=(
+            LCMScheduler
+            if parts.scheduler_config.get("_class_name") == "LCMScheduler"
+            else DDIMScheduler
+        ).from_config(parts.scheduler_config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def default_architecture(model_name: str) -> str:
+    """What `bench memory` builds for a preset's model without downloading it: the shipped
+    pocket models themselves, SD 1.5's shape for anything else (LCM-shaped for LCMs)."""
+    from lowvram_ddpo.models import MODEL_ALIASES
+
+    if model_name in MODEL_ALIASES:
+        return model_name
+    return "sd15-lcm" if "lcm" in model_name.lower() else "sd15"

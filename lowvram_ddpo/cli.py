@@ -257,8 +257,9 @@ def bench_memory(
     arch: Annotated[
         str,
         typer.Option(
-            help="sd15, pocket or a diffusers folder [default: pocket for pocket presets, "
-            "else sd15]. Built from its config with random weights: nothing is downloaded."
+            help="sd15, sd15-lcm, pocket, pocket-lcm or a diffusers folder [default: the "
+            "preset's pocket model, sd15-lcm for LCM presets, else sd15]. Built from its "
+            "config with random weights: nothing is downloaded."
         ),
     ] = "",
     resolution: Annotated[
@@ -277,6 +278,7 @@ def bench_memory(
 ) -> None:
     """Peak accelerator memory of each phase of a DDPO epoch (sampling, decode, reward,
     training): measured on a CUDA GPU, else estimated on the meta device."""
+    from lowvram_ddpo.architectures import default_architecture
     from lowvram_ddpo.config import apply_overrides, load_preset, set_field, validate
     from lowvram_ddpo.memory.units import parse_size
 
@@ -286,7 +288,7 @@ def bench_memory(
         if resolution is not None:
             set_field(config, "sample.resolution", resolution, source="the command line")
         validate(config)
-        arch = arch or ("pocket" if config.model.name == "pocket" else "sd15")
+        arch = arch or default_architecture(config.model.name)
         notes = []
         vram = vram or config.memory.vram
         if vram:

@@ -35,6 +35,9 @@ class ModelConfig:
     """Hub id or local diffusers folder (StableDiffusionPipeline layout)."""
     revision: str = ""
     """Hub revision; empty for the default branch."""
+    lcm_lora: str = ""
+    """An LCM-LoRA fused into the base before training (hub id, folder or .safetensors;
+    e.g. latent-consistency/lcm-lora-sdv1-5): SD 1.5 then samples in 2-8 LCM steps."""
     mixed_precision: str = "fp16"
     """Frozen base weights and autocast dtype: no (fp32), fp16 or bf16. LoRA stays fp32."""
     lora_rank: int = 4
@@ -65,6 +68,8 @@ class MemoryConfig:
 
 @dataclass
 class SampleConfig:
+    sampler: str = "auto"
+    """ddim (DDPO), lcm (RLCM: latent consistency models) or auto (lcm for an LCM)."""
     resolution: int = 512
     num_steps: int = 50
     eta: float = 1.0
@@ -365,6 +370,7 @@ def validate(config: Config) -> None:
             "try 512 for SD 1.5",
         ),
         (s.num_steps >= 1, f"sample.num_steps must be at least 1 (got {s.num_steps})"),
+        (s.sampler in ("auto", "ddim", "lcm"), "sample.sampler must be auto, ddim or lcm"),
         (s.eta > 0, f"sample.eta must be > 0 for the policy to be stochastic (got {s.eta})"),
         (
             s.batch_size >= 1 and s.batches_per_epoch >= 1,

@@ -25,7 +25,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 POCKET_DIR = Path(__file__).parent / "pocket" / "weights"
-MODEL_ALIASES = {"pocket": POCKET_DIR / "pocket-sd"}
+MODEL_ALIASES = {"pocket": POCKET_DIR / "pocket-sd", "pocket-lcm": POCKET_DIR / "pocket-lcm"}
 """Names that stand for model folders shipped inside the package (see ``lowvram_ddpo.pocket``)."""
 
 
@@ -76,12 +76,38 @@ def use_attention(unet: UNet2DConditionModel, kind: str) -> None:
         ) from None
 
 
+def fuse_lcm_lora(pipe: StableDiffusionPipeline, location: str) -> None:
+    """Fold an LCM-LoRA (e.g. latent-consistency/lcm-lora-sdv1-5) into the UNet's weights
+    and switch to the LCMScheduler: SD 1.5 becomes a few-step consistency model, and the RL
+    LoRA is trained on top of it as on any base."""
+    from diffusers import LCMScheduler
+
+    path = Path(location).expanduser()
+    folder, options = (path.parent, {"weight_name": path.name}) if path.is_file() else (path, {})
+    source = str(folder) if path.exists() else location
+    try:
+        pipe.load_lora_weights(source, adapter_name="lcm", **options)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"could not load the LCM-LoRA '{location}' ({str(err).splitlines()[0]}); offline, "
+            "download it first or give a local .safetensors file (model.lcm_lora)"
+        ) from None
+    pipe.fuse_lora(adapter_names=["lcm"])
+    pipe.unload_lora_weights()  # the fused weights stay; no adapter left to confuse with ours
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+
+
 def load_pipeline(
-    name: str, dtype: torch.dtype = torch.float32, revision: str = "", quantize: str = "none"
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    revision: str = "",
+    quantize: str = "none",
+    lcm_lora: str = "",
 ) -> StableDiffusionPipeline:
     """Load a ``StableDiffusionPipeline`` from a local folder, a hub id or a shipped alias
-    (``pocket``), without safety checker; with ``quantize`` the UNet's Linear weights are
-    loaded in int8 or nf4 (bitsandbytes).
+    (``pocket``, ``pocket-lcm``), without safety checker; with ``quantize`` the UNet's
+    Linear weights are loaded in int8 or nf4 (bitsandbytes); ``lcm_lora`` fuses an
+    LCM-LoRA into the UNet (SD 1.5 + LCM-LoRA as a few-step model).
 
     Errors a user can fix (missing folder, not a diffusers folder, offline hub) become
     a one-line ``UserError``.
@@ -98,6 +124,19 @@ def load_pipeline(
         raise UserError(f"model folder '{name}' does not exist: check the path given to --model")
     else:
         source = name
+    if lcm_lora and quantize != "none":
+        raise UserError(
+            "model.lcm_lora cannot be fused into a quantised UNet: set memory.quantize=none"
+        )
+    pipe = _from_pretrained(name, source, dtype, revision, quantize)
+    if lcm_lora:
+        fuse_lcm_lora(pipe, lcm_lora)
+    return pipe
+
+
+def _from_pretrained(
+    name: str, source: str, dtype: torch.dtype, revision: str, quantize: str
+) -> StableDiffusionPipeline:
     parts = {}
     try:
         if quantize != "none":

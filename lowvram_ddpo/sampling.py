@@ -15,11 +15,13 @@ from lowvram_ddpo.config import ModelConfig, SampleConfig, load_config_file
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.models import DTYPES, LORA_WEIGHTS_NAME, load_pipeline
-from lowvram_ddpo.policy import DDIMPolicy
+from lowvram_ddpo.policy import build_policy, sampler_for
 from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards
 from lowvram_ddpo.rollout import encode_prompts, render
 
 DEFAULT_MODEL = ModelConfig().name
+LCM_DEFAULT_STEPS = 4
+"""Steps for a latent consistency model sampled without a run's settings."""
 
 
 @dataclass
@@ -88,12 +90,11 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     run = _run_config_for(request.lora)
     model = request.model or (run.model.name if run else DEFAULT_MODEL)
     defaults = run.sample if run else SampleConfig()  # the run's settings, else SD 1.5's
-    steps = defaults.num_steps if request.steps is None else request.steps
     guidance = defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale
     resolution = request.resolution or (run.sample.resolution if run else None)
     negative_prompt = defaults.negative_prompt
-    if steps < 1:
-        raise UserError(f"--steps must be at least 1 (got {steps})")
+    if request.steps is not None and request.steps < 1:
+        raise UserError(f"--steps must be at least 1 (got {request.steps})")
     if resolution is not None and resolution % 8 != 0:
         raise UserError(f"--resolution must be a multiple of 8 (got {resolution})")
     location = _lora_location(request.lora) if request.lora else None
@@ -101,10 +102,14 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = DTYPES["fp16"] if on_gpu else DTYPES["no"]
-    pipe = load_pipeline(model, dtype).to(device)
+    lcm_lora = run.model.lcm_lora if run and not request.model else ""
+    pipe = load_pipeline(model, dtype, lcm_lora=lcm_lora).to(device)
     # like diffusers: without a run or a flag, the size the model was trained at
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    policy = DDIMPolicy(pipe.scheduler.config, steps, request.eta)
+    kind = sampler_for(defaults.sampler, pipe.scheduler.config, pipe.unet.config)
+    fallback = LCM_DEFAULT_STEPS if kind == "lcm" and not run else defaults.num_steps
+    steps = fallback if request.steps is None else request.steps
+    policy = build_policy(kind, pipe.scheduler.config, pipe.unet.config, steps, request.eta)
     negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [negative_prompt])
 
     def images() -> torch.Tensor:

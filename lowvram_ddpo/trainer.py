@@ -41,7 +41,7 @@ from lowvram_ddpo.memory.meter import PhaseMeter
 from lowvram_ddpo.models import DTYPES, has_lora, load_pipeline, make_trainable, use_attention
 from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.optimizers import build_optimizer
-from lowvram_ddpo.policy import DDIMPolicy
+from lowvram_ddpo.policy import build_policy
 from lowvram_ddpo.prompts import load_prompts
 from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards
 from lowvram_ddpo.rollout import Trajectories, encode_prompts, render, sample_trajectories
@@ -92,7 +92,11 @@ class Trainer:
         set_seed(cfg.run.seed)
         m = cfg.memory
         self.pipe = self.pipeline or load_pipeline(
-            cfg.model.name, DTYPES[precision], cfg.model.revision, quantize=m.quantize
+            cfg.model.name,
+            DTYPES[precision],
+            cfg.model.revision,
+            quantize=m.quantize,
+            lcm_lora=cfg.model.lcm_lora,
         )
         self.pipe.set_progress_bar_config(disable=True)
         for module in (self.pipe.text_encoder, self.pipe.vae, self.pipe.unet):
@@ -111,7 +115,10 @@ class Trainer:
             self.pipe.unet.enable_gradient_checkpointing()
         optimizer, self.optimizer_kind = build_optimizer(self.params, cfg.train, m.optimizer)
         self.unet, self.optimizer = acc.prepare(self.pipe.unet, optimizer)
-        self.policy = DDIMPolicy(self.pipe.scheduler.config, cfg.sample.num_steps, cfg.sample.eta)
+        s = cfg.sample
+        self.policy = build_policy(
+            s.sampler, self.pipe.scheduler.config, self.pipe.unet.config, s.num_steps, s.eta
+        )
         self.reward_fn = build_reward(cfg.reward.name, cfg.reward, DTYPES[precision])
         if isinstance(self.reward_fn, ModelReward):  # on the GPU only while scoring
             self.offloader.register("reward", self.reward_fn.module)

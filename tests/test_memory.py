@@ -150,7 +150,9 @@ def test_the_aesthetic_scorer_is_on_the_card_only_while_scoring():
 
 
 def _arch(config) -> str:  # noqa: ANN001
-    return "pocket" if config.model.name == "pocket" else "sd15"
+    from lowvram_ddpo.architectures import default_architecture
+
+    return default_architecture(config.model.name)
 
 
 @pytest.mark.parametrize("preset", sorted(list_presets()))

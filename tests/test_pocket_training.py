@@ -1,5 +1,6 @@
-"""Learning is visible on the shipped pocket model: DDPO-IS raises both JPEG rewards and
-sparse RWR raises incompressibility, within a CPU test budget (fixed seeds)."""
+"""Learning is visible on the shipped pocket models: DDPO-IS raises both JPEG rewards,
+sparse RWR raises incompressibility, and RLCM on pocket-lcm raises both, within a CPU
+test budget (fixed seeds)."""
 
 from __future__ import annotations
 
@@ -15,21 +16,23 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize(
-    ("preset", "algorithm"),
+    ("preset", "algorithm", "epochs"),
     [
-        ("pocket-incompressibility", "ddpo-is"),
-        ("pocket-compressibility", "ddpo-is"),
-        ("pocket-incompressibility", "sparse-rwr"),
+        ("pocket-incompressibility", "ddpo-is", 10),
+        ("pocket-compressibility", "ddpo-is", 10),
+        ("pocket-incompressibility", "sparse-rwr", 10),
+        ("pocket-rlcm-incompressibility", "ddpo-is", 8),  # RLCM: the 4-step LCM policy
+        ("pocket-rlcm-compressibility", "ddpo-is", 8),
     ],
 )
-def test_reward_rises_on_the_pocket_model(preset, algorithm, tmp_path):
+def test_reward_rises_on_the_pocket_model(preset, algorithm, epochs, tmp_path):
     config = load_preset(preset)
-    # a short run at twice the preset's learning rate: measured to rise within 10 epochs
+    # a short run at twice the preset's learning rate: measured to rise within this budget
     apply_overrides(
         config,
         [
             f"train.algorithm={algorithm}",
-            "run.epochs=10",
+            f"run.epochs={epochs}",
             "train.learning_rate=2e-2",
             "run.grid_every=0",
             "run.progress=false",

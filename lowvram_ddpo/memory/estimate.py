@@ -27,7 +27,7 @@ from lowvram_ddpo.memory.counting import (
 from lowvram_ddpo.memory.quantisation import quantised_savings
 from lowvram_ddpo.memory.report import MemoryReport, PhaseMemory
 from lowvram_ddpo.models import DTYPES, make_trainable
-from lowvram_ddpo.policy import Conditioning, DDIMPolicy
+from lowvram_ddpo.policy import Conditioning, PolicyStep, build_policy
 from lowvram_ddpo.rewards import ModelReward, reward_on_meta
 from lowvram_ddpo.rollout import Trajectories
 
@@ -69,7 +69,7 @@ class MetaRun:
     config: Config
     arch: str
     parts: Components = field(init=False)
-    policy: DDIMPolicy = field(init=False)
+    policy: PolicyStep = field(init=False)
     dtype: torch.dtype = field(init=False)
     _peaks: dict[tuple, int] = field(default_factory=dict)
 
@@ -80,7 +80,10 @@ class MetaRun:
         unet = self.parts.unet
         # full fine-tuning (rank 0): fp32 master weights, autocast runs the matmuls in fp16
         make_trainable(unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
-        self.policy = DDIMPolicy(self.parts.scheduler_config, cfg.sample.num_steps, cfg.sample.eta)
+        s = cfg.sample
+        self.policy = build_policy(
+            s.sampler, self.parts.scheduler_config, unet.config, s.num_steps, s.eta
+        )
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

@@ -25,26 +25,10 @@ from torch import Tensor
 from lowvram_ddpo.models import load_pipeline
 from lowvram_ddpo.pocket import world
 from lowvram_ddpo.pocket.tokenizer import MAX_LENGTH
+from lowvram_ddpo.policy.lcm import boundary_scalings, guidance_embedding
 
 GUIDANCE_DIM = 256
 DDIM_STEPS = 50  # the solver's grid: t in {19, 39, ..., 999}, skipping k = 20
-
-
-def guidance_embedding(w: Tensor, dim: int = GUIDANCE_DIM) -> Tensor:
-    """Sinusoidal embedding of the guidance weight, as LatentConsistencyModelPipeline makes it."""
-    w = w.float() * 1000.0
-    half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(np.log(10000.0) / (half - 1)))
-    angles = w[:, None] * freqs[None, :]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-
-
-def boundary_scalings(t: Tensor, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
-    """c_skip, c_out of LCMScheduler: the consistency function is exact at t = 0."""
-    scaled = t.float() * timestep_scaling
-    c_skip = 0.25 / (scaled**2 + 0.25)
-    c_out = scaled / (scaled**2 + 0.25) ** 0.5
-    return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
 
 
 def student_from_teacher(teacher: UNet2DConditionModel) -> UNet2DConditionModel:
@@ -104,7 +88,7 @@ def distill(
         noise = torch.randn_like(latents)
         noisy = pipe.scheduler.add_noise(latents, noise, t_start)
         w = torch.from_numpy(rng.uniform(2.0, 8.0, size=batch)).float()  # guidance - 1
-        w_embed = guidance_embedding(w)
+        w_embed = guidance_embedding(w, GUIDANCE_DIM)
 
         c_skip0, c_out0 = boundary_scalings(t_start)
         raw = student(noisy, t_start, encoder_hidden_states=cond, timestep_cond=w_embed).sample
