@@ -140,3 +140,37 @@ def test_an_lcm_lora_is_fused_into_the_base_and_rlcm_trains_on_top(tiny_model_di
     assert history[0]["optimizer_steps"] == 1 and history[0]["micro_steps"] == 8
     with pytest.raises(UserError, match="LCM-LoRA"):
         load_pipeline(str(tiny_model_dir), lcm_lora=str(tmp_path / "missing.safetensors"))
+
+
+def test_sample_renders_the_pocket_lcm_in_its_few_steps(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lowvram_ddpo.cli import app
+
+    steps = []
+    original = LCMPolicy.__call__
+
+    def counting(self, *args):  # noqa: ANN001, ANN002, ANN202
+        steps.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(LCMPolicy, "__call__", counting)
+    grid = tmp_path / "grid.png"
+    result = CliRunner().invoke(
+        app,
+        [
+            "sample",
+            "--model",
+            "pocket-lcm",
+            "--prompts",
+            "a small red circle on a blue background",
+            "--seeds",
+            "0",
+            "--seeds",
+            "1",
+            "--grid",
+            str(grid),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert grid.is_file() and len(steps) == 2 * 4  # 2 seeds x 4 LCM steps
