@@ -27,21 +27,20 @@ from lowvram_ddpo.trainer import train
 COLOURS = {"DDPO": "#1f77b4", "RLCM": "#d62728"}
 
 
-def run_for(preset: str, seconds: float, seed: int, folder: Path) -> list[dict]:
+def run_for(
+    preset: str, seconds: float, seed: int, folder: Path, overrides: list[str]
+) -> list[dict]:
     """Epochs of ``preset`` until ``seconds`` of training-loop time have been spent."""
+    common = [f"run.seed={seed}", "run.grid_every=0", "run.progress=false", *overrides]
     probe = load_preset(preset)
-    apply_overrides(probe, [f"run.seed={seed}", "run.grid_every=0", "run.progress=false"])
-    apply_overrides(probe, ["run.epochs=1"])
+    apply_overrides(probe, [*common, "run.epochs=1"])
     validate(probe)
     started = time.perf_counter()
     first = train(probe, folder / "probe")
     per_epoch = time.perf_counter() - started
     epochs = max(2, int(seconds / max(_loop_seconds(first[0]), 1e-3)) + 1)
     config = load_preset(preset)
-    apply_overrides(
-        config,
-        [f"run.seed={seed}", f"run.epochs={epochs}", "run.grid_every=0", "run.progress=false"],
-    )
+    apply_overrides(config, [*common, f"run.epochs={epochs}"])
     validate(config)
     print(f"{preset}: ~{per_epoch:.1f}s for the first epoch, running {epochs} epochs", flush=True)
     return train(config, folder / preset)
@@ -114,19 +113,29 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--runs", type=Path, default=Path("runs/rlcm-comparison"))
     parser.add_argument("--docs", type=Path, default=Path("docs"))
+    parser.add_argument("--name", default="", help="suffix of the output files")
+    parser.add_argument("--ddpo-set", action="append", default=[], help="override for DDPO")
+    parser.add_argument("--rlcm-set", action="append", default=[], help="override for RLCM")
     args = parser.parse_args()
+    runs = args.runs / (args.name or "default")
     histories = {
-        "DDPO": run_for(f"pocket-{args.task}", args.seconds, args.seed, args.runs),
-        "RLCM": run_for(f"pocket-rlcm-{args.task}", args.seconds, args.seed, args.runs),
+        "DDPO": run_for(f"pocket-{args.task}", args.seconds, args.seed, runs, args.ddpo_set),
+        "RLCM": run_for(f"pocket-rlcm-{args.task}", args.seconds, args.seed, runs, args.rlcm_set),
     }
+    stem = f"rlcm_{args.task}" + (f"_{args.name}" if args.name else "")
     curves = {name: curve(h) for name, h in histories.items()}
     result = speedup(curves["DDPO"], curves["RLCM"], args.seconds)
     title = f"pocket models, JPEG {args.task}, reward (3-epoch mean)"
-    plot(curves, 0, "seconds of training loop", title, args.docs / f"rlcm_{args.task}_time.png")
-    plot(curves, 1, "reward queries", title, args.docs / f"rlcm_{args.task}_queries.png")
-    command = (
-        f"python benchmarks/rlcm_comparison.py --task {args.task} "
-        f"--seconds {args.seconds:g} --seed {args.seed}"
+    plot(curves, 0, "seconds of training loop", title, args.docs / f"{stem}_time.png")
+    plot(curves, 1, "reward queries", title, args.docs / f"{stem}_queries.png")
+    extra = [f"--ddpo-set {o}" for o in args.ddpo_set] + [f"--rlcm-set {o}" for o in args.rlcm_set]
+    command = " ".join(
+        [
+            f"python benchmarks/rlcm_comparison.py --task {args.task}",
+            f"--seconds {args.seconds:g} --seed {args.seed}",
+            *([f"--name {args.name}"] if args.name else []),
+            *extra,
+        ]
     )
     lines = [
         f"Command: `{command}`",
@@ -142,8 +151,8 @@ def main() -> None:
             f"| {history[0]['reward_mean']:.4f} | {points[-1][2]:.4f} |"
         )
     lines += ["", "```", json.dumps(result, indent=2), "```"]
-    (args.docs / f"rlcm_{args.task}.md").write_text("\n".join(lines) + "\n")
-    (args.runs / f"{args.task}.json").write_text(json.dumps(histories))
+    (args.docs / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (runs / f"{args.task}.json").write_text(json.dumps(histories))
     print("\n".join(lines))
 
 

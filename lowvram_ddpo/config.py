@@ -112,8 +112,8 @@ class RewardConfig:
     """Images scored together by a reward model (aesthetic, alignment)."""
     overlap: str = "auto"
     """Score a batch in a worker thread while the next one samples: on, off, or auto
-    (on for CPU rewards such as JPEG; off for reward models, which would share the GPU
-    with sampling)."""
+    (on for CPU rewards such as JPEG when sampling runs on a GPU; off for reward models,
+    which would share the GPU with sampling, and for CPU-only runs)."""
     clip_model: str = "openai/clip-vit-large-patch14"
     """aesthetic: the CLIP model whose vision tower embeds the images (hub id or folder)."""
     head_weights: str = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
