@@ -80,48 +80,23 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.config
-        steps_trained = self.trained_steps_per_sample()
         precision = resolve_mixed_precision(cfg.model.mixed_precision, torch.cuda.is_available())
-        self.accelerator = acc = Accelerator(
+        self.accelerator = Accelerator(
             # cpu=True is what lets `accelerate launch --cpu` / torchrun run several CPU processes
             cpu=not torch.cuda.is_available(),
             mixed_precision=precision,
-            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps * steps_trained,
+            gradient_accumulation_steps=(
+                cfg.train.gradient_accumulation_steps * self.trained_steps_per_sample()
+            ),
         )
         torch.backends.cuda.matmul.allow_tf32 = cfg.model.allow_tf32
         set_seed(cfg.run.seed)
-        m = cfg.memory
-        self.pipe = self.pipeline or load_pipeline(
-            cfg.model.name,
-            DTYPES[precision],
-            cfg.model.revision,
-            quantize=m.quantize,
-            lcm_lora=cfg.model.lcm_lora,
-        )
-        self.pipe.set_progress_bar_config(disable=True)
-        for module in (self.pipe.text_encoder, self.pipe.vae, self.pipe.unet):
-            module.requires_grad_(False)
-        self.offloader = Offloader(acc.device, enabled=m.offload)
-        # a quantised UNet is loaded onto the GPU by bitsandbytes and cannot be moved
-        if m.quantize == "none":
-            self.offloader.register("unet", self.pipe.unet, stays=True)
-        self.offloader.register("text_encoder", self.pipe.text_encoder)
-        self.offloader.register("vae", self.pipe.vae)
-        use_attention(self.pipe.unet, m.attention)
-        self.params = make_trainable(
-            self.pipe.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets
-        )
-        if m.gradient_checkpointing:
-            self.pipe.unet.enable_gradient_checkpointing()
-        optimizer, self.optimizer_kind = build_optimizer(self.params, cfg.train, m.optimizer)
-        self.unet, self.optimizer = acc.prepare(self.pipe.unet, optimizer)
+        self.load_models(DTYPES[precision])
+        self.prepare_training()
         s = cfg.sample
         self.policy = build_policy(
             s.sampler, self.pipe.scheduler.config, self.pipe.unet.config, s.num_steps, s.eta
         )
-        self.reward_fn = build_reward(cfg.reward.name, cfg.reward, DTYPES[precision])
-        if isinstance(self.reward_fn, ModelReward):  # on the GPU only while scoring
-            self.offloader.register("reward", self.reward_fn.module)
         self.tracker = PerPromptStatTracker(
             cfg.stats.buffer_size, cfg.stats.min_count, cfg.stats.per_prompt
         )
@@ -130,6 +105,41 @@ class Trainer:
             self.negative_embeds = encode_prompts(
                 self.pipe.tokenizer, self.pipe.text_encoder, [cfg.sample.negative_prompt]
             ).cpu()
+
+    def load_models(self, dtype: torch.dtype) -> None:
+        """The pipeline and the reward, each module placed where ``memory.offload`` wants it."""
+        cfg, m = self.config, self.config.memory
+        self.pipe = self.pipeline or load_pipeline(
+            cfg.model.name,
+            dtype,
+            cfg.model.revision,
+            quantize=m.quantize,
+            lcm_lora=cfg.model.lcm_lora,
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        for module in (self.pipe.text_encoder, self.pipe.vae, self.pipe.unet):
+            module.requires_grad_(False)
+        self.offloader = Offloader(self.accelerator.device, enabled=m.offload)
+        # a quantised UNet is loaded onto the GPU by bitsandbytes and cannot be moved
+        if m.quantize == "none":
+            self.offloader.register("unet", self.pipe.unet, stays=True)
+        self.offloader.register("text_encoder", self.pipe.text_encoder)
+        self.offloader.register("vae", self.pipe.vae)
+        use_attention(self.pipe.unet, m.attention)
+        self.reward_fn = build_reward(cfg.reward.name, cfg.reward, dtype)
+        if isinstance(self.reward_fn, ModelReward):  # on the GPU only while scoring
+            self.offloader.register("reward", self.reward_fn.module)
+
+    def prepare_training(self) -> None:
+        """LoRA (or every weight), checkpointing and the optimiser, handed to accelerate."""
+        cfg, m = self.config, self.config.memory
+        self.params = make_trainable(
+            self.pipe.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets
+        )
+        if m.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+        optimizer, self.optimizer_kind = build_optimizer(self.params, cfg.train, m.optimizer)
+        self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, optimizer)
 
     def trained_steps_per_sample(self) -> int:
         return max(1, round(self.config.sample.num_steps * self.config.train.timestep_fraction))

@@ -26,6 +26,7 @@ from lowvram_ddpo.memory.counting import (
 )
 from lowvram_ddpo.memory.quantisation import quantised_savings
 from lowvram_ddpo.memory.report import MemoryReport, PhaseMemory
+from lowvram_ddpo.memory.units import module_bytes
 from lowvram_ddpo.models import DTYPES, make_trainable
 from lowvram_ddpo.policy import Conditioning, PolicyStep, build_policy
 from lowvram_ddpo.rewards import ModelReward, reward_on_meta
@@ -40,10 +41,6 @@ ADAM_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8 / 2048}
 2048-block (bitsandbytes keeps tensors under 4096 elements in 32 bits)."""
 
 BNB_MIN_8BIT_SIZE = 4096
-
-
-def module_bytes(module: nn.Module) -> int:
-    return sum(t.nbytes for t in (*module.parameters(), *module.buffers()))
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from torch import nn
+
 from lowvram_ddpo.errors import UserError
 
 GB = 1024**3
@@ -23,3 +25,8 @@ def parse_size(text: str) -> int:
 
 def format_size(size: float) -> str:
     return f"{size / GB:.2f} GB"
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers where they are stored."""
+    return sum(t.nbytes for t in (*module.parameters(), *module.buffers()))

@@ -52,7 +52,9 @@ class ModelReward(ABC):
 
     def device_bytes(self) -> int:
         """Bytes the reward's weights take on the accelerator."""
-        return sum(t.nbytes for t in (*self.module.parameters(), *self.module.buffers()))
+        from lowvram_ddpo.memory.units import module_bytes
+
+        return module_bytes(self.module)
 
     def extra_metrics(self) -> dict[str, float]:
         """Per-epoch figures the reward wants logged beside the reward (e.g. BERTScore F1)."""
