@@ -278,3 +278,20 @@ def test_the_measured_path_runs_one_short_epoch_of_the_trainer():
     assert report.method == ("cuda" if torch.cuda.is_available() else "cpu")
     assert [p.name for p in report.phases] == ["sampling", "reward", "training"]
     assert all(p.seconds and p.seconds > 0 for p in report.phases)
+
+
+def test_rlcm_presets_are_estimated_on_an_lcm_shaped_model():
+    from lowvram_ddpo.architectures import default_architecture
+
+    assert default_architecture("SimianLuo/LCM_Dreamshaper_v7") == "sd15-lcm"
+    assert default_architecture("pocket-lcm") == "pocket-lcm"
+    assert default_architecture("stable-diffusion-v1-5/stable-diffusion-v1-5") == "sd15"
+    result = CliRunner().invoke(
+        app, ["bench", "memory", "--preset", "rlcm-incompressibility", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["arch"] == "sd15-lcm"
+    # one UNet pass per step (guidance embedded): micro-batch 2 costs what DDPO's 1 with CFG does
+    ddpo = estimate_memory(load_preset("incompressibility"), "sd15").phase("training")
+    assert abs(report["phases"]["training"]["peak_bytes"] - ddpo.peak_reserved) < 0.1 * GB
