@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from charts import line_chart
 
 from lowvram_ddpo.config import apply_overrides, load_preset, validate
 from lowvram_ddpo.trainer import train
@@ -47,43 +47,12 @@ def run_all(task: str, epochs: int, seed: int, root: Path) -> dict[str, list[dic
 
 
 def plot(results: dict[str, list[dict]], title: str, path: Path) -> None:
-    """A plain line chart drawn with PIL: reward mean against reward queries."""
-    width, height, margin = 720, 440, 60
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
+    """Reward mean against cumulative reward queries, one line per algorithm."""
     series = {
         name: [(sum(m["samples"] for m in h[: i + 1]), m["reward_mean"]) for i, m in enumerate(h)]
         for name, h in results.items()
     }
-    xs = [x for s in series.values() for x, _ in s]
-    ys = [y for s in series.values() for _, y in s]
-    x0, x1, y0, y1 = 0, max(xs), min(ys), max(ys)
-    pad = (y1 - y0) * 0.05 or 1.0
-    y0, y1 = y0 - pad, y1 + pad
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        return (
-            margin + (x - x0) / (x1 - x0) * (width - 2 * margin),
-            height - margin - (y - y0) / (y1 - y0) * (height - 2 * margin),
-        )
-
-    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
-    for i in range(5):
-        y = y0 + (y1 - y0) * i / 4
-        _, py = to_px(x0, y)
-        draw.text((5, py - 6), f"{y:.3g}", fill="black", font=font)
-        x = x0 + (x1 - x0) * i / 4
-        px, _ = to_px(x, y0)
-        draw.text((px - 10, height - margin + 5), f"{x:.0f}", fill="black", font=font)
-    draw.text(
-        (width // 2 - 60, height - 25), "reward queries (images scored)", fill="black", font=font
-    )
-    draw.text((margin, 20), title, fill="black", font=font)
-    for i, (name, points) in enumerate(series.items()):
-        draw.line([to_px(x, y) for x, y in points], fill=COLOURS[name], width=2)
-        draw.text((width - margin - 90, margin + 8 + 14 * i), name, fill=COLOURS[name], font=font)
-    image.save(path)
+    line_chart(series, COLOURS, "reward queries (images scored)", title, path)
 
 
 def table(results: dict[str, list[dict]], command: str) -> str:

@@ -19,7 +19,7 @@ import time
 from itertools import accumulate
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from charts import line_chart
 
 from lowvram_ddpo.config import apply_overrides, load_preset, validate
 from lowvram_ddpo.trainer import train
@@ -74,34 +74,9 @@ def speedup(ddpo: list[tuple], rlcm: list[tuple], budget: float) -> dict:
 
 
 def plot(curves: dict[str, list[tuple]], axis: int, label: str, title: str, path: Path) -> None:
-    width, height, margin = 720, 440, 60
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    xs = [p[axis] for c in curves.values() for p in c]
-    ys = [p[2] for c in curves.values() for p in c]
-    x1, y0, y1 = max(xs), min(ys), max(ys)
-    pad = (y1 - y0) * 0.05 or 1.0
-    y0, y1 = y0 - pad, y1 + pad
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return (
-            margin + x / x1 * (width - 2 * margin),
-            height - margin - (y - y0) / (y1 - y0) * (height - 2 * margin),
-        )
-
-    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
-    for i in range(5):
-        y = y0 + (y1 - y0) * i / 4
-        draw.text((5, px(0, y)[1] - 6), f"{y:.3g}", fill="black", font=font)
-        x = x1 * i / 4
-        draw.text((px(x, y0)[0] - 10, height - margin + 5), f"{x:.0f}", fill="black", font=font)
-    draw.text((width // 2 - 60, height - 25), label, fill="black", font=font)
-    draw.text((margin, 20), title, fill="black", font=font)
-    for i, (name, points) in enumerate(curves.items()):
-        draw.line([px(p[axis], p[2]) for p in points], fill=COLOURS[name], width=2)
-        draw.text((width - margin - 60, margin + 8 + 14 * i), name, fill=COLOURS[name], font=font)
-    image.save(path)
+    """Smoothed reward against seconds (``axis`` 0) or reward queries (``axis`` 1)."""
+    series = {name: [(p[axis], p[2]) for p in points] for name, points in curves.items()}
+    line_chart(series, COLOURS, label, title, path)
 
 
 def main() -> None:

@@ -11,8 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaModel
+from transformers import RobertaConfig, RobertaModel
 
 from lowvram_ddpo.config import RewardConfig, load_preset
 from lowvram_ddpo.errors import UserError
@@ -56,22 +55,13 @@ def test_greedy_matching_on_hand_computed_embeddings():
 
 @pytest.fixture(scope="module")
 def bertscore() -> BertScorer:
-    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", *WORDS])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
+    from tiny import word_level_tokenizer
+
+    tokens = ["<s>", "<pad>", "</s>", "<unk>", *WORDS]  # RoBERTa's ids: <pad> is 1
+    fast = word_level_tokenizer(tokens, wrap_in_bos_eos=True)
     torch.manual_seed(0)
     config = RobertaConfig(
-        vocab_size=len(vocab),
+        vocab_size=len(tokens),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,

@@ -234,19 +234,11 @@ def test_meta_estimate_matches_a_real_run_with_fused_attention(checkpointing):
     """The same UNet forward and backward, counted on the meta device with the emulation
     and on real CPU tensors (whose SDPA is a fused flash kernel too), peak within 10%."""
     from diffusers import UNet2DConditionModel
+    from tiny import TINY_UNET
 
     from lowvram_ddpo.memory.counting import emulated_checkpoint
 
-    config = dict(
-        sample_size=16,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
+    config = dict(TINY_UNET, sample_size=16, block_out_channels=(32, 64))
     peaks = {}
     for device in ("cpu", "meta"):
         torch.manual_seed(0)

@@ -44,21 +44,24 @@ def make_decoder_transparent(vae: AutoencoderKL, gain: float = 0.5) -> None:
     identity(decoder.conv_out, 3, gain)
 
 
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
+)
+
+
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline with random weights: 32 px images, 8x8x4 latents."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
+    unet = UNet2DConditionModel(**TINY_UNET)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -133,11 +136,34 @@ def train_tiny_denoiser(
     return pipe
 
 
+def word_level_tokenizer(tokens: list[str], wrap_in_bos_eos: bool = False, **special: object):  # noqa: ANN201
+    """A fast tokenizer whose vocabulary is ``tokens`` in order (one id per word, split on
+    whitespace), with <s>, </s>, <pad>, <unk> as its special tokens; ``wrap_in_bos_eos``
+    adds <s> ... </s> around each sentence as RoBERTa's tokenizer does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if wrap_in_bos_eos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        **special,
+    )
+
+
 def save_tiny_vlm(folder) -> None:  # noqa: ANN001
     """A random LLaVA (tiny CLIP vision tower + tiny Llama) with a word-level tokenizer and
     a chat template, saved as a model + processor folder that AutoModelForImageTextToText
     and AutoProcessor load: the local captioner's path without a download."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -145,23 +171,12 @@ def save_tiny_vlm(folder) -> None:  # noqa: ANN001
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        PreTrainedTokenizerFast,
     )
 
     words = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:"]
     words += ["a", "an", "the", "cat", "dog", "riding", "bike", "what", "is", "going"]
     words += ["on", "in", "this", "image", "?"]
-    vocab = {w: i for i, w in enumerate(words)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    fast = word_level_tokenizer(words, extra_special_tokens={"image_token": "<image>"})
     template = (
         "{% for m in messages %}USER: {% for c in m['content'] %}"
         "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}"
@@ -200,7 +215,7 @@ def save_tiny_vlm(folder) -> None:  # noqa: ANN001
             bos_token_id=2,
             eos_token_id=3,
         ),
-        image_token_index=vocab["<image>"],
+        image_token_index=words.index("<image>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
