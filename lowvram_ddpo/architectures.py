@@ -9,6 +9,8 @@ the folder's own config files.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,18 +129,26 @@ def _hub_configs(name: str) -> Path:
         ) from None
 
 
+@contextmanager
+def building_on(device: str | torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Modules created in the block get their random weights on ``device`` (``meta``: shapes
+    only, no memory), directly in ``dtype``: no fp32 copy first, no cast warnings."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
 def build_components(arch: str, device: str | torch.device, dtype: torch.dtype) -> Components:
     """Random-weight UNet, VAE and text encoder of ``arch`` on ``device`` (``meta``: no memory)."""
     unet_config, vae_config, text_config, scheduler = architecture_configs(arch)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in the dtype: no fp32 copy, no cast warnings
-    try:
-        with torch.device(device):
-            unet = UNet2DConditionModel.from_config(unet_config)
-            vae = AutoencoderKL.from_config(vae_config)
-            text_encoder = CLIPTextModel(text_config)
-    finally:
-        torch.set_default_dtype(default_dtype)
+    with building_on(device, dtype):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae = AutoencoderKL.from_config(vae_config)
+        text_encoder = CLIPTextModel(text_config)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval()
     scale = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lowvram_ddpo.algorithms import POLICY_GRADIENT
 from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss, reward_weighted_loss
 from lowvram_ddpo.architectures import Components, build_components
 from lowvram_ddpo.config import Config
@@ -186,7 +187,7 @@ class MetaRun:
         signal = torch.zeros(micro_batch)
 
         def step() -> None:
-            if t.algorithm in ("ddpo-is", "ddpo-sf"):
+            if t.algorithm in POLICY_GRADIENT:
                 loss, _ = policy_gradient_loss(
                     t.algorithm,
                     unet,
@@ -244,11 +245,10 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
         "optimizer state": optimizer_state_bytes(params, m.optimizer),
     }
     for_phase = {"text encoder": module_bytes(text), "vae": module_bytes(vae)}
+    reward_model = run.reward_model()
+    scorer = {} if reward_model is None else {"reward model": reward_model.device_bytes()}
     if not m.offload:
-        resident |= for_phase
-        reward_model = run.reward_model()
-        if reward_model is not None:
-            resident["reward model"] = reward_model.device_bytes()
+        resident |= for_phase | scorer
 
     def phase(
         name: str, peak: int, loaded: dict[str, int] | None = None, also: dict | None = None
@@ -262,8 +262,6 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     step_peak = run.denoising_step(s.batch_size, s.guidance_scale)
     decode_peak = run.decode_one()
     reward_peak = run.score_rewards(config.reward.batch_size)
-    reward_model = run.reward_model()
-    scorer = {} if reward_model is None else {"reward model": reward_model.device_bytes()}
     overlapped = reward_model is not None and config.reward.overlap == "on"
     train_peak = run.training_micro_step(config)
     grads = {"gradients": sum(p.nbytes for p in params)}

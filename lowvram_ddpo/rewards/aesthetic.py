@@ -18,6 +18,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from lowvram_ddpo.architectures import building_on
 from lowvram_ddpo.config import RewardConfig
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.rewards.base import ModelReward, register_reward
@@ -160,13 +161,8 @@ class AestheticReward(ModelReward):
             if config.clip_model == DEFAULT_CLIP
             else CLIPVisionConfig.from_pretrained(config.clip_model)
         )
-        default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device("meta"):
-                vision = CLIPVisionModelWithProjection(vision_config)
-                weight, bias = torch.empty(1, vision_config.projection_dim), torch.empty(1)
-                scorer = AestheticScorer(vision, weight, bias)
-        finally:
-            torch.set_default_dtype(default_dtype)
+        with building_on("meta", dtype):
+            vision = CLIPVisionModelWithProjection(vision_config)
+            weight, bias = torch.empty(1, vision_config.projection_dim), torch.empty(1)
+            scorer = AestheticScorer(vision, weight, bias)
         return cls(config, dtype, scorer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lowvram_ddpo.architectures import building_on
 from lowvram_ddpo.config import RewardConfig
 from lowvram_ddpo.rewards.base import ModelReward, register_reward
 from lowvram_ddpo.rewards.bertscore import BertScorer
@@ -90,16 +91,6 @@ class PromptAlignmentReward(ModelReward):
         return _MetaAlignment(config, dtype)
 
 
-def _on_meta(dtype: torch.dtype, build):  # noqa: ANN001, ANN202
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            return build()
-    finally:
-        torch.set_default_dtype(default)
-
-
 class _MetaAlignment(ModelReward):
     """The alignment reward's accelerator memory: the BERTScore encoder embedding answers
     and references and, with a local captioner, the VLM (4-bit if asked) prefilling
@@ -114,7 +105,8 @@ class _MetaAlignment(ModelReward):
             if config.bertscore_model == "roberta-large"
             else AutoConfig.from_pretrained(config.bertscore_model)
         )
-        modules = {"bertscore": _on_meta(dtype, lambda: AutoModel.from_config(encoder_config))}
+        with building_on("meta", dtype):
+            modules = {"bertscore": AutoModel.from_config(encoder_config)}
         self.quantised = 0
         if config.captioner == "local":
             from transformers import AutoModelForImageTextToText
@@ -122,7 +114,8 @@ class _MetaAlignment(ModelReward):
             from lowvram_ddpo.memory.quantisation import quantised_savings
 
             vlm_config = _vlm_config(config.captioner_model)
-            vlm = _on_meta(dtype, lambda: AutoModelForImageTextToText.from_config(vlm_config))
+            with building_on("meta", dtype):
+                vlm = AutoModelForImageTextToText.from_config(vlm_config)
             modules["captioner"] = vlm.requires_grad_(False)
             if config.captioner_4bit:
                 self.quantised = quantised_savings(vlm, "nf4", skip=("lm_head",))[0]
