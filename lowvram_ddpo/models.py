@@ -176,6 +176,10 @@ def make_trainable(
     return attach_lora(unet, rank, alpha, targets)
 
 
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def has_lora(unet: torch.nn.Module) -> bool:
     return bool(getattr(unet, "peft_config", None))
 
@@ -191,7 +195,7 @@ def attach_lora(
     unet.add_adapter(
         LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
     )
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = trainable_parameters(unet)
     if not params:
         raise UserError(f"no LoRA target modules {targets} found in the UNet")
     for param in params:

@@ -28,7 +28,7 @@ from lowvram_ddpo.memory.counting import (
 from lowvram_ddpo.memory.quantisation import quantised_savings
 from lowvram_ddpo.memory.report import MemoryReport, PhaseMemory
 from lowvram_ddpo.memory.units import module_bytes
-from lowvram_ddpo.models import DTYPES, make_trainable
+from lowvram_ddpo.models import DTYPES, make_trainable, trainable_parameters
 from lowvram_ddpo.policy import Conditioning, PolicyStep, build_policy
 from lowvram_ddpo.rewards import ModelReward, reward_on_meta
 from lowvram_ddpo.rollout import Trajectories
@@ -42,10 +42,6 @@ ADAM_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8 / 2048}
 2048-block (bitsandbytes keeps tensors under 4096 elements in 32 bits)."""
 
 BNB_MIN_8BIT_SIZE = 4096
-
-
-def trainable(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
 
 
 def optimizer_state_bytes(params: list[nn.Parameter], kind: str) -> int:
@@ -177,7 +173,7 @@ class MetaRun:
         else:
             unet.disable_gradient_checkpointing()
         unet.train()
-        params = trainable(unet)
+        params = trainable_parameters(unet)
         for p in params:  # steady state: earlier micro-steps left their gradients
             p.grad = torch.empty_like(p)
         samples = self._cpu_trajectories(micro_batch)
@@ -238,7 +234,7 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     m, s = config.memory, config.sample
     unet, vae, text = run.parts.unet, run.parts.vae, run.parts.text_encoder
     saved, dequantised = quantised_savings(unet, m.quantize)
-    params = trainable(unet)
+    params = trainable_parameters(unet)
     # what stays on the device through the whole epoch (Adam's state exists after step 1)
     resident = {
         "unet": module_bytes(unet) - saved,
