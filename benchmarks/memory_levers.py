@@ -1,5 +1,5 @@
-"""What each memory lever is worth, for SD 1.5 at 512 px: a markdown table of the
-estimated peak per phase (the `bench memory` estimate, no GPU needed).
+"""What each memory lever is worth, for SD 1.5 at 512 px and SDXL at 1024 px: markdown
+tables of the estimated peak per phase (the `bench memory` estimate, no GPU needed).
 
     python benchmarks/memory_levers.py > docs/memory_levers.md
 
@@ -16,6 +16,7 @@ from lowvram_ddpo.memory.fit import fit_to_vram
 from lowvram_ddpo.memory.units import GB, parse_size
 
 PRESET = "incompressibility"
+SDXL_PRESET = "sdxl-aesthetic"
 ROWS = [
     ("preset as shipped (micro-batch 1, offload, SDPA)", []),
     ("micro-batch 2", ["train.batch_size=2"]),
@@ -37,6 +38,16 @@ ROWS = [
         ["sample.batch_size=2", "memory.gradient_checkpointing=true", "memory.quantize='nf4'"],
     ),
 ]
+SDXL_ROWS = [
+    ("preset as shipped (sampling batch 4, checkpointing, VAE tiling)", []),
+    ("no VAE tiling (fp32 decode of the whole 1024 px image)", ["memory.vae_tiling=false"]),
+    ("no checkpointing", ["memory.gradient_checkpointing=false"]),
+    ("sampling batch 8", ["sample.batch_size=8"]),
+    ("sampling batch 2", ["sample.batch_size=2"]),
+    ("bf16 (the VAE decodes in bf16, no fp32 upcast)", ["model.mixed_precision='bf16'"]),
+    ("nf4 base", ["memory.quantize='nf4'"]),
+    ("nf4 base, sampling batch 2", ["memory.quantize='nf4'", "sample.batch_size=2"]),
+]
 PHASES = ("encode", "sampling", "decode", "reward", "training")
 
 
@@ -44,18 +55,35 @@ def gb(n: int) -> str:
     return f"{n / GB:.2f}"
 
 
-def main() -> None:
-    run = MetaRun(load_preset(PRESET), "sd15")
-    print(f"Estimated peak reserved memory (GB = GiB) per phase, SD 1.5, 512 px, preset `{PRESET}`")
-    print("with the changes listed; LoRA rank 4, fp16 base, 50 DDIM steps, guidance 5 (CFG).\n")
+def lever_table(preset: str, arch: str, rows: list[tuple[str, list[str]]]) -> None:
+    run = MetaRun(load_preset(preset), arch)
     print("| settings | " + " | ".join(PHASES) + " | overall |")
     print("|---|" + "---|" * (len(PHASES) + 1))
-    for name, overrides in ROWS:
-        config = load_preset(PRESET)
+    for name, overrides in rows:
+        config = load_preset(preset)
         apply_overrides(config, overrides)
-        report = estimate_memory(config, "sd15", run)
+        # the models on the meta device are built per precision: a new run for model.* rows
+        same_models = not any(o.startswith("model.") for o in overrides)
+        report = estimate_memory(config, arch, run if same_models else None)
         cells = [gb(report.phase(p).peak_reserved) for p in PHASES]
         print(f"| {name} | " + " | ".join(cells) + f" | **{gb(report.peak_bytes)}** |")
+
+
+def vram_table(preset: str, arch: str, sizes: tuple[str, ...]) -> None:
+    print(f"\n`--vram` choices for `{preset}`:\n")
+    print("| --vram | changes | predicted peak |")
+    print("|---|---|---|")
+    for vram in sizes:
+        try:
+            fit = fit_to_vram(load_preset(preset), arch, parse_size(vram))
+        except UserError as err:
+            print(f"| {vram} | refused: {err} | - |")
+            continue
+        changes = "; ".join(fit.changes) or "none"
+        print(f"| {vram} | {changes} | {gb(fit.report.peak_bytes)} |")
+
+
+def full_fine_tuning_table() -> None:
     print(
         "\nFull fine-tuning (`model.lora_rank=0`, fp32 master weights, micro-batch 1, "
         "checkpointing):\n"
@@ -70,17 +98,19 @@ def main() -> None:
         report = estimate_memory(full, "sd15", full_run)
         state = report.phase("training").held["optimizer state"]
         print(f"| {optimizer} | {gb(state)} | {gb(report.peak_bytes)} |")
-    print("\n`--vram` choices for the shipped preset:\n")
-    print("| --vram | changes | predicted peak |")
-    print("|---|---|---|")
-    for vram in ("12GB", "8GB", "6GB", "4GB", "3GB"):
-        try:
-            fit = fit_to_vram(load_preset(PRESET), "sd15", parse_size(vram))
-        except UserError as err:
-            print(f"| {vram} | refused: {err} | - |")
-            continue
-        changes = "; ".join(fit.changes) or "none"
-        print(f"| {vram} | {changes} | {gb(fit.report.peak_bytes)} |")
+
+
+def main() -> None:
+    print(f"Estimated peak reserved memory (GB = GiB) per phase, SD 1.5, 512 px, preset `{PRESET}`")
+    print("with the changes listed; LoRA rank 4, fp16 base, 50 DDIM steps, guidance 5 (CFG).\n")
+    lever_table(PRESET, "sd15", ROWS)
+    full_fine_tuning_table()
+    vram_table(PRESET, "sd15", ("12GB", "8GB", "6GB", "4GB", "3GB"))
+    print(f"\n## SDXL base 1.0, 1024 px, preset `{SDXL_PRESET}`\n")
+    print("LoRA rank 4, fp16 base, 50 DDIM steps, guidance 5 (CFG), the CLIP aesthetic scorer")
+    print("on the card only while scoring.\n")
+    lever_table(SDXL_PRESET, "sdxl", SDXL_ROWS)
+    vram_table(SDXL_PRESET, "sdxl", ("12GB", "8GB", "6GB", "4GB"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Model architectures by name, built from their configs with random weights.
 
 Memory and speed depend on shapes, not values: the memory benchmark builds Stable
-Diffusion 1.5 from the configs below (no download) on the ``meta`` device to estimate,
+Diffusion 1.5 or SDXL from the configs below (no download) on the ``meta`` device to estimate,
 or on the GPU to measure. ``pocket`` and any local diffusers folder are read from
 the folder's own config files.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lowvram_ddpo.errors import UserError
 
@@ -66,6 +67,37 @@ SD15_TEXT_ENCODER = dict(  # CLIP ViT-L/14's text tower
     projection_dim=768,
 )
 
+SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 (2.6 B parameters)
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    cross_attention_dim=2048,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + pooled text 1280
+)
+
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+
+SDXL_TEXT_ENCODER_2 = dict(  # OpenCLIP ViT-bigG/14's text tower, with its projection
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
+
 LCM_SCHEDULER = dict(SD_SCHEDULER, _class_name="LCMScheduler", original_inference_steps=50)
 """A latent consistency model's scheduler (LCM_Dreamshaper_v7 and the pocket LCM)."""
 
@@ -73,7 +105,18 @@ ARCHITECTURES = {
     "sd15": "Stable Diffusion 1.5 (860 M UNet), built from its config",
     "sd15-lcm": "an LCM distilled from SD 1.5 (LCM_Dreamshaper_v7's shape: SD 1.5 + a "
     "256-d guidance embedding)",
+    "sdxl": "Stable Diffusion XL base 1.0 (2.6 B UNet, two text encoders), built from its config",
 }
+
+
+@dataclass
+class ArchitectureConfigs:
+    unet: dict
+    vae: dict
+    text_encoder: CLIPTextConfig
+    scheduler: dict
+    text_encoder_2: CLIPTextConfig | None = None
+    """SDXL's second (projected) text encoder."""
 
 
 @dataclass
@@ -85,28 +128,44 @@ class Components:
     text_encoder: CLIPTextModel
     scheduler_config: dict
     native_resolution: int
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
 
-def _folder_configs(folder: Path) -> tuple[dict, dict, CLIPTextConfig, dict]:
+def _folder_configs(folder: Path) -> ArchitectureConfigs:
     def read(sub: str, name: str) -> dict:
         path = folder / sub / name
         if not path.is_file():
             raise UserError(f"{folder} has no {sub}/{name}: pass a diffusers pipeline folder")
         return json.loads(path.read_text())
 
-    unet = UNet2DConditionModel.load_config(folder / "unet")
-    vae = AutoencoderKL.load_config(folder / "vae")
-    text = CLIPTextConfig(**{k: v for k, v in read("text_encoder", "config.json").items()})
-    return unet, vae, text, read("scheduler", "scheduler_config.json")
+    second = folder / "text_encoder_2" / "config.json"
+    return ArchitectureConfigs(
+        unet=UNet2DConditionModel.load_config(folder / "unet"),
+        vae=AutoencoderKL.load_config(folder / "vae"),
+        text_encoder=CLIPTextConfig(**read("text_encoder", "config.json")),
+        scheduler=read("scheduler", "scheduler_config.json"),
+        text_encoder_2=CLIPTextConfig(**read("text_encoder_2", "config.json"))
+        if second.is_file()
+        else None,
+    )
 
 
-def architecture_configs(arch: str) -> tuple[dict, dict, CLIPTextConfig, dict]:
-    """(UNet config, VAE config, text encoder config, scheduler config) for a name or folder."""
+def architecture_configs(arch: str) -> ArchitectureConfigs:
+    """The configs of a named architecture, a diffusers folder or a hub id's."""
+    text = CLIPTextConfig(**SD15_TEXT_ENCODER)
     if arch == "sd15":
-        return SD15_UNET, SD15_VAE, CLIPTextConfig(**SD15_TEXT_ENCODER), SD_SCHEDULER
+        return ArchitectureConfigs(SD15_UNET, SD15_VAE, text, SD_SCHEDULER)
     if arch == "sd15-lcm":
-        unet = dict(SD15_UNET, time_cond_proj_dim=256)
-        return unet, SD15_VAE, CLIPTextConfig(**SD15_TEXT_ENCODER), LCM_SCHEDULER
+        return ArchitectureConfigs(
+            dict(SD15_UNET, time_cond_proj_dim=256), SD15_VAE, text, LCM_SCHEDULER
+        )
+    if arch == "sdxl":
+        second = CLIPTextConfig(**SDXL_TEXT_ENCODER_2)
+        return ArchitectureConfigs(SDXL_UNET, SDXL_VAE, text, SD_SCHEDULER, second)
     from lowvram_ddpo.models import resolve_model_name
 
     folder = Path(resolve_model_name(arch)).expanduser()
@@ -143,48 +202,79 @@ def building_on(device: str | torch.device, dtype: torch.dtype) -> Iterator[None
 
 
 def build_components(arch: str, device: str | torch.device, dtype: torch.dtype) -> Components:
-    """Random-weight UNet, VAE and text encoder of ``arch`` on ``device`` (``meta``: no memory)."""
-    unet_config, vae_config, text_config, scheduler = architecture_configs(arch)
+    """Random-weight UNet, VAE and text encoder(s) of ``arch`` on ``device`` (``meta``: no
+    memory)."""
+    configs = architecture_configs(arch)
     with building_on(device, dtype):
-        unet = UNet2DConditionModel.from_config(unet_config)
-        vae = AutoencoderKL.from_config(vae_config)
-        text_encoder = CLIPTextModel(text_config)
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False).eval()
+        unet = UNet2DConditionModel.from_config(configs.unet)
+        vae = AutoencoderKL.from_config(configs.vae)
+        text_encoder = CLIPTextModel(configs.text_encoder)
+        second = configs.text_encoder_2
+        text_encoder_2 = None if second is None else CLIPTextModelWithProjection(second)
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        if module is not None:
+            module.requires_grad_(False).eval()
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    return Components(unet, vae, text_encoder, dict(scheduler), unet.config.sample_size * scale)
+    return Components(
+        unet,
+        vae,
+        text_encoder,
+        dict(configs.scheduler),
+        unet.config.sample_size * scale,
+        text_encoder_2,
+    )
+
+
+def native_resolution(arch: str) -> int:
+    """The image size ``arch`` was trained at (512 for SD 1.5, 1024 for SDXL)."""
+    configs = architecture_configs(arch)
+    vae = configs.vae
+    return configs.unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def random_pipeline(arch: str, dtype: torch.dtype, device: str = "cpu"):  # noqa: ANN201
-    """A ``StableDiffusionPipeline`` of ``arch`` with random weights and a byte-level
-    tokenizer built in code: what the memory benchmark trains on a GPU without a download."""
-    from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline
+    """A Stable Diffusion (XL) pipeline of ``arch`` with random weights and byte-level
+    tokenizers built in code: what the memory benchmark trains on a GPU without a download."""
+    from diffusers import (
+        DDIMScheduler,
+        LCMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     from lowvram_ddpo.pocket.tokenizer import build_tokenizer
 
     parts = build_components(arch, device, dtype)
     length = parts.text_encoder.config.max_position_embeddings
-    return StableDiffusionPipeline(
+    is_lcm = parts.scheduler_config.get("_class_name") == "LCMScheduler"
+    common = dict(
         vae=parts.vae,
         text_encoder=parts.text_encoder,
         tokenizer=build_tokenizer([], max_length=length),
         unet=parts.unet,
-        scheduler=(
-            LCMScheduler
-            if parts.scheduler_config.get("_class_name") == "LCMScheduler"
-            else DDIMScheduler
-        ).from_config(parts.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        scheduler=(LCMScheduler if is_lcm else DDIMScheduler).from_config(parts.scheduler_config),
+    )
+    if parts.text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(
+            **common,
+            text_encoder_2=parts.text_encoder_2,
+            tokenizer_2=build_tokenizer([], max_length=length),
+            add_watermarker=False,
+        )
+    return StableDiffusionPipeline(
+        **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
 
 
 def default_architecture(model_name: str) -> str:
     """What `bench memory` builds for a preset's model without downloading it: the shipped
-    pocket models themselves, SD 1.5's shape for anything else (LCM-shaped for LCMs)."""
+    pocket models themselves, SDXL's shape for names with "xl", SD 1.5's for anything else
+    (LCM-shaped for LCMs)."""
     from lowvram_ddpo.models import MODEL_ALIASES
 
     if model_name in MODEL_ALIASES:
         return model_name
-    return "sd15-lcm" if "lcm" in model_name.lower() else "sd15"
+    name = model_name.lower()
+    if "xl" in name:
+        return "sdxl"
+    return "sd15-lcm" if "lcm" in name else "sd15"

@@ -257,13 +257,14 @@ def bench_memory(
     arch: Annotated[
         str,
         typer.Option(
-            help="sd15, sd15-lcm, pocket, pocket-lcm or a diffusers folder [default: the "
-            "preset's pocket model, sd15-lcm for LCM presets, else sd15]. Built from its "
-            "config with random weights: nothing is downloaded."
+            help="sd15, sd15-lcm, sdxl, pocket, pocket-lcm or a diffusers folder [default: "
+            "the preset's pocket model, sd15-lcm for LCM presets, sdxl for SDXL models, else "
+            "sd15]. Built from its config with random weights: nothing is downloaded."
         ),
     ] = "",
     resolution: Annotated[
-        int | None, typer.Option(help="Image size [default: the preset's].")
+        int | None,
+        typer.Option(help="Image size [default: the preset's, or --arch's native size]."),
     ] = None,
     vram: Annotated[
         str, typer.Option(help="Fit the settings to a card of this size first (e.g. 8GB).")
@@ -278,7 +279,7 @@ def bench_memory(
 ) -> None:
     """Peak accelerator memory of each phase of a DDPO epoch (sampling, decode, reward,
     training): measured on a CUDA GPU, else estimated on the meta device."""
-    from lowvram_ddpo.architectures import default_architecture
+    from lowvram_ddpo.architectures import default_architecture, native_resolution
     from lowvram_ddpo.config import apply_overrides, load_preset, set_field, validate
     from lowvram_ddpo.memory.units import parse_size
 
@@ -288,8 +289,13 @@ def bench_memory(
         if resolution is not None:
             set_field(config, "sample.resolution", resolution, source="the command line")
         validate(config)
-        arch = arch or default_architecture(config.model.name)
         notes = []
+        preset_arch = default_architecture(config.model.name)
+        native = native_resolution(arch) if arch and resolution is None else None
+        if native is not None and native != native_resolution(preset_arch):
+            config.sample.resolution = native
+            notes.append(f"resolution {native}: {arch}'s native size (--resolution to change)")
+        arch = arch or preset_arch
         vram = vram or config.memory.vram
         if vram:
             from lowvram_ddpo.memory.fit import fit_to_vram

@@ -32,7 +32,7 @@ ATTENTION = ("sdpa", "xformers")
 @dataclass
 class ModelConfig:
     name: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """Hub id or local diffusers folder (StableDiffusionPipeline layout)."""
+    """Hub id or local diffusers folder (Stable Diffusion 1.x/2.x, SDXL base or an LCM)."""
     revision: str = ""
     """Hub revision; empty for the default branch."""
     lcm_lora: str = ""
@@ -64,6 +64,9 @@ class MemoryConfig:
     """Frozen UNet weights in int8 or nf4 (bitsandbytes, CUDA), LoRA on top (QLoRA)."""
     attention: str = "sdpa"
     """sdpa (PyTorch's fused kernels) or xformers (when installed)."""
+    vae_tiling: bool = False
+    """Decode images larger than 512 px in overlapping 512 px tiles (diffusers' VAE
+    tiling): SDXL's 1024 px decode needs ~4x less memory; seams are blended."""
 
 
 @dataclass

@@ -9,7 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -76,7 +81,22 @@ def use_attention(unet: UNet2DConditionModel, kind: str) -> None:
         ) from None
 
 
-def fuse_lcm_lora(pipe: StableDiffusionPipeline, location: str) -> None:
+VAE_TILE_PIXELS = 512
+
+
+def use_vae_tiling(vae: torch.nn.Module, enabled: bool) -> None:
+    """Decode in overlapping tiles of at most 512 px (diffusers tiles at the VAE's own
+    sample size, which for SDXL is the whole 1024 px image), or not at all."""
+    if not enabled:
+        vae.disable_tiling()
+        return
+    vae.enable_tiling()
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.tile_sample_min_size = min(vae.config.sample_size, VAE_TILE_PIXELS)
+    vae.tile_latent_min_size = vae.tile_sample_min_size // scale
+
+
+def fuse_lcm_lora(pipe: DiffusionPipeline, location: str) -> None:
     """Fold an LCM-LoRA (e.g. latent-consistency/lcm-lora-sdv1-5) into the UNet's weights
     and switch to the LCMScheduler: SD 1.5 becomes a few-step consistency model, and the RL
     LoRA is trained on top of it as on any base."""
@@ -103,9 +123,10 @@ def load_pipeline(
     revision: str = "",
     quantize: str = "none",
     lcm_lora: str = "",
-) -> StableDiffusionPipeline:
-    """Load a ``StableDiffusionPipeline`` from a local folder, a hub id or a shipped alias
-    (``pocket``, ``pocket-lcm``), without safety checker; with ``quantize`` the UNet's
+) -> DiffusionPipeline:
+    """Load a Stable Diffusion (1.x/2.x, or SDXL: ``pipeline_class``) pipeline from a local
+    folder, a hub id or a shipped alias (``pocket``, ``pocket-lcm``), without safety
+    checker; with ``quantize`` the UNet's
     Linear weights are loaded in int8 or nf4 (bitsandbytes); ``lcm_lora`` fuses an
     LCM-LoRA into the UNet (SD 1.5 + LCM-LoRA as a few-step model).
 
@@ -134,11 +155,30 @@ def load_pipeline(
     return pipe
 
 
+def pipeline_class(source: str, revision: str = "") -> type[DiffusionPipeline]:
+    """SDXL folders (two text encoders) load as ``StableDiffusionXLPipeline``; everything
+    else (SD 1.x/2.x and the LCMs distilled from them) as ``StableDiffusionPipeline``."""
+    index = DiffusionPipeline.load_config(source, revision=revision or None)
+    if "text_encoder_2" not in index:
+        return StableDiffusionPipeline
+    if not index.get("text_encoder") or index["text_encoder"][0] is None:
+        raise UserError(
+            f"'{source}' looks like an SDXL refiner (no first text encoder): train a base "
+            "model, e.g. stabilityai/stable-diffusion-xl-base-1.0"
+        )
+    return StableDiffusionXLPipeline
+
+
 def _from_pretrained(
     name: str, source: str, dtype: torch.dtype, revision: str, quantize: str
-) -> StableDiffusionPipeline:
-    parts = {}
+) -> DiffusionPipeline:
+    parts: dict[str, object] = {}
     try:
+        cls = pipeline_class(source, revision)
+        if cls is StableDiffusionXLPipeline:
+            parts["add_watermarker"] = False  # we never call the pipeline: no extra package
+        else:
+            parts |= {"safety_checker": None, "requires_safety_checker": False}
         if quantize != "none":
             parts["unet"] = UNet2DConditionModel.from_pretrained(
                 source,
@@ -147,14 +187,7 @@ def _from_pretrained(
                 dtype=dtype,
                 quantization_config=quantization_config(quantize, dtype),
             )
-        return StableDiffusionPipeline.from_pretrained(
-            source,
-            dtype=dtype,
-            revision=revision or None,
-            safety_checker=None,
-            requires_safety_checker=False,
-            **parts,
-        )
+        return cls.from_pretrained(source, dtype=dtype, revision=revision or None, **parts)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.policy import Conditioning, PolicyStep
+from lowvram_ddpo.text_encoding import TextEmbeds, encode_text, is_sdxl, micro_conditioning
 
 
 def _loaded(offloader: Offloader | None, name: str) -> AbstractContextManager:
@@ -38,6 +39,10 @@ class Trajectories:
     """[T] long, shared by every sample."""
     images: Tensor | None
     """[B, 3, H, W] float in [0, 1]; the trainer drops them once they are scored."""
+    pooled_embeds: Tensor | None = None
+    """SDXL: [B, P] pooled prompt embeddings."""
+    time_ids: Tensor | None = None
+    """SDXL: [6] micro-conditioning, shared by every sample."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -53,18 +58,14 @@ class Trajectories:
             images=None
             if any(b.images is None for b in batches)
             else torch.cat([b.images for b in batches]),
+            pooled_embeds=TextEmbeds.cat([b.text() for b in batches]).pooled,
+            time_ids=batches[0].time_ids,
         )
 
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: list[str]) -> Tensor:  # noqa: ANN001
-    """[B, L, D] CLIP hidden states, as the pipeline feeds the UNet."""
-    max_length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    device = next(text_encoder.parameters()).device
-    return text_encoder(ids.to(device))[0]
+    def text(self, index: Tensor | slice = slice(None)) -> TextEmbeds:
+        """The prompt embeddings of the samples at ``index``."""
+        pooled = None if self.pooled_embeds is None else self.pooled_embeds[index]
+        return TextEmbeds(self.prompt_embeds[index], pooled)
 
 
 def latent_shape(unet: torch.nn.Module, vae: torch.nn.Module, resolution: int) -> tuple[int, ...]:
@@ -101,16 +102,33 @@ def rollout(
 
 
 @torch.no_grad()
-def decode_latents(vae: torch.nn.Module, latents: Tensor) -> Tensor:
-    """Images in [0, 1] on the CPU, decoding one latent at a time to bound memory."""
+def decode_latents(vae: torch.nn.Module, latents: Tensor, upcast: bool = False) -> Tensor:
+    """Images in [0, 1] on the CPU, decoding one latent at a time to bound memory.
+
+    ``upcast`` (SDXL's VAE, which overflows in fp16): an fp16 VAE decodes in fp32, outside
+    autocast, and goes back to fp16 afterwards, as diffusers' SDXL pipeline does."""
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
+    upcast = upcast and dtype == torch.float16
+    # nn.Module.to: diffusers' own .to() warns about exactly this cast, which is intended
+    if upcast:
+        torch.nn.Module.to(vae, torch.float32)
     images = []
-    for latent in latents:
-        z = latent[None].to(device, dtype) / vae.config.scaling_factor
-        image = vae.decode(z).sample.float()
-        images.append((image / 2 + 0.5).clamp(0, 1).cpu())
+    try:
+        with torch.autocast(device.type, enabled=False) if upcast else nullcontext():
+            for latent in latents:
+                z = latent[None].to(device, next(vae.parameters()).dtype)
+                image = vae.decode(z / vae.config.scaling_factor).sample.float()
+                images.append((image / 2 + 0.5).clamp(0, 1).cpu())
+    finally:
+        if upcast:
+            torch.nn.Module.to(vae, dtype)
     return torch.cat(images)
+
+
+def vae_needs_upcast(pipe) -> bool:  # noqa: ANN001
+    """SDXL pipelines decode in fp32 when the VAE says so (its fp16 activations overflow)."""
+    return is_sdxl(pipe) and bool(pipe.vae.config.get("force_upcast", False))
 
 
 def initial_noise(
@@ -121,11 +139,11 @@ def initial_noise(
 
 
 def sample_trajectories(
-    pipe,  # noqa: ANN001  (a StableDiffusionPipeline)
+    pipe,  # noqa: ANN001  (a StableDiffusion(XL)Pipeline)
     unet: torch.nn.Module,
     policy: PolicyStep,
     prompts: list[str],
-    negative_embeds: Tensor | None,
+    negative: TextEmbeds | None,
     guidance_scale: float,
     resolution: int,
     generator: torch.Generator,
@@ -137,31 +155,33 @@ def sample_trajectories(
     With an ``offloader`` the text encoder and VAE are on the GPU only while they work."""
     device = next(unet.parameters()).device
     with _loaded(offloader, "text_encoder"):
-        embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts).to(device)
-    negative = None if negative_embeds is None else negative_embeds.expand_as(embeds).to(device)
-    cond = Conditioning(embeds, negative, guidance_scale)
+        text = encode_text(pipe, prompts).to(device)
+    time_ids = micro_conditioning(unet.config, resolution)
+    cond = Conditioning.of(text, negative, guidance_scale, time_ids)
     shape = latent_shape(unet, pipe.vae, resolution)
     noise = initial_noise(shape, len(prompts), generator, device)
     latents, log_probs, timesteps, final = rollout(unet, policy, cond, noise, generator, progress)
     with _loaded(offloader, "vae"):
-        images = decode_latents(pipe.vae, final)
+        images = decode_latents(pipe.vae, final, upcast=vae_needs_upcast(pipe))
     return Trajectories(
         prompts=list(prompts),
-        prompt_embeds=embeds.cpu(),
+        prompt_embeds=text.hidden.cpu(),
         latents=latents,
         log_probs=log_probs,
         timesteps=timesteps,
         images=images,
+        pooled_embeds=None if text.pooled is None else text.pooled.cpu(),
+        time_ids=time_ids,
     )
 
 
 def render(
-    pipe,  # noqa: ANN001  (a StableDiffusionPipeline)
+    pipe,  # noqa: ANN001  (a StableDiffusion(XL)Pipeline)
     unet: torch.nn.Module,
     policy: PolicyStep,
     prompts: list[str],
     seeds: list[int],
-    negative_embeds: Tensor | None,
+    negative: TextEmbeds | None,
     guidance_scale: float,
     resolution: int,
     progress: bool = False,
@@ -180,7 +200,7 @@ def render(
                     unet,
                     policy,
                     [prompt],
-                    negative_embeds,
+                    negative,
                     guidance_scale,
                     resolution,
                     generator,

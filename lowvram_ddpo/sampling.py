@@ -17,7 +17,8 @@ from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.models import DTYPES, LORA_WEIGHTS_NAME, load_pipeline
 from lowvram_ddpo.policy import build_policy, sampler_for
 from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards
-from lowvram_ddpo.rollout import encode_prompts, render
+from lowvram_ddpo.rollout import render
+from lowvram_ddpo.text_encoding import encode_negative
 
 DEFAULT_MODEL = ModelConfig().name
 LCM_DEFAULT_STEPS = 4
@@ -110,7 +111,7 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     fallback = LCM_DEFAULT_STEPS if kind == "lcm" and not run else defaults.num_steps
     steps = fallback if request.steps is None else request.steps
     policy = build_policy(kind, pipe.scheduler.config, pipe.unet.config, steps, request.eta)
-    negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [negative_prompt])
+    negative = encode_negative(pipe, negative_prompt)
 
     def images() -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from lowvram_ddpo.algorithms import (
@@ -38,13 +38,21 @@ from lowvram_ddpo.config import Config, dump_toml
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.memory.meter import PhaseMeter
-from lowvram_ddpo.models import DTYPES, has_lora, load_pipeline, make_trainable, use_attention
+from lowvram_ddpo.models import (
+    DTYPES,
+    has_lora,
+    load_pipeline,
+    make_trainable,
+    use_attention,
+    use_vae_tiling,
+)
 from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.optimizers import build_optimizer
 from lowvram_ddpo.policy import build_policy
 from lowvram_ddpo.prompts import load_prompts
 from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards
-from lowvram_ddpo.rollout import Trajectories, encode_prompts, render, sample_trajectories
+from lowvram_ddpo.rollout import Trajectories, render, sample_trajectories
+from lowvram_ddpo.text_encoding import encode_negative, text_encoders
 
 
 def epoch_generator(seed: int, epoch: int, process: int, stream: int) -> torch.Generator:
@@ -69,7 +77,7 @@ class Trainer:
     config: Config
     run_dir: Path
     accelerator: Accelerator = field(init=False)
-    pipeline: StableDiffusionPipeline | None = None
+    pipeline: DiffusionPipeline | None = None
     """An already built pipeline (the memory benchmark's random-weight models); None loads
     ``config.model.name``."""
     phase: str = "setting up"
@@ -102,9 +110,7 @@ class Trainer:
         )
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.prompts)
         with self.offloader.loaded("text_encoder"):
-            self.negative_embeds = encode_prompts(
-                self.pipe.tokenizer, self.pipe.text_encoder, [cfg.sample.negative_prompt]
-            ).cpu()
+            self.negative = encode_negative(self.pipe, cfg.sample.negative_prompt).to("cpu")
 
     def load_models(self, dtype: torch.dtype) -> None:
         """The pipeline and the reward, each module placed where ``memory.offload`` wants it."""
@@ -117,15 +123,17 @@ class Trainer:
             lcm_lora=cfg.model.lcm_lora,
         )
         self.pipe.set_progress_bar_config(disable=True)
-        for module in (self.pipe.text_encoder, self.pipe.vae, self.pipe.unet):
+        text = text_encoders(self.pipe)
+        for module in (text, self.pipe.vae, self.pipe.unet):
             module.requires_grad_(False)
         self.offloader = Offloader(self.accelerator.device, enabled=m.offload)
         # a quantised UNet is loaded onto the GPU by bitsandbytes and cannot be moved
         if m.quantize == "none":
             self.offloader.register("unet", self.pipe.unet, stays=True)
-        self.offloader.register("text_encoder", self.pipe.text_encoder)
+        self.offloader.register("text_encoder", text)
         self.offloader.register("vae", self.pipe.vae)
         use_attention(self.pipe.unet, m.attention)
+        use_vae_tiling(self.pipe.vae, m.vae_tiling)
         self.reward_fn = build_reward(cfg.reward.name, cfg.reward, dtype)
         if isinstance(self.reward_fn, ModelReward):  # on the GPU only while scoring
             self.offloader.register("reward", self.reward_fn.module)
@@ -211,7 +219,7 @@ class Trainer:
                 self.policy,
                 prompts,
                 cfg.run.eval_seeds,
-                self.negative_embeds,
+                self.negative,
                 cfg.sample.guidance_scale,
                 cfg.sample.resolution,
                 offloader=self.offloader,
@@ -300,7 +308,7 @@ class Trainer:
                         unet,
                         self.policy,
                         prompts,
-                        self.negative_embeds,
+                        self.negative,
                         cfg.sample.guidance_scale,
                         cfg.sample.resolution,
                         generator,
@@ -434,7 +442,7 @@ class Trainer:
                 samples,
                 batch,
                 signal,
-                self.negative_embeds,
+                self.negative,
                 cfg.sample.guidance_scale,
                 cfg.train.clip_range,
             )
@@ -496,7 +504,7 @@ class Trainer:
                     self.policy,
                     cfg.run.grid_prompts,
                     cfg.run.grid_seeds,
-                    self.negative_embeds,
+                    self.negative,
                     cfg.sample.guidance_scale,
                     cfg.sample.resolution,
                     offloader=self.offloader,

@@ -11,7 +11,7 @@ from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.models import POCKET_DIR, load_pipeline
 from lowvram_ddpo.policy import Conditioning, LCMPolicy, build_policy, gaussian_log_prob
 from lowvram_ddpo.policy.lcm import guidance_embedding, rlcm_timesteps
-from lowvram_ddpo.rollout import encode_prompts
+from lowvram_ddpo.text_encoding import encode_prompts
 
 pytestmark = pytest.mark.skipif(
     not (POCKET_DIR / "pocket-lcm" / "model_index.json").is_file(), reason="pocket-lcm not built"

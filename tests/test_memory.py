@@ -155,11 +155,16 @@ def _arch(config) -> str:  # noqa: ANN001
     return default_architecture(config.model.name)
 
 
+PRESET_BUDGETS = {"sdxl": 8 * GB - CUDA_CONTEXT_BYTES}
+"""SD 1.5 presets: 6 GB (the memory issue's budget); SDXL presets: an 8 GB card."""
+
+
 @pytest.mark.parametrize("preset", sorted(list_presets()))
-def test_every_shipped_preset_fits_6_gb(preset):
+def test_every_shipped_preset_fits_its_budget(preset):
     config = load_preset(preset)
-    report = estimate_memory(config, _arch(config))
-    assert report.peak_bytes <= 6 * GB, report.to_text()
+    arch = _arch(config)
+    report = estimate_memory(config, arch)
+    assert report.peak_bytes <= PRESET_BUDGETS.get(arch, 6 * GB), report.to_text()
 
 
 def test_micro_batch_1_fits_4_gb_and_3_gb_with_a_4_bit_base(sd15_run):

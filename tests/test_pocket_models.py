@@ -11,7 +11,8 @@ from lowvram_ddpo.models import POCKET_DIR, load_pipeline
 from lowvram_ddpo.pocket import world
 from lowvram_ddpo.pocket.classifier import load_classifier, prompt_accuracy
 from lowvram_ddpo.policy import DDIMPolicy
-from lowvram_ddpo.rollout import encode_prompts, sample_trajectories
+from lowvram_ddpo.rollout import sample_trajectories
+from lowvram_ddpo.text_encoding import encode_negative
 
 SD_FLOOR = 0.6  # shape and colour both right; README states the measured figure
 LCM_FLOOR = 0.5
@@ -34,7 +35,7 @@ def test_pocket_loads_with_diffusers_and_draws_its_prompts(classifier):
     pipe = StableDiffusionPipeline.from_pretrained(POCKET_DIR / "pocket-sd", dtype=torch.float32)
     assert pipe.unet.config.sample_size * 4 == world.SIZE
     policy = DDIMPolicy(pipe.scheduler.config, num_steps=20, eta=1.0)
-    negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    negative = encode_negative(pipe, "")
     captions = _captions()
     with torch.no_grad():
         images = sample_trajectories(

@@ -7,7 +7,8 @@ from diffusers import DDIMScheduler
 
 from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss
 from lowvram_ddpo.policy import Conditioning, DDIMPolicy, GaussianStep, gaussian_log_prob
-from lowvram_ddpo.rollout import encode_prompts, sample_trajectories
+from lowvram_ddpo.rollout import sample_trajectories
+from lowvram_ddpo.text_encoding import encode_negative, encode_prompts
 
 
 def _cond(pipe, prompts, scale=5.0):
@@ -75,7 +76,7 @@ def test_replay_of_a_stored_trajectory_gives_ratio_one(tiny_pipeline):
     different batch composition) reproduces the stored log-probs."""
     pipe = tiny_pipeline
     policy = DDIMPolicy(pipe.scheduler.config, num_steps=4, eta=1.0)
-    negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    negative = encode_negative(pipe, "")
     with torch.no_grad():
         samples = sample_trajectories(
             pipe,
@@ -101,7 +102,7 @@ def test_replay_of_a_stored_trajectory_gives_ratio_one(tiny_pipeline):
         assert metrics["approx_kl"].item() < 1e-10
     # and directly: every step's recomputed log-prob within 1e-5 of the stored one
     for k in range(4):
-        cond = Conditioning(samples.prompt_embeds, negative.expand_as(samples.prompt_embeds), 5.0)
+        cond = Conditioning.of(samples.text(), negative, 5.0)
         with torch.no_grad():
             step = policy(pipe.unet, samples.latents[:, k], samples.timesteps[[k] * 3], cond)
         replayed = step.log_prob(samples.latents[:, k + 1])

@@ -4,8 +4,14 @@ weights, built offline (the tokenizer's vocabulary is made in code, no download)
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lowvram_ddpo.architectures import SD_SCHEDULER
 from lowvram_ddpo.pocket.tokenizer import build_tokenizer
@@ -58,11 +64,9 @@ TINY_UNET = dict(
 )
 
 
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline with random weights: 32 px images, 8x8x4 latents."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**TINY_UNET)
-    vae = AutoencoderKL(
+def tiny_vae(**overrides: object) -> AutoencoderKL:
+    """A 3-level VAE (latents 1/4 of the image side) whose decoder passes latents through."""
+    config = dict(
         in_channels=3,
         out_channels=3,
         block_out_channels=(16, 16, 16),
@@ -73,21 +77,33 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         norm_num_groups=8,
         sample_size=32,
     )
+    vae = AutoencoderKL(**(config | overrides))
     make_decoder_transparent(vae)
-    tokenizer = tiny_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    return vae
+
+
+def tiny_text_config(tokenizer: CLIPTokenizer, **overrides: object) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
     )
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline with random weights: 32 px images, 8x8x4 latents."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    vae = tiny_vae()
+    tokenizer = tiny_tokenizer()
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
     scheduler = DDIMScheduler(**SD_SCHEDULER)  # Stable Diffusion's noise schedule
     return StableDiffusionPipeline(
         vae=vae,
@@ -98,6 +114,42 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+TINY_SDXL_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=64,  # the two text encoders' widths, concatenated
+    attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 2),
+    use_linear_projection=True,
+    norm_num_groups=8,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + pooled text (32)
+)
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A StableDiffusionXLPipeline with random weights (two text encoders, pooled and
+    time-id conditioning, an fp16-unsafe VAE flag as SDXL's): 32 px images."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(force_upcast=True, scaling_factor=0.13025),
+        text_encoder=CLIPTextModel(tiny_text_config(tokenizer)),
+        text_encoder_2=CLIPTextModelWithProjection(tiny_text_config(tokenizer, projection_dim=32)),
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_tokenizer(),
+        unet=UNet2DConditionModel(**TINY_SDXL_UNET),
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        add_watermarker=False,
     )
 
 

@@ -22,6 +22,7 @@ from lowvram_ddpo.algorithms.losses import (
 )
 from lowvram_ddpo.policy import Conditioning, PolicyStep
 from lowvram_ddpo.rollout import Trajectories
+from lowvram_ddpo.text_encoding import TextEmbeds
 
 
 @dataclass
@@ -37,13 +38,13 @@ class MicroBatch:
 def _conditioning(
     trajectories: Trajectories,
     batch: MicroBatch,
-    negative: Tensor | None,
+    negative: TextEmbeds | None,
     scale: float,
     device: torch.device,
 ) -> Conditioning:
-    embeds = trajectories.prompt_embeds[batch.samples].to(device)
-    neg = None if negative is None else negative.expand_as(embeds).to(device)
-    return Conditioning(embeds, neg, scale)
+    """The conditioning the samples were drawn with (same prompts, negative, sizes)."""
+    text = trajectories.text(batch.samples).to(device)
+    return Conditioning.of(text, negative, scale, trajectories.time_ids)
 
 
 def policy_gradient_loss(
@@ -53,7 +54,7 @@ def policy_gradient_loss(
     trajectories: Trajectories,
     batch: MicroBatch,
     advantages: Tensor,
-    negative: Tensor | None,
+    negative: TextEmbeds | None,
     guidance_scale: float,
     clip_range: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -93,6 +94,6 @@ def reward_weighted_loss(
     noise = torch.randn(x0.shape, generator=generator)
     noisy = scheduler.add_noise(x0, noise, t)
     target = denoising_target(scheduler, x0, noise, t).to(device)
-    embeds = trajectories.prompt_embeds[batch.samples].to(device)
-    prediction = unet(noisy.to(device), t.to(device), encoder_hidden_states=embeds).sample
+    cond = _conditioning(trajectories, batch, None, 1.0, device)
+    prediction = unet(noisy.to(device), t.to(device), **cond.unet_kwargs()).sample
     return weighted_denoising_loss(prediction, target, weights[batch.samples].to(device))

@@ -28,10 +28,11 @@ from lowvram_ddpo.memory.counting import (
 from lowvram_ddpo.memory.quantisation import quantised_savings
 from lowvram_ddpo.memory.report import MemoryReport, PhaseMemory
 from lowvram_ddpo.memory.units import module_bytes
-from lowvram_ddpo.models import DTYPES, make_trainable, trainable_parameters
+from lowvram_ddpo.models import DTYPES, make_trainable, trainable_parameters, use_vae_tiling
 from lowvram_ddpo.policy import Conditioning, PolicyStep, build_policy
 from lowvram_ddpo.rewards import ModelReward, reward_on_meta
 from lowvram_ddpo.rollout import Trajectories
+from lowvram_ddpo.text_encoding import TextEmbeds, micro_conditioning
 
 RESERVED_OVER_ALLOCATED = 1.10
 """The CUDA caching allocator holds more than the live tensors (block rounding, cached
@@ -83,16 +84,16 @@ class MetaRun:
     def autocast_dtype(self) -> torch.dtype | None:
         return None if self.dtype == torch.float32 else self.dtype
 
-    def measure(self, key: tuple, work: Callable[[], object]) -> int:
+    def measure(self, key: tuple, work: Callable[[], object], autocast: bool = True) -> int:
         """Peak bytes of what ``work`` allocates on the device (remembered per ``key``: the
         auto-fit asks for the same phase settings many times)."""
         if key not in self._peaks:
-            self._peaks[key] = self._measure(work)
+            self._peaks[key] = self._measure(work, autocast)
         return self._peaks[key]
 
-    def _measure(self, work: Callable[[], object]) -> int:
+    def _measure(self, work: Callable[[], object], autocast: bool = True) -> int:
         counter = DeviceBytesCounter()
-        with GpuKernelEmulation(self.autocast_dtype), counter:
+        with GpuKernelEmulation(self.autocast_dtype if autocast else None), counter:
             result = work()
             del result
         return counter.peak
@@ -102,21 +103,48 @@ class MetaRun:
         return (self.parts.unet.config.in_channels, resolution // scale, resolution // scale)
 
     def text_shape(self) -> tuple[int, int]:
-        text = self.parts.text_encoder.config
-        return text.max_position_embeddings, text.hidden_size
+        """(tokens, width) of the UNet's text conditioning (SDXL: both encoders' widths)."""
+        length = self.parts.text_encoder.config.max_position_embeddings
+        return length, self.parts.unet.config.cross_attention_dim
+
+    def text_embeds(self, batch: int, device: str = "meta") -> TextEmbeds:
+        length, width = self.text_shape()
+        hidden = torch.zeros(batch, length, width, device=device, dtype=self.dtype)
+        second = self.parts.text_encoder_2
+        if second is None:
+            return TextEmbeds(hidden)
+        pooled = torch.zeros(batch, second.config.projection_dim, device=device, dtype=self.dtype)
+        return TextEmbeds(hidden, pooled)
+
+    def time_ids(self) -> Tensor | None:
+        return micro_conditioning(self.parts.unet.config, self.config.sample.resolution)
+
+    @property
+    def upcasts_vae(self) -> bool:
+        """SDXL's VAE decodes in fp32 when the run is fp16 (see ``rollout.decode_latents``)."""
+        return (
+            self.parts.text_encoder_2 is not None
+            and bool(self.parts.vae.config.get("force_upcast", False))
+            and self.dtype == torch.float16
+        )
 
     def _conditioning(self, batch: int, guidance: float) -> Conditioning:
-        length, width = self.text_shape()
-        embeds = torch.empty(batch, length, width, device="meta", dtype=self.dtype)
-        return Conditioning(embeds, embeds if guidance != 1.0 else None, guidance)
+        text = self.text_embeds(batch)
+        return Conditioning.of(text, text if guidance != 1.0 else None, guidance, self.time_ids())
 
     # ---------------------------------------------------------------- phases
 
     def encode_prompts(self, batch: int) -> int:
+        """Every text encoder in turn, their outputs kept until the last has run."""
         length, _ = self.text_shape()
         ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
+        sdxl = self.parts.text_encoder_2 is not None
+
+        def work() -> list:
+            return [e(ids, output_hidden_states=sdxl)[0] for e in self.parts.text_encoders]
+
         with torch.no_grad():
-            return self.measure(("encode", len(ids)), lambda: self.parts.text_encoder(ids)[0])
+            return self.measure(("encode", len(ids)), work)
 
     def denoising_step(self, batch: int, guidance: float) -> int:
         """One denoising step of a sampling batch (classifier-free guidance, when the policy
@@ -154,11 +182,21 @@ class MetaRun:
         with torch.no_grad():
             return self.measure(("reward", batch), work)
 
-    def decode_one(self) -> int:
+    def decode_one(self, tiling: bool) -> int:
         vae = self.parts.vae
         z = torch.empty(1, *self.latent_shape(self.config.sample.resolution), device="meta")
-        with torch.no_grad():
-            return self.measure(("decode",), lambda: vae.decode(z.to(self.dtype)).sample.float())
+        dtype = torch.float32 if self.upcasts_vae else self.dtype
+        torch.nn.Module.to(vae, dtype)  # as rollout.decode_latents casts it
+        use_vae_tiling(vae, tiling)
+        try:
+            with torch.no_grad():
+                return self.measure(
+                    ("decode", tiling),
+                    lambda: vae.decode(z.to(dtype)).sample.float(),
+                    autocast=not self.upcasts_vae,
+                )
+        finally:
+            torch.nn.Module.to(vae, self.dtype)
 
     def training_micro_step(self, config: Config) -> int:
         """One micro-step's forward and backward with gradients already accumulated."""
@@ -191,7 +229,7 @@ class MetaRun:
                     samples,
                     batch,
                     signal,
-                    samples.prompt_embeds[:1] if guidance != 1.0 else None,
+                    samples.text(slice(0, 1)) if guidance != 1.0 else None,
                     guidance,
                     t.clip_range,
                 )
@@ -212,15 +250,17 @@ class MetaRun:
 
     def _cpu_trajectories(self, batch: int) -> Trajectories:
         """Stand-in stored rollouts (they live on the CPU, as in training)."""
-        length, width = self.text_shape()
+        text = self.text_embeds(batch, device="cpu")
         shape = self.latent_shape(self.config.sample.resolution)
         return Trajectories(
             prompts=[""] * batch,
-            prompt_embeds=torch.zeros(batch, length, width, dtype=self.dtype),
+            prompt_embeds=text.hidden,
             latents=torch.zeros(batch, 2, *shape),
             log_probs=torch.zeros(batch, 1),
             timesteps=self.policy.timesteps()[:1],
             images=None,
+            pooled_embeds=text.pooled,
+            time_ids=self.time_ids(),
         )
 
 
@@ -232,7 +272,7 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     """
     run = run or MetaRun(config, arch)
     m, s = config.memory, config.sample
-    unet, vae, text = run.parts.unet, run.parts.vae, run.parts.text_encoder
+    unet, vae = run.parts.unet, run.parts.vae
     saved, dequantised = quantised_savings(unet, m.quantize)
     params = trainable_parameters(unet)
     # what stays on the device through the whole epoch (Adam's state exists after step 1)
@@ -240,7 +280,9 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
         "unet": module_bytes(unet) - saved,
         "optimizer state": optimizer_state_bytes(params, m.optimizer),
     }
-    for_phase = {"text encoder": module_bytes(text), "vae": module_bytes(vae)}
+    vae_bytes = module_bytes(vae) * (2 if run.upcasts_vae else 1)  # fp32 while decoding
+    text_bytes = sum(module_bytes(encoder) for encoder in run.parts.text_encoders)
+    for_phase = {"text encoder": text_bytes, "vae": vae_bytes}
     reward_model = run.reward_model()
     scorer = {} if reward_model is None else {"reward model": reward_model.device_bytes()}
     if not m.offload:
@@ -256,7 +298,7 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
 
     encode_peak = run.encode_prompts(s.batch_size)
     step_peak = run.denoising_step(s.batch_size, s.guidance_scale)
-    decode_peak = run.decode_one()
+    decode_peak = run.decode_one(m.vae_tiling)
     reward_peak = run.score_rewards(config.reward.batch_size)
     overlapped = reward_model is not None and config.reward.overlap == "on"
     train_peak = run.training_micro_step(config)
@@ -292,4 +334,5 @@ def settings_of(config: Config) -> dict[str, object]:
         "optimizer": m.optimizer,
         "quantize": m.quantize,
         "attention": m.attention,
+        "vae_tiling": m.vae_tiling,
     }

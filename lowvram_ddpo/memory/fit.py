@@ -2,14 +2,16 @@
 
 Levers are tried from the cheapest in time to the dearest: first the largest sampling
 batch that fits; for training, smaller micro-batches (free on a GPU that a 512 px
-batch already fills), then gradient checkpointing (~30% slower training), and
-last a 4-bit frozen base. The images per epoch and per optimiser step never change:
-a smaller batch means more batches, or more accumulation steps.
+batch already fills); above 512 px, VAE tiling (a few more decoder passes); then
+gradient checkpointing (~30% slower training), and last a 4-bit frozen base. The
+images per epoch and per optimiser step never change: a smaller batch means more
+batches, or more accumulation steps.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory
 from lowvram_ddpo.memory.report import MemoryReport
 from lowvram_ddpo.memory.units import GB, format_size
+from lowvram_ddpo.models import VAE_TILE_PIXELS
 
 CUDA_CONTEXT_BYTES = GB // 2
 """What the CUDA context and kernels take on the card besides PyTorch's allocations."""
@@ -53,11 +56,16 @@ def candidates(config: Config, quantize: str) -> Iterator[Config]:
     samples = s.batch_size * s.batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
     checkpointing = [False, True] if not config.memory.gradient_checkpointing else [True]
-    for ckpt in checkpointing:
+    # tiles only exist above their size; a few more decode passes cost less than recomputing
+    # the UNet in every backward, so tiling comes before checkpointing
+    tiles = s.resolution > VAE_TILE_PIXELS and not config.memory.vae_tiling
+    tiling = [False, True] if tiles else [config.memory.vae_tiling]
+    for ckpt, tiled in itertools.product(checkpointing, tiling):
         for micro in _halvings(t.batch_size, per_step):
             for batch in _halvings(s.batch_size, samples):
                 trial = copy.deepcopy(config)
                 trial.memory.gradient_checkpointing = ckpt
+                trial.memory.vae_tiling = tiled
                 trial.memory.quantize = quantize
                 trial.train.batch_size = micro
                 trial.train.gradient_accumulation_steps = per_step // micro
@@ -73,6 +81,7 @@ def describe_changes(before: Config, after: Config) -> list[str]:
         ("train", "batch_size"),
         ("train", "gradient_accumulation_steps"),
         ("memory", "gradient_checkpointing"),
+        ("memory", "vae_tiling"),
         ("memory", "quantize"),
     ]
     changes = []

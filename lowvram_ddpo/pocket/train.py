@@ -221,11 +221,12 @@ def measure_accuracy(
 ) -> dict:
     """Prompt accuracy over every caption of the world, with the DDIM sampler DDPO uses."""
     from lowvram_ddpo.policy import DDIMPolicy
-    from lowvram_ddpo.rollout import encode_prompts, sample_trajectories
+    from lowvram_ddpo.rollout import sample_trajectories
+    from lowvram_ddpo.text_encoding import encode_negative
 
     captions = world.all_captions()
     policy = DDIMPolicy(pipe.scheduler.config, steps, eta=1.0)
-    negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    negative = encode_negative(pipe, "")
     images = []
     for seed in range(seeds):
         generator = torch.Generator().manual_seed(seed)

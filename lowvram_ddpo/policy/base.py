@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lowvram_ddpo.text_encoding import TextEmbeds
+
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -56,17 +58,59 @@ class GaussianStep:
 
 @dataclass
 class Conditioning:
-    """Text conditioning for one batch, already encoded."""
+    """Text conditioning for one batch, already encoded and on the UNet's device."""
 
     prompt_embeds: Tensor
     """[B, L, D]"""
     negative_embeds: Tensor | None = None
     """[B, L, D] for classifier-free guidance; None for no guidance."""
     guidance_scale: float = 1.0
+    pooled_embeds: Tensor | None = None
+    """SDXL: [B, P] pooled text embedding (``added_cond_kwargs["text_embeds"]``)."""
+    negative_pooled: Tensor | None = None
+    time_ids: Tensor | None = None
+    """SDXL: [6] micro-conditioning (sizes and crop), shared by the batch."""
 
-    def to(self, device: torch.device | str) -> Conditioning:
-        neg = None if self.negative_embeds is None else self.negative_embeds.to(device)
-        return Conditioning(self.prompt_embeds.to(device), neg, self.guidance_scale)
+    @classmethod
+    def of(
+        cls,
+        prompt: TextEmbeds,
+        negative: TextEmbeds | None,
+        guidance_scale: float,
+        time_ids: Tensor | None = None,
+    ) -> Conditioning:
+        """From encoded prompts and one negative embedding (broadcast to the batch)."""
+        neg = None if negative is None else negative.to(prompt.hidden.device).expand(len(prompt))
+        return cls(
+            prompt_embeds=prompt.hidden,
+            negative_embeds=None if neg is None else neg.hidden,
+            guidance_scale=guidance_scale,
+            pooled_embeds=prompt.pooled,
+            negative_pooled=None if neg is None else neg.pooled,
+            time_ids=time_ids,
+        )
+
+    @property
+    def guided(self) -> bool:
+        """Whether a step runs classifier-free guidance (the UNet batch doubled)."""
+        return self.negative_embeds is not None and self.guidance_scale != 1.0
+
+    def unet_kwargs(self, doubled: bool = False) -> dict[str, object]:
+        """The UNet's conditioning arguments; ``doubled``: negative rows first, then the
+        prompts, for one classifier-free-guided pass."""
+        hidden, pooled = self.prompt_embeds, self.pooled_embeds
+        if doubled:
+            assert self.negative_embeds is not None, "guidance needs a negative embedding"
+            hidden = torch.cat([self.negative_embeds, hidden])
+            if pooled is not None:
+                assert self.negative_pooled is not None, "SDXL guidance needs a pooled negative"
+                pooled = torch.cat([self.negative_pooled, pooled])
+        kwargs: dict[str, object] = {"encoder_hidden_states": hidden}
+        if pooled is not None:
+            assert self.time_ids is not None, "SDXL conditioning needs its time_ids"
+            time_ids = self.time_ids.to(pooled.device, pooled.dtype).expand(len(pooled), -1)
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+        return kwargs
 
 
 class PolicyStep(ABC):

@@ -14,12 +14,12 @@ def guided_model_output(
     unet: torch.nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning
 ) -> Tensor:
     """One UNet pass; with classifier-free guidance the batch is doubled inside."""
-    if cond.negative_embeds is None or cond.guidance_scale == 1.0:
-        return unet(latents, timesteps, encoder_hidden_states=cond.prompt_embeds).sample.float()
+    if not cond.guided:
+        return unet(latents, timesteps, **cond.unet_kwargs()).sample.float()
     out = unet(
         torch.cat([latents, latents]),
         torch.cat([timesteps, timesteps]),
-        encoder_hidden_states=torch.cat([cond.negative_embeds, cond.prompt_embeds]),
+        **cond.unet_kwargs(doubled=True),
     ).sample.float()
     uncond, text = out.chunk(2)
     return uncond + cond.guidance_scale * (text - uncond)

@@ -83,12 +83,8 @@ class LCMPolicy(PolicyStep):
             return guided_model_output(unet, latents, timesteps, cond)
         w = torch.full((len(latents),), cond.guidance_scale - 1.0)
         embedding = guidance_embedding(w, dim).to(latents.device, cond.prompt_embeds.dtype)
-        return unet(
-            latents,
-            timesteps,
-            encoder_hidden_states=cond.prompt_embeds,
-            timestep_cond=embedding,
-        ).sample.float()
+        output = unet(latents, timesteps, timestep_cond=embedding, **cond.unet_kwargs())
+        return output.sample.float()
 
     def __call__(
         self, unet: torch.nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning

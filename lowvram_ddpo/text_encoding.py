@@ -1,0 +1,105 @@
+"""Prompts to the UNet's text conditioning, for Stable Diffusion 1.x/2.x and SDXL.
+
+SD 1.x feeds the UNet the last hidden states of one CLIP text encoder. SDXL
+concatenates the penultimate hidden states of two (CLIP ViT-L and OpenCLIP ViT-bigG),
+and adds the second one's pooled, projected embedding and six "micro-conditioning"
+numbers (original size, crop corner, target size) through ``added_cond_kwargs``:
+what ``StableDiffusionXLPipeline`` does, reproduced here so that sampling and the
+training pass see exactly the same inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class TextEmbeds:
+    """Encoded prompts: what a batch's UNet calls are conditioned on."""
+
+    hidden: Tensor
+    """[B, L, D] token embeddings (``encoder_hidden_states``)."""
+    pooled: Tensor | None = None
+    """[B, P] SDXL's pooled embedding of the second text encoder; None for SD 1.x/2.x."""
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def to(self, device: torch.device | str) -> TextEmbeds:
+        pooled = None if self.pooled is None else self.pooled.to(device)
+        return TextEmbeds(self.hidden.to(device), pooled)
+
+    def __getitem__(self, index: Tensor | slice | list[int]) -> TextEmbeds:
+        return TextEmbeds(self.hidden[index], None if self.pooled is None else self.pooled[index])
+
+    def expand(self, batch: int) -> TextEmbeds:
+        """One embedding (a negative prompt) broadcast to ``batch`` rows, without copies."""
+        hidden = self.hidden.expand(batch, *self.hidden.shape[1:])
+        pooled = None if self.pooled is None else self.pooled.expand(batch, -1)
+        return TextEmbeds(hidden, pooled)
+
+    @staticmethod
+    def cat(parts: list[TextEmbeds]) -> TextEmbeds:
+        hidden = torch.cat([p.hidden for p in parts])
+        if any(p.pooled is None for p in parts):
+            return TextEmbeds(hidden)
+        return TextEmbeds(hidden, torch.cat([p.pooled for p in parts]))  # type: ignore[misc]
+
+
+def is_sdxl(pipe) -> bool:  # noqa: ANN001  (any diffusers text-to-image pipeline)
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def text_encoders(pipe) -> nn.Module:  # noqa: ANN001
+    """The pipeline's text encoder(s) as one module, so they are moved (offloaded) together."""
+    if is_sdxl(pipe):
+        return nn.ModuleList([pipe.text_encoder, pipe.text_encoder_2])
+    return pipe.text_encoder
+
+
+def _token_ids(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> Tensor:  # noqa: ANN001
+    max_length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
+    return tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(next(text_encoder.parameters()).device)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> Tensor:  # noqa: ANN001
+    """[B, L, D] last hidden states of one CLIP text encoder, as SD 1.x/2.x feed the UNet."""
+    return text_encoder(_token_ids(tokenizer, text_encoder, prompts))[0]
+
+
+@torch.no_grad()
+def encode_text(pipe, prompts: list[str]) -> TextEmbeds:  # noqa: ANN001
+    """The conditioning of ``prompts`` for the pipeline's UNet (SD or SDXL)."""
+    if not is_sdxl(pipe):
+        return TextEmbeds(encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts))
+    hidden, pooled = [], None
+    pairs = ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
+    for tokenizer, encoder in pairs:
+        out = encoder(_token_ids(tokenizer, encoder, prompts), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the projected pooled embedding of the last (bigG) encoder
+    return TextEmbeds(torch.cat(hidden, dim=-1), pooled)
+
+
+def encode_negative(pipe, negative_prompt: str) -> TextEmbeds:  # noqa: ANN001
+    """The unconditional embedding for classifier-free guidance. For SDXL base models an
+    empty negative prompt is all zeros (``force_zeros_for_empty_prompt``), as diffusers
+    does when no negative prompt is given."""
+    embeds = encode_text(pipe, [negative_prompt])
+    if is_sdxl(pipe) and not negative_prompt and pipe.config.force_zeros_for_empty_prompt:
+        return TextEmbeds(torch.zeros_like(embeds.hidden), torch.zeros_like(embeds.pooled))
+    return embeds
+
+
+def micro_conditioning(unet_config: dict, resolution: int) -> Tensor | None:
+    """SDXL's ``time_ids``: (original height, width, crop top, crop left, target height,
+    width) for an uncropped square image; None for UNets without them (SD 1.x/2.x)."""
+    if unet_config.get("addition_embed_type") != "text_time":
+        return None
+    return torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)

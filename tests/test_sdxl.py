@@ -1,0 +1,214 @@
+"""SDXL: the same policy, trainer and memory estimate on a pipeline with two text
+encoders, pooled-text and time-id conditioning, checked against diffusers' own
+StableDiffusionXLPipeline on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import TINY_PRESET
+from diffusers import StableDiffusionXLPipeline
+from tiny import build_tiny_sdxl_pipeline
+from typer.testing import CliRunner
+
+from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss, reward_weighted_loss
+from lowvram_ddpo.architectures import build_components, default_architecture
+from lowvram_ddpo.cli import app
+from lowvram_ddpo.config import load_preset
+from lowvram_ddpo.memory.estimate import estimate_memory
+from lowvram_ddpo.memory.units import GB
+from lowvram_ddpo.models import load_pipeline
+from lowvram_ddpo.policy import DDIMPolicy
+from lowvram_ddpo.rollout import decode_latents, sample_trajectories
+from lowvram_ddpo.text_encoding import encode_negative, encode_text, micro_conditioning
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return build_tiny_sdxl_pipeline()
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sdxl") / "pipeline"
+    build_tiny_sdxl_pipeline().save_pretrained(folder)
+    return folder
+
+
+def test_prompts_are_encoded_as_diffusers_does(sdxl):
+    text = encode_text(sdxl, ["a cat", "a dog on a hill"])
+    with torch.no_grad():
+        hidden, negative, pooled, negative_pooled = sdxl.encode_prompt(
+            ["a cat", "a dog on a hill"], device="cpu", do_classifier_free_guidance=True
+        )
+    assert text.hidden.shape == (2, 16, 64)  # both encoders' widths, concatenated
+    assert torch.equal(text.hidden, hidden) and torch.equal(text.pooled, pooled)
+    empty = encode_negative(sdxl, "")  # no negative prompt: zeros, like diffusers
+    assert torch.equal(empty.hidden, negative[:1])
+    assert torch.equal(empty.pooled, negative_pooled[:1])
+    assert encode_negative(sdxl, "blurry").hidden.abs().sum() > 0
+    expected = sdxl._get_add_time_ids((32, 32), (0, 0), (32, 32), torch.float32, 32)
+    assert torch.equal(micro_conditioning(sdxl.unet.config, 32), expected[0])
+
+
+def test_rollout_reproduces_the_diffusers_sdxl_pipeline(sdxl):
+    """Same seed, same DDIM eta=1 sampler, guidance 5: our rollout's final latent is the
+    pipeline's (both draw x_T, then each step's noise, from the one CPU generator)."""
+    policy = DDIMPolicy(sdxl.scheduler.config, num_steps=4, eta=1.0)
+    with torch.no_grad():
+        ours = sample_trajectories(
+            sdxl,
+            sdxl.unet,
+            policy,
+            ["a cat"],
+            encode_negative(sdxl, ""),
+            5.0,
+            32,
+            torch.Generator().manual_seed(0),
+        )
+        reference = sdxl(
+            ["a cat"],
+            num_inference_steps=4,
+            guidance_scale=5.0,
+            eta=1.0,
+            height=32,
+            width=32,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        ).images
+    assert ours.pooled_embeds.shape == (1, 32) and ours.time_ids is not None
+    assert (ours.latents[:, -1] - reference).abs().max().item() < 1e-5
+
+
+def test_replay_gives_ratio_one_and_rwr_trains(sdxl):
+    policy = DDIMPolicy(sdxl.scheduler.config, num_steps=3, eta=1.0)
+    negative = encode_negative(sdxl, "")
+    with torch.no_grad():
+        samples = sample_trajectories(
+            sdxl, sdxl.unet, policy, ["a", "b", "c"], negative, 5.0, 32, torch.Generator()
+        )
+    advantages = torch.tensor([1.0, -1.0, 0.5])
+    for k in range(3):
+        batch = MicroBatch(samples=torch.tensor([2, 0]), steps=torch.tensor([k, k]))
+        with torch.no_grad():
+            _, metrics = policy_gradient_loss(
+                "ddpo-is", sdxl.unet, policy, samples, batch, advantages, negative, 5.0, 1e-4
+            )
+        assert metrics["approx_kl"].item() < 1e-10
+    batch = MicroBatch(samples=torch.tensor([0, 1]), steps=torch.tensor([0, 0]))
+    loss, _ = reward_weighted_loss(
+        sdxl.unet, policy.scheduler, samples, batch, torch.ones(3), torch.Generator()
+    )
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_an_fp16_vae_that_asks_for_it_decodes_in_fp32_and_stays_fp16():
+    vae = build_tiny_sdxl_pipeline().vae
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    reference = decode_latents(vae, z)
+    vae.half()
+    upcast = decode_latents(vae, z, upcast=True)
+    assert next(vae.parameters()).dtype == torch.float16
+    assert (upcast - reference).abs().max().item() < 1e-2
+
+
+def test_a_saved_sdxl_folder_trains_a_lora_and_samples_with_it(sdxl_dir, tmp_path):
+    pipe = load_pipeline(str(sdxl_dir))
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    preset = tmp_path / "tiny-sdxl.toml"
+    preset.write_text(TINY_PRESET.format(model=sdxl_dir))
+    run_dir = tmp_path / "run"
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        ["train", "--preset", str(preset), "--output", str(run_dir), "--epochs", "2"],
+    )
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["optimizer_steps"] == 1 for m in metrics)
+    assert (run_dir / "pytorch_lora_weights.safetensors").is_file()
+    result = runner.invoke(
+        app,
+        ["sample", "--lora", str(run_dir), "--prompts", "a cat", "--seeds", "0", "--seeds", "1"]
+        + ["--grid", str(tmp_path / "grid.png"), "--reward", "jpeg_incompressibility"],
+    )
+    assert result.exit_code == 0, result.output
+    means = [float(v) for v in re.findall(r"mean reward ([-\d.]+)", result.output)]
+    assert len(means) == 2 and means[0] != means[1]  # the LoRA changed the images
+
+
+def test_sdxl_is_estimated_from_its_real_shapes():
+    parts = build_components("sdxl", "meta", torch.float16)
+    count = [sum(p.numel() for p in m.parameters()) for m in (parts.unet, parts.text_encoder_2)]
+    assert count == [2_567_463_684, 694_659_840]  # SDXL base 1.0's UNet and OpenCLIP bigG
+    assert parts.native_resolution == 1024
+    assert default_architecture("stabilityai/stable-diffusion-xl-base-1.0") == "sdxl"
+    config = load_preset("incompressibility")
+    config.sample.resolution = 1024
+    config.memory.gradient_checkpointing = True
+    report = estimate_memory(config, "sdxl")
+    encode = report.phase("encode")
+    assert 1.4 * GB < encode.held["text encoder"] < 1.7 * GB  # both encoders, fp16
+    assert report.phase("decode").held["vae"] > 0.3 * GB  # upcast to fp32 for decoding
+    assert report.phase("training").peak_reserved < report.phase("decode").peak_reserved
+
+
+def test_bench_memory_builds_sdxl_at_its_native_size():
+    result = CliRunner().invoke(
+        app,
+        ["bench", "memory", "--preset", "incompressibility", "--arch", "sdxl", "--json"]
+        + ["--set", "memory.gradient_checkpointing=true"],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["arch"] == "sdxl" and report["settings"]["resolution"] == 1024
+    assert any("native size" in note for note in report["notes"])
+
+
+def test_the_measured_bench_path_builds_a_random_sdxl_pipeline(sdxl_dir, tmp_path):
+    """`bench memory` on a GPU: random weights from the folder's configs, one short epoch."""
+    from lowvram_ddpo.memory.measure import measure_run
+
+    preset = tmp_path / "tiny-sdxl.toml"
+    preset.write_text(TINY_PRESET.format(model=sdxl_dir))
+    report = measure_run(load_preset(str(preset)), str(sdxl_dir))
+    assert [p.name for p in report.phases] == ["sampling", "reward", "training"]
+    assert all(p.seconds and p.seconds > 0 for p in report.phases)
+
+
+def test_vae_tiling_decodes_in_tiles_with_the_same_image(monkeypatch):
+    from tiny import tiny_vae
+
+    from lowvram_ddpo.models import use_vae_tiling
+
+    vae = tiny_vae(sample_size=64)  # tiles of 64 px (the smaller of its size and 512 px)
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))  # 128 px
+    whole = decode_latents(vae, z)
+    tiles = []
+    original = vae.tiled_decode
+    monkeypatch.setattr(vae, "tiled_decode", lambda *a, **k: tiles.append(1) or original(*a, **k))
+    use_vae_tiling(vae, True)
+    tiled = decode_latents(vae, z)
+    assert tiles and (vae.tile_sample_min_size, vae.tile_latent_min_size) == (64, 16)
+    assert tiled.shape == whole.shape == (1, 3, 128, 128)
+    # the same picture: group norms see one tile at a time and seams are blended
+    assert (tiled - whole).abs().mean().item() < 0.02
+    use_vae_tiling(vae, False)
+    assert not vae.use_tiling
+
+
+def test_vram_fit_reaches_for_vae_tiling_on_sdxl():
+    from lowvram_ddpo.memory.fit import fit_to_vram
+
+    config = load_preset("incompressibility")
+    config.sample.resolution = 1024
+    fit = fit_to_vram(config, "sdxl", 8 * GB)
+    assert fit.config.memory.vae_tiling and fit.config.memory.quantize == "none"
+    assert "memory.vae_tiling False -> True" in fit.changes
+    tiled = estimate_memory(fit.config, "sdxl").phase("decode").peak_reserved
+    fit.config.memory.vae_tiling = False
+    untiled = estimate_memory(fit.config, "sdxl").phase("decode").peak_reserved
+    assert untiled > 1.3 * tiled
