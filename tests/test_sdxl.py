@@ -212,3 +212,25 @@ def test_vram_fit_reaches_for_vae_tiling_on_sdxl():
     fit.config.memory.vae_tiling = False
     untiled = estimate_memory(fit.config, "sdxl").phase("decode").peak_reserved
     assert untiled > 1.3 * tiled
+
+
+def test_rlcm_policy_runs_on_sdxl_conditioning(sdxl):
+    """SDXL + an LCM-LoRA is trained with the LCM policy: no guidance embedding, so
+    guidance above 1 is classifier-free, with the pooled and time-id inputs doubled too."""
+    from diffusers import LCMScheduler
+
+    from lowvram_ddpo.policy import LCMPolicy
+
+    config = LCMScheduler.from_config(sdxl.scheduler.config).config
+    policy = LCMPolicy(config, num_steps=4)
+    negative = encode_negative(sdxl, "")
+    with torch.no_grad():
+        samples = sample_trajectories(
+            sdxl, sdxl.unet, policy, ["a", "b"], negative, 1.5, 32, torch.Generator()
+        )
+        batch = MicroBatch(samples=torch.tensor([1, 0]), steps=torch.tensor([3, 1]))
+        _, metrics = policy_gradient_loss(
+            "ddpo-is", sdxl.unet, policy, samples, batch, torch.ones(2), negative, 1.5, 1e-4
+        )
+    assert samples.latents.shape == (2, 5, 4, 8, 8)
+    assert metrics["approx_kl"].item() < 1e-10
