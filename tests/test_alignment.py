@@ -282,3 +282,30 @@ def test_memory_estimate_covers_the_local_captioner_and_its_4_bit_form(tiny_vlm)
     assert fp16.held["reward model"] > remote.held["reward model"]
     assert nf4.held["reward model"] < fp16.held["reward model"]
     assert fp16.peak_allocated > remote.peak_allocated  # the VLM's prefill and KV cache
+
+
+def test_llava_1_5_7b_is_estimated_offline_and_vram_shrinks_the_scoring_batch():
+    """The paper's captioner family at 7 B, from transformers' documented LlavaConfig
+    defaults: 4-bit weights ~4.4 GB on the card while scoring; `--vram 8GB` keeps it by
+    scoring one image at a time (the KV cache of 8 prefills is the rest)."""
+    from lowvram_ddpo.config import apply_overrides
+    from lowvram_ddpo.memory.estimate import estimate_memory
+    from lowvram_ddpo.memory.fit import CUDA_CONTEXT_BYTES, fit_to_vram
+    from lowvram_ddpo.memory.units import GB
+
+    config = load_preset("prompt-alignment")
+    apply_overrides(
+        config,
+        [
+            "reward.captioner='local'",
+            "reward.captioner_model='llava-hf/llava-1.5-7b-hf'",
+            "reward.captioner_4bit=true",
+        ],
+    )
+    reward = estimate_memory(config, "sd15").phase("reward")
+    assert 3.8 * GB < reward.held["reward model"] < 5 * GB  # 7 B in nf4 + fp16 embeddings
+    assert reward.peak_reserved > 8 * GB  # scoring 8 images at once
+    fit = fit_to_vram(config, "sd15", 8 * GB)
+    assert fit.config.reward.batch_size < 8
+    assert any(change.startswith("reward.batch_size 8 -> ") for change in fit.changes)
+    assert fit.report.peak_bytes <= 8 * GB - CUDA_CONTEXT_BYTES

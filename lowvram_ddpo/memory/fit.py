@@ -1,11 +1,11 @@
 """`--vram 8GB`: choose the memory levers that fit a card, from the estimate.
 
 Levers are tried from the cheapest in time to the dearest: first the largest sampling
-batch that fits; for training, smaller micro-batches (free on a GPU that a 512 px
-batch already fills); above 512 px, VAE tiling (a few more decoder passes); then
-gradient checkpointing (~30% slower training), and last a 4-bit frozen base. The
-images per epoch and per optimiser step never change: a smaller batch means more
-batches, or more accumulation steps.
+batch (and scoring batch, for reward models) that fits; for training, smaller
+micro-batches (free on a GPU that a 512 px batch already fills); above 512 px, VAE
+tiling (a few more decoder passes); then gradient checkpointing (~30% slower training),
+and last a 4-bit frozen base. The images per epoch and per optimiser step never change:
+a smaller batch means more batches, or more accumulation steps.
 """
 
 from __future__ import annotations
@@ -60,9 +60,11 @@ def candidates(config: Config, quantize: str) -> Iterator[Config]:
     # the UNet in every backward, so tiling comes before checkpointing
     tiles = s.resolution > VAE_TILE_PIXELS and not config.memory.vae_tiling
     tiling = [False, True] if tiles else [config.memory.vae_tiling]
+    scoring = _halvings(config.reward.batch_size, config.reward.batch_size)
     for ckpt, tiled in itertools.product(checkpointing, tiling):
         for micro in _halvings(t.batch_size, per_step):
-            for batch in _halvings(s.batch_size, samples):
+            # a smaller scoring batch (reward models) costs the least: it is tried first
+            for batch, scored in itertools.product(_halvings(s.batch_size, samples), scoring):
                 trial = copy.deepcopy(config)
                 trial.memory.gradient_checkpointing = ckpt
                 trial.memory.vae_tiling = tiled
@@ -71,6 +73,7 @@ def candidates(config: Config, quantize: str) -> Iterator[Config]:
                 trial.train.gradient_accumulation_steps = per_step // micro
                 trial.sample.batch_size = batch
                 trial.sample.batches_per_epoch = samples // batch
+                trial.reward.batch_size = scored
                 yield trial
 
 
@@ -80,6 +83,7 @@ def describe_changes(before: Config, after: Config) -> list[str]:
         ("sample", "batches_per_epoch"),
         ("train", "batch_size"),
         ("train", "gradient_accumulation_steps"),
+        ("reward", "batch_size"),
         ("memory", "gradient_checkpointing"),
         ("memory", "vae_tiling"),
         ("memory", "quantize"),

@@ -134,6 +134,15 @@ class _MetaAlignment(ModelReward):
         return self.module["bertscore"](input_ids=ids, output_hidden_states=True).last_hidden_state
 
 
+def _known_vlm_configs() -> dict:
+    """Configs the estimate knows without a download: transformers' ``LlavaConfig()``
+    defaults are documented as llava-hf/llava-1.5-7b-hf's (CLIP ViT-L/14-336 + a 7 B
+    Llama), the 7 B sibling of the paper's LLaVA 13B captioner."""
+    from transformers import LlavaConfig
+
+    return {"llava-hf/llava-1.5-7b-hf": LlavaConfig}
+
+
 def _vlm_config(name: str):  # noqa: ANN202
     from transformers import AutoConfig
 
@@ -142,6 +151,9 @@ def _vlm_config(name: str):  # noqa: ANN202
     except OSError:
         from lowvram_ddpo.errors import UserError
 
+        known = _known_vlm_configs().get(name)
+        if known is not None:
+            return known()
         raise UserError(
             f"the memory estimate needs the config of the captioner '{name}': download it "
             "(`hf download NAME config.json`) or set reward.captioner_model to a folder"
