@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.policy import Conditioning, PolicyStep
-from lowvram_ddpo.text_encoding import TextEmbeds, encode_text, is_sdxl, micro_conditioning
+from lowvram_ddpo.text_encoding import PromptCache, TextEmbeds, is_sdxl, micro_conditioning
 
 
 def _loaded(offloader: Offloader | None, name: str) -> AbstractContextManager:
@@ -149,13 +149,19 @@ def sample_trajectories(
     generator: torch.Generator,
     progress: bool = False,
     offloader: Offloader | None = None,
+    cache: PromptCache | None = None,
 ) -> Trajectories:
     """One sampling batch: encode prompts, roll out, decode. Returns CPU tensors.
 
-    With an ``offloader`` the text encoder and VAE are on the GPU only while they work."""
+    With an ``offloader`` the text encoder and VAE are on the GPU only while they work;
+    with a ``cache`` the text encoder runs (and moves) only for prompts it has not seen."""
     device = next(unet.parameters()).device
-    with _loaded(offloader, "text_encoder"):
-        text = encode_text(pipe, prompts).to(device)
+    cache = PromptCache() if cache is None else cache
+    if cache.missing(prompts):
+        with _loaded(offloader, "text_encoder"):
+            text = cache.encode(pipe, prompts).to(device)
+    else:
+        text = cache.cached(prompts).to(device)
     time_ids = micro_conditioning(unet.config, resolution)
     cond = Conditioning.of(text, negative, guidance_scale, time_ids)
     shape = latent_shape(unet, pipe.vae, resolution)
@@ -186,6 +192,7 @@ def render(
     resolution: int,
     progress: bool = False,
     offloader: Offloader | None = None,
+    cache: PromptCache | None = None,
 ) -> Tensor:
     """[P, S, 3, H, W] images, one per (prompt, seed), each from its own seeded generator,
     so an image depends only on its prompt, its seed and the weights."""
@@ -205,6 +212,7 @@ def render(
                     resolution,
                     generator,
                     offloader=offloader,
+                    cache=cache,
                 ).images[0]
             )
         rows.append(torch.stack(row))

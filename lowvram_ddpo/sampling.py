@@ -18,7 +18,7 @@ from lowvram_ddpo.models import DTYPES, LORA_WEIGHTS_NAME, load_pipeline
 from lowvram_ddpo.policy import build_policy, sampler_for
 from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards
 from lowvram_ddpo.rollout import render
-from lowvram_ddpo.text_encoding import encode_negative
+from lowvram_ddpo.text_encoding import PromptCache, encode_negative
 
 DEFAULT_MODEL = ModelConfig().name
 LCM_DEFAULT_STEPS = 4
@@ -112,6 +112,7 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     steps = fallback if request.steps is None else request.steps
     policy = build_policy(kind, pipe.scheduler.config, pipe.unet.config, steps, request.eta)
     negative = encode_negative(pipe, negative_prompt)
+    cache = PromptCache()  # each prompt encoded once for every seed and panel
 
     def images() -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -125,6 +126,7 @@ def render_comparison(request: SampleRequest) -> SampleResult:
                 guidance,
                 resolution,
                 progress=True,
+                cache=cache,
             )
 
     panels = {"base": images()}

@@ -52,7 +52,7 @@ from lowvram_ddpo.policy import build_policy
 from lowvram_ddpo.prompts import load_prompts
 from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards
 from lowvram_ddpo.rollout import Trajectories, render, sample_trajectories
-from lowvram_ddpo.text_encoding import encode_negative, text_encoders
+from lowvram_ddpo.text_encoding import PromptCache, encode_negative, text_encoders
 
 
 def epoch_generator(seed: int, epoch: int, process: int, stream: int) -> torch.Generator:
@@ -111,6 +111,7 @@ class Trainer:
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.prompts)
         with self.offloader.loaded("text_encoder"):
             self.negative = encode_negative(self.pipe, cfg.sample.negative_prompt).to("cpu")
+        self.prompt_cache = PromptCache()
 
     def load_models(self, dtype: torch.dtype) -> None:
         """The pipeline and the reward, each module placed where ``memory.offload`` wants it."""
@@ -223,6 +224,7 @@ class Trainer:
                 cfg.sample.guidance_scale,
                 cfg.sample.resolution,
                 offloader=self.offloader,
+                cache=self.prompt_cache,
             )
         repeated = [p for p in prompts for _ in cfg.run.eval_seeds]
         rewards = self.score(images.flatten(0, 1), repeated)
@@ -313,6 +315,7 @@ class Trainer:
                         cfg.sample.resolution,
                         generator,
                         offloader=self.offloader,
+                        cache=self.prompt_cache,
                     )
                 seconds["seconds_sampling"] += time.perf_counter() - started
                 images, batch.images = batch.images, None
@@ -508,6 +511,7 @@ class Trainer:
                     cfg.sample.guidance_scale,
                     cfg.sample.resolution,
                     offloader=self.offloader,
+                    cache=self.prompt_cache,
                 )
 
         panels = {}
