@@ -118,18 +118,13 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 
 TINY_SDXL_UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(16, 32),
-    layers_per_block=1,
+    TINY_UNET,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=64,  # the two text encoders' widths, concatenated
     attention_head_dim=(2, 4),
     transformer_layers_per_block=(1, 2),
     use_linear_projection=True,
-    norm_num_groups=8,
     addition_embed_type="text_time",
     addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + pooled text (32)
@@ -273,3 +268,25 @@ def save_tiny_vlm(folder) -> None:  # noqa: ANN001
     )
     LlavaForConditionalGeneration(config).save_pretrained(folder)
     processor.save_pretrained(folder)
+
+
+def assert_replay_gives_ratio_one(
+    unet: torch.nn.Module,
+    policy,
+    samples,
+    negative,
+    guidance_scale: float,  # noqa: ANN001
+) -> None:
+    """Re-scoring stored actions under unchanged weights, in the training path and in another
+    batch order (samples 2 and 0 at each step), reproduces the log-probs of sampling."""
+    from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss
+
+    advantages = torch.linspace(1.0, -1.0, len(samples))
+    for k in range(samples.log_probs.shape[1]):
+        batch = MicroBatch(samples=torch.tensor([2, 0]), steps=torch.tensor([k, k]))
+        with torch.no_grad():
+            _, metrics = policy_gradient_loss(
+                "ddpo-is", unet, policy, samples, batch, advantages, negative, guidance_scale, 1e-4
+            )
+        assert metrics["clipfrac"].item() == 0.0
+        assert metrics["approx_kl"].item() < 1e-10
