@@ -74,10 +74,15 @@ def _apply_samples_per_epoch(config, samples: int) -> None:  # noqa: ANN001
 
 
 def _fit_to_card(config):  # noqa: ANN001, ANN202
+    from lowvram_ddpo.architectures import default_architecture
     from lowvram_ddpo.memory.fit import fit_to_vram
     from lowvram_ddpo.memory.units import parse_size
 
-    fit = fit_to_vram(config, config.model.name, parse_size(config.memory.vram))
+    vram = parse_size(config.memory.vram)
+    try:  # the model's own configs (a folder, or a few KB from the hub)
+        fit = fit_to_vram(config, config.model.name, vram)
+    except UserError:  # unreachable: the named shape it most likely has
+        fit = fit_to_vram(config, default_architecture(config.model.name), vram)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(fit.summary(config.memory.vram))
     return fit.config

@@ -6,6 +6,7 @@ small updates are not lost to fp16 rounding.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -158,7 +159,9 @@ def load_pipeline(
 def pipeline_class(source: str, revision: str = "") -> type[DiffusionPipeline]:
     """SDXL folders (two text encoders) load as ``StableDiffusionXLPipeline``; everything
     else (SD 1.x/2.x and the LCMs distilled from them) as ``StableDiffusionPipeline``."""
-    index = DiffusionPipeline.load_config(source, revision=revision or None)
+    with warnings.catch_warnings():  # a deprecation inside diffusers' own download call
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        index = DiffusionPipeline.load_config(source, revision=revision or None)
     if "text_encoder_2" not in index:
         return StableDiffusionPipeline
     if not index.get("text_encoder") or index["text_encoder"][0] is None:

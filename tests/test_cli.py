@@ -68,6 +68,26 @@ def test_unreachable_hub_model_says_what_to_do(tiny_preset, tmp_path):
     assert "--model" in result.output
 
 
+def test_vram_fit_of_an_unreachable_model_uses_its_likely_shape(tmp_path):
+    """Without the model's configs, --vram estimates the named shape (SDXL here) and the
+    run then stops on the loading error, which says what to do."""
+    result = _run(
+        "train",
+        "--preset",
+        "incompressibility",
+        "--model",
+        "no-such-org/no-such-sdxl-model",
+        "--resolution",
+        "1024",
+        "--vram",
+        "8GB",
+        "--output",
+        str(tmp_path / "run"),
+    )
+    assert "--vram 8GB: " in result.output and "memory.vae_tiling False -> True" in result.output
+    _assert_clean_error(result, "could not load model 'no-such-org/no-such-sdxl-model'")
+
+
 def test_folder_without_model_index_is_refused(tiny_preset, tmp_path):
     result = _run("train", "--preset", str(tiny_preset), "--model", str(tmp_path))
     _assert_clean_error(result, "not a diffusers pipeline folder")
