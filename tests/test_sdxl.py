@@ -223,3 +223,43 @@ def test_rlcm_policy_runs_on_sdxl_conditioning(sdxl):
         )
     assert samples.latents.shape == (3, 5, 4, 8, 8)
     assert_replay_gives_ratio_one(sdxl.unet, policy, samples, negative, 1.5)
+
+
+def test_an_sdxl_lcm_lora_is_fused_and_rlcm_trains_on_top(sdxl_dir, tmp_path):
+    """rlcm-sdxl-aesthetic in miniature: an LCM-LoRA saved in diffusers' SDXL format is
+    fused into the UNet, the sampler becomes the LCM policy, an RL LoRA trains on top."""
+    from diffusers import LCMScheduler
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from lowvram_ddpo.config import apply_overrides, validate
+    from lowvram_ddpo.trainer import train
+
+    base = load_pipeline(str(sdxl_dir))
+    torch.manual_seed(0)
+    base.unet.add_adapter(
+        LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_v"])
+    )
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path / "lcm-lora", unet_lora_layers=get_peft_model_state_dict(base.unet)
+    )
+    lora_file = tmp_path / "lcm-lora" / "pytorch_lora_weights.safetensors"
+    fused = load_pipeline(str(sdxl_dir), lcm_lora=str(lora_file))
+    assert isinstance(fused.scheduler, LCMScheduler)
+
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(TINY_PRESET.format(model=sdxl_dir))
+    config = load_preset(str(preset))
+    apply_overrides(
+        config,
+        [
+            f"model.lcm_lora='{lora_file}'",
+            "sample.num_steps=4",
+            "sample.guidance_scale=1.0",
+            "run.epochs=1",
+        ],
+    )
+    validate(config)
+    history = train(config, tmp_path / "run")
+    assert history[0]["optimizer_steps"] == 1 and history[0]["micro_steps"] == 8
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
