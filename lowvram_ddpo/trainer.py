@@ -50,7 +50,7 @@ from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.optimizers import build_optimizer
 from lowvram_ddpo.policy import build_policy
 from lowvram_ddpo.prompts import load_prompts
-from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards
+from lowvram_ddpo.rewards import ModelReward, Reward, build_reward, check_rewards
 from lowvram_ddpo.rollout import Trajectories, render, sample_trajectories
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative, text_encoders
 
@@ -80,6 +80,9 @@ class Trainer:
     pipeline: DiffusionPipeline | None = None
     """An already built pipeline (the memory benchmark's random-weight models); None loads
     ``config.model.name``."""
+    reward: Reward | None = None
+    """An already built reward (the benchmark's random-weight scorer); None builds
+    ``config.reward``."""
     phase: str = "setting up"
     """What the loop is doing now, for error messages."""
     meter: PhaseMeter = field(default_factory=PhaseMeter)
@@ -135,7 +138,7 @@ class Trainer:
         self.offloader.register("vae", self.pipe.vae)
         use_attention(self.pipe.unet, m.attention)
         use_vae_tiling(self.pipe.vae, m.vae_tiling)
-        self.reward_fn = build_reward(cfg.reward.name, cfg.reward, dtype)
+        self.reward_fn = self.reward or build_reward(cfg.reward.name, cfg.reward, dtype)
         if isinstance(self.reward_fn, ModelReward):  # on the GPU only while scoring
             self.offloader.register("reward", self.reward_fn.module)
 

@@ -162,3 +162,23 @@ def test_training_with_the_aesthetic_reward_writes_its_metrics(
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
     assert all(np.isfinite(m["reward_mean"]) and m["reward_std"] > 0 for m in history)
     assert on_device["training"] == on_device["after scoring"] == {"unet"}  # scorer offloaded
+
+
+def test_the_measured_bench_builds_the_scorer_with_random_weights(scorer_files):
+    """`bench memory --preset aesthetic` on a GPU (here its CPU path): the CLIP scorer is
+    built from its config with random weights, nothing loaded, and a reward phase runs."""
+    from lowvram_ddpo.config import apply_overrides, load_preset
+    from lowvram_ddpo.memory.measure import measure_run
+    from lowvram_ddpo.rewards import reward_with_random_weights
+
+    clip, _, _ = scorer_files
+    config = load_preset("pocket-incompressibility")
+    overrides = ["reward.name='aesthetic'", f"reward.clip_model='{clip}'", "reward.batch_size=4"]
+    apply_overrides(config, [*overrides, "reward.head_weights='/nonexistent/head.pth'"])
+    stand_in = reward_with_random_weights(config.reward, torch.float32, "cpu")
+    images = torch.rand(3, 3, 32, 32)
+    scores = stand_in(images, ["a cat"] * 3)
+    assert scores.shape == (3,) and torch.isfinite(scores).all()
+    report = measure_run(config, "pocket")  # would fail if it tried to read the head file
+    reward = next(p for p in report.phases if p.name == "reward")
+    assert reward.seconds and reward.seconds > 0

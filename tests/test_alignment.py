@@ -309,3 +309,26 @@ def test_llava_1_5_7b_is_estimated_offline_and_vram_shrinks_the_scoring_batch():
     assert fit.config.reward.batch_size < 8
     assert any(change.startswith("reward.batch_size 8 -> ") for change in fit.changes)
     assert fit.report.peak_bytes <= 8 * GB - CUDA_CONTEXT_BYTES
+
+
+def test_the_stand_in_alignment_reward_scores_on_a_real_device(tiny_vlm, tmp_path):
+    """What the measured bench scores with: random weights, the VLM's prefill and the
+    BERTScore encoder's pass, finite [B] values (meaningless ones)."""
+    from transformers import RobertaConfig
+
+    from lowvram_ddpo.config import RewardConfig
+    from lowvram_ddpo.rewards import reward_with_random_weights
+
+    RobertaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    ).save_pretrained(tmp_path / "encoder")
+    config = RewardConfig(
+        name="prompt_alignment",
+        captioner="local",
+        captioner_model=str(tiny_vlm),
+        bertscore_model=str(tmp_path / "encoder"),
+        batch_size=2,
+    )
+    stand_in = reward_with_random_weights(config, torch.float32, "cpu")
+    scores = stand_in(torch.rand(3, 3, 32, 32), ["a cat"] * 3)
+    assert scores.shape == (3,) and torch.isfinite(scores).all()

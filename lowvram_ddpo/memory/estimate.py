@@ -30,7 +30,7 @@ from lowvram_ddpo.memory.report import MemoryReport, PhaseMemory
 from lowvram_ddpo.memory.units import module_bytes
 from lowvram_ddpo.models import DTYPES, make_trainable, trainable_parameters, use_vae_tiling
 from lowvram_ddpo.policy import Conditioning, PolicyStep, build_policy
-from lowvram_ddpo.rewards import ModelReward, reward_on_meta
+from lowvram_ddpo.rewards import ModelReward, reward_with_random_weights
 from lowvram_ddpo.rollout import Trajectories
 from lowvram_ddpo.text_encoding import TextEmbeds, micro_conditioning
 
@@ -165,7 +165,7 @@ class MetaRun:
 
     def reward_model(self) -> ModelReward | None:
         if not hasattr(self, "_reward"):
-            self._reward = reward_on_meta(self.config.reward, self.dtype)
+            self._reward = reward_with_random_weights(self.config.reward, self.dtype)
         return self._reward
 
     def score_rewards(self, batch: int) -> int:

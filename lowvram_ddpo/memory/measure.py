@@ -14,6 +14,7 @@ from lowvram_ddpo.config import Config
 from lowvram_ddpo.memory.estimate import settings_of
 from lowvram_ddpo.memory.report import MemoryReport
 from lowvram_ddpo.models import DTYPES
+from lowvram_ddpo.rewards import reward_with_random_weights
 
 
 def bench_config(config: Config) -> Config:
@@ -36,9 +37,12 @@ def measure_run(config: Config, arch: str) -> MemoryReport:
     from lowvram_ddpo.trainer import Trainer
 
     cfg = bench_config(config)
-    pipe = random_pipeline(arch, DTYPES[cfg.model.mixed_precision])
+    dtype = DTYPES[cfg.model.mixed_precision]
+    pipe = random_pipeline(arch, dtype)
+    # reward models too: random weights from their configs, nothing downloaded
+    reward = reward_with_random_weights(cfg.reward, dtype, "cpu")
     with tempfile.TemporaryDirectory() as folder:
-        trainer = Trainer(cfg, Path(folder), pipeline=pipe)
+        trainer = Trainer(cfg, Path(folder), pipeline=pipe, reward=reward)
         trainer.fit()
     phases = [trainer.meter.phases[name] for name in ("sampling", "reward", "training")]
     on_cuda = torch.cuda.is_available()

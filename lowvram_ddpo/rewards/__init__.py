@@ -8,7 +8,7 @@ from lowvram_ddpo.rewards.base import (
     build_reward,
     check_rewards,
     register_reward,
-    reward_on_meta,
+    reward_with_random_weights,
 )
 
 __all__ = [
@@ -18,5 +18,5 @@ __all__ = [
     "build_reward",
     "check_rewards",
     "register_reward",
-    "reward_on_meta",
+    "reward_with_random_weights",
 ]

@@ -155,14 +155,16 @@ class AestheticReward(ModelReward):
         return self.module(images)
 
     @classmethod
-    def on_meta(cls, config: RewardConfig, dtype: torch.dtype) -> AestheticReward:
+    def with_random_weights(
+        cls, config: RewardConfig, dtype: torch.dtype, device: str | torch.device
+    ) -> AestheticReward:
         vision_config = (
             CLIPVisionConfig(**VIT_L_14)
             if config.clip_model == DEFAULT_CLIP
             else CLIPVisionConfig.from_pretrained(config.clip_model)
         )
-        with building_on("meta", dtype):
+        with building_on(device, dtype):
             vision = CLIPVisionModelWithProjection(vision_config)
-            weight, bias = torch.empty(1, vision_config.projection_dim), torch.empty(1)
+            weight, bias = torch.zeros(1, vision_config.projection_dim), torch.zeros(1)
             scorer = AestheticScorer(vision, weight, bias)
         return cls(config, dtype, scorer)

@@ -87,17 +87,23 @@ class PromptAlignmentReward(ModelReward):
         return means
 
     @classmethod
-    def on_meta(cls, config: RewardConfig, dtype: torch.dtype) -> ModelReward:
-        return _MetaAlignment(config, dtype)
+    def with_random_weights(
+        cls, config: RewardConfig, dtype: torch.dtype, device: str | torch.device
+    ) -> ModelReward:
+        return _StandInAlignment(config, dtype, device)
 
 
-class _MetaAlignment(ModelReward):
-    """The alignment reward's accelerator memory: the BERTScore encoder embedding answers
-    and references and, with a local captioner, the VLM (4-bit if asked) prefilling
-    ``VLM_PROMPT_TOKENS`` + the answer's tokens with its KV cache. The vision tower's
-    activations are not modelled (small beside the language model's)."""
+class _StandInAlignment(ModelReward):
+    """The alignment reward's accelerator work with random weights: the BERTScore encoder
+    embedding answers and references and, with a local captioner, the VLM prefilling
+    ``VLM_PROMPT_TOKENS`` + the answer's tokens with its KV cache (no generation, no
+    server). The vision tower's activations are left out (small beside the language
+    model's). ``captioner_4bit`` is counted in the estimate (``device_bytes``) but not
+    applied to the random weights on a real device, where the figure is an upper bound."""
 
-    def __init__(self, config: RewardConfig, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: RewardConfig, dtype: torch.dtype, device: str | torch.device
+    ) -> None:
         from transformers import AutoConfig, AutoModel, RobertaConfig
 
         encoder_config = (
@@ -105,7 +111,7 @@ class _MetaAlignment(ModelReward):
             if config.bertscore_model == "roberta-large"
             else AutoConfig.from_pretrained(config.bertscore_model)
         )
-        with building_on("meta", dtype):
+        with building_on(device, dtype):
             modules = {"bertscore": AutoModel.from_config(encoder_config)}
         self.quantised = 0
         if config.captioner == "local":
@@ -114,7 +120,7 @@ class _MetaAlignment(ModelReward):
             from lowvram_ddpo.memory.quantisation import quantised_savings
 
             vlm_config = _vlm_config(config.captioner_model)
-            with building_on("meta", dtype):
+            with building_on(device, dtype):
                 vlm = AutoModelForImageTextToText.from_config(vlm_config)
             modules["captioner"] = vlm.requires_grad_(False)
             if config.captioner_4bit:
@@ -126,12 +132,15 @@ class _MetaAlignment(ModelReward):
         return super().device_bytes() - self.quantised
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """[B] stand-in rewards (finite, meaningless) after the same work as scoring."""
+        device = next(self.module.parameters()).device
         if "captioner" in self.module:
             tokens = VLM_PROMPT_TOKENS + VLM_ANSWER_TOKENS
-            ids = torch.zeros(len(images), tokens, dtype=torch.long, device="meta")
+            ids = torch.zeros(len(images), tokens, dtype=torch.long, device=device)
             self.module["captioner"].get_decoder()(input_ids=ids, use_cache=True)
-        ids = torch.zeros(2 * len(images), ESTIMATE_TOKENS, dtype=torch.long, device="meta")
-        return self.module["bertscore"](input_ids=ids, output_hidden_states=True).last_hidden_state
+        ids = torch.zeros(2 * len(images), ESTIMATE_TOKENS, dtype=torch.long, device=device)
+        out = self.module["bertscore"](input_ids=ids, output_hidden_states=True)
+        return out.last_hidden_state[: len(images)].float().mean(dim=(1, 2))
 
 
 def _known_vlm_configs() -> dict:

@@ -7,7 +7,8 @@ is called with the run's ``RewardConfig`` and the dtype for any network it loads
 
 Rewards computed by a network derive from ``ModelReward``: the trainer keeps their
 ``module`` on the CPU and moves it to the GPU only while scoring (memory.offload),
-and the memory estimate builds the same network on the meta device (``on_meta``).
+and the memory benchmark builds the same network with random weights
+(``with_random_weights``): on the meta device to estimate, on the GPU to measure.
 """
 
 from __future__ import annotations
@@ -61,8 +62,11 @@ class ModelReward(ABC):
         return {}
 
     @classmethod
-    def on_meta(cls, config: RewardConfig, dtype: torch.dtype) -> ModelReward:
-        """The same reward with random weights on the meta device, for the memory estimate."""
+    def with_random_weights(
+        cls, config: RewardConfig, dtype: torch.dtype, device: str | torch.device
+    ) -> ModelReward:
+        """The same network with random weights on ``device`` (``meta``: shapes only) for
+        the memory benchmark; its rewards are finite but mean nothing."""
         raise NotImplementedError(f"{cls.__name__} has no memory estimate yet")
 
 
@@ -97,11 +101,14 @@ def build_reward(
     return _factory(name)(config, dtype)
 
 
-def reward_on_meta(config: RewardConfig, dtype: torch.dtype) -> ModelReward | None:
-    """The reward's network on the meta device; None for rewards that use no network."""
+def reward_with_random_weights(
+    config: RewardConfig, dtype: torch.dtype, device: str | torch.device = "meta"
+) -> ModelReward | None:
+    """The reward's network with random weights on ``device``; None for rewards that use
+    no network (they are cheap to build for real)."""
     factory = _factory(config.name)
     if isinstance(factory, type) and issubclass(factory, ModelReward):
-        return factory.on_meta(config, dtype)
+        return factory.with_random_weights(config, dtype, device)
     return None
 
 
