@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,3 +294,16 @@ def test_rlcm_presets_are_estimated_on_an_lcm_shaped_model():
     # one UNet pass per step (guidance embedded): micro-batch 2 costs what DDPO's 1 with CFG does
     ddpo = estimate_memory(load_preset("incompressibility"), "sd15").phase("training")
     assert abs(report["phases"]["training"]["peak_bytes"] - ddpo.peak_reserved) < 0.1 * GB
+
+
+def test_the_gpu_checks_script_runs_and_every_row_is_a_valid_config():
+    """benchmarks/gpu_checks.py is what a session lent a GPU runs: its rows must load, and
+    its measured path (here on the CPU, seconds only) must produce a table."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import gpu_checks
+
+    for row in gpu_checks.ROWS.values():
+        gpu_checks.row_config(row)
+    [result] = gpu_checks.main(["--rows", "pocket"])
+    assert result["seconds_per_image"]["sampling"] > 0 and result["projected_epoch_seconds"] > 0
+    assert result["estimated_allocated"] > 0
