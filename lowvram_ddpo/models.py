@@ -172,6 +172,19 @@ def pipeline_class(source: str, revision: str = "") -> type[DiffusionPipeline]:
     return StableDiffusionXLPipeline
 
 
+def load_quantized_unet(
+    source: str, dtype: torch.dtype, quantize: str, subfolder: str = "unet", revision: str = ""
+) -> UNet2DConditionModel:
+    """The UNet with its Linear weights in int8 or nf4 (bitsandbytes places it on the GPU)."""
+    return UNet2DConditionModel.from_pretrained(
+        source,
+        subfolder=subfolder or None,
+        revision=revision or None,
+        dtype=dtype,
+        quantization_config=quantization_config(quantize, dtype),
+    )
+
+
 def _from_pretrained(
     name: str, source: str, dtype: torch.dtype, revision: str, quantize: str
 ) -> DiffusionPipeline:
@@ -183,13 +196,7 @@ def _from_pretrained(
         else:
             parts |= {"safety_checker": None, "requires_safety_checker": False}
         if quantize != "none":
-            parts["unet"] = UNet2DConditionModel.from_pretrained(
-                source,
-                subfolder="unet",
-                revision=revision or None,
-                dtype=dtype,
-                quantization_config=quantization_config(quantize, dtype),
-            )
+            parts["unet"] = load_quantized_unet(source, dtype, quantize, "unet", revision)
         return cls.from_pretrained(source, dtype=dtype, revision=revision or None, **parts)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

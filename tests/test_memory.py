@@ -307,3 +307,16 @@ def test_the_gpu_checks_script_runs_and_every_row_is_a_valid_config():
     [result] = gpu_checks.main(["--rows", "pocket"])
     assert result["seconds_per_image"]["sampling"] > 0 and result["projected_epoch_seconds"] > 0
     assert result["estimated_allocated"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without CUDA")
+def test_the_measured_path_quantises_through_the_real_loader():
+    """A measured nf4 run must hold a quantised UNet, not the fp16 one: it goes through
+    bitsandbytes' loading path, which without CUDA refuses in one line."""
+    from lowvram_ddpo.errors import UserError
+    from lowvram_ddpo.memory.measure import measure_run
+
+    config = load_preset("pocket-incompressibility")
+    apply_overrides(config, ["memory.quantize='nf4'"])
+    with pytest.raises(UserError, match="needs a CUDA GPU and bitsandbytes"):
+        measure_run(config, "pocket")

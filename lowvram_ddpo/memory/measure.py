@@ -13,7 +13,7 @@ from lowvram_ddpo.architectures import random_pipeline
 from lowvram_ddpo.config import Config
 from lowvram_ddpo.memory.estimate import settings_of
 from lowvram_ddpo.memory.report import MemoryReport
-from lowvram_ddpo.models import DTYPES
+from lowvram_ddpo.models import DTYPES, load_quantized_unet
 from lowvram_ddpo.rewards import reward_with_random_weights
 
 
@@ -31,6 +31,14 @@ def bench_config(config: Config) -> Config:
     return cfg
 
 
+def quantized_copy(unet: torch.nn.Module, dtype: torch.dtype, quantize: str) -> torch.nn.Module:
+    """The random-weight UNet through the real quantised loading path (saved, then loaded
+    with bitsandbytes), so that the measured run holds what a user's would."""
+    with tempfile.TemporaryDirectory() as folder:
+        unet.save_pretrained(folder)
+        return load_quantized_unet(folder, dtype, quantize, subfolder="")
+
+
 def measure_run(config: Config, arch: str) -> MemoryReport:
     """Run the shortened epoch on this machine's accelerator. Without CUDA only the seconds
     mean something (method "cpu", peaks 0): the tests use that to exercise this path."""
@@ -39,6 +47,8 @@ def measure_run(config: Config, arch: str) -> MemoryReport:
     cfg = bench_config(config)
     dtype = DTYPES[cfg.model.mixed_precision]
     pipe = random_pipeline(arch, dtype)
+    if cfg.memory.quantize != "none":
+        pipe.unet = quantized_copy(pipe.unet, dtype, cfg.memory.quantize)
     # reward models too: random weights from their configs, nothing downloaded
     reward = reward_with_random_weights(cfg.reward, dtype, "cpu")
     with tempfile.TemporaryDirectory() as folder:
