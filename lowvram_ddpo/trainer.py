@@ -141,6 +141,8 @@ class Trainer:
         self.reward_fn = self.reward or build_reward(cfg.reward.name, cfg.reward, dtype)
         if isinstance(self.reward_fn, ModelReward):  # on the GPU only while scoring
             self.offloader.register("reward", self.reward_fn.module)
+        if torch.cuda.is_available():  # what moved off the card must not stay reserved
+            torch.cuda.empty_cache()
 
     def prepare_training(self) -> None:
         """LoRA (or every weight), checkpointing and the optimiser, handed to accelerate."""
