@@ -103,22 +103,14 @@ def test_an_lcm_lora_is_fused_into_the_base_and_rlcm_trains_on_top(tiny_model_di
     tiny UNet, the scheduler becomes an LCMScheduler, and an RL LoRA trains on top."""
     from conftest import TINY_PRESET
     from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+    from tiny import save_random_lora
 
     from lowvram_ddpo.config import apply_overrides, load_preset, validate
     from lowvram_ddpo.models import has_lora
     from lowvram_ddpo.trainer import train
 
     base = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    base.unet.add_adapter(
-        LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_v"])
-    )
-    StableDiffusionPipeline.save_lora_weights(
-        tmp_path / "lcm-lora", unet_lora_layers=get_peft_model_state_dict(base.unet)
-    )
-    lora_file = tmp_path / "lcm-lora" / "pytorch_lora_weights.safetensors"
+    lora_file = save_random_lora(base, tmp_path / "lcm-lora")
 
     plain = load_pipeline(str(tiny_model_dir))
     fused = load_pipeline(str(tiny_model_dir), lcm_lora=str(lora_file))

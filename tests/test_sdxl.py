@@ -229,21 +229,12 @@ def test_an_sdxl_lcm_lora_is_fused_and_rlcm_trains_on_top(sdxl_dir, tmp_path):
     """rlcm-sdxl-aesthetic in miniature: an LCM-LoRA saved in diffusers' SDXL format is
     fused into the UNet, the sampler becomes the LCM policy, an RL LoRA trains on top."""
     from diffusers import LCMScheduler
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+    from tiny import save_random_lora
 
     from lowvram_ddpo.config import apply_overrides, validate
     from lowvram_ddpo.trainer import train
 
-    base = load_pipeline(str(sdxl_dir))
-    torch.manual_seed(0)
-    base.unet.add_adapter(
-        LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_v"])
-    )
-    StableDiffusionXLPipeline.save_lora_weights(
-        tmp_path / "lcm-lora", unet_lora_layers=get_peft_model_state_dict(base.unet)
-    )
-    lora_file = tmp_path / "lcm-lora" / "pytorch_lora_weights.safetensors"
+    lora_file = save_random_lora(load_pipeline(str(sdxl_dir)), tmp_path / "lcm-lora")
     fused = load_pipeline(str(sdxl_dir), lcm_lora=str(lora_file))
     assert isinstance(fused.scheduler, LCMScheduler)
 

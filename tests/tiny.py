@@ -3,6 +3,8 @@ weights, built offline (the tokenizer's vocabulary is made in code, no download)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -290,3 +292,18 @@ def assert_replay_gives_ratio_one(
             )
         assert metrics["clipfrac"].item() == 0.0
         assert metrics["approx_kl"].item() < 1e-10
+
+
+def save_random_lora(pipe, folder: Path) -> Path:  # noqa: ANN001
+    """A random LoRA on the pipeline's UNet, saved in diffusers' format by the pipeline's own
+    ``save_lora_weights`` (SD or SDXL layout), as an LCM-LoRA file would be; the UNet is
+    left with the adapter."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(
+        LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_v"])
+    )
+    type(pipe).save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    return folder / "pytorch_lora_weights.safetensors"
