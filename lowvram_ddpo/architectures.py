@@ -214,22 +214,18 @@ def build_components(arch: str, device: str | torch.device, dtype: torch.dtype) 
     for module in (unet, vae, text_encoder, text_encoder_2):
         if module is not None:
             module.requires_grad_(False).eval()
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
     return Components(
-        unet,
-        vae,
-        text_encoder,
-        dict(configs.scheduler),
-        unet.config.sample_size * scale,
-        text_encoder_2,
+        unet, vae, text_encoder, dict(configs.scheduler), _native_size(configs), text_encoder_2
     )
+
+
+def _native_size(configs: ArchitectureConfigs) -> int:
+    return configs.unet["sample_size"] * 2 ** (len(configs.vae["block_out_channels"]) - 1)
 
 
 def native_resolution(arch: str) -> int:
     """The image size ``arch`` was trained at (512 for SD 1.5, 1024 for SDXL)."""
-    configs = architecture_configs(arch)
-    vae = configs.vae
-    return configs.unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    return _native_size(architecture_configs(arch))
 
 
 def random_pipeline(arch: str, dtype: torch.dtype, device: str = "cpu"):  # noqa: ANN201

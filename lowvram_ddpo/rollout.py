@@ -109,7 +109,6 @@ def decode_latents(vae: torch.nn.Module, latents: Tensor, upcast: bool = False) 
     autocast, and goes back to fp16 afterwards, as diffusers' SDXL pipeline does."""
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
-    upcast = upcast and dtype == torch.float16
     # nn.Module.to: diffusers' own .to() warns about exactly this cast, which is intended
     if upcast:
         torch.nn.Module.to(vae, torch.float32)
@@ -126,9 +125,11 @@ def decode_latents(vae: torch.nn.Module, latents: Tensor, upcast: bool = False) 
     return torch.cat(images)
 
 
-def vae_needs_upcast(pipe) -> bool:  # noqa: ANN001
-    """SDXL pipelines decode in fp32 when the VAE says so (its fp16 activations overflow)."""
-    return is_sdxl(pipe) and bool(pipe.vae.config.get("force_upcast", False))
+def decodes_in_fp32(vae: torch.nn.Module, sdxl: bool) -> bool:
+    """SDXL pipelines decode an fp16 VAE marked ``force_upcast`` in fp32 (its fp16
+    activations overflow), as diffusers does; SD 1.x decodes in its own dtype."""
+    fp16 = next(vae.parameters()).dtype == torch.float16
+    return sdxl and fp16 and bool(vae.config.get("force_upcast", False))
 
 
 def initial_noise(
@@ -168,7 +169,7 @@ def sample_trajectories(
     noise = initial_noise(shape, len(prompts), generator, device)
     latents, log_probs, timesteps, final = rollout(unet, policy, cond, noise, generator, progress)
     with _loaded(offloader, "vae"):
-        images = decode_latents(pipe.vae, final, upcast=vae_needs_upcast(pipe))
+        images = decode_latents(pipe.vae, final, upcast=decodes_in_fp32(pipe.vae, is_sdxl(pipe)))
     return Trajectories(
         prompts=list(prompts),
         prompt_embeds=text.hidden.cpu(),

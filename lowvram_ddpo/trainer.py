@@ -138,7 +138,11 @@ class Trainer:
         self.offloader.register("vae", self.pipe.vae)
         use_attention(self.pipe.unet, m.attention)
         use_vae_tiling(self.pipe.vae, m.vae_tiling)
-        self.reward_fn = self.reward or build_reward(cfg.reward.name, cfg.reward, dtype)
+        self.reward_fn = (
+            self.reward
+            if self.reward is not None
+            else build_reward(cfg.reward.name, cfg.reward, dtype)
+        )
         if isinstance(self.reward_fn, ModelReward):  # on the GPU only while scoring
             self.offloader.register("reward", self.reward_fn.module)
         if torch.cuda.is_available():  # what moved off the card must not stay reserved

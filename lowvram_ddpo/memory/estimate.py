@@ -31,7 +31,7 @@ from lowvram_ddpo.memory.units import module_bytes
 from lowvram_ddpo.models import DTYPES, make_trainable, trainable_parameters, use_vae_tiling
 from lowvram_ddpo.policy import Conditioning, PolicyStep, build_policy
 from lowvram_ddpo.rewards import ModelReward, reward_with_random_weights
-from lowvram_ddpo.rollout import Trajectories
+from lowvram_ddpo.rollout import Trajectories, decodes_in_fp32
 from lowvram_ddpo.text_encoding import TextEmbeds, micro_conditioning
 
 RESERVED_OVER_ALLOCATED = 1.10
@@ -121,12 +121,7 @@ class MetaRun:
 
     @property
     def upcasts_vae(self) -> bool:
-        """SDXL's VAE decodes in fp32 when the run is fp16 (see ``rollout.decode_latents``)."""
-        return (
-            self.parts.text_encoder_2 is not None
-            and bool(self.parts.vae.config.get("force_upcast", False))
-            and self.dtype == torch.float16
-        )
+        return decodes_in_fp32(self.parts.vae, sdxl=self.parts.text_encoder_2 is not None)
 
     def _conditioning(self, batch: int, guidance: float) -> Conditioning:
         text = self.text_embeds(batch)
