@@ -58,7 +58,9 @@ class Trajectories:
             images=None
             if any(b.images is None for b in batches)
             else torch.cat([b.images for b in batches]),
-            pooled_embeds=TextEmbeds.cat([b.text() for b in batches]).pooled,
+            pooled_embeds=None
+            if any(b.pooled_embeds is None for b in batches)
+            else torch.cat([b.pooled_embeds for b in batches]),
             time_ids=batches[0].time_ids,
         )
 
