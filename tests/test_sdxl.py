@@ -147,6 +147,13 @@ def test_sdxl_is_estimated_from_its_real_shapes():
     assert 1.4 * GB < encode.held["text encoder"] < 1.7 * GB  # both encoders, fp16
     assert report.phase("decode").held["vae"] > 0.3 * GB  # upcast to fp32 for decoding
     assert report.phase("training").peak_reserved < report.phase("decode").peak_reserved
+    # the fp16 run decodes in fp32, without autocast: more working memory than a bf16
+    # run's decode (autocast keeps group norms in fp32 there too, hence not twice)
+    config.model.mixed_precision = "bf16"
+    bf16 = estimate_memory(config, "sdxl").phase("decode")
+    fp16 = report.phase("decode")
+    working = [p.peak_allocated - sum(p.held.values()) for p in (fp16, bf16)]
+    assert working[0] > 1.1 * working[1]
 
 
 def test_bench_memory_builds_sdxl_at_its_native_size():

@@ -180,7 +180,8 @@ class MetaRun:
     def decode_one(self, tiling: bool) -> int:
         vae = self.parts.vae
         z = torch.empty(1, *self.latent_shape(self.config.sample.resolution), device="meta")
-        dtype = torch.float32 if self.upcasts_vae else self.dtype
+        upcast = self.upcasts_vae  # read before the cast below changes the VAE's dtype
+        dtype = torch.float32 if upcast else self.dtype
         torch.nn.Module.to(vae, dtype)  # as rollout.decode_latents casts it
         use_vae_tiling(vae, tiling)
         try:
@@ -188,7 +189,7 @@ class MetaRun:
                 return self.measure(
                     ("decode", tiling),
                     lambda: vae.decode(z.to(dtype)).sample.float(),
-                    autocast=not self.upcasts_vae,
+                    autocast=not upcast,
                 )
         finally:
             torch.nn.Module.to(vae, self.dtype)
