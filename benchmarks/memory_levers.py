@@ -47,6 +47,10 @@ SDXL_ROWS = [
     ("bf16 (the VAE decodes in bf16, no fp32 upcast)", ["model.mixed_precision='bf16'"]),
     ("nf4 base", ["memory.quantize='nf4'"]),
     ("nf4 base, sampling batch 2", ["memory.quantize='nf4'", "sample.batch_size=2"]),
+    (
+        "nf4 base, sampling batch 2, text encoders on the CPU",
+        ["memory.quantize='nf4'", "sample.batch_size=2", "memory.text_encoders_on_cpu=true"],
+    ),
 ]
 PHASES = ("encode", "sampling", "decode", "reward", "training")
 

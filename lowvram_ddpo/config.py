@@ -64,6 +64,10 @@ class MemoryConfig:
     """Frozen UNet weights in int8 or nf4 (bitsandbytes, CUDA), LoRA on top (QLoRA)."""
     attention: str = "sdpa"
     """sdpa (PyTorch's fused kernels) or xformers (when installed)."""
+    text_encoders_on_cpu: bool = False
+    """Run the text encoder(s) on the CPU in fp32, never on the card. Each prompt is
+    encoded once (then cached), so it costs time only while new prompts arrive; it takes
+    SDXL's 1.5 GB encode phase off the GPU."""
     vae_tiling: bool = False
     """Decode images larger than 512 px in overlapping 512 px tiles (diffusers' VAE
     tiling): SDXL's 1024 px decode needs ~4x less memory; seams are blended."""

@@ -23,11 +23,18 @@ class Offloader:
     resident: set[str] = field(default_factory=set)
     """Names of the modules this offloader has put on ``device`` (for reports and tests)."""
     _modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+    _on_cpu: set[str] = field(default_factory=set)
 
-    def register(self, name: str, module: torch.nn.Module, stays: bool = False) -> None:
-        """Place a module: on the device when it ``stays`` or offloading is off, else CPU."""
+    def register(
+        self, name: str, module: torch.nn.Module, stays: bool = False, on_cpu: bool = False
+    ) -> None:
+        """Place a module: on the device when it ``stays`` or offloading is off, else CPU;
+        ``on_cpu``: it runs on the CPU and never visits the device."""
         self._modules[name] = module
-        if stays or not self.enabled:
+        if on_cpu:
+            module.to("cpu")
+            self._on_cpu.add(name)
+        elif stays or not self.enabled:
             module.to(self.device)
             self.resident.add(name)
         else:
@@ -37,7 +44,7 @@ class Offloader:
     def loaded(self, name: str) -> Iterator[torch.nn.Module]:
         """The module on the device for the duration of the block (a no-op if it stays)."""
         module = self._modules[name]
-        if name in self.resident:
+        if name in self.resident or name in self._on_cpu:
             yield module
             return
         module.to(self.device)

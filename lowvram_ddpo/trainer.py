@@ -134,7 +134,9 @@ class Trainer:
         # a quantised UNet is loaded onto the GPU by bitsandbytes and cannot be moved
         if m.quantize == "none":
             self.offloader.register("unet", self.pipe.unet, stays=True)
-        self.offloader.register("text_encoder", text)
+        if m.text_encoders_on_cpu:  # fp32: CPUs are slow (or unable) in fp16
+            text.float()
+        self.offloader.register("text_encoder", text, on_cpu=m.text_encoders_on_cpu)
         self.offloader.register("vae", self.pipe.vae)
         use_attention(self.pipe.unet, m.attention)
         use_vae_tiling(self.pipe.vae, m.vae_tiling)

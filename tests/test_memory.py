@@ -121,6 +121,13 @@ def test_offload_keeps_text_encoder_and_vae_off_the_card_while_training(sd15_run
     )
 
 
+def test_text_encoders_on_the_cpu_take_the_encode_phase_off_the_card(sd15_run):
+    on_card = _estimate(sd15_run).phase("encode")
+    on_cpu = _estimate(sd15_run, "memory.text_encoders_on_cpu=true").phase("encode")
+    assert on_card.held["text encoder"] > 0.2 * GB and "text encoder" not in on_cpu.held
+    assert on_cpu.peak_allocated < on_card.peak_allocated - 0.2 * GB
+
+
 def test_a_4_bit_base_shrinks_the_resident_unet(sd15_run):
     fp16 = _estimate(sd15_run).phase("reward").held["unet"]
     nf4 = _estimate(sd15_run, "memory.quantize='nf4'").phase("reward").held["unet"]

@@ -60,6 +60,20 @@ def test_offloader_brings_a_module_in_only_for_its_phase():
     with offloader.loaded("vae"):
         assert offloader.resident == {"vae"} and moves[-1] == "cuda"
     assert moves[-1] == "cpu" and offloader.resident == set()
+    moves.clear()
+    offloader.register("text_encoder", Recorder(), on_cpu=True)  # runs where it is
+    with offloader.loaded("text_encoder"):
+        assert moves == ["cpu"] and offloader.resident == set()
+    assert moves == ["cpu"]
+
+
+def test_text_encoders_on_the_cpu_are_fp32_and_never_loaded(tiny_preset, tmp_path):
+    trainer = Trainer(_config(tiny_preset, "memory.text_encoders_on_cpu=true"), tmp_path / "run")
+    trainer.setup()
+    assert trainer.pipe.text_encoder.dtype == torch.float32
+    assert trainer.negative.hidden.dtype == torch.float32
+    with trainer.offloader.loaded("text_encoder"):
+        assert "text_encoder" not in trainer.offloader.resident
 
 
 def test_8_bit_adam_falls_back_with_a_notice_without_cuda(capsys):

@@ -208,6 +208,9 @@ def test_vram_fit_reaches_for_vae_tiling_on_sdxl():
     fit = fit_to_vram(config, "sdxl", 8 * GB)
     assert fit.config.memory.vae_tiling and fit.config.memory.quantize == "none"
     assert "memory.vae_tiling False -> True" in fit.changes
+    assert not fit.config.memory.text_encoders_on_cpu  # not needed at 8 GB
+    small = fit_to_vram(config, "sdxl", 4 * GB)  # SDXL at 1024 px on a 4 GB card
+    assert small.config.memory.text_encoders_on_cpu and small.config.memory.quantize == "nf4"
     tiled = estimate_memory(fit.config, "sdxl").phase("decode").peak_reserved
     fit.config.memory.vae_tiling = False
     untiled = estimate_memory(fit.config, "sdxl").phase("decode").peak_reserved

@@ -277,8 +277,9 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
         "optimizer state": optimizer_state_bytes(params, m.optimizer),
     }
     vae_bytes = module_bytes(vae) * (2 if run.upcasts_vae else 1)  # fp32 while decoding
-    text_bytes = sum(module_bytes(encoder) for encoder in run.parts.text_encoders)
-    for_phase = {"text encoder": text_bytes, "vae": vae_bytes}
+    for_phase = {"vae": vae_bytes}
+    if not m.text_encoders_on_cpu:  # on the CPU they never visit the card
+        for_phase["text encoder"] = sum(module_bytes(e) for e in run.parts.text_encoders)
     reward_model = run.reward_model()
     scorer = {} if reward_model is None else {"reward model": reward_model.device_bytes()}
     if not m.offload:
@@ -292,7 +293,7 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
         allocated = sum(held.values()) + peak
         return PhaseMemory(name, allocated, int(allocated * RESERVED_OVER_ALLOCATED), held)
 
-    encode_peak = run.encode_prompts(s.batch_size)
+    encode_peak = 0 if m.text_encoders_on_cpu else run.encode_prompts(s.batch_size)
     step_peak = run.denoising_step(s.batch_size, s.guidance_scale)
     decode_peak = run.decode_one(m.vae_tiling)
     reward_peak = run.score_rewards(config.reward.batch_size)
@@ -300,7 +301,7 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     train_peak = run.training_micro_step(config)
     grads = {"gradients": sum(p.nbytes for p in params)}
     phases = [
-        phase("encode", encode_peak, {"text encoder": for_phase["text encoder"]}),
+        phase("encode", encode_peak, {k: v for k, v in for_phase.items() if k != "vae"}),
         # a reward model scoring in a worker thread shares the card with sampling
         phase(
             "sampling",
@@ -331,4 +332,5 @@ def settings_of(config: Config) -> dict[str, object]:
         "quantize": m.quantize,
         "attention": m.attention,
         "vae_tiling": m.vae_tiling,
+        "text_encoders_on_cpu": m.text_encoders_on_cpu,
     }

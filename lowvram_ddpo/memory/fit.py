@@ -4,7 +4,8 @@ Levers are tried from the cheapest in time to the dearest: first the largest sam
 batch (and scoring batch, for reward models) that fits; for training, smaller
 micro-batches (free on a GPU that a 512 px batch already fills); above 512 px, VAE
 tiling (a few more decoder passes); then gradient checkpointing (~30% slower training),
-and last a 4-bit frozen base. The images per epoch and per optimiser step never change:
+then the text encoders on the CPU (slow only while new prompts arrive), and last a
+4-bit frozen base. The images per epoch and per optimiser step never change:
 a smaller batch means more batches, or more accumulation steps.
 """
 
@@ -50,7 +51,7 @@ def _halvings(value: int, total: int) -> list[int]:
     return options or [1]
 
 
-def candidates(config: Config, quantize: str) -> Iterator[Config]:
+def candidates(config: Config, quantize: str, text_on_cpu: bool) -> Iterator[Config]:
     """Settings in order of preference (cheapest in time first)."""
     s, t = config.sample, config.train
     samples = s.batch_size * s.batches_per_epoch
@@ -69,6 +70,7 @@ def candidates(config: Config, quantize: str) -> Iterator[Config]:
                 trial.memory.gradient_checkpointing = ckpt
                 trial.memory.vae_tiling = tiled
                 trial.memory.quantize = quantize
+                trial.memory.text_encoders_on_cpu = text_on_cpu
                 trial.train.batch_size = micro
                 trial.train.gradient_accumulation_steps = per_step // micro
                 trial.sample.batch_size = batch
@@ -86,6 +88,7 @@ def describe_changes(before: Config, after: Config) -> list[str]:
         ("reward", "batch_size"),
         ("memory", "gradient_checkpointing"),
         ("memory", "vae_tiling"),
+        ("memory", "text_encoders_on_cpu"),
         ("memory", "quantize"),
     ]
     changes = []
@@ -103,9 +106,11 @@ def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:
     quantizations = [config.memory.quantize]
     if config.memory.quantize == "none" and config.model.lora_rank > 0:
         quantizations.append("nf4")
+    # text encoders on the CPU cost time only while new prompts arrive: before nf4
+    on_cpu = [True] if config.memory.text_encoders_on_cpu else [False, True]
     smallest = None
-    for quantize in quantizations:
-        for trial in candidates(config, quantize):
+    for quantize, text_on_cpu in itertools.product(quantizations, on_cpu):
+        for trial in candidates(config, quantize, text_on_cpu):
             report = estimate_memory(trial, arch, run)
             if report.peak_bytes <= budget:
                 return Fit(trial, report, describe_changes(config, trial))
