@@ -47,6 +47,8 @@ class SampleResult:
     prompts: list[str]
     seeds: list[int]
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    panels: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Each panel's images, [prompts, seeds, 3, H, W] in [0, 1]."""
 
     def report_lines(self) -> list[str]:
         lines = []
@@ -149,4 +151,4 @@ def render_comparison(request: SampleRequest) -> SampleResult:
             values = check_rewards(reward(flat, prompts), len(flat), request.reward)
             scores[name] = values.view(len(request.prompts), len(request.seeds))
     image = make_grid(panels, request.prompts, request.seeds, scores or None)
-    return SampleResult(image, request.prompts, request.seeds, scores)
+    return SampleResult(image, request.prompts, request.seeds, scores, panels)
