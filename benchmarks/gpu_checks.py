@@ -27,11 +27,15 @@ import json
 import sys
 from dataclasses import dataclass
 
-from lowvram_ddpo.config import Config, apply_overrides, load_preset, validate
-from lowvram_ddpo.memory.estimate import estimate_memory
-from lowvram_ddpo.memory.measure import bench_config, measure_run
-from lowvram_ddpo.memory.report import MemoryReport
-from lowvram_ddpo.memory.units import GB
+from lowvram_ddpo.memory.allocator import configure_allocator
+
+configure_allocator()  # as the command line does: before torch is imported
+
+from lowvram_ddpo.config import Config, apply_overrides, load_preset, validate  # noqa: E402
+from lowvram_ddpo.memory.estimate import estimate_memory  # noqa: E402
+from lowvram_ddpo.memory.measure import bench_config, measure_run  # noqa: E402
+from lowvram_ddpo.memory.report import MemoryReport  # noqa: E402
+from lowvram_ddpo.memory.units import GB  # noqa: E402
 
 
 @dataclass

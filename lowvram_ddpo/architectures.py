@@ -228,6 +228,21 @@ def native_resolution(arch: str) -> int:
     return _native_size(architecture_configs(arch))
 
 
+def likely_native_resolution(model_name: str) -> int:
+    """A model's own image size without a download: read from a local or shipped folder,
+    else guessed from the name (1024 for SDXL, 512 for anything else)."""
+    from lowvram_ddpo.models import resolve_model_name
+
+    try:
+        folder = Path(resolve_model_name(model_name)).expanduser()
+    except UserError:
+        folder = Path(model_name)
+    if (folder / "unet" / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        return _native_size(_folder_configs(folder))
+    arch = default_architecture(model_name)
+    return native_resolution(arch) if arch in ARCHITECTURES else 512
+
+
 def random_pipeline(arch: str, dtype: torch.dtype, device: str = "cpu"):  # noqa: ANN201
     """A Stable Diffusion (XL) pipeline of ``arch`` with random weights and byte-level
     tokenizers built in code: what the memory benchmark trains on a GPU without a download."""

@@ -3,7 +3,7 @@
 Layout of a run folder::
 
     config.toml                         the resolved config (``--resume`` reads it)
-    metrics.jsonl                       one JSON object per finished epoch
+    metrics.jsonl                       one JSON object per finished epoch (numbered from 1)
     latest.json                         {"checkpoint": "checkpoints/epoch-0007", "epochs_done": 7}
     pytorch_lora_weights.safetensors    the newest adapter, for pipeline.load_lora_weights(run)
     checkpoints/epoch-0007/             adapter, optimiser, advantage statistics, RNG states
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lowvram_ddpo.divergence import NonFiniteTraining, all_finite
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.models import (
     LORA_WEIGHTS_NAME,
@@ -68,7 +69,11 @@ def _copy_atomic(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
         shutil.rmtree(old, ignore_errors=True)
         return
-    shutil.copyfile(src, tmp)
+    try:
+        shutil.copyfile(src, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, dst)
 
 
@@ -94,30 +99,48 @@ def save_checkpoint(
     stat_tracker: dict,
     keep: int = 2,
 ) -> Path:
-    """Write ``checkpoints/epoch-NNNN`` atomically and point ``latest.json`` at it."""
+    """Write ``checkpoints/epoch-NNNN`` atomically and point ``latest.json`` at it.
+    Weights that are not finite are refused before anything is written or rotated out."""
+    if not all_finite(
+        unet.parameters() if not has_lora(unet) else adapter_state_dict(unet).values()
+    ):
+        raise NonFiniteTraining(f"the weights after epoch {epochs_done} are NaN or infinite")
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{epochs_done:04d}"
     tmp, final = root / f".tmp-{name}", root / name
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if has_lora(unet):
-        save_file(adapter_state_dict(unet), tmp / ADAPTER_FILE)
-        save_lora_for_diffusers(unet, tmp)
-        export = LORA_WEIGHTS_NAME
-    else:
-        unet.save_pretrained(tmp / FULL_UNET_DIR)
-        export = FULL_UNET_DIR
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states()}, tmp / OPTIMIZER_FILE)
-    state = {"epochs_done": epochs_done, "stat_tracker": stat_tracker}
-    (tmp / STATE_FILE).write_text(json.dumps(state))
+    try:
+        _write_checkpoint_files(tmp, unet, optimizer, epochs_done, stat_tracker)
+    except BaseException:  # disk full, killed...: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     latest = {"checkpoint": f"checkpoints/{name}", "epochs_done": epochs_done}
     write_text_atomic(run_dir / LATEST_FILE, json.dumps(latest))
+    export = LORA_WEIGHTS_NAME if has_lora(unet) else FULL_UNET_DIR
     _copy_atomic(final / export, run_dir / export)
     _prune(root, keep)
     return final
+
+
+def _write_checkpoint_files(
+    tmp: Path,
+    unet: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epochs_done: int,
+    stat_tracker: dict,
+) -> None:
+    tmp.mkdir()
+    if has_lora(unet):
+        save_file(adapter_state_dict(unet), tmp / ADAPTER_FILE)
+        save_lora_for_diffusers(unet, tmp)
+    else:
+        unet.save_pretrained(tmp / FULL_UNET_DIR)
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states()}, tmp / OPTIMIZER_FILE)
+    state = {"epochs_done": epochs_done, "stat_tracker": stat_tracker}
+    (tmp / STATE_FILE).write_text(json.dumps(state))
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -136,6 +159,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
             f"{pointer} points at {folder}, which is missing: the run folder is damaged"
         )
     return folder
+
+
+def epochs_done(run_dir: Path) -> int:
+    """Epochs the run's newest checkpoint holds (0 before the first)."""
+    pointer = run_dir / LATEST_FILE
+    return json.loads(pointer.read_text())["epochs_done"] if pointer.is_file() else 0
+
+
+def check_epochs_left(run_dir: Path, done: int, epochs: int) -> None:
+    """A resumed run must have epochs left to train."""
+    if done >= epochs:
+        raise UserError(
+            f"{run_dir} has already trained {done} of {epochs} epochs: nothing to do. To "
+            f"train longer: --resume {run_dir} --epochs N, with N above {done}"
+        )
 
 
 def load_checkpoint(

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.memory.allocator import configure_allocator
 
 app = typer.Typer(
     help="RL fine-tuning (DDPO, RWR) of Stable Diffusion with LoRA on one consumer GPU.",
@@ -59,18 +60,13 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _apply_samples_per_epoch(config, samples: int) -> None:  # noqa: ANN001
-    per_round = config.sample.batch_size * _world_size()
-    if samples % per_round == 0:
-        config.sample.batches_per_epoch = samples // per_round
-    elif samples < per_round and samples % _world_size() == 0:
-        config.sample.batch_size = samples // _world_size()
-        config.sample.batches_per_epoch = 1
-    else:
-        raise UserError(
-            f"--samples-per-epoch {samples} is not a multiple of sample.batch_size x processes "
-            f"({per_round}): pick a multiple or change sample.batch_size with --set"
-        )
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(line: str) -> None:
+    if line and _is_main_process():
+        typer.echo(line)
 
 
 def _fit_to_card(config):  # noqa: ANN001, ANN202
@@ -83,8 +79,7 @@ def _fit_to_card(config):  # noqa: ANN001, ANN202
         fit = fit_to_vram(config, config.model.name, vram)
     except UserError:  # unreachable: the named shape it most likely has
         fit = fit_to_vram(config, default_architecture(config.model.name), vram)
-    if int(os.environ.get("RANK", "0")) == 0:
-        typer.echo(fit.summary(config.memory.vram))
+    _say(fit.summary(config.memory.vram))
     return fit.config
 
 
@@ -116,13 +111,16 @@ def train(
     ] = "",
 ) -> None:
     """Fine-tune a LoRA on a reward with DDPO (or RWR)."""
+    from lowvram_ddpo.checkpoint import check_epochs_left, epochs_done
     from lowvram_ddpo.config import (
         apply_overrides,
         load_config_file,
         load_preset,
         set_field,
+        set_samples_per_epoch,
         validate,
     )
+    from lowvram_ddpo.preflight import check_output_folder
 
     with _user_errors():
         if resume:
@@ -170,7 +168,7 @@ def train(
                     set_field(config, key, value, source="the command line")
             apply_overrides(config, set_ or [])
             if samples_per_epoch is not None:
-                _apply_samples_per_epoch(config, samples_per_epoch)
+                _say(set_samples_per_epoch(config, samples_per_epoch, _world_size()))
             run_dir = Path(config.run.output or f"runs/{Path(preset).stem}")
             if (run_dir / "latest.json").exists():
                 raise UserError(
@@ -186,6 +184,10 @@ def train(
         validate(config)
         if config.memory.vram:
             config = _fit_to_card(config)
+        if resume:
+            check_epochs_left(run_dir, epochs_done(run_dir), config.run.epochs)
+        check_output_folder(run_dir)  # before minutes of model loading
+        _say_allocator_setting()
         from lowvram_ddpo.trainer import train as run_training
 
         try:
@@ -195,8 +197,29 @@ def train(
                 f"\ninterrupted: continue with `lowvram-ddpo train --resume {run_dir}`", err=True
             )
             raise typer.Exit(130) from None
-    if int(os.environ.get("RANK", "0")) == 0:
-        typer.echo(f"done: LoRA in {run_dir}, grids in {run_dir / 'grids'}")
+    _say(_finished_line(run_dir))
+
+
+def _say_allocator_setting() -> None:
+    import torch
+
+    note = configure_allocator()
+    if torch.cuda.is_available():
+        _say(note)
+
+
+def _finished_line(run_dir: Path) -> str:
+    from lowvram_ddpo.checkpoint import FULL_UNET_DIR
+    from lowvram_ddpo.models import LORA_WEIGHTS_NAME
+
+    grids = run_dir / "grids"
+    if (run_dir / LORA_WEIGHTS_NAME).is_file():
+        return f"done: LoRA in {run_dir / LORA_WEIGHTS_NAME}, grids in {grids}"
+    if (run_dir / FULL_UNET_DIR).is_dir():
+        return f"done: fine-tuned UNet in {run_dir / FULL_UNET_DIR}, grids in {grids}"
+    return (
+        f"done: no epoch was trained, so no LoRA was written; the base model's grid is in {grids}"
+    )
 
 
 @app.command()
@@ -308,21 +331,47 @@ def bench_memory(
             fit = fit_to_vram(config, arch, parse_size(vram))
             config = fit.config
             notes.append(fit.summary(vram))
+        allocator = configure_allocator()
         import torch
 
         if torch.cuda.is_available() and not estimate:
             from lowvram_ddpo.memory.measure import measure_run
 
             report = measure_run(config, arch)
+            notes += [allocator] if allocator else []
         else:
             from lowvram_ddpo.memory.estimate import estimate_memory
 
             report = estimate_memory(config, arch)
+        if not vram and (arch == "sdxl" or (report.card_gb or 99) > 8):
+            hint = _smaller_card_hint(config, arch, report)
+            notes += [hint] if hint else []
         report.notes = notes + report.notes
     typer.echo(report.to_json() if json_ else report.to_text())
 
 
+HINT_CARD_SIZES_GB = (4, 6, 8, 12, 16, 24)
+
+
+def _smaller_card_hint(config, arch: str, report) -> str:  # noqa: ANN001
+    """What `--vram` picks for the next common card size below the one the settings need."""
+    from lowvram_ddpo.memory.fit import fit_to_vram
+    from lowvram_ddpo.memory.units import GB
+
+    need = report.card_gb or 99
+    smaller = [size for size in HINT_CARD_SIZES_GB if size < need]
+    if not smaller:
+        return ""
+    size = smaller[-1]
+    try:
+        fit = fit_to_vram(config, arch, size * GB)
+    except UserError:
+        return f"a {size} GB card: nothing fits (lower sample.resolution)"
+    return f"for a {size} GB card: {fit.summary(f'{size}GB')}"
+
+
 def main() -> None:
+    configure_allocator()  # before torch is imported, so before CUDA can start
     try:
         app()
     except KeyboardInterrupt:  # pragma: no cover

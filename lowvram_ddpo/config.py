@@ -101,6 +101,9 @@ class TrainConfig:
     clip_range: float = 1e-4
     adv_clip_max: float = 5.0
     max_grad_norm: float = 1.0
+    max_skipped_steps: int = 5
+    """Optimiser steps with NaN/inf gradients are skipped; this many in a row stop the run
+    (with an fp16 gradient scaler, 16 more: it skips steps while it lowers its scale)."""
     timestep_fraction: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -373,8 +376,7 @@ def validate(config: Config) -> None:
     checks = [
         (
             s.resolution > 0 and s.resolution % 8 == 0,
-            f"sample.resolution must be a positive multiple of 8 (got {s.resolution}); "
-            "try 512 for SD 1.5",
+            f"sample.resolution must be a positive multiple of 8 (got {s.resolution})",
         ),
         (s.num_steps >= 1, f"sample.num_steps must be at least 1 (got {s.num_steps})"),
         (s.sampler in ("auto", "ddim", "lcm"), "sample.sampler must be auto, ddim or lcm"),
@@ -409,6 +411,7 @@ def validate(config: Config) -> None:
             f"memory.attention must be one of {', '.join(ATTENTION)}",
         ),
         (0 < t.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]"),
+        (t.max_skipped_steps >= 1, "train.max_skipped_steps must be at least 1"),
         (
             t.batch_size >= 1 and t.gradient_accumulation_steps >= 1 and t.inner_epochs >= 1,
             "train.batch_size, gradient_accumulation_steps and inner_epochs must be >= 1",
@@ -447,6 +450,8 @@ def validate(config: Config) -> None:
     ]
     for ok, message in checks:
         if not ok:
+            if message.startswith("sample.resolution"):
+                message += f"; {_resolution_hint(config.model.name)}"
             raise UserError(message)
     if config.memory.vram:
         from lowvram_ddpo.memory.units import parse_size
@@ -461,6 +466,43 @@ def validate(config: Config) -> None:
             "one optimiser step (train.batch_size x train.gradient_accumulation_steps): "
             "change one of them so every sample is trained on"
         )
+
+
+def set_samples_per_epoch(config: Config, samples: int, processes: int = 1) -> str:
+    """Sample ``samples`` images per epoch (all processes together). A user asking for
+    fewer samples than one optimiser step holds means it: the step shrinks to fit (fewer
+    accumulated micro-batches). Returns a line saying what changed ("" if nothing)."""
+    s, t = config.sample, config.train
+    per_round = s.batch_size * processes
+    if samples % per_round == 0:
+        s.batches_per_epoch = samples // per_round
+    elif samples < per_round and samples % processes == 0:
+        s.batch_size, s.batches_per_epoch = samples // processes, 1
+    else:
+        raise UserError(
+            f"--samples-per-epoch {samples} is not a multiple of sample.batch_size x processes "
+            f"({per_round}): pick a multiple or change sample.batch_size with --set"
+        )
+    per_process = samples // processes
+    step = t.batch_size * t.gradient_accumulation_steps
+    if per_process % step == 0:
+        return ""
+    micro = math.gcd(t.batch_size, per_process)
+    room = per_process // micro
+    accumulation = max(a for a in range(1, t.gradient_accumulation_steps + 1) if room % a == 0)
+    before = f"{step} samples (train.batch_size {t.batch_size} x {t.gradient_accumulation_steps})"
+    t.batch_size, t.gradient_accumulation_steps = micro, accumulation
+    return (
+        f"note: one optimiser step took {before}, which --samples-per-epoch {samples} cannot "
+        f"fill: now {micro * accumulation} ({micro} x {accumulation}), "
+        f"{per_process // (micro * accumulation)} optimiser step(s) per epoch"
+    )
+
+
+def _resolution_hint(model_name: str) -> str:
+    from lowvram_ddpo.architectures import likely_native_resolution
+
+    return f"{model_name} was trained at {likely_native_resolution(model_name)} px"
 
 
 # ---------------------------------------------------------------- writing

@@ -177,13 +177,42 @@ def load_quantized_unet(
     source: str, dtype: torch.dtype, quantize: str, subfolder: str = "unet", revision: str = ""
 ) -> UNet2DConditionModel:
     """The UNet with its Linear weights in int8 or nf4 (bitsandbytes places it on the GPU)."""
-    return UNet2DConditionModel.from_pretrained(
+    unet = UNet2DConditionModel.from_pretrained(
         source,
         subfolder=subfolder or None,
         revision=revision or None,
         dtype=dtype,
         quantization_config=quantization_config(quantize, dtype),
     )
+    cast_4bit_inputs_like_autocast(unet)
+    return unet
+
+
+def _is_bnb_4bit_linear(module: torch.nn.Module) -> bool:
+    kind = type(module)
+    return kind.__name__ == "Linear4bit" and kind.__module__.startswith("bitsandbytes")
+
+
+def _to_autocast_dtype(layer: torch.nn.Module, args: tuple) -> tuple | None:
+    x = args[0]
+    device = x.device.type
+    if not (x.is_floating_point() and torch.is_autocast_enabled(device)):
+        return None
+    return (x.to(torch.get_autocast_dtype(device)), *args[1:])
+
+
+def cast_4bit_inputs_like_autocast(model: torch.nn.Module) -> int:
+    """Give bitsandbytes' 4-bit Linear layers an input in the autocast dtype, as autocast
+    does for ``nn.Linear``. They return their output in their *input's* dtype, and under
+    autocast that input is often fp32 (a LayerNorm's output, the time embedding): their
+    activations, and what the next layers save for backward, then stay fp32 where an fp16
+    base's are fp16. Measured on the CPU with bitsandbytes' real nf4 layers in an SD 1.5
+    UNet: +0.62 GB at the training peak, +0.75 GB per sampling step; with this hook both
+    equal the fp16 base's. Returns how many layers were hooked."""
+    layers = [m for m in model.modules() if _is_bnb_4bit_linear(m)]
+    for layer in layers:
+        layer.register_forward_pre_hook(_to_autocast_dtype)
+    return len(layers)
 
 
 def _from_pretrained(

@@ -16,6 +16,7 @@ from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.models import DTYPES, LORA_WEIGHTS_NAME, load_pipeline
 from lowvram_ddpo.policy import build_policy, sampler_for
+from lowvram_ddpo.preflight import native_resolution_of
 from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards
 from lowvram_ddpo.rollout import render
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative
@@ -108,7 +109,7 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     lcm_lora = run.model.lcm_lora if run and not request.model else ""
     pipe = load_pipeline(model, dtype, lcm_lora=lcm_lora).to(device)
     # like diffusers: without a run or a flag, the size the model was trained at
-    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = resolution or native_resolution_of(pipe)
     kind = sampler_for(defaults.sampler, pipe.scheduler.config, pipe.unet.config)
     fallback = LCM_DEFAULT_STEPS if kind == "lcm" and not run else defaults.num_steps
     steps = fallback if request.steps is None else request.steps

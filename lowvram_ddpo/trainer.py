@@ -7,8 +7,11 @@ per-prompt statistics are gathered so every process computes the same advantages
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from lowvram_ddpo.algorithms import (
 )
 from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss, reward_weighted_loss
 from lowvram_ddpo.checkpoint import (
+    check_epochs_left,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_states,
@@ -35,6 +39,7 @@ from lowvram_ddpo.checkpoint import (
     write_text_atomic,
 )
 from lowvram_ddpo.config import Config, dump_toml
+from lowvram_ddpo.divergence import DivergenceGuard, NonFiniteTraining
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.memory.meter import PhaseMeter
@@ -49,6 +54,7 @@ from lowvram_ddpo.models import (
 from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.optimizers import build_optimizer
 from lowvram_ddpo.policy import build_policy
+from lowvram_ddpo.preflight import resolution_note, unknown_words_note
 from lowvram_ddpo.prompts import load_prompts
 from lowvram_ddpo.rewards import ModelReward, Reward, build_reward, check_rewards
 from lowvram_ddpo.rollout import Trajectories, render, sample_trajectories
@@ -63,6 +69,8 @@ def epoch_generator(seed: int, epoch: int, process: int, stream: int) -> torch.G
 
 
 SAMPLING_STREAM, TRAINING_STREAM = 0, 1
+SCALER_HALVINGS = 16
+"""Skipped steps an fp16 gradient scaler needs to go from its initial scale 2**16 to 1."""
 
 
 def resolve_mixed_precision(requested: str, on_gpu: bool) -> str:
@@ -112,6 +120,12 @@ class Trainer:
             cfg.stats.buffer_size, cfg.stats.min_count, cfg.stats.per_prompt
         )
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.prompts)
+        for note in (
+            resolution_note(self.pipe, cfg.sample.resolution, cfg.model.name),
+            unknown_words_note(self.pipe, self.prompts + cfg.run.grid_prompts, cfg.model.name),
+        ):
+            if note:
+                self.log(note)
         with self.offloader.loaded("text_encoder"):
             self.negative = encode_negative(self.pipe, cfg.sample.negative_prompt).to("cpu")
         self.prompt_cache = PromptCache()
@@ -160,6 +174,10 @@ class Trainer:
             self.pipe.unet.enable_gradient_checkpointing()
         optimizer, self.optimizer_kind = build_optimizer(self.params, cfg.train, m.optimizer)
         self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, optimizer)
+        # an fp16 gradient scaler overflows until its scale has come down (halved per
+        # skipped step, from 2**16): allow it those steps on top
+        scaler_allowance = SCALER_HALVINGS if self.accelerator.scaler is not None else 0
+        self.guard = DivergenceGuard(cfg.train.max_skipped_steps + scaler_allowance)
 
     def trained_steps_per_sample(self) -> int:
         return max(1, round(self.config.sample.num_steps * self.config.train.timestep_fraction))
@@ -188,6 +206,8 @@ class Trainer:
             self.finish()
         except torch.OutOfMemoryError:
             raise UserError(self.out_of_memory_message(epoch)) from None
+        except NonFiniteTraining as err:
+            raise UserError(self.diverged_message(epoch, str(err))) from None
         return history
 
     def run_epoch(self, epoch: int) -> dict:
@@ -201,7 +221,7 @@ class Trainer:
         seconds["seconds_training"] = time.perf_counter() - started
         evaluation = self.evaluate(epoch)
         return {
-            "epoch": epoch,
+            "epoch": epoch + 1,  # epochs are numbered from 1 wherever a user sees them
             "reward_mean": gathered_rewards.mean().item(),
             "reward_std": gathered_rewards.std(unbiased=False).item(),
             "reward_min": gathered_rewards.min().item(),
@@ -257,7 +277,7 @@ class Trainer:
         kept = f"checkpoint {folder.name} is kept" if folder else "no checkpoint was written yet"
         m, t = self.config.memory, self.config.train
         return (
-            f"out of GPU memory while {self.phase} in epoch {epoch} ({kept}). Use less memory "
+            f"out of GPU memory while {self.phase} in epoch {epoch + 1} ({kept}). Use less memory "
             f"and continue: `lowvram-ddpo train --resume {self.run_dir} --vram <card size, "
             f"e.g. 8GB>` picks the settings; by hand: train.batch_size={t.batch_size} -> "
             f"{max(1, t.batch_size // 2)}"
@@ -266,26 +286,63 @@ class Trainer:
             + ". `lowvram-ddpo bench memory` predicts the peak of each setting"
         )
 
+    def diverged_message(self, epoch: int, what: str) -> str:
+        """Why the run stopped on NaN/inf, what to change, and what is kept (nothing
+        non-finite is ever saved: the last checkpoint is from before it went wrong)."""
+        lr = self.config.train.learning_rate
+        folder = latest_checkpoint(self.run_dir)
+        kept = (
+            f"the last good checkpoint is {folder} (its LoRA is also in {self.run_dir})"
+            if folder
+            else "no checkpoint was written yet"
+        )
+        return (
+            f"training diverged in epoch {epoch + 1}: {what}. The likely cause is a learning rate "
+            f"too high for this run (train.learning_rate={lr:g}): start again with a lower "
+            f"--lr, e.g. {lr / 10:g}. Nothing non-finite was saved; {kept}"
+        )
+
+    @contextmanager
+    def saving(self, what: str) -> Iterator[None]:
+        """A failed write (disk full, folder gone or read-only) becomes one line; what was
+        saved before stays valid (checkpoints and latest.json are replaced atomically)."""
+        try:
+            yield
+        except OSError as err:
+            folder = latest_checkpoint(self.run_dir)
+            kept = f"checkpoint {folder} is kept" if folder else "no checkpoint was written yet"
+            raise UserError(
+                f"could not save {what} in {self.run_dir} ({err.strerror or err}); {kept}. "
+                f"Free some space (or fix the folder) and continue with "
+                f"`lowvram-ddpo train --resume {self.run_dir}`"
+            ) from None
+
     def start_fresh(self) -> int:
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir / "config.toml", dump_toml(self.config))
-            (self.run_dir / "metrics.jsonl").write_text("")
-            self.save_grid("epoch-0000")
+            with self.saving("the run's config"):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(self.run_dir / "config.toml", dump_toml(self.config))
+                (self.run_dir / "metrics.jsonl").write_text("")
+            with self.saving("the first grid"):
+                self.save_grid("epoch-0000")
         self.accelerator.wait_for_everyone()
         return 0
 
     def restore(self) -> int:
         folder = latest_checkpoint(self.run_dir)
         if folder is None:
-            self.log(f"no checkpoint in {self.run_dir} yet: starting from epoch 0")
+            self.log(f"no checkpoint in {self.run_dir} yet: starting from epoch 1")
             return self.start_fresh()
         state = load_checkpoint(folder, self.accelerator.unwrap_model(self.unet), self.optimizer)
+        check_epochs_left(self.run_dir, state.epochs_done, self.config.run.epochs)
         self.tracker.load_state_dict(state.stat_tracker)
         restore_rng_states(state.rng)
         if self.is_main:
             _truncate_metrics(self.run_dir / "metrics.jsonl", state.epochs_done)
-        self.log(f"resumed {self.run_dir} after epoch {state.epochs_done} ({folder.name})")
+        self.log(
+            f"resumed {self.run_dir} after epoch {state.epochs_done} of {self.config.run.epochs}"
+            f" ({folder.name}): next is epoch {state.epochs_done + 1}"
+        )
         self.accelerator.wait_for_everyone()
         return state.epochs_done
 
@@ -303,7 +360,7 @@ class Trainer:
         seconds = {"seconds_sampling": 0.0, "seconds_reward": 0.0}
         bar = tqdm(
             range(cfg.sample.batches_per_epoch),
-            desc=f"epoch {epoch} sampling",
+            desc=f"epoch {epoch + 1} sampling",
             leave=False,
             disable=not (cfg.run.progress and self.is_main),
         )
@@ -388,9 +445,9 @@ class Trainer:
         n = len(prompts)
         local = signal[acc.process_index * n : (acc.process_index + 1) * n]
         if self.config.run.log_rollouts:
-            self.write_rollout_log(epoch, f"rank{acc.process_index}", prompts, rewards, local)
+            self.write_rollout_log(epoch + 1, f"rank{acc.process_index}", prompts, rewards, local)
             if self.is_main:
-                self.write_rollout_log(epoch, "gathered", all_prompts, all_rewards, signal)
+                self.write_rollout_log(epoch + 1, "gathered", all_prompts, all_rewards, signal)
         return local, all_rewards
 
     def train_on(self, samples: Trajectories, signal: torch.Tensor, epoch: int) -> dict:
@@ -400,12 +457,11 @@ class Trainer:
         n, num_steps = len(samples), samples.log_probs.shape[1]
         k = self.trained_steps_per_sample()
         self.unet.train()
-        totals: dict[str, float] = {}
-        count = grad_steps = 0
+        totals = TrainingTotals()
         micro_batches = range(0, n, cfg.train.batch_size)
         bar = tqdm(
             total=cfg.train.inner_epochs * len(micro_batches) * k,
-            desc=f"epoch {epoch} training",
+            desc=f"epoch {epoch + 1} training",
             leave=False,
             disable=not (cfg.run.progress and self.is_main),
         )
@@ -423,22 +479,25 @@ class Trainer:
                         with acc.autocast():
                             loss, metrics = self.micro_step_loss(samples, batch, signal, generator)
                         acc.backward(loss)
+                        totals.add_micro_step(loss, metrics)
                         if acc.sync_gradients:
-                            norm = acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
-                            totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(norm)
-                            grad_steps += 1
-                        self.optimizer.step()
-                        self.optimizer.zero_grad()
-                    for name, value in {"loss": loss, **metrics}.items():
-                        totals[name] = totals.get(name, 0.0) + float(value.detach())
-                    count += 1
+                            totals.add_optimizer_step(self.optimizer_step())
                     bar.update()
         bar.close()
-        result = {name: totals[name] / count for name in ("loss", "approx_kl", "clipfrac")}
-        result["grad_norm"] = totals.get("grad_norm", 0.0) / max(grad_steps, 1)
-        result["optimizer_steps"] = grad_steps
-        result["micro_steps"] = count
-        return result
+        return {**totals.means(), "skipped_steps": self.guard.take_skipped_count()}
+
+    def optimizer_step(self) -> float:
+        """Clip the accumulated gradients and step, unless they are not finite
+        (``DivergenceGuard``: the step is skipped and counted). Returns the gradient norm."""
+        acc = self.accelerator
+        norm = float(acc.clip_grad_norm_(self.params, self.config.train.max_grad_norm))
+        # an fp16 gradient scaler skips a non-finite step itself, and must be called to see
+        # it and lower its scale
+        if self.guard.allows_step(norm) or acc.scaler is not None:
+            self.optimizer.step()
+            self.guard.check_weights(self.params)
+        self.optimizer.zero_grad()
+        return norm
 
     def micro_step_loss(
         self,
@@ -470,37 +529,49 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         done = epoch + 1
         if self.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
+            self.log(self.epoch_line(metrics))
+            metrics_file = self.run_dir / "metrics.jsonl"
+            with self.saving(f"the metrics of epoch {done}"), open(metrics_file, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            self.log(
-                f"epoch {epoch}: reward {metrics['reward_mean']:.4g} ± {metrics['reward_std']:.3g}"
-                f"  loss {metrics['loss']:.3g}  kl {metrics['approx_kl']:.2e}"
-                f"  clipfrac {metrics['clipfrac']:.3f}  time sample/reward/train "
-                f"{metrics['seconds_sampling']:.1f}/{metrics['seconds_reward']:.1f}/"
-                f"{metrics['seconds_training']:.1f}s"
-                + (
-                    f"  peak {metrics['peak_reserved_bytes'] / 2**30:.2f} GB"
-                    if self.meter.cuda
-                    else ""
-                )
-            )
             if done % cfg.run.checkpoint_every == 0 or done == cfg.run.epochs:
-                save_checkpoint(
-                    self.run_dir,
-                    acc.unwrap_model(self.unet),
-                    self.optimizer,
-                    done,
-                    self.tracker.state_dict(),
-                    cfg.run.keep_checkpoints,
-                )
+                self.write_checkpoint(done)
             if cfg.run.grid_every > 0 and done % cfg.run.grid_every == 0 and done < cfg.run.epochs:
-                self.save_grid(f"epoch-{done:04d}")
+                with self.saving(f"the grid of epoch {done}"):
+                    self.save_grid(f"epoch-{done:04d}")
         acc.wait_for_everyone()
+
+    def write_checkpoint(self, done: int) -> None:
+        with self.saving(f"the checkpoint of epoch {done}"):
+            save_checkpoint(
+                self.run_dir,
+                self.accelerator.unwrap_model(self.unet),
+                self.optimizer,
+                done,
+                self.tracker.state_dict(),
+                self.config.run.keep_checkpoints,
+            )
+
+    def epoch_line(self, metrics: dict) -> str:
+        line = (
+            f"epoch {metrics['epoch']}/{self.config.run.epochs}: reward "
+            f"{metrics['reward_mean']:.4g} ± {metrics['reward_std']:.3g}"
+            f"  loss {_format(metrics['loss'], '.3g')}"
+            f"  kl {_format(metrics['approx_kl'], '.2e')}"
+            f"  clipfrac {_format(metrics['clipfrac'], '.3f')}  time sample/reward/train "
+            f"{metrics['seconds_sampling']:.1f}/{metrics['seconds_reward']:.1f}/"
+            f"{metrics['seconds_training']:.1f}s"
+        )
+        if self.meter.cuda:
+            line += f"  peak {metrics['peak_reserved_bytes'] / 2**30:.2f} GB"
+        if metrics["skipped_steps"]:
+            line += f"  skipped {metrics['skipped_steps']} steps (NaN/inf gradients)"
+        return line
 
     def finish(self) -> None:
         cfg = self.config
         if self.is_main and cfg.run.epochs > 0:
-            self.save_grid(f"after {cfg.run.epochs} epochs", before_after=True)
+            with self.saving("the before/after grid"):
+                self.save_grid(f"after {cfg.run.epochs} epochs", before_after=True)
         self.accelerator.wait_for_everyone()
 
     def save_grid(self, name: str, before_after: bool = False) -> Path:
@@ -545,7 +616,7 @@ class Trainer:
         rewards: torch.Tensor,
         signal: torch.Tensor,
     ) -> None:
-        """rollouts/epoch-NNNN-<part>.json: prompts, rewards and the training signal
+        """rollouts/epoch-NNNN-<part>.json (NNNN from 1): prompts, rewards and the training signal
         (advantage or RWR weight), per process (rankN) and gathered."""
         folder = self.run_dir / "rollouts"
         folder.mkdir(parents=True, exist_ok=True)
@@ -556,6 +627,52 @@ class Trainer:
             "signal": signal.tolist(),
         }
         (folder / f"epoch-{epoch:04d}-{part}.json").write_text(json.dumps(record))
+
+
+@dataclass
+class TrainingTotals:
+    """An epoch's training metrics, averaged. ``approx_kl`` and ``clipfrac`` compare the
+    policy with the one that sampled, so before the epoch's first optimiser step they are
+    zero by construction: they are averaged over the micro-steps after it, and are None
+    ("n/a") when there were none (one optimiser step per epoch) or the objective has none."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    policy_moved: bool = False
+    micro_steps: int = 0
+    optimizer_steps: int = 0
+
+    def add(self, name: str, value: float) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + value
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def add_micro_step(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
+        self.micro_steps += 1
+        self.add("loss", float(loss.detach()))
+        if self.policy_moved:
+            for name, value in metrics.items():
+                self.add(name, float(value))
+
+    def add_optimizer_step(self, grad_norm: float) -> None:
+        """A finite norm means the step was taken (a non-finite one is skipped)."""
+        if math.isfinite(grad_norm):
+            self.add("grad_norm", grad_norm)
+            self.optimizer_steps += 1
+            self.policy_moved = True
+
+    def means(self) -> dict[str, float | int | None]:
+        names = ("loss", "approx_kl", "clipfrac", "grad_norm")
+        result: dict[str, float | int | None] = {
+            name: self.sums[name] / self.counts[name] if self.counts.get(name) else None
+            for name in names
+        }
+        result |= {"optimizer_steps": self.optimizer_steps, "micro_steps": self.micro_steps}
+        return result
+
+
+def _format(value: float | None, spec: str) -> str:
+    """A metric for the epoch line; "n/a" where there is nothing to report yet."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def _done(value: torch.Tensor) -> Future:
@@ -569,7 +686,7 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["epoch"] < epochs_done]
+    kept = [line for line in lines if json.loads(line)["epoch"] <= epochs_done]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 

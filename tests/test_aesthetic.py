@@ -159,7 +159,7 @@ def test_training_with_the_aesthetic_reward_writes_its_metrics(
     validate(config)
     history = train(config, tmp_path / "run")
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     assert all(np.isfinite(m["reward_mean"]) and m["reward_std"] > 0 for m in history)
     assert on_device["training"] == on_device["after scoring"] == {"unet"}  # scorer offloaded
 

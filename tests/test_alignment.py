@@ -289,8 +289,9 @@ def test_llava_1_5_7b_is_estimated_offline_and_vram_shrinks_the_scoring_batch():
     defaults: 4-bit weights ~4.4 GB on the card while scoring; `--vram 8GB` keeps it by
     scoring one image at a time (the KV cache of 8 prefills is the rest)."""
     from lowvram_ddpo.config import apply_overrides
+    from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES
     from lowvram_ddpo.memory.estimate import estimate_memory
-    from lowvram_ddpo.memory.fit import CUDA_CONTEXT_BYTES, fit_to_vram
+    from lowvram_ddpo.memory.fit import fit_to_vram
     from lowvram_ddpo.memory.units import GB
 
     config = load_preset("prompt-alignment")

@@ -51,8 +51,8 @@ def test_two_processes_gather_rewards_and_share_advantages(tiny_preset, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
 
     folder = run_dir / "rollouts"
-    ranks = [json.loads((folder / f"epoch-0000-rank{r}.json").read_text()) for r in (0, 1)]
-    gathered = json.loads((folder / "epoch-0000-gathered.json").read_text())
+    ranks = [json.loads((folder / f"epoch-0001-rank{r}.json").read_text()) for r in (0, 1)]
+    gathered = json.loads((folder / "epoch-0001-gathered.json").read_text())
     per_process = 8 * 2  # sample.batch_size x sample.batches_per_epoch of the tiny preset
     assert all(len(r["rewards"]) == per_process for r in ranks)
     assert gathered["rewards"] == pytest.approx(ranks[0]["rewards"] + ranks[1]["rewards"])

@@ -19,9 +19,10 @@ from typer.testing import CliRunner
 from lowvram_ddpo.cli import app
 from lowvram_ddpo.config import apply_overrides, list_presets, load_preset
 from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES
 from lowvram_ddpo.memory.counting import DeviceBytesCounter, GpuKernelEmulation
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory
-from lowvram_ddpo.memory.fit import CUDA_CONTEXT_BYTES, fit_to_vram
+from lowvram_ddpo.memory.fit import fit_to_vram
 from lowvram_ddpo.memory.units import GB, parse_size
 
 # ---------------------------------------------------------------- the counter

@@ -151,4 +151,4 @@ def test_out_of_memory_says_what_to_change_and_keeps_the_checkpoint(
     )
     assert result.exit_code == 0, result.output
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").open()]
-    assert epochs == [0, 1]
+    assert epochs == [1, 2]

@@ -58,7 +58,7 @@ def test_ddpo_is_raises_the_incompressibility_reward(trained_run):
     first, last = rewards[0], sum(rewards[-3:]) / 3
     assert last > first + 0.03, rewards
     # the run folder holds what a user needs
-    assert [m["epoch"] for m in _metrics(run_dir)] == list(range(8))
+    assert [m["epoch"] for m in _metrics(run_dir)] == list(range(1, 9))
     assert (run_dir / "pytorch_lora_weights.safetensors").is_file()
     assert (run_dir / "config.toml").is_file()
     for grid in ("epoch-0000.png", "epoch-0004.png", "before_after.png"):
@@ -159,7 +159,7 @@ def test_resume_after_a_kill_repeats_no_epoch_and_loses_none(tiny_preset, tmp_pa
 
     straight = tmp_path / "straight"
     train(_config(tiny_preset, "run.epochs=6", f"run.output={straight}"), straight)
-    assert [m["epoch"] for m in _metrics(killed)] == list(range(6))
+    assert [m["epoch"] for m in _metrics(killed)] == list(range(1, 7))
     for a, b in zip(_metrics(killed), _metrics(straight), strict=True):
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6)
     final = "checkpoints/epoch-0006/adapter_model.safetensors"
@@ -185,7 +185,7 @@ def test_full_fine_tuning_trains_every_weight_resumes_and_samples(
     assert not list(run_dir.glob("*.safetensors"))  # no LoRA file pretending to be one
 
     resumed = train(_config(tiny_preset, "model.lora_rank=0", "run.epochs=2"), run_dir, True)
-    assert [m["epoch"] for m in resumed] == [1]
+    assert [m["epoch"] for m in resumed] == [2]
     assert (run_dir / "checkpoints/epoch-0002/unet/config.json").is_file()
 
     grid = tmp_path / "grid.png"

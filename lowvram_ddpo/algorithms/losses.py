@@ -31,7 +31,7 @@ def score_function_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DDPO-SF (REINFORCE): ``-mean(A log pi)``."""
     diff = (log_prob - old_log_prob).detach()
-    metrics = {"approx_kl": 0.5 * (diff**2).mean(), "clipfrac": torch.zeros(())}
+    metrics = {"approx_kl": 0.5 * (diff**2).mean()}  # nothing is clipped: no clip fraction
     return -(advantages * log_prob).mean(), metrics
 
 
@@ -52,5 +52,4 @@ def weighted_denoising_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``mean_i w_i ||eps_theta - eps||^2`` (squared error averaged over latent dims)."""
     per_sample = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, target.ndim)))
-    zero = torch.zeros(())
-    return (weights * per_sample).mean(), {"approx_kl": zero, "clipfrac": zero}
+    return (weights * per_sample).mean(), {}  # no log-probs: no KL or clip fraction to report

@@ -20,6 +20,7 @@ from lowvram_ddpo.algorithms import POLICY_GRADIENT
 from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss, reward_weighted_loss
 from lowvram_ddpo.architectures import Components, build_components
 from lowvram_ddpo.config import Config
+from lowvram_ddpo.memory.calibration import RESERVED_OVER_ALLOCATED
 from lowvram_ddpo.memory.counting import (
     DeviceBytesCounter,
     GpuKernelEmulation,
@@ -33,10 +34,6 @@ from lowvram_ddpo.policy import Conditioning, PolicyStep, build_policy
 from lowvram_ddpo.rewards import ModelReward, reward_with_random_weights
 from lowvram_ddpo.rollout import Trajectories, decodes_in_fp32
 from lowvram_ddpo.text_encoding import TextEmbeds, micro_conditioning
-
-RESERVED_OVER_ALLOCATED = 1.10
-"""The CUDA caching allocator holds more than the live tensors (block rounding, cached
-free blocks). Not calibrated on a GPU yet: see docs/benchmarks.md."""
 
 ADAM_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8 / 2048}
 """Per trained parameter: two fp32 moments, or two 8-bit moments with a fp32 absmax per

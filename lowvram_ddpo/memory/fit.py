@@ -18,13 +18,11 @@ from dataclasses import dataclass
 
 from lowvram_ddpo.config import Config
 from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory
 from lowvram_ddpo.memory.report import MemoryReport
-from lowvram_ddpo.memory.units import GB, format_size
+from lowvram_ddpo.memory.units import format_size
 from lowvram_ddpo.models import VAE_TILE_PIXELS
-
-CUDA_CONTEXT_BYTES = GB // 2
-"""What the CUDA context and kernels take on the card besides PyTorch's allocations."""
 
 
 @dataclass

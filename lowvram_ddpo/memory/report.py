@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, smallest_card_gb
 from lowvram_ddpo.memory.units import format_size
 
 
@@ -40,6 +41,18 @@ class MemoryReport:
     def peak_allocated_bytes(self) -> int:
         return max(p.peak_allocated for p in self.phases)
 
+    @property
+    def card_gb(self) -> int | None:
+        """The smallest card size the run fits, CUDA context included (None: above 80)."""
+        return smallest_card_gb(self.peak_bytes)
+
+    def card_line(self) -> str:
+        context = f"peak reserved + ~{format_size(CUDA_CONTEXT_BYTES)} CUDA context"
+        if self.card_gb is None:
+            return f"needs a card above 80 GB ({context})"
+        article = "an" if self.card_gb in (8, 11, 80) else "a"
+        return f"fits {article} {self.card_gb} GB card ({context})"
+
     def phase(self, name: str) -> PhaseMemory:
         return next(p for p in self.phases if p.name == name)
 
@@ -50,6 +63,7 @@ class MemoryReport:
                 "arch": self.arch,
                 "peak_bytes": self.peak_bytes,
                 "peak_allocated_bytes": self.peak_allocated_bytes,
+                "fits_card_gb": self.card_gb,
                 "phases": {
                     p.name: {
                         "peak_bytes": p.peak_reserved,
@@ -76,7 +90,7 @@ class MemoryReport:
                 f"  allocated {format_size(p.peak_allocated):>9}{seconds}"
                 + (f"  (holding {held})" if held else "")
             )
-        lines.append(f"  overall   reserved {format_size(self.peak_bytes):>9}")
+        lines.append(f"  overall   reserved {format_size(self.peak_bytes):>9}: {self.card_line()}")
         lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)

@@ -23,7 +23,7 @@ from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DCondit
 from torch import Tensor
 
 from lowvram_ddpo.models import load_pipeline
-from lowvram_ddpo.pocket import world
+from lowvram_ddpo.pocket import save_pipeline_half, world
 from lowvram_ddpo.pocket.tokenizer import MAX_LENGTH
 from lowvram_ddpo.policy.lcm import boundary_scalings, guidance_embedding
 
@@ -137,7 +137,7 @@ def distill(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    lcm.to(torch.float16).save_pretrained(out)
+    save_pipeline_half(lcm, out)
     return out
 
 

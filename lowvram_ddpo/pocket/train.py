@@ -30,7 +30,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from lowvram_ddpo.architectures import SD_SCHEDULER
 from lowvram_ddpo.models import load_pipeline
-from lowvram_ddpo.pocket import world
+from lowvram_ddpo.pocket import save_pipeline_half, world
 from lowvram_ddpo.pocket.classifier import (
     HEADS,
     WorldClassifier,
@@ -289,7 +289,7 @@ def main() -> None:
     )
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    pipe.to(torch.float16).save_pretrained(out / "pocket-sd")  # fp16 on disk: half the bytes
+    save_pipeline_half(pipe, out / "pocket-sd")
     save_classifier(classifier, out / "world_classifier.safetensors")
     # measured on what was saved, loaded back the way users load it
     report = measure_accuracy(load_pipeline(str(out / "pocket-sd")), classifier, seeds=2)

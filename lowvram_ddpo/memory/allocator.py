@@ -1,0 +1,43 @@
+"""The CUDA caching allocator's setting, chosen before PyTorch starts CUDA.
+
+With PyTorch's default allocator the memory a run *reserves* exceeded what it had
+*allocated* by 40-70% (fragmentation; measured on an H100 on 2026-11-25: the SDXL preset
+reserved 9.34 GiB for 6.68 GiB allocated, SD 1.5 with checkpointing 4.61 for 2.74). With
+``expandable_segments:True`` the overhead fell to 9-10% (6.93 and 2.94 GiB): without it,
+``sdxl-aesthetic`` does not fit the 8 GB card it is made for.
+
+This module imports nothing heavy: the command line calls it before torch is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ALLOCATOR_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+"""The variables PyTorch reads its allocator settings from (the second since 2.9)."""
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
+OURS = "LOWVRAM_DDPO_SET_ALLOCATOR"
+"""Marks the variable as set by us (child processes of `accelerate launch` inherit both)."""
+
+
+def configure_allocator() -> str:
+    """Turn on expandable segments unless the user set an allocator variable (theirs wins),
+    on Linux (the one platform that has them), while CUDA has not started yet. Returns
+    the line a run on a GPU prints about it ("" when there is nothing to say)."""
+    ours = (
+        f"memory: PYTORCH_CUDA_ALLOC_CONF={EXPANDABLE_SEGMENTS} (less fragmentation: a run "
+        "reserves ~10% above what it uses instead of up to 70%); set it yourself to override"
+    )
+    if os.environ.get(OURS):
+        return ours
+    chosen = next((name for name in ALLOCATOR_VARIABLES if os.environ.get(name)), None)
+    if chosen is not None:
+        return f"memory: {chosen}={os.environ[chosen]} (yours, used as set)"
+    torch = sys.modules.get("torch")
+    started = torch is not None and torch.cuda.is_initialized()
+    if sys.platform != "linux" or started:
+        return ""
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
+    os.environ[OURS] = "1"
+    return ours

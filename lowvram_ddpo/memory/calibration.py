@@ -1,0 +1,40 @@
+"""How the meta-device estimate of *allocated* bytes becomes what a card must have.
+
+Calibrated on the first GPU measurements (one NVIDIA H100 80GB, 2026-11-25,
+`benchmarks/gpu_checks.py` at commit 6cd3d5f; docs/benchmarks.md has the table):
+
+- the estimate of allocated memory was within 1-5% of the measured allocated peak on
+  every row but the nf4 one (a defect of the nf4 path, not of the estimate);
+- with ``expandable_segments:True`` (what the command line sets, `memory/allocator.py`)
+  the peak *reserved* was 1.086x (SDXL, 1024 px) and 1.104x (SD 1.5 with checkpointing)
+  the estimated allocated peak; without it up to 1.73x (fragmentation);
+- ``nvidia-smi`` showed 10.35 GB used while PyTorch had reserved 9.34 GiB (SDXL row, no
+  expandable segments): ~1.0 GiB for the CUDA context, kernels and libraries outside the
+  allocator (read as GiB, the larger reading). An H100 has many more SMs than a consumer
+  card, whose context is likely smaller: not measured yet, so this errs on the safe side.
+"""
+
+from __future__ import annotations
+
+from lowvram_ddpo.memory.units import GB
+
+RESERVED_OVER_ALLOCATED = 1.11
+"""Peak reserved / estimated allocated, with expandable segments: the largest measured
+ratio (1.104), rounded up."""
+
+CUDA_CONTEXT_BYTES = GB
+"""What a process holds on the card besides PyTorch's reserved memory (H100 reading)."""
+
+CARD_SIZES_GB = (4, 6, 8, 10, 11, 12, 16, 20, 24, 32, 40, 48, 80)
+"""Memory sizes GPUs are sold with (GiB, as makers count them)."""
+
+
+def on_card_bytes(reserved: int) -> int:
+    """What a card must have for a run that reserves ``reserved`` bytes."""
+    return reserved + CUDA_CONTEXT_BYTES
+
+
+def smallest_card_gb(reserved: int) -> int | None:
+    """The smallest card size that holds the run, context included (None: none listed)."""
+    need = on_card_bytes(reserved)
+    return next((size for size in CARD_SIZES_GB if size * GB >= need), None)
