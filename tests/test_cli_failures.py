@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from test_cli import _assert_clean_error, _run
 
 from lowvram_ddpo.config import load_preset, set_samples_per_epoch, validate
+from lowvram_ddpo.epoch_metrics import TrainingTotals
 from lowvram_ddpo.models import load_pipeline
 from lowvram_ddpo.preflight import resolution_note, unknown_words_note
 from lowvram_ddpo.prompts import load_prompts
-from lowvram_ddpo.trainer import TrainingTotals
 
 
 def _train(tiny_preset, run_dir, *extra: str):  # noqa: ANN001, ANN202

@@ -81,29 +81,18 @@ def test_diffusers_and_sample_render_what_the_trainer_renders(
     trainer.fit()
     unet = trainer.accelerator.unwrap_model(trainer.unet).eval()
     s = config.sample
-    with torch.no_grad():
-        ours = render(
-            trainer.pipe,
-            unet,
-            trainer.policy,
-            PROMPTS,
-            SEEDS,
-            trainer.negative,
-            s.guidance_scale,
-            s.resolution,
-        )
-        unet.disable_adapters()
-        base = render(
-            trainer.pipe,
-            unet,
-            trainer.policy,
-            PROMPTS,
-            SEEDS,
-            trainer.negative,
-            s.guidance_scale,
-            s.resolution,
-        )
-        unet.enable_adapters()
+
+    def trainer_render() -> torch.Tensor:
+        with torch.no_grad():
+            return render(
+                trainer.pipe, unet, trainer.policy, PROMPTS, SEEDS, trainer.negative,
+                s.guidance_scale, s.resolution,
+            )  # fmt: skip
+
+    ours = trainer_render()
+    unet.disable_adapters()
+    base = trainer_render()
+    unet.enable_adapters()
     assert (ours - base).abs().max().item() > 100 * IMAGE_TOLERANCE  # the LoRA changed them
 
     plain = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
