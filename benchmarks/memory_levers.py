@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from lowvram_ddpo.config import apply_overrides, load_preset
 from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, RESERVED_OVER_ALLOCATED
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory
 from lowvram_ddpo.memory.fit import fit_to_vram
 from lowvram_ddpo.memory.units import GB, parse_size
@@ -39,18 +40,16 @@ ROWS = [
     ),
 ]
 SDXL_ROWS = [
-    ("preset as shipped (sampling batch 4, checkpointing, VAE tiling)", []),
+    ("preset as shipped (sampling batch 2, checkpointing, VAE tiling, text encoders on CPU)", []),
     ("no VAE tiling (fp32 decode of the whole 1024 px image)", ["memory.vae_tiling=false"]),
     ("no checkpointing", ["memory.gradient_checkpointing=false"]),
+    (
+        "sampling batch 4, text encoders on the card (the preset before 2026-11-25)",
+        ["sample.batch_size=4", "memory.text_encoders_on_cpu=false"],
+    ),
     ("sampling batch 8", ["sample.batch_size=8"]),
-    ("sampling batch 2", ["sample.batch_size=2"]),
     ("bf16 (the VAE decodes in bf16, no fp32 upcast)", ["model.mixed_precision='bf16'"]),
     ("nf4 base", ["memory.quantize='nf4'"]),
-    ("nf4 base, sampling batch 2", ["memory.quantize='nf4'", "sample.batch_size=2"]),
-    (
-        "nf4 base, sampling batch 2, text encoders on the CPU",
-        ["memory.quantize='nf4'", "sample.batch_size=2", "memory.text_encoders_on_cpu=true"],
-    ),
 ]
 PHASES = ("encode", "sampling", "decode", "reward", "training")
 
@@ -106,7 +105,12 @@ def full_fine_tuning_table() -> None:
 
 def main() -> None:
     print(f"Estimated peak reserved memory (GB = GiB) per phase, SD 1.5, 512 px, preset `{PRESET}`")
-    print("with the changes listed; LoRA rank 4, fp16 base, 50 DDIM steps, guidance 5 (CFG).\n")
+    print("with the changes listed; LoRA rank 4, fp16 base, 50 DDIM steps, guidance 5 (CFG).")
+    print(
+        f"Reserved = {RESERVED_OVER_ALLOCATED} x the estimated allocated bytes (calibrated on an "
+        "H100, docs/benchmarks.md); a card also needs "
+        f"~{CUDA_CONTEXT_BYTES / GB:.0f} GiB for the CUDA context, which `--vram` subtracts.\n"
+    )
     lever_table(PRESET, "sd15", ROWS)
     full_fine_tuning_table()
     vram_table(PRESET, "sd15", ("12GB", "8GB", "6GB", "4GB", "3GB"))

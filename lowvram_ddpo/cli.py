@@ -355,6 +355,7 @@ HINT_CARD_SIZES_GB = (4, 6, 8, 12, 16, 24)
 
 def _smaller_card_hint(config, arch: str, report) -> str:  # noqa: ANN001
     """What `--vram` picks for the next common card size below the one the settings need."""
+    from lowvram_ddpo.memory.calibration import a_card
     from lowvram_ddpo.memory.fit import fit_to_vram
     from lowvram_ddpo.memory.units import GB
 
@@ -366,8 +367,8 @@ def _smaller_card_hint(config, arch: str, report) -> str:  # noqa: ANN001
     try:
         fit = fit_to_vram(config, arch, size * GB)
     except UserError:
-        return f"a {size} GB card: nothing fits (lower sample.resolution)"
-    return f"for a {size} GB card: {fit.summary(f'{size}GB')}"
+        return f"on {a_card(size)} nothing fits: lower sample.resolution"
+    return f"for {a_card(size)}: {fit.summary(f'{size}GB')}"
 
 
 def main() -> None:

@@ -224,6 +224,21 @@ def test_bench_memory_json_reports_every_phase():
     phases = report["phases"]
     assert set(phases) == {"encode", "sampling", "decode", "reward", "training"}
     assert report["peak_bytes"] == max(p["peak_bytes"] for p in phases.values()) > 0
+    assert report["fits_card_gb"] == 4  # the pocket model: a few MB + the CUDA context
+
+
+def test_bench_memory_names_the_card_and_what_fits_a_smaller_one():
+    """Settings above an 8 GB card (the reference's micro-batch 4, 11.4 GB + the context):
+    the report names the card they need and what `--vram` changes for the next size down."""
+    result = CliRunner().invoke(
+        app,
+        ["bench", "memory", "--preset", "incompressibility", "--set", "train.batch_size=4",
+         "--set", "train.gradient_accumulation_steps=16"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "fits a 16 GB card (peak reserved + ~1.00 GB CUDA context)" in result.output
+    [hint] = [line for line in result.output.splitlines() if "for a 12 GB card" in line]
+    assert "--vram 12GB: train.batch_size 4 -> 2" in hint
 
 
 def test_bench_memory_with_vram_fits_sd15_in_4_gb():

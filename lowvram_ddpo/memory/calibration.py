@@ -29,6 +29,12 @@ CARD_SIZES_GB = (4, 6, 8, 10, 11, 12, 16, 20, 24, 32, 40, 48, 80)
 """Memory sizes GPUs are sold with (GiB, as makers count them)."""
 
 
+def a_card(size_gb: int) -> str:
+    """ "a 6 GB card", "an 8 GB card"."""
+    article = "an" if str(size_gb).startswith("8") or size_gb in (11, 18) else "a"
+    return f"{article} {size_gb} GB card"
+
+
 def on_card_bytes(reserved: int) -> int:
     """What a card must have for a run that reserves ``reserved`` bytes."""
     return reserved + CUDA_CONTEXT_BYTES

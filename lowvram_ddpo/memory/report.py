@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, smallest_card_gb
+from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, a_card, smallest_card_gb
 from lowvram_ddpo.memory.units import format_size
 
 
@@ -50,8 +50,7 @@ class MemoryReport:
         context = f"peak reserved + ~{format_size(CUDA_CONTEXT_BYTES)} CUDA context"
         if self.card_gb is None:
             return f"needs a card above 80 GB ({context})"
-        article = "an" if self.card_gb in (8, 11, 80) else "a"
-        return f"fits {article} {self.card_gb} GB card ({context})"
+        return f"fits {a_card(self.card_gb)} ({context})"
 
     def phase(self, name: str) -> PhaseMemory:
         return next(p for p in self.phases if p.name == name)
