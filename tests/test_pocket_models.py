@@ -3,9 +3,14 @@ installed package and draw what their prompts ask for, above a stated floor."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+from PIL import Image
 
 from lowvram_ddpo.models import POCKET_DIR, load_pipeline
 from lowvram_ddpo.pocket import world
@@ -75,3 +80,22 @@ def test_pocket_lcm_draws_its_prompts_in_four_steps(classifier):
         output_type="pt",
     ).images
     assert prompt_accuracy(classifier, images, captions) >= LCM_FLOOR
+
+
+def _readme_block(marker: str) -> str:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    [block] = [b for b in blocks if marker in b]
+    return block
+
+
+def test_the_readme_snippet_runs_in_plain_diffusers_as_written(classifier, tmp_path, monkeypatch):
+    """The pocket folder loads in plain diffusers in one dtype (its text encoder was once
+    fp16 beside an fp32 UNet: a dtype error) and draws the prompt."""
+    monkeypatch.chdir(tmp_path)
+    exec(_readme_block("pocket_folder("), {})  # noqa: S102  (our own README)
+    image = Image.open(tmp_path / "pocket.png").convert("RGB")
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 255
+    assert pixels.shape == (1, 3, 32, 32)
+    [predicted] = classifier.predict(pixels)
+    assert (predicted["shape"], predicted["color"]) == ("circle", "red"), predicted
