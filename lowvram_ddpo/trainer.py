@@ -292,7 +292,7 @@ class Trainer:
         lr = self.config.train.learning_rate
         folder = latest_checkpoint(self.run_dir)
         kept = (
-            f"the last good checkpoint is {folder} (its LoRA is also in {self.run_dir})"
+            f"the last good checkpoint is {folder} (also exported to {self.run_dir})"
             if folder
             else "no checkpoint was written yet"
         )

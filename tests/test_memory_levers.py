@@ -124,17 +124,17 @@ def test_out_of_memory_says_what_to_change_and_keeps_the_checkpoint(
 ):
     original = Trainer.train_on
 
-    def run_out_at_epoch_1(self, samples, signal, epoch):  # noqa: ANN001, ANN202
-        if epoch == 1:
+    def run_out_in_the_second_epoch(self, samples, signal, epoch):  # noqa: ANN001, ANN202
+        if epoch == 1:  # the loop's index: epoch 2 as the user counts
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return original(self, samples, signal, epoch)
 
-    monkeypatch.setattr(Trainer, "train_on", run_out_at_epoch_1)
+    monkeypatch.setattr(Trainer, "train_on", run_out_in_the_second_epoch)
     run_dir = tmp_path / "run"
     args = ["train", "--preset", str(tiny_preset), "--output", str(run_dir), "--no-progress"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
-    assert "out of GPU memory while training in epoch 1" in result.output
+    assert "out of GPU memory while training in epoch 2" in result.output
     assert "checkpoint epoch-0001 is kept" in result.output
     assert f"--resume {run_dir} --vram" in result.output
     assert "Traceback" not in result.output

@@ -166,6 +166,14 @@ def test_bench_memory_builds_sdxl_at_its_native_size():
     report = json.loads(result.output[result.output.index("{") :])
     assert report["arch"] == "sdxl" and report["settings"]["resolution"] == 1024
     assert any("native size" in note for note in report["notes"])
+    # without --vram it says what --vram picks for the next common card below its own
+    below = [size for size in (4, 6, 8, 12, 16, 24) if size < report["fits_card_gb"]][-1]
+    hint = [
+        note
+        for note in report["notes"]
+        if note.startswith(f"for a{'n' * (below == 8)} {below} GB card")
+    ]
+    assert hint and f"--vram {below}GB: " in hint[0], report["notes"]
 
 
 def test_the_measured_bench_path_builds_a_random_sdxl_pipeline(sdxl_dir, tmp_path):
@@ -208,9 +216,11 @@ def test_vram_fit_reaches_for_vae_tiling_on_sdxl():
     fit = fit_to_vram(config, "sdxl", 8 * GB)
     assert fit.config.memory.vae_tiling and fit.config.memory.quantize == "none"
     assert "memory.vae_tiling False -> True" in fit.changes
-    assert not fit.config.memory.text_encoders_on_cpu  # not needed at 8 GB
-    small = fit_to_vram(config, "sdxl", 4 * GB)  # SDXL at 1024 px on a 4 GB card
-    assert small.config.memory.text_encoders_on_cpu and small.config.memory.quantize == "nf4"
+    # with the calibrated ~1 GiB CUDA context, the text encoders leave the card at 8 GB
+    # (cheap with the prompt cache), before any nf4 base
+    assert fit.config.memory.text_encoders_on_cpu
+    small = fit_to_vram(config, "sdxl", 6 * GB)  # SDXL at 1024 px on a 6 GB card
+    assert small.config.memory.quantize == "nf4"
     tiled = estimate_memory(fit.config, "sdxl").phase("decode").peak_reserved
     fit.config.memory.vae_tiling = False
     untiled = estimate_memory(fit.config, "sdxl").phase("decode").peak_reserved
