@@ -344,31 +344,12 @@ def bench_memory(
 
             report = estimate_memory(config, arch)
         if not vram and (arch == "sdxl" or (report.card_gb or 99) > 8):
-            hint = _smaller_card_hint(config, arch, report)
+            from lowvram_ddpo.memory.fit import smaller_card_hint
+
+            hint = smaller_card_hint(config, arch, report.card_gb)
             notes += [hint] if hint else []
         report.notes = notes + report.notes
     typer.echo(report.to_json() if json_ else report.to_text())
-
-
-HINT_CARD_SIZES_GB = (4, 6, 8, 12, 16, 24)
-
-
-def _smaller_card_hint(config, arch: str, report) -> str:  # noqa: ANN001
-    """What `--vram` picks for the next common card size below the one the settings need."""
-    from lowvram_ddpo.memory.calibration import a_card
-    from lowvram_ddpo.memory.fit import fit_to_vram
-    from lowvram_ddpo.memory.units import GB
-
-    need = report.card_gb or 99
-    smaller = [size for size in HINT_CARD_SIZES_GB if size < need]
-    if not smaller:
-        return ""
-    size = smaller[-1]
-    try:
-        fit = fit_to_vram(config, arch, size * GB)
-    except UserError:
-        return f"on {a_card(size)} nothing fits: lower sample.resolution"
-    return f"for {a_card(size)}: {fit.summary(f'{size}GB')}"
 
 
 def main() -> None:

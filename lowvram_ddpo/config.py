@@ -373,10 +373,12 @@ def _parse_literal(raw: str) -> Any:
 def validate(config: Config) -> None:
     """Reject settings that cannot work, with a message that says what to change."""
     s, t = config.sample, config.train
+    resolution_ok = s.resolution > 0 and s.resolution % 8 == 0
     checks = [
         (
-            s.resolution > 0 and s.resolution % 8 == 0,
-            f"sample.resolution must be a positive multiple of 8 (got {s.resolution})",
+            resolution_ok,
+            f"sample.resolution must be a positive multiple of 8 (got {s.resolution})"
+            + ("" if resolution_ok else f"; {_resolution_hint(config.model.name)}"),
         ),
         (s.num_steps >= 1, f"sample.num_steps must be at least 1 (got {s.num_steps})"),
         (s.sampler in ("auto", "ddim", "lcm"), "sample.sampler must be auto, ddim or lcm"),
@@ -450,8 +452,6 @@ def validate(config: Config) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            if message.startswith("sample.resolution"):
-                message += f"; {_resolution_hint(config.model.name)}"
             raise UserError(message)
     if config.memory.vram:
         from lowvram_ddpo.memory.units import parse_size

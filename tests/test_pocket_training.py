@@ -1,6 +1,6 @@
-"""Learning is visible on the shipped pocket models: DDPO-IS raises both JPEG rewards,
-sparse RWR raises incompressibility, and RLCM on pocket-lcm raises both, within a CPU
-test budget (fixed seeds)."""
+"""Learning is visible on the shipped pocket models: DDPO-IS and sparse RWR raise
+incompressibility, and RLCM on pocket-lcm raises both JPEG rewards, within a CPU test
+budget (fixed seeds)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize(
     ("preset", "algorithm", "epochs"),
     [
+        # DDPO on pocket-compressibility left out to keep CI under 15 minutes: the
+        # compressibility reward's learning is covered by the RLCM run below
         ("pocket-incompressibility", "ddpo-is", 10),
-        ("pocket-compressibility", "ddpo-is", 10),
         ("pocket-incompressibility", "sparse-rwr", 10),
         ("pocket-rlcm-incompressibility", "ddpo-is", 8),  # RLCM: the 4-step LCM policy
         ("pocket-rlcm-compressibility", "ddpo-is", 8),

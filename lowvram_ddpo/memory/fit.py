@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 from lowvram_ddpo.config import Config
 from lowvram_ddpo.errors import UserError
-from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES
+from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, a_card
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory
 from lowvram_ddpo.memory.report import MemoryReport
-from lowvram_ddpo.memory.units import format_size
+from lowvram_ddpo.memory.units import GB, format_size
 from lowvram_ddpo.models import VAE_TILE_PIXELS
 
 
@@ -123,3 +123,21 @@ def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:
 
 def _peak(report: MemoryReport) -> int:
     return report.peak_bytes
+
+
+HINT_CARD_SIZES_GB = (4, 6, 8, 12, 16, 24)
+"""Card sizes hobbyists have, for `bench memory`'s hint."""
+
+
+def smaller_card_hint(config: Config, arch: str, card_gb: int | None) -> str:
+    """What `--vram` picks for the next common card size below ``card_gb``, the one the
+    settings need ("" when there is none smaller)."""
+    smaller = [size for size in HINT_CARD_SIZES_GB if size < (card_gb or 99)]
+    if not smaller:
+        return ""
+    size = smaller[-1]
+    try:
+        fit = fit_to_vram(config, arch, size * GB)
+    except UserError:
+        return f"on {a_card(size)} nothing fits: lower sample.resolution"
+    return f"for {a_card(size)}: {fit.summary(f'{size}GB')}"
