@@ -34,6 +34,7 @@ from lowvram_ddpo.models import (
     has_lora,
     load_adapter_state_dict,
     save_lora_for_diffusers,
+    trainable_parameters,
 )
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -101,9 +102,7 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoints/epoch-NNNN`` atomically and point ``latest.json`` at it.
     Weights that are not finite are refused before anything is written or rotated out."""
-    if not all_finite(
-        unet.parameters() if not has_lora(unet) else adapter_state_dict(unet).values()
-    ):
+    if not all_finite(trainable_parameters(unet)):  # the adapter, or every weight
         raise NonFiniteTraining(f"the weights after epoch {epochs_done} are NaN or infinite")
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
