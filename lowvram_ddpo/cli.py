@@ -275,21 +275,23 @@ def sample(
     typer.echo(f"wrote {grid}")
 
 
-bench_app = typer.Typer(help="Benchmarks: memory per phase (more to come).", no_args_is_help=True)
+ARCH_HELP = (
+    "sd15, sd15-lcm, sdxl, pocket, pocket-lcm or a diffusers folder [default: the preset's "
+    "pocket model, sd15-lcm for LCM presets, sdxl for SDXL models, else sd15]. Built from "
+    "its config with random weights: nothing is downloaded."
+)
+
+
+bench_app = typer.Typer(
+    help="Benchmarks: memory per phase; speed, throughput and MFU.", no_args_is_help=True
+)
 app.add_typer(bench_app, name="bench")
 
 
 @bench_app.command("memory")
 def bench_memory(
     preset: Annotated[str, typer.Option(help="Preset name or .toml path.")],
-    arch: Annotated[
-        str,
-        typer.Option(
-            help="sd15, sd15-lcm, sdxl, pocket, pocket-lcm or a diffusers folder [default: "
-            "the preset's pocket model, sd15-lcm for LCM presets, sdxl for SDXL models, else "
-            "sd15]. Built from its config with random weights: nothing is downloaded."
-        ),
-    ] = "",
+    arch: Annotated[str, typer.Option(help=ARCH_HELP)] = "",
     resolution: Annotated[
         int | None,
         typer.Option(help="Image size [default: the preset's, or --arch's native size]."),
@@ -307,23 +309,10 @@ def bench_memory(
 ) -> None:
     """Peak accelerator memory of each phase of a DDPO epoch (sampling, decode, reward,
     training): measured on a CUDA GPU, else estimated on the meta device."""
-    from lowvram_ddpo.architectures import default_architecture, native_resolution
-    from lowvram_ddpo.config import apply_overrides, load_preset, set_field, validate
     from lowvram_ddpo.memory.units import parse_size
 
     with _user_errors():
-        config = load_preset(preset)
-        apply_overrides(config, set_ or [])
-        if resolution is not None:
-            set_field(config, "sample.resolution", resolution, source="the command line")
-        validate(config)
-        notes = []
-        preset_arch = default_architecture(config.model.name)
-        native = native_resolution(arch) if arch and resolution is None else None
-        if native is not None and native != native_resolution(preset_arch):
-            config.sample.resolution = native
-            notes.append(f"resolution {native}: {arch}'s native size (--resolution to change)")
-        arch = arch or preset_arch
+        config, arch, notes = _bench_setup(preset, arch, resolution, set_ or [])
         vram = vram or config.memory.vram
         if vram:
             from lowvram_ddpo.memory.fit import fit_to_vram
@@ -348,6 +337,62 @@ def bench_memory(
 
             hint = smaller_card_hint(config, arch, report.card_gb)
             notes += [hint] if hint else []
+        report.notes = notes + report.notes
+    typer.echo(report.to_json() if json_ else report.to_text())
+
+
+def _bench_setup(preset: str, arch: str, resolution: int | None, assignments: list[str]):  # noqa: ANN202
+    """The preset with its overrides, the architecture to build and notes about the choice:
+    without --arch, the preset's own model shape; with it, that model's native size."""
+    from lowvram_ddpo.architectures import default_architecture, native_resolution
+    from lowvram_ddpo.config import apply_overrides, load_preset, set_field, validate
+
+    config = load_preset(preset)
+    apply_overrides(config, assignments)
+    if resolution is not None:
+        set_field(config, "sample.resolution", resolution, source="the command line")
+    validate(config)
+    notes = []
+    preset_arch = default_architecture(config.model.name)
+    native = native_resolution(arch) if arch and resolution is None else None
+    if native is not None and native != native_resolution(preset_arch):
+        config.sample.resolution = native
+        notes.append(f"resolution {native}: {arch}'s native size (--resolution to change)")
+    return config, arch or preset_arch, notes
+
+
+@bench_app.command("speed")
+def bench_speed(
+    preset: Annotated[str, typer.Option(help="Preset name or .toml path.")],
+    arch: Annotated[str, typer.Option(help=ARCH_HELP)] = "",
+    resolution: Annotated[
+        int | None,
+        typer.Option(help="Image size [default: the preset's, or --arch's native size]."),
+    ] = None,
+    batches: Annotated[
+        int, typer.Option(help="Sampling batches per timed epoch (the run has two).", min=1)
+    ] = 2,
+    peak_tflops: Annotated[
+        float | None,
+        typer.Option(help="The GPU's dense fp16 TFLOP/s, for MFU [default: from its name]."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a preset field (repeatable).")
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Seconds per phase of an epoch, images per second and model FLOPs utilisation, from a
+    short real run on this machine (random weights: nothing is downloaded)."""
+    with _user_errors():
+        config, arch, notes = _bench_setup(preset, arch, resolution, set_ or [])
+        allocator = configure_allocator()
+        from lowvram_ddpo.speed.bench import measure_speed
+
+        report = measure_speed(config, arch, batches, peak_tflops)
+        import torch
+
+        if allocator and torch.cuda.is_available():
+            notes.append(allocator)
         report.notes = notes + report.notes
     typer.echo(report.to_json() if json_ else report.to_text())
 

@@ -27,6 +27,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 QUANTIZE = ("none", "int8", "nf4")
 ATTENTION = ("sdpa", "xformers")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -71,6 +72,18 @@ class MemoryConfig:
     vae_tiling: bool = False
     """Decode images larger than 512 px in overlapping 512 px tiles (diffusers' VAE
     tiling): SDXL's 1024 px decode needs ~4x less memory; seams are blended."""
+
+
+@dataclass
+class SpeedConfig:
+    """Levers that make a run faster without changing its memory or its arithmetic
+    (``lowvram-ddpo bench speed`` measures them)."""
+
+    compile: str = "off"
+    """torch.compile the UNet: off, default (fused kernels), reduce-overhead (+ CUDA
+    graphs) or max-autotune. Compiling each shape takes minutes on a GPU (cached on disk
+    for the next run), so it pays on long runs; needs Triton on a GPU. Off by default
+    until its fp16 replay error is measured on a GPU."""
 
 
 @dataclass
@@ -196,6 +209,7 @@ class Config:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -411,6 +425,10 @@ def validate(config: Config) -> None:
         (
             config.memory.attention in ATTENTION,
             f"memory.attention must be one of {', '.join(ATTENTION)}",
+        ),
+        (
+            config.speed.compile in COMPILE_MODES,
+            f"speed.compile must be one of {', '.join(COMPILE_MODES)}",
         ),
         (0 < t.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]"),
         (t.max_skipped_steps >= 1, "train.max_skipped_steps must be at least 1"),

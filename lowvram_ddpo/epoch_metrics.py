@@ -15,22 +15,26 @@ class TrainingTotals:
     zero by construction: they are averaged over the micro-steps after it, and are None
     ("n/a") when there were none (one optimiser step per epoch) or the objective has none."""
 
-    sums: dict[str, float] = field(default_factory=dict)
+    sums: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    """Running sums; per-micro-step values stay on the device (adding them there costs
+    no wait on the GPU; ``means`` reads them back once per epoch)."""
     counts: dict[str, int] = field(default_factory=dict)
     policy_moved: bool = False
     micro_steps: int = 0
     optimizer_steps: int = 0
 
-    def add(self, name: str, value: float) -> None:
+    def add(self, name: str, value: float | torch.Tensor) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float()
         self.sums[name] = self.sums.get(name, 0.0) + value
         self.counts[name] = self.counts.get(name, 0) + 1
 
     def add_micro_step(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
         self.micro_steps += 1
-        self.add("loss", float(loss.detach()))
+        self.add("loss", loss)
         if self.policy_moved:
             for name, value in metrics.items():
-                self.add(name, float(value))
+                self.add(name, value)
 
     def add_optimizer_step(self, grad_norm: float) -> None:
         """A finite norm means the step was taken (a non-finite one is skipped)."""
@@ -42,7 +46,7 @@ class TrainingTotals:
     def means(self) -> dict[str, float | int | None]:
         names = ("loss", "approx_kl", "clipfrac", "grad_norm")
         result: dict[str, float | int | None] = {
-            name: self.sums[name] / self.counts[name] if self.counts.get(name) else None
+            name: float(self.sums[name]) / self.counts[name] if self.counts.get(name) else None
             for name in names
         }
         result |= {"optimizer_steps": self.optimizer_steps, "micro_steps": self.micro_steps}

@@ -15,8 +15,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lowvram_ddpo.device_transfer import to_device
 from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.policy import Conditioning, PolicyStep
+from lowvram_ddpo.policy.base import draw_noise
 from lowvram_ddpo.text_encoding import PromptCache, TextEmbeds, is_sdxl, micro_conditioning
 
 
@@ -45,7 +47,7 @@ class Trajectories:
     """SDXL: [6] micro-conditioning, shared by every sample."""
 
     def __len__(self) -> int:
-        return len(self.prompts)
+        return len(self.latents)
 
     @staticmethod
     def cat(batches: list[Trajectories]) -> Trajectories:
@@ -62,6 +64,36 @@ class Trajectories:
             if any(b.pooled_embeds is None for b in batches)
             else torch.cat([b.pooled_embeds for b in batches]),
             time_ids=batches[0].time_ids,
+        )
+
+    def select(self, index: Tensor) -> Trajectories:
+        """The samples at ``index`` (prompts and images left out: training needs neither)."""
+        return Trajectories(
+            prompts=[],
+            prompt_embeds=self.prompt_embeds[index],
+            latents=self.latents[index],
+            log_probs=self.log_probs[index],
+            timesteps=self.timesteps,
+            images=None,
+            pooled_embeds=None if self.pooled_embeds is None else self.pooled_embeds[index],
+            time_ids=self.time_ids,
+        )
+
+    def to(self, device: torch.device) -> Trajectories:
+        """The tensors on ``device``, each in one asynchronous copy where it can be."""
+
+        def move(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else to_device(tensor, device)
+
+        return Trajectories(
+            prompts=self.prompts,
+            prompt_embeds=to_device(self.prompt_embeds, device),
+            latents=to_device(self.latents, device),
+            log_probs=to_device(self.log_probs, device),
+            timesteps=to_device(self.timesteps, device),
+            images=self.images,
+            pooled_embeds=move(self.pooled_embeds),
+            time_ids=move(self.time_ids),
         )
 
     def text(self, index: Tensor | slice = slice(None)) -> TextEmbeds:
@@ -87,20 +119,28 @@ def rollout(
     progress: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Denoise ``initial_latents``; returns (latents [B,T+1,...], log_probs [B,T], timesteps,
-    latents to decode [B,...]). Everything returned is on the CPU except the last."""
+    latents to decode [B,...]). Everything returned is on the CPU except the last.
+
+    The loop never waits on the host: every step's noise is drawn up front (on the CPU
+    generator, in the order the steps use it) and copied in one transfer, the timesteps
+    live on the device, and the trajectory goes back to the CPU once, at the end."""
     timesteps = policy.timesteps()
+    device = initial_latents.device
     batch = initial_latents.shape[0]
     x = initial_latents.float()
-    latents, log_probs = [x.cpu()], []
+    noise = to_device(draw_noise(tuple(x.shape), len(timesteps), generator), device)
+    on_device = timesteps.to(device)
+    latents, log_probs = [x], []
     step = None
-    for t in tqdm(timesteps, desc="denoising", leave=False, disable=not progress):
-        step = policy(unet, x, t.repeat(batch), cond)
-        x = step.sample(generator)
-        latents.append(x.cpu())
-        log_probs.append(step.log_prob(x).cpu())
+    for k in tqdm(range(len(timesteps)), desc="denoising", leave=False, disable=not progress):
+        step = policy(unet, x, on_device[k].expand(batch), cond)
+        x = step.sample_with(noise[k])
+        latents.append(x)
+        log_probs.append(step.log_prob(x))
     assert step is not None, "a rollout needs at least one step"
     final = policy.latents_to_decode(step, x)
-    return torch.stack(latents, dim=1), torch.stack(log_probs, dim=1), timesteps, final
+    trajectory = torch.stack(latents, dim=1).cpu()
+    return trajectory, torch.stack(log_probs, dim=1).cpu(), timesteps, final
 
 
 @torch.no_grad()
@@ -120,11 +160,11 @@ def decode_latents(vae: torch.nn.Module, latents: Tensor, upcast: bool = False) 
             for latent in latents:
                 z = latent[None].to(device, next(vae.parameters()).dtype)
                 image = vae.decode(z / vae.config.scaling_factor).sample.float()
-                images.append((image / 2 + 0.5).clamp(0, 1).cpu())
+                images.append((image / 2 + 0.5).clamp(0, 1))
     finally:
         if upcast:
             torch.nn.Module.to(vae, dtype)
-    return torch.cat(images)
+    return torch.cat(images).cpu()  # one copy back (each a wait on the GPU)
 
 
 def decodes_in_fp32(vae: torch.nn.Module, sdxl: bool) -> bool:

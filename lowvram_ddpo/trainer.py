@@ -38,6 +38,7 @@ from lowvram_ddpo.checkpoint import (
     write_text_atomic,
 )
 from lowvram_ddpo.config import Config, dump_toml
+from lowvram_ddpo.device_transfer import to_device
 from lowvram_ddpo.divergence import DivergenceGuard, NonFiniteTraining
 from lowvram_ddpo.epoch_metrics import TrainingTotals, format_metric
 from lowvram_ddpo.errors import UserError
@@ -58,6 +59,7 @@ from lowvram_ddpo.preflight import resolution_note, unknown_words_note
 from lowvram_ddpo.prompts import load_prompts
 from lowvram_ddpo.rewards import ModelReward, Reward, build_reward, check_rewards
 from lowvram_ddpo.rollout import Trajectories, render, sample_trajectories
+from lowvram_ddpo.speed.compile import compile_unet
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative, text_encoders
 
 
@@ -127,7 +129,8 @@ class Trainer:
             if note:
                 self.log(note)
         with self.offloader.loaded("text_encoder"):
-            self.negative = encode_negative(self.pipe, cfg.sample.negative_prompt).to("cpu")
+            negative = encode_negative(self.pipe, cfg.sample.negative_prompt)
+        self.negative = negative.to(self.accelerator.device)  # a few KB, used by every step
         self.prompt_cache = PromptCache()
 
     def load_models(self, dtype: torch.dtype) -> None:
@@ -174,6 +177,9 @@ class Trainer:
             self.pipe.unet.enable_gradient_checkpointing()
         optimizer, self.optimizer_kind = build_optimizer(self.params, cfg.train, m.optimizer)
         self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, optimizer)
+        note = compile_unet(self.pipe.unet, cfg.speed.compile, self.accelerator.device)
+        if note:
+            self.log(note)
         # an fp16 gradient scaler overflows until its scale has come down (halved per
         # skipped step, from 2**16): allow it those steps on top
         scaler_allowance = SCALER_HALVINGS if self.accelerator.scaler is not None else 0
@@ -211,6 +217,7 @@ class Trainer:
         return history
 
     def run_epoch(self, epoch: int) -> dict:
+        epoch_started = time.perf_counter()
         samples, rewards, seconds = self.sample_and_score(epoch)
         reward_extras = self.reward_extras()
         advantages, gathered_rewards = self.advantages(samples.prompts, rewards, epoch)
@@ -220,6 +227,7 @@ class Trainer:
             train_metrics = self.train_on(samples, advantages, epoch)
         seconds["seconds_training"] = time.perf_counter() - started
         evaluation = self.evaluate(epoch)
+        seconds["seconds_epoch"] = time.perf_counter() - epoch_started
         return {
             "epoch": epoch + 1,  # epochs are numbered from 1 wherever a user sees them
             "reward_mean": gathered_rewards.mean().item(),
@@ -473,11 +481,19 @@ class Trainer:
                 steps = torch.stack(
                     [torch.randperm(num_steps, generator=generator)[:k] for _ in indices]
                 )
+                # the micro-batch's trajectories go to the device in one copy; its k
+                # micro-steps then index them there, without waiting on the host
+                chunk = samples.select(indices).to(acc.device)
+                chunk_signal = to_device(signal[indices], acc.device)
+                chunk_steps = to_device(steps, acc.device)
+                rows = torch.arange(len(indices), device=acc.device)
                 for j in range(k):
-                    batch = MicroBatch(samples=indices, steps=steps[:, j])
+                    batch = MicroBatch(samples=rows, steps=chunk_steps[:, j])
                     with acc.accumulate(self.unet):
                         with acc.autocast():
-                            loss, metrics = self.micro_step_loss(samples, batch, signal, generator)
+                            loss, metrics = self.micro_step_loss(
+                                chunk, batch, chunk_signal, generator
+                            )
                         acc.backward(loss)
                         totals.add_micro_step(loss, metrics)
                         if acc.sync_gradients:

@@ -20,6 +20,7 @@ from lowvram_ddpo.algorithms.losses import (
     score_function_loss,
     weighted_denoising_loss,
 )
+from lowvram_ddpo.device_transfer import to_device
 from lowvram_ddpo.policy import Conditioning, PolicyStep
 from lowvram_ddpo.rollout import Trajectories
 from lowvram_ddpo.text_encoding import TextEmbeds
@@ -89,11 +90,13 @@ def reward_weighted_loss(
     generator: torch.Generator,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     device = next(p for p in unet.parameters() if p.requires_grad).device
-    x0 = trajectories.latents[batch.samples, -1]
+    x0 = trajectories.latents[batch.samples, -1].to(device)
+    # drawn on the CPU generator: the same timesteps and noise on any device
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
+    t, noise = to_device(t, device), to_device(noise, device)
     noisy = scheduler.add_noise(x0, noise, t)
-    target = denoising_target(scheduler, x0, noise, t).to(device)
+    target = denoising_target(scheduler, x0, noise, t)
     cond = _conditioning(trajectories, batch, None, 1.0, device)
-    prediction = unet(noisy.to(device), t.to(device), **cond.unet_kwargs()).sample
+    prediction = unet(noisy, t, **cond.unet_kwargs()).sample
     return weighted_denoising_loss(prediction, target, weights[batch.samples].to(device))

@@ -198,15 +198,25 @@ class MetaRun:
         key = ("training", t.batch_size, checkpointing, t.algorithm, guidance)
         if key in self._peaks:
             return self._peaks[key]
+        params = trainable_parameters(self.parts.unet)
+        for p in params:  # steady state: earlier micro-steps left their gradients
+            p.grad = torch.empty_like(p)
+        try:
+            return self.measure(key, self.training_work(config))
+        finally:
+            for p in params:
+                p.grad = None
+
+    def training_work(self, config: Config) -> Callable[[], None]:
+        """One training micro-step (forward and backward) of ``config``'s micro-batch and
+        checkpointing setting, ready to run on the meta device."""
+        t, guidance = config.train, config.sample.guidance_scale
         unet, micro_batch = self.parts.unet, t.batch_size
-        if checkpointing:
+        if config.memory.gradient_checkpointing:
             unet.enable_gradient_checkpointing(emulated_checkpoint(self.autocast_dtype))
         else:
             unet.disable_gradient_checkpointing()
         unet.train()
-        params = trainable_parameters(unet)
-        for p in params:  # steady state: earlier micro-steps left their gradients
-            p.grad = torch.empty_like(p)
         samples = self._cpu_trajectories(micro_batch)
         batch = MicroBatch(
             samples=torch.arange(micro_batch), steps=torch.zeros(micro_batch, dtype=torch.long)
@@ -235,11 +245,7 @@ class MetaRun:
             # and checkpointing recomputes inside backward, where the emulation must be on
             torch.autograd.backward(loss)
 
-        try:
-            return self.measure(key, step)
-        finally:
-            for p in params:
-                p.grad = None
+        return step
 
     def _cpu_trajectories(self, batch: int) -> Trajectories:
         """Stand-in stored rollouts (they live on the CPU, as in training)."""

@@ -31,6 +31,32 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return per_dim.mean(dim=tuple(range(1, x.ndim)))
 
 
+def draw_noise(shape: tuple[int, ...], count: int, generator: torch.Generator | None) -> Tensor:
+    """[count, *shape] standard-normal fp32 draws, one ``shape`` at a time in order: the
+    same numbers ``count`` successive ``GaussianStep.sample`` calls would draw (on the
+    generator's device; the global CPU generator when None)."""
+    device = "cpu" if generator is None else generator.device
+    draws = [
+        torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        for _ in range(count)
+    ]
+    return torch.stack(draws)
+
+
+class DeviceTable:
+    """A small lookup table (per-timestep coefficients), copied to each device once, so
+    that a denoising step indexes it where it runs instead of waiting on the host."""
+
+    def __init__(self, table: Tensor) -> None:
+        self._copies = {table.device: table}
+        self._source = table
+
+    def on(self, device: torch.device) -> Tensor:
+        if device not in self._copies:
+            self._copies[device] = self._source.to(device)
+        return self._copies[device]
+
+
 @dataclass
 class GaussianStep:
     """The policy's distribution over ``x_prev``: N(mean, std^2 I)."""
@@ -43,12 +69,11 @@ class GaussianStep:
     """The step's estimate of the clean latent x_0 (what a consistency model decodes)."""
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        noise = torch.randn(
-            self.mean.shape,
-            generator=generator,
-            device="cpu" if generator is None else generator.device,
-            dtype=torch.float32,
-        ).to(self.mean.device)
+        noise = draw_noise(tuple(self.mean.shape), 1, generator)[0]
+        return self.sample_with(noise.to(self.mean.device))
+
+    def sample_with(self, noise: Tensor) -> Tensor:
+        """The action for a standard-normal ``noise`` drawn beforehand (on the device)."""
         return self.mean + self.std * noise
 
     def log_prob(self, x_prev: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler
 from torch import Tensor
 
 from lowvram_ddpo.errors import UserError
-from lowvram_ddpo.policy.base import Conditioning, GaussianStep, PolicyStep
+from lowvram_ddpo.policy.base import Conditioning, DeviceTable, GaussianStep, PolicyStep
 
 
 def guided_model_output(
@@ -40,12 +40,16 @@ class DDIMPolicy(PolicyStep):
         self._timesteps = self.scheduler.timesteps.clone()
         # diffusers' DDIM rule for the previous timestep of the schedule
         self.step_size = self.scheduler.config.num_train_timesteps // num_steps
+        every_timestep = torch.arange(self.scheduler.config.num_train_timesteps)
+        self._tables = DeviceTable(self._coefficients(every_timestep))
 
     def timesteps(self) -> Tensor:
         return self._timesteps.clone()
 
-    def _alphas(self, timesteps: Tensor) -> tuple[Tensor, Tensor]:
-        t = timesteps.cpu().long()
+    def _coefficients(self, timesteps: Tensor) -> Tensor:
+        """[T, 3] (abar_t, abar_prev, sigma) for every training timestep, computed in float64
+        and rounded to fp32 once, exactly as a per-step computation would round them."""
+        t = timesteps.long()
         prev = t - self.step_size
         abar_t = self.alphas_cumprod[t]
         abar_prev = torch.where(
@@ -53,7 +57,16 @@ class DDIMPolicy(PolicyStep):
             self.alphas_cumprod[prev.clamp(min=0)],
             torch.full_like(abar_t, self.final_alpha_cumprod),
         )
-        return abar_t, abar_prev
+        variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+        sigma = self.eta * variance.sqrt()
+        return torch.stack([abar_t, abar_prev, sigma], dim=1).float()
+
+    def step_coefficients(self, timesteps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(abar_t, abar_prev, sigma), each [B, 1, 1, 1] fp32 on ``timesteps``' device: looked
+        up in a table that moves to each device once, so a step never waits on the host."""
+        table = self._tables.on(timesteps.device)
+        rows = table[timesteps.long()]
+        return tuple(rows[:, i].view(-1, 1, 1, 1) for i in range(3))  # type: ignore[return-value]
 
     def split_prediction(
         self, output: Tensor, latents: Tensor, abar_t: Tensor
@@ -72,14 +85,9 @@ class DDIMPolicy(PolicyStep):
         self, unet: torch.nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning
     ) -> GaussianStep:
         latents = latents.float()
-        output = guided_model_output(unet, latents, timesteps.to(latents.device), cond)
-        abar_t, abar_prev = self._alphas(timesteps)
-        shape = (-1, 1, 1, 1)
-        variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
-        sigma = self.eta * variance.sqrt()
-        abar_t, abar_prev, sigma = (
-            v.float().view(shape).to(latents.device) for v in (abar_t, abar_prev, sigma)
-        )
+        timesteps = timesteps.to(latents.device)
+        output = guided_model_output(unet, latents, timesteps, cond)
+        abar_t, abar_prev, sigma = self.step_coefficients(timesteps)
         x0, eps = self.split_prediction(output, latents, abar_t)
         direction = (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
         mean = abar_prev.sqrt() * x0 + direction

@@ -21,7 +21,7 @@ from diffusers import LCMScheduler
 from torch import Tensor
 
 from lowvram_ddpo.errors import UserError
-from lowvram_ddpo.policy.base import Conditioning, GaussianStep, PolicyStep
+from lowvram_ddpo.policy.base import Conditioning, DeviceTable, GaussianStep, PolicyStep
 from lowvram_ddpo.policy.ddim import guided_model_output
 
 ORIGINAL_STEPS = 50
@@ -70,7 +70,23 @@ class LCMPolicy(PolicyStep):
         self._timesteps = rlcm_timesteps(num_steps, config.num_train_timesteps)
         # each step re-noises to the next level; the last one to its own level
         following = torch.cat([self._timesteps[1:], self._timesteps[-1:]])
-        self._next = dict(zip(self._timesteps.tolist(), following.tolist(), strict=True))
+        self._tables = DeviceTable(self._coefficients(following, config.num_train_timesteps))
+        self._guidance: dict[tuple, Tensor] = {}
+
+    def _coefficients(self, following: Tensor, num_train_timesteps: int) -> Tensor:
+        """[T, 4] (abar_t, abar_next, c_skip, c_out) per training timestep, computed in
+        float64 and rounded to fp32 once; NaN rows for timesteps outside the schedule."""
+        every = torch.arange(num_train_timesteps)
+        c_skip, c_out = boundary_scalings(every, self.timestep_scaling)
+        abar_next = torch.full((num_train_timesteps,), float("nan"), dtype=torch.float64)
+        abar_next[self._timesteps] = self.alphas_cumprod[following]
+        columns = [
+            self.alphas_cumprod.float(),
+            abar_next.float(),
+            c_skip.flatten(),
+            c_out.flatten(),
+        ]
+        return torch.stack(columns, dim=1)
 
     def timesteps(self) -> Tensor:
         return self._timesteps.clone()
@@ -81,8 +97,9 @@ class LCMPolicy(PolicyStep):
         dim = unet.config.time_cond_proj_dim
         if dim is None:  # e.g. SD 1.5 + LCM-LoRA: guidance, if any, is classifier-free
             return guided_model_output(unet, latents, timesteps, cond)
-        w = torch.full((len(latents),), cond.guidance_scale - 1.0)
-        embedding = guidance_embedding(w, dim).to(latents.device, cond.prompt_embeds.dtype)
+        embedding = self.guidance_embedding_on(
+            len(latents), cond.guidance_scale, dim, latents.device, cond.prompt_embeds.dtype
+        )
         output = unet(latents, timesteps, timestep_cond=embedding, **cond.unet_kwargs())
         return output.sample.float()
 
@@ -90,21 +107,25 @@ class LCMPolicy(PolicyStep):
         self, unet: torch.nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning
     ) -> GaussianStep:
         latents = latents.float()
-        output = self.model_output(unet, latents, timesteps.to(latents.device), cond)
-        t = timesteps.cpu().long()
-        following = torch.tensor([self._next[int(v)] for v in t])
-        abar_t = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        abar_prev = self.alphas_cumprod[following].view(-1, 1, 1, 1)
-        c_skip, c_out = boundary_scalings(t, self.timestep_scaling)
-        device = latents.device
-        abar_t, abar_prev, c_skip, c_out = (
-            v.float().to(device) for v in (abar_t, abar_prev, c_skip, c_out)
-        )
+        timesteps = timesteps.to(latents.device)
+        output = self.model_output(unet, latents, timesteps, cond)
+        rows = self._tables.on(latents.device)[timesteps.long()]
+        abar_t, abar_prev, c_skip, c_out = (rows[:, i].view(-1, 1, 1, 1) for i in range(4))
         x0 = self.predicted_x0(output, latents, abar_t)
         denoised = c_out * x0 + c_skip * latents
         mean = abar_prev.sqrt() * denoised
         std = (1 - abar_prev).sqrt()
         return GaussianStep(mean=mean, std=std, denoised=denoised)
+
+    def guidance_embedding_on(
+        self, batch: int, guidance_scale: float, dim: int, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        """The guidance embedding of a batch, made once per (batch, scale, device, dtype)."""
+        key = (batch, guidance_scale, dim, device, dtype)
+        if key not in self._guidance:
+            w = torch.full((batch,), guidance_scale - 1.0)
+            self._guidance[key] = guidance_embedding(w, dim).to(device, dtype)
+        return self._guidance[key]
 
     def predicted_x0(self, output: Tensor, latents: Tensor, abar_t: Tensor) -> Tensor:
         a, s = abar_t.sqrt(), (1 - abar_t).sqrt()

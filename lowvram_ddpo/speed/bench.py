@@ -1,0 +1,165 @@
+"""`lowvram-ddpo bench speed`: a short real run of the trainer on random-weight models,
+timed per phase, with throughput and model FLOPs utilisation (MFU).
+
+The run has two epochs of ``batches`` sampling batches each; the first warms up (CUDA
+kernels chosen, ``speed.compile`` compiling) and is reported apart; the second is the
+one timed. Its images per second extrapolate to a full epoch: every phase's time is
+proportional to the images it handles.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lowvram_ddpo.architectures import random_pipeline
+from lowvram_ddpo.config import Config, set_samples_per_epoch
+from lowvram_ddpo.memory.estimate import settings_of
+from lowvram_ddpo.memory.measure import quantized_copy, release_device_memory
+from lowvram_ddpo.memory.units import format_size
+from lowvram_ddpo.models import DTYPES
+from lowvram_ddpo.rewards import reward_with_random_weights
+from lowvram_ddpo.speed.devices import dense_fp16_tflops
+from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
+
+PHASES = ("sampling", "reward", "training")
+
+
+@dataclass
+class SpeedReport:
+    arch: str
+    device: str
+    settings: dict[str, object]
+    images: int
+    """Images sampled and trained on in the timed epoch."""
+    seconds: dict[str, float]
+    """The timed epoch: sampling (with prompt encoding and decoding), reward, training, and
+    the whole epoch (less than their sum when rewards are scored while sampling goes on)."""
+    warmup_seconds: float
+    """The first epoch, whole (compilation included)."""
+    flops: EpochFlops
+    peak_tflops: float | None
+    """The device's dense fp16 rate; None: unknown (no MFU)."""
+    peak_reserved_bytes: int | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds["epoch"]
+
+    def seconds_per_image(self, phase: str) -> float:
+        return self.seconds[phase] / self.images
+
+    def mfu(self, phase: str) -> float | None:
+        """Useful UNet FLOPs / seconds / the device's dense fp16 rate."""
+        if self.peak_tflops is None:
+            return None
+        useful = {
+            "sampling": self.flops.sampling_per_image,
+            "training": self.flops.training_per_image,
+            "epoch": self.flops.sampling_per_image + self.flops.training_per_image,
+        }[phase]
+        return useful * self.images / self.seconds[phase] / (self.peak_tflops * 1e12)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "arch": self.arch,
+            "device": self.device,
+            "images": self.images,
+            "images_per_second": self.images_per_second,
+            "seconds": self.seconds,
+            "seconds_per_image": {p: self.seconds_per_image(p) for p in self.seconds},
+            "warmup_seconds": self.warmup_seconds,
+            "mfu": {p: self.mfu(p) for p in ("sampling", "training", "epoch")},
+            "peak_tflops": self.peak_tflops,
+            "unet_tflop_per_image": {
+                "sampling": self.flops.sampling_per_image / 1e12,
+                "training": self.flops.training_per_image / 1e12,
+                "forward_per_latent": self.flops.forward_per_latent / 1e12,
+            },
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "settings": self.settings,
+            "notes": self.notes,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_text(self) -> str:
+        lines = [f"speed of one epoch, {self.arch}, on {self.device} ({self.images} images):"]
+        for phase in (*PHASES, "epoch"):
+            mfu = self.mfu(phase) if phase != "reward" else None
+            lines.append(
+                f"  {phase:<9} {self.seconds[phase]:8.2f} s  {self.seconds_per_image(phase):7.3f} "
+                "s/image" + (f"  MFU {mfu:.1%}" if mfu is not None else "")
+            )
+        lines.append(
+            f"  throughput {self.images_per_second:.3f} images/s; warm-up epoch "
+            f"{self.warmup_seconds:.1f} s"
+        )
+        if self.peak_reserved_bytes is not None:
+            lines.append(f"  peak reserved {format_size(self.peak_reserved_bytes)}")
+        lines.append(
+            f"UNet work per image: sampling {self.flops.sampling_per_image / 1e12:.3g} TFLOP, "
+            f"training {self.flops.training_per_image / 1e12:.3g} TFLOP"
+        )
+        lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def speed_config(config: Config, batches: int) -> Config:
+    """Two epochs of ``batches`` sampling batches; optimiser steps shrink to fit them."""
+    cfg = copy.deepcopy(config)
+    cfg.run.epochs = 2
+    cfg.run.progress = False
+    cfg.run.grid_prompts, cfg.run.grid_seeds, cfg.run.grid_every = cfg.run.grid_prompts[:1], [0], 0
+    cfg.run.eval_every = 0
+    cfg.run.checkpoint_every = 10**9  # the last epoch still writes one, outside the timing
+    set_samples_per_epoch(cfg, cfg.sample.batch_size * batches)
+    return cfg
+
+
+def measure_speed(
+    config: Config, arch: str, batches: int = 2, peak_tflops: float | None = None
+) -> SpeedReport:
+    """Time ``config``'s epoch on this machine's accelerator with random-weight models."""
+    from lowvram_ddpo.trainer import Trainer
+
+    cfg = speed_config(config, batches)
+    flops = epoch_flops(cfg, arch)
+    release_device_memory()
+    dtype = DTYPES[cfg.model.mixed_precision]
+    on_cuda = torch.cuda.is_available()
+    device = "cuda" if on_cuda else "cpu"
+    pipe = random_pipeline(arch, dtype, device)
+    if cfg.memory.quantize != "none":
+        pipe.unet = quantized_copy(pipe.unet, dtype, cfg.memory.quantize)
+    reward = reward_with_random_weights(cfg.reward, dtype, device)
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = Trainer(cfg, Path(folder), pipeline=pipe, reward=reward)
+        warmup, timed = trainer.fit()
+    del trainer, pipe, reward
+    release_device_memory()
+    name = torch.cuda.get_device_name() if on_cuda else "cpu"
+    rate = peak_tflops or (dense_fp16_tflops(name) if on_cuda else None)
+    notes = []
+    if rate is None:
+        notes.append("no MFU: this device's dense fp16 rate is not listed; give --peak-tflops")
+    return SpeedReport(
+        arch=arch,
+        device=name,
+        settings=settings_of(cfg) | {"compile": cfg.speed.compile},
+        images=timed["samples"],
+        seconds={p: timed[f"seconds_{p}"] for p in (*PHASES, "epoch")},
+        warmup_seconds=warmup["seconds_epoch"],
+        flops=flops,
+        peak_tflops=rate,
+        peak_reserved_bytes=timed.get("peak_reserved_bytes") if on_cuda else None,
+        notes=notes,
+    )

@@ -1,0 +1,153 @@
+"""Speed paths change no numbers: the loop's noise, coefficients and replay are exactly
+those of the step-by-step path; a compiled UNet replays its own samples with ratio one;
+`bench speed` times a real run and reports MFU from counted FLOPs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny import assert_replay_gives_ratio_one
+from typer.testing import CliRunner
+
+from lowvram_ddpo.cli import app
+from lowvram_ddpo.config import load_preset
+from lowvram_ddpo.epoch_metrics import TrainingTotals
+from lowvram_ddpo.models import attach_lora
+from lowvram_ddpo.policy import DDIMPolicy, GaussianStep, LCMPolicy
+from lowvram_ddpo.policy.base import draw_noise
+from lowvram_ddpo.rollout import sample_trajectories
+from lowvram_ddpo.speed.compile import compile_cache_dir, compile_unet
+from lowvram_ddpo.speed.devices import dense_fp16_tflops
+from lowvram_ddpo.speed.flops import epoch_flops
+from lowvram_ddpo.text_encoding import encode_negative
+
+runner = CliRunner()
+
+
+def test_noise_drawn_up_front_equals_noise_drawn_per_step():
+    shape = (2, 4, 8, 8)
+    mean, std = torch.zeros(shape), torch.ones(2, 1, 1, 1)
+    generator = torch.Generator().manual_seed(3)
+    one_by_one = [GaussianStep(mean, std, mean).sample(generator) for _ in range(5)]
+    up_front = draw_noise(shape, 5, torch.Generator().manual_seed(3))
+    assert torch.equal(torch.stack(one_by_one), up_front)
+
+
+def test_ddim_coefficient_table_equals_the_per_step_formula(tiny_pipeline):
+    """The device table holds, bit for bit, what computing each step in float64 gives."""
+    policy = DDIMPolicy(tiny_pipeline.scheduler.config, num_steps=10, eta=1.0)
+    t = policy.timesteps()
+    abar = policy.alphas_cumprod
+    prev = t - policy.step_size
+    abar_t = abar[t]
+    final = torch.full_like(abar_t, policy.final_alpha_cumprod)
+    abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], final)
+    sigma = ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
+    got = policy.step_coefficients(t)
+    for value, expected in zip(got, (abar_t, abar_prev, sigma), strict=True):
+        assert torch.equal(value.flatten(), expected.float())
+
+
+def test_lcm_table_rejects_timesteps_outside_its_schedule(tiny_pipeline):
+    """A timestep the policy never samples has no successor: NaN, never a silent wrong one."""
+    policy = LCMPolicy(tiny_pipeline.scheduler.config, num_steps=4)
+    rows = policy._tables.on(torch.device("cpu"))
+    assert torch.isfinite(rows[policy.timesteps()]).all()
+    assert torch.isnan(rows[policy.timesteps()[0] - 1, 1])
+
+
+def test_training_totals_sum_on_the_device_and_read_back_once():
+    totals = TrainingTotals()
+    totals.add_micro_step(torch.tensor(1.0), {"approx_kl": torch.tensor(5.0)})
+    totals.add_optimizer_step(0.5)
+    totals.add_micro_step(torch.tensor(3.0), {"approx_kl": torch.tensor(2.0)})
+    means = totals.means()
+    assert means["loss"] == 2.0 and isinstance(means["loss"], float)
+    assert means["approx_kl"] == 2.0  # only after the first optimiser step
+    assert means["grad_norm"] == 0.5
+
+
+def test_compiled_unet_replays_its_own_samples_exactly(tiny_pipeline, tmp_path, monkeypatch):
+    """torch.compile (inductor, the real path) samples without gradients and re-scores with
+    them in training mode: two different compiled graphs. The replayed log-probs must stay
+    within 1e-5 of the stored ones (the PPO clip range is 1e-4), and the parameter names
+    (what a checkpoint or an exported LoRA holds) must not change."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    pipe = tiny_pipeline
+    attach_lora(pipe.unet, 2, 2.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    names = [n for n, _ in pipe.unet.named_parameters()]
+    note = compile_unet(pipe.unet, "default", torch.device("cpu"))
+    assert "torch.compile (default)" in note and compile_cache_dir() == tmp_path / "cache"
+    assert [n for n, _ in pipe.unet.named_parameters()] == names
+    policy = DDIMPolicy(pipe.scheduler.config, num_steps=3, eta=1.0)
+    negative = encode_negative(pipe, "")
+    pipe.unet.eval()
+    samples = sample_trajectories(
+        pipe, pipe.unet, policy, ["a cat", "a dog", "a fox"], negative, 5.0, 32,
+        torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    pipe.unet.train()
+    with torch.enable_grad():
+        assert_replay_gives_ratio_one(pipe.unet, policy, samples, negative, 5.0)
+    assert (tmp_path / "cache").is_dir()  # compiled code kept for the next run
+
+
+def test_compile_mode_is_checked():
+    from lowvram_ddpo.errors import UserError
+
+    with pytest.raises(UserError, match="speed.compile must be one of"):
+        compile_unet(torch.nn.Linear(1, 1), "fastest", torch.device("cpu"))
+    result = runner.invoke(
+        app, ["bench", "speed", "--preset", "pocket-incompressibility", "--set",
+              "speed.compile=fastest"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "speed.compile must be one of" in result.output
+
+
+def test_sd15_unet_flops_match_the_published_count():
+    """0.80 TFLOP per 512 px latent for one SD 1.5 UNet forward (the H100 notes, counted with
+    the same FlopCounterMode); guidance doubles a sampling step; training a step costs its
+    forward and a backward through the frozen base."""
+    config = load_preset("incompressibility")
+    flops = epoch_flops(config, "sd15")
+    assert flops.forward_per_latent / 1e12 == pytest.approx(0.80, abs=0.02)
+    per_step = flops.sampling_per_image / config.sample.num_steps
+    assert per_step == pytest.approx(2 * flops.forward_per_latent, rel=0.01)
+    training_per_step = flops.training_per_image / config.sample.num_steps
+    # 2 latents x (a forward + a backward through the frozen base: gradients of the
+    # activations, ~1 forward, and of the LoRA weights, small)
+    assert 2 * 2.0 < training_per_step / flops.forward_per_latent < 2 * 2.3
+
+
+def test_known_gpus_have_a_rate_and_unknown_ones_none():
+    assert dense_fp16_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert dense_fp16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert dense_fp16_tflops("NVIDIA L40S") == 362.05
+    assert dense_fp16_tflops("Some Future GPU") is None
+
+
+def test_bench_speed_times_a_real_run_and_reports_mfu():
+    """On the CPU with the pocket model: two short epochs, the second timed; MFU from the
+    counted FLOPs and the rate given."""
+    result = runner.invoke(
+        app,
+        ["bench", "speed", "--preset", "pocket-incompressibility", "--batches", "1",
+         "--set", "sample.num_steps=2", "--set", "sample.batch_size=4",
+         "--set", "train.batch_size=4", "--set", "train.gradient_accumulation_steps=1",
+         "--peak-tflops", "1", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["images"] == 4 and report["device"] == "cpu"
+    seconds = report["seconds"]
+    assert seconds["epoch"] > 0 and seconds["training"] > 0 and seconds["sampling"] > 0
+    assert seconds["epoch"] >= seconds["training"]
+    assert report["images_per_second"] == pytest.approx(4 / seconds["epoch"])
+    for phase in ("sampling", "training", "epoch"):
+        assert 0 < report["mfu"][phase] < 1
+    work = report["unet_tflop_per_image"]
+    expected = work["training"] * 1e12 * 4 / seconds["training"] / 1e12
+    assert report["mfu"]["training"] == pytest.approx(expected)
+    assert report["settings"]["compile"] == "off"
