@@ -10,8 +10,10 @@ they are not offloaded) is added from the parameter sizes. The result mirrors wh
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +36,8 @@ from lowvram_ddpo.policy import Conditioning, PolicyStep, build_policy
 from lowvram_ddpo.rewards import ModelReward, reward_with_random_weights
 from lowvram_ddpo.rollout import Trajectories, decodes_in_fp32
 from lowvram_ddpo.text_encoding import TextEmbeds, micro_conditioning
+
+T = TypeVar("T")
 
 ADAM_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8 / 2048}
 """Per trained parameter: two fp32 moments, or two 8-bit moments with a fp32 absmax per
@@ -64,6 +68,7 @@ class MetaRun:
     policy: PolicyStep = field(init=False)
     dtype: torch.dtype = field(init=False)
     _peaks: dict[tuple, int] = field(default_factory=dict)
+    _sizes: dict[tuple, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -80,6 +85,14 @@ class MetaRun:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return None if self.dtype == torch.float32 else self.dtype
+
+    def sizes(self, key: tuple, compute: Callable[[], T]) -> T:
+        """A size of the built models (or their parameter list), computed once: the
+        auto-fit asks for the same ones for hundreds of candidate settings, and walking
+        SDXL's parameters each time took most of a fit's time."""
+        if key not in self._sizes:
+            self._sizes[key] = compute()
+        return self._sizes[key]
 
     def measure(self, key: tuple, work: Callable[[], object], autocast: bool = True) -> int:
         """Peak bytes of what ``work`` allocates on the device (remembered per ``key``: the
@@ -263,28 +276,63 @@ class MetaRun:
         )
 
 
+_RECENT_RUNS: dict[tuple, MetaRun] = {}
+RECENT_RUNS_KEPT = 8
+
+
+def meta_run(config: Config, arch: str) -> MetaRun:
+    """A ``MetaRun`` for ``config``'s model settings, reused while they stay the same:
+    `bench memory` estimates and then fits the next card down, `--vram` tries several card
+    sizes, and each new meta model would measure every phase again (seconds each for SDXL)."""
+    key = (
+        arch,
+        repr(config.model),
+        repr(config.reward),
+        config.sample.sampler,
+        config.sample.num_steps,
+        config.sample.eta,
+        config.sample.resolution,
+    )
+    if key not in _RECENT_RUNS:
+        if len(_RECENT_RUNS) >= RECENT_RUNS_KEPT:
+            _RECENT_RUNS.pop(next(iter(_RECENT_RUNS)))
+        _RECENT_RUNS[key] = MetaRun(copy.deepcopy(config), arch)
+    return _RECENT_RUNS[key]
+
+
 def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> MemoryReport:
     """Predicted peak accelerator memory of each phase of one epoch of ``config``.
 
     ``run`` reuses models already built on the meta device (the auto-fit tries many
     settings of one run); it must have been built from the same model settings.
     """
-    run = run or MetaRun(config, arch)
+    run = run or meta_run(config, arch)
     m, s = config.memory, config.sample
     unet, vae = run.parts.unet, run.parts.vae
-    saved, dequantised = quantised_savings(unet, m.quantize)
-    params = trainable_parameters(unet)
+    saved, dequantised = run.sizes(
+        ("quantised", m.quantize), lambda: quantised_savings(unet, m.quantize)
+    )
+    params = run.sizes(("trainable",), lambda: trainable_parameters(unet))
     # what stays on the device through the whole epoch (Adam's state exists after step 1)
     resident = {
-        "unet": module_bytes(unet) - saved,
-        "optimizer state": optimizer_state_bytes(params, m.optimizer),
+        "unet": run.sizes(("unet",), lambda: module_bytes(unet)) - saved,
+        "optimizer state": run.sizes(
+            ("optimizer", m.optimizer), lambda: optimizer_state_bytes(params, m.optimizer)
+        ),
     }
-    vae_bytes = module_bytes(vae) * (2 if run.upcasts_vae else 1)  # fp32 while decoding
+    # fp32 while decoding
+    vae_bytes = run.sizes(("vae",), lambda: module_bytes(vae)) * (2 if run.upcasts_vae else 1)
     for_phase = {"vae": vae_bytes}
     if not m.text_encoders_on_cpu:  # on the CPU they never visit the card
-        for_phase["text encoder"] = sum(module_bytes(e) for e in run.parts.text_encoders)
+        for_phase["text encoder"] = run.sizes(
+            ("text encoders",), lambda: sum(module_bytes(e) for e in run.parts.text_encoders)
+        )
     reward_model = run.reward_model()
-    scorer = {} if reward_model is None else {"reward model": reward_model.device_bytes()}
+    scorer = (
+        {}
+        if reward_model is None
+        else {"reward model": run.sizes(("reward",), reward_model.device_bytes)}
+    )
     if not m.offload:
         resident |= for_phase | scorer
 
@@ -302,7 +350,7 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     reward_peak = run.score_rewards(config.reward.batch_size)
     overlapped = reward_model is not None and config.reward.overlap == "on"
     train_peak = run.training_micro_step(config)
-    grads = {"gradients": sum(p.nbytes for p in params)}
+    grads = {"gradients": run.sizes(("gradients",), lambda: sum(p.nbytes for p in params))}
     phases = [
         phase("encode", encode_peak, {k: v for k, v in for_phase.items() if k != "vae"}),
         # a reward model scoring in a worker thread shares the card with sampling
