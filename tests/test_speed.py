@@ -151,3 +151,50 @@ def test_bench_speed_times_a_real_run_and_reports_mfu():
     expected = work["training"] * 1e12 * 4 / seconds["training"] / 1e12
     assert report["mfu"]["training"] == pytest.approx(expected)
     assert report["settings"]["compile"] == "off"
+
+
+def test_time_model_reproduces_the_h100_unet_calls_and_ranks_by_card():
+    """Per training micro-step on the H100: ~167 ms at micro-batch 1 and 4 (launch-bound),
+    ~286 ms with checkpointing; so micro-batch 4 with checkpointing beats micro-batch 1
+    without there, and loses on a card 20x slower, where arithmetic dominates."""
+    from lowvram_ddpo.speed.time_model import (
+        LOOP_OVERHEAD,
+        Gpu,
+        predict_epoch,
+    )
+
+    config = load_preset("incompressibility")
+    flops = epoch_flops(config, "sd15")
+    h100, slow = Gpu("H100", 989.4), Gpu("slow card", 50.0)
+
+    def per_micro_step(gpu: Gpu, micro: int, checkpointing: bool) -> float:
+        trial = load_preset("incompressibility")
+        trial.train.batch_size = micro
+        trial.train.gradient_accumulation_steps = 64 // micro
+        trial.memory.gradient_checkpointing = checkpointing
+        calls = 256 // micro * 50
+        return predict_epoch(trial, flops, gpu).training / calls / LOOP_OVERHEAD
+
+    assert per_micro_step(h100, 1, False) == pytest.approx(0.167, rel=0.05)
+    assert per_micro_step(h100, 4, False) == pytest.approx(0.185, rel=0.15)
+    assert per_micro_step(h100, 4, True) == pytest.approx(0.288, rel=0.05)
+    per_image = {m: per_micro_step(h100, m, c) / m for m, c in ((1, False), (4, True))}
+    assert per_image[4] < per_image[1] / 2
+    slow_per_image = {m: per_micro_step(slow, m, c) / m for m, c in ((1, False), (4, True))}
+    assert slow_per_image[1] < slow_per_image[4]
+
+
+def test_vram_fit_takes_the_fastest_setting_that_fits_and_says_how_long():
+    """The shipped preset trains at micro-batch 1; on an 8 GB card the fit trades it for a
+    bigger micro-batch (on the calibrated H100 rate, assumed without a GPU), and prints
+    the predicted epoch time beside the predicted peak."""
+    from lowvram_ddpo.memory.fit import fit_to_vram
+    from lowvram_ddpo.memory.units import GB
+
+    config = load_preset("incompressibility")
+    fit = fit_to_vram(config, "sd15", 8 * GB)
+    assert fit.config.train.batch_size > 1
+    per_step = fit.config.train.batch_size * fit.config.train.gradient_accumulation_steps
+    assert per_step == 64
+    assert fit.epoch_seconds < fit_to_vram(config, "sd15", 4 * GB).epoch_seconds
+    assert "per epoch on an H100 (assumed: no GPU here) (time model)" in fit.summary("8GB")

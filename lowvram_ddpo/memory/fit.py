@@ -1,12 +1,13 @@
-"""`--vram 8GB`: choose the memory levers that fit a card, from the estimate.
+"""`--vram 8GB`: choose the fastest settings that fit a card, from the estimates.
 
-Levers are tried from the cheapest in time to the dearest: first the largest sampling
-batch (and scoring batch, for reward models) that fits; for training, smaller
-micro-batches (free on a GPU that a 512 px batch already fills); above 512 px, VAE
-tiling (a few more decoder passes); then gradient checkpointing (~30% slower training),
-then the text encoders on the CPU (slow only while new prompts arrive), and last a
-4-bit frozen base. The images per epoch and per optimiser step never change:
-a smaller batch means more batches, or more accumulation steps.
+Every combination of sampling batch, training micro-batch (up to the sampling batch:
+bigger is almost free on a launch-bound GPU), gradient checkpointing, VAE tiling and
+scoring batch is ranked by the predicted epoch time (``speed.time_model``), and the
+fastest whose estimated peak fits is taken: on a fast card, micro-batch 4 with
+checkpointing beats micro-batch 1 without. Only when none fits do the text encoders move
+to the CPU (slow only while new prompts arrive), and last comes a 4-bit frozen base (it
+changes the base model's numbers). The images per epoch and per optimiser step never
+change: a smaller batch means more batches, or more accumulation steps.
 """
 
 from __future__ import annotations
@@ -19,10 +20,18 @@ from dataclasses import dataclass
 from lowvram_ddpo.config import Config
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, a_card
-from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory
+from lowvram_ddpo.memory.estimate import estimate_memory, meta_run
 from lowvram_ddpo.memory.report import MemoryReport
 from lowvram_ddpo.memory.units import GB, format_size
 from lowvram_ddpo.models import VAE_TILE_PIXELS
+from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
+from lowvram_ddpo.speed.time_model import (
+    Gpu,
+    format_duration,
+    leaf_modules,
+    predict_epoch,
+    this_gpu,
+)
 
 
 @dataclass
@@ -30,12 +39,16 @@ class Fit:
     config: Config
     report: MemoryReport
     changes: list[str]
+    epoch_seconds: float
+    """Predicted UNet time of one epoch (``speed.time_model``)."""
+    gpu: Gpu
 
     def summary(self, vram: str) -> str:
         changed = "; ".join(self.changes) if self.changes else "the settings as given"
         return (
             f"--vram {vram}: {changed}; predicted peak {format_size(self.report.peak_bytes)} "
-            f"reserved + ~{format_size(CUDA_CONTEXT_BYTES)} CUDA context ({self.report.method})"
+            f"reserved + ~{format_size(CUDA_CONTEXT_BYTES)} CUDA context ({self.report.method}), "
+            f"~{format_duration(self.epoch_seconds)} per epoch on {self.gpu.name} (time model)"
         )
 
 
@@ -49,8 +62,19 @@ def _halvings(value: int, total: int) -> list[int]:
     return options or [1]
 
 
+def micro_batches(config: Config) -> list[int]:
+    """Training micro-batches to try, largest first: the set one, and powers of two up to
+    the sampling batch (a bigger one is almost free on a launch-bound GPU) that divide an
+    optimiser step's samples."""
+    s, t = config.sample, config.train
+    per_step = t.batch_size * t.gradient_accumulation_steps
+    largest = max(t.batch_size, s.batch_size)
+    powers = [2**i for i in range(largest.bit_length()) if 2**i <= largest]
+    return sorted({t.batch_size, *(b for b in powers if per_step % b == 0)}, reverse=True)
+
+
 def candidates(config: Config, quantize: str, text_on_cpu: bool) -> Iterator[Config]:
-    """Settings in order of preference (cheapest in time first)."""
+    """Every combination of the levers, in a fixed order (the tie-break of equal times)."""
     s, t = config.sample, config.train
     samples = s.batch_size * s.batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
@@ -61,7 +85,7 @@ def candidates(config: Config, quantize: str, text_on_cpu: bool) -> Iterator[Con
     tiling = [False, True] if tiles else [config.memory.vae_tiling]
     scoring = _halvings(config.reward.batch_size, config.reward.batch_size)
     for ckpt, tiled in itertools.product(checkpointing, tiling):
-        for micro in _halvings(t.batch_size, per_step):
+        for micro in micro_batches(config):
             # a smaller scoring batch (reward models) costs the least: it is tried first
             for batch, scored in itertools.product(_halvings(s.batch_size, samples), scoring):
                 trial = copy.deepcopy(config)
@@ -98,9 +122,11 @@ def describe_changes(before: Config, after: Config) -> list[str]:
 
 
 def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:
-    """The first candidate whose estimated peak fits ``vram_bytes`` minus the CUDA context."""
+    """The fastest candidate whose estimated peak fits ``vram_bytes`` minus the CUDA context;
+    text encoders on the CPU, then a 4-bit base, only when nothing else fits."""
     budget = vram_bytes - CUDA_CONTEXT_BYTES
-    run = MetaRun(config, arch)
+    run = meta_run(config, arch)
+    timing = EpochTiming(epoch_flops(config, arch), this_gpu(), leaf_modules(run.parts.unet))
     quantizations = [config.memory.quantize]
     if config.memory.quantize == "none" and config.model.lora_rank > 0:
         quantizations.append("nf4")
@@ -108,10 +134,11 @@ def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:
     on_cpu = [True] if config.memory.text_encoders_on_cpu else [False, True]
     smallest = None
     for quantize, text_on_cpu in itertools.product(quantizations, on_cpu):
-        for trial in candidates(config, quantize, text_on_cpu):
+        for trial in sorted(candidates(config, quantize, text_on_cpu), key=timing.seconds):
             report = estimate_memory(trial, arch, run)
             if report.peak_bytes <= budget:
-                return Fit(trial, report, describe_changes(config, trial))
+                changes = describe_changes(config, trial)
+                return Fit(trial, report, changes, timing.seconds(trial), timing.gpu)
             smallest = report if smallest is None else min(smallest, report, key=_peak)
     assert smallest is not None
     raise UserError(
@@ -119,6 +146,18 @@ def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:
         f"{format_size(smallest.peak_bytes + CUDA_CONTEXT_BYTES)} with the CUDA context. "
         "Lower sample.resolution, or use a bigger card"
     )
+
+
+@dataclass
+class EpochTiming:
+    """Predicted epoch seconds of candidate settings of one run (``speed.time_model``)."""
+
+    flops: EpochFlops
+    gpu: Gpu
+    unet_modules: int
+
+    def seconds(self, config: Config) -> float:
+        return predict_epoch(config, self.flops, self.gpu, self.unet_modules).total
 
 
 def _peak(report: MemoryReport) -> int:

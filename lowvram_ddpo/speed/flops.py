@@ -17,7 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lowvram_ddpo.config import Config
-from lowvram_ddpo.memory.estimate import MetaRun
+from lowvram_ddpo.memory.estimate import MetaRun, meta_run
 
 
 @dataclass(frozen=True)
@@ -44,31 +44,37 @@ def epoch_flops(config: Config, arch: str) -> EpochFlops:
     stand-in, which would hide attention from the counter."""
     fp32 = _one_image_micro_batch(config)
     fp32.model.mixed_precision = "no"
-    run = MetaRun(fp32, arch)
+    run = meta_run(fp32, arch)
     s, t = config.sample, config.train
-    unet = run.parts.unet
-    latents = torch.empty(1, *run.latent_shape(s.resolution), device="meta")
-    step_t = run.policy.timesteps()[:1]
-    guided = run._conditioning(1, s.guidance_scale)
-    plain = run._conditioning(1, 1.0)
-
-    unet.eval()
-    with torch.no_grad():
-        step = _counted(lambda: run.policy(unet, latents, step_t, guided))
-        forward = _counted(lambda: run.policy(unet, latents, step_t, plain))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    try:
-        train_step = _counted(run.training_work(fp32))
-    finally:
-        for p in params:
-            p.grad = None
-        unet.eval()
+    key = ("flops", s.guidance_scale, t.algorithm)
+    step, forward, train_step = run.sizes(key, lambda: _count_step_flops(run, fp32))
     trained_steps = max(1, round(s.num_steps * t.timestep_fraction))
     return EpochFlops(
         sampling_per_image=step * s.num_steps,
         training_per_image=train_step * trained_steps * t.inner_epochs,
         forward_per_latent=forward,
     )
+
+
+def _count_step_flops(run: MetaRun, config: Config) -> tuple[float, float, float]:
+    """(a guided sampling step, a plain forward, a trained step), for one image."""
+    unet, s = run.parts.unet, config.sample
+    latents = torch.empty(1, *run.latent_shape(s.resolution), device="meta")
+    step_t = run.policy.timesteps()[:1]
+    guided = run._conditioning(1, s.guidance_scale)
+    plain = run._conditioning(1, 1.0)
+    unet.eval()
+    with torch.no_grad():
+        step = _counted(lambda: run.policy(unet, latents, step_t, guided))
+        forward = _counted(lambda: run.policy(unet, latents, step_t, plain))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    try:
+        train_step = _counted(run.training_work(config))
+    finally:
+        for p in params:
+            p.grad = None
+        unet.eval()
+    return step, forward, train_step
 
 
 def _one_image_micro_batch(config: Config) -> Config:

@@ -1,0 +1,87 @@
+"""How far a speed path's replayed log-probs drift from the sampled ones.
+
+    python benchmarks/replay_error.py --arch sd15 --compile default [--steps 10]
+
+Samples a batch with the trainer's policy (random-weight model built from the
+architecture's config, fp16 autocast on a GPU, fp32 on the CPU), then re-scores every
+stored action in the training path (gradients on, train mode), as the first inner epoch
+does before any update: the importance ratio should be exactly one. Prints, over the
+steps, the largest root-mean-square log-prob difference beside DDPO's clip range (1e-4)
+and the largest fraction of actions it would clip: a speed path stays off unless both
+are well below (a difference near 1e-4 clips updates that should not be).
+Run it for each `speed.compile` mode on the GPU that will train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss
+from lowvram_ddpo.architectures import native_resolution, random_pipeline
+from lowvram_ddpo.models import attach_lora
+from lowvram_ddpo.policy import build_policy
+from lowvram_ddpo.rollout import sample_trajectories
+from lowvram_ddpo.speed.compile import compile_unet
+from lowvram_ddpo.text_encoding import encode_negative
+
+CLIP_RANGE = 1e-4
+
+
+def replay_error(arch: str, mode: str, steps: int, batch: int) -> dict[str, object]:
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    dtype = torch.float16 if on_gpu else torch.float32
+    pipe = random_pipeline(arch, dtype, str(device))
+    attach_lora(pipe.unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    compile_unet(pipe.unet, mode, device)
+    policy = build_policy("auto", pipe.scheduler.config, pipe.unet.config, steps, 1.0)
+    negative = encode_negative(pipe, "").to(device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=on_gpu)
+    pipe.unet.eval()
+    with autocast:
+        samples = sample_trajectories(
+            pipe, pipe.unet, policy, ["a photo"] * batch, negative, 5.0,
+            native_resolution(arch), torch.Generator().manual_seed(0),
+        )  # fmt: skip
+    samples = samples.to(device)
+    pipe.unet.train()
+    rows = torch.arange(batch, device=device)
+    worst, clipped = 0.0, 0.0
+    for k in range(steps):
+        step = MicroBatch(samples=rows, steps=torch.full((batch,), k, device=device))
+        with autocast:
+            _, metrics = policy_gradient_loss(
+                "ddpo-is", pipe.unet, policy, samples, step, torch.ones(batch, device=device),
+                negative, 5.0, CLIP_RANGE,
+            )  # fmt: skip
+        # approx_kl = mean(diff^2) / 2, so its root bounds the typical |diff|
+        worst = max(worst, float((2 * metrics["approx_kl"]).sqrt()))
+        clipped = max(clipped, float(metrics["clipfrac"]))
+    return {
+        "arch": arch,
+        "compile": mode,
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "dtype": str(dtype),
+        "steps": steps,
+        "rms_log_prob_difference": worst,
+        "clip_range": CLIP_RANGE,
+        "ratio_to_clip_range": worst / CLIP_RANGE,
+        "largest_clip_fraction": clipped,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="pocket")
+    parser.add_argument("--compile", default="off")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=2)
+    args = parser.parse_args()
+    print(json.dumps(replay_error(args.arch, args.compile, args.steps, args.batch)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""How long an epoch of given settings takes: the model `--vram` ranks settings with.
+
+Measured on an H100 (``../shared/measurements/h100-2026-11-25``, SD 1.5 UNet at 512 px,
+eager, fp16 base with an fp32 LoRA under autocast), a UNet call costs the larger of two
+times: the host's time to launch its kernels, which does not depend on the batch (a
+training forward+backward: 164-170 ms with 2 latents, 178-193 ms with 8), and the GPU's
+time to do the arithmetic, which grows with it (an fp16 forward of 16 latents: 52 ms,
+12.9 TFLOP, an effective 245 TFLOP/s while matmuls alone ran at ~800). So on a fast GPU
+a bigger micro-batch is almost free and gradient checkpointing at micro-batch 4 beats
+micro-batch 1 without it; on a slow one arithmetic dominates and checkpointing's extra
+forward costs ~45% of the training time.
+
+Both times are scaled to the run: the host's by the UNet's module count against SD
+1.5's (kernel launches follow modules; an assumption until measured), the GPU's by the
+FLOPs counted for the run's model and resolution (``speed.flops``) and the card's rate.
+Encoding, decoding and the reward are not modelled apart: ``LOOP_OVERHEAD`` covers them
+and the trainer's own time, as measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowvram_ddpo.config import Config
+from lowvram_ddpo.speed.devices import dense_fp16_tflops
+from lowvram_ddpo.speed.flops import EpochFlops
+
+# The H100 calibration (SD 1.5 UNet at 512 px, LoRA rank 4 under fp16 autocast).
+HOST_SECONDS_SAMPLING_CALL = 0.068
+"""A LoRA forward without gradients, 2 latents (76 ms with 16)."""
+HOST_SECONDS_TRAINING_CALL = 0.167
+"""A LoRA forward + backward, 2 latents (164-170 ms; 178-193 with 8)."""
+HOST_SECONDS_CHECKPOINTED_CALL = 0.286
+"""The same with gradient checkpointing (286 ms with 2 latents, 288 with 8)."""
+SD15_UNET_MODULES = 1254
+"""Leaf modules of the SD 1.5 UNet with LoRA rank 4 on attention (``leaf_modules``; SDXL
+has 4659): the host times' scale."""
+H100_DENSE_TFLOPS = 989.4
+LOOP_OVERHEAD = 1.25
+"""The trainer's measured epoch over its UNet calls' time on the H100 (training per image:
+10.30 s measured against 8.35 predicted at micro-batch 1, 2.79 against 2.09 at 4),
+before the host waits were taken out of the loop: an upper bound, until re-measured."""
+UNET_SHARE_OF_PEAK = 245 / H100_DENSE_TFLOPS
+"""The fraction of the dense fp16 rate the UNet's arithmetic reaches once the GPU is the
+bottleneck (fp16 forward of 16 latents: 12.9 TFLOP in 52.4 ms on the H100)."""
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    dense_tflops: float
+    """Dense fp16 TFLOP/s; the UNet reaches ``UNET_SHARE_OF_PEAK`` of it."""
+    assumed: bool = False
+    """True when the card is not known (planning without it, or not in the table)."""
+
+
+def this_gpu() -> Gpu:
+    """The CUDA device's listed rate; an H100 (the calibrated card) otherwise, marked
+    as assumed."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        rate = dense_fp16_tflops(name)
+        if rate is not None:
+            return Gpu(name, rate)
+        return Gpu(f"{name} (rate not listed: H100 assumed)", H100_DENSE_TFLOPS, assumed=True)
+    return Gpu("an H100 (assumed: no GPU here)", H100_DENSE_TFLOPS, assumed=True)
+
+
+@dataclass(frozen=True)
+class EpochTime:
+    sampling: float
+    training: float
+
+    @property
+    def total(self) -> float:
+        return self.sampling + self.training
+
+
+def leaf_modules(unet: torch.nn.Module) -> int:
+    return sum(1 for m in unet.modules() if not any(True for _ in m.children()))
+
+
+def predict_epoch(
+    config: Config, flops: EpochFlops, gpu: Gpu, unet_modules: int = SD15_UNET_MODULES
+) -> EpochTime:
+    """Seconds of the UNet's work in one epoch of ``config`` on ``gpu``."""
+    s, t, m = config.sample, config.train, config.memory
+    host = unet_modules / SD15_UNET_MODULES
+    rate = gpu.dense_tflops * 1e12 * UNET_SHARE_OF_PEAK
+    samples = s.batch_size * s.batches_per_epoch
+    steps = max(1, round(s.num_steps * t.timestep_fraction))
+
+    step_flops = flops.sampling_per_image / s.num_steps * s.batch_size
+    sampling_call = max(HOST_SECONDS_SAMPLING_CALL * host, step_flops / rate)
+    sampling = s.batches_per_epoch * s.num_steps * sampling_call * LOOP_OVERHEAD
+
+    per_image_step = flops.training_per_image / (steps * t.inner_epochs)
+    if m.gradient_checkpointing:  # the forward runs again inside the backward
+        per_image_step += flops.sampling_per_image / s.num_steps
+    floor = (
+        HOST_SECONDS_CHECKPOINTED_CALL if m.gradient_checkpointing else HOST_SECONDS_TRAINING_CALL
+    )
+    training_call = max(floor * host, per_image_step * t.batch_size / rate)
+    micro_batches = -(-samples // t.batch_size)
+    training = micro_batches * steps * t.inner_epochs * training_call * LOOP_OVERHEAD
+    return EpochTime(sampling, training)
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
