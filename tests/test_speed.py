@@ -165,7 +165,7 @@ def test_time_model_reproduces_the_h100_unet_calls_and_ranks_by_card():
 
     config = load_preset("incompressibility")
     flops = epoch_flops(config, "sd15")
-    h100, slow = Gpu("H100", 989.4), Gpu("slow card", 50.0)
+    h100, slow = Gpu.listed("H100", 989.4), Gpu.listed("slow card", 989.4 / 20)
 
     def per_micro_step(gpu: Gpu, micro: int, checkpointing: bool) -> float:
         trial = load_preset("incompressibility")

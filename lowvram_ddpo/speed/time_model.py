@@ -12,13 +12,16 @@ forward costs ~45% of the training time.
 
 Both times are scaled to the run: the host's by the UNet's module count against SD
 1.5's (kernel launches follow modules; an assumption until measured), the GPU's by the
-FLOPs counted for the run's model and resolution (``speed.flops``) and the card's rate.
+FLOPs counted for the run's model and resolution (``speed.flops``) and the card's rate:
+its listed dense fp16 rate (``speed.devices``), else its fp16 matmul rate measured when
+the fit runs (a second), each scaled by the share of it the UNet reached on the H100.
 Encoding, decoding and the reward are not modelled apart: ``LOOP_OVERHEAD`` covers them
 and the trainer's own time, as measured.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -37,35 +40,59 @@ HOST_SECONDS_CHECKPOINTED_CALL = 0.286
 SD15_UNET_MODULES = 1254
 """Leaf modules of the SD 1.5 UNet with LoRA rank 4 on attention (``leaf_modules``; SDXL
 has 4659): the host times' scale."""
-H100_DENSE_TFLOPS = 989.4
 LOOP_OVERHEAD = 1.25
 """The trainer's measured epoch over its UNet calls' time on the H100 (training per image:
 10.30 s measured against 8.35 predicted at micro-batch 1, 2.79 against 2.09 at 4),
 before the host waits were taken out of the loop: an upper bound, until re-measured."""
-UNET_SHARE_OF_PEAK = 245 / H100_DENSE_TFLOPS
-"""The fraction of the dense fp16 rate the UNet's arithmetic reaches once the GPU is the
-bottleneck (fp16 forward of 16 latents: 12.9 TFLOP in 52.4 ms on the H100)."""
+H100_DENSE_TFLOPS = 989.4
+H100_UNET_TFLOPS = 245.0
+"""The UNet's arithmetic rate once the GPU is the bottleneck, on the H100: an fp16
+forward of 16 latents, 12.9 TFLOP in 52.4 ms. A quarter of the card's listed dense fp16
+rate; 0.31 of the ~800 TFLOP/s its fp16 matmuls reached."""
+UNET_SHARE_OF_LISTED = H100_UNET_TFLOPS / H100_DENSE_TFLOPS
+UNET_SHARE_OF_MATMUL = H100_UNET_TFLOPS / 800.0
 
 
 @dataclass(frozen=True)
 class Gpu:
     name: str
-    dense_tflops: float
-    """Dense fp16 TFLOP/s; the UNet reaches ``UNET_SHARE_OF_PEAK`` of it."""
+    unet_tflops: float
+    """The UNet's arithmetic rate on this card, TFLOP/s."""
     assumed: bool = False
-    """True when the card is not known (planning without it, or not in the table)."""
+    """True when planning without the card (an H100 is assumed)."""
+
+    @classmethod
+    def listed(cls, name: str, dense_tflops: float) -> Gpu:
+        return cls(name, dense_tflops * UNET_SHARE_OF_LISTED)
+
+
+def matmul_tflops(size: int = 4096, repeats: int = 20) -> float:
+    """This CUDA card's fp16 matmul rate, measured in about a second."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.float16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.float16)
+    a @ b  # warm-up: cuBLAS picks its kernel
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
 def this_gpu() -> Gpu:
-    """The CUDA device's listed rate; an H100 (the calibrated card) otherwise, marked
-    as assumed."""
+    """The CUDA card: its listed rate, or its matmul rate measured now for a card not in
+    the table; without CUDA an H100 (the calibrated card), marked as assumed."""
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         rate = dense_fp16_tflops(name)
         if rate is not None:
-            return Gpu(name, rate)
-        return Gpu(f"{name} (rate not listed: H100 assumed)", H100_DENSE_TFLOPS, assumed=True)
-    return Gpu("an H100 (assumed: no GPU here)", H100_DENSE_TFLOPS, assumed=True)
+            return Gpu.listed(name, rate)
+        measured = matmul_tflops()
+        return Gpu(
+            f"{name} (fp16 matmul {measured:.0f} TFLOP/s, measured)",
+            measured * UNET_SHARE_OF_MATMUL,
+        )
+    return Gpu("an H100 (assumed: no GPU here)", H100_UNET_TFLOPS, assumed=True)
 
 
 @dataclass(frozen=True)
@@ -88,7 +115,7 @@ def predict_epoch(
     """Seconds of the UNet's work in one epoch of ``config`` on ``gpu``."""
     s, t, m = config.sample, config.train, config.memory
     host = unet_modules / SD15_UNET_MODULES
-    rate = gpu.dense_tflops * 1e12 * UNET_SHARE_OF_PEAK
+    rate = gpu.unet_tflops * 1e12
     samples = s.batch_size * s.batches_per_epoch
     steps = max(1, round(s.num_steps * t.timestep_fraction))
 
