@@ -282,6 +282,12 @@ ARCH_HELP = (
 )
 
 
+BenchPreset = Annotated[str, typer.Option(help="Preset name or .toml path.")]
+BenchArch = Annotated[str, typer.Option(help=ARCH_HELP)]
+BenchResolution = Annotated[
+    int | None, typer.Option(help="Image size [default: the preset's, or --arch's native size].")
+]
+
 bench_app = typer.Typer(
     help="Benchmarks: memory per phase; speed, throughput and MFU.", no_args_is_help=True
 )
@@ -290,12 +296,9 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("memory")
 def bench_memory(
-    preset: Annotated[str, typer.Option(help="Preset name or .toml path.")],
-    arch: Annotated[str, typer.Option(help=ARCH_HELP)] = "",
-    resolution: Annotated[
-        int | None,
-        typer.Option(help="Image size [default: the preset's, or --arch's native size]."),
-    ] = None,
+    preset: BenchPreset,
+    arch: BenchArch = "",
+    resolution: BenchResolution = None,
     vram: Annotated[
         str, typer.Option(help="Fit the settings to a card of this size first (e.g. 8GB).")
     ] = "",
@@ -363,12 +366,9 @@ def _bench_setup(preset: str, arch: str, resolution: int | None, assignments: li
 
 @bench_app.command("speed")
 def bench_speed(
-    preset: Annotated[str, typer.Option(help="Preset name or .toml path.")],
-    arch: Annotated[str, typer.Option(help=ARCH_HELP)] = "",
-    resolution: Annotated[
-        int | None,
-        typer.Option(help="Image size [default: the preset's, or --arch's native size]."),
-    ] = None,
+    preset: BenchPreset,
+    arch: BenchArch = "",
+    resolution: BenchResolution = None,
     batches: Annotated[
         int, typer.Option(help="Sampling batches per timed epoch (the run has two).", min=1)
     ] = 2,

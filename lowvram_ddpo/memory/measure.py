@@ -13,6 +13,7 @@ import torch
 from lowvram_ddpo.architectures import random_pipeline
 from lowvram_ddpo.config import Config
 from lowvram_ddpo.memory.estimate import settings_of
+from lowvram_ddpo.memory.meter import PhaseMeter
 from lowvram_ddpo.memory.report import MemoryReport
 from lowvram_ddpo.models import DTYPES, load_quantized_unet
 from lowvram_ddpo.rewards import reward_with_random_weights
@@ -51,12 +52,12 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def measure_run(config: Config, arch: str) -> MemoryReport:
-    """Run the shortened epoch on this machine's accelerator. Without CUDA only the seconds
-    mean something (method "cpu", peaks 0): the tests use that to exercise this path."""
+def run_on_random_weights(cfg: Config, arch: str) -> tuple[list[dict], PhaseMeter]:
+    """Train ``cfg`` (already shortened) on random-weight models of ``arch`` on this
+    machine's accelerator: the per-epoch metrics and the phase meter. The models are freed
+    before it returns."""
     from lowvram_ddpo.trainer import Trainer
 
-    cfg = bench_config(config)
     release_device_memory()  # what an earlier measurement in this process left behind
     dtype = DTYPES[cfg.model.mixed_precision]
     # random init is quicker on the GPU; the trainer then offloads what it offloads
@@ -68,10 +69,19 @@ def measure_run(config: Config, arch: str) -> MemoryReport:
     reward = reward_with_random_weights(cfg.reward, dtype, device)
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(cfg, Path(folder), pipeline=pipe, reward=reward)
-        trainer.fit()
-    phases = [trainer.meter.phases[name] for name in ("sampling", "reward", "training")]
+        history = trainer.fit()
+    meter = trainer.meter
     del trainer, pipe, reward
     release_device_memory()
+    return history, meter
+
+
+def measure_run(config: Config, arch: str) -> MemoryReport:
+    """Run the shortened epoch on this machine's accelerator. Without CUDA only the seconds
+    mean something (method "cpu", peaks 0): the tests use that to exercise this path."""
+    cfg = bench_config(config)
+    _, meter = run_on_random_weights(cfg, arch)
+    phases = [meter.phases[name] for name in ("sampling", "reward", "training")]
     on_cuda = torch.cuda.is_available()
     return MemoryReport(
         method="cuda" if on_cuda else "cpu",

@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import copy
 import json
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from lowvram_ddpo.architectures import random_pipeline
 from lowvram_ddpo.config import Config, set_samples_per_epoch
 from lowvram_ddpo.memory.estimate import settings_of
-from lowvram_ddpo.memory.measure import quantized_copy, release_device_memory
+from lowvram_ddpo.memory.measure import run_on_random_weights
 from lowvram_ddpo.memory.units import format_size
-from lowvram_ddpo.models import DTYPES
-from lowvram_ddpo.rewards import reward_with_random_weights
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
 
@@ -129,23 +124,10 @@ def measure_speed(
     config: Config, arch: str, batches: int = 2, peak_tflops: float | None = None
 ) -> SpeedReport:
     """Time ``config``'s epoch on this machine's accelerator with random-weight models."""
-    from lowvram_ddpo.trainer import Trainer
-
     cfg = speed_config(config, batches)
     flops = epoch_flops(cfg, arch)
-    release_device_memory()
-    dtype = DTYPES[cfg.model.mixed_precision]
+    (warmup, timed), _ = run_on_random_weights(cfg, arch)
     on_cuda = torch.cuda.is_available()
-    device = "cuda" if on_cuda else "cpu"
-    pipe = random_pipeline(arch, dtype, device)
-    if cfg.memory.quantize != "none":
-        pipe.unet = quantized_copy(pipe.unet, dtype, cfg.memory.quantize)
-    reward = reward_with_random_weights(cfg.reward, dtype, device)
-    with tempfile.TemporaryDirectory() as folder:
-        trainer = Trainer(cfg, Path(folder), pipeline=pipe, reward=reward)
-        warmup, timed = trainer.fit()
-    del trainer, pipe, reward
-    release_device_memory()
     name = torch.cuda.get_device_name() if on_cuda else "cpu"
     rate = peak_tflops or (dense_fp16_tflops(name) if on_cuda else None)
     notes = []
