@@ -60,6 +60,7 @@ from lowvram_ddpo.prompts import load_prompts
 from lowvram_ddpo.rewards import ModelReward, Reward, build_reward, check_rewards
 from lowvram_ddpo.rollout import Trajectories, render, sample_trajectories
 from lowvram_ddpo.speed.compile import compile_unet
+from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative, text_encoders
 
 
@@ -173,6 +174,8 @@ class Trainer:
         self.params = make_trainable(
             self.pipe.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets
         )
+        if self.accelerator.mixed_precision != "no":  # every UNet call is under autocast
+            skip_lora_input_casts(self.pipe.unet)
         if m.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
         optimizer, self.optimizer_kind = build_optimizer(self.params, cfg.train, m.optimizer)

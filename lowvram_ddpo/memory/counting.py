@@ -117,11 +117,13 @@ _FLOAT32 = {F.group_norm, F.layer_norm, F.softmax, torch.softmax, F.mse_loss, to
 
 
 class GpuKernelEmulation(TorchFunctionMode):
-    """Fused attention and (optionally) CUDA autocast, for tensors on the meta device."""
+    """Fused attention and (optionally) CUDA autocast, for tensors on the meta device.
+    ``fused_attention=False`` keeps PyTorch's own attention, whose FLOPs a counter sees."""
 
-    def __init__(self, autocast_dtype: torch.dtype | None) -> None:
+    def __init__(self, autocast_dtype: torch.dtype | None, fused_attention: bool = True) -> None:
         super().__init__()
         self.autocast_dtype = autocast_dtype
+        self.fused_attention = fused_attention
 
     def _cast(self, values: Any, dtype: torch.dtype) -> Any:  # noqa: ANN401
         def cast(x: Any) -> Any:  # noqa: ANN401
@@ -138,7 +140,7 @@ class GpuKernelEmulation(TorchFunctionMode):
                 args, kwargs = self._cast((args, kwargs), self.autocast_dtype)
             elif func in _FLOAT32:
                 args, kwargs = self._cast((args, kwargs), torch.float32)
-        if func is F.scaled_dot_product_attention:
+        if func is F.scaled_dot_product_attention and self.fused_attention:
             return fused_attention(*args, **kwargs)
         return func(*args, **kwargs)
 

@@ -284,9 +284,13 @@ def meta_run(config: Config, arch: str) -> MetaRun:
     """A ``MetaRun`` for ``config``'s model settings, reused while they stay the same:
     `bench memory` estimates and then fits the next card down, `--vram` tries several card
     sizes, and each new meta model would measure every phase again (seconds each for SDXL)."""
+    m = config.model  # its name does not count: ``arch`` says which shapes are built
     key = (
         arch,
-        repr(config.model),
+        m.mixed_precision,
+        m.lora_rank,
+        m.lora_alpha,
+        tuple(m.lora_targets),
         repr(config.reward),
         config.sample.sampler,
         config.sample.num_steps,

@@ -17,6 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lowvram_ddpo.config import Config
+from lowvram_ddpo.memory.counting import GpuKernelEmulation
 from lowvram_ddpo.memory.estimate import MetaRun, meta_run
 
 
@@ -31,23 +32,22 @@ class EpochFlops:
     """One UNet forward of one latent (no guidance): the unit the figures are quoted in."""
 
 
-def _counted(work) -> float:  # noqa: ANN001  (a callable)
+def _counted(run: MetaRun, work) -> float:  # noqa: ANN001  (a callable)
+    """FLOPs of ``work`` on the run's meta models, autocast's casts replayed (the models are
+    in half precision) and attention left to PyTorch, where the counter sees it."""
     counter = FlopCounterMode(display=False)
-    with counter:
+    with GpuKernelEmulation(run.autocast_dtype, fused_attention=False), counter:
         work()
     return float(counter.get_total_flops())
 
 
 def epoch_flops(config: Config, arch: str) -> EpochFlops:
-    """The UNet FLOPs per image of ``config``'s sampling and training. Counted in fp32
-    (the count does not depend on the dtype), without the memory estimate's fused-attention
-    stand-in, which would hide attention from the counter."""
-    fp32 = _one_image_micro_batch(config)
-    fp32.model.mixed_precision = "no"
-    run = meta_run(fp32, arch)
+    """The UNet FLOPs per image of ``config``'s sampling and training, counted on the meta
+    models the memory estimate uses (built once per model settings)."""
+    run = meta_run(config, arch)
     s, t = config.sample, config.train
     key = ("flops", s.guidance_scale, t.algorithm)
-    step, forward, train_step = run.sizes(key, lambda: _count_step_flops(run, fp32))
+    step, forward, train_step = run.sizes(key, lambda: _count_step_flops(run, config))
     trained_steps = max(1, round(s.num_steps * t.timestep_fraction))
     return EpochFlops(
         sampling_per_image=step * s.num_steps,
@@ -57,28 +57,24 @@ def epoch_flops(config: Config, arch: str) -> EpochFlops:
 
 
 def _count_step_flops(run: MetaRun, config: Config) -> tuple[float, float, float]:
-    """(a guided sampling step, a plain forward, a trained step), for one image."""
-    unet, s = run.parts.unet, config.sample
-    latents = torch.empty(1, *run.latent_shape(s.resolution), device="meta")
+    """(a sampling step, a plain forward, a trained step), each of one image."""
+    unet = run.parts.unet
+    latents = torch.empty(1, *run.latent_shape(config.sample.resolution), device="meta")
     step_t = run.policy.timesteps()[:1]
-    guided = run._conditioning(1, s.guidance_scale)
+    guided = run._conditioning(1, config.sample.guidance_scale)
     plain = run._conditioning(1, 1.0)
     unet.eval()
     with torch.no_grad():
-        step = _counted(lambda: run.policy(unet, latents, step_t, guided))
-        forward = _counted(lambda: run.policy(unet, latents, step_t, plain))
+        step = _counted(run, lambda: run.policy(unet, latents, step_t, guided))
+        forward = _counted(run, lambda: run.policy(unet, latents, step_t, plain))
+    one_image = copy.deepcopy(config)
+    one_image.train.batch_size = 1
+    one_image.memory.gradient_checkpointing = False
     params = [p for p in unet.parameters() if p.requires_grad]
     try:
-        train_step = _counted(run.training_work(config))
+        train_step = _counted(run, run.training_work(one_image))
     finally:
         for p in params:
             p.grad = None
         unet.eval()
     return step, forward, train_step
-
-
-def _one_image_micro_batch(config: Config) -> Config:
-    one = copy.deepcopy(config)
-    one.train.batch_size = 1
-    one.memory.gradient_checkpointing = False
-    return one
