@@ -15,12 +15,12 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lowvram_ddpo.config import Config
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, a_card
-from lowvram_ddpo.memory.estimate import estimate_memory, meta_run
+from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory, meta_run
 from lowvram_ddpo.memory.report import MemoryReport
 from lowvram_ddpo.memory.units import GB, format_size
 from lowvram_ddpo.models import VAE_TILE_PIXELS
@@ -134,18 +134,52 @@ def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:
     on_cpu = [True] if config.memory.text_encoders_on_cpu else [False, True]
     smallest = None
     for quantize, text_on_cpu in itertools.product(quantizations, on_cpu):
-        for trial in sorted(candidates(config, quantize, text_on_cpu), key=timing.seconds):
+        trains = TrainingBudget(arch, run, budget)
+        every = list(candidates(config, quantize, text_on_cpu))
+        for trial in sorted(every, key=timing.seconds):
+            if not trains.fits(trial):
+                continue
             report = estimate_memory(trial, arch, run)
             if report.peak_bytes <= budget:
                 changes = describe_changes(config, trial)
                 return Fit(trial, report, changes, timing.seconds(trial), timing.gpu)
             smallest = report if smallest is None else min(smallest, report, key=_peak)
+        least = estimate_memory(every[-1], arch, run)  # the smallest setting of this level
+        smallest = least if smallest is None else min(smallest, least, key=_peak)
     assert smallest is not None
     raise UserError(
         f"nothing fits in {format_size(vram_bytes)}: the smallest setting needs "
         f"{format_size(smallest.peak_bytes + CUDA_CONTEXT_BYTES)} with the CUDA context. "
         "Lower sample.resolution, or use a bigger card"
     )
+
+
+@dataclass
+class TrainingBudget:
+    """Whether a setting's training phase fits, estimated from the smallest micro-batch up:
+    memory grows with the micro-batch, so a micro-batch is only estimated once every smaller
+    one (same checkpointing) fits. The fastest settings come first in the fit, and on a
+    small card their large micro-batches rarely fit; each costs seconds to estimate (SDXL)."""
+
+    arch: str
+    run: MetaRun
+    budget: int
+    known: dict[tuple[int, bool], bool] = field(default_factory=dict)
+
+    def fits(self, trial: Config) -> bool:
+        t, ckpt = trial.train, trial.memory.gradient_checkpointing
+        per_step = t.batch_size * t.gradient_accumulation_steps
+        powers = {m for m in range(1, t.batch_size + 1) if m & (m - 1) == 0 and per_step % m == 0}
+        for micro in sorted(powers | {t.batch_size}):
+            if (micro, ckpt) not in self.known:
+                probe = copy.deepcopy(trial)
+                probe.train.batch_size = micro
+                probe.train.gradient_accumulation_steps = per_step // micro
+                peak = estimate_memory(probe, self.arch, self.run).phase("training").peak_reserved
+                self.known[(micro, ckpt)] = peak <= self.budget
+            if not self.known[(micro, ckpt)]:
+                return False
+        return True
 
 
 @dataclass

@@ -58,8 +58,6 @@ class Gpu:
     name: str
     unet_tflops: float
     """The UNet's arithmetic rate on this card, TFLOP/s."""
-    assumed: bool = False
-    """True when planning without the card (an H100 is assumed)."""
 
     @classmethod
     def listed(cls, name: str, dense_tflops: float) -> Gpu:
@@ -81,7 +79,7 @@ def matmul_tflops(size: int = 4096, repeats: int = 20) -> float:
 
 def this_gpu() -> Gpu:
     """The CUDA card: its listed rate, or its matmul rate measured now for a card not in
-    the table; without CUDA an H100 (the calibrated card), marked as assumed."""
+    the table; without CUDA an H100 (the calibrated card), named as assumed."""
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         rate = dense_fp16_tflops(name)
@@ -92,7 +90,7 @@ def this_gpu() -> Gpu:
             f"{name} (fp16 matmul {measured:.0f} TFLOP/s, measured)",
             measured * UNET_SHARE_OF_MATMUL,
         )
-    return Gpu("an H100 (assumed: no GPU here)", H100_UNET_TFLOPS, assumed=True)
+    return Gpu("an H100 (assumed: no GPU here)", H100_UNET_TFLOPS)
 
 
 @dataclass(frozen=True)
