@@ -126,7 +126,8 @@ def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:
     text encoders on the CPU, then a 4-bit base, only when nothing else fits."""
     budget = vram_bytes - CUDA_CONTEXT_BYTES
     run = meta_run(config, arch)
-    timing = EpochTiming(epoch_flops(config, arch), this_gpu(), leaf_modules(run.parts.unet))
+    flops = epoch_flops(config, arch, count_backward=False)
+    timing = EpochTiming(flops, this_gpu(), leaf_modules(run.parts.unet))
     quantizations = [config.memory.quantize]
     if config.memory.quantize == "none" and config.model.lora_rank > 0:
         quantizations.append("nf4")

@@ -41,40 +41,59 @@ def _counted(run: MetaRun, work) -> float:  # noqa: ANN001  (a callable)
     return float(counter.get_total_flops())
 
 
-def epoch_flops(config: Config, arch: str) -> EpochFlops:
+TRAINED_OVER_SAMPLING_STEP = 2.13
+"""A trained step's forward and backward over the sampling step it replays, as counted on
+SD 1.5 at 512 px (4.26 forwards against 2 with guidance; the same 2.13 on the LCM shape
+without guidance). `--vram` uses it instead of counting the backward, which takes seconds
+on SDXL; `bench speed` counts."""
+
+
+def epoch_flops(config: Config, arch: str, count_backward: bool = True) -> EpochFlops:
     """The UNet FLOPs per image of ``config``'s sampling and training, counted on the meta
-    models the memory estimate uses (built once per model settings)."""
+    models the memory estimate uses (built once per model settings, each count kept).
+    ``count_backward=False`` derives training from sampling (``TRAINED_OVER_SAMPLING_STEP``)
+    and leaves ``forward_per_latent`` uncounted (0)."""
     run = meta_run(config, arch)
     s, t = config.sample, config.train
-    key = ("flops", s.guidance_scale, t.algorithm)
-    step, forward, train_step = run.sizes(key, lambda: _count_step_flops(run, config))
+    step = run.sizes(
+        ("flops: sampling step", s.guidance_scale),
+        lambda: _sampling_step(run, config, s.guidance_scale),
+    )
+    if count_backward:
+        trained = run.sizes(
+            ("flops: trained step", s.guidance_scale, t.algorithm),
+            lambda: _trained_step(run, config),
+        )
+        forward = run.sizes(("flops: forward",), lambda: _sampling_step(run, config, 1.0))
+    else:
+        trained, forward = step * TRAINED_OVER_SAMPLING_STEP, 0.0
     trained_steps = max(1, round(s.num_steps * t.timestep_fraction))
     return EpochFlops(
         sampling_per_image=step * s.num_steps,
-        training_per_image=train_step * trained_steps * t.inner_epochs,
+        training_per_image=trained * trained_steps * t.inner_epochs,
         forward_per_latent=forward,
     )
 
 
-def _count_step_flops(run: MetaRun, config: Config) -> tuple[float, float, float]:
-    """(a sampling step, a plain forward, a trained step), each of one image."""
+def _sampling_step(run: MetaRun, config: Config, guidance_scale: float) -> float:
+    """One denoising step of one image (guidance 1.0: a plain forward)."""
     unet = run.parts.unet
     latents = torch.empty(1, *run.latent_shape(config.sample.resolution), device="meta")
-    step_t = run.policy.timesteps()[:1]
-    guided = run._conditioning(1, config.sample.guidance_scale)
-    plain = run._conditioning(1, 1.0)
+    cond = run._conditioning(1, guidance_scale)
     unet.eval()
     with torch.no_grad():
-        step = _counted(run, lambda: run.policy(unet, latents, step_t, guided))
-        forward = _counted(run, lambda: run.policy(unet, latents, step_t, plain))
+        return _counted(run, lambda: run.policy(unet, latents, run.policy.timesteps()[:1], cond))
+
+
+def _trained_step(run: MetaRun, config: Config) -> float:
+    """One trained step of one image: forward and backward, no checkpointing."""
     one_image = copy.deepcopy(config)
     one_image.train.batch_size = 1
     one_image.memory.gradient_checkpointing = False
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = [p for p in run.parts.unet.parameters() if p.requires_grad]
     try:
-        train_step = _counted(run, run.training_work(one_image))
+        return _counted(run, run.training_work(one_image))
     finally:
         for p in params:
             p.grad = None
-        unet.eval()
-    return step, forward, train_step
+        run.parts.unet.eval()
