@@ -15,9 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from charts import line_chart
-
 from lowvram_ddpo.config import apply_overrides, load_preset, validate
+from lowvram_ddpo.reporting.charts import line_chart
 from lowvram_ddpo.trainer import train
 
 ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr", "sparse-rwr")

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from lowvram_ddpo.config import load_config_file
-from lowvram_ddpo.models import LORA_WEIGHTS_NAME, POCKET_DIR, load_pipeline
+from lowvram_ddpo.lora_export import LORA_WEIGHTS_NAME
+from lowvram_ddpo.models import POCKET_DIR, load_pipeline
 from lowvram_ddpo.pocket import world
 from lowvram_ddpo.pocket.classifier import caption_matches, load_classifier
 from lowvram_ddpo.policy import build_policy

@@ -19,9 +19,8 @@ import time
 from itertools import accumulate
 from pathlib import Path
 
-from charts import line_chart
-
 from lowvram_ddpo.config import apply_overrides, load_preset, validate
+from lowvram_ddpo.reporting.charts import line_chart
 from lowvram_ddpo.trainer import train
 
 COLOURS = {"DDPO": "#1f77b4", "RLCM": "#d62728"}

@@ -6,6 +6,7 @@ Layout of a run folder::
     metrics.jsonl                       one JSON object per finished epoch (numbered from 1)
     latest.json                         {"checkpoint": "checkpoints/epoch-0007", "epochs_done": 7}
     pytorch_lora_weights.safetensors    the newest adapter, for pipeline.load_lora_weights(run)
+    lora_kohya.safetensors              the same in kohya's layout, for ComfyUI / A1111 / Forge
     checkpoints/epoch-0007/             adapter, optimiser, advantage statistics, RNG states
     grids/                              sample grids
 
@@ -26,14 +27,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lowvram_ddpo.atomic import copy_atomic, write_text_atomic
 from lowvram_ddpo.divergence import NonFiniteTraining, all_finite
 from lowvram_ddpo.errors import UserError
-from lowvram_ddpo.models import (
+from lowvram_ddpo.lora_export import (
+    KOHYA_WEIGHTS_NAME,
     LORA_WEIGHTS_NAME,
+    save_kohya_lora,
+    save_lora_for_diffusers,
+    write_kohya_lora,
+)
+from lowvram_ddpo.models import (
     adapter_state_dict,
     has_lora,
     load_adapter_state_dict,
-    save_lora_for_diffusers,
     trainable_parameters,
 )
 
@@ -50,32 +57,6 @@ class TrainerState:
     epochs_done: int
     stat_tracker: dict
     rng: dict[str, torch.Tensor]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    """Copy a file or a folder into place by renaming, so ``dst`` is never half written."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    if src.is_dir():
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        old = dst.with_name(f".{dst.name}.old")
-        if dst.exists():
-            os.replace(dst, old)  # a folder cannot be replaced in one step: keep it until done
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        shutil.copyfile(src, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, dst)
 
 
 def rng_states() -> dict[str, torch.Tensor]:
@@ -118,8 +99,9 @@ def save_checkpoint(
     os.replace(tmp, final)
     latest = {"checkpoint": f"checkpoints/{name}", "epochs_done": epochs_done}
     write_text_atomic(run_dir / LATEST_FILE, json.dumps(latest))
-    export = LORA_WEIGHTS_NAME if has_lora(unet) else FULL_UNET_DIR
-    _copy_atomic(final / export, run_dir / export)
+    exports = [LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME] if has_lora(unet) else [FULL_UNET_DIR]
+    for export in exports:
+        copy_atomic(final / export, run_dir / export)
     _prune(root, keep)
     return final
 
@@ -135,6 +117,7 @@ def _write_checkpoint_files(
     if has_lora(unet):
         save_file(adapter_state_dict(unet), tmp / ADAPTER_FILE)
         save_lora_for_diffusers(unet, tmp)
+        save_kohya_lora(unet, tmp, epochs_done)
     else:
         unet.save_pretrained(tmp / FULL_UNET_DIR)
     torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states()}, tmp / OPTIMIZER_FILE)
@@ -188,3 +171,59 @@ def load_checkpoint(
     optimizer.load_state_dict(blob["optimizer"])
     state = json.loads((folder / STATE_FILE).read_text())
     return TrainerState(state["epochs_done"], state["stat_tracker"], blob["rng"])
+
+
+EXPORT_FORMATS = ("kohya", "diffusers")
+
+
+def checkpoint_to_export(run: Path, epoch: int | None) -> Path:
+    """The checkpoint folder ``lowvram-ddpo export`` reads: the run's newest, a kept one
+    (``epoch``), or ``run`` itself when it is a checkpoint folder."""
+    if (run / STATE_FILE).is_file():
+        return run
+    if not (run / "config.toml").is_file():
+        raise UserError(f"{run} is not a run folder (no config.toml) nor a checkpoint folder")
+    if epoch is None:
+        folder = latest_checkpoint(run)
+        if folder is None:
+            raise UserError(f"{run} has no checkpoint yet: train at least one epoch first")
+        return folder
+    folder = run / "checkpoints" / f"epoch-{epoch:04d}"
+    if not folder.is_dir():
+        kept = sorted(p.name for p in (run / "checkpoints").glob("epoch-*") if p.is_dir())
+        raise UserError(
+            f"no checkpoint of epoch {epoch} in {run} (kept: {', '.join(kept) or 'none'}); "
+            "run.keep_checkpoints sets how many are kept"
+        )
+    return folder
+
+
+def export_lora(run: Path, fmt: str, output: Path | None, epoch: int | None) -> Path:
+    """Write a run's LoRA as one file in ``fmt`` (kohya: ComfyUI/A1111/Forge; diffusers)."""
+    from lowvram_ddpo.config import load_config_file
+
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"unknown --format {fmt!r}: choose {' or '.join(EXPORT_FORMATS)}")
+    folder = checkpoint_to_export(run, epoch)
+    if not (folder / ADAPTER_FILE).is_file():
+        raise UserError(
+            f"{folder} holds a fully fine-tuned UNet, not a LoRA: use its folder "
+            f"{folder / FULL_UNET_DIR} as the model's unet"
+        )
+    done = json.loads((folder / STATE_FILE).read_text())["epochs_done"]
+    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder
+    suffix = "" if fmt == "kohya" else "-diffusers"
+    output = output or Path(f"{run_dir.resolve().name}-epoch{done}{suffix}.safetensors")
+    if output.suffix != ".safetensors":
+        raise UserError(f"--output {output} must end in .safetensors (the loaders look for it)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    source = folder / (KOHYA_WEIGHTS_NAME if fmt == "kohya" else LORA_WEIGHTS_NAME)
+    if source.is_file():
+        copy_atomic(source, output)
+    elif fmt == "kohya":  # a checkpoint from before kohya files were written: convert
+        model = load_config_file(run_dir / "config.toml").model
+        adapter = load_file(folder / ADAPTER_FILE)
+        write_kohya_lora(adapter, model.lora_rank, model.lora_alpha, output, epochs_done=done)
+    else:
+        raise UserError(f"{source} is missing: the checkpoint folder is damaged")
+    return output

@@ -105,6 +105,13 @@ def train(
         str, typer.Option(help="Continue the run in this folder from its last checkpoint.")
     ] = "",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    log_with: Annotated[
+        str,
+        typer.Option(
+            help="Also log to tensorboard, wandb or none (RUN/logs) [default: the preset's "
+            "run.log_with: auto = tensorboard when installed]."
+        ),
+    ] = "",
     vram: Annotated[
         str,
         typer.Option(help="Fit batch sizes and memory levers to a card of this size (e.g. 8GB)."),
@@ -146,7 +153,7 @@ def train(
             if changed:
                 raise UserError(
                     f"{', '.join(changed)} cannot change a run being resumed; only --epochs, "
-                    "--vram and --set memory.* can"
+                    "--vram, --log-with and --set memory.* can"
                 )
             config = load_config_file(run_dir / "config.toml")
             apply_overrides(config, set_ or [])
@@ -179,9 +186,14 @@ def train(
         if epochs is not None:
             config.run.epochs = epochs
         config.run.progress = progress and config.run.progress
+        if log_with:
+            config.run.log_with = log_with
         if vram:
             config.memory.vram = vram
         validate(config)
+        from lowvram_ddpo.reporting.trackers import resolve_log_with
+
+        resolve_log_with(config.run.log_with)  # a missing package: say so before loading
         if config.memory.vram:
             config = _fit_to_card(config)
         if resume:
@@ -210,7 +222,7 @@ def _say_allocator_setting() -> None:
 
 def _finished_line(run_dir: Path) -> str:
     from lowvram_ddpo.checkpoint import FULL_UNET_DIR
-    from lowvram_ddpo.models import LORA_WEIGHTS_NAME
+    from lowvram_ddpo.lora_export import LORA_WEIGHTS_NAME
 
     grids = run_dir / "grids"
     if (run_dir / LORA_WEIGHTS_NAME).is_file():
@@ -273,6 +285,33 @@ def sample(
     for line in result.report_lines():
         typer.echo(line)
     typer.echo(f"wrote {grid}")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder (or one of its checkpoint folders).")],
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="kohya (ComfyUI, A1111, Forge, kohya) or diffusers (load_lora_weights).",
+        ),
+    ] = "kohya",
+    output: Annotated[
+        Path | None,
+        typer.Option(help="File to write [default: <run>-epoch<N>.safetensors in this folder]."),
+    ] = None,
+    epoch: Annotated[
+        int | None, typer.Option(help="Export a kept checkpoint's epoch [default: the newest].")
+    ] = None,
+) -> None:
+    """Write a run's LoRA as one .safetensors file for your UI (copy it into ComfyUI's
+    models/loras or A1111's models/Lora)."""
+    from lowvram_ddpo.checkpoint import export_lora
+
+    with _user_errors():
+        path = export_lora(run, format_, output, epoch)
+    typer.echo(f"wrote {path} ({format_} layout)")
 
 
 ARCH_HELP = (

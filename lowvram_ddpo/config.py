@@ -27,6 +27,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 QUANTIZE = ("none", "int8", "nf4")
 ATTENTION = ("sdpa", "xformers")
+LOG_WITH = ("auto", "tensorboard", "wandb", "none")
+"""Metric trackers (``reporting.trackers``); auto: TensorBoard when installed, else none."""
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
@@ -197,6 +199,9 @@ class RunConfig:
     log_rollouts: bool = False
     """Write the gathered prompts, rewards and advantages of every epoch to rollouts/."""
     progress: bool = True
+    log_with: str = "auto"
+    """Also log metrics and grids to tensorboard or wandb (RUN/logs/); auto: TensorBoard
+    when it is installed, else none (metrics.jsonl and metrics.png are always written)."""
 
 
 @dataclass
@@ -455,6 +460,10 @@ def validate(config: Config) -> None:
             "reward.reference_template must contain {prompt}",
         ),
         (config.run.epochs >= 0, "run.epochs must be >= 0"),
+        (
+            config.run.log_with in LOG_WITH,
+            f"run.log_with must be one of {', '.join(LOG_WITH)}",
+        ),
         (
             config.run.eval_every == 0 or bool(config.prompts.eval_source),
             "run.eval_every needs prompts.eval_source (a prompt set or file to evaluate on)",

@@ -16,13 +16,10 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
 
 from lowvram_ddpo.errors import UserError
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -286,29 +283,3 @@ def load_adapter_state_dict(unet: UNet2DConditionModel, state: dict[str, torch.T
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise UserError(f"checkpoint does not match the model: unexpected keys {unexpected[:3]}")
-
-
-def exported_lora_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The adapter as other tools load it: each layer's scale (``lora_alpha / r``) folded
-    into its ``lora_B``. A LoRA file that names no alpha is applied with alpha = rank by
-    diffusers' ``load_lora_weights``, ComfyUI and A1111, so folding makes every one of them
-    apply exactly the update that was trained (an unfolded rank 8 / alpha 32 adapter would
-    load at a quarter of its strength)."""
-    state = adapter_state_dict(unet)
-    for name, module in unet.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        for adapter in module.active_adapters:  # one: ours (an LCM-LoRA is fused, not kept)
-            key = f"{name}.lora_B.weight"
-            state[key] = state[key] * module.scaling[adapter]
-    return state
-
-
-def save_lora_for_diffusers(unet: UNet2DConditionModel, folder: Path) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` that ``pipeline.load_lora_weights`` reads
-    (SD and SDXL alike), its alpha folded into the weights."""
-    state = convert_state_dict_to_diffusers(exported_lora_state(unet))
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=state, weight_name=LORA_WEIGHTS_NAME, safe_serialization=True
-    )
-    return Path(folder) / LORA_WEIGHTS_NAME

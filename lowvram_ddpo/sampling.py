@@ -14,7 +14,8 @@ from lowvram_ddpo.checkpoint import FULL_UNET_DIR
 from lowvram_ddpo.config import ModelConfig, SampleConfig, load_config_file
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
-from lowvram_ddpo.models import DTYPES, LORA_WEIGHTS_NAME, load_pipeline
+from lowvram_ddpo.lora_export import LORA_WEIGHTS_NAME
+from lowvram_ddpo.models import DTYPES, load_pipeline
 from lowvram_ddpo.policy import build_policy, sampler_for
 from lowvram_ddpo.preflight import native_resolution_of
 from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards

@@ -29,13 +29,14 @@ from lowvram_ddpo.algorithms import (
     sparse_rwr_weights,
 )
 from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss, reward_weighted_loss
+from lowvram_ddpo.atomic import write_text_atomic
 from lowvram_ddpo.checkpoint import (
     check_epochs_left,
+    epochs_done,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_states,
     save_checkpoint,
-    write_text_atomic,
 )
 from lowvram_ddpo.config import Config, dump_toml
 from lowvram_ddpo.device_transfer import to_device
@@ -57,6 +58,9 @@ from lowvram_ddpo.optimizers import build_optimizer
 from lowvram_ddpo.policy import build_policy
 from lowvram_ddpo.preflight import resolution_note, unknown_words_note
 from lowvram_ddpo.prompts import load_prompts
+from lowvram_ddpo.reporting.metrics_chart import METRICS_CHART, read_metrics, write_metrics_chart
+from lowvram_ddpo.reporting.progress import TimeLeft
+from lowvram_ddpo.reporting.trackers import NoTracker, Tracker, build_tracker, resolve_log_with
 from lowvram_ddpo.rewards import ModelReward, Reward, build_reward, check_rewards
 from lowvram_ddpo.rollout import Trajectories, render, sample_trajectories
 from lowvram_ddpo.speed.compile import compile_unet
@@ -97,6 +101,8 @@ class Trainer:
     phase: str = "setting up"
     """What the loop is doing now, for error messages."""
     meter: PhaseMeter = field(default_factory=PhaseMeter)
+    dashboard: Tracker = field(default_factory=NoTracker)
+    """TensorBoard, wandb or nothing (``run.log_with``), on the main process."""
 
     # ------------------------------------------------------------ setup
 
@@ -204,7 +210,9 @@ class Trainer:
     def fit(self, resume: bool = False) -> list[dict]:
         self.setup()
         cfg = self.config
+        self.open_dashboard(first_epoch=(epochs_done(self.run_dir) if resume else 0) + 1)
         start = self.restore() if resume else self.start_fresh()
+        self.time_left = TimeLeft(cfg.run.epochs, start)
         history = []
         epoch = start
         try:
@@ -217,7 +225,20 @@ class Trainer:
             raise UserError(self.out_of_memory_message(epoch)) from None
         except NonFiniteTraining as err:
             raise UserError(self.diverged_message(epoch, str(err))) from None
+        finally:
+            self.dashboard.close()
         return history
+
+    def open_dashboard(self, first_epoch: int) -> None:
+        """The ``run.log_with`` tracker, on the main process (events after the checkpoint
+        being resumed are dropped: those epochs are trained again)."""
+        choice, note = resolve_log_with(self.config.run.log_with)
+        if not self.is_main:
+            return
+        if note:
+            self.log(note)
+        with self.saving("the TensorBoard/wandb logs"):
+            self.dashboard = build_tracker(choice, self.run_dir, self.config, first_epoch)
 
     def run_epoch(self, epoch: int) -> dict:
         epoch_started = time.perf_counter()
@@ -335,7 +356,7 @@ class Trainer:
                 write_text_atomic(self.run_dir / "config.toml", dump_toml(self.config))
                 (self.run_dir / "metrics.jsonl").write_text("")
             with self.saving("the first grid"):
-                self.save_grid("epoch-0000")
+                self.save_grid(0)
         self.accelerator.wait_for_everyone()
         return 0
 
@@ -548,15 +569,19 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         done = epoch + 1
         if self.is_main:
-            self.log(self.epoch_line(metrics))
+            self.log(self.epoch_line(metrics, self.time_left.after(done)))
             metrics_file = self.run_dir / "metrics.jsonl"
-            with self.saving(f"the metrics of epoch {done}"), open(metrics_file, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            with self.saving(f"the metrics of epoch {done}"):
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                chart = self.run_dir / METRICS_CHART
+                write_metrics_chart(read_metrics(metrics_file), chart, cfg.reward.name)
+            self.dashboard.log_metrics(metrics, done)
             if done % cfg.run.checkpoint_every == 0 or done == cfg.run.epochs:
                 self.write_checkpoint(done)
             if cfg.run.grid_every > 0 and done % cfg.run.grid_every == 0 and done < cfg.run.epochs:
                 with self.saving(f"the grid of epoch {done}"):
-                    self.save_grid(f"epoch-{done:04d}")
+                    self.save_grid(done)
         acc.wait_for_everyone()
 
     def write_checkpoint(self, done: int) -> None:
@@ -570,7 +595,7 @@ class Trainer:
                 self.config.run.keep_checkpoints,
             )
 
-    def epoch_line(self, metrics: dict) -> str:
+    def epoch_line(self, metrics: dict, time_left: str = "") -> str:
         line = (
             f"epoch {metrics['epoch']}/{self.config.run.epochs}: reward "
             f"{metrics['reward_mean']:.4g} ± {metrics['reward_std']:.3g}"
@@ -584,17 +609,18 @@ class Trainer:
             line += f"  peak {metrics['peak_reserved_bytes'] / 2**30:.2f} GB"
         if metrics["skipped_steps"]:
             line += f"  skipped {metrics['skipped_steps']} steps (NaN/inf gradients)"
-        return line
+        return line + (f"  {time_left}" if time_left else "")
 
     def finish(self) -> None:
         cfg = self.config
         if self.is_main and cfg.run.epochs > 0:
             with self.saving("the before/after grid"):
-                self.save_grid(f"after {cfg.run.epochs} epochs", before_after=True)
+                self.save_grid(cfg.run.epochs, before_after=True)
         self.accelerator.wait_for_everyone()
 
-    def save_grid(self, name: str, before_after: bool = False) -> Path:
-        """Render the fixed prompts x seeds; with ``before_after`` also the base model beside it."""
+    def save_grid(self, epochs_trained: int, before_after: bool = False) -> Path:
+        """Render the fixed prompts x seeds (``grids/epoch-NNNN.png``); with ``before_after``
+        also the base model beside it (``grids/before_after.png``)."""
         cfg = self.config
         self.phase = "rendering the grid"
         unet = self.accelerator.unwrap_model(self.unet)
@@ -620,11 +646,15 @@ class Trainer:
             unet.disable_adapters()
             panels["base"] = images()
             unet.enable_adapters()
-        panels[name] = images()
+        name = f"epoch-{epochs_trained:04d}"
+        panels[f"after {epochs_trained} epochs" if before_after else name] = images()
         folder = self.run_dir / "grids"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / ("before_after.png" if before_after else f"{name}.png")
         make_grid(panels, cfg.run.grid_prompts, cfg.run.grid_seeds).save(path)
+        self.dashboard.log_image(
+            "grids/before_after" if before_after else "grids/progress", path, epochs_trained
+        )
         return path
 
     def write_rollout_log(

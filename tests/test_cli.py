@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
 from lowvram_ddpo.cli import app
@@ -170,11 +172,26 @@ def test_held_out_prompts_are_scored_during_training_and_by_sample(tiny_preset, 
         "--set",
         "run.eval_every=2",
         "--no-progress",
+        "--log-with",
+        "tensorboard",
     )
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "eval_reward_mean" not in metrics[0]  # every 2 epochs
     assert metrics[1]["eval_reward_mean"] > 0  # JPEG kB of the held-out images
+    assert re.search(r"epoch 1/2: .* ~\d+ s left", result.output), result.output
+    assert Image.open(run_dir / "metrics.png").size == (720, 440)
+
+    # TensorBoard holds the same numbers, at step = epoch, and the grids
+    events = EventAccumulator(str(run_dir / "logs"), size_guidance={"images": 0})
+    events.Reload()
+    rewards = events.Scalars("reward/mean")
+    assert [e.step for e in rewards] == [1, 2]
+    assert [e.value for e in rewards] == pytest.approx([m["reward_mean"] for m in metrics])
+    assert [e.step for e in events.Scalars("eval/reward_mean")] == [2]
+    assert {"train/loss", "time/epoch", "train/grad_norm"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Images("grids/progress")] == [0]
+    assert [e.step for e in events.Images("grids/before_after")] == [2]
 
     grid = tmp_path / "grid.png"
     result = _run(

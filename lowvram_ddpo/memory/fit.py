@@ -24,14 +24,9 @@ from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory, meta_run
 from lowvram_ddpo.memory.report import MemoryReport
 from lowvram_ddpo.memory.units import GB, format_size
 from lowvram_ddpo.models import VAE_TILE_PIXELS
+from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
-from lowvram_ddpo.speed.time_model import (
-    Gpu,
-    format_duration,
-    leaf_modules,
-    predict_epoch,
-    this_gpu,
-)
+from lowvram_ddpo.speed.time_model import Gpu, leaf_modules, predict_epoch, this_gpu
 
 
 @dataclass

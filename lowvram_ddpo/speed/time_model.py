@@ -131,11 +131,3 @@ def predict_epoch(
     micro_batches = -(-samples // t.batch_size)
     training = micro_batches * steps * t.inner_epochs * training_call * LOOP_OVERHEAD
     return EpochTime(sampling, training)
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,1 @@
+"""Watching a run: trackers (TensorBoard, wandb), the metrics chart, the time left."""

@@ -1,0 +1,37 @@
+"""Durations as people read them, and the time a run has left."""
+
+from __future__ import annotations
+
+import time
+
+
+def format_duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``2 h 10 min``, ``3 d 4 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+class TimeLeft:
+    """The run's ETA from the wall time of the epochs this process has finished (sampling,
+    training, checkpoints and grids included), so a resumed run estimates from its own."""
+
+    def __init__(self, total_epochs: int, first_epoch: int) -> None:
+        self.total, self.first = total_epochs, first_epoch
+        self.started = time.perf_counter()
+
+    def after(self, epochs_done: int) -> str:
+        """``~2 h 10 min left`` after ``epochs_done`` epochs (counted from 1), or ""."""
+        finished = epochs_done - self.first
+        left = self.total - epochs_done
+        if finished <= 0 or left <= 0:
+            return ""
+        per_epoch = (time.perf_counter() - self.started) / finished
+        return f"~{format_duration(per_epoch * left)} left"
