@@ -13,15 +13,41 @@ from typing import Annotated
 
 import typer
 
+from lowvram_ddpo.config import REWARD_NAMES
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.allocator import configure_allocator
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
-    help="RL fine-tuning (DDPO, RWR) of Stable Diffusion with LoRA on one consumer GPU.",
+    help="RL fine-tuning of Stable Diffusion on one consumer GPU: DDPO, RWR and RLCM "
+    "(few-step consistency models), with LoRA, on the paper's rewards.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=HELP_OPTIONS,
+    rich_markup_mode=None,  # help texts say "[default: ...]": literal text, not markup
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from lowvram_ddpo import __version__
+
+        typer.echo(f"lowvram-ddpo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """RL fine-tuning of Stable Diffusion on one consumer GPU: DDPO, RWR and RLCM
+    (few-step consistency models), with LoRA, on the paper's rewards."""
 
 
 @contextmanager
@@ -52,8 +78,10 @@ def rewards() -> None:
     """List the available reward functions."""
     from lowvram_ddpo.rewards import available_rewards
 
-    for name, description in available_rewards().items():
-        typer.echo(f"{name}  {description}")
+    entries = available_rewards()
+    width = max(map(len, entries), default=0)
+    for name, description in entries.items():
+        typer.echo(f"{name.ljust(width)}  {description}")
 
 
 def _world_size() -> int:
@@ -96,7 +124,18 @@ def train(
         int | None, typer.Option(help="Images sampled per epoch, all processes together.")
     ] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
-    algorithm: Annotated[str, typer.Option(help="ddpo-is, ddpo-sf, rwr or sparse-rwr.")] = "",
+    algorithm: Annotated[
+        str,
+        typer.Option(help="ddpo-is, ddpo-sf, rwr or sparse-rwr (RLCM: an rlcm-* preset)."),
+    ] = "",
+    prompts: Annotated[
+        str,
+        typer.Option(
+            help="Train on these prompts: a text file (one per line) or a built-in set "
+            "(imagenet_animals, simple_animals, nouns_activities, pocket_world); the grids "
+            "then show three of them."
+        ),
+    ] = "",
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override any preset field: --set train.clip_range=2e-4"),
@@ -117,7 +156,8 @@ def train(
         typer.Option(help="Fit batch sizes and memory levers to a card of this size (e.g. 8GB)."),
     ] = "",
 ) -> None:
-    """Fine-tune a LoRA on a reward with DDPO (or RWR)."""
+    """Fine-tune a LoRA on a reward: DDPO, RWR, or RLCM with the rlcm-* presets (a
+    consistency model's few steps as the policy)."""
     from lowvram_ddpo.checkpoint import check_epochs_left, epochs_done
     from lowvram_ddpo.config import (
         apply_overrides,
@@ -146,6 +186,7 @@ def train(
                     ("--lr", lr),
                     ("--samples-per-epoch", samples_per_epoch),
                     ("--algorithm", algorithm),
+                    ("--prompts", prompts),
                     ("--set", [s for s in set_ or [] if not s.startswith("memory.")]),
                 ]
                 if value
@@ -161,6 +202,7 @@ def train(
             if not preset:
                 raise UserError("choose a preset with --preset (`lowvram-ddpo presets` lists them)")
             config = load_preset(preset)
+            preset_prompts = (config.prompts.source, list(config.prompts.prompts))
             flags = {
                 "model.name": model or None,
                 "run.output": output or None,
@@ -169,11 +211,13 @@ def train(
                 "sample.num_steps": steps,
                 "train.learning_rate": lr,
                 "train.algorithm": algorithm or None,
+                "prompts.source": prompts or None,
             }
             for key, value in flags.items():
                 if value is not None:
                     set_field(config, key, value, source="the command line")
             apply_overrides(config, set_ or [])
+            _grid_from_own_prompts(config, preset_prompts, set_ or [])
             if samples_per_epoch is not None:
                 _say(set_samples_per_epoch(config, samples_per_epoch, _world_size()))
             run_dir = Path(config.run.output or f"runs/{Path(preset).stem}")
@@ -212,6 +256,18 @@ def train(
     _say(_finished_line(run_dir))
 
 
+def _grid_from_own_prompts(config, preset_prompts: tuple, assignments: list[str]) -> None:  # noqa: ANN001
+    """Progress grids show the user's own prompts when they chose the training prompts
+    (--prompts, --set prompts.*) and not the grid's (--set run.grid_prompts=...)."""
+    from lowvram_ddpo.prompts import load_prompts, spread
+
+    own = (config.prompts.source, list(config.prompts.prompts)) != preset_prompts
+    if own and not any(a.startswith("run.grid_prompts") for a in assignments):
+        config.run.grid_prompts = spread(
+            load_prompts(config.prompts.source, config.prompts.prompts)
+        )
+
+
 def _say_allocator_setting() -> None:
     import torch
 
@@ -234,6 +290,10 @@ def _finished_line(run_dir: Path) -> str:
     )
 
 
+DEFAULT_SEEDS = [0, 1, 2, 3]
+DEFAULT_SEEDS_TEXT = " ".join(map(str, DEFAULT_SEEDS))
+
+
 @app.command()
 def sample(
     prompts: Annotated[
@@ -245,7 +305,10 @@ def sample(
     ] = "",
     lora: Annotated[str, typer.Option(help="Run folder, checkpoint folder or LoRA file.")] = "",
     model: Annotated[str, typer.Option(help="Base model (default: the run's).")] = "",
-    seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Seeds (repeat).")] = None,
+    seeds: Annotated[
+        list[int] | None,
+        typer.Option("--seeds", help=f"Seeds (repeat the flag) [default: {DEFAULT_SEEDS_TEXT}]."),
+    ] = None,
     grid: Annotated[Path, typer.Option(help="Output PNG.")] = Path("grid.png"),
     steps: Annotated[
         int | None, typer.Option(help="Denoising steps [default: the run's, else 50].")
@@ -257,7 +320,10 @@ def sample(
     resolution: Annotated[
         int | None, typer.Option(help="Image size [default: the run's, else the model's].")
     ] = None,
-    reward: Annotated[str, typer.Option(help="Print each image's reward (a reward name).")] = "",
+    reward: Annotated[
+        str, typer.Option(help=f"Score each image with a reward: {', '.join(REWARD_NAMES)}.")
+    ] = "",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Render a grid (rows = prompts, columns = seeds): the base model and, with --lora, the
     fine-tuned one side by side."""
@@ -270,7 +336,7 @@ def sample(
             raise UserError("give prompts with --prompts (repeatable) or --prompt-set")
         request = SampleRequest(
             prompts=every_prompt,
-            seeds=seeds or [0, 1, 2, 3],
+            seeds=seeds or DEFAULT_SEEDS,
             lora=lora,
             model=model,
             steps=steps,
@@ -278,6 +344,7 @@ def sample(
             eta=eta,
             resolution=resolution,
             reward=reward,
+            progress=progress,
         )
         result = render_comparison(request)
         grid.parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +395,10 @@ BenchResolution = Annotated[
 ]
 
 bench_app = typer.Typer(
-    help="Benchmarks: memory per phase; speed, throughput and MFU.", no_args_is_help=True
+    help="Benchmarks: memory per phase; speed, throughput and MFU.",
+    no_args_is_help=True,
+    context_settings=HELP_OPTIONS,
+    rich_markup_mode=None,
 )
 app.add_typer(bench_app, name="bench")
 

@@ -23,6 +23,9 @@ else:  # pragma: no cover
 from lowvram_ddpo.errors import UserError
 
 ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr", "sparse-rwr")
+REWARD_NAMES = ("aesthetic", "jpeg_compressibility", "jpeg_incompressibility", "prompt_alignment")
+"""The registered rewards (``rewards``; a test keeps the two equal), for help texts that
+must not import the reward models."""
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 QUANTIZE = ("none", "int8", "nf4")

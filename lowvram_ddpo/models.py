@@ -33,6 +33,19 @@ MODEL_ALIASES = {"pocket": POCKET_DIR / "pocket-sd", "pocket-lcm": POCKET_DIR / 
 """Names that stand for model folders shipped inside the package (see ``lowvram_ddpo.pocket``)."""
 
 
+def show_loading_bars(enabled: bool) -> None:
+    """diffusers' and transformers' "Loading pipeline components" / checkpoint-shard bars,
+    on or off with the run's progress bars (``--no-progress``)."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        if enabled:
+            library.enable_progress_bar()
+        else:
+            library.disable_progress_bar()
+
+
 def resolve_model_name(name: str) -> str:
     """A shipped model's folder for its alias; any other name unchanged."""
     alias = MODEL_ALIASES.get(name)

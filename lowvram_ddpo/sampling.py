@@ -10,12 +10,12 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from lowvram_ddpo.checkpoint import FULL_UNET_DIR
+from lowvram_ddpo.checkpoint import FULL_UNET_DIR, LATEST_FILE, epochs_done
 from lowvram_ddpo.config import ModelConfig, SampleConfig, load_config_file
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.lora_export import LORA_WEIGHTS_NAME
-from lowvram_ddpo.models import DTYPES, load_pipeline
+from lowvram_ddpo.models import DTYPES, load_pipeline, show_loading_bars
 from lowvram_ddpo.policy import build_policy, sampler_for
 from lowvram_ddpo.preflight import native_resolution_of
 from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards
@@ -23,6 +23,7 @@ from lowvram_ddpo.rollout import render
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative
 
 DEFAULT_MODEL = ModelConfig().name
+BASE_PANEL = "base model"
 LCM_DEFAULT_STEPS = 4
 """Steps for a latent consistency model sampled without a run's settings."""
 
@@ -41,6 +42,8 @@ class SampleRequest:
     resolution: int | None = None
     """None: the run's, else the model's own size."""
     reward: str = ""
+    progress: bool = True
+    """Progress bars, the model loading's included."""
 
 
 @dataclass
@@ -80,6 +83,19 @@ def _lora_location(lora: str) -> tuple[Path, str]:
     )
 
 
+def _describe(lora: str) -> str:
+    """A LoRA's name for a panel title: ``myrun (epoch 30)``, ``myrun (epoch-0010)`` for a
+    checkpoint folder, or the file's name."""
+    path = Path(lora).expanduser().resolve()
+    if path.is_file():
+        return path.name
+    if (path / LATEST_FILE).is_file():
+        return f"{path.name} (epoch {epochs_done(path)})"
+    if path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name} ({path.name})"
+    return path.name
+
+
 def _run_config_for(lora: str):  # noqa: ANN202
     """The training config of the run a LoRA came from, when it can be found."""
     if not lora:
@@ -108,6 +124,7 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = DTYPES["fp16"] if on_gpu else DTYPES["no"]
     lcm_lora = run.model.lcm_lora if run and not request.model else ""
+    show_loading_bars(request.progress)
     pipe = load_pipeline(model, dtype, lcm_lora=lcm_lora).to(device)
     # like diffusers: without a run or a flag, the size the model was trained at
     resolution = resolution or native_resolution_of(pipe)
@@ -129,19 +146,19 @@ def render_comparison(request: SampleRequest) -> SampleResult:
                 negative,
                 guidance,
                 resolution,
-                progress=True,
+                progress=request.progress,
                 cache=cache,
             )
 
-    panels = {"base": images()}
+    panels = {BASE_PANEL: images()}
     if location is not None:
         folder, weight_name = location
         if weight_name:
             pipe.load_lora_weights(str(folder), weight_name=weight_name)
-            panels[f"LoRA {Path(request.lora).name}"] = images()
+            panels[f"with LoRA {_describe(request.lora)}"] = images()
         else:
             pipe.unet = UNet2DConditionModel.from_pretrained(folder, dtype=dtype).to(device)
-            panels[f"fine-tuned {Path(request.lora).name}"] = images()
+            panels[f"fine-tuned {_describe(request.lora)}"] = images()
     scores = {}
     if request.reward:
         reward = build_reward(request.reward, run.reward if run else None, dtype)

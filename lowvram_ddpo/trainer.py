@@ -50,6 +50,7 @@ from lowvram_ddpo.models import (
     has_lora,
     load_pipeline,
     make_trainable,
+    show_loading_bars,
     use_attention,
     use_vae_tiling,
 )
@@ -143,6 +144,7 @@ class Trainer:
     def load_models(self, dtype: torch.dtype) -> None:
         """The pipeline and the reward, each module placed where ``memory.offload`` wants it."""
         cfg, m = self.config, self.config.memory
+        show_loading_bars(cfg.run.progress and self.is_main)
         self.pipe = self.pipeline or load_pipeline(
             cfg.model.name,
             dtype,
@@ -619,16 +621,17 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def save_grid(self, epochs_trained: int, before_after: bool = False) -> Path:
-        """Render the fixed prompts x seeds (``grids/epoch-NNNN.png``); with ``before_after``
-        also the base model beside it (``grids/before_after.png``)."""
+        """Render the fixed prompts x seeds, each image scored (``grids/epoch-NNNN.png``);
+        with ``before_after`` the base model beside it (``grids/before_after.png``)."""
         cfg = self.config
         self.phase = "rendering the grid"
         unet = self.accelerator.unwrap_model(self.unet)
         unet.eval()
+        panels, scores = {}, {}
 
-        def images() -> torch.Tensor:
+        def add_panel(title: str) -> None:
             with self.accelerator.autocast():
-                return render(
+                images = render(
                     self.pipe,
                     unet,
                     self.policy,
@@ -640,22 +643,23 @@ class Trainer:
                     offloader=self.offloader,
                     cache=self.prompt_cache,
                 )
+            prompts = [p for p in cfg.run.grid_prompts for _ in cfg.run.grid_seeds]
+            panels[title] = images
+            scores[title] = self.score(images.flatten(0, 1), prompts).view(images.shape[:2])
 
-        panels = {}
         if before_after and has_lora(unet):  # full fine-tuning: epoch-0000.png is the "before"
             unet.disable_adapters()
-            panels["base"] = images()
+            add_panel("base model")
             unet.enable_adapters()
-        name = f"epoch-{epochs_trained:04d}"
-        panels[f"after {epochs_trained} epochs" if before_after else name] = images()
+        add_panel(grid_title(epochs_trained, with_lora=before_after and has_lora(unet)))
+        self.reward_extras()  # the grid's scores are not the next epoch's samples'
         folder = self.run_dir / "grids"
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / ("before_after.png" if before_after else f"{name}.png")
-        make_grid(panels, cfg.run.grid_prompts, cfg.run.grid_seeds).save(path)
-        self.dashboard.log_image(
-            "grids/before_after" if before_after else "grids/progress", path, epochs_trained
-        )
-        return path
+        name = "before_after.png" if before_after else f"epoch-{epochs_trained:04d}.png"
+        make_grid(panels, cfg.run.grid_prompts, cfg.run.grid_seeds, scores).save(folder / name)
+        tag = "grids/before_after" if before_after else "grids/progress"
+        self.dashboard.log_image(tag, folder / name, epochs_trained)
+        return folder / name
 
     def write_rollout_log(
         self,
@@ -676,6 +680,14 @@ class Trainer:
             "signal": signal.tolist(),
         }
         (folder / f"epoch-{epoch:04d}-{part}.json").write_text(json.dumps(record))
+
+
+def grid_title(epochs_trained: int, with_lora: bool) -> str:
+    """A grid panel's title: what model drew it."""
+    if epochs_trained == 0:
+        return "base model (before training)"
+    epochs = f"{epochs_trained} epoch{'s' * (epochs_trained != 1)}"
+    return f"with the LoRA, after {epochs}" if with_lora else f"after {epochs}"
 
 
 def _done(value: torch.Tensor) -> Future:

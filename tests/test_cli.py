@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -34,9 +36,38 @@ def test_presets_lists_every_preset_with_its_description():
         assert name in result.output and description in result.output
 
 
-def test_rewards_lists_the_jpeg_rewards():
+def test_rewards_lists_every_reward_in_aligned_columns():
+    from lowvram_ddpo.config import REWARD_NAMES
+    from lowvram_ddpo.rewards import available_rewards
+
     result = _run("rewards")
-    assert "jpeg_compressibility" in result.output and "jpeg_incompressibility" in result.output
+    lines = result.output.splitlines()
+    assert [line.split()[0] for line in lines] == list(available_rewards())
+    assert tuple(available_rewards()) == REWARD_NAMES  # what the help texts list
+    width = max(map(len, REWARD_NAMES))
+    assert all(line[width : width + 2] == "  " and line[width + 2] != " " for line in lines)
+
+
+def test_help_and_version():
+    from lowvram_ddpo import __version__
+
+    assert _run("--version").output.strip() == f"lowvram-ddpo {__version__}"
+    main = _run("-h")
+    assert main.exit_code == 0 and "RLCM" in main.output and "export" in main.output
+    assert "RLCM" in _run("train", "-h").output
+    sample = _run("sample", "--help").output
+    assert "Denoising steps [default: the run's, else 50]" in sample  # no markup gap
+    assert "prompt_alignment" in sample and "[default: 0 1 2 3]" in sample
+    assert _run("bench", "-h").exit_code == 0
+
+
+def test_importing_the_models_prints_no_torchvision_notice():
+    """transformers' notice that CLIP's image processor falls back to PIL without
+    torchvision used to be printed by every command."""
+    code = "import lowvram_ddpo.cli; from diffusers import StableDiffusionPipeline"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "torchvision" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize(
@@ -116,6 +147,7 @@ def test_train_from_a_saved_folder_then_sample_before_and_after(tiny_preset, tmp
         "--no-progress",
     )
     assert result.exit_code == 0, result.output
+    assert "Loading pipeline components" not in result.output  # --no-progress: no bars
     config = load_config_file(run_dir / "config.toml")
     assert (config.sample.num_steps, config.train.learning_rate, config.run.seed) == (3, 1e-2, 7)
     assert (run_dir / "pytorch_lora_weights.safetensors").is_file()
@@ -146,7 +178,8 @@ def test_train_from_a_saved_folder_then_sample_before_and_after(tiny_preset, tmp
     assert result.exit_code == 0, result.output
     image = Image.open(grid)
     assert image.width > 2 * 2 * 32  # two panels of two seeds
-    assert "[base] a cat:" in result.output and "[LoRA run] a dog:" in result.output
+    assert "[base model] a cat:" in result.output
+    assert "[with LoRA run (epoch 1)] a dog:" in result.output
     assert result.output.count("mean reward") == 2
 
 

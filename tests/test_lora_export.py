@@ -158,9 +158,9 @@ def test_diffusers_and_sample_render_what_the_trainer_renders(
     assert (_render_plain(kohya, s) - ours).abs().max().item() < IMAGE_TOLERANCE
 
     sampled = render_comparison(SampleRequest(prompts=PROMPTS, seeds=SEEDS, lora=str(run_dir)))
-    lora_panel = next(v for k, v in sampled.panels.items() if k.startswith("LoRA"))
+    lora_panel = next(v for k, v in sampled.panels.items() if k.startswith("with LoRA"))
     assert (lora_panel - ours).abs().max().item() < IMAGE_TOLERANCE
-    assert (sampled.panels["base"] - base).abs().max().item() < IMAGE_TOLERANCE
+    assert (sampled.panels["base model"] - base).abs().max().item() < IMAGE_TOLERANCE
 
 
 def _render_plain(pipe: StableDiffusionPipeline, s) -> torch.Tensor:  # noqa: ANN001

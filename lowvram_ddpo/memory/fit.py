@@ -57,13 +57,13 @@ def _halvings(value: int, total: int) -> list[int]:
     return options or [1]
 
 
-def micro_batches(config: Config) -> list[int]:
+def micro_batches(config: Config, largest: int | None = None) -> list[int]:
     """Training micro-batches to try, largest first: the set one, and powers of two up to
-    the sampling batch (a bigger one is almost free on a launch-bound GPU) that divide an
-    optimiser step's samples."""
+    ``largest`` (default: the sampling batch; a bigger micro-batch is almost free on a
+    launch-bound GPU) that divide an optimiser step's samples."""
     s, t = config.sample, config.train
     per_step = t.batch_size * t.gradient_accumulation_steps
-    largest = max(t.batch_size, s.batch_size)
+    largest = largest or max(t.batch_size, s.batch_size)
     powers = [2**i for i in range(largest.bit_length()) if 2**i <= largest]
     return sorted({t.batch_size, *(b for b in powers if per_step % b == 0)}, reverse=True)
 
@@ -128,7 +128,6 @@ def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:
         quantizations.append("nf4")
     # text encoders on the CPU cost time only while new prompts arrive: before nf4
     on_cpu = [True] if config.memory.text_encoders_on_cpu else [False, True]
-    smallest = None
     for quantize, text_on_cpu in itertools.product(quantizations, on_cpu):
         trains = TrainingBudget(arch, run, budget)
         every = list(candidates(config, quantize, text_on_cpu))
@@ -139,13 +138,11 @@ def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:
             if report.peak_bytes <= budget:
                 changes = describe_changes(config, trial)
                 return Fit(trial, report, changes, timing.seconds(trial), timing.gpu)
-            smallest = report if smallest is None else min(smallest, report, key=_peak)
-        least = estimate_memory(every[-1], arch, run)  # the smallest setting of this level
-        smallest = least if smallest is None else min(smallest, least, key=_peak)
-    assert smallest is not None
+    # the last level's last candidate is the smallest setting of all (every lever on)
+    smallest = estimate_memory(every[-1], arch, run).peak_bytes
     raise UserError(
         f"nothing fits in {format_size(vram_bytes)}: the smallest setting needs "
-        f"{format_size(smallest.peak_bytes + CUDA_CONTEXT_BYTES)} with the CUDA context. "
+        f"{format_size(smallest + CUDA_CONTEXT_BYTES)} with the CUDA context. "
         "Lower sample.resolution, or use a bigger card"
     )
 
@@ -165,8 +162,7 @@ class TrainingBudget:
     def fits(self, trial: Config) -> bool:
         t, ckpt = trial.train, trial.memory.gradient_checkpointing
         per_step = t.batch_size * t.gradient_accumulation_steps
-        powers = {m for m in range(1, t.batch_size + 1) if m & (m - 1) == 0 and per_step % m == 0}
-        for micro in sorted(powers | {t.batch_size}):
+        for micro in reversed(micro_batches(trial, largest=t.batch_size)):
             if (micro, ckpt) not in self.known:
                 probe = copy.deepcopy(trial)
                 probe.train.batch_size = micro
@@ -188,10 +184,6 @@ class EpochTiming:
 
     def seconds(self, config: Config) -> float:
         return predict_epoch(config, self.flops, self.gpu, self.unet_modules).total
-
-
-def _peak(report: MemoryReport) -> int:
-    return report.peak_bytes
 
 
 HINT_CARD_SIZES_GB = (4, 6, 8, 12, 16, 24)

@@ -48,3 +48,14 @@ def load_prompts(source: str, explicit: list[str] | None = None) -> list[str]:
         f"unknown prompt source '{source}': use one of {', '.join(BUILTIN_SETS)}, pocket_world "
         "or the path of a text file with one prompt per line"
     )
+
+
+GRID_ROWS = 3
+
+
+def spread(prompts: list[str], count: int = GRID_ROWS) -> list[str]:
+    """``count`` prompts spread evenly over the list (first, middle, ...), no repeats: the
+    grid rows of a run on the user's own prompts."""
+    unique = list(dict.fromkeys(prompts))
+    rows = min(count, len(unique))
+    return [unique[i * len(unique) // rows] for i in range(rows)]

@@ -3,11 +3,18 @@ the benchmarks' figures."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 Series = dict[str, list[tuple[float, float]]]
+
+
+def nice_step(span: float, ticks: int = 5) -> float:
+    """The smallest of 1, 2, 5 x 10^k that divides ``span`` into at most ``ticks`` parts."""
+    magnitude = 10 ** math.floor(math.log10(span / ticks))
+    return next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude * ticks >= span)
 
 
 def line_chart(
@@ -42,8 +49,12 @@ def line_chart(
     for i in range(5):
         y = y0 + (y1 - y0) * i / 4
         draw.text((5, to_px(0, y)[1] - 6), f"{y:.3g}", fill="black", font=font)
-        x = x1 * i / 4
-        draw.text((to_px(x, y0)[0] - 10, height - margin + 5), f"{x:.0f}", fill="black", font=font)
+    step = nice_step(x1)
+    if all(float(x).is_integer() for x in xs):  # epochs: no half epochs on the axis
+        step = max(step, 1)
+    for k in range(int(x1 / step) + 1):  # labels at round values, where they belong
+        x = k * step
+        draw.text((to_px(x, y0)[0] - 10, height - margin + 5), f"{x:g}", fill="black", font=font)
     draw.text((width // 2 - 60, height - 25), xlabel, fill="black", font=font)
     draw.text((margin, 20), title, fill="black", font=font)
     for name, level in levels.items():

@@ -21,6 +21,7 @@ and the trainer's own time, as measured.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -77,9 +78,10 @@ def matmul_tflops(size: int = 4096, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
+@functools.cache
 def this_gpu() -> Gpu:
-    """The CUDA card: its listed rate, or its matmul rate measured now for a card not in
-    the table; without CUDA an H100 (the calibrated card), named as assumed."""
+    """The CUDA card: its listed rate, or its matmul rate measured once per process for a
+    card not in the table; without CUDA an H100 (the calibrated card), named as assumed."""
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         rate = dense_fp16_tflops(name)
