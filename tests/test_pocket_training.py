@@ -15,18 +15,24 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+HALF_EPOCH = ["sample.batches_per_epoch=2", "train.gradient_accumulation_steps=2"]
+"""32 samples per epoch instead of 64, still one optimiser step: half the time."""
+
+
 @pytest.mark.parametrize(
-    ("preset", "algorithm", "epochs"),
+    ("preset", "algorithm", "epochs", "extra"),
     [
         # DDPO on pocket-compressibility left out to keep CI under 15 minutes: the
-        # compressibility reward's learning is covered by the RLCM run below
-        ("pocket-incompressibility", "ddpo-is", 10),
-        ("pocket-incompressibility", "sparse-rwr", 10),
-        ("pocket-rlcm-incompressibility", "ddpo-is", 8),  # RLCM: the 4-step LCM policy
-        ("pocket-rlcm-compressibility", "ddpo-is", 8),
+        # compressibility reward's learning is covered by the RLCM run below. DDPO-IS
+        # rises with half the samples (measured: 1.177 -> 1.220 over the last 3 epochs);
+        # sparse RWR, which trains on its top samples only, needs the preset's 64.
+        ("pocket-incompressibility", "ddpo-is", 10, HALF_EPOCH),
+        ("pocket-incompressibility", "sparse-rwr", 10, []),
+        ("pocket-rlcm-incompressibility", "ddpo-is", 8, []),  # RLCM: the 4-step LCM policy
+        ("pocket-rlcm-compressibility", "ddpo-is", 8, []),
     ],
 )
-def test_reward_rises_on_the_pocket_model(preset, algorithm, epochs, tmp_path):
+def test_reward_rises_on_the_pocket_model(preset, algorithm, epochs, extra, tmp_path):
     config = load_preset(preset)
     # a short run at twice the preset's learning rate: measured to rise within this budget
     apply_overrides(
@@ -37,6 +43,7 @@ def test_reward_rises_on_the_pocket_model(preset, algorithm, epochs, tmp_path):
             "train.learning_rate=2e-2",
             "run.grid_every=0",
             "run.progress=false",
+            *extra,
         ],
     )
     validate(config)
