@@ -23,7 +23,15 @@ else:  # pragma: no cover
 from lowvram_ddpo.errors import UserError
 
 ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr", "sparse-rwr")
-REWARD_NAMES = ("aesthetic", "jpeg_compressibility", "jpeg_incompressibility", "prompt_alignment")
+REWARD_NAMES = (
+    "aesthetic",
+    "clipscore",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "mix",
+    "pickscore",
+    "prompt_alignment",
+)
 """The registered rewards (``rewards``; a test keeps the two equal), for help texts that
 must not import the reward models."""
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -117,6 +125,10 @@ class TrainConfig:
     """Micro-batches per optimiser step (each micro-batch covers all its trained timesteps)."""
     inner_epochs: int = 1
     clip_range: float = 1e-4
+    kl_coef: float = 0.0
+    """A guard against reward hacking (DDPO-IS/SF with LoRA): add kl_coef x the KL of each
+    trained denoising step to the base model's (the UNet with its adapters off), averaged
+    over latent dims as the log-prob is. 0: off."""
     adv_clip_max: float = 5.0
     max_grad_norm: float = 1.0
     max_skipped_steps: int = 5
@@ -143,7 +155,12 @@ class RewardConfig:
     (on for CPU rewards such as JPEG when sampling runs on a GPU; off for reward models,
     which would share the GPU with sampling, and for CPU-only runs)."""
     clip_model: str = "openai/clip-vit-large-patch14"
-    """aesthetic: the CLIP model whose vision tower embeds the images (hub id or folder)."""
+    """aesthetic, clipscore: the CLIP model that embeds the images (hub id or folder)."""
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"
+    """pickscore: the PickScore CLIP model (hub id or folder)."""
+    pickscore_tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    """pickscore: where its tokenizer comes from (PickScore_v1 ships none: the CLIP it was
+    tuned from); empty: the model's own folder."""
     head_weights: str = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
     """aesthetic: LAION's linear head (.pth state dict or .safetensors): a local file or
     a hub file as "org/repo/path/in/repo"."""
@@ -164,6 +181,9 @@ class RewardConfig:
     """BERTScore's reference sentence; {prompt} is replaced by the image's prompt."""
     bertscore_model: str = "roberta-large"
     bertscore_layer: int = 17
+    mix: dict[str, float] = field(default_factory=dict)
+    """name = "mix": the weighted sum of these rewards, e.g. {aesthetic = 1.0,
+    pickscore = 0.5}; each component is logged (reward_<name>_mean)."""
 
 
 @dataclass
@@ -303,6 +323,11 @@ def _field_type(owner: Any, name: str) -> Any:
 
 def _coerce(value: Any, expected: Any, key: str) -> Any:
     origin = typing.get_origin(expected)
+    if origin is dict:
+        _, item_type = typing.get_args(expected)
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a table like {{aesthetic = 1.0}}, got {value!r}")
+        return {str(k): _coerce(v, item_type, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_type,) = typing.get_args(expected)
         if isinstance(value, str):
@@ -439,6 +464,17 @@ def validate(config: Config) -> None:
             f"speed.compile must be one of {', '.join(COMPILE_MODES)}",
         ),
         (0 < t.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]"),
+        (t.kl_coef >= 0 and math.isfinite(t.kl_coef), "train.kl_coef must be >= 0"),
+        (
+            t.kl_coef == 0 or t.algorithm in ("ddpo-is", "ddpo-sf"),
+            "train.kl_coef needs a policy-gradient algorithm (ddpo-is or ddpo-sf): RWR has "
+            "no per-step policy to compare",
+        ),
+        (
+            t.kl_coef == 0 or config.model.lora_rank > 0,
+            "train.kl_coef needs LoRA (model.lora_rank > 0): the base model is the UNet with "
+            "its adapters off; full fine-tuning keeps no copy of it",
+        ),
         (t.max_skipped_steps >= 1, "train.max_skipped_steps must be at least 1"),
         (
             t.batch_size >= 1 and t.gradient_accumulation_steps >= 1 and t.inner_epochs >= 1,
@@ -450,6 +486,15 @@ def validate(config: Config) -> None:
         ),
         (0 <= t.sparse_rwr_percentile < 100, "train.sparse_rwr_percentile must be in [0, 100)"),
         (config.reward.batch_size >= 1, "reward.batch_size must be at least 1"),
+        (
+            config.reward.name != "mix" or bool(config.reward.mix),
+            "reward.name = mix needs reward.mix, e.g. {aesthetic = 1.0, pickscore = 0.5}",
+        ),
+        (
+            all(name in REWARD_NAMES and name != "mix" for name in config.reward.mix),
+            f"reward.mix names unknown rewards {sorted(config.reward.mix)}: use "
+            f"{', '.join(n for n in REWARD_NAMES if n != 'mix')}",
+        ),
         (
             config.reward.overlap in ("auto", "on", "off"),
             "reward.overlap must be auto, on or off",
@@ -566,4 +611,6 @@ def _toml_value(value: Any) -> str:
         return f'"{escaped}"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table; keys are reward names (bare keys)
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")  # pragma: no cover

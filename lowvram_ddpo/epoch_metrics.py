@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+FROM_THE_START = ("kl_to_base",)
+"""Metrics that mean something before the epoch's first optimiser step (the distance to
+the base model: zero at the start of training, not by construction within an epoch)."""
+
 
 @dataclass
 class TrainingTotals:
@@ -32,8 +36,8 @@ class TrainingTotals:
     def add_micro_step(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
         self.micro_steps += 1
         self.add("loss", loss)
-        if self.policy_moved:
-            for name, value in metrics.items():
+        for name, value in metrics.items():
+            if self.policy_moved or name in FROM_THE_START:
                 self.add(name, value)
 
     def add_optimizer_step(self, grad_norm: float) -> None:
@@ -45,6 +49,7 @@ class TrainingTotals:
 
     def means(self) -> dict[str, float | int | None]:
         names = ("loss", "approx_kl", "clipfrac", "grad_norm")
+        names += tuple(name for name in FROM_THE_START if name in self.counts)  # when logged
         result: dict[str, float | int | None] = {
             name: float(self.sums[name]) / self.counts[name] if self.counts.get(name) else None
             for name in names

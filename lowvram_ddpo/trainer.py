@@ -560,6 +560,7 @@ class Trainer:
                 self.negative,
                 cfg.sample.guidance_scale,
                 cfg.train.clip_range,
+                cfg.train.kl_coef,
             )
         return reward_weighted_loss(
             self.unet, self.policy.scheduler, samples, batch, signal, generator
@@ -607,6 +608,8 @@ class Trainer:
             f"{metrics['seconds_sampling']:.1f}/{metrics['seconds_reward']:.1f}/"
             f"{metrics['seconds_training']:.1f}s"
         )
+        if metrics.get("kl_to_base") is not None:
+            line += f"  kl to base {metrics['kl_to_base']:.2e}"
         if self.meter.cuda:
             line += f"  peak {metrics['peak_reserved_bytes'] / 2**30:.2f} GB"
         if metrics["skipped_steps"]:

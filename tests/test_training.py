@@ -207,7 +207,8 @@ def test_full_fine_tuning_trains_every_weight_resumes_and_samples(
     assert grid.is_file()
 
 
-_SCORED_IN: list[str] = []
+_SCORED_IN: list[tuple[str, int]] = []
+"""(thread, images) of every scoring call."""
 
 
 def _register_probe_rewards() -> None:
@@ -219,7 +220,7 @@ def _register_probe_rewards() -> None:
     @register_reward("test_thread_probe", "JPEG size, recording the thread that scored it")
     class Probe(JpegIncompressibility):
         def __call__(self, images, prompts):  # noqa: ANN001, ANN204
-            _SCORED_IN.append(threading.current_thread().name)
+            _SCORED_IN.append((threading.current_thread().name, len(prompts)))
             return super().__call__(images, prompts)
 
     @register_reward("test_nan_reward", "always NaN")
@@ -238,8 +239,10 @@ def test_rewards_scored_beside_sampling_give_the_same_run(tiny_preset, tmp_path)
         )
         histories[overlap] = train(config, tmp_path / overlap)
         weights[overlap] = load_file(tmp_path / overlap / "pytorch_lora_weights.safetensors")
-        scored_in = set(_SCORED_IN)
-        assert scored_in == ({"reward_0"} if overlap == "on" else {"MainThread"}), scored_in
+        batch = config.sample.batch_size  # the grids (2 images) are scored on the main thread
+        samples_in = {thread for thread, images in _SCORED_IN if images == batch}
+        assert samples_in == ({"reward_0"} if overlap == "on" else {"MainThread"}), _SCORED_IN
+        assert {thread for thread, images in _SCORED_IN if images != batch} == {"MainThread"}
     for key in ("reward_mean", "reward_std", "loss"):
         assert [m[key] for m in histories["on"]] == [m[key] for m in histories["off"]]
     assert all(torch.equal(weights["on"][k], weights["off"][k]) for k in weights["on"])

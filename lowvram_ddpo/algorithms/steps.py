@@ -21,7 +21,7 @@ from lowvram_ddpo.algorithms.losses import (
     weighted_denoising_loss,
 )
 from lowvram_ddpo.device_transfer import to_device
-from lowvram_ddpo.policy import Conditioning, PolicyStep
+from lowvram_ddpo.policy import Conditioning, GaussianStep, PolicyStep
 from lowvram_ddpo.rollout import Trajectories
 from lowvram_ddpo.text_encoding import TextEmbeds
 
@@ -58,18 +58,45 @@ def policy_gradient_loss(
     negative: TextEmbeds | None,
     guidance_scale: float,
     clip_range: float,
+    kl_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
+    """DDPO's loss; with ``kl_coef`` > 0 plus ``kl_coef`` x the KL of this step to the base
+    model's (logged as ``kl_to_base``)."""
     device = next(p for p in unet.parameters() if p.requires_grad).device
     x_t = trajectories.latents[batch.samples, batch.steps].to(device)
     x_next = trajectories.latents[batch.samples, batch.steps + 1].to(device)
     old_log_prob = trajectories.log_probs[batch.samples, batch.steps].to(device)
     timesteps = trajectories.timesteps[batch.steps]
     cond = _conditioning(trajectories, batch, negative, guidance_scale, device)
-    log_prob = policy(unet, x_t, timesteps, cond).log_prob(x_next)
+    # the base model's step first: its activations are freed before the trained forward
+    # saves its own, so the penalty adds no memory to the training peak
+    reference = base_model_step(unet, policy, x_t, timesteps, cond) if kl_coef > 0 else None
+    step = policy(unet, x_t, timesteps, cond)
+    log_prob = step.log_prob(x_next)
     adv = advantages[batch.samples].to(device)
     if algorithm == "ddpo-is":
-        return ppo_clip_loss(log_prob, old_log_prob, adv, clip_range)
-    return score_function_loss(log_prob, old_log_prob, adv)
+        loss, metrics = ppo_clip_loss(log_prob, old_log_prob, adv, clip_range)
+    else:
+        loss, metrics = score_function_loss(log_prob, old_log_prob, adv)
+    if reference is not None:
+        kl = step.kl_to(reference)
+        loss = loss + kl_coef * kl.mean()
+        metrics["kl_to_base"] = kl.detach().mean()
+    return loss, metrics
+
+
+def base_model_step(
+    unet: torch.nn.Module, policy: PolicyStep, x_t: Tensor, timesteps: Tensor, cond: Conditioning
+) -> GaussianStep:
+    """The step the base model takes: the same UNet with its LoRA adapters switched off
+    (no second copy in memory), without gradients."""
+    model = getattr(unet, "module", unet)  # under DistributedDataParallel
+    with torch.no_grad():
+        model.disable_adapters()
+        try:
+            return policy(unet, x_t, timesteps, cond)
+        finally:
+            model.enable_adapters()
 
 
 def denoising_target(scheduler: DDIMScheduler, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:

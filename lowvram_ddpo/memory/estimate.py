@@ -208,7 +208,7 @@ class MetaRun:
         """One micro-step's forward and backward with gradients already accumulated."""
         t, guidance = config.train, config.sample.guidance_scale
         checkpointing = config.memory.gradient_checkpointing
-        key = ("training", t.batch_size, checkpointing, t.algorithm, guidance)
+        key = ("training", t.batch_size, checkpointing, t.algorithm, guidance, t.kl_coef > 0)
         if key in self._peaks:
             return self._peaks[key]
         params = trainable_parameters(self.parts.unet)
@@ -248,6 +248,7 @@ class MetaRun:
                     samples.text(slice(0, 1)) if guidance != 1.0 else None,
                     guidance,
                     t.clip_range,
+                    t.kl_coef,
                 )
             else:
                 generator = torch.Generator().manual_seed(0)

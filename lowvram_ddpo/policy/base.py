@@ -80,6 +80,17 @@ class GaussianStep:
         """[B] log-prob of ``x_prev`` (mean over latent dims)."""
         return gaussian_log_prob(x_prev, self.mean, self.std.expand_as(self.mean))
 
+    def kl_to(self, other: GaussianStep) -> Tensor:
+        """[B] KL(self || other), averaged over latent dims as the log-prob is. For the
+        equal stds of one timestep it is ``||mean - other.mean||^2 / (2 std^2)``."""
+        mean, other_mean = self.mean.float(), other.mean.float()
+        var = self.std.float().expand_as(mean) ** 2
+        other_var = other.std.float().expand_as(mean) ** 2
+        per_dim = 0.5 * (
+            torch.log(other_var / var) + (var + (mean - other_mean) ** 2) / other_var - 1
+        )
+        return per_dim.mean(dim=tuple(range(1, mean.ndim)))
+
 
 @dataclass
 class Conditioning:

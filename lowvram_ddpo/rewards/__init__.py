@@ -1,6 +1,12 @@
 """Rewards: one file each, registered by name. Importing this package registers them all."""
 
-from lowvram_ddpo.rewards import aesthetic, alignment, jpeg  # noqa: F401  (registers them)
+from lowvram_ddpo.rewards import (  # noqa: F401  (registers them)
+    aesthetic,
+    alignment,
+    clip_score,
+    jpeg,
+    mix,
+)
 from lowvram_ddpo.rewards.base import (
     ModelReward,
     Reward,

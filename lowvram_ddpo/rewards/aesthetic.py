@@ -22,9 +22,8 @@ from lowvram_ddpo.architectures import building_on
 from lowvram_ddpo.config import RewardConfig
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.rewards.base import ModelReward, register_reward
+from lowvram_ddpo.rewards.clip_image import clip_preprocess
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 VIT_L_14 = dict(  # openai/clip-vit-large-patch14's vision tower (its config.json)
     hidden_size=1024,
@@ -118,20 +117,9 @@ class AestheticScorer(nn.Module):
         self.head.weight.data.copy_(weight)
         self.head.bias.data.copy_(bias)
         self.head.requires_grad_(False)
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """CLIP's preprocessing on tensors: shorter side to the model's size (bicubic,
-        antialiased), centre crop, normalise."""
-        size = self.vision.config.image_size
-        height, width = images.shape[-2:]
-        scale = size / min(height, width)
-        new = (max(size, round(height * scale)), max(size, round(width * scale)))
-        x = F.interpolate(images.float(), size=new, mode="bicubic", antialias=True)
-        top, left = (new[0] - size) // 2, (new[1] - size) // 2
-        x = x[..., top : top + size, left : left + size]
-        return (x - self.mean.float()) / self.std.float()
+        return clip_preprocess(images, self.vision.config.image_size)
 
     def forward(self, images: Tensor) -> Tensor:
         pixels = self.preprocess(images).to(self.vision.dtype)
