@@ -12,6 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).parent))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2` on 2 cores: one thread per worker,
+    os.environ["OMP_NUM_THREADS"] = "1"  # its subprocesses too (same sums, same numbers)
+    import torch
+
+    torch.set_num_threads(1)
 
 from tiny import build_tiny_pipeline, train_tiny_denoiser  # noqa: E402
 
