@@ -67,6 +67,8 @@ def run_on_random_weights(cfg: Config, arch: str) -> tuple[list[dict], PhaseMete
         pipe.unet = quantized_copy(pipe.unet, dtype, cfg.memory.quantize)
     # reward models too: random weights from their configs, nothing downloaded
     reward = reward_with_random_weights(cfg.reward, dtype, device)
+    cfg = copy.deepcopy(cfg)
+    cfg.run.log_with = "none"  # a benchmark's throwaway run: no TensorBoard events
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(cfg, Path(folder), pipeline=pipe, reward=reward)
         history = trainer.fit()
