@@ -61,12 +61,14 @@ def line_chart(
         (left, y), (right, _) = to_px(0, level), to_px(x1, level)
         for start in range(int(left), int(right), 12):
             draw.line([(start, y), (min(start + 6, right), y)], fill=colours[name], width=1)
-    for i, (name, points) in enumerate({**series, **levels}.items()):
-        if name in series:
-            draw.line([to_px(x, y) for x, y in points], fill=colours[name], width=2)
-            if len(points) == 1:  # a line needs two points: mark the one
-                x, y = to_px(*points[0])
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[name])
-        legend = (width - margin - 200, margin + 8 + 14 * i)
-        draw.text(legend, name, fill=colours[name], font=font)
+    for name, points in series.items():
+        draw.line([to_px(x, y) for x, y in points], fill=colours[name], width=2)
+        if len(points) == 1:  # a line needs two points: mark the one
+            x, y = to_px(*points[0])
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[name])
+    for i, name in enumerate([*series, *levels]):  # the legend, on white over the lines
+        x, y = width - margin - 200, margin + 8 + 14 * i
+        box = draw.textbbox((x, y), name, font=font)
+        draw.rectangle([box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1], fill="white")
+        draw.text((x, y), name, fill=colours[name], font=font)
     image.save(path, format=image_format)  # a format for names without a suffix
