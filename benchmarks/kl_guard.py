@@ -21,7 +21,7 @@ from lowvram_ddpo.config import apply_overrides, load_preset, validate
 from lowvram_ddpo.reporting.charts import line_chart
 from lowvram_ddpo.trainer import train
 
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
 def run(kl_coef: float, epochs: int, root: Path) -> dict:
