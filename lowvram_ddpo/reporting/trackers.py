@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import asdict
+import secrets
 from pathlib import Path
 from typing import Protocol
 
 from PIL import Image
 
-from lowvram_ddpo.config import LOG_WITH, Config
+from lowvram_ddpo.config import LOG_WITH, Config, to_dict
 from lowvram_ddpo.errors import UserError
 
 LOGS_DIR = "logs"
@@ -93,7 +93,7 @@ class WandbTracker:
         logs = run_dir / LOGS_DIR
         logs.mkdir(parents=True, exist_ok=True)
         id_file = logs / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self.wandb = wandb
         self.run = wandb.init(
@@ -102,7 +102,7 @@ class WandbTracker:
             id=run_id,
             resume="allow",
             dir=str(logs),
-            config=json.loads(json.dumps(asdict(config), default=str)),
+            config=json.loads(json.dumps(to_dict(config), default=str)),  # paths as text
         )
 
     def log_metrics(self, metrics: dict, epoch: int) -> None:
