@@ -40,6 +40,8 @@ QUANTIZE = ("none", "int8", "nf4")
 ATTENTION = ("sdpa", "xformers")
 LOG_WITH = ("auto", "tensorboard", "wandb", "none")
 """Metric trackers (``reporting.trackers``); auto: TensorBoard when installed, else none."""
+SAMPLERS = ("auto", "ddim", "lcm", "flow-sde")
+"""``sample.sampler``: each a policy in ``lowvram_ddpo.policy``."""
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
@@ -102,10 +104,15 @@ class SpeedConfig:
 @dataclass
 class SampleConfig:
     sampler: str = "auto"
-    """ddim (DDPO), lcm (RLCM: latent consistency models) or auto (lcm for an LCM)."""
+    """ddim (DDPO), lcm (RLCM: latent consistency models), flow-sde (Flow-GRPO's SDE for
+    flow-matching models: SD 3.x) or auto (chosen from the model's scheduler)."""
     resolution: int = 512
     num_steps: int = 50
     eta: float = 1.0
+    """DDIM's noise (1: DDPM's variance); ddim only."""
+    noise_level: float = 0.7
+    """Flow-GRPO's SDE noise level a (std a sqrt(sigma / (1 - sigma)) per unit time);
+    flow-sde only."""
     guidance_scale: float = 5.0
     batch_size: int = 8
     """Images denoised together, per process."""
@@ -428,8 +435,13 @@ def validate(config: Config) -> None:
             + ("" if resolution_ok else f"; {_resolution_hint(config.model.name)}"),
         ),
         (s.num_steps >= 1, f"sample.num_steps must be at least 1 (got {s.num_steps})"),
-        (s.sampler in ("auto", "ddim", "lcm"), "sample.sampler must be auto, ddim or lcm"),
+        (s.sampler in SAMPLERS, f"sample.sampler must be one of {', '.join(SAMPLERS)}"),
         (s.eta > 0, f"sample.eta must be > 0 for the policy to be stochastic (got {s.eta})"),
+        (
+            s.noise_level > 0,
+            f"sample.noise_level must be > 0 for the flow policy to be stochastic (got "
+            f"{s.noise_level}; Flow-GRPO uses 0.7)",
+        ),
         (
             s.batch_size >= 1 and s.batches_per_epoch >= 1,
             "sample.batch_size and sample.batches_per_epoch must be at least 1",

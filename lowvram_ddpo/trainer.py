@@ -124,7 +124,12 @@ class Trainer:
         self.prepare_training()
         s = cfg.sample
         self.policy = build_policy(
-            s.sampler, self.pipe.scheduler.config, self.pipe.unet.config, s.num_steps, s.eta
+            s.sampler,
+            self.pipe.scheduler.config,
+            self.pipe.unet.config,
+            s.num_steps,
+            s.eta,
+            s.noise_level,
         )
         self.tracker = PerPromptStatTracker(
             cfg.stats.buffer_size, cfg.stats.min_count, cfg.stats.per_prompt

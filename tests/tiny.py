@@ -9,6 +9,9 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -307,3 +310,38 @@ def save_random_lora(pipe, folder: Path) -> Path:  # noqa: ANN001
     )
     type(pipe).save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
     return folder / "pytorch_lora_weights.safetensors"
+
+
+TINY_SD3_TRANSFORMER = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=64,  # the CLIP encoders' widths, concatenated (T5's slot: none here)
+    caption_projection_dim=16,
+    pooled_projection_dim=64,
+    pos_embed_max_size=8,
+    dual_attention_layers=(0,),
+    qk_norm="rms_norm",
+)
+
+
+def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """A StableDiffusion3Pipeline with random weights (SD 3.5 Medium's architecture, two
+    CLIP text encoders, no T5, a shifted flow-matching schedule): 32 px images."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**TINY_SD3_TRANSFORMER),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=CLIPTextModelWithProjection(tiny_text_config(tokenizer, projection_dim=32)),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(tiny_text_config(tokenizer, projection_dim=32)),
+        tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )

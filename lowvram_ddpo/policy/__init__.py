@@ -1,30 +1,40 @@
 """Sampler steps as Gaussian policies: one file per sampler, chosen by ``build_policy``."""
 
+from lowvram_ddpo.config import SAMPLERS
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.policy.base import Conditioning, GaussianStep, PolicyStep, gaussian_log_prob
 from lowvram_ddpo.policy.ddim import DDIMPolicy, guided_model_output
+from lowvram_ddpo.policy.flow_sde import DEFAULT_NOISE_LEVEL, FlowSDEPolicy, is_flow_matching
 from lowvram_ddpo.policy.lcm import LCMPolicy
-
-SAMPLERS = ("auto", "ddim", "lcm")
 
 
 def sampler_for(requested: str, scheduler_config: dict, unet_config: dict) -> str:
-    """``auto``: the LCM policy for latent consistency models (an LCMScheduler or a UNet
-    with a guidance embedding), DDIM for everything else."""
+    """``auto``: Flow-GRPO's SDE for flow-matching models (SD 3.x), the LCM policy for
+    latent consistency models (an LCMScheduler or a UNet with a guidance embedding), DDIM
+    for everything else."""
     if requested != "auto":
         return requested
+    if is_flow_matching(scheduler_config):
+        return "flow-sde"
     is_lcm = scheduler_config.get("_class_name") == "LCMScheduler"
     return "lcm" if is_lcm or unet_config.get("time_cond_proj_dim") else "ddim"
 
 
 def build_policy(
-    sampler: str, scheduler_config: dict, unet_config: dict, num_steps: int, eta: float
+    sampler: str,
+    scheduler_config: dict,
+    unet_config: dict,
+    num_steps: int,
+    eta: float,
+    noise_level: float = DEFAULT_NOISE_LEVEL,
 ) -> PolicyStep:
     kind = sampler_for(sampler, scheduler_config, unet_config)
     if kind == "lcm":
         return LCMPolicy(scheduler_config, num_steps)
     if kind == "ddim":
         return DDIMPolicy(scheduler_config, num_steps, eta)
+    if kind == "flow-sde":
+        return FlowSDEPolicy(scheduler_config, num_steps, noise_level)
     raise UserError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}")
 
 
@@ -32,6 +42,7 @@ __all__ = [
     "SAMPLERS",
     "Conditioning",
     "DDIMPolicy",
+    "FlowSDEPolicy",
     "GaussianStep",
     "LCMPolicy",
     "PolicyStep",

@@ -102,7 +102,8 @@ class Conditioning:
     """[B, L, D] for classifier-free guidance; None for no guidance."""
     guidance_scale: float = 1.0
     pooled_embeds: Tensor | None = None
-    """SDXL: [B, P] pooled text embedding (``added_cond_kwargs["text_embeds"]``)."""
+    """SDXL: [B, P] pooled text embedding (``added_cond_kwargs["text_embeds"]``); SD3:
+    ``pooled_projections``."""
     negative_pooled: Tensor | None = None
     time_ids: Tensor | None = None
     """SDXL: [6] micro-conditioning (sizes and crop), shared by the batch."""
@@ -131,16 +132,21 @@ class Conditioning:
         """Whether a step runs classifier-free guidance (the UNet batch doubled)."""
         return self.negative_embeds is not None and self.guidance_scale != 1.0
 
-    def unet_kwargs(self, doubled: bool = False) -> dict[str, object]:
-        """The UNet's conditioning arguments; ``doubled``: negative rows first, then the
-        prompts, for one classifier-free-guided pass."""
+    def embeddings(self, doubled: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(token embeddings, pooled embedding or None); ``doubled``: negative rows first,
+        then the prompts, for one classifier-free-guided pass."""
         hidden, pooled = self.prompt_embeds, self.pooled_embeds
         if doubled:
             assert self.negative_embeds is not None, "guidance needs a negative embedding"
             hidden = torch.cat([self.negative_embeds, hidden])
             if pooled is not None:
-                assert self.negative_pooled is not None, "SDXL guidance needs a pooled negative"
+                assert self.negative_pooled is not None, "guidance needs a pooled negative"
                 pooled = torch.cat([self.negative_pooled, pooled])
+        return hidden, pooled
+
+    def unet_kwargs(self, doubled: bool = False) -> dict[str, object]:
+        """The UNet's conditioning arguments (``doubled`` as in ``embeddings``)."""
+        hidden, pooled = self.embeddings(doubled)
         kwargs: dict[str, object] = {"encoder_hidden_states": hidden}
         if pooled is not None:
             assert self.time_ids is not None, "SDXL conditioning needs its time_ids"

@@ -1,0 +1,147 @@
+"""Flow-GRPO's SDE as a Gaussian policy, on a tiny SD3 transformer (random weights)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from tiny import build_tiny_sd3_pipeline
+
+from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.policy import Conditioning, FlowSDEPolicy, build_policy, sampler_for
+from lowvram_ddpo.policy.flow_sde import flow_model_output, flow_schedule
+from lowvram_ddpo.rollout import rollout
+from lowvram_ddpo.text_encoding import TextEmbeds
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    pipe = build_tiny_sd3_pipeline()
+    prompt, _, pooled, _ = pipe.encode_prompt(
+        ["a red circle", "a blue square"], None, None, do_classifier_free_guidance=False,
+        max_sequence_length=8,
+    )  # fmt: skip
+    negative, _, negative_pooled, _ = pipe.encode_prompt(
+        [""], None, None, do_classifier_free_guidance=False, max_sequence_length=8
+    )
+    cond = Conditioning.of(
+        TextEmbeds(prompt, pooled), TextEmbeds(negative, negative_pooled), guidance_scale=3.0
+    )
+    return pipe, cond
+
+
+def _latents(seed: int = 0) -> torch.Tensor:
+    return torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def test_flow_models_get_the_flow_policy_by_default(sd3):
+    pipe, _ = sd3
+    config = pipe.scheduler.config
+    assert sampler_for("auto", config, pipe.transformer.config) == "flow-sde"
+    assert isinstance(build_policy("auto", config, {}, STEPS, 1.0, 0.5), FlowSDEPolicy)
+
+
+def test_the_schedule_is_diffusers_shifted_one(sd3):
+    pipe, _ = sd3
+    timesteps, sigmas = flow_schedule(pipe.scheduler.config, STEPS)
+    reference = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    reference.set_timesteps(STEPS)
+    assert torch.equal(timesteps, reference.timesteps)
+    assert sigmas[0] == 1.0 and sigmas[-1] == 0.0 and len(sigmas) == STEPS + 1
+    # shift 3: sigma = 3 s / (1 + 2 s) of the linear schedule, so the middle sits high
+    assert sigmas[STEPS // 2] > 0.6
+
+
+def test_at_a_vanishing_noise_level_each_step_is_diffusers_euler_step(sd3):
+    pipe, cond = sd3
+    policy = FlowSDEPolicy(pipe.scheduler.config, STEPS, noise_level=1e-7)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(STEPS)
+    x = _latents()
+    with torch.no_grad():
+        for t in policy.timesteps():
+            step = policy(pipe.transformer, x, t.expand(2), cond)
+            velocity = flow_model_output(pipe.transformer, x, t.expand(2), cond)
+            euler = scheduler.step(velocity, t, x).prev_sample
+            torch.testing.assert_close(step.mean, euler, rtol=0, atol=1e-5)
+            assert float(step.std.max()) < 1e-6
+            x = euler
+
+
+def test_step_moments_follow_flow_grpo_formulas(sd3):
+    pipe, cond = sd3
+    a = 0.7
+    policy = FlowSDEPolicy(pipe.scheduler.config, STEPS, noise_level=a)
+    _, sigmas = flow_schedule(pipe.scheduler.config, STEPS)
+    timesteps = policy.timesteps()
+    x = _latents(1)
+    with torch.no_grad():
+        for k in (0, 2, STEPS - 1):  # the first step (sigma = 1), a middle one, the last
+            sigma, nxt = float(sigmas[k]), float(sigmas[k + 1])
+            dt = nxt - sigma
+            inner = float(sigmas[1]) if sigma == 1.0 else sigma
+            s_t = a * math.sqrt(sigma / (1 - inner))
+            v = flow_model_output(pipe.transformer, x, timesteps[k].expand(2), cond)
+            mean = (
+                x * (1 + s_t**2 / (2 * sigma) * dt)
+                + v * (1 + s_t**2 * (1 - sigma) / (2 * sigma)) * dt
+            )
+            step = policy(pipe.transformer, x, timesteps[k].expand(2), cond)
+            torch.testing.assert_close(step.mean, mean, rtol=1e-5, atol=1e-5)
+            assert float(step.std[0]) == pytest.approx(s_t * math.sqrt(-dt), rel=1e-6)
+            torch.testing.assert_close(step.denoised, x - sigma * v, rtol=1e-5, atol=1e-5)
+
+
+def test_log_prob_is_torch_normal_averaged_over_dims(sd3):
+    pipe, cond = sd3
+    policy = FlowSDEPolicy(pipe.scheduler.config, STEPS)
+    x = _latents(2)
+    with torch.no_grad():
+        step = policy(pipe.transformer, x, policy.timesteps()[1].expand(2), cond)
+    x_next = step.sample(torch.Generator().manual_seed(3))
+    expected = torch.distributions.Normal(step.mean, step.std.expand_as(step.mean))
+    torch.testing.assert_close(
+        step.log_prob(x_next), expected.log_prob(x_next).mean(dim=(1, 2, 3)), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_guidance_doubles_the_batch_as_two_passes_would(sd3):
+    pipe, cond = sd3
+    x, t = _latents(4), torch.full((2,), 500.0)
+    hidden, pooled = cond.embeddings()
+    negative, negative_pooled = cond.negative_embeds, cond.negative_pooled
+
+    def velocity(h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return pipe.transformer(
+            hidden_states=x, timestep=t, encoder_hidden_states=h, pooled_projections=p
+        ).sample
+
+    with torch.no_grad():
+        guided = flow_model_output(pipe.transformer, x, t, cond)
+        uncond, text = velocity(negative, negative_pooled), velocity(hidden, pooled)
+    torch.testing.assert_close(guided, uncond + 3.0 * (text - uncond), rtol=1e-5, atol=1e-5)
+
+
+def test_replaying_a_rollout_gives_ratio_one(sd3):
+    """What DDPO's clip range needs: the training pass recomputes the sampled log-probs."""
+    pipe, cond = sd3
+    policy = FlowSDEPolicy(pipe.scheduler.config, STEPS)
+    latents, log_probs, timesteps, _ = rollout(
+        pipe.transformer, policy, cond, _latents(5), torch.Generator().manual_seed(6)
+    )
+    shuffled = torch.randperm(STEPS, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        for k in shuffled.tolist():  # steps in any order: looked up by timestep
+            step = policy(pipe.transformer, latents[:, k], timesteps[k].expand(2), cond)
+            replayed = step.log_prob(latents[:, k + 1])
+            assert float((replayed - log_probs[:, k]).abs().max()) < 1e-5
+
+
+def test_a_zero_noise_level_is_refused(sd3):
+    pipe, _ = sd3
+    with pytest.raises(UserError, match="noise_level must be > 0"):
+        FlowSDEPolicy(pipe.scheduler.config, STEPS, noise_level=0.0)
