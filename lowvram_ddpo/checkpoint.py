@@ -33,6 +33,7 @@ from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.lora_export import (
     KOHYA_WEIGHTS_NAME,
     LORA_WEIGHTS_NAME,
+    has_kohya_layout,
     save_kohya_lora,
     save_lora_for_diffusers,
     write_kohya_lora,
@@ -99,7 +100,9 @@ def save_checkpoint(
     os.replace(tmp, final)
     latest = {"checkpoint": f"checkpoints/{name}", "epochs_done": epochs_done}
     write_text_atomic(run_dir / LATEST_FILE, json.dumps(latest))
-    exports = [LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME] if has_lora(unet) else [FULL_UNET_DIR]
+    exports = [FULL_UNET_DIR]
+    if has_lora(unet):
+        exports = [LORA_WEIGHTS_NAME] + ([KOHYA_WEIGHTS_NAME] if has_kohya_layout(unet) else [])
     for export in exports:
         copy_atomic(final / export, run_dir / export)
     _prune(root, keep)
@@ -117,7 +120,8 @@ def _write_checkpoint_files(
     if has_lora(unet):
         save_file(adapter_state_dict(unet), tmp / ADAPTER_FILE)
         save_lora_for_diffusers(unet, tmp)
-        save_kohya_lora(unet, tmp, epochs_done)
+        if has_kohya_layout(unet):
+            save_kohya_lora(unet, tmp, epochs_done)
     else:
         unet.save_pretrained(tmp / FULL_UNET_DIR)
     torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states()}, tmp / OPTIMIZER_FILE)
@@ -223,6 +227,11 @@ def export_lora(run: Path, fmt: str, output: Path | None, epoch: int | None) -> 
     elif fmt == "kohya":  # a checkpoint from before kohya files were written: convert
         model = load_config_file(run_dir / "config.toml").model
         adapter = load_file(folder / ADAPTER_FILE)
+        if any(key.startswith("transformer_blocks.") for key in adapter):
+            raise UserError(
+                "an SD 3.x LoRA has no kohya layout: use --format diffusers (ComfyUI and "
+                "diffusers load that file)"
+            )
         write_kohya_lora(adapter, model.lora_rank, model.lora_alpha, output, epochs_done=done)
     else:
         raise UserError(f"{source} is missing: the checkpoint folder is damaged")

@@ -23,6 +23,8 @@ else:  # pragma: no cover
 from lowvram_ddpo.errors import UserError
 
 ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr", "sparse-rwr")
+POLICY_GRADIENT = ("ddpo-is", "ddpo-sf")
+"""The algorithms that train on the sampled steps' log-probs (any policy, KL guard too)."""
 REWARD_NAMES = (
     "aesthetic",
     "clipscore",
@@ -59,7 +61,9 @@ class ModelConfig:
     lora_rank: int = 4
     """LoRA rank; 0 fine-tunes the whole UNet (fp32 weights: needs a large card)."""
     lora_alpha: float = 4.0
-    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_targets: list[str] = field(default_factory=list)
+    """Module names the LoRA goes on; empty: the model's own (a UNet's attention
+    projections; SD 3.x's joint attention, its text projections included)."""
     allow_tf32: bool = True
 
 
@@ -478,7 +482,7 @@ def validate(config: Config) -> None:
         (0 < t.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]"),
         (t.kl_coef >= 0 and math.isfinite(t.kl_coef), "train.kl_coef must be >= 0"),
         (
-            t.kl_coef == 0 or t.algorithm in ("ddpo-is", "ddpo-sf"),
+            t.kl_coef == 0 or t.algorithm in POLICY_GRADIENT,
             "train.kl_coef needs a policy-gradient algorithm (ddpo-is or ddpo-sf): RWR has "
             "no per-step policy to compare",
         ),

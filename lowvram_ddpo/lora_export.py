@@ -16,13 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
 from lowvram_ddpo.atomic import write_atomic_with
-from lowvram_ddpo.models import adapter_state_dict
+from lowvram_ddpo.models import adapter_state_dict, is_flow_transformer
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS_NAME = "lora_kohya.safetensors"
@@ -43,14 +43,24 @@ def exported_lora_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_lora_for_diffusers(unet: UNet2DConditionModel, folder: Path) -> Path:
+def save_lora_for_diffusers(unet: torch.nn.Module, folder: Path) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` that ``pipeline.load_lora_weights`` reads
-    (SD and SDXL alike), its alpha folded into the weights."""
-    state = convert_state_dict_to_diffusers(exported_lora_state(unet))
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=state, weight_name=LORA_WEIGHTS_NAME, safe_serialization=True
-    )
+    (SD, SDXL: ``unet.`` keys; SD 3.x: ``transformer.`` keys), its alpha folded into the
+    weights."""
+    state = exported_lora_state(unet)
+    options = dict(weight_name=LORA_WEIGHTS_NAME, safe_serialization=True)
+    if is_flow_transformer(unet):  # SD3's loader reads peft's own names (lora_A/lora_B)
+        StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=state, **options)
+    else:
+        state = convert_state_dict_to_diffusers(state)
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, **options)
     return Path(folder) / LORA_WEIGHTS_NAME
+
+
+def has_kohya_layout(unet: torch.nn.Module) -> bool:
+    """kohya's ``lora_unet_*`` names are for UNets (SD 1.x/2.x, SDXL); an SD 3.x LoRA is
+    written in diffusers' layout only (ComfyUI and diffusers load that one)."""
+    return isinstance(unet, UNet2DConditionModel)
 
 
 PEFT_SUFFIXES = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight"}

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     DiffusionPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -167,12 +168,33 @@ def load_pipeline(
     return pipe
 
 
-def pipeline_class(source: str, revision: str = "") -> type[DiffusionPipeline]:
-    """SDXL folders (two text encoders) load as ``StableDiffusionXLPipeline``; everything
-    else (SD 1.x/2.x and the LCMs distilled from them) as ``StableDiffusionPipeline``."""
+def pipeline_index(source: str, revision: str = "") -> dict:
+    """The folder's (or hub repo's) ``model_index.json``: which component is which class."""
     with warnings.catch_warnings():  # a deprecation inside diffusers' own download call
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-        index = DiffusionPipeline.load_config(source, revision=revision or None)
+        return dict(DiffusionPipeline.load_config(source, revision=revision or None))
+
+
+def absent_components(index: dict) -> dict[str, None]:
+    """Components saved as ``[null, null]`` (an SD 3.x folder without T5), which diffusers
+    only accepts when they are passed as None."""
+    return {name: None for name, value in index.items() if value == [None, None]}
+
+
+def pipeline_class(source: str, revision: str = "") -> type[DiffusionPipeline]:
+    """SD 3.x folders (a transformer, three text encoders) load as
+    ``StableDiffusion3Pipeline``, SDXL folders (two text encoders) as
+    ``StableDiffusionXLPipeline``; everything else (SD 1.x/2.x and the LCMs distilled from
+    them) as ``StableDiffusionPipeline``."""
+    index = pipeline_index(source, revision)
+    if "transformer" in index:
+        if "text_encoder_3" not in index:
+            kind = index.get("_class_name", "a transformer model")
+            raise UserError(
+                f"'{source}' is {kind}: of the transformer (flow-matching) models only "
+                "Stable Diffusion 3.x is supported so far"
+            )
+        return StableDiffusion3Pipeline
     if "text_encoder_2" not in index:
         return StableDiffusionPipeline
     if not index.get("text_encoder") or index["text_encoder"][0] is None:
@@ -233,11 +255,16 @@ def _from_pretrained(
         cls = pipeline_class(source, revision)
         if cls is StableDiffusionXLPipeline:
             parts["add_watermarker"] = False  # we never call the pipeline: no extra package
+        elif cls is StableDiffusion3Pipeline:
+            if quantize != "none":
+                raise UserError("memory.quantize is not supported for SD 3.x yet: set none")
+            parts |= absent_components(pipeline_index(source, revision))
         else:
             parts |= {"safety_checker": None, "requires_safety_checker": False}
         if quantize != "none":
             parts["unet"] = load_quantized_unet(source, dtype, quantize, "unet", revision)
-        return cls.from_pretrained(source, dtype=dtype, revision=revision or None, **parts)
+        pipe = cls.from_pretrained(source, dtype=dtype, revision=revision or None, **parts)
+        return with_denoiser_as_unet(pipe)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
@@ -246,17 +273,47 @@ def _from_pretrained(
         ) from None
 
 
+def with_denoiser_as_unet(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """An SD 3.x pipeline's denoiser is ``pipe.transformer``; it is also reachable as
+    ``pipe.unet``, the name the trainer, offloader and checkpoints use for "the model the
+    LoRA is on" (the flow policy calls it with SD3's own arguments)."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None and getattr(pipe, "unet", None) is None:
+        object.__setattr__(pipe, "unet", transformer)  # not a pipeline component: no config
+    return pipe
+
+
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+"""Every attention projection of an SD 1.x/2.x/XL UNet (self- and cross-attention)."""
+SD3_LORA_TARGETS = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+]  # fmt: skip
+"""SD 3.x's joint attention, image and text (context) projections: Flow-GRPO's and
+DiffusionNFT's targets (SD 3.5 Medium: 191 layers, 18.8 M parameters at rank 32)."""
+
+
+def default_lora_targets(denoiser: torch.nn.Module) -> list[str]:
+    """``model.lora_targets = []``: the targets this model family is trained with."""
+    return SD3_LORA_TARGETS if is_flow_transformer(denoiser) else UNET_LORA_TARGETS
+
+
+def is_flow_transformer(denoiser: torch.nn.Module) -> bool:
+    return type(denoiser).__name__ == "SD3Transformer2DModel"
+
+
 def make_trainable(
     unet: UNet2DConditionModel, rank: int, alpha: float, targets: list[str]
 ) -> list[torch.nn.Parameter]:
-    """The parameters to train, in fp32: a LoRA adapter's (``rank`` >= 1) or, with
-    ``rank`` 0, every UNet weight (full fine-tuning; autocast still runs in fp16/bf16)."""
+    """The parameters to train, in fp32: a LoRA adapter's (``rank`` >= 1; ``targets``
+    empty: the model's default) or, with ``rank`` 0, every weight (full fine-tuning;
+    autocast still runs in fp16/bf16)."""
     if rank == 0:
         unet.requires_grad_(True)
         for param in unet.parameters():
             param.data = param.data.float()
         return list(unet.parameters())
-    return attach_lora(unet, rank, alpha, targets)
+    return attach_lora(unet, rank, alpha, targets or default_lora_targets(unet))
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -143,6 +143,12 @@ def rollout(
     return trajectory, torch.stack(log_probs, dim=1).cpu(), timesteps, final
 
 
+def vae_input(vae: torch.nn.Module, latents: Tensor) -> Tensor:
+    """Latents as the VAE's decoder takes them: unscaled and, for SD 3.x's VAE, unshifted."""
+    shift = vae.config.get("shift_factor") or 0.0
+    return latents / vae.config.scaling_factor + shift
+
+
 @torch.no_grad()
 def decode_latents(vae: torch.nn.Module, latents: Tensor, upcast: bool = False) -> Tensor:
     """Images in [0, 1] on the CPU, decoding one latent at a time to bound memory.
@@ -159,7 +165,7 @@ def decode_latents(vae: torch.nn.Module, latents: Tensor, upcast: bool = False) 
         with torch.autocast(device.type, enabled=False) if upcast else nullcontext():
             for latent in latents:
                 z = latent[None].to(device, next(vae.parameters()).dtype)
-                image = vae.decode(z / vae.config.scaling_factor).sample.float()
+                image = vae.decode(vae_input(vae, z)).sample.float()
                 images.append((image / 2 + 0.5).clamp(0, 1))
     finally:
         if upcast:

@@ -1,11 +1,12 @@
-"""Prompts to the UNet's text conditioning, for Stable Diffusion 1.x/2.x and SDXL.
+"""Prompts to the UNet's text conditioning, for Stable Diffusion 1.x/2.x, SDXL and SD 3.x.
 
 SD 1.x feeds the UNet the last hidden states of one CLIP text encoder. SDXL
 concatenates the penultimate hidden states of two (CLIP ViT-L and OpenCLIP ViT-bigG),
 and adds the second one's pooled, projected embedding and six "micro-conditioning"
 numbers (original size, crop corner, target size) through ``added_cond_kwargs``:
 what ``StableDiffusionXLPipeline`` does, reproduced here so that sampling and the
-training pass see exactly the same inputs.
+training pass see exactly the same inputs. SD 3.x's three encoders go through its
+pipeline's own ``encode_prompt``.
 """
 
 from __future__ import annotations
@@ -49,15 +50,25 @@ class TextEmbeds:
         return TextEmbeds(hidden, torch.cat([p.pooled for p in parts]))  # type: ignore[misc]
 
 
+SD3_MAX_SEQUENCE_LENGTH = 128
+"""T5 tokens per SD 3.x prompt (Flow-GRPO's setting; diffusers' default is 256): RL prompts
+are short, and every token is attended to at every step."""
+
+
+def is_sd3(pipe) -> bool:  # noqa: ANN001
+    return hasattr(pipe, "text_encoder_3")
+
+
 def is_sdxl(pipe) -> bool:  # noqa: ANN001  (any diffusers text-to-image pipeline)
-    return getattr(pipe, "text_encoder_2", None) is not None
+    return getattr(pipe, "text_encoder_2", None) is not None and not is_sd3(pipe)
 
 
 def text_encoders(pipe) -> nn.Module:  # noqa: ANN001
     """The pipeline's text encoder(s) as one module, so they are moved (offloaded) together."""
-    if is_sdxl(pipe):
-        return nn.ModuleList([pipe.text_encoder, pipe.text_encoder_2])
-    return pipe.text_encoder
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    encoders = [getattr(pipe, name, None) for name in names]
+    present = [encoder for encoder in encoders if encoder is not None]
+    return present[0] if len(present) == 1 else nn.ModuleList(present)
 
 
 def _token_ids(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> Tensor:  # noqa: ANN001
@@ -75,7 +86,10 @@ def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> Te
 
 @torch.no_grad()
 def encode_text(pipe, prompts: list[str]) -> TextEmbeds:  # noqa: ANN001
-    """The conditioning of ``prompts`` for the pipeline's UNet (SD or SDXL)."""
+    """The conditioning of ``prompts`` for the pipeline's UNet (SD or SDXL) or, for SD 3.x,
+    its transformer."""
+    if is_sd3(pipe):
+        return encode_sd3_text(pipe, prompts)
     if not is_sdxl(pipe):
         return TextEmbeds(encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts))
     hidden, pooled = [], None
@@ -85,6 +99,22 @@ def encode_text(pipe, prompts: list[str]) -> TextEmbeds:  # noqa: ANN001
         hidden.append(out.hidden_states[-2])
         pooled = out[0]  # the projected pooled embedding of the last (bigG) encoder
     return TextEmbeds(torch.cat(hidden, dim=-1), pooled)
+
+
+def encode_sd3_text(pipe, prompts: list[str]) -> TextEmbeds:  # noqa: ANN001
+    """SD 3.x's conditioning, by its pipeline's own ``encode_prompt``: CLIP-L and CLIP-G
+    penultimate states side by side, then T5's tokens (zeros when the folder has no T5:
+    diffusers' way of running without it), and the two CLIPs' pooled embeddings."""
+    device = next(pipe.text_encoder.parameters()).device
+    hidden, _, pooled, _ = pipe.encode_prompt(
+        prompt=prompts,
+        prompt_2=None,
+        prompt_3=None,
+        device=device,
+        do_classifier_free_guidance=False,
+        max_sequence_length=SD3_MAX_SEQUENCE_LENGTH,
+    )
+    return TextEmbeds(hidden, pooled)
 
 
 def encode_negative(pipe, negative_prompt: str) -> TextEmbeds:  # noqa: ANN001

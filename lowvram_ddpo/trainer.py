@@ -53,10 +53,11 @@ from lowvram_ddpo.models import (
     show_loading_bars,
     use_attention,
     use_vae_tiling,
+    with_denoiser_as_unet,
 )
 from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.optimizers import build_optimizer
-from lowvram_ddpo.policy import build_policy
+from lowvram_ddpo.policy import FlowSDEPolicy, build_policy
 from lowvram_ddpo.preflight import resolution_note, unknown_words_note
 from lowvram_ddpo.prompts import load_prompts
 from lowvram_ddpo.reporting.metrics_chart import METRICS_CHART, read_metrics, write_metrics_chart
@@ -131,6 +132,11 @@ class Trainer:
             s.eta,
             s.noise_level,
         )
+        if isinstance(self.policy, FlowSDEPolicy) and cfg.train.algorithm not in POLICY_GRADIENT:
+            raise UserError(
+                f"train.algorithm={cfg.train.algorithm} is not available for flow-matching "
+                f"models (SD 3.x) yet: use {' or '.join(POLICY_GRADIENT)}"
+            )
         self.tracker = PerPromptStatTracker(
             cfg.stats.buffer_size, cfg.stats.min_count, cfg.stats.per_prompt
         )
@@ -150,12 +156,15 @@ class Trainer:
         """The pipeline and the reward, each module placed where ``memory.offload`` wants it."""
         cfg, m = self.config, self.config.memory
         show_loading_bars(cfg.run.progress and self.is_main)
-        self.pipe = self.pipeline or load_pipeline(
-            cfg.model.name,
-            dtype,
-            cfg.model.revision,
-            quantize=m.quantize,
-            lcm_lora=cfg.model.lcm_lora,
+        self.pipe = with_denoiser_as_unet(
+            self.pipeline
+            or load_pipeline(
+                cfg.model.name,
+                dtype,
+                cfg.model.revision,
+                quantize=m.quantize,
+                lcm_lora=cfg.model.lcm_lora,
+            )
         )
         self.pipe.set_progress_bar_config(disable=True)
         text = text_encoders(self.pipe)

@@ -8,8 +8,8 @@ from lowvram_ddpo.algorithms.losses import (
     sparse_rwr_weights,
     weighted_denoising_loss,
 )
+from lowvram_ddpo.config import POLICY_GRADIENT
 
-POLICY_GRADIENT = ("ddpo-is", "ddpo-sf")
 REWARD_WEIGHTED = ("rwr", "sparse-rwr")
 
 __all__ = [

@@ -1,0 +1,177 @@
+"""SD 3.x (a flow-matching transformer) through the same trainer: a tiny SD3 pipeline saved
+with ``save_pretrained``, trained through the CLI with Flow-GRPO's SDE policy, its LoRA
+loaded back by diffusers' own SD3 pipeline."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+from safetensors.torch import load_file
+from tiny import build_tiny_sd3_pipeline
+from typer.testing import CliRunner
+
+from lowvram_ddpo.checkpoint import ADAPTER_FILE
+from lowvram_ddpo.cli import app
+from lowvram_ddpo.lora_export import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from lowvram_ddpo.models import (
+    SD3_LORA_TARGETS,
+    load_adapter_state_dict,
+    load_pipeline,
+    make_trainable,
+)
+from lowvram_ddpo.text_encoding import encode_negative, encode_text, text_encoders
+
+SD3_PRESET = """
+extends = "incompressibility"
+description = "tiny SD3 test run"
+
+[model]
+name = "{model}"
+mixed_precision = "no"
+lora_rank = 4
+lora_alpha = 8.0
+
+[sample]
+resolution = 32
+num_steps = 4
+guidance_scale = 2.0
+batch_size = 8
+batches_per_epoch = 2
+
+[train]
+batch_size = 8
+gradient_accumulation_steps = 2
+learning_rate = 3e-2
+timestep_fraction = 0.75
+
+[stats]
+buffer_size = 16
+min_count = 4
+
+[prompts]
+prompts = ["a cat", "a dog"]
+
+[run]
+epochs = 2
+grid_every = 0
+grid_prompts = ["a cat"]
+grid_seeds = [0, 1]
+progress = false
+"""
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-sd3") / "pipeline"
+    build_tiny_sd3_pipeline().save_pretrained(folder)
+    return folder
+
+
+def test_an_sd3_folder_loads_with_its_transformer_as_the_denoiser(sd3_dir):
+    pipe = load_pipeline(str(sd3_dir))
+    assert isinstance(pipe, StableDiffusion3Pipeline)
+    assert pipe.unet is pipe.transformer
+    assert len(text_encoders(pipe)) == 2  # two CLIPs; this folder has no T5
+
+
+def test_sd3_prompts_are_encoded_as_its_pipeline_does(sd3_dir):
+    pipe = load_pipeline(str(sd3_dir))
+    embeds = encode_text(pipe, ["a cat", "a dog"])
+    hidden, _, pooled, _ = pipe.encode_prompt(
+        ["a cat", "a dog"], None, None, do_classifier_free_guidance=False, max_sequence_length=128
+    )
+    assert torch.equal(embeds.hidden, hidden) and torch.equal(embeds.pooled, pooled)
+    assert embeds.hidden.shape[1] == 16 + 128  # CLIP tokens, then T5's (zeros without T5)
+    negative = encode_negative(pipe, "")
+    assert negative.hidden.shape[1:] == embeds.hidden.shape[1:] and negative.pooled is not None
+
+
+def test_the_default_lora_covers_joint_attention_text_projections_too():
+    transformer = build_tiny_sd3_pipeline().transformer
+    make_trainable(transformer, rank=2, alpha=2.0, targets=[])
+    names = {n.rsplit(".lora_A", 1)[0] for n, _ in transformer.named_parameters() if "lora_A" in n}
+    assert "transformer_blocks.0.attn.add_q_proj" in names
+    assert "transformer_blocks.0.attn.to_add_out" in names  # not in the last block: none there
+    assert not any(".attn2." in n for n in names)  # Flow-GRPO leaves the second attention alone
+    suffixes = {n.split("attn.", 1)[1] for n in names}
+    assert suffixes == {t.removeprefix("attn.") for t in SD3_LORA_TARGETS}
+
+
+def test_sd3_trains_through_the_cli_and_diffusers_loads_its_lora(sd3_dir, tmp_path):
+    preset = tmp_path / "sd3.toml"
+    preset.write_text(SD3_PRESET.format(model=sd3_dir))
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, ["train", "--preset", str(preset), "--output", str(run_dir), "--log-with", "none"]
+    )
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["grad_norm"] > 0 for m in metrics)
+    assert (run_dir / LORA_WEIGHTS_NAME).is_file()
+    assert not (run_dir / KOHYA_WEIGHTS_NAME).exists()  # no kohya layout for SD3
+
+    def render(pipe: StableDiffusion3Pipeline) -> torch.Tensor:
+        return pipe(
+            "a cat", num_inference_steps=3, height=32, width=32, guidance_scale=2.0,
+            max_sequence_length=16, output_type="pt", generator=torch.Generator().manual_seed(0),
+        ).images  # fmt: skip
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    before = render(pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft warns when a layer of the file is not loaded
+        pipe.load_lora_weights(str(run_dir), weight_name=LORA_WEIGHTS_NAME)
+    assert float((render(pipe) - before).abs().max()) > 1e-3  # the trained LoRA acts
+
+    # every trained layer, at its trained strength: diffusers' transformer gives the velocity
+    # of ours (the checkpoint's adapter on the same base)
+    ours = load_pipeline(str(sd3_dir)).transformer
+    make_trainable(ours, rank=4, alpha=8.0, targets=[])
+    load_adapter_state_dict(ours, load_file(run_dir / "checkpoints" / "epoch-0002" / ADAPTER_FILE))
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([700.0])
+    text = torch.randn(1, 10, 64), torch.randn(1, 64)
+    with torch.no_grad():
+        theirs_v = pipe.transformer(x, text[0], text[1], t).sample
+        ours_v = ours(x, text[0], text[1], t).sample
+    torch.testing.assert_close(theirs_v, ours_v, rtol=1e-5, atol=1e-5)
+
+
+def test_an_sd3_lora_has_no_kohya_export(sd3_dir, tmp_path):
+    preset = tmp_path / "sd3.toml"
+    preset.write_text(SD3_PRESET.format(model=sd3_dir).replace("epochs = 2", "epochs = 1"))
+    run_dir = tmp_path / "run"
+    runner = CliRunner()
+    args = ["train", "--preset", str(preset), "--output", str(run_dir), "--log-with", "none"]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, ["export", str(run_dir), "--format", "kohya"])
+    assert result.exit_code != 0 and "no kohya layout" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            str(run_dir),
+            "--format",
+            "diffusers",
+            "--output",
+            str(tmp_path / "x.safetensors"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_reward_weighted_regression_is_refused_for_flow_models(sd3_dir, tmp_path):
+    preset = tmp_path / "sd3.toml"
+    preset.write_text(SD3_PRESET.format(model=sd3_dir))
+    result = CliRunner().invoke(
+        app, ["train", "--preset", str(preset), "--set", "train.algorithm=rwr", "--output",
+              str(tmp_path / "run")],
+    )  # fmt: skip
+    assert result.exit_code != 0 and "not available for flow-matching models" in result.output
+    assert "Traceback" not in result.output
