@@ -28,6 +28,8 @@ POLICY_GRADIENT = ("ddpo-is", "ddpo-sf")
 REWARD_NAMES = (
     "aesthetic",
     "clipscore",
+    "hpsv2",
+    "imagereward",
     "jpeg_compressibility",
     "jpeg_incompressibility",
     "mix",
@@ -175,6 +177,18 @@ class RewardConfig:
     head_weights: str = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
     """aesthetic: LAION's linear head (.pth state dict or .safetensors): a local file or
     a hub file as "org/repo/path/in/repo"."""
+    hps_weights: str = "xswu/HPSv2/HPS_v2.1_compressed.pt"
+    """hpsv2: the official open_clip checkpoint (HPS_v2.1_compressed.pt, or v2.0's
+    HPS_v2_compressed.pt), a local file or a hub file as "org/repo/file", converted to
+    transformers' CLIPModel when loaded; or a transformers CLIPModel folder or hub id."""
+    hps_tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    """hpsv2: its tokenizer (the CLIP it was tuned from; hub id or folder); empty: the
+    folder of hps_weights, when that is a transformers folder."""
+    imagereward_weights: str = "THUDM/ImageReward/ImageReward.pt"
+    """imagereward: the official checkpoint (ImageReward.pt, or .safetensors with the same
+    names), a local file or a hub file as "org/repo/file"."""
+    imagereward_tokenizer: str = "bert-base-uncased"
+    """imagereward: its BERT tokenizer (hub id or folder)."""
     captioner: str = "http"
     """prompt_alignment: "http" (an OpenAI-compatible chat-completions server) or "local"
     (a transformers vision-language model loaded for the reward phase)."""
@@ -428,6 +442,22 @@ def _parse_literal(raw: str) -> Any:
 # ---------------------------------------------------------------- validation
 
 
+def _reward_file_checks(reward: RewardConfig) -> list[tuple[bool, str]]:
+    """The files of the rewards in use must be named (empty settings fail here, before
+    the diffusion model loads, instead of at the first scoring)."""
+    used = {reward.name, *reward.mix}
+    settings = {
+        "hpsv2": ["hps_weights"],  # hps_tokenizer may be empty: a CLIPModel folder has one
+        "imagereward": ["imagereward_weights", "imagereward_tokenizer"],
+    }
+    return [
+        (bool(getattr(reward, field)), f"reward.{field} must not be empty ({name} needs it)")
+        for name, fields in settings.items()
+        if name in used
+        for field in fields
+    ]
+
+
 def validate(config: Config) -> None:
     """Reject settings that cannot work, with a message that says what to change."""
     s, t = config.sample, config.train
@@ -511,6 +541,7 @@ def validate(config: Config) -> None:
             f"reward.mix names unknown rewards {sorted(config.reward.mix)}: use "
             f"{', '.join(n for n in REWARD_NAMES if n != 'mix')}",
         ),
+        *_reward_file_checks(config.reward),
         (
             config.reward.overlap in ("auto", "on", "off"),
             "reward.overlap must be auto, on or off",

@@ -4,6 +4,8 @@ from lowvram_ddpo.rewards import (  # noqa: F401  (registers them)
     aesthetic,
     alignment,
     clip_score,
+    hps,
+    imagereward,
     jpeg,
     mix,
 )

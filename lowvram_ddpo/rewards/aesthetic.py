@@ -10,9 +10,6 @@ not the whole CLIP), and images are preprocessed as tensors on the scorer's devi
 
 from __future__ import annotations
 
-import pickle
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
@@ -23,8 +20,10 @@ from lowvram_ddpo.config import RewardConfig
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.rewards.base import ModelReward, register_reward
 from lowvram_ddpo.rewards.clip_image import clip_preprocess
+from lowvram_ddpo.rewards.weights import load_state_file, weights_file
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+DEFAULT_HEAD = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
 VIT_L_14 = dict(  # openai/clip-vit-large-patch14's vision tower (its config.json)
     hidden_size=1024,
     intermediate_size=4096,
@@ -57,44 +56,10 @@ def fold_linear_layers(state: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return weight.float(), bias.float()
 
 
-def _head_file(location: str) -> Path:
-    path = Path(location).expanduser()
-    if path.is_file():
-        return path
-    parts = location.split("/")
-    if len(parts) < 3 or location.startswith((".", "/", "~")):
-        raise UserError(
-            f"aesthetic head '{location}' not found: give a local .pth/.safetensors file or a "
-            'hub file as "org/repo/file.pth" (reward.head_weights)'
-        )
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
-    except Exception as err:  # noqa: BLE001  (any hub failure gets the same advice)
-        raise UserError(
-            f"could not get the aesthetic head '{location}' ({type(err).__name__}); offline, "
-            "download it first and set reward.head_weights to the local file"
-        ) from None
-
-
 def load_head_state(location: str) -> dict[str, Tensor]:
     """LAION's head weights from a .pth (read with weights_only=True) or .safetensors file."""
-    path = _head_file(location)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(
-            f"{path} holds more than tensors; it is not unpickled (weights_only): convert the "
-            "head to a plain state dict or .safetensors"
-        ) from None
-    if not isinstance(state, dict):
-        raise UserError(f"{path} is not a state dict of tensors")
-    return state
+    path = weights_file(location, "the aesthetic head", "reward.head_weights", DEFAULT_HEAD)
+    return load_state_file(path)
 
 
 def load_clip_vision(name: str, dtype: torch.dtype) -> CLIPVisionModelWithProjection:

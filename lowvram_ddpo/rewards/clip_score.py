@@ -25,7 +25,7 @@ from lowvram_ddpo.config import RewardConfig
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.rewards.aesthetic import VIT_L_14
 from lowvram_ddpo.rewards.base import ModelReward, register_reward
-from lowvram_ddpo.rewards.clip_image import clip_preprocess
+from lowvram_ddpo.rewards.clip_image import Fit, clip_preprocess
 
 CLIP_TEXT_L_14 = dict(  # openai/clip-vit-large-patch14's text tower
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -54,10 +54,14 @@ KNOWN_SHAPES = {
 class ClipAgreement(nn.Module):
     """(images [B, 3, H, W] in [0, 1], prompts) -> [B] cosine of image and text embeddings."""
 
-    def __init__(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    def __init__(
+        self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase | None, fit: Fit = "crop"
+    ) -> None:
         super().__init__()
         self.clip = clip.requires_grad_(False).eval()
         self.tokenizer = tokenizer
+        self.fit = fit
+        """How a non-square image fits CLIP's square (``clip_preprocess``)."""
 
     def embed_text(self, prompts: list[str]) -> Tensor:
         length = self.clip.config.text_config.max_position_embeddings
@@ -74,7 +78,7 @@ class ClipAgreement(nn.Module):
         return self.clip.text_projection(text.pooler_output)
 
     def embed_images(self, images: Tensor) -> Tensor:
-        pixels = clip_preprocess(images, self.clip.config.vision_config.image_size)
+        pixels = clip_preprocess(images, self.clip.config.vision_config.image_size, self.fit)
         vision = self.clip.vision_model(pixel_values=pixels.to(self.clip.dtype))
         return self.clip.visual_projection(vision.pooler_output)
 
@@ -86,7 +90,20 @@ class ClipAgreement(nn.Module):
         return (image * text).sum(dim=-1)
 
 
-def load_clip(name: str, tokenizer_name: str, dtype: torch.dtype, setting: str) -> ClipAgreement:
+def load_tokenizer(name: str, setting: str) -> PreTrainedTokenizerBase:
+    """A tokenizer from a hub id (the cache when offline) or a folder, with a one-line error."""
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:  # ValueError: a folder without tokenizer files
+        raise UserError(
+            f"could not load the tokenizer '{name}' ({str(err).splitlines()[0]}); offline, "
+            f"download it first (`hf download {name}`) or set reward.{setting} to a folder"
+        ) from None
+
+
+def load_clip(
+    name: str, tokenizer_name: str, dtype: torch.dtype, setting: str, fit: Fit = "crop"
+) -> ClipAgreement:
     """The CLIP model and its tokenizer (hub ids or folders), with one-line errors."""
     try:
         clip = CLIPModel.from_pretrained(name, dtype=dtype)
@@ -97,7 +114,7 @@ def load_clip(name: str, tokenizer_name: str, dtype: torch.dtype, setting: str) 
             f"({str(err).splitlines()[0]}); offline, download them first (`hf download "
             f"{name}`) or set reward.{setting} to a folder"
         ) from None
-    return ClipAgreement(clip, tokenizer)
+    return ClipAgreement(clip, tokenizer, fit)
 
 
 class ClipSimilarityReward(ModelReward):
@@ -107,6 +124,8 @@ class ClipSimilarityReward(ModelReward):
     model_setting: str = "clip_model"
     tokenizer_setting: str = ""
     """The field naming the tokenizer's source; "": the model's own folder."""
+    fit: Fit = "crop"
+    """How non-square images fit the model's square input (``clip_preprocess``)."""
 
     def __init__(
         self, config: RewardConfig, dtype: torch.dtype, agreement: ClipAgreement | None = None
@@ -114,7 +133,7 @@ class ClipSimilarityReward(ModelReward):
         self.batch_size = config.batch_size
         name = getattr(config, self.model_setting)
         tokenizer = getattr(config, self.tokenizer_setting) if self.tokenizer_setting else ""
-        self.module = agreement or load_clip(name, tokenizer, dtype, self.model_setting)
+        self.module = agreement or load_clip(name, tokenizer, dtype, self.model_setting, self.fit)
 
     def from_cosine(self, cosine: Tensor) -> Tensor:
         raise NotImplementedError
@@ -128,12 +147,17 @@ class ClipSimilarityReward(ModelReward):
     ) -> ClipSimilarityReward:
         """The model's shape with random weights (``meta``: shapes only) and no tokenizer
         (its text is a stand-in of full length): the memory benchmark's."""
-        name = getattr(config, cls.model_setting)
-        shape = KNOWN_SHAPES.get(name)
-        clip_config = CLIPConfig(**shape) if shape else CLIPConfig.from_pretrained(name)
+        clip_config = cls.clip_config(config)
         with building_on(device, dtype):
             clip = CLIPModel(clip_config)
-        return cls(config, dtype, ClipAgreement(clip, None))
+        return cls(config, dtype, ClipAgreement(clip, None, cls.fit))
+
+    @classmethod
+    def clip_config(cls, config: RewardConfig) -> CLIPConfig:
+        """The model's shape: known for the defaults (no download), else its config.json."""
+        name = getattr(config, cls.model_setting)
+        shape = KNOWN_SHAPES.get(name)
+        return CLIPConfig(**shape) if shape else CLIPConfig.from_pretrained(name)
 
 
 @register_reward("pickscore", "PickScore: human preference, CLIP-H tuned on Pick-a-Pic (~20-23)")
