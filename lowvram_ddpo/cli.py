@@ -126,7 +126,7 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
     algorithm: Annotated[
         str,
-        typer.Option(help="ddpo-is, ddpo-sf, rwr or sparse-rwr (RLCM: an rlcm-* preset)."),
+        typer.Option(help="ddpo-is, ddpo-sf, grpo, rwr or sparse-rwr (RLCM: an rlcm-* preset)."),
     ] = "",
     prompts: Annotated[
         str,

@@ -22,8 +22,8 @@ else:  # pragma: no cover
 
 from lowvram_ddpo.errors import UserError
 
-ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr", "sparse-rwr")
-POLICY_GRADIENT = ("ddpo-is", "ddpo-sf")
+ALGORITHMS = ("ddpo-is", "ddpo-sf", "grpo", "rwr", "sparse-rwr")
+POLICY_GRADIENT = ("ddpo-is", "ddpo-sf", "grpo")
 """The algorithms that train on the sampled steps' log-probs (any policy, KL guard too)."""
 REWARD_NAMES = (
     "aesthetic",
@@ -125,12 +125,16 @@ class SampleConfig:
     batches_per_epoch: int = 32
     """Sampling batches per epoch, per process."""
     negative_prompt: str = ""
+    group_size: int = 1
+    """Images per prompt in an epoch (GRPO's group): the epoch's prompts are drawn once
+    per group of this many images. 1: each image draws its own prompt (DDPO)."""
 
 
 @dataclass
 class TrainConfig:
     algorithm: str = "ddpo-is"
-    """ddpo-is (PPO clip), ddpo-sf (REINFORCE), rwr, sparse-rwr."""
+    """ddpo-is (PPO clip), ddpo-sf (REINFORCE), grpo (PPO clip on advantages normalised
+    within groups of sample.group_size images of one prompt: Flow-GRPO), rwr, sparse-rwr."""
     learning_rate: float = 3e-4
     batch_size: int = 4
     """Training micro-batch (samples per forward/backward), per process."""
@@ -227,6 +231,9 @@ class StatsConfig:
     """Normalise rewards per prompt (running buffer) instead of over the whole batch."""
     buffer_size: int = 16
     min_count: int = 16
+    global_std: bool = False
+    """GRPO: divide by the std of all the epoch's rewards instead of each group's
+    (Flow-GRPO's ``global_std``: a group of near-equal rewards is not blown up)."""
 
 
 @dataclass
@@ -483,6 +490,17 @@ def validate(config: Config) -> None:
         (
             t.algorithm in ALGORITHMS,
             f"unknown algorithm '{t.algorithm}': use one of {', '.join(ALGORITHMS)}",
+        ),
+        (s.group_size >= 1, f"sample.group_size must be >= 1 (got {s.group_size})"),
+        (
+            (s.batch_size * s.batches_per_epoch) % max(s.group_size, 1) == 0,
+            f"sample.group_size {s.group_size} must divide the epoch's images per process "
+            f"(sample.batch_size x batches_per_epoch = {s.batch_size * s.batches_per_epoch})",
+        ),
+        (
+            t.algorithm != "grpo" or s.group_size >= 2,
+            "train.algorithm=grpo compares images of one prompt: set sample.group_size >= 2 "
+            "(Flow-GRPO uses 16-24)",
         ),
         (
             config.model.mixed_precision in MIXED_PRECISION,

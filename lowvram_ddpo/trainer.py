@@ -25,6 +25,7 @@ from lowvram_ddpo.algorithms import (
     POLICY_GRADIENT,
     PerPromptStatTracker,
     clip_advantages,
+    group_advantages,
     rwr_weights,
     sparse_rwr_weights,
 )
@@ -413,12 +414,17 @@ class Trainer:
             disable=not (cfg.run.progress and self.is_main),
         )
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as scorer:
-            for _ in bar:
+            grouped = None
+            for k in bar:
                 self.phase = "sampling"
                 started = time.perf_counter()
-                picks = torch.randint(
-                    len(self.prompts), (cfg.sample.batch_size,), generator=generator
-                )
+                if cfg.sample.group_size == 1:  # DDPO: every image its own prompt
+                    picks = torch.randint(
+                        len(self.prompts), (cfg.sample.batch_size,), generator=generator
+                    )
+                else:  # GRPO: the epoch's groups, drawn once, then cut into batches
+                    grouped = grouped if grouped is not None else self.group_picks(generator)
+                    picks = grouped[k * cfg.sample.batch_size : (k + 1) * cfg.sample.batch_size]
                 prompts = [self.prompts[i] for i in picks]
                 with self.meter.phase("sampling"), acc.autocast():
                     batch = sample_trajectories(
@@ -445,6 +451,17 @@ class Trainer:
             self.phase = "scoring rewards"
             rewards = [future.result() for future in pending]
         return Trajectories.cat(batches), torch.cat(rewards), seconds
+
+    def group_picks(self, generator: torch.Generator) -> torch.Tensor:
+        """The prompt index of each of the epoch's images, group_size images per prompt;
+        distinct prompts for the groups while there are enough (as Flow-GRPO's sampler)."""
+        s = self.config.sample
+        groups = s.batch_size * s.batches_per_epoch // s.group_size
+        if groups <= len(self.prompts):
+            prompts = torch.randperm(len(self.prompts), generator=generator)[:groups]
+        else:
+            prompts = torch.randint(len(self.prompts), (groups,), generator=generator)
+        return prompts.repeat_interleave(s.group_size)
 
     @property
     def overlap_rewards(self) -> bool:
@@ -483,7 +500,11 @@ class Trainer:
         acc, t = self.accelerator, self.config.train
         all_rewards = acc.gather(rewards.to(acc.device)).cpu()
         all_prompts = gather_object(list(prompts)) if acc.num_processes > 1 else list(prompts)
-        advantages = clip_advantages(self.tracker.update(all_prompts, all_rewards), t.adv_clip_max)
+        if t.algorithm == "grpo":
+            normalised = group_advantages(all_prompts, all_rewards, self.config.stats.global_std)
+        else:
+            normalised = self.tracker.update(all_prompts, all_rewards)
+        advantages = clip_advantages(normalised, t.adv_clip_max)
         if t.algorithm == "rwr":
             signal = rwr_weights(advantages, t.rwr_beta)
         elif t.algorithm == "sparse-rwr":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowvram_ddpo.algorithms import PerPromptStatTracker, clip_advantages
+from lowvram_ddpo.algorithms import PerPromptStatTracker, clip_advantages, group_advantages
 
 
 def test_batch_statistics_until_a_prompt_has_min_count():
@@ -47,3 +47,25 @@ def test_global_normalisation_when_per_prompt_is_off():
 
 def test_advantage_clipping():
     assert clip_advantages(torch.tensor([-9.0, 0.5, 9.0]), 5.0).tolist() == [-5.0, 0.5, 5.0]
+
+
+def test_grpo_normalises_within_each_group():
+    # group "a": rewards 1, 3 (mean 2, std 1); group "b": 10, 10, 16 (mean 12, std sqrt(8))
+    prompts = ["a", "b", "a", "b", "b"]
+    rewards = torch.tensor([1.0, 10.0, 3.0, 10.0, 16.0])
+    adv = group_advantages(prompts, rewards)
+    b_std = 8**0.5 + 1e-6
+    assert adv.tolist() == pytest.approx(
+        [-1 / (1 + 1e-6), -2 / b_std, 1 / (1 + 1e-6), -2 / b_std, 4 / b_std], rel=1e-6
+    )
+
+
+def test_grpo_with_global_std_keeps_a_flat_group_small():
+    # Flow-GRPO's global_std: one std for all (here 5.0), so the near-equal group "b" gets
+    # small advantages instead of +-1
+    prompts = ["a", "a", "b", "b"]
+    rewards = torch.tensor([0.0, 10.0, 5.0, 5.2])
+    spread = rewards.double().std(unbiased=False).item() + 1e-6
+    adv = group_advantages(prompts, rewards, global_std=True)
+    assert adv.tolist() == pytest.approx([-5 / spread, 5 / spread, -0.1 / spread, 0.1 / spread])
+    assert group_advantages(prompts, rewards)[2:].tolist() == pytest.approx([-1.0, 1.0], abs=1e-4)

@@ -91,6 +91,11 @@ def test_bad_overrides_say_what_is_wrong(assignment, message):
         ("train.algorithm=ppo", "unknown algorithm"),
         ("train.gradient_accumulation_steps=3", "not a multiple"),
         ("train.timestep_fraction=0", "timestep_fraction"),
+        ("sample.noise_level=0", "noise_level must be > 0"),
+        ("sample.sampler=euler", "sample.sampler must be one of"),
+        ("train.algorithm=grpo", "set sample.group_size >= 2"),
+        ("sample.group_size=7", "must divide the epoch's images"),
+        ("sample.group_size=0", "group_size must be >= 1"),
     ],
 )
 def test_validation_rejects_settings_that_cannot_work(assignment, message):

@@ -1,6 +1,10 @@
 """Algorithms: advantages (per-prompt statistics) and the losses of the four methods."""
 
-from lowvram_ddpo.algorithms.advantages import PerPromptStatTracker, clip_advantages
+from lowvram_ddpo.algorithms.advantages import (
+    PerPromptStatTracker,
+    clip_advantages,
+    group_advantages,
+)
 from lowvram_ddpo.algorithms.losses import (
     ppo_clip_loss,
     rwr_weights,
@@ -17,6 +21,7 @@ __all__ = [
     "REWARD_WEIGHTED",
     "PerPromptStatTracker",
     "clip_advantages",
+    "group_advantages",
     "ppo_clip_loss",
     "rwr_weights",
     "score_function_loss",

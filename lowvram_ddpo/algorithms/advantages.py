@@ -1,4 +1,5 @@
-"""Advantages: rewards normalised per prompt with a running buffer (as in DDPO)."""
+"""Advantages: rewards normalised per prompt with a running buffer (DDPO), or within
+each group of images of one prompt sampled together (GRPO)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,22 @@ class PerPromptStatTracker:
             prompt: deque(values, maxlen=self.buffer_size)
             for prompt, values in state["buffers"].items()
         }
+
+
+def group_advantages(prompts: list[str], rewards: Tensor, global_std: bool = False) -> Tensor:
+    """GRPO's advantages: each reward minus the mean of its prompt's rewards this epoch,
+    over their std (or, ``global_std``, over the std of every reward), as Flow-GRPO's
+    ``PerPromptStatTracker(global_std)`` computes them ([B] float32)."""
+    values = rewards.double().numpy()
+    names = np.array(prompts, dtype=object)
+    advantages = np.empty_like(values)
+    spread = values.std() + STD_EPS
+    for prompt in dict.fromkeys(prompts):
+        mask = names == prompt
+        group = values[mask]
+        std = spread if global_std else group.std() + STD_EPS
+        advantages[mask] = (group - group.mean()) / std
+    return torch.from_numpy(advantages).float()
 
 
 def clip_advantages(advantages: Tensor, max_abs: float) -> Tensor:

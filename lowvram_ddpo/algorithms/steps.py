@@ -74,7 +74,7 @@ def policy_gradient_loss(
     step = policy(unet, x_t, timesteps, cond)
     log_prob = step.log_prob(x_next)
     adv = advantages[batch.samples].to(device)
-    if algorithm == "ddpo-is":
+    if algorithm in ("ddpo-is", "grpo"):
         loss, metrics = ppo_clip_loss(log_prob, old_log_prob, adv, clip_range)
     else:
         loss, metrics = score_function_loss(log_prob, old_log_prob, adv)
