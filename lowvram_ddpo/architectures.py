@@ -15,9 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
 
 from lowvram_ddpo.errors import UserError
 
@@ -101,38 +107,92 @@ SDXL_TEXT_ENCODER_2 = dict(  # OpenCLIP ViT-bigG/14's text tower, with its proje
 LCM_SCHEDULER = dict(SD_SCHEDULER, _class_name="LCMScheduler", original_inference_steps=50)
 """A latent consistency model's scheduler (LCM_Dreamshaper_v7 and the pocket LCM)."""
 
+SD35M_TRANSFORMER = dict(  # stabilityai/stable-diffusion-3.5-medium (2.5 B MMDiT-X)
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)  # docs/research/flow_matching.md section 4 (the hub's transformer/config.json)
+
+SD35M_VAE = dict(
+    SD15_VAE,
+    latent_channels=16,
+    sample_size=1024,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    force_upcast=True,
+)
+
+SD3_T5_ENCODER = dict(  # google's T5 v1.1 XXL encoder (4.76 B parameters)
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+    is_encoder_decoder=False,
+    use_cache=False,
+)
+
+SD3_SCHEDULER = dict(
+    _class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0
+)
+
 ARCHITECTURES = {
     "sd15": "Stable Diffusion 1.5 (860 M UNet), built from its config",
     "sd15-lcm": "an LCM distilled from SD 1.5 (LCM_Dreamshaper_v7's shape: SD 1.5 + a "
     "256-d guidance embedding)",
     "sdxl": "Stable Diffusion XL base 1.0 (2.6 B UNet, two text encoders), built from its config",
+    "sd35m": "Stable Diffusion 3.5 Medium (2.5 B MMDiT flow transformer; CLIP-L, CLIP-G and the "
+    "4.8 B T5-XXL text encoders), built from its config",
 }
 
 
 @dataclass
 class ArchitectureConfigs:
     unet: dict
+    """The denoiser's config: a UNet's, or (``family`` sd3) SD 3's transformer's."""
     vae: dict
     text_encoder: CLIPTextConfig
     scheduler: dict
     text_encoder_2: CLIPTextConfig | None = None
-    """SDXL's second (projected) text encoder."""
+    """SDXL's and SD 3's second (projected) text encoder."""
+    text_encoder_3: T5Config | None = None
+    """SD 3's T5 (None: a folder without it, or ``model.use_t5 = false``)."""
+    family: str = "sd"
+    """sd (1.x/2.x), sdxl or sd3: which pipeline the parts make."""
 
 
 @dataclass
 class Components:
     """The parts of a Stable Diffusion pipeline that hold accelerator memory."""
 
-    unet: UNet2DConditionModel
+    unet: nn.Module
+    """The denoiser: a ``UNet2DConditionModel`` or SD 3's ``SD3Transformer2DModel``."""
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     scheduler_config: dict
     native_resolution: int
     text_encoder_2: CLIPTextModelWithProjection | None = None
+    text_encoder_3: T5EncoderModel | None = None
+    family: str = "sd"
 
     @property
     def text_encoders(self) -> list[nn.Module]:
-        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+        encoders = (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+        return [m for m in encoders if m is not None]
 
 
 def _folder_configs(folder: Path) -> ArchitectureConfigs:
@@ -143,14 +203,20 @@ def _folder_configs(folder: Path) -> ArchitectureConfigs:
         return json.loads(path.read_text())
 
     second = folder / "text_encoder_2" / "config.json"
+    third = folder / "text_encoder_3" / "config.json"
+    sd3 = (folder / "transformer").is_dir()
     return ArchitectureConfigs(
-        unet=UNet2DConditionModel.load_config(folder / "unet"),
+        unet=read("transformer" if sd3 else "unet", "config.json"),
         vae=AutoencoderKL.load_config(folder / "vae"),
         text_encoder=CLIPTextConfig(**read("text_encoder", "config.json")),
         scheduler=read("scheduler", "scheduler_config.json"),
         text_encoder_2=CLIPTextConfig(**read("text_encoder_2", "config.json"))
         if second.is_file()
         else None,
+        text_encoder_3=T5Config(**read("text_encoder_3", "config.json"))
+        if third.is_file()
+        else None,
+        family="sd3" if sd3 else ("sdxl" if second.is_file() else "sd"),
     )
 
 
@@ -165,7 +231,17 @@ def architecture_configs(arch: str) -> ArchitectureConfigs:
         )
     if arch == "sdxl":
         second = CLIPTextConfig(**SDXL_TEXT_ENCODER_2)
-        return ArchitectureConfigs(SDXL_UNET, SDXL_VAE, text, SD_SCHEDULER, second)
+        return ArchitectureConfigs(SDXL_UNET, SDXL_VAE, text, SD_SCHEDULER, second, family="sdxl")
+    if arch == "sd35m":
+        return ArchitectureConfigs(
+            SD35M_TRANSFORMER,
+            SD35M_VAE,
+            text,
+            SD3_SCHEDULER,
+            CLIPTextConfig(**SDXL_TEXT_ENCODER_2),
+            T5Config(**SD3_T5_ENCODER),
+            family="sd3",
+        )
     from lowvram_ddpo.models import resolve_model_name
 
     folder = Path(resolve_model_name(arch)).expanduser()
@@ -201,21 +277,32 @@ def building_on(device: str | torch.device, dtype: torch.dtype) -> Iterator[None
         torch.set_default_dtype(default_dtype)
 
 
-def build_components(arch: str, device: str | torch.device, dtype: torch.dtype) -> Components:
-    """Random-weight UNet, VAE and text encoder(s) of ``arch`` on ``device`` (``meta``: no
-    memory)."""
+def build_components(
+    arch: str, device: str | torch.device, dtype: torch.dtype, use_t5: bool = True
+) -> Components:
+    """Random-weight denoiser, VAE and text encoder(s) of ``arch`` on ``device`` (``meta``:
+    no memory); SD 3's T5 only with ``use_t5``."""
     configs = architecture_configs(arch)
+    sd3 = configs.family == "sd3"
     with building_on(device, dtype):
-        unet = UNet2DConditionModel.from_config(configs.unet)
+        unet = (SD3Transformer2DModel if sd3 else UNet2DConditionModel).from_config(configs.unet)
         vae = AutoencoderKL.from_config(configs.vae)
-        text_encoder = CLIPTextModel(configs.text_encoder)
-        second = configs.text_encoder_2
+        text_encoder = (CLIPTextModelWithProjection if sd3 else CLIPTextModel)(configs.text_encoder)
+        second, third = configs.text_encoder_2, configs.text_encoder_3 if use_t5 else None
         text_encoder_2 = None if second is None else CLIPTextModelWithProjection(second)
-    for module in (unet, vae, text_encoder, text_encoder_2):
+        text_encoder_3 = None if third is None else T5EncoderModel(third)
+    for module in (unet, vae, text_encoder, text_encoder_2, text_encoder_3):
         if module is not None:
             module.requires_grad_(False).eval()
     return Components(
-        unet, vae, text_encoder, dict(configs.scheduler), _native_size(configs), text_encoder_2
+        unet,
+        vae,
+        text_encoder,
+        dict(configs.scheduler),
+        _native_size(configs),
+        text_encoder_2,
+        text_encoder_3,
+        configs.family,
     )
 
 
@@ -237,26 +324,42 @@ def likely_native_resolution(model_name: str) -> int:
         folder = Path(resolve_model_name(model_name)).expanduser()
     except UserError:
         folder = Path(model_name)
-    if (folder / "unet" / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+    denoiser = any((folder / sub / "config.json").is_file() for sub in ("unet", "transformer"))
+    if denoiser and (folder / "vae" / "config.json").is_file():
         return _native_size(_folder_configs(folder))
     arch = default_architecture(model_name)
     return native_resolution(arch) if arch in ARCHITECTURES else 512
 
 
 def random_pipeline(arch: str, dtype: torch.dtype, device: str = "cpu"):  # noqa: ANN201
-    """A Stable Diffusion (XL) pipeline of ``arch`` with random weights and byte-level
-    tokenizers built in code: what the memory benchmark trains on a GPU without a download."""
+    """A Stable Diffusion (XL, 3) pipeline of ``arch`` with random weights and byte-level
+    tokenizers built in code: what the memory benchmark trains on a GPU without a download
+    (SD 3 without its T5, whose tokenizer cannot be built offline)."""
     from diffusers import (
         DDIMScheduler,
+        FlowMatchEulerDiscreteScheduler,
         LCMScheduler,
+        StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
     )
 
     from lowvram_ddpo.pocket.tokenizer import build_tokenizer
 
-    parts = build_components(arch, device, dtype)
+    parts = build_components(arch, device, dtype, use_t5=False)
     length = parts.text_encoder.config.max_position_embeddings
+    if parts.family == "sd3":
+        return StableDiffusion3Pipeline(
+            transformer=parts.unet,
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts.scheduler_config),
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            tokenizer=build_tokenizer([], max_length=length),
+            text_encoder_2=parts.text_encoder_2,
+            tokenizer_2=build_tokenizer([], max_length=length),
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
     is_lcm = parts.scheduler_config.get("_class_name") == "LCMScheduler"
     common = dict(
         vae=parts.vae,
@@ -279,13 +382,15 @@ def random_pipeline(arch: str, dtype: torch.dtype, device: str = "cpu"):  # noqa
 
 def default_architecture(model_name: str) -> str:
     """What `bench memory` builds for a preset's model without downloading it: the shipped
-    pocket models themselves, SDXL's shape for names with "xl", SD 1.5's for anything else
-    (LCM-shaped for LCMs)."""
+    pocket models themselves, SD 3.5 Medium's shape for SD 3 names, SDXL's for names with
+    "xl", SD 1.5's for anything else (LCM-shaped for LCMs)."""
     from lowvram_ddpo.models import MODEL_ALIASES
 
     if model_name in MODEL_ALIASES:
         return model_name
     name = model_name.lower()
+    if any(tag in name for tag in ("stable-diffusion-3", "sd3", "sd35", "sd-3")):
+        return "sd35m"
     if "xl" in name:
         return "sdxl"
     return "sd15-lcm" if "lcm" in name else "sd15"

@@ -67,6 +67,10 @@ class ModelConfig:
     """Module names the LoRA goes on; empty: the model's own (a UNet's attention
     projections; SD 3.x's joint attention, its text projections included)."""
     allow_tf32: bool = True
+    use_t5: bool = True
+    """SD 3.x: load its T5-XXL text encoder (4.8 B parameters). false: without it (its
+    tokens are zeros, as diffusers runs SD 3 without T5): far less memory, prompts
+    followed less closely (long ones most)."""
 
 
 @dataclass

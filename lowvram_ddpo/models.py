@@ -30,7 +30,11 @@ def _looks_like_path(name: str) -> bool:
 
 
 POCKET_DIR = Path(__file__).parent / "pocket" / "weights"
-MODEL_ALIASES = {"pocket": POCKET_DIR / "pocket-sd", "pocket-lcm": POCKET_DIR / "pocket-lcm"}
+MODEL_ALIASES = {
+    "pocket": POCKET_DIR / "pocket-sd",
+    "pocket-lcm": POCKET_DIR / "pocket-lcm",
+    "pocket-flow": POCKET_DIR / "pocket-flow",  # SD 3's architecture (pocket/train_flow.py)
+}
 """Names that stand for model folders shipped inside the package (see ``lowvram_ddpo.pocket``)."""
 
 
@@ -136,12 +140,14 @@ def load_pipeline(
     revision: str = "",
     quantize: str = "none",
     lcm_lora: str = "",
+    use_t5: bool = True,
 ) -> DiffusionPipeline:
-    """Load a Stable Diffusion (1.x/2.x, or SDXL: ``pipeline_class``) pipeline from a local
-    folder, a hub id or a shipped alias (``pocket``, ``pocket-lcm``), without safety
-    checker; with ``quantize`` the UNet's
+    """Load a Stable Diffusion (1.x/2.x, SDXL or 3.x: ``pipeline_class``) pipeline from a
+    local folder, a hub id or a shipped alias (``pocket``, ``pocket-lcm``, ``pocket-flow``),
+    without safety checker; with ``quantize`` the UNet's
     Linear weights are loaded in int8 or nf4 (bitsandbytes); ``lcm_lora`` fuses an
-    LCM-LoRA into the UNet (SD 1.5 + LCM-LoRA as a few-step model).
+    LCM-LoRA into the UNet (SD 1.5 + LCM-LoRA as a few-step model); ``use_t5`` false
+    leaves SD 3's T5 text encoder unloaded.
 
     Errors a user can fix (missing folder, not a diffusers folder, offline hub) become
     a one-line ``UserError``.
@@ -162,7 +168,7 @@ def load_pipeline(
         raise UserError(
             "model.lcm_lora cannot be fused into a quantised UNet: set memory.quantize=none"
         )
-    pipe = _from_pretrained(name, source, dtype, revision, quantize)
+    pipe = _from_pretrained(name, source, dtype, revision, quantize, use_t5)
     if lcm_lora:
         fuse_lcm_lora(pipe, lcm_lora)
     return pipe
@@ -248,7 +254,7 @@ def cast_4bit_inputs_like_autocast(model: torch.nn.Module) -> int:
 
 
 def _from_pretrained(
-    name: str, source: str, dtype: torch.dtype, revision: str, quantize: str
+    name: str, source: str, dtype: torch.dtype, revision: str, quantize: str, use_t5: bool
 ) -> DiffusionPipeline:
     parts: dict[str, object] = {}
     try:
@@ -259,6 +265,8 @@ def _from_pretrained(
             if quantize != "none":
                 raise UserError("memory.quantize is not supported for SD 3.x yet: set none")
             parts |= absent_components(pipeline_index(source, revision))
+            if not use_t5:  # never read from disk: 9.5 GB saved in fp16
+                parts |= {"text_encoder_3": None, "tokenizer_3": None}
         else:
             parts |= {"safety_checker": None, "requires_safety_checker": False}
         if quantize != "none":

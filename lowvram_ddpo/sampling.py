@@ -16,7 +16,7 @@ from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.lora_export import LORA_WEIGHTS_NAME
 from lowvram_ddpo.models import DTYPES, load_pipeline, show_loading_bars
-from lowvram_ddpo.policy import build_policy, sampler_for
+from lowvram_ddpo.policy import DEFAULT_NOISE_LEVEL, build_policy, sampler_for
 from lowvram_ddpo.preflight import native_resolution_of
 from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards
 from lowvram_ddpo.rollout import render
@@ -125,13 +125,17 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     dtype = DTYPES["fp16"] if on_gpu else DTYPES["no"]
     lcm_lora = run.model.lcm_lora if run and not request.model else ""
     show_loading_bars(request.progress)
-    pipe = load_pipeline(model, dtype, lcm_lora=lcm_lora).to(device)
+    use_t5 = run.model.use_t5 if run else True
+    pipe = load_pipeline(model, dtype, lcm_lora=lcm_lora, use_t5=use_t5).to(device)
     # like diffusers: without a run or a flag, the size the model was trained at
     resolution = resolution or native_resolution_of(pipe)
     kind = sampler_for(defaults.sampler, pipe.scheduler.config, pipe.unet.config)
     fallback = LCM_DEFAULT_STEPS if kind == "lcm" and not run else defaults.num_steps
     steps = fallback if request.steps is None else request.steps
-    policy = build_policy(kind, pipe.scheduler.config, pipe.unet.config, steps, request.eta)
+    noise_level = run.sample.noise_level if run else DEFAULT_NOISE_LEVEL
+    policy = build_policy(
+        kind, pipe.scheduler.config, pipe.unet.config, steps, request.eta, noise_level
+    )
     negative = encode_negative(pipe, negative_prompt)
     cache = PromptCache()  # each prompt encoded once for every seed and panel
 

@@ -50,9 +50,17 @@ class TextEmbeds:
         return TextEmbeds(hidden, torch.cat([p.pooled for p in parts]))  # type: ignore[misc]
 
 
-SD3_MAX_SEQUENCE_LENGTH = 128
+SD3_T5_TOKENS = 128
 """T5 tokens per SD 3.x prompt (Flow-GRPO's setting; diffusers' default is 256): RL prompts
 are short, and every token is attended to at every step."""
+
+
+def sd3_sequence_length(pipe) -> int:  # noqa: ANN001
+    """T5's token count; without T5 its tokens are zeros, as many as CLIP's (77): the T5
+    context SD3 was trained with, and what it saw when T5 was dropped in training."""
+    if getattr(pipe, "text_encoder_3", None) is not None:
+        return SD3_T5_TOKENS
+    return int(pipe.tokenizer.model_max_length)
 
 
 def is_sd3(pipe) -> bool:  # noqa: ANN001
@@ -104,7 +112,8 @@ def encode_text(pipe, prompts: list[str]) -> TextEmbeds:  # noqa: ANN001
 def encode_sd3_text(pipe, prompts: list[str]) -> TextEmbeds:  # noqa: ANN001
     """SD 3.x's conditioning, by its pipeline's own ``encode_prompt``: CLIP-L and CLIP-G
     penultimate states side by side, then T5's tokens (zeros when the folder has no T5:
-    diffusers' way of running without it), and the two CLIPs' pooled embeddings."""
+    diffusers' way of running without it, ``sd3_sequence_length``), and the two CLIPs'
+    pooled embeddings."""
     device = next(pipe.text_encoder.parameters()).device
     hidden, _, pooled, _ = pipe.encode_prompt(
         prompt=prompts,
@@ -112,7 +121,7 @@ def encode_sd3_text(pipe, prompts: list[str]) -> TextEmbeds:  # noqa: ANN001
         prompt_3=None,
         device=device,
         do_classifier_free_guidance=False,
-        max_sequence_length=SD3_MAX_SEQUENCE_LENGTH,
+        max_sequence_length=sd3_sequence_length(pipe),
     )
     return TextEmbeds(hidden, pooled)
 

@@ -165,6 +165,7 @@ class Trainer:
                 cfg.model.revision,
                 quantize=m.quantize,
                 lcm_lora=cfg.model.lcm_lora,
+                use_t5=cfg.model.use_t5,
             )
         )
         self.pipe.set_progress_bar_config(disable=True)

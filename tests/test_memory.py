@@ -165,8 +165,10 @@ def _arch(config) -> str:  # noqa: ANN001
     return default_architecture(config.model.name)
 
 
-PRESET_BUDGETS = {"sdxl": 8 * GB - CUDA_CONTEXT_BYTES}
-"""SD 1.5 presets: 6 GB (the memory issue's budget); SDXL presets: an 8 GB card."""
+PRESET_BUDGETS = {"sdxl": 8 * GB - CUDA_CONTEXT_BYTES, "sd35m": 8 * GB - CUDA_CONTEXT_BYTES}
+"""SD 1.5 presets: 6 GB (the memory issue's budget); SDXL presets: an 8 GB card; SD 3.5
+Medium presets: an 8 GB card as shipped (the flow-matching issue asks 12 GB as shipped and
+8 GB with --vram 8GB: both hold when the shipped settings fit 8 GB)."""
 
 
 @pytest.mark.parametrize("preset", sorted(list_presets()))

@@ -83,10 +83,10 @@ def test_sd3_prompts_are_encoded_as_its_pipeline_does(sd3_dir):
     pipe = load_pipeline(str(sd3_dir))
     embeds = encode_text(pipe, ["a cat", "a dog"])
     hidden, _, pooled, _ = pipe.encode_prompt(
-        ["a cat", "a dog"], None, None, do_classifier_free_guidance=False, max_sequence_length=128
+        ["a cat", "a dog"], None, None, do_classifier_free_guidance=False, max_sequence_length=16
     )
     assert torch.equal(embeds.hidden, hidden) and torch.equal(embeds.pooled, pooled)
-    assert embeds.hidden.shape[1] == 16 + 128  # CLIP tokens, then T5's (zeros without T5)
+    assert embeds.hidden.shape[1] == 16 + 16  # CLIP's tokens, then as many T5 zeros (no T5)
     negative = encode_negative(pipe, "")
     assert negative.hidden.shape[1:] == embeds.hidden.shape[1:] and negative.pooled is not None
 
@@ -199,3 +199,15 @@ def test_grpo_trains_sd3_on_groups_of_one_prompt(sd3_dir, tmp_path):
         assert signal.view(4, 4).sum(dim=1).abs().max() < 1e-4  # centred within each group
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["kl_to_base"] > 0 and all(m["grad_norm"] > 0 for m in metrics)
+
+
+def test_sd35_medium_is_estimated_from_its_real_shapes():
+    from lowvram_ddpo.architectures import build_components
+
+    parts = build_components("sd35m", "meta", torch.float16)
+    count = sum(p.numel() for p in parts.unet.parameters())
+    assert 2.2e9 < count < 2.6e9  # the MMDiT-X transformer (2.5 B with its embeddings)
+    assert 4.7e9 < sum(p.numel() for p in parts.text_encoder_3.parameters()) < 4.8e9  # T5-XXL
+    assert parts.vae.config.latent_channels == 16 and parts.family == "sd3"
+    without = build_components("sd35m", "meta", torch.float16, use_t5=False)
+    assert without.text_encoder_3 is None and len(without.text_encoders) == 2

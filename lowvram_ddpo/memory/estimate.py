@@ -35,7 +35,7 @@ from lowvram_ddpo.models import DTYPES, make_trainable, trainable_parameters, us
 from lowvram_ddpo.policy import Conditioning, PolicyStep, build_policy
 from lowvram_ddpo.rewards import ModelReward, reward_with_random_weights
 from lowvram_ddpo.rollout import Trajectories, decodes_in_fp32
-from lowvram_ddpo.text_encoding import TextEmbeds, micro_conditioning
+from lowvram_ddpo.text_encoding import SD3_T5_TOKENS, TextEmbeds, micro_conditioning
 
 T = TypeVar("T")
 
@@ -73,13 +73,13 @@ class MetaRun:
     def __post_init__(self) -> None:
         cfg = self.config
         self.dtype = DTYPES[cfg.model.mixed_precision]
-        self.parts = build_components(self.arch, "meta", self.dtype)
+        self.parts = build_components(self.arch, "meta", self.dtype, cfg.model.use_t5)
         unet = self.parts.unet
         # full fine-tuning (rank 0): fp32 master weights, autocast runs the matmuls in fp16
         make_trainable(unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
         s = cfg.sample
         self.policy = build_policy(
-            s.sampler, self.parts.scheduler_config, unet.config, s.num_steps, s.eta
+            s.sampler, self.parts.scheduler_config, unet.config, s.num_steps, s.eta, s.noise_level
         )
 
     @property
@@ -112,18 +112,39 @@ class MetaRun:
         scale = 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
         return (self.parts.unet.config.in_channels, resolution // scale, resolution // scale)
 
+    @property
+    def sd3(self) -> bool:
+        return self.parts.family == "sd3"
+
+    def token_counts(self) -> list[int]:
+        """Tokens per prompt of each text encoder: CLIP's 77; SD 3's T5 as many as
+        ``text_encoding.sd3_sequence_length`` gives it."""
+        clip = self.parts.text_encoder.config.max_position_embeddings
+        counts = [clip for e in (self.parts.text_encoder, self.parts.text_encoder_2) if e]
+        return counts + ([SD3_T5_TOKENS] if self.parts.text_encoder_3 is not None else [])
+
     def text_shape(self) -> tuple[int, int]:
-        """(tokens, width) of the UNet's text conditioning (SDXL: both encoders' widths)."""
-        length = self.parts.text_encoder.config.max_position_embeddings
-        return length, self.parts.unet.config.cross_attention_dim
+        """(tokens, width) of the denoiser's text conditioning: SDXL's two encoders side by
+        side; SD 3's CLIPs side by side, then T5's tokens (zeros without T5)."""
+        clip = self.parts.text_encoder.config.max_position_embeddings
+        if not self.sd3:
+            return clip, self.parts.unet.config.cross_attention_dim
+        t5 = SD3_T5_TOKENS if self.parts.text_encoder_3 is not None else clip
+        return clip + t5, self.parts.unet.config.joint_attention_dim
+
+    def pooled_width(self) -> int | None:
+        if self.sd3:
+            return self.parts.unet.config.pooled_projection_dim
+        second = self.parts.text_encoder_2
+        return None if second is None else second.config.projection_dim
 
     def text_embeds(self, batch: int, device: str = "meta") -> TextEmbeds:
         length, width = self.text_shape()
         hidden = torch.zeros(batch, length, width, device=device, dtype=self.dtype)
-        second = self.parts.text_encoder_2
-        if second is None:
+        pooled_width = self.pooled_width()
+        if pooled_width is None:
             return TextEmbeds(hidden)
-        pooled = torch.zeros(batch, second.config.projection_dim, device=device, dtype=self.dtype)
+        pooled = torch.zeros(batch, pooled_width, device=device, dtype=self.dtype)
         return TextEmbeds(hidden, pooled)
 
     def time_ids(self) -> Tensor | None:
@@ -131,7 +152,7 @@ class MetaRun:
 
     @property
     def upcasts_vae(self) -> bool:
-        return decodes_in_fp32(self.parts.vae, sdxl=self.parts.text_encoder_2 is not None)
+        return decodes_in_fp32(self.parts.vae, sdxl=self.parts.family == "sdxl")
 
     def _conditioning(self, batch: int, guidance: float) -> Conditioning:
         text = self.text_embeds(batch)
@@ -141,15 +162,20 @@ class MetaRun:
 
     def encode_prompts(self, batch: int) -> int:
         """Every text encoder in turn, their outputs kept until the last has run."""
-        length, _ = self.text_shape()
-        ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
-        sdxl = self.parts.text_encoder_2 is not None
+        several = len(self.parts.text_encoders) > 1  # SDXL, SD 3 read a hidden layer
+        encoders = list(zip(self.parts.text_encoders, self.token_counts(), strict=True))
 
         def work() -> list:
-            return [e(ids, output_hidden_states=sdxl)[0] for e in self.parts.text_encoders]
+            return [
+                e(
+                    torch.zeros(batch, n, dtype=torch.long, device="meta"),
+                    output_hidden_states=several,
+                )[0]
+                for e, n in encoders
+            ]
 
         with torch.no_grad():
-            return self.measure(("encode", len(ids)), work)
+            return self.measure(("encode", batch), work)
 
     def denoising_step(self, batch: int, guidance: float) -> int:
         """One denoising step of a sampling batch (classifier-free guidance, when the policy
@@ -297,7 +323,9 @@ def meta_run(config: Config, arch: str) -> MetaRun:
         config.sample.sampler,
         config.sample.num_steps,
         config.sample.eta,
+        config.sample.noise_level,
         config.sample.resolution,
+        m.use_t5,
     )
     run = _RECENT_RUNS.pop(key, None) or MetaRun(copy.deepcopy(config), arch)
     _RECENT_RUNS[key] = run  # the most recently used last: the least recently used goes

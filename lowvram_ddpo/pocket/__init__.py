@@ -23,7 +23,7 @@ def save_pipeline_half(pipe, folder: Path) -> None:  # noqa: ANN001  (a diffuser
     transformers 5 loads a text encoder in the dtype its config names, which would leave
     an fp16 text encoder beside an fp32 UNet (a dtype error in plain diffusers)."""
     pipe.to(torch.float16).save_pretrained(folder)
-    config_path = Path(folder) / "text_encoder" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["dtype"] = "float32"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for config_path in Path(folder).glob("text_encoder*/config.json"):  # SD3 has two
+        config = json.loads(config_path.read_text())
+        config["dtype"] = "float32"
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

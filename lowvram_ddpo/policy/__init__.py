@@ -39,6 +39,7 @@ def build_policy(
 
 
 __all__ = [
+    "DEFAULT_NOISE_LEVEL",
     "SAMPLERS",
     "Conditioning",
     "DDIMPolicy",
