@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,6 +58,9 @@ class TrainerState:
     epochs_done: int
     stat_tracker: dict
     rng: dict[str, torch.Tensor]
+    algorithm: dict[str, torch.Tensor] = field(default_factory=dict)
+    """An algorithm's own tensors (DiffusionNFT's sampling weights); empty for the rest."""
+    optimizer_steps: int = 0
 
 
 def rng_states() -> dict[str, torch.Tensor]:
@@ -81,6 +84,8 @@ def save_checkpoint(
     epochs_done: int,
     stat_tracker: dict,
     keep: int = 2,
+    algorithm: dict[str, torch.Tensor] | None = None,
+    optimizer_steps: int = 0,
 ) -> Path:
     """Write ``checkpoints/epoch-NNNN`` atomically and point ``latest.json`` at it.
     Weights that are not finite are refused before anything is written or rotated out."""
@@ -92,7 +97,9 @@ def save_checkpoint(
     tmp, final = root / f".tmp-{name}", root / name
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_checkpoint_files(tmp, unet, optimizer, epochs_done, stat_tracker)
+        state = {"epochs_done": epochs_done, "stat_tracker": stat_tracker}
+        state["optimizer_steps"] = optimizer_steps
+        _write_checkpoint_files(tmp, unet, optimizer, state, algorithm or {})
     except BaseException:  # disk full, killed...: leave no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -113,19 +120,19 @@ def _write_checkpoint_files(
     tmp: Path,
     unet: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    epochs_done: int,
-    stat_tracker: dict,
+    state: dict,
+    algorithm: dict[str, torch.Tensor],
 ) -> None:
     tmp.mkdir()
     if has_lora(unet):
         save_file(adapter_state_dict(unet), tmp / ADAPTER_FILE)
         save_lora_for_diffusers(unet, tmp)
         if has_kohya_layout(unet):
-            save_kohya_lora(unet, tmp, epochs_done)
+            save_kohya_lora(unet, tmp, state["epochs_done"])
     else:
         unet.save_pretrained(tmp / FULL_UNET_DIR)
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states()}, tmp / OPTIMIZER_FILE)
-    state = {"epochs_done": epochs_done, "stat_tracker": stat_tracker}
+    blob = {"optimizer": optimizer.state_dict(), "rng": rng_states(), "algorithm": algorithm}
+    torch.save(blob, tmp / OPTIMIZER_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(state))
 
 
@@ -174,7 +181,13 @@ def load_checkpoint(
     blob = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     state = json.loads((folder / STATE_FILE).read_text())
-    return TrainerState(state["epochs_done"], state["stat_tracker"], blob["rng"])
+    return TrainerState(
+        state["epochs_done"],
+        state["stat_tracker"],
+        blob["rng"],
+        blob.get("algorithm", {}),  # checkpoints before NFT have none
+        state.get("optimizer_steps", 0),
+    )
 
 
 EXPORT_FORMATS = ("kohya", "diffusers")

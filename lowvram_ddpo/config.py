@@ -22,8 +22,10 @@ else:  # pragma: no cover
 
 from lowvram_ddpo.errors import UserError
 
-ALGORITHMS = ("ddpo-is", "ddpo-sf", "grpo", "rwr", "sparse-rwr")
+ALGORITHMS = ("ddpo-is", "ddpo-sf", "grpo", "nft", "rwr", "sparse-rwr")
 POLICY_GRADIENT = ("ddpo-is", "ddpo-sf", "grpo")
+FLOW_ALGORITHMS = (*POLICY_GRADIENT, "nft")
+"""What trains flow-matching models (RWR's denoising loss is written for DDPM schedules)."""
 """The algorithms that train on the sampled steps' log-probs (any policy, KL guard too)."""
 REWARD_NAMES = (
     "aesthetic",
@@ -138,7 +140,8 @@ class SampleConfig:
 class TrainConfig:
     algorithm: str = "ddpo-is"
     """ddpo-is (PPO clip), ddpo-sf (REINFORCE), grpo (PPO clip on advantages normalised
-    within groups of sample.group_size images of one prompt: Flow-GRPO), rwr, sparse-rwr."""
+    within groups of sample.group_size images of one prompt: Flow-GRPO), nft (DiffusionNFT,
+    flow models: trains on the final images only), rwr, sparse-rwr."""
     learning_rate: float = 3e-4
     batch_size: int = 4
     """Training micro-batch (samples per forward/backward), per process."""
@@ -147,9 +150,10 @@ class TrainConfig:
     inner_epochs: int = 1
     clip_range: float = 1e-4
     kl_coef: float = 0.0
-    """A guard against reward hacking (DDPO-IS/SF with LoRA): add kl_coef x the KL of each
-    trained denoising step to the base model's (the UNet with its adapters off), averaged
-    over latent dims as the log-prob is. 0: off."""
+    """A guard against reward hacking (DDPO-IS/SF, GRPO, NFT; with LoRA): add kl_coef x
+    the KL of each trained denoising step to the base model's (the UNet with its adapters
+    off), averaged over latent dims as the log-prob is; for NFT the squared velocity gap
+    to the base (its train.beta, 1e-4). 0: off."""
     adv_clip_max: float = 5.0
     max_grad_norm: float = 1.0
     max_skipped_steps: int = 5
@@ -160,6 +164,9 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-4
     adam_epsilon: float = 1e-8
+    nft_beta: float = 1.0
+    """DiffusionNFT's beta: how far the implicit positive/negative policies step from the
+    sampling policy (1: its default; 0.1 for its OCR and multi-reward runs)."""
     rwr_beta: float = 1.0
     """RWR inverse temperature, applied to the normalised advantages."""
     sparse_rwr_percentile: float = 90.0
@@ -496,6 +503,12 @@ def validate(config: Config) -> None:
             f"unknown algorithm '{t.algorithm}': use one of {', '.join(ALGORITHMS)}",
         ),
         (s.group_size >= 1, f"sample.group_size must be >= 1 (got {s.group_size})"),
+        (t.nft_beta > 0, f"train.nft_beta must be > 0 (got {t.nft_beta})"),
+        (
+            t.algorithm != "nft" or config.model.lora_rank > 0,
+            "train.algorithm=nft needs LoRA (model.lora_rank > 0): its sampling policy is a "
+            "second copy of the LoRA weights",
+        ),
         (
             (s.batch_size * s.batches_per_epoch) % max(s.group_size, 1) == 0,
             f"sample.group_size {s.group_size} must divide the epoch's images per process "
@@ -534,9 +547,9 @@ def validate(config: Config) -> None:
         (0 < t.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]"),
         (t.kl_coef >= 0 and math.isfinite(t.kl_coef), "train.kl_coef must be >= 0"),
         (
-            t.kl_coef == 0 or t.algorithm in POLICY_GRADIENT,
-            "train.kl_coef needs a policy-gradient algorithm (ddpo-is or ddpo-sf): RWR has "
-            "no per-step policy to compare",
+            t.kl_coef == 0 or t.algorithm in (*POLICY_GRADIENT, "nft"),
+            "train.kl_coef needs ddpo-is, ddpo-sf, grpo or nft: RWR has no per-step policy "
+            "to compare",
         ),
         (
             t.kl_coef == 0 or config.model.lora_rank > 0,

@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,13 @@ from lowvram_ddpo.algorithms import (
     rwr_weights,
     sparse_rwr_weights,
 )
-from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss, reward_weighted_loss
+from lowvram_ddpo.algorithms.nft import SamplingWeights, old_policy_decay, optimality
+from lowvram_ddpo.algorithms.steps import (
+    MicroBatch,
+    nft_loss,
+    policy_gradient_loss,
+    reward_weighted_loss,
+)
 from lowvram_ddpo.atomic import write_text_atomic
 from lowvram_ddpo.checkpoint import (
     check_epochs_left,
@@ -39,7 +45,7 @@ from lowvram_ddpo.checkpoint import (
     restore_rng_states,
     save_checkpoint,
 )
-from lowvram_ddpo.config import Config, dump_toml
+from lowvram_ddpo.config import FLOW_ALGORITHMS, Config, dump_toml
 from lowvram_ddpo.device_transfer import to_device
 from lowvram_ddpo.divergence import DivergenceGuard, NonFiniteTraining
 from lowvram_ddpo.epoch_metrics import TrainingTotals, format_metric
@@ -133,10 +139,16 @@ class Trainer:
             s.eta,
             s.noise_level,
         )
-        if isinstance(self.policy, FlowSDEPolicy) and cfg.train.algorithm not in POLICY_GRADIENT:
+        flow = isinstance(self.policy, FlowSDEPolicy)
+        if flow and cfg.train.algorithm not in FLOW_ALGORITHMS:
             raise UserError(
                 f"train.algorithm={cfg.train.algorithm} is not available for flow-matching "
-                f"models (SD 3.x) yet: use {' or '.join(POLICY_GRADIENT)}"
+                f"models (SD 3.x) yet: use {', '.join(FLOW_ALGORITHMS)}"
+            )
+        if cfg.train.algorithm == "nft" and not flow:
+            raise UserError(
+                "train.algorithm=nft trains flow-matching models (SD 3.x, pocket-flow): use "
+                "ddpo-is, grpo or rwr for this model"
             )
         self.tracker = PerPromptStatTracker(
             cfg.stats.buffer_size, cfg.stats.min_count, cfg.stats.per_prompt
@@ -202,6 +214,11 @@ class Trainer:
             skip_lora_input_casts(self.pipe.unet)
         if m.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
+        # DiffusionNFT samples with a lagging copy of the LoRA weights
+        self.sampling_weights = (
+            SamplingWeights(self.params) if cfg.train.algorithm == "nft" else None
+        )
+        self.optimizer_steps_done = 0
         optimizer, self.optimizer_kind = build_optimizer(self.params, cfg.train, m.optimizer)
         self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, optimizer)
         note = compile_unet(self.pipe.unet, cfg.speed.compile, self.accelerator.device)
@@ -267,6 +284,9 @@ class Trainer:
         self.phase = "training"
         with self.meter.phase("training"):
             train_metrics = self.train_on(samples, advantages, epoch)
+        self.optimizer_steps_done += train_metrics["optimizer_steps"]
+        if self.sampling_weights is not None:  # NFT's sampling policy follows the trained one
+            self.sampling_weights.follow(old_policy_decay(self.optimizer_steps_done))
         seconds["seconds_training"] = time.perf_counter() - started
         evaluation = self.evaluate(epoch)
         seconds["seconds_epoch"] = time.perf_counter() - epoch_started
@@ -386,6 +406,11 @@ class Trainer:
         state = load_checkpoint(folder, self.accelerator.unwrap_model(self.unet), self.optimizer)
         check_epochs_left(self.run_dir, state.epochs_done, self.config.run.epochs)
         self.tracker.load_state_dict(state.stat_tracker)
+        self.optimizer_steps_done = state.optimizer_steps
+        if self.sampling_weights is not None:
+            if not state.algorithm:
+                raise UserError(f"{folder} has no DiffusionNFT sampling weights: not an nft run")
+            self.sampling_weights.load(state.algorithm)
         restore_rng_states(state.rng)
         if self.is_main:
             _truncate_metrics(self.run_dir / "metrics.jsonl", state.epochs_done)
@@ -427,7 +452,7 @@ class Trainer:
                     grouped = grouped if grouped is not None else self.group_picks(generator)
                     picks = grouped[k * cfg.sample.batch_size : (k + 1) * cfg.sample.batch_size]
                 prompts = [self.prompts[i] for i in picks]
-                with self.meter.phase("sampling"), acc.autocast():
+                with self.meter.phase("sampling"), acc.autocast(), self.sampling_policy():
                     batch = sample_trajectories(
                         self.pipe,
                         unet,
@@ -452,6 +477,10 @@ class Trainer:
             self.phase = "scoring rewards"
             rewards = [future.result() for future in pending]
         return Trajectories.cat(batches), torch.cat(rewards), seconds
+
+    def sampling_policy(self) -> AbstractContextManager:
+        """The weights that sample: the trained ones, or NFT's lagging copy."""
+        return nullcontext() if self.sampling_weights is None else self.sampling_weights.in_use()
 
     def group_picks(self, generator: torch.Generator) -> torch.Tensor:
         """The prompt index of each of the epoch's images, group_size images per prompt;
@@ -501,12 +530,14 @@ class Trainer:
         acc, t = self.accelerator, self.config.train
         all_rewards = acc.gather(rewards.to(acc.device)).cpu()
         all_prompts = gather_object(list(prompts)) if acc.num_processes > 1 else list(prompts)
-        if t.algorithm == "grpo":
+        if t.algorithm == "grpo" or (t.algorithm == "nft" and self.config.sample.group_size > 1):
             normalised = group_advantages(all_prompts, all_rewards, self.config.stats.global_std)
         else:
             normalised = self.tracker.update(all_prompts, all_rewards)
         advantages = clip_advantages(normalised, t.adv_clip_max)
-        if t.algorithm == "rwr":
+        if t.algorithm == "nft":
+            signal = optimality(advantages, t.adv_clip_max)
+        elif t.algorithm == "rwr":
             signal = rwr_weights(advantages, t.rwr_beta)
         elif t.algorithm == "sparse-rwr":
             signal = sparse_rwr_weights(advantages, t.sparse_rwr_percentile)
@@ -598,6 +629,20 @@ class Trainer:
                 cfg.train.clip_range,
                 cfg.train.kl_coef,
             )
+        if cfg.train.algorithm == "nft":
+            assert self.sampling_weights is not None and isinstance(self.policy, FlowSDEPolicy)
+            return nft_loss(
+                self.unet,
+                self.policy,
+                samples,
+                batch,
+                signal,
+                generator,
+                self.sampling_weights,
+                cfg.train.nft_beta,
+                cfg.train.adv_clip_max,
+                cfg.train.kl_coef,
+            )
         return reward_weighted_loss(
             self.unet, self.policy.scheduler, samples, batch, signal, generator
         )
@@ -632,6 +677,8 @@ class Trainer:
                 done,
                 self.tracker.state_dict(),
                 self.config.run.keep_checkpoints,
+                algorithm=self.sampling_weights.state() if self.sampling_weights else None,
+                optimizer_steps=self.optimizer_steps_done,
             )
 
     def epoch_line(self, metrics: dict, time_left: str = "") -> str:

@@ -211,3 +211,42 @@ def test_sd35_medium_is_estimated_from_its_real_shapes():
     assert parts.vae.config.latent_channels == 16 and parts.family == "sd3"
     without = build_components("sd35m", "meta", torch.float16, use_t5=False)
     assert without.text_encoder_3 is None and len(without.text_encoders) == 2
+
+
+def test_nft_trains_sd3_from_final_images_and_resumes_its_sampling_policy(sd3_dir, tmp_path):
+    """DiffusionNFT through the CLI: CFG-free, groups of 4, the velocity guard to the base;
+    its sampling policy (a lagging copy of the LoRA) is in the checkpoint and comes back."""
+    from lowvram_ddpo.checkpoint import OPTIMIZER_FILE
+
+    preset = tmp_path / "sd3.toml"
+    preset.write_text(SD3_PRESET.format(model=sd3_dir))
+    run_dir = tmp_path / "run"
+    settings = ["train.algorithm=nft", "sample.group_size=4", "sample.guidance_scale=1.0",
+                "train.kl_coef=1e-4", "prompts.prompts=a cat,a dog,a fox,an owl"]  # fmt: skip
+    args = ["train", "--preset", str(preset), "--output", str(run_dir), "--log-with", "none"]
+    args += [a for s in settings for a in ("--set", s)]
+    runner = CliRunner()
+    result = runner.invoke(app, [*args, "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["train", "--resume", str(run_dir), "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert "resumed" in result.output
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert all(m["grad_norm"] > 0 and m["kl_to_base"] >= 0 for m in metrics)
+    assert "approx_kl" not in metrics[0] or metrics[0]["approx_kl"] is None  # no log-probs
+    blob = torch.load(run_dir / "checkpoints" / "epoch-0002" / OPTIMIZER_FILE, weights_only=True)
+    old = blob["algorithm"]
+    adapter = load_file(run_dir / "checkpoints" / "epoch-0002" / ADAPTER_FILE)
+    assert len(old) == len(adapter) > 0
+    trained = torch.cat([t.flatten() for t in adapter.values()])
+    lagging = torch.cat([old[f"nft_old.{i}"].flatten() for i in range(len(old))])
+    assert trained.numel() == lagging.numel() and torch.isfinite(lagging).all()
+
+
+def test_nft_is_refused_for_a_unet_model(tiny_preset, tmp_path):
+    result = CliRunner().invoke(
+        app, ["train", "--preset", str(tiny_preset), "--set", "train.algorithm=nft",
+              "--output", str(tmp_path / "run")],
+    )  # fmt: skip
+    assert result.exit_code != 0 and "trains flow-matching models" in result.output

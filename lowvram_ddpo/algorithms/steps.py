@@ -4,11 +4,15 @@ one (sampled) timestep, with the UNet's forward pass inside.
 - policy gradient (DDPO-IS, DDPO-SF): re-score the stored action ``x_{k+1}`` under
   the current weights and compare with the log-prob recorded while sampling;
 - reward weighted (RWR, sparse RWR): the denoising loss on the model's own final
-  samples at a random timestep, weighted per sample.
+  samples at a random timestep, weighted per sample;
+- DiffusionNFT (flow models): the model's own final samples re-noised at one of the
+  sampler's noise levels, its velocity against the sampling policy's (``nft.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +24,10 @@ from lowvram_ddpo.algorithms.losses import (
     score_function_loss,
     weighted_denoising_loss,
 )
+from lowvram_ddpo.algorithms.nft import SamplingWeights, nft_objective
 from lowvram_ddpo.device_transfer import to_device
-from lowvram_ddpo.policy import Conditioning, GaussianStep, PolicyStep
+from lowvram_ddpo.policy import Conditioning, FlowSDEPolicy, GaussianStep, PolicyStep
+from lowvram_ddpo.policy.flow_sde import flow_model_output
 from lowvram_ddpo.rollout import Trajectories
 from lowvram_ddpo.text_encoding import TextEmbeds
 
@@ -85,18 +91,25 @@ def policy_gradient_loss(
     return loss, metrics
 
 
-def base_model_step(
-    unet: torch.nn.Module, policy: PolicyStep, x_t: Tensor, timesteps: Tensor, cond: Conditioning
-) -> GaussianStep:
-    """The step the base model takes: the same UNet with its LoRA adapters switched off
-    (no second copy in memory), without gradients."""
+@contextmanager
+def base_model(unet: torch.nn.Module) -> Iterator[None]:
+    """The base model inside the block: the same network with its LoRA adapters switched
+    off (no second copy in memory), without gradients."""
     model = getattr(unet, "module", unet)  # under DistributedDataParallel
     with torch.no_grad():
         model.disable_adapters()
         try:
-            return policy(unet, x_t, timesteps, cond)
+            yield
         finally:
             model.enable_adapters()
+
+
+def base_model_step(
+    unet: torch.nn.Module, policy: PolicyStep, x_t: Tensor, timesteps: Tensor, cond: Conditioning
+) -> GaussianStep:
+    """The step the base model takes (``base_model``)."""
+    with base_model(unet):
+        return policy(unet, x_t, timesteps, cond)
 
 
 def denoising_target(scheduler: DDIMScheduler, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -127,3 +140,44 @@ def reward_weighted_loss(
     cond = _conditioning(trajectories, batch, None, 1.0, device)
     prediction = unet(noisy, t, **cond.unet_kwargs()).sample
     return weighted_denoising_loss(prediction, target, weights[batch.samples].to(device))
+
+
+def nft_loss(
+    unet: torch.nn.Module,
+    policy: FlowSDEPolicy,
+    trajectories: Trajectories,
+    batch: MicroBatch,
+    r: Tensor,
+    generator: torch.Generator,
+    sampling_weights: SamplingWeights,
+    beta: float,
+    adv_clip_max: float,
+    kl_coef: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DiffusionNFT's loss for a micro-batch, each sample re-noised at the noise level of
+    its step ``batch.steps`` with fresh noise (no guidance: NFT trains CFG-free); with
+    ``kl_coef`` plus ``kl_coef`` x the squared velocity gap to the base model (its
+    ``train.beta``), logged as ``kl_to_base``."""
+    device = next(p for p in unet.parameters() if p.requires_grad).device
+    x0 = trajectories.latents[batch.samples, -1].to(device)
+    timesteps = trajectories.timesteps[batch.steps].to(device)
+    sigma = policy.step_coefficients(timesteps)[0]
+    noise = to_device(torch.randn(x0.shape, generator=generator), device)  # CPU draw: any device
+    noisy = (1 - sigma) * x0 + sigma * noise
+    cond = _conditioning(trajectories, batch, None, 1.0, device)
+    with torch.no_grad(), sampling_weights.in_use():
+        old_velocity = flow_model_output(unet, noisy, timesteps, cond)
+    reference = None
+    if kl_coef > 0:
+        with base_model(unet):
+            reference = flow_model_output(unet, noisy, timesteps, cond)
+    velocity = flow_model_output(unet, noisy, timesteps, cond)
+    signal = r[batch.samples].to(device)
+    loss, metrics = nft_objective(
+        velocity, old_velocity, noisy, x0, sigma, signal, beta, adv_clip_max
+    )
+    if reference is not None:
+        gap = ((velocity - reference) ** 2).mean(dim=tuple(range(1, velocity.ndim)))
+        loss = loss + kl_coef * gap.mean()
+        metrics["kl_to_base"] = gap.detach().mean()
+    return loss, metrics

@@ -19,7 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from lowvram_ddpo.algorithms import POLICY_GRADIENT
-from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss, reward_weighted_loss
+from lowvram_ddpo.algorithms.nft import SamplingWeights
+from lowvram_ddpo.algorithms.steps import (
+    MicroBatch,
+    nft_loss,
+    policy_gradient_loss,
+    reward_weighted_loss,
+)
 from lowvram_ddpo.architectures import Components, build_components
 from lowvram_ddpo.config import Config
 from lowvram_ddpo.memory.calibration import RESERVED_OVER_ALLOCATED
@@ -32,7 +38,7 @@ from lowvram_ddpo.memory.quantisation import quantised_savings
 from lowvram_ddpo.memory.report import MemoryReport, PhaseMemory
 from lowvram_ddpo.memory.units import module_bytes
 from lowvram_ddpo.models import DTYPES, make_trainable, trainable_parameters, use_vae_tiling
-from lowvram_ddpo.policy import Conditioning, PolicyStep, build_policy
+from lowvram_ddpo.policy import Conditioning, FlowSDEPolicy, PolicyStep, build_policy
 from lowvram_ddpo.rewards import ModelReward, reward_with_random_weights
 from lowvram_ddpo.rollout import Trajectories, decodes_in_fp32
 from lowvram_ddpo.text_encoding import SD3_T5_TOKENS, TextEmbeds, micro_conditioning
@@ -276,6 +282,20 @@ class MetaRun:
                     t.clip_range,
                     t.kl_coef,
                 )
+            elif t.algorithm == "nft":
+                assert isinstance(self.policy, FlowSDEPolicy), "NFT trains flow models"
+                loss, _ = nft_loss(
+                    unet,
+                    self.policy,
+                    samples,
+                    batch,
+                    signal,
+                    torch.Generator().manual_seed(0),
+                    self.sampling_weights(),
+                    t.nft_beta,
+                    t.adv_clip_max,
+                    t.kl_coef,
+                )
             else:
                 generator = torch.Generator().manual_seed(0)
                 loss, _ = reward_weighted_loss(
@@ -286,6 +306,12 @@ class MetaRun:
             torch.autograd.backward(loss)
 
         return step
+
+    def sampling_weights(self) -> SamplingWeights:
+        """NFT's lagging copy of the LoRA weights (on the meta device, as they are)."""
+        if not hasattr(self, "_sampling_weights"):
+            self._sampling_weights = SamplingWeights(trainable_parameters(self.parts.unet))
+        return self._sampling_weights
 
     def _cpu_trajectories(self, batch: int) -> Trajectories:
         """Stand-in stored rollouts (they live on the CPU, as in training)."""
@@ -367,6 +393,10 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
         if reward_model is None
         else {"reward model": run.sizes(("reward",), reward_model.device_bytes)}
     )
+    if config.train.algorithm == "nft":  # its sampling policy: a second copy of the LoRA
+        resident["sampling weights"] = run.sizes(
+            ("trainable bytes",), lambda: sum(p.nbytes for p in params)
+        )
     if not m.offload:
         resident |= for_phase | scorer
 
