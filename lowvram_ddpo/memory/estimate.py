@@ -27,7 +27,7 @@ from lowvram_ddpo.algorithms.steps import (
     reward_weighted_loss,
 )
 from lowvram_ddpo.architectures import Components, build_components
-from lowvram_ddpo.config import Config
+from lowvram_ddpo.config import Config, RewardConfig
 from lowvram_ddpo.memory.calibration import RESERVED_OVER_ALLOCATED
 from lowvram_ddpo.memory.counting import (
     DeviceBytesCounter,
@@ -64,9 +64,9 @@ def optimizer_state_bytes(params: list[nn.Parameter], kind: str) -> int:
 class MetaRun:
     """A run's models on the meta device, in the dtypes and with the adapters it trains.
 
-    Built once per model settings (architecture, precision, LoRA, resolution, steps,
-    reward); the phase methods take what the auto-fit varies (batch sizes, guidance,
-    checkpointing) and remember each result."""
+    Built once per model settings (architecture, precision, LoRA, resolution, steps); the
+    phase methods take what presets and the auto-fit vary (reward, batch sizes, guidance,
+    checkpointing, algorithm) and remember each result."""
 
     config: Config
     arch: str
@@ -75,6 +75,7 @@ class MetaRun:
     dtype: torch.dtype = field(init=False)
     _peaks: dict[tuple, int] = field(default_factory=dict)
     _sizes: dict[tuple, Any] = field(default_factory=dict)
+    _rewards: dict[str, ModelReward | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -200,14 +201,17 @@ class MetaRun:
         with torch.no_grad():
             return self.measure(("sampling", batch, guidance), step)
 
-    def reward_model(self) -> ModelReward | None:
-        if not hasattr(self, "_reward"):
-            self._reward = reward_with_random_weights(self.config.reward, self.dtype)
-        return self._reward
+    def reward_model(self, reward: RewardConfig) -> ModelReward | None:
+        """The reward's network on the meta device (None for rewards without one), built
+        once per reward: presets of one model share the model's measurements."""
+        key = repr(reward)
+        if key not in self._rewards:
+            self._rewards[key] = reward_with_random_weights(reward, self.dtype)
+        return self._rewards[key]
 
-    def score_rewards(self, batch: int) -> int:
+    def score_rewards(self, reward_config: RewardConfig, batch: int) -> int:
         """One scoring micro-batch of decoded images (0 for rewards without a network)."""
-        reward = self.reward_model()
+        reward = self.reward_model(reward_config)
         if reward is None:
             return 0
         size = self.config.sample.resolution
@@ -217,7 +221,7 @@ class MetaRun:
             return reward.score(torch.empty(batch, 3, size, size, device="meta"), prompts)
 
         with torch.no_grad():
-            return self.measure(("reward", batch), work)
+            return self.measure(("reward", repr(reward_config), batch), work)
 
     def decode_one(self, tiling: bool) -> int:
         vae = self.parts.vae
@@ -345,7 +349,6 @@ def meta_run(config: Config, arch: str) -> MetaRun:
         m.lora_rank,
         m.lora_alpha,
         tuple(m.lora_targets),
-        repr(config.reward),
         config.sample.sampler,
         config.sample.num_steps,
         config.sample.eta,
@@ -387,11 +390,11 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
         for_phase["text encoder"] = run.sizes(
             ("text encoders",), lambda: sum(module_bytes(e) for e in run.parts.text_encoders)
         )
-    reward_model = run.reward_model()
+    reward_model = run.reward_model(config.reward)
     scorer = (
         {}
         if reward_model is None
-        else {"reward model": run.sizes(("reward",), reward_model.device_bytes)}
+        else {"reward model": run.sizes(("reward", repr(config.reward)), reward_model.device_bytes)}
     )
     if config.train.algorithm == "nft":  # its sampling policy: a second copy of the LoRA
         resident["sampling weights"] = run.sizes(
@@ -411,7 +414,7 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     encode_peak = 0 if m.text_encoders_on_cpu else run.encode_prompts(s.batch_size)
     step_peak = run.denoising_step(s.batch_size, s.guidance_scale)
     decode_peak = run.decode_one(m.vae_tiling)
-    reward_peak = run.score_rewards(config.reward.batch_size)
+    reward_peak = run.score_rewards(config.reward, config.reward.batch_size)
     overlapped = reward_model is not None and config.reward.overlap == "on"
     train_peak = run.training_micro_step(config)
     grads = {"gradients": run.sizes(("gradients",), lambda: sum(p.nbytes for p in params))}
