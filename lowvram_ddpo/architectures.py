@@ -349,7 +349,9 @@ def random_pipeline(arch: str, dtype: torch.dtype, device: str = "cpu"):  # noqa
     parts = build_components(arch, device, dtype, use_t5=False)
     length = parts.text_encoder.config.max_position_embeddings
     if parts.family == "sd3":
-        return StableDiffusion3Pipeline(
+        from lowvram_ddpo.models import with_denoiser_as_unet
+
+        pipe = StableDiffusion3Pipeline(
             transformer=parts.unet,
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts.scheduler_config),
             vae=parts.vae,
@@ -360,6 +362,7 @@ def random_pipeline(arch: str, dtype: torch.dtype, device: str = "cpu"):  # noqa
             text_encoder_3=None,
             tokenizer_3=None,
         )
+        return with_denoiser_as_unet(pipe)
     is_lcm = parts.scheduler_config.get("_class_name") == "LCMScheduler"
     common = dict(
         vae=parts.vae,

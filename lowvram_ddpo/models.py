@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     DiffusionPipeline,
+    SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -212,10 +213,16 @@ def pipeline_class(source: str, revision: str = "") -> type[DiffusionPipeline]:
 
 
 def load_quantized_unet(
-    source: str, dtype: torch.dtype, quantize: str, subfolder: str = "unet", revision: str = ""
-) -> UNet2DConditionModel:
-    """The UNet with its Linear weights in int8 or nf4 (bitsandbytes places it on the GPU)."""
-    unet = UNet2DConditionModel.from_pretrained(
+    source: str,
+    dtype: torch.dtype,
+    quantize: str,
+    subfolder: str = "unet",
+    revision: str = "",
+    model_class: type = UNet2DConditionModel,
+) -> torch.nn.Module:
+    """The denoiser (a UNet, or ``model_class``: SD 3's transformer) with its Linear
+    weights in int8 or nf4 (bitsandbytes places it on the GPU)."""
+    unet = model_class.from_pretrained(
         source,
         subfolder=subfolder or None,
         revision=revision or None,
@@ -262,14 +269,16 @@ def _from_pretrained(
         if cls is StableDiffusionXLPipeline:
             parts["add_watermarker"] = False  # we never call the pipeline: no extra package
         elif cls is StableDiffusion3Pipeline:
-            if quantize != "none":
-                raise UserError("memory.quantize is not supported for SD 3.x yet: set none")
             parts |= absent_components(pipeline_index(source, revision))
             if not use_t5:  # never read from disk: 9.5 GB saved in fp16
                 parts |= {"text_encoder_3": None, "tokenizer_3": None}
         else:
             parts |= {"safety_checker": None, "requires_safety_checker": False}
-        if quantize != "none":
+        if quantize != "none" and cls is StableDiffusion3Pipeline:
+            parts["transformer"] = load_quantized_unet(
+                source, dtype, quantize, "transformer", revision, SD3Transformer2DModel
+            )
+        elif quantize != "none":
             parts["unet"] = load_quantized_unet(source, dtype, quantize, "unet", revision)
         pipe = cls.from_pretrained(source, dtype=dtype, revision=revision or None, **parts)
         return with_denoiser_as_unet(pipe)

@@ -250,3 +250,21 @@ def test_nft_is_refused_for_a_unet_model(tiny_preset, tmp_path):
               "--output", str(tmp_path / "run")],
     )  # fmt: skip
     assert result.exit_code != 0 and "trains flow-matching models" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without CUDA")
+def test_an_nf4_sd3_transformer_goes_through_bitsandbytes_loading(sd3_dir):
+    """`--vram` may pick a 4-bit base for SD 3 too: its transformer is loaded through
+    bitsandbytes' path, which without CUDA refuses in one line."""
+    from lowvram_ddpo.errors import UserError
+
+    with pytest.raises(UserError, match="needs a CUDA GPU and bitsandbytes"):
+        load_pipeline(str(sd3_dir), quantize="nf4")
+
+
+def test_the_random_sd35_pipeline_for_gpu_measurements_is_an_sd3_pipeline():
+    from lowvram_ddpo.architectures import random_pipeline
+
+    pipe = random_pipeline("sd35m", torch.float16, device="meta")
+    assert isinstance(pipe, StableDiffusion3Pipeline) and pipe.unet is pipe.transformer
+    assert pipe.text_encoder_3 is None  # T5's tokenizer cannot be built offline

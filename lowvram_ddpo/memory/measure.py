@@ -38,7 +38,7 @@ def quantized_copy(unet: torch.nn.Module, dtype: torch.dtype, quantize: str) -> 
     with bitsandbytes), so that the measured run holds what a user's would."""
     with tempfile.TemporaryDirectory() as folder:
         unet.save_pretrained(folder)
-        return load_quantized_unet(folder, dtype, quantize, subfolder="")
+        return load_quantized_unet(folder, dtype, quantize, subfolder="", model_class=type(unet))
 
 
 def release_device_memory() -> None:
@@ -64,7 +64,10 @@ def run_on_random_weights(cfg: Config, arch: str) -> tuple[list[dict], PhaseMete
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = random_pipeline(arch, dtype, device)
     if cfg.memory.quantize != "none":
-        pipe.unet = quantized_copy(pipe.unet, dtype, cfg.memory.quantize)
+        quantized = quantized_copy(pipe.unet, dtype, cfg.memory.quantize)
+        if getattr(pipe, "transformer", None) is not None:  # SD 3: the transformer it is
+            pipe.transformer = quantized
+        pipe.unet = quantized
     # reward models too: random weights from their configs, nothing downloaded
     reward = reward_with_random_weights(cfg.reward, dtype, device)
     cfg = copy.deepcopy(cfg)
