@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 from safetensors.torch import save_file
+from tiny import assert_batch_independent_and_differentiable
 from torch import Tensor
 from transformers import (
     BertTokenizer,
@@ -220,15 +221,9 @@ def test_the_vision_tower_computes_what_blips_vit_computes_on_the_original_weigh
 
 def test_scores_do_not_depend_on_the_scoring_batch_and_are_differentiable(ir_files):
     folder = ir_files[0]
-    images = torch.rand(3, 3, 32, 48, generator=torch.Generator().manual_seed(4))
-    one = _reward(folder, batch_size=1)(images, PROMPTS)
-    three = _reward(folder, batch_size=3)(images, PROMPTS)
-    assert torch.allclose(one, three, atol=1e-5)
-    reward = _reward(folder)
-    images.requires_grad_(True)
-    reward.score(images, PROMPTS).sum().backward()
-    assert images.grad is not None and images.grad.abs().sum() > 0
-    assert not any(p.requires_grad for p in reward.module.parameters())
+    assert_batch_independent_and_differentiable(
+        lambda batch: _reward(folder, batch_size=batch), PROMPTS, seed=4
+    )
 
 
 def test_the_real_model_is_estimated_offline_with_its_published_size():

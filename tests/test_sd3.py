@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_PRESET
 from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load_file
 from tiny import build_tiny_sd3_pipeline
@@ -26,43 +27,16 @@ from lowvram_ddpo.models import (
 )
 from lowvram_ddpo.text_encoding import encode_negative, encode_text, text_encoders
 
-SD3_PRESET = """
-extends = "incompressibility"
-description = "tiny SD3 test run"
-
-[model]
-name = "{model}"
-mixed_precision = "no"
-lora_rank = 4
-lora_alpha = 8.0
-
-[sample]
-resolution = 32
-num_steps = 4
-guidance_scale = 2.0
-batch_size = 8
-batches_per_epoch = 2
-
-[train]
-batch_size = 8
-gradient_accumulation_steps = 2
-learning_rate = 3e-2
-timestep_fraction = 0.75
-
-[stats]
-buffer_size = 16
-min_count = 4
-
-[prompts]
-prompts = ["a cat", "a dog"]
-
-[run]
-epochs = 2
-grid_every = 0
-grid_prompts = ["a cat"]
-grid_seeds = [0, 1]
-progress = false
-"""
+SD3_PRESET = (
+    TINY_PRESET.replace(
+        'mixed_precision = "no"', 'mixed_precision = "no"\nlora_rank = 4\nlora_alpha = 8.0'
+    )
+    .replace("num_steps = 4", "num_steps = 4\nguidance_scale = 2.0")
+    .replace("learning_rate = 3e-2", "learning_rate = 3e-2\ntimestep_fraction = 0.75")
+    .replace('description = "tiny test run"', 'description = "tiny SD3 test run"')
+)
+"""The tiny test preset (conftest) with a LoRA alpha that is not its rank (the export must
+keep the scale), guidance, and 3 of the 4 steps trained."""
 
 
 @pytest.fixture(scope="module")

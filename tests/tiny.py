@@ -3,6 +3,7 @@ weights, built offline (the tokenizer's vocabulary is made in code, no download)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from lowvram_ddpo.architectures import SD_SCHEDULER
 from lowvram_ddpo.pocket.tokenizer import build_tokenizer
+from lowvram_ddpo.rewards import ModelReward
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
@@ -345,3 +347,19 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         text_encoder_3=None,
         tokenizer_3=None,
     )
+
+
+def assert_batch_independent_and_differentiable(
+    make_reward: Callable[[int], ModelReward], prompts: list[str], seed: int
+) -> None:
+    """A model reward's scores do not depend on its scoring batch, and are differentiable
+    in the images while no weight of the scorer trains."""
+    images = torch.rand(len(prompts), 3, 32, 48, generator=torch.Generator().manual_seed(seed))
+    one = make_reward(1)(images, prompts)
+    three = make_reward(3)(images, prompts)
+    assert torch.allclose(one, three, atol=1e-5)
+    reward = make_reward(8)
+    images.requires_grad_(True)
+    reward.score(images, prompts).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in reward.module.parameters())

@@ -23,7 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from torch import Tensor
 from torch.nn import functional as F
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -38,6 +44,7 @@ from lowvram_ddpo.pocket.classifier import (
     save_classifier,
 )
 from lowvram_ddpo.pocket.tokenizer import MAX_LENGTH, build_tokenizer
+from lowvram_ddpo.policy import PolicyStep
 
 
 def to_tensor(images: np.ndarray) -> Tensor:
@@ -216,16 +223,16 @@ def train_denoiser(
     return ema_unet.eval(), ema_text.eval()
 
 
-def measure_accuracy(
-    pipe: StableDiffusionPipeline, classifier: WorldClassifier, seeds: int, steps: int = 20
-) -> dict:
-    """Prompt accuracy over every caption of the world, with the DDIM sampler DDPO uses."""
-    from lowvram_ddpo.policy import DDIMPolicy
+@torch.no_grad()
+def world_images(
+    pipe: DiffusionPipeline, policy: PolicyStep, guidance: float, seeds: int
+) -> tuple[Tensor, list[str]]:
+    """Every caption of the world drawn once per seed (0, 1, ...) by ``policy``, as the
+    trainer samples: (images, their captions)."""
     from lowvram_ddpo.rollout import sample_trajectories
     from lowvram_ddpo.text_encoding import encode_negative
 
     captions = world.all_captions()
-    policy = DDIMPolicy(pipe.scheduler.config, steps, eta=1.0)
     negative = encode_negative(pipe, "")
     images = []
     for seed in range(seeds):
@@ -234,11 +241,21 @@ def measure_accuracy(
             chunk = captions[start : start + 64]
             images.append(
                 sample_trajectories(
-                    pipe, pipe.unet, policy, chunk, negative, 5.0, world.SIZE, generator
+                    pipe, pipe.unet, policy, chunk, negative, guidance, world.SIZE, generator
                 ).images
             )
-    all_images = torch.cat(images)
-    accuracy = prompt_accuracy(classifier, all_images, captions * seeds)
+    return torch.cat(images), captions * seeds
+
+
+def measure_accuracy(
+    pipe: StableDiffusionPipeline, classifier: WorldClassifier, seeds: int, steps: int = 20
+) -> dict:
+    """Prompt accuracy over every caption of the world, with the DDIM sampler DDPO uses."""
+    from lowvram_ddpo.policy import DDIMPolicy
+
+    policy = DDIMPolicy(pipe.scheduler.config, steps, eta=1.0)
+    all_images, captions = world_images(pipe, policy, 5.0, seeds)
+    accuracy = prompt_accuracy(classifier, all_images, captions)
     return {
         "prompt_accuracy": accuracy,
         "images": len(all_images),

@@ -37,7 +37,7 @@ from lowvram_ddpo.models import POCKET_DIR, load_pipeline
 from lowvram_ddpo.pocket import save_pipeline_half, world
 from lowvram_ddpo.pocket.classifier import load_classifier, prompt_accuracy
 from lowvram_ddpo.pocket.tokenizer import MAX_LENGTH, build_tokenizer
-from lowvram_ddpo.pocket.train import cosine_lr, encode_dataset, log
+from lowvram_ddpo.pocket.train import cosine_lr, encode_dataset, log, world_images
 
 SHIFT = 3.0
 """SD 3's noise-level shift (its scheduler_config), used in training and sampling alike."""
@@ -168,28 +168,14 @@ def measure_accuracy(folder: Path, seeds: int, steps: int = 10, guidance: float 
     """Prompt accuracy over every caption of the world, with the SDE sampler Flow-GRPO
     trains with (noise level 0.7)."""
     from lowvram_ddpo.policy import FlowSDEPolicy
-    from lowvram_ddpo.rollout import sample_trajectories
-    from lowvram_ddpo.text_encoding import encode_negative
 
     pipe = load_pipeline(str(folder))
     classifier = load_classifier(POCKET_DIR / "world_classifier.safetensors")
-    captions = world.all_captions()
     policy = FlowSDEPolicy(pipe.scheduler.config, steps)
-    negative = encode_negative(pipe, "")
-    images = []
-    for seed in range(seeds):
-        generator = torch.Generator().manual_seed(seed)
-        for start in range(0, len(captions), 64):
-            chunk = captions[start : start + 64]
-            images.append(
-                sample_trajectories(
-                    pipe, pipe.unet, policy, chunk, negative, guidance, world.SIZE, generator
-                ).images
-            )
-    all_images = torch.cat(images)
+    images, captions = world_images(pipe, policy, guidance, seeds)
     return {
-        "prompt_accuracy": prompt_accuracy(classifier, all_images, captions * seeds),
-        "images": len(all_images),
+        "prompt_accuracy": prompt_accuracy(classifier, images, captions),
+        "images": len(images),
         "sampler": "flow-sde",
         "steps": steps,
         "noise_level": policy.noise_level,
