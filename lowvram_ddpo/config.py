@@ -125,6 +125,10 @@ class SampleConfig:
     noise_level: float = 0.7
     """Flow-GRPO's SDE noise level a (std a sqrt(sigma / (1 - sigma)) per unit time);
     flow-sde only."""
+    sde_window: int = 0
+    """Flow-GRPO-Fast (flow-sde only): only this many consecutive steps, starting at a
+    random step in the first half, are stochastic and trained; the others follow the ODE.
+    0: every step is stochastic (train.timestep_fraction picks the trained ones)."""
     guidance_scale: float = 5.0
     batch_size: int = 8
     """Images denoised together, per process."""
@@ -503,6 +507,11 @@ def validate(config: Config) -> None:
             f"unknown algorithm '{t.algorithm}': use one of {', '.join(ALGORITHMS)}",
         ),
         (s.group_size >= 1, f"sample.group_size must be >= 1 (got {s.group_size})"),
+        (
+            0 <= s.sde_window <= s.num_steps // 2,
+            f"sample.sde_window must be 0 (off) to num_steps // 2 = {s.num_steps // 2}: the "
+            f"window starts in the first half of the steps (got {s.sde_window})",
+        ),
         (t.nft_beta > 0, f"train.nft_beta must be > 0 (got {t.nft_beta})"),
         (
             t.algorithm != "nft" or config.model.lora_rank > 0,

@@ -45,6 +45,9 @@ class Trajectories:
     """SDXL: [B, P] pooled prompt embeddings."""
     time_ids: Tensor | None = None
     """SDXL: [6] micro-conditioning, shared by every sample."""
+    action_steps: Tensor | None = None
+    """[B, W] the steps that sampled (Flow-GRPO-Fast's window), the only ones to train;
+    None: every step sampled."""
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -64,6 +67,9 @@ class Trajectories:
             if any(b.pooled_embeds is None for b in batches)
             else torch.cat([b.pooled_embeds for b in batches]),
             time_ids=batches[0].time_ids,
+            action_steps=None
+            if any(b.action_steps is None for b in batches)
+            else torch.cat([b.action_steps for b in batches]),
         )
 
     def select(self, index: Tensor) -> Trajectories:
@@ -77,6 +83,7 @@ class Trajectories:
             images=None,
             pooled_embeds=None if self.pooled_embeds is None else self.pooled_embeds[index],
             time_ids=self.time_ids,
+            action_steps=None if self.action_steps is None else self.action_steps[index],
         )
 
     def to(self, device: torch.device) -> Trajectories:
@@ -94,6 +101,7 @@ class Trajectories:
             images=self.images,
             pooled_embeds=move(self.pooled_embeds),
             time_ids=move(self.time_ids),
+            action_steps=move(self.action_steps),
         )
 
     def text(self, index: Tensor | slice = slice(None)) -> TextEmbeds:
@@ -117,9 +125,11 @@ def rollout(
     initial_latents: Tensor,
     generator: torch.Generator | None = None,
     progress: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, range]:
     """Denoise ``initial_latents``; returns (latents [B,T+1,...], log_probs [B,T], timesteps,
-    latents to decode [B,...]). Everything returned is on the CPU except the last.
+    latents to decode [B,...], the steps that sampled). Everything returned is on the CPU
+    except the latents to decode. Steps outside ``policy.stochastic_steps`` (Flow-GRPO-Fast's
+    window) take the policy's deterministic step, with a log-prob of 0 that is never trained.
 
     The loop never waits on the host: every step's noise is drawn up front (on the CPU
     generator, in the order the steps use it) and copied in one transfer, the timesteps
@@ -130,17 +140,23 @@ def rollout(
     x = initial_latents.float()
     noise = to_device(draw_noise(tuple(x.shape), len(timesteps), generator), device)
     on_device = timesteps.to(device)
+    stochastic = policy.stochastic_steps(generator)
     latents, log_probs = [x], []
     step = None
     for k in tqdm(range(len(timesteps)), desc="denoising", leave=False, disable=not progress):
-        step = policy(unet, x, on_device[k].expand(batch), cond)
-        x = step.sample_with(noise[k])
+        t = on_device[k].expand(batch)
+        step = policy(unet, x, t, cond)
+        if k in stochastic:
+            x = step.sample_with(noise[k])
+            log_probs.append(step.log_prob(x))
+        else:
+            x = policy.deterministic_step(step, x, t)
+            log_probs.append(torch.zeros(batch, device=device))
         latents.append(x)
-        log_probs.append(step.log_prob(x))
     assert step is not None, "a rollout needs at least one step"
     final = policy.latents_to_decode(step, x)
     trajectory = torch.stack(latents, dim=1).cpu()
-    return trajectory, torch.stack(log_probs, dim=1).cpu(), timesteps, final
+    return trajectory, torch.stack(log_probs, dim=1).cpu(), timesteps, final, stochastic
 
 
 def vae_input(vae: torch.nn.Module, latents: Tensor) -> Tensor:
@@ -215,7 +231,10 @@ def sample_trajectories(
     cond = Conditioning.of(text, negative, guidance_scale, time_ids)
     shape = latent_shape(unet, pipe.vae, resolution)
     noise = initial_noise(shape, len(prompts), generator, device)
-    latents, log_probs, timesteps, final = rollout(unet, policy, cond, noise, generator, progress)
+    latents, log_probs, timesteps, final, stochastic = rollout(
+        unet, policy, cond, noise, generator, progress
+    )
+    windowed = len(stochastic) < len(timesteps)
     with _loaded(offloader, "vae"):
         images = decode_latents(pipe.vae, final, upcast=decodes_in_fp32(pipe.vae, is_sdxl(pipe)))
     return Trajectories(
@@ -227,6 +246,7 @@ def sample_trajectories(
         images=images,
         pooled_embeds=None if text.pooled is None else text.pooled.cpu(),
         time_ids=time_ids,
+        action_steps=torch.tensor(stochastic).expand(len(prompts), -1) if windowed else None,
     )
 
 

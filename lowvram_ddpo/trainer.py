@@ -138,6 +138,7 @@ class Trainer:
             s.num_steps,
             s.eta,
             s.noise_level,
+            s.sde_window,
         )
         flow = isinstance(self.policy, FlowSDEPolicy)
         if flow and cfg.train.algorithm not in FLOW_ALGORITHMS:
@@ -230,7 +231,11 @@ class Trainer:
         self.guard = DivergenceGuard(cfg.train.max_skipped_steps + scaler_allowance)
 
     def trained_steps_per_sample(self) -> int:
-        return max(1, round(self.config.sample.num_steps * self.config.train.timestep_fraction))
+        """Flow-GRPO-Fast's window, or ``timestep_fraction`` of the steps."""
+        s = self.config.sample
+        if s.sde_window > 0:
+            return s.sde_window
+        return max(1, round(s.num_steps * self.config.train.timestep_fraction))
 
     @property
     def is_main(self) -> bool:
@@ -555,7 +560,7 @@ class Trainer:
         """Inner epochs over the stored samples, one timestep's forward/backward at a time."""
         cfg, acc = self.config, self.accelerator
         generator = epoch_generator(cfg.run.seed, epoch, acc.process_index, TRAINING_STREAM)
-        n, num_steps = len(samples), samples.log_probs.shape[1]
+        n = len(samples)
         k = self.trained_steps_per_sample()
         self.unet.train()
         totals = TrainingTotals()
@@ -570,10 +575,7 @@ class Trainer:
             order = torch.randperm(n, generator=generator)
             for start in micro_batches:
                 indices = order[start : start + cfg.train.batch_size]
-                # each sample trains on its own random subset/order of timesteps
-                steps = torch.stack(
-                    [torch.randperm(num_steps, generator=generator)[:k] for _ in indices]
-                )
+                steps = self.steps_to_train(samples, indices, generator)
                 # the micro-batch's trajectories go to the device in one copy; its k
                 # micro-steps then index them there, without waiting on the host
                 chunk = samples.select(indices).to(acc.device)
@@ -594,6 +596,19 @@ class Trainer:
                     bar.update()
         bar.close()
         return {**totals.means(), "skipped_steps": self.guard.take_skipped_count()}
+
+    def steps_to_train(
+        self, samples: Trajectories, indices: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """[b, k] each sample's own random subset, in random order, of the steps it may train
+        on: every step, or the window that sampled (Flow-GRPO-Fast)."""
+        k = self.trained_steps_per_sample()
+        if samples.action_steps is None:
+            count = samples.log_probs.shape[1]
+            return torch.stack([torch.randperm(count, generator=generator)[:k] for _ in indices])
+        window = samples.action_steps[indices]
+        picks = [torch.randperm(window.shape[1], generator=generator)[:k] for _ in indices]
+        return torch.stack([row[pick] for row, pick in zip(window, picks, strict=True)])
 
     def optimizer_step(self) -> float:
         """Clip the accumulated gradients and step, unless they are not finite

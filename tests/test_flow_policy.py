@@ -130,7 +130,7 @@ def test_replaying_a_rollout_gives_ratio_one(sd3):
     """What DDPO's clip range needs: the training pass recomputes the sampled log-probs."""
     pipe, cond = sd3
     policy = FlowSDEPolicy(pipe.scheduler.config, STEPS)
-    latents, log_probs, timesteps, _ = rollout(
+    latents, log_probs, timesteps, _, _ = rollout(
         pipe.transformer, policy, cond, _latents(5), torch.Generator().manual_seed(6)
     )
     shuffled = torch.randperm(STEPS, generator=torch.Generator().manual_seed(7))
@@ -145,3 +145,30 @@ def test_a_zero_noise_level_is_refused(sd3):
     pipe, _ = sd3
     with pytest.raises(UserError, match="noise_level must be > 0"):
         FlowSDEPolicy(pipe.scheduler.config, STEPS, noise_level=0.0)
+
+
+def test_flow_grpo_fast_samples_only_its_window_and_follows_the_ode_elsewhere(sd3):
+    pipe, cond = sd3
+    steps = 8
+    policy = FlowSDEPolicy(pipe.scheduler.config, steps, window=2)
+    starts = {policy.stochastic_steps(torch.Generator().manual_seed(s)).start for s in range(40)}
+    assert starts == {0, 1, 2}  # uniform over [0, T // 2 - window]
+    latents, log_probs, timesteps, _, window = rollout(
+        pipe.transformer, policy, cond, _latents(8), torch.Generator().manual_seed(3)
+    )
+    assert len(window) == 2
+    euler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    euler.set_timesteps(steps)
+    with torch.no_grad():
+        for k in range(steps):
+            x, t = latents[:, k], timesteps[k].expand(2)
+            if k in window:  # sampled: its log-prob replays
+                step = policy(pipe.transformer, x, t, cond)
+                replayed = step.log_prob(latents[:, k + 1])
+                assert float((replayed - log_probs[:, k]).abs().max()) < 1e-5
+            else:  # the ODE: diffusers' Euler step, no log-prob
+                velocity = flow_model_output(pipe.transformer, x, t, cond)
+                dt = euler.sigmas[k + 1] - euler.sigmas[k]  # diffusers' Euler step, by hand
+                expected = x + dt * velocity  # (its step() counts calls; here one is skipped)
+                torch.testing.assert_close(latents[:, k + 1], expected, rtol=1e-5, atol=1e-5)
+                assert float(log_probs[:, k].abs().max()) == 0.0

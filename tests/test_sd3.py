@@ -242,3 +242,29 @@ def test_the_random_sd35_pipeline_for_gpu_measurements_is_an_sd3_pipeline():
     pipe = random_pipeline("sd35m", torch.float16, device="meta")
     assert isinstance(pipe, StableDiffusion3Pipeline) and pipe.unet is pipe.transformer
     assert pipe.text_encoder_3 is None  # T5's tokenizer cannot be built offline
+
+
+def test_flow_grpo_fast_trains_only_the_window_that_sampled(sd3_dir, tmp_path, monkeypatch):
+    """sample.sde_window: each batch samples a window of 2 of its 4 steps (the ODE
+    elsewhere), and every trained step is one of its window's."""
+    from lowvram_ddpo.trainer import Trainer
+
+    trained: list[torch.Tensor] = []
+    original = Trainer.steps_to_train
+
+    def spy(self, samples, indices, generator):  # noqa: ANN001, ANN202
+        steps = original(self, samples, indices, generator)
+        window = samples.action_steps[indices]
+        assert all(set(s.tolist()) <= set(w.tolist()) for s, w in zip(steps, window, strict=True))
+        trained.append(steps)
+        return steps
+
+    monkeypatch.setattr(Trainer, "steps_to_train", spy)
+    preset = tmp_path / "sd3.toml"
+    preset.write_text(SD3_PRESET.format(model=sd3_dir))
+    args = ["train", "--preset", str(preset), "--output", str(tmp_path / "run"),
+            "--set", "sample.sde_window=2", "--set", "train.algorithm=grpo",
+            "--set", "sample.group_size=4", "--log-with", "none"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert trained and all(s.shape[1] == 2 for s in trained)  # the whole window, each sample

@@ -27,6 +27,7 @@ def build_policy(
     num_steps: int,
     eta: float,
     noise_level: float = DEFAULT_NOISE_LEVEL,
+    sde_window: int = 0,
 ) -> PolicyStep:
     kind = sampler_for(sampler, scheduler_config, unet_config)
     if kind == "lcm":
@@ -34,7 +35,7 @@ def build_policy(
     if kind == "ddim":
         return DDIMPolicy(scheduler_config, num_steps, eta)
     if kind == "flow-sde":
-        return FlowSDEPolicy(scheduler_config, num_steps, noise_level)
+        return FlowSDEPolicy(scheduler_config, num_steps, noise_level, sde_window)
     raise UserError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}")
 
 

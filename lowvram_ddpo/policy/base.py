@@ -171,3 +171,12 @@ class PolicyStep(ABC):
     def latents_to_decode(self, last_step: GaussianStep, last_latents: Tensor) -> Tensor:
         """What the VAE decodes after the final step: the sampled latent by default."""
         return last_latents
+
+    def stochastic_steps(self, generator: torch.Generator | None) -> range:
+        """The steps of a rollout that sample (the actions trained on); the others take
+        ``deterministic_step``. Every step by default."""
+        return range(len(self.timesteps()))
+
+    def deterministic_step(self, step: GaussianStep, latents: Tensor, timesteps: Tensor) -> Tensor:
+        """The noise-free next latent, for steps outside ``stochastic_steps``."""
+        raise NotImplementedError(f"{type(self).__name__} samples every step")

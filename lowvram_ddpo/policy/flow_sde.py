@@ -74,7 +74,11 @@ class FlowSDEPolicy(PolicyStep):
     """x_next ~ N(mean, s_t^2 |dt| I), Flow-GRPO's SDE over a flow-matching schedule."""
 
     def __init__(
-        self, scheduler_config: dict, num_steps: int, noise_level: float = DEFAULT_NOISE_LEVEL
+        self,
+        scheduler_config: dict,
+        num_steps: int,
+        noise_level: float = DEFAULT_NOISE_LEVEL,
+        window: int = 0,
     ) -> None:
         if noise_level <= 0:
             raise UserError(
@@ -82,9 +86,12 @@ class FlowSDEPolicy(PolicyStep):
                 f"(Flow-GRPO uses {DEFAULT_NOISE_LEVEL})"
             )
         self.noise_level = noise_level
+        self.window = window
+        """Flow-GRPO-Fast: only this many consecutive steps sample (0: all)."""
         self._timesteps, sigmas = flow_schedule(scheduler_config, num_steps)
         self._schedule = DeviceTable(self._timesteps.clone())
         self._tables = DeviceTable(self._coefficients(sigmas))
+        self._steps = DeviceTable(torch.stack([sigmas[:-1], sigmas[1:] - sigmas[:-1]], 1).float())
 
     def timesteps(self) -> Tensor:
         return self._timesteps.clone()
@@ -105,10 +112,35 @@ class FlowSDEPolicy(PolicyStep):
     def step_coefficients(self, timesteps: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(sigma, x coefficient, v coefficient, std), each [B, 1, 1, 1] fp32, for timesteps
         of this schedule: found on the device (nearest entry), never waiting on the host."""
-        schedule = self._schedule.on(timesteps.device)
-        index = (timesteps.float()[:, None] - schedule[None, :]).abs().argmin(dim=1)
-        rows = self._tables.on(timesteps.device)[index]
+        rows = self._tables.on(timesteps.device)[self._index(timesteps)]
         return tuple(rows[:, i].view(-1, 1, 1, 1) for i in range(4))  # type: ignore[return-value]
+
+    def _index(self, timesteps: Tensor) -> Tensor:
+        """Each timestep's step in the schedule (the nearest entry, found on the device)."""
+        schedule = self._schedule.on(timesteps.device)
+        return (timesteps.float()[:, None] - schedule[None, :]).abs().argmin(dim=1)
+
+    def stochastic_steps(self, generator: torch.Generator | None) -> range:
+        """Flow-GRPO-Fast's window: ``window`` steps from a start drawn uniformly in
+        [0, T // 2 - window] (its ``sde_window_range = (0, T // 2)``), the same for a
+        batch; every step without a window."""
+        steps = len(self._timesteps)
+        if self.window == 0:
+            return range(steps)
+        last_start = steps // 2 - self.window
+        start = int(torch.randint(last_start + 1, (1,), generator=generator))
+        return range(start, start + self.window)
+
+    def deterministic_step(self, step: GaussianStep, latents: Tensor, timesteps: Tensor) -> Tensor:
+        """The Euler (ODE) step, ``x + dt v``, from the step's own velocity estimate."""
+        sigma, dt = self.sigma_and_dt(timesteps.to(latents.device))
+        velocity = (latents.float() - step.denoised) / sigma
+        return latents.float() + dt * velocity
+
+    def sigma_and_dt(self, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, 1, 1, 1] sigma and dt (< 0) of each timestep's step."""
+        rows = self._steps.on(timesteps.device)[self._index(timesteps)]
+        return rows[:, 0].view(-1, 1, 1, 1), rows[:, 1].view(-1, 1, 1, 1)
 
     def __call__(
         self, unet: torch.nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning
