@@ -88,7 +88,7 @@ def test_kl_coef_needs_ddpo_and_lora():
     config.train.kl_coef = 0.1
     validate(config)
     config.train.algorithm = "rwr"
-    with pytest.raises(UserError, match="needs a policy-gradient algorithm"):
+    with pytest.raises(UserError, match="needs ddpo-is, ddpo-sf, grpo or nft"):
         validate(config)
     config.train.algorithm = "ddpo-is"
     config.model.lora_rank = 0
