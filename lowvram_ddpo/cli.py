@@ -382,9 +382,10 @@ def export(
 
 
 ARCH_HELP = (
-    "sd15, sd15-lcm, sdxl, pocket, pocket-lcm or a diffusers folder [default: the preset's "
-    "pocket model, sd15-lcm for LCM presets, sdxl for SDXL models, else sd15]. Built from "
-    "its config with random weights: nothing is downloaded."
+    "sd15, sd15-lcm, sdxl, sd35m, pocket, pocket-lcm, pocket-flow or a diffusers folder "
+    "[default: the preset's pocket model, sd15-lcm for LCM presets, sdxl for SDXL models, "
+    "sd35m for SD 3 models, else sd15]. Built from its config with random weights: nothing "
+    "is downloaded."
 )
 
 
