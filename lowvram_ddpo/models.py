@@ -37,6 +37,12 @@ MODEL_ALIASES = {
     "pocket-flow": POCKET_DIR / "pocket-flow",  # SD 3's architecture (pocket/train_flow.py)
 }
 """Names that stand for model folders shipped inside the package (see ``lowvram_ddpo.pocket``)."""
+POCKET_BUILDERS = {
+    "pocket": "lowvram_ddpo.pocket.train",
+    "pocket-lcm": "lowvram_ddpo.pocket.train",  # it distils pocket-lcm after pocket-sd
+    "pocket-flow": "lowvram_ddpo.pocket.train_flow",
+}
+"""The script that trains each shipped model."""
 
 
 def show_loading_bars(enabled: bool) -> None:
@@ -60,7 +66,7 @@ def resolve_model_name(name: str) -> str:
     if not (alias / "model_index.json").is_file():
         raise UserError(
             f"the '{name}' model is not in this installation ({alias} is missing): "
-            "reinstall lowvram-ddpo, or rebuild it with `python -m lowvram_ddpo.pocket.train`"
+            f"reinstall lowvram-ddpo, or rebuild it with `python -m {POCKET_BUILDERS[name]}`"
         )
     return str(alias)
 
