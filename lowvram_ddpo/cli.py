@@ -126,7 +126,9 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
     algorithm: Annotated[
         str,
-        typer.Option(help="ddpo-is, ddpo-sf, grpo, rwr or sparse-rwr (RLCM: an rlcm-* preset)."),
+        typer.Option(
+            help="ddpo-is, ddpo-sf, grpo, nft, rwr or sparse-rwr (RLCM: an rlcm-* preset)."
+        ),
     ] = "",
     prompts: Annotated[
         str,

@@ -24,9 +24,9 @@ from lowvram_ddpo.errors import UserError
 
 ALGORITHMS = ("ddpo-is", "ddpo-sf", "grpo", "nft", "rwr", "sparse-rwr")
 POLICY_GRADIENT = ("ddpo-is", "ddpo-sf", "grpo")
+"""The algorithms that train on the sampled steps' log-probs (any policy, KL guard too)."""
 FLOW_ALGORITHMS = (*POLICY_GRADIENT, "nft")
 """What trains flow-matching models (RWR's denoising loss is written for DDPM schedules)."""
-"""The algorithms that train on the sampled steps' log-probs (any policy, KL guard too)."""
 REWARD_NAMES = (
     "aesthetic",
     "clipscore",

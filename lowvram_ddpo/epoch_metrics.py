@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-FROM_THE_START = ("kl_to_base",)
+FROM_THE_START = ("kl_to_base", "nft_positive", "nft_negative")
 """Metrics that mean something before the epoch's first optimiser step (the distance to
-the base model: zero at the start of training, not by construction within an epoch)."""
+the base model: zero at the start of training, not by construction within an epoch;
+DiffusionNFT's two losses)."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lowvram_ddpo.device_transfer import to_device
+from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.policy import Conditioning, PolicyStep
 from lowvram_ddpo.policy.base import draw_noise
@@ -38,7 +39,7 @@ class Trajectories:
     log_probs: Tensor
     """[B, T] fp32: log pi_old(x_{k+1} | x_k)."""
     timesteps: Tensor
-    """[T] long, shared by every sample."""
+    """[T] shared by every sample (long for DDPM schedules, float for flow ones)."""
     images: Tensor | None
     """[B, 3, H, W] float in [0, 1]; the trainer drops them once they are scored."""
     pooled_embeds: Tensor | None = None
@@ -112,8 +113,12 @@ class Trajectories:
 
 def latent_shape(unet: torch.nn.Module, vae: torch.nn.Module, resolution: int) -> tuple[int, ...]:
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    if resolution % scale != 0:
-        raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {scale}")
+    step = scale * unet.config.get("patch_size", 1)  # SD 3's transformer: 2x2 latent patches
+    if resolution % step != 0:
+        raise UserError(
+            f"sample.resolution {resolution} must be a multiple of {step} for this model "
+            f"(its VAE's factor {scale} x its patch size)"
+        )
     return (unet.config.in_channels, resolution // scale, resolution // scale)
 
 

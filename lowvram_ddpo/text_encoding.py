@@ -55,12 +55,16 @@ SD3_T5_TOKENS = 128
 are short, and every token is attended to at every step."""
 
 
-def sd3_sequence_length(pipe) -> int:  # noqa: ANN001
+def sd3_t5_tokens(has_t5: bool, clip_tokens: int) -> int:
     """T5's token count; without T5 its tokens are zeros, as many as CLIP's (77): the T5
     context SD3 was trained with, and what it saw when T5 was dropped in training."""
-    if getattr(pipe, "text_encoder_3", None) is not None:
-        return SD3_T5_TOKENS
-    return int(pipe.tokenizer.model_max_length)
+    return SD3_T5_TOKENS if has_t5 else clip_tokens
+
+
+def sd3_sequence_length(pipe) -> int:  # noqa: ANN001
+    """``sd3_t5_tokens`` of a loaded SD 3 pipeline."""
+    has_t5 = getattr(pipe, "text_encoder_3", None) is not None
+    return sd3_t5_tokens(has_t5, int(pipe.tokenizer.model_max_length))
 
 
 def is_sd3(pipe) -> bool:  # noqa: ANN001

@@ -146,6 +146,11 @@ class Trainer:
                 f"train.algorithm={cfg.train.algorithm} is not available for flow-matching "
                 f"models (SD 3.x) yet: use {', '.join(FLOW_ALGORITHMS)}"
             )
+        if s.sde_window and (not flow or cfg.train.algorithm == "nft"):
+            raise UserError(
+                "sample.sde_window (Flow-GRPO-Fast) is for ddpo-is, ddpo-sf or grpo on "
+                "flow-matching models (SD 3): set it to 0"
+            )
         if cfg.train.algorithm == "nft" and not flow:
             raise UserError(
                 "train.algorithm=nft trains flow-matching models (SD 3.x, pocket-flow): use "
@@ -605,6 +610,8 @@ class Trainer:
         k = self.trained_steps_per_sample()
         if samples.action_steps is None:
             count = samples.log_probs.shape[1]
+            if self.config.train.algorithm in POLICY_GRADIENT:
+                count = min(count, self.policy.trainable_steps())
             return torch.stack([torch.randperm(count, generator=generator)[:k] for _ in indices])
         window = samples.action_steps[indices]
         picks = [torch.randperm(window.shape[1], generator=generator)[:k] for _ in indices]

@@ -54,18 +54,18 @@ def test_grpo_normalises_within_each_group():
     prompts = ["a", "b", "a", "b", "b"]
     rewards = torch.tensor([1.0, 10.0, 3.0, 10.0, 16.0])
     adv = group_advantages(prompts, rewards)
-    b_std = 8**0.5 + 1e-6
+    b_std = 8**0.5 + 1e-4
     assert adv.tolist() == pytest.approx(
-        [-1 / (1 + 1e-6), -2 / b_std, 1 / (1 + 1e-6), -2 / b_std, 4 / b_std], rel=1e-6
+        [-1 / (1 + 1e-4), -2 / b_std, 1 / (1 + 1e-4), -2 / b_std, 4 / b_std], rel=1e-4
     )
 
 
 def test_grpo_with_global_std_keeps_a_flat_group_small():
-    # Flow-GRPO's global_std: one std for all (here 5.0), so the near-equal group "b" gets
+    # Flow-GRPO's global_std: one std for all (here ~3.8), so the near-equal group "b" gets
     # small advantages instead of +-1
     prompts = ["a", "a", "b", "b"]
     rewards = torch.tensor([0.0, 10.0, 5.0, 5.2])
-    spread = rewards.double().std(unbiased=False).item() + 1e-6
+    spread = rewards.double().std(unbiased=False).item() + 1e-4
     adv = group_advantages(prompts, rewards, global_std=True)
     assert adv.tolist() == pytest.approx([-5 / spread, 5 / spread, -0.1 / spread, 0.1 / spread])
-    assert group_advantages(prompts, rewards)[2:].tolist() == pytest.approx([-1.0, 1.0], abs=1e-4)
+    assert group_advantages(prompts, rewards)[2:].tolist() == pytest.approx([-1.0, 1.0], abs=2e-3)

@@ -172,3 +172,13 @@ def test_flow_grpo_fast_samples_only_its_window_and_follows_the_ode_elsewhere(sd
                 expected = x + dt * velocity  # (its step() counts calls; here one is skipped)
                 torch.testing.assert_close(latents[:, k + 1], expected, rtol=1e-5, atol=1e-5)
                 assert float(log_probs[:, k].abs().max()) == 0.0
+
+
+def test_a_sampler_that_does_not_fit_the_model_is_a_clear_error(sd3):
+    from diffusers import DDIMScheduler
+
+    pipe, _ = sd3
+    with pytest.raises(UserError, match="does not fit a flow-matching model"):
+        build_policy("ddim", pipe.scheduler.config, {}, STEPS, 1.0)
+    with pytest.raises(UserError, match="does not fit a diffusion"):
+        build_policy("flow-sde", DDIMScheduler().config, {}, STEPS, 1.0)

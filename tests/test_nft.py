@@ -12,6 +12,7 @@ from lowvram_ddpo.algorithms.nft import (
     old_policy_decay,
     optimality,
 )
+from lowvram_ddpo.errors import UserError
 
 
 def test_optimality_maps_advantages_to_0_1():
@@ -63,6 +64,9 @@ def test_sampling_weights_swap_in_and_back_and_follow_the_trained_ones():
     restored = SamplingWeights(params)
     restored.load(weights.state())
     torch.testing.assert_close(restored.weights[0], weights.weights[0])
+    other = SamplingWeights(list(torch.nn.Linear(3, 2, bias=False).parameters()))
+    with pytest.raises(UserError, match="do not match this LoRA"):
+        other.load(weights.state())
 
 
 def test_the_sampling_policy_lags_more_as_training_goes_on():

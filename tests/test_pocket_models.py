@@ -9,18 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+from diffusers import (
+    LatentConsistencyModelPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+)
 from PIL import Image
 
 from lowvram_ddpo.models import POCKET_DIR, load_pipeline
 from lowvram_ddpo.pocket import world
 from lowvram_ddpo.pocket.classifier import load_classifier, prompt_accuracy
-from lowvram_ddpo.policy import DDIMPolicy
+from lowvram_ddpo.policy import DDIMPolicy, FlowSDEPolicy
 from lowvram_ddpo.rollout import sample_trajectories
 from lowvram_ddpo.text_encoding import encode_negative
 
 SD_FLOOR = 0.6  # shape and colour both right; README states the measured figure
 LCM_FLOOR = 0.5
+FLOW_FLOOR = 0.5
 
 pytestmark = pytest.mark.skipif(
     not (POCKET_DIR / "pocket-sd" / "model_index.json").is_file(), reason="pocket not built"
@@ -80,6 +85,31 @@ def test_pocket_lcm_draws_its_prompts_in_four_steps(classifier):
         output_type="pt",
     ).images
     assert prompt_accuracy(classifier, images, captions) >= LCM_FLOOR
+
+
+@pytest.mark.skipif(not (POCKET_DIR / "pocket-flow").is_dir(), reason="pocket flow not built")
+def test_pocket_flow_loads_with_diffusers_sd3_and_draws_its_prompts(classifier):
+    """The pocket flow model is an SD 3 pipeline (no T5) that diffusers' own
+    StableDiffusion3Pipeline loads; sampled as Flow-GRPO samples (10 SDE steps)."""
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        POCKET_DIR / "pocket-flow", text_encoder_3=None, tokenizer_3=None, dtype=torch.float32
+    )
+    pipe.set_progress_bar_config(disable=True)
+    ours = load_pipeline("pocket-flow")
+    policy = FlowSDEPolicy(ours.scheduler.config, num_steps=10)
+    captions = _captions()
+    with torch.no_grad():
+        images = sample_trajectories(
+            ours, ours.unet, policy, captions, encode_negative(ours, ""), 4.5, world.SIZE,
+            torch.Generator().manual_seed(0),
+        ).images  # fmt: skip
+        plain = pipe(
+            captions[:8], num_inference_steps=10, guidance_scale=4.5, height=world.SIZE,
+            width=world.SIZE, max_sequence_length=16, output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images  # fmt: skip
+    assert prompt_accuracy(classifier, images, captions) >= FLOW_FLOOR
+    assert prompt_accuracy(classifier, plain, captions[:8]) >= FLOW_FLOOR - 0.2  # the ODE
 
 
 def _readme_block(marker: str) -> str:

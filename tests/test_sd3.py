@@ -268,3 +268,32 @@ def test_flow_grpo_fast_trains_only_the_window_that_sampled(sd3_dir, tmp_path, m
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert trained and all(s.shape[1] == 2 for s in trained)  # the whole window, each sample
+
+
+def test_grpo_on_a_flow_model_never_trains_the_last_sharp_step(sd3_dir, tmp_path, monkeypatch):
+    """As Flow-GRPO: of 4 steps, 3 are trained (timestep_fraction 0.75), never the last
+    (sigma -> 0, a Gaussian too sharp for a reliable ratio)."""
+    from lowvram_ddpo.trainer import Trainer
+
+    trained: list[torch.Tensor] = []
+    original = Trainer.steps_to_train
+    monkeypatch.setattr(
+        Trainer, "steps_to_train", lambda *a: trained.append(original(*a)) or trained[-1]
+    )
+    preset = tmp_path / "sd3.toml"
+    preset.write_text(SD3_PRESET.format(model=sd3_dir))
+    result = CliRunner().invoke(
+        app, ["train", "--preset", str(preset), "--output", str(tmp_path / "run"),
+              "--epochs", "1", "--log-with", "none"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    steps = torch.cat(trained)
+    assert set(steps.flatten().tolist()) == {0, 1, 2}
+
+
+def test_an_sde_window_on_a_unet_model_is_refused(tiny_preset, tmp_path):
+    result = CliRunner().invoke(
+        app, ["train", "--preset", str(tiny_preset), "--set", "sample.sde_window=2",
+              "--output", str(tmp_path / "run")],
+    )  # fmt: skip
+    assert result.exit_code != 0 and "sample.sde_window (Flow-GRPO-Fast)" in result.output

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 
 STD_EPS = 1e-6
+GROUP_STD_EPS = 1e-4
+"""Flow-GRPO's: a group of near-equal rewards is not blown up past ~1e4."""
 
 
 class PerPromptStatTracker:
@@ -62,11 +64,11 @@ def group_advantages(prompts: list[str], rewards: Tensor, global_std: bool = Fal
     values = rewards.double().numpy()
     names = np.array(prompts, dtype=object)
     advantages = np.empty_like(values)
-    spread = values.std() + STD_EPS
+    spread = values.std() + GROUP_STD_EPS
     for prompt in dict.fromkeys(prompts):
         mask = names == prompt
         group = values[mask]
-        std = spread if global_std else group.std() + STD_EPS
+        std = spread if global_std else group.std() + GROUP_STD_EPS
         advantages[mask] = (group - group.mean()) / std
     return torch.from_numpy(advantages).float()
 

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from lowvram_ddpo.errors import UserError
+
 MIN_ERROR = 1e-5
 """The adaptive weights' floor (DiffusionNFT's ``clip(min=1e-5)``)."""
 
@@ -100,5 +102,13 @@ class SamplingWeights:
         return {f"nft_old.{i}": w.cpu() for i, w in enumerate(self.weights)}
 
     def load(self, state: dict[str, Tensor]) -> None:
+        shapes = [
+            tuple(state.get(f"nft_old.{i}", torch.empty(0)).shape) for i in range(len(self.weights))
+        ]
+        if len(state) != len(self.weights) or shapes != [tuple(w.shape) for w in self.weights]:
+            raise UserError(
+                "the checkpoint's DiffusionNFT sampling weights do not match this LoRA "
+                "(another rank or targets?): resume with the run's own settings"
+            )
         for i, w in enumerate(self.weights):
             w.copy_(state[f"nft_old.{i}"])

@@ -41,7 +41,7 @@ from lowvram_ddpo.models import DTYPES, make_trainable, trainable_parameters, us
 from lowvram_ddpo.policy import Conditioning, FlowSDEPolicy, PolicyStep, build_policy
 from lowvram_ddpo.rewards import ModelReward, reward_with_random_weights
 from lowvram_ddpo.rollout import Trajectories, decodes_in_fp32
-from lowvram_ddpo.text_encoding import SD3_T5_TOKENS, TextEmbeds, micro_conditioning
+from lowvram_ddpo.text_encoding import TextEmbeds, micro_conditioning, sd3_t5_tokens
 
 T = TypeVar("T")
 
@@ -128,7 +128,8 @@ class MetaRun:
         ``text_encoding.sd3_sequence_length`` gives it."""
         clip = self.parts.text_encoder.config.max_position_embeddings
         counts = [clip for e in (self.parts.text_encoder, self.parts.text_encoder_2) if e]
-        return counts + ([SD3_T5_TOKENS] if self.parts.text_encoder_3 is not None else [])
+        t5 = self.parts.text_encoder_3
+        return counts + ([sd3_t5_tokens(True, clip)] if t5 is not None else [])
 
     def text_shape(self) -> tuple[int, int]:
         """(tokens, width) of the denoiser's text conditioning: SDXL's two encoders side by
@@ -136,7 +137,7 @@ class MetaRun:
         clip = self.parts.text_encoder.config.max_position_embeddings
         if not self.sd3:
             return clip, self.parts.unet.config.cross_attention_dim
-        t5 = SD3_T5_TOKENS if self.parts.text_encoder_3 is not None else clip
+        t5 = sd3_t5_tokens(self.parts.text_encoder_3 is not None, clip)
         return clip + t5, self.parts.unet.config.joint_attention_dim
 
     def pooled_width(self) -> int | None:
@@ -398,7 +399,8 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     )
     if config.train.algorithm == "nft":  # its sampling policy: a second copy of the LoRA
         resident["sampling weights"] = run.sizes(
-            ("trainable bytes",), lambda: sum(p.nbytes for p in params)
+            ("gradients",),
+            lambda: sum(p.nbytes for p in params),  # one copy of them
         )
     if not m.offload:
         resident |= for_phase | scorer

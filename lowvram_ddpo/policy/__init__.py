@@ -30,6 +30,13 @@ def build_policy(
     sde_window: int = 0,
 ) -> PolicyStep:
     kind = sampler_for(sampler, scheduler_config, unet_config)
+    flow = is_flow_matching(scheduler_config)
+    if kind in ("ddim", "lcm", "flow-sde") and (kind == "flow-sde") != flow:
+        model = "a flow-matching model (SD 3)" if flow else "a diffusion (DDPM) model"
+        raise UserError(
+            f"sample.sampler={sampler} does not fit {model}: use auto (it picks "
+            f"{'flow-sde' if flow else 'ddim or lcm'})"
+        )
     if kind == "lcm":
         return LCMPolicy(scheduler_config, num_steps)
     if kind == "ddim":

@@ -172,6 +172,10 @@ class PolicyStep(ABC):
         """What the VAE decodes after the final step: the sampled latent by default."""
         return last_latents
 
+    def trainable_steps(self) -> int:
+        """How many of a rollout's first steps a policy gradient may train (every one)."""
+        return len(self.timesteps())
+
     def stochastic_steps(self, generator: torch.Generator | None) -> range:
         """The steps of a rollout that sample (the actions trained on); the others take
         ``deterministic_step``. Every step by default."""

@@ -91,14 +91,13 @@ class FlowSDEPolicy(PolicyStep):
         self._timesteps, sigmas = flow_schedule(scheduler_config, num_steps)
         self._schedule = DeviceTable(self._timesteps.clone())
         self._tables = DeviceTable(self._coefficients(sigmas))
-        self._steps = DeviceTable(torch.stack([sigmas[:-1], sigmas[1:] - sigmas[:-1]], 1).float())
 
     def timesteps(self) -> Tensor:
         return self._timesteps.clone()
 
     def _coefficients(self, sigmas: Tensor) -> Tensor:
-        """[T, 4] (sigma, dt, mean coefficient of x, of v) and [T] std per step, in float64
-        and rounded to fp32 once."""
+        """[T, 5] (sigma, mean coefficient of x, of v, std, dt) per step, computed in
+        float64 and rounded to fp32 once."""
         sigma, sigma_next = sigmas[:-1], sigmas[1:]
         dt = sigma_next - sigma
         # at sigma = 1 the SDE's s_t is infinite: Flow-GRPO puts the next sigma inside
@@ -107,7 +106,7 @@ class FlowSDEPolicy(PolicyStep):
         x_coef = 1 + s_t**2 / (2 * sigma) * dt
         v_coef = (1 + s_t**2 * (1 - sigma) / (2 * sigma)) * dt
         std = s_t * (-dt).sqrt()
-        return torch.stack([sigma, x_coef, v_coef, std], dim=1).float()
+        return torch.stack([sigma, x_coef, v_coef, std, dt], dim=1).float()
 
     def step_coefficients(self, timesteps: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(sigma, x coefficient, v coefficient, std), each [B, 1, 1, 1] fp32, for timesteps
@@ -119,6 +118,11 @@ class FlowSDEPolicy(PolicyStep):
         """Each timestep's step in the schedule (the nearest entry, found on the device)."""
         schedule = self._schedule.on(timesteps.device)
         return (timesteps.float()[:, None] - schedule[None, :]).abs().argmin(dim=1)
+
+    def trainable_steps(self) -> int:
+        """All but the last: its Gaussian (sigma 0.009 -> 0) is so sharp that its log-prob
+        ratio is numerically unreliable, and Flow-GRPO never trains it."""
+        return len(self._timesteps) - 1
 
     def stochastic_steps(self, generator: torch.Generator | None) -> range:
         """Flow-GRPO-Fast's window: ``window`` steps from a start drawn uniformly in
@@ -139,8 +143,8 @@ class FlowSDEPolicy(PolicyStep):
 
     def sigma_and_dt(self, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         """[B, 1, 1, 1] sigma and dt (< 0) of each timestep's step."""
-        rows = self._steps.on(timesteps.device)[self._index(timesteps)]
-        return rows[:, 0].view(-1, 1, 1, 1), rows[:, 1].view(-1, 1, 1, 1)
+        rows = self._tables.on(timesteps.device)[self._index(timesteps)]
+        return rows[:, 0].view(-1, 1, 1, 1), rows[:, 4].view(-1, 1, 1, 1)
 
     def __call__(
         self, unet: torch.nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning
