@@ -135,7 +135,7 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     noise_level = run.sample.noise_level if run else DEFAULT_NOISE_LEVEL
     policy = build_policy(
         kind, pipe.scheduler.config, pipe.unet.config, steps, request.eta, noise_level
-    )
+    ).for_viewing()  # flow models: the ODE, as their own pipelines sample
     negative = encode_negative(pipe, negative_prompt)
     cache = PromptCache()  # each prompt encoded once for every seed and panel
 

@@ -328,7 +328,7 @@ class Trainer:
             images = render(
                 self.pipe,
                 unet,
-                self.policy,
+                self.policy.for_viewing(),
                 prompts,
                 cfg.run.eval_seeds,
                 self.negative,
@@ -742,7 +742,7 @@ class Trainer:
                 images = render(
                     self.pipe,
                     unet,
-                    self.policy,
+                    self.policy.for_viewing(),
                     cfg.run.grid_prompts,
                     cfg.run.grid_seeds,
                     self.negative,

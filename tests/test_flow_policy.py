@@ -182,3 +182,22 @@ def test_a_sampler_that_does_not_fit_the_model_is_a_clear_error(sd3):
         build_policy("ddim", pipe.scheduler.config, {}, STEPS, 1.0)
     with pytest.raises(UserError, match="does not fit a diffusion"):
         build_policy("flow-sde", DDIMScheduler().config, {}, STEPS, 1.0)
+
+
+def test_images_people_look_at_are_drawn_with_the_ode(sd3):
+    """Grids, evaluation and `sample` use the Euler sampler diffusers' SD3 pipeline runs,
+    not the training SDE."""
+    pipe, cond = sd3
+    viewing = FlowSDEPolicy(pipe.scheduler.config, STEPS, noise_level=0.7).for_viewing()
+    latents, _, timesteps, final, sampled = rollout(
+        pipe.transformer, viewing, cond, _latents(9), torch.Generator().manual_seed(1)
+    )
+    assert len(sampled) == 0
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(STEPS)
+    x = _latents(9)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            velocity = flow_model_output(pipe.transformer, x, t.expand(2), cond)
+            x = scheduler.step(velocity, t, x).prev_sample
+    torch.testing.assert_close(final, x, rtol=1e-5, atol=1e-5)

@@ -172,6 +172,11 @@ class PolicyStep(ABC):
         """What the VAE decodes after the final step: the sampled latent by default."""
         return last_latents
 
+    def for_viewing(self) -> PolicyStep:
+        """The sampler for images people look at (grids, evaluation, ``sample``): this
+        policy, unless it has a deterministic counterpart a user's own pipeline runs."""
+        return self
+
     def trainable_steps(self) -> int:
         """How many of a rollout's first steps a policy gradient may train (every one)."""
         return len(self.timesteps())

@@ -79,6 +79,7 @@ class FlowSDEPolicy(PolicyStep):
         num_steps: int,
         noise_level: float = DEFAULT_NOISE_LEVEL,
         window: int = 0,
+        ode: bool = False,
     ) -> None:
         if noise_level <= 0:
             raise UserError(
@@ -88,6 +89,9 @@ class FlowSDEPolicy(PolicyStep):
         self.noise_level = noise_level
         self.window = window
         """Flow-GRPO-Fast: only this many consecutive steps sample (0: all)."""
+        self.ode = ode
+        """Every step the Euler (ODE) step: how diffusers and the UIs sample."""
+        self._config, self._num_steps = scheduler_config, num_steps
         self._timesteps, sigmas = flow_schedule(scheduler_config, num_steps)
         self._schedule = DeviceTable(self._timesteps.clone())
         self._tables = DeviceTable(self._coefficients(sigmas))
@@ -119,6 +123,11 @@ class FlowSDEPolicy(PolicyStep):
         schedule = self._schedule.on(timesteps.device)
         return (timesteps.float()[:, None] - schedule[None, :]).abs().argmin(dim=1)
 
+    def for_viewing(self) -> FlowSDEPolicy:
+        """The ODE sampler (as Flow-GRPO evaluates, and as diffusers and the UIs sample):
+        grids and evaluations show the images a user will get."""
+        return FlowSDEPolicy(self._config, self._num_steps, self.noise_level, ode=True)
+
     def trainable_steps(self) -> int:
         """All but the last: its Gaussian (sigma 0.009 -> 0) is so sharp that its log-prob
         ratio is numerically unreliable, and Flow-GRPO never trains it."""
@@ -129,6 +138,8 @@ class FlowSDEPolicy(PolicyStep):
         [0, T // 2 - window] (its ``sde_window_range = (0, T // 2)``), the same for a
         batch; every step without a window."""
         steps = len(self._timesteps)
+        if self.ode:
+            return range(0)
         if self.window == 0:
             return range(steps)
         last_start = steps // 2 - self.window
