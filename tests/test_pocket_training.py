@@ -1,6 +1,6 @@
 """Learning is visible on the shipped pocket models: DDPO-IS and sparse RWR raise
-incompressibility, and RLCM on pocket-lcm raises both JPEG rewards, within a CPU test
-budget (fixed seeds)."""
+incompressibility, RLCM on pocket-lcm raises both JPEG rewards, and DiffusionNFT raises
+incompressibility on pocket-flow, within a CPU test budget (fixed seeds)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ HALF_EPOCH = ["sample.batches_per_epoch=2", "train.gradient_accumulation_steps=2
         ("pocket-incompressibility", "sparse-rwr", 7, []),  # measured: +0.07 by epoch 7
         ("pocket-rlcm-incompressibility", "ddpo-is", 8, []),  # RLCM: the 4-step LCM policy
         ("pocket-rlcm-compressibility", "ddpo-is", 8, []),
+        # DiffusionNFT on the pocket flow model (SD 3's design), CFG-free
+        ("pocket-nft-incompressibility", "nft", 6, HALF_EPOCH),
     ],
 )
 def test_reward_rises_on_the_pocket_model(preset, algorithm, epochs, extra, tmp_path):
