@@ -218,14 +218,6 @@ def test_nft_trains_sd3_from_final_images_and_resumes_its_sampling_policy(sd3_di
     assert trained.numel() == lagging.numel() and torch.isfinite(lagging).all()
 
 
-def test_nft_is_refused_for_a_unet_model(tiny_preset, tmp_path):
-    result = CliRunner().invoke(
-        app, ["train", "--preset", str(tiny_preset), "--set", "train.algorithm=nft",
-              "--output", str(tmp_path / "run")],
-    )  # fmt: skip
-    assert result.exit_code != 0 and "trains flow-matching models" in result.output
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without CUDA")
 def test_an_nf4_sd3_transformer_goes_through_bitsandbytes_loading(sd3_dir):
     """`--vram` may pick a 4-bit base for SD 3 too: its transformer is loaded through
@@ -291,9 +283,17 @@ def test_grpo_on_a_flow_model_never_trains_the_last_sharp_step(sd3_dir, tmp_path
     assert set(steps.flatten().tolist()) == {0, 1, 2}
 
 
-def test_an_sde_window_on_a_unet_model_is_refused(tiny_preset, tmp_path):
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("train.algorithm=nft", "trains flow-matching models"),
+        ("sample.sde_window=2", "sample.sde_window (Flow-GRPO-Fast)"),
+    ],
+)
+def test_flow_only_settings_are_refused_for_a_unet_model(tiny_preset, tmp_path, setting, message):
     result = CliRunner().invoke(
-        app, ["train", "--preset", str(tiny_preset), "--set", "sample.sde_window=2",
+        app, ["train", "--preset", str(tiny_preset), "--set", setting,
               "--output", str(tmp_path / "run")],
     )  # fmt: skip
-    assert result.exit_code != 0 and "sample.sde_window (Flow-GRPO-Fast)" in result.output
+    assert result.exit_code != 0 and message in result.output
+    assert "Traceback" not in result.output

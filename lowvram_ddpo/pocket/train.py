@@ -265,23 +265,32 @@ def measure_accuracy(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+def script_arguments(description: str) -> argparse.ArgumentParser:
+    """The options every pocket training script takes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, default=Path("lowvram_ddpo/pocket/weights"))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--dataset", type=int, default=51200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def start(args: argparse.Namespace) -> tuple[np.random.Generator, float]:
+    """Threads and seeds fixed; (the script's numpy generator, its start time)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return np.random.default_rng(args.seed), time.perf_counter()
+
+
+def main() -> None:
+    parser = script_arguments(__doc__.split("\n")[1])
     parser.add_argument("--vae-steps", type=int, default=2500)
     parser.add_argument("--classifier-steps", type=int, default=1500)
     parser.add_argument("--denoiser-steps", type=int, default=9000)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--dataset", type=int, default=51200)
     parser.add_argument("--lcm-steps", type=int, default=3000, help="0: no pocket LCM")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    started = time.perf_counter()
+    rng, started = start(args)
     tokenizer = build_tokenizer(world.vocabulary())
 
     vae = train_vae(args.vae_steps, rng, started)

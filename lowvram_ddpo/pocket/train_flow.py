@@ -15,7 +15,6 @@ like SD 3.5; its prompt accuracy is measured with Flow-GRPO's SDE sampler.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
@@ -37,7 +36,14 @@ from lowvram_ddpo.models import POCKET_DIR, load_pipeline
 from lowvram_ddpo.pocket import save_pipeline_half, world
 from lowvram_ddpo.pocket.classifier import load_classifier, prompt_accuracy
 from lowvram_ddpo.pocket.tokenizer import MAX_LENGTH, build_tokenizer
-from lowvram_ddpo.pocket.train import cosine_lr, encode_dataset, log, world_images
+from lowvram_ddpo.pocket.train import (
+    cosine_lr,
+    encode_dataset,
+    log,
+    script_arguments,
+    start,
+    world_images,
+)
 
 SHIFT = 3.0
 """SD 3's noise-level shift (its scheduler_config), used in training and sampling alike."""
@@ -184,19 +190,10 @@ def measure_accuracy(folder: Path, seeds: int, steps: int = 10, guidance: float 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=POCKET_DIR)
+    parser = script_arguments(__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--dataset", type=int, default=51200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    started = time.perf_counter()
+    rng, started = start(args)
     vae = shipped_vae()
     latents, captions = encode_dataset(vae, args.dataset, rng)
     latents = latents * vae.config.scaling_factor
