@@ -178,6 +178,17 @@ def encode_dataset(
     return torch.cat(latents), captions
 
 
+def training_batch(
+    count: int, batch: int, empty: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """A denoiser's training batch: (indices of its latents, indices of their captions),
+    10% of the captions replaced by the empty one at index ``empty`` (caption dropout, so
+    the model also learns the unconditional prediction classifier-free guidance needs)."""
+    pick = torch.randint(count, (batch,), generator=generator)
+    drop = torch.rand(batch, generator=generator) < 0.1
+    return pick, torch.where(drop, torch.full_like(pick, empty), pick)
+
+
 def train_denoiser(
     latents: Tensor,
     captions: list[str],
@@ -200,9 +211,7 @@ def train_denoiser(
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, 1e-3, warmup=200)
-        pick = torch.randint(len(latents), (batch,), generator=generator)
-        drop = torch.rand(batch, generator=generator) < 0.1  # caption dropout for CFG
-        token_rows = torch.where(drop, torch.full_like(pick, empty), pick)
+        pick, token_rows = training_batch(len(latents), batch, empty, generator)
         x0 = latents[pick]
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, SD_SCHEDULER["num_train_timesteps"], (batch,), generator=generator)

@@ -42,6 +42,7 @@ from lowvram_ddpo.pocket.train import (
     log,
     script_arguments,
     start,
+    training_batch,
     world_images,
 )
 
@@ -136,9 +137,7 @@ def train_flow(
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, 1e-3, warmup=200)
-        pick = torch.randint(len(latents), (batch,), generator=generator)
-        drop = torch.rand(batch, generator=generator) < 0.1  # caption dropout for CFG
-        rows = torch.where(drop, torch.full_like(pick, empty), pick)
+        pick, rows = training_batch(len(latents), batch, empty, generator)
         hidden, _, pooled, _ = pipe.encode_prompt(
             prompt=list(texts[rows.numpy()]), prompt_2=None, prompt_3=None,
             do_classifier_free_guidance=False, max_sequence_length=MAX_LENGTH,
