@@ -15,12 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLFlux2,
+    Flux2Transformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from torch import nn
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    PretrainedConfig,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5EncoderModel,
 )
@@ -150,6 +159,54 @@ SD3_SCHEDULER = dict(
     _class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0
 )
 
+FLUX2_KLEIN_TRANSFORMER = dict(  # black-forest-labs/FLUX.2-klein-base-4B (3.9 B parameters)
+    patch_size=1,
+    in_channels=128,
+    num_layers=5,
+    num_single_layers=20,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=7680,
+    mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32),
+    rope_theta=2000,
+    guidance_embeds=False,
+)  # docs/research/flow_matching.md section 4 (the diffusers transformer/config.json)
+
+FLUX2_VAE = dict(  # AutoencoderKLFlux2's defaults: FLUX.2's VAE (32 channels, 2x2 patches)
+    _class_name="AutoencoderKLFlux2",
+    block_out_channels=(128, 256, 512, 512),
+    latent_channels=32,
+    sample_size=1024,
+    patch_size=(2, 2),
+)
+
+FLUX2_KLEIN_TEXT_ENCODER = dict(  # Qwen/Qwen3-4B's config.json (4.0 B parameters)
+    vocab_size=151936,
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+
+FLUX2_SCHEDULER = dict(  # FLUX.2's scheduler_config.json; its pipeline computes its own mu
+    _class_name="FlowMatchEulerDiscreteScheduler",  # (flux2.shifted_timesteps)
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+    time_shift_type="exponential",
+)
+
 ARCHITECTURES = {
     "sd15": "Stable Diffusion 1.5 (860 M UNet), built from its config",
     "sd15-lcm": "an LCM distilled from SD 1.5 (LCM_Dreamshaper_v7's shape: SD 1.5 + a "
@@ -157,22 +214,25 @@ ARCHITECTURES = {
     "sdxl": "Stable Diffusion XL base 1.0 (2.6 B UNet, two text encoders), built from its config",
     "sd35m": "Stable Diffusion 3.5 Medium (2.5 B MMDiT flow transformer; CLIP-L, CLIP-G and the "
     "4.8 B T5-XXL text encoders), built from its config",
+    "flux2-klein": "FLUX.2-klein Base 4B (3.9 B flow transformer, 4.0 B Qwen3 text encoder, "
+    "FLUX.2's VAE), built from its config",
 }
 
 
 @dataclass
 class ArchitectureConfigs:
     unet: dict
-    """The denoiser's config: a UNet's, or (``family`` sd3) SD 3's transformer's."""
+    """The denoiser's config: a UNet's, or (``family`` sd3, flux2) a transformer's."""
     vae: dict
-    text_encoder: CLIPTextConfig
+    text_encoder: PretrainedConfig
+    """CLIP's (Qwen3's for FLUX.2)."""
     scheduler: dict
     text_encoder_2: CLIPTextConfig | None = None
     """SDXL's and SD 3's second (projected) text encoder."""
     text_encoder_3: T5Config | None = None
     """SD 3's T5 (None: a folder without it, or ``model.use_t5 = false``)."""
     family: str = "sd"
-    """sd (1.x/2.x), sdxl or sd3: which pipeline the parts make."""
+    """sd (1.x/2.x), sdxl, sd3 or flux2: which pipeline the parts make."""
 
 
 @dataclass
@@ -180,9 +240,10 @@ class Components:
     """The parts of a Stable Diffusion pipeline that hold accelerator memory."""
 
     unet: nn.Module
-    """The denoiser: a ``UNet2DConditionModel`` or SD 3's ``SD3Transformer2DModel``."""
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
+    """The denoiser: a ``UNet2DConditionModel``, SD 3's or FLUX.2's transformer."""
+    vae: nn.Module
+    text_encoder: nn.Module
+    """CLIP (Qwen3 for FLUX.2)."""
     scheduler_config: dict
     native_resolution: int
     text_encoder_2: CLIPTextModelWithProjection | None = None
@@ -204,9 +265,18 @@ def _folder_configs(folder: Path) -> ArchitectureConfigs:
 
     second = folder / "text_encoder_2" / "config.json"
     third = folder / "text_encoder_3" / "config.json"
-    sd3 = (folder / "transformer").is_dir()
+    transformer = (folder / "transformer").is_dir()
+    denoiser = read("transformer" if transformer else "unet", "config.json")
+    if denoiser.get("_class_name") == "Flux2Transformer2DModel":
+        return ArchitectureConfigs(
+            unet=denoiser,
+            vae=read("vae", "config.json"),
+            text_encoder=Qwen3Config(**read("text_encoder", "config.json")),
+            scheduler=read("scheduler", "scheduler_config.json"),
+            family="flux2",
+        )
     return ArchitectureConfigs(
-        unet=read("transformer" if sd3 else "unet", "config.json"),
+        unet=denoiser,
         vae=AutoencoderKL.load_config(folder / "vae"),
         text_encoder=CLIPTextConfig(**read("text_encoder", "config.json")),
         scheduler=read("scheduler", "scheduler_config.json"),
@@ -216,7 +286,7 @@ def _folder_configs(folder: Path) -> ArchitectureConfigs:
         text_encoder_3=T5Config(**read("text_encoder_3", "config.json"))
         if third.is_file()
         else None,
-        family="sd3" if sd3 else ("sdxl" if second.is_file() else "sd"),
+        family="sd3" if transformer else ("sdxl" if second.is_file() else "sd"),
     )
 
 
@@ -241,6 +311,14 @@ def architecture_configs(arch: str) -> ArchitectureConfigs:
             CLIPTextConfig(**SDXL_TEXT_ENCODER_2),
             T5Config(**SD3_T5_ENCODER),
             family="sd3",
+        )
+    if arch == "flux2-klein":
+        return ArchitectureConfigs(
+            FLUX2_KLEIN_TRANSFORMER,
+            FLUX2_VAE,
+            Qwen3Config(**FLUX2_KLEIN_TEXT_ENCODER),
+            FLUX2_SCHEDULER,
+            family="flux2",
         )
     from lowvram_ddpo.models import resolve_model_name
 
@@ -283,11 +361,8 @@ def build_components(
     """Random-weight denoiser, VAE and text encoder(s) of ``arch`` on ``device`` (``meta``:
     no memory); SD 3's T5 only with ``use_t5``."""
     configs = architecture_configs(arch)
-    sd3 = configs.family == "sd3"
     with building_on(device, dtype):
-        unet = (SD3Transformer2DModel if sd3 else UNet2DConditionModel).from_config(configs.unet)
-        vae = AutoencoderKL.from_config(configs.vae)
-        text_encoder = (CLIPTextModelWithProjection if sd3 else CLIPTextModel)(configs.text_encoder)
+        unet, vae, text_encoder = _denoiser_vae_and_encoder(configs)
         second, third = configs.text_encoder_2, configs.text_encoder_3 if use_t5 else None
         text_encoder_2 = None if second is None else CLIPTextModelWithProjection(second)
         text_encoder_3 = None if third is None else T5EncoderModel(third)
@@ -306,7 +381,24 @@ def build_components(
     )
 
 
+def _denoiser_vae_and_encoder(configs: ArchitectureConfigs) -> tuple[nn.Module, ...]:
+    if configs.family == "flux2":
+        return (
+            Flux2Transformer2DModel.from_config(configs.unet),
+            AutoencoderKLFlux2.from_config(configs.vae),
+            Qwen3ForCausalLM(configs.text_encoder),
+        )
+    sd3 = configs.family == "sd3"
+    return (
+        (SD3Transformer2DModel if sd3 else UNet2DConditionModel).from_config(configs.unet),
+        AutoencoderKL.from_config(configs.vae),
+        (CLIPTextModelWithProjection if sd3 else CLIPTextModel)(configs.text_encoder),
+    )
+
+
 def _native_size(configs: ArchitectureConfigs) -> int:
+    if configs.family == "flux2":  # klein's pipeline: 128 latent patches of 16 px a side
+        return int(configs.vae["sample_size"])
     return configs.unet["sample_size"] * 2 ** (len(configs.vae["block_out_channels"]) - 1)
 
 

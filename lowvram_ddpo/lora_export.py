@@ -16,11 +16,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    Flux2KleinPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
+from lowvram_ddpo import flux2
 from lowvram_ddpo.atomic import write_atomic_with
 from lowvram_ddpo.models import adapter_state_dict, is_flow_transformer
 
@@ -45,12 +51,14 @@ def exported_lora_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
 
 def save_lora_for_diffusers(unet: torch.nn.Module, folder: Path) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` that ``pipeline.load_lora_weights`` reads
-    (SD, SDXL: ``unet.`` keys; SD 3.x: ``transformer.`` keys), its alpha folded into the
-    weights."""
+    (SD, SDXL: ``unet.`` keys; SD 3.x, FLUX.2: ``transformer.`` keys), its alpha folded
+    into the weights."""
     state = exported_lora_state(unet)
     options = dict(weight_name=LORA_WEIGHTS_NAME, safe_serialization=True)
-    if is_flow_transformer(unet):  # SD3's loader reads peft's own names (lora_A/lora_B)
-        StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=state, **options)
+    if is_flow_transformer(unet):  # their loaders read peft's own names (lora_A/lora_B)
+        flux = flux2.is_flux2_transformer(unet)
+        pipeline = Flux2KleinPipeline if flux else StableDiffusion3Pipeline
+        pipeline.save_lora_weights(folder, transformer_lora_layers=state, **options)
     else:
         state = convert_state_dict_to_diffusers(state)
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, **options)

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from diffusers import (
     DiffusionPipeline,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -20,6 +22,7 @@ from diffusers import (
 )
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
+from lowvram_ddpo import flux2
 from lowvram_ddpo.errors import UserError
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -196,16 +199,18 @@ def absent_components(index: dict) -> dict[str, None]:
 
 def pipeline_class(source: str, revision: str = "") -> type[DiffusionPipeline]:
     """SD 3.x folders (a transformer, three text encoders) load as
-    ``StableDiffusion3Pipeline``, SDXL folders (two text encoders) as
-    ``StableDiffusionXLPipeline``; everything else (SD 1.x/2.x and the LCMs distilled from
-    them) as ``StableDiffusionPipeline``."""
+    ``StableDiffusion3Pipeline``, FLUX.2-klein's as ``Flux2KleinPipeline``, SDXL folders
+    (two text encoders) as ``StableDiffusionXLPipeline``; everything else (SD 1.x/2.x and
+    the LCMs distilled from them) as ``StableDiffusionPipeline``."""
     index = pipeline_index(source, revision)
     if "transformer" in index:
+        kind = index.get("_class_name", "a transformer model")
+        if kind == flux2.PIPELINE_CLASS_NAME:
+            return Flux2KleinPipeline
         if "text_encoder_3" not in index:
-            kind = index.get("_class_name", "a transformer model")
             raise UserError(
                 f"'{source}' is {kind}: of the transformer (flow-matching) models only "
-                "Stable Diffusion 3.x is supported so far"
+                "Stable Diffusion 3.x and FLUX.2-klein are supported so far"
             )
         return StableDiffusion3Pipeline
     if "text_encoder_2" not in index:
@@ -266,6 +271,13 @@ def cast_4bit_inputs_like_autocast(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+FLOW_TRANSFORMERS: dict[type, type] = {
+    StableDiffusion3Pipeline: SD3Transformer2DModel,
+    Flux2KleinPipeline: Flux2Transformer2DModel,
+}
+"""Each flow-matching pipeline's denoiser class."""
+
+
 def _from_pretrained(
     name: str, source: str, dtype: torch.dtype, revision: str, quantize: str, use_t5: bool
 ) -> DiffusionPipeline:
@@ -280,9 +292,9 @@ def _from_pretrained(
                 parts |= {"text_encoder_3": None, "tokenizer_3": None}
         else:
             parts |= {"safety_checker": None, "requires_safety_checker": False}
-        if quantize != "none" and cls is StableDiffusion3Pipeline:
+        if quantize != "none" and cls in FLOW_TRANSFORMERS:
             parts["transformer"] = load_quantized_unet(
-                source, dtype, quantize, "transformer", revision, SD3Transformer2DModel
+                source, dtype, quantize, "transformer", revision, FLOW_TRANSFORMERS[cls]
             )
         elif quantize != "none":
             parts["unet"] = load_quantized_unet(source, dtype, quantize, "unet", revision)
@@ -318,11 +330,15 @@ DiffusionNFT's targets (SD 3.5 Medium: 191 layers, 18.8 M parameters at rank 32)
 
 def default_lora_targets(denoiser: torch.nn.Module) -> list[str]:
     """``model.lora_targets = []``: the targets this model family is trained with."""
+    if flux2.is_flux2_transformer(denoiser):
+        return flux2.lora_targets(denoiser)
     return SD3_LORA_TARGETS if is_flow_transformer(denoiser) else UNET_LORA_TARGETS
 
 
 def is_flow_transformer(denoiser: torch.nn.Module) -> bool:
-    return type(denoiser).__name__ == "SD3Transformer2DModel"
+    """SD 3's or FLUX.2's transformer (not a UNet)."""
+    name = type(denoiser).__name__
+    return name == "SD3Transformer2DModel" or flux2.is_flux2_transformer(denoiser)
 
 
 def make_trainable(

@@ -26,7 +26,10 @@ def check_output_folder(run_dir: Path) -> None:
 
 
 def native_resolution_of(pipe) -> int:  # noqa: ANN001  (a diffusers pipeline)
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    """The size the model was trained at. FLUX.2's transformer has no sample size: its
+    pipeline's default (128 latent rows of 8 px: 1024) stands for it."""
+    rows = pipe.unet.config.get("sample_size") or pipe.default_sample_size
+    return rows * pipe.vae_scale_factor
 
 
 def resolution_note(pipe, resolution: int, model_name: str) -> str | None:  # noqa: ANN001

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lowvram_ddpo import flux2
 from lowvram_ddpo.device_transfer import to_device
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.offload import Offloader
@@ -112,7 +113,9 @@ class Trajectories:
 
 
 def latent_shape(unet: torch.nn.Module, vae: torch.nn.Module, resolution: int) -> tuple[int, ...]:
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    """(C, h, w) of the latent image the denoiser works on. FLUX.2's VAE folds 2x2 latent
+    patches into the channels (its ``patch_size``), so its h is a sixteenth of the image."""
+    scale = 2 ** (len(vae.config.block_out_channels) - 1) * _vae_patch(vae)
     step = scale * unet.config.get("patch_size", 1)  # SD 3's transformer: 2x2 latent patches
     if resolution % step != 0:
         raise UserError(
@@ -120,6 +123,20 @@ def latent_shape(unet: torch.nn.Module, vae: torch.nn.Module, resolution: int) -
             f"(its VAE's factor {scale} x its patch size)"
         )
     return (unet.config.in_channels, resolution // scale, resolution // scale)
+
+
+def _vae_patch(vae: torch.nn.Module) -> int:
+    patch = vae.config.get("patch_size") or 1
+    return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+
+
+def image_tokens(unet: torch.nn.Module, vae: torch.nn.Module, resolution: int) -> int:
+    """How many tokens a transformer sees for one image (0 for a UNet: none)."""
+    patch = unet.config.get("patch_size")
+    if patch is None:
+        return 0
+    _, h, w = latent_shape(unet, vae, resolution)
+    return (h // patch) * (w // patch)
 
 
 @torch.no_grad()
@@ -165,7 +182,10 @@ def rollout(
 
 
 def vae_input(vae: torch.nn.Module, latents: Tensor) -> Tensor:
-    """Latents as the VAE's decoder takes them: unscaled and, for SD 3.x's VAE, unshifted."""
+    """Latents as the VAE's decoder takes them: unscaled and, for SD 3.x's VAE, unshifted
+    (FLUX.2's: ``flux2.decoder_input``)."""
+    if flux2.is_flux2_vae(vae):
+        return flux2.decoder_input(vae, latents)
     shift = vae.config.get("shift_factor") or 0.0
     return latents / vae.config.scaling_factor + shift
 

@@ -10,6 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
+from lowvram_ddpo import flux2
 from lowvram_ddpo.checkpoint import FULL_UNET_DIR, LATEST_FILE, epochs_done
 from lowvram_ddpo.config import ModelConfig, SampleConfig, load_config_file
 from lowvram_ddpo.errors import UserError
@@ -19,7 +20,7 @@ from lowvram_ddpo.models import DTYPES, load_pipeline, show_loading_bars
 from lowvram_ddpo.policy import DEFAULT_NOISE_LEVEL, build_policy, sampler_for
 from lowvram_ddpo.preflight import native_resolution_of
 from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards
-from lowvram_ddpo.rollout import render
+from lowvram_ddpo.rollout import image_tokens, render
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative
 
 DEFAULT_MODEL = ModelConfig().name
@@ -133,9 +134,17 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     fallback = LCM_DEFAULT_STEPS if kind == "lcm" and not run else defaults.num_steps
     steps = fallback if request.steps is None else request.steps
     noise_level = run.sample.noise_level if run else DEFAULT_NOISE_LEVEL
+    tokens = image_tokens(pipe.unet, pipe.vae, resolution)
     policy = build_policy(
-        kind, pipe.scheduler.config, pipe.unet.config, steps, request.eta, noise_level
+        kind,
+        pipe.scheduler.config,
+        pipe.unet.config,
+        steps,
+        request.eta,
+        noise_level,
+        image_tokens=tokens,
     ).for_viewing()  # flow models: the ODE, as their own pipelines sample
+    flux2.check_guidance(pipe, guidance)
     negative = encode_negative(pipe, negative_prompt)
     cache = PromptCache()  # each prompt encoded once for every seed and panel
 

@@ -5,8 +5,8 @@ concatenates the penultimate hidden states of two (CLIP ViT-L and OpenCLIP ViT-b
 and adds the second one's pooled, projected embedding and six "micro-conditioning"
 numbers (original size, crop corner, target size) through ``added_cond_kwargs``:
 what ``StableDiffusionXLPipeline`` does, reproduced here so that sampling and the
-training pass see exactly the same inputs. SD 3.x's three encoders go through its
-pipeline's own ``encode_prompt``.
+training pass see exactly the same inputs. SD 3.x's three encoders and FLUX.2's Qwen3 go
+through their pipelines' own ``encode_prompt``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from lowvram_ddpo import flux2
 
 
 @dataclass
@@ -102,6 +104,8 @@ def encode_text(pipe, prompts: list[str]) -> TextEmbeds:  # noqa: ANN001
     its transformer."""
     if is_sd3(pipe):
         return encode_sd3_text(pipe, prompts)
+    if flux2.is_flux2(pipe):
+        return TextEmbeds(flux2.encode_text(pipe, prompts))
     if not is_sdxl(pipe):
         return TextEmbeds(encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts))
     hidden, pooled = [], None

@@ -21,6 +21,7 @@ from accelerate.utils import gather_object, set_seed
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
+from lowvram_ddpo import flux2
 from lowvram_ddpo.algorithms import (
     POLICY_GRADIENT,
     PerPromptStatTracker,
@@ -71,7 +72,7 @@ from lowvram_ddpo.reporting.metrics_chart import METRICS_CHART, read_metrics, wr
 from lowvram_ddpo.reporting.progress import TimeLeft
 from lowvram_ddpo.reporting.trackers import NoTracker, Tracker, build_tracker, resolve_log_with
 from lowvram_ddpo.rewards import ModelReward, Reward, build_reward, check_rewards
-from lowvram_ddpo.rollout import Trajectories, render, sample_trajectories
+from lowvram_ddpo.rollout import Trajectories, image_tokens, render, sample_trajectories
 from lowvram_ddpo.speed.compile import compile_unet
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative, text_encoders
@@ -139,7 +140,9 @@ class Trainer:
             s.eta,
             s.noise_level,
             s.sde_window,
+            image_tokens(self.pipe.unet, self.pipe.vae, s.resolution),
         )
+        flux2.check_guidance(self.pipe, s.guidance_scale)
         flow = isinstance(self.policy, FlowSDEPolicy)
         if flow and cfg.train.algorithm not in FLOW_ALGORITHMS:
             raise UserError(

@@ -9,18 +9,28 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
-from lowvram_ddpo.architectures import SD_SCHEDULER
-from lowvram_ddpo.pocket.tokenizer import build_tokenizer
+from lowvram_ddpo.architectures import FLUX2_SCHEDULER, SD_SCHEDULER
+from lowvram_ddpo.pocket.tokenizer import build_chat_tokenizer, build_tokenizer
 from lowvram_ddpo.rewards import ModelReward
 
 
@@ -346,6 +356,74 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         tokenizer_2=tiny_tokenizer(),
         text_encoder_3=None,
         tokenizer_3=None,
+    )
+
+
+TINY_FLUX2_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=16,  # the VAE's 4 latent channels, packed in 2x2 patches
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=48,  # Qwen3's hidden states of layers 9, 18 and 27, stacked (3 x 16)
+    axes_dims_rope=(4, 4, 4, 4),  # (t, h, w, l): sums to attention_head_dim
+    guidance_embeds=False,  # FLUX.2 [klein]: no distilled-guidance embedding
+)
+
+TINY_FLUX2_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(8, 16),  # latents 1/2 of the image side
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=32,
+    patch_size=(2, 2),
+)
+
+TINY_QWEN3 = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=28,  # the pipeline reads hidden_states[9], [18] and [27]
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+
+
+def build_tiny_flux2_pipeline(seed: int = 0, distilled: bool = False) -> Flux2KleinPipeline:
+    """A Flux2KleinPipeline with random weights (FLUX.2 [klein]'s architecture: a 28-layer
+    Qwen3 text encoder read at layers 9, 18, 27, a double- and a single-stream block, the
+    FLUX.2 VAE with its latent BatchNorm statistics, a dynamically shifted flow-matching
+    schedule): 32 px images, 16x16x4 latents packed into 8x8 tokens of 16 channels.
+    ``distilled`` marks it step-distilled as FLUX.2 [klein] 4B/9B (no CFG pass)."""
+    torch.manual_seed(seed)
+    tokenizer = build_chat_tokenizer()
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **TINY_QWEN3,
+        )
+    )
+    vae = AutoencoderKLFlux2(**TINY_FLUX2_VAE)
+    make_decoder_transparent(vae)
+    with torch.no_grad():  # non-trivial latent statistics, as the real VAE's
+        vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.num_features))
+        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.num_features))
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX2_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=Flux2Transformer2DModel(**TINY_FLUX2_TRANSFORMER),
+        is_distilled=distilled,
     )
 
 

@@ -28,7 +28,10 @@ def build_policy(
     eta: float,
     noise_level: float = DEFAULT_NOISE_LEVEL,
     sde_window: int = 0,
+    image_tokens: int = 0,
 ) -> PolicyStep:
+    """The sampler step ``sampler`` (or ``auto``'s choice) over ``num_steps`` steps;
+    ``image_tokens``: the latent image's token count (FLUX.2's schedule depends on it)."""
     kind = sampler_for(sampler, scheduler_config, unet_config)
     flow = is_flow_matching(scheduler_config)
     if kind in ("ddim", "lcm", "flow-sde") and (kind == "flow-sde") != flow:
@@ -42,7 +45,9 @@ def build_policy(
     if kind == "ddim":
         return DDIMPolicy(scheduler_config, num_steps, eta)
     if kind == "flow-sde":
-        return FlowSDEPolicy(scheduler_config, num_steps, noise_level, sde_window)
+        return FlowSDEPolicy(
+            scheduler_config, num_steps, noise_level, sde_window, image_tokens=image_tokens
+        )
     raise UserError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}")
 
 

@@ -22,6 +22,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
+from lowvram_ddpo import flux2
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.policy.base import Conditioning, DeviceTable, GaussianStep, PolicyStep
 
@@ -32,18 +33,22 @@ DEFAULT_NOISE_LEVEL = 0.7
 def flow_model_output(
     transformer: torch.nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning
 ) -> Tensor:
-    """The velocity from one transformer pass (SD3's keyword call); with classifier-free
-    guidance the batch is doubled inside, negative rows first, as diffusers does."""
+    """The velocity from one transformer pass (SD 3's keyword call, or FLUX.2's through
+    ``flux2.velocity``); with classifier-free guidance the batch is doubled inside,
+    negative rows first, as diffusers does."""
     guided = cond.guided
     hidden, pooled = cond.embeddings(doubled=guided)
     if guided:
         latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
-    out = transformer(
-        hidden_states=latents,
-        timestep=timesteps,
-        encoder_hidden_states=hidden,
-        pooled_projections=pooled,
-    ).sample.float()
+    if flux2.is_flux2_transformer(transformer):
+        out = flux2.velocity(transformer, latents, timesteps, hidden).float()
+    else:
+        out = transformer(
+            hidden_states=latents,
+            timestep=timesteps,
+            encoder_hidden_states=hidden,
+            pooled_projections=pooled,
+        ).sample.float()
     if not guided:
         return out
     uncond, text = out.chunk(2)
@@ -57,15 +62,15 @@ def is_flow_matching(scheduler_config: dict) -> bool:
     return name.startswith("FlowMatch") or "use_dynamic_shifting" in scheduler_config
 
 
-def flow_schedule(scheduler_config: dict, num_steps: int) -> tuple[Tensor, Tensor]:
+def flow_schedule(
+    scheduler_config: dict, num_steps: int, image_tokens: int = 0
+) -> tuple[Tensor, Tensor]:
     """(timesteps [T], sigmas [T + 1] ending at 0) of diffusers' flow-matching Euler
-    sampler for ``num_steps`` steps (the shift of the model's scheduler applied)."""
+    sampler for ``num_steps`` steps (the shift of the model's scheduler applied; FLUX.2's
+    shift depends on the image's ``image_tokens``)."""
+    if scheduler_config.get("use_dynamic_shifting"):
+        return flux2.shifted_timesteps(scheduler_config, num_steps, image_tokens)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    if scheduler.config.get("use_dynamic_shifting"):
-        raise UserError(
-            "this model's scheduler shifts its timesteps by the image size (use_dynamic_"
-            "shifting, FLUX): not supported yet; SD 3.x models use a fixed shift"
-        )
     scheduler.set_timesteps(num_steps)
     return scheduler.timesteps.float().clone(), scheduler.sigmas.double().clone()
 
@@ -80,6 +85,7 @@ class FlowSDEPolicy(PolicyStep):
         noise_level: float = DEFAULT_NOISE_LEVEL,
         window: int = 0,
         ode: bool = False,
+        image_tokens: int = 0,
     ) -> None:
         if noise_level <= 0:
             raise UserError(
@@ -92,7 +98,9 @@ class FlowSDEPolicy(PolicyStep):
         self.ode = ode
         """Every step the Euler (ODE) step: how diffusers and the UIs sample."""
         self._config, self._num_steps = scheduler_config, num_steps
-        self._timesteps, sigmas = flow_schedule(scheduler_config, num_steps)
+        self._image_tokens = image_tokens
+        """The latent image's token count: FLUX.2's schedule depends on it."""
+        self._timesteps, sigmas = flow_schedule(scheduler_config, num_steps, image_tokens)
         self._schedule = DeviceTable(self._timesteps.clone())
         self._tables = DeviceTable(self._coefficients(sigmas))
 
@@ -126,7 +134,10 @@ class FlowSDEPolicy(PolicyStep):
     def for_viewing(self) -> FlowSDEPolicy:
         """The ODE sampler (as Flow-GRPO evaluates, and as diffusers and the UIs sample):
         grids and evaluations show the images a user will get."""
-        return FlowSDEPolicy(self._config, self._num_steps, self.noise_level, ode=True)
+        tokens = self._image_tokens
+        return FlowSDEPolicy(
+            self._config, self._num_steps, self.noise_level, ode=True, image_tokens=tokens
+        )
 
     def trainable_steps(self) -> int:
         """All but the last: its Gaussian (sigma 0.009 -> 0) is so sharp that its log-prob
