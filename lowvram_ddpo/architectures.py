@@ -424,9 +424,9 @@ def likely_native_resolution(model_name: str) -> int:
 
 
 def random_pipeline(arch: str, dtype: torch.dtype, device: str = "cpu"):  # noqa: ANN201
-    """A Stable Diffusion (XL, 3) pipeline of ``arch`` with random weights and byte-level
-    tokenizers built in code: what the memory benchmark trains on a GPU without a download
-    (SD 3 without its T5, whose tokenizer cannot be built offline)."""
+    """A Stable Diffusion (XL, 3) or FLUX.2-klein pipeline of ``arch`` with random weights
+    and byte-level tokenizers built in code: what the memory benchmark trains on a GPU
+    without a download (SD 3 without its T5, whose tokenizer cannot be built offline)."""
     from diffusers import (
         DDIMScheduler,
         FlowMatchEulerDiscreteScheduler,
@@ -439,6 +439,8 @@ def random_pipeline(arch: str, dtype: torch.dtype, device: str = "cpu"):  # noqa
     from lowvram_ddpo.pocket.tokenizer import build_tokenizer
 
     parts = build_components(arch, device, dtype, use_t5=False)
+    if parts.family == "flux2":
+        return _random_flux2_pipeline(parts)
     length = parts.text_encoder.config.max_position_embeddings
     if parts.family == "sd3":
         from lowvram_ddpo.models import with_denoiser_as_unet
@@ -475,10 +477,27 @@ def random_pipeline(arch: str, dtype: torch.dtype, device: str = "cpu"):  # noqa
     )
 
 
+def _random_flux2_pipeline(parts: Components):  # noqa: ANN202
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+    from lowvram_ddpo.models import with_denoiser_as_unet
+    from lowvram_ddpo.pocket.tokenizer import build_chat_tokenizer
+
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts.scheduler_config),
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=build_chat_tokenizer(),
+        transformer=parts.unet,
+    )
+    return with_denoiser_as_unet(pipe)
+
+
 def default_architecture(model_name: str) -> str:
     """What `bench memory` builds for a preset's model without downloading it: the shipped
-    pocket models themselves, SD 3.5 Medium's shape for SD 3 names, SDXL's for names with
-    "xl", SD 1.5's for anything else (LCM-shaped for LCMs)."""
+    pocket models themselves, SD 3.5 Medium's shape for SD 3 names, FLUX.2-klein 4B's for
+    FLUX.2 names, SDXL's for names with "xl", SD 1.5's for anything else (LCM-shaped for
+    LCMs)."""
     from lowvram_ddpo.models import MODEL_ALIASES
 
     if model_name in MODEL_ALIASES:
@@ -486,6 +505,8 @@ def default_architecture(model_name: str) -> str:
     name = model_name.lower()
     if any(tag in name for tag in ("stable-diffusion-3", "sd3", "sd35", "sd-3")):
         return "sd35m"
+    if any(tag in name for tag in ("flux.2", "flux2")):
+        return "flux2-klein"
     if "xl" in name:
         return "sdxl"
     return "sd15-lcm" if "lcm" in name else "sd15"

@@ -147,17 +147,17 @@ class Trainer:
         if flow and cfg.train.algorithm not in FLOW_ALGORITHMS:
             raise UserError(
                 f"train.algorithm={cfg.train.algorithm} is not available for flow-matching "
-                f"models (SD 3.x) yet: use {', '.join(FLOW_ALGORITHMS)}"
+                f"models (SD 3.x, FLUX.2) yet: use {', '.join(FLOW_ALGORITHMS)}"
             )
         if s.sde_window and (not flow or cfg.train.algorithm == "nft"):
             raise UserError(
                 "sample.sde_window (Flow-GRPO-Fast) is for ddpo-is, ddpo-sf or grpo on "
-                "flow-matching models (SD 3): set it to 0"
+                "flow-matching models (SD 3, FLUX.2): set it to 0"
             )
         if cfg.train.algorithm == "nft" and not flow:
             raise UserError(
-                "train.algorithm=nft trains flow-matching models (SD 3.x, pocket-flow): use "
-                "ddpo-is, grpo or rwr for this model"
+                "train.algorithm=nft trains flow-matching models (SD 3.x, FLUX.2, pocket-flow): "
+                "use ddpo-is, grpo or rwr for this model"
             )
         self.tracker = PerPromptStatTracker(
             cfg.stats.buffer_size, cfg.stats.min_count, cfg.stats.per_prompt
@@ -197,8 +197,8 @@ class Trainer:
         # a quantised UNet is loaded onto the GPU by bitsandbytes and cannot be moved
         if m.quantize == "none":
             self.offloader.register("unet", self.pipe.unet, stays=True)
-        if m.text_encoders_on_cpu:  # fp32: CPUs are slow (or unable) in fp16
-            text.float()
+        if m.text_encoders_on_cpu and dtype == torch.float16:
+            text.float()  # CPUs are slow (or unable) in fp16; bf16 they run, in half fp32's RAM
         self.offloader.register("text_encoder", text, on_cpu=m.text_encoders_on_cpu)
         self.offloader.register("vae", self.pipe.vae)
         use_attention(self.pipe.unet, m.attention)

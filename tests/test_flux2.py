@@ -190,3 +190,30 @@ def test_a_guidance_distilled_klein_refuses_guidance(tmp_path):
     )  # fmt: skip
     assert result.exit_code != 0 and "sample.guidance_scale=1" in result.output
     assert "Traceback" not in result.output
+
+
+def test_flux2_klein_is_estimated_from_its_real_shapes():
+    from lowvram_ddpo.architectures import build_components, random_pipeline
+
+    parts = build_components("flux2-klein", "meta", torch.bfloat16)
+    assert 3.7e9 < sum(p.numel() for p in parts.unet.parameters()) < 4.0e9  # klein's 4 B
+    assert 3.9e9 < sum(p.numel() for p in parts.text_encoder.parameters()) < 4.1e9  # Qwen3-4B
+    assert parts.family == "flux2" and parts.native_resolution == 1024
+    pipe = random_pipeline("flux2-klein", torch.bfloat16, device="meta")  # for GPU measurements
+    assert isinstance(pipe, Flux2KleinPipeline) and pipe.unet is pipe.transformer
+    assert "<|im_start|>" in pipe.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a cat"}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def test_the_flux2_klein_preset_fits_12_gb_only_with_its_nf4_base():
+    from lowvram_ddpo.config import apply_overrides, load_preset
+    from lowvram_ddpo.memory.estimate import estimate_memory
+
+    config = load_preset("flux2-klein-grpo-incompressibility")
+    nf4 = estimate_memory(config, "flux2-klein")
+    apply_overrides(config, ["memory.quantize=none"])
+    bf16 = estimate_memory(config, "flux2-klein")
+    assert nf4.peak_bytes <= 11 * 2**30 < bf16.peak_bytes  # 12 GB less ~1 GB CUDA context
+    held = bf16.phase("training").held["unet"] - nf4.phase("training").held["unet"]
+    assert 5.0 * 2**30 < held < 6.0 * 2**30  # 3.9 B bf16 weights -> 4 bits (+ their scales)

@@ -96,9 +96,11 @@ class _FusedAttention(torch.autograd.Function):
         return grads
 
 
-def fused_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args, **kwargs
-) -> torch.Tensor:  # noqa: ANN002, ANN003, E501
+def fused_attention(*args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
+    """``F.scaled_dot_product_attention``'s memory on the meta device; q, k, v given by
+    position or by name (FLUX.2's attention passes ``query=``, ``key=``, ``value=``)."""
+    names = ("query", "key", "value")
+    q, k, v = (*args[:3], *(kwargs[name] for name in names[len(args[:3]) :]))
     return _FusedAttention.apply(q, k, v)
 
 

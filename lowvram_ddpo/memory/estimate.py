@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from lowvram_ddpo import flux2
 from lowvram_ddpo.algorithms import POLICY_GRADIENT
 from lowvram_ddpo.algorithms.nft import SamplingWeights
 from lowvram_ddpo.algorithms.steps import (
@@ -40,7 +41,13 @@ from lowvram_ddpo.memory.units import module_bytes
 from lowvram_ddpo.models import DTYPES, make_trainable, trainable_parameters, use_vae_tiling
 from lowvram_ddpo.policy import Conditioning, FlowSDEPolicy, PolicyStep, build_policy
 from lowvram_ddpo.rewards import ModelReward, reward_with_random_weights
-from lowvram_ddpo.rollout import Trajectories, decodes_in_fp32
+from lowvram_ddpo.rollout import (
+    Trajectories,
+    decodes_in_fp32,
+    image_tokens,
+    latent_shape,
+    vae_input,
+)
 from lowvram_ddpo.text_encoding import TextEmbeds, micro_conditioning, sd3_t5_tokens
 
 T = TypeVar("T")
@@ -86,7 +93,13 @@ class MetaRun:
         make_trainable(unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
         s = cfg.sample
         self.policy = build_policy(
-            s.sampler, self.parts.scheduler_config, unet.config, s.num_steps, s.eta, s.noise_level
+            s.sampler,
+            self.parts.scheduler_config,
+            unet.config,
+            s.num_steps,
+            s.eta,
+            s.noise_level,
+            image_tokens=image_tokens(unet, self.parts.vae, s.resolution),
         )
 
     @property
@@ -115,17 +128,22 @@ class MetaRun:
             del result
         return counter.peak
 
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        scale = 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
-        return (self.parts.unet.config.in_channels, resolution // scale, resolution // scale)
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        return latent_shape(self.parts.unet, self.parts.vae, resolution)
 
     @property
     def sd3(self) -> bool:
         return self.parts.family == "sd3"
 
+    @property
+    def flux2(self) -> bool:
+        return self.parts.family == "flux2"
+
     def token_counts(self) -> list[int]:
         """Tokens per prompt of each text encoder: CLIP's 77; SD 3's T5 as many as
-        ``text_encoding.sd3_sequence_length`` gives it."""
+        ``text_encoding.sd3_sequence_length`` gives it; FLUX.2's Qwen3 512."""
+        if self.flux2:
+            return [flux2.TEXT_TOKENS]
         clip = self.parts.text_encoder.config.max_position_embeddings
         counts = [clip for e in (self.parts.text_encoder, self.parts.text_encoder_2) if e]
         t5 = self.parts.text_encoder_3
@@ -133,7 +151,10 @@ class MetaRun:
 
     def text_shape(self) -> tuple[int, int]:
         """(tokens, width) of the denoiser's text conditioning: SDXL's two encoders side by
-        side; SD 3's CLIPs side by side, then T5's tokens (zeros without T5)."""
+        side; SD 3's CLIPs side by side, then T5's tokens (zeros without T5); FLUX.2's three
+        Qwen3 layers side by side."""
+        if self.flux2:
+            return flux2.TEXT_TOKENS, self.parts.unet.config.joint_attention_dim
         clip = self.parts.text_encoder.config.max_position_embeddings
         if not self.sd3:
             return clip, self.parts.unet.config.cross_attention_dim
@@ -141,6 +162,8 @@ class MetaRun:
         return clip + t5, self.parts.unet.config.joint_attention_dim
 
     def pooled_width(self) -> int | None:
+        if self.flux2:
+            return None
         if self.sd3:
             return self.parts.unet.config.pooled_projection_dim
         second = self.parts.text_encoder_2
@@ -170,7 +193,8 @@ class MetaRun:
 
     def encode_prompts(self, batch: int) -> int:
         """Every text encoder in turn, their outputs kept until the last has run."""
-        several = len(self.parts.text_encoders) > 1  # SDXL, SD 3 read a hidden layer
+        # SDXL, SD 3 and FLUX.2 read hidden layers
+        several = len(self.parts.text_encoders) > 1 or self.flux2
         encoders = list(zip(self.parts.text_encoders, self.token_counts(), strict=True))
 
         def work() -> list:
@@ -235,7 +259,7 @@ class MetaRun:
             with torch.no_grad():
                 return self.measure(
                     ("decode", tiling),
-                    lambda: vae.decode(z.to(dtype)).sample.float(),
+                    lambda: vae.decode(vae_input(vae, z.to(dtype))).sample.float(),
                     autocast=not upcast,
                 )
         finally:

@@ -9,7 +9,7 @@ from lowvram_ddpo.policy.lcm import LCMPolicy
 
 
 def sampler_for(requested: str, scheduler_config: dict, unet_config: dict) -> str:
-    """``auto``: Flow-GRPO's SDE for flow-matching models (SD 3.x), the LCM policy for
+    """``auto``: Flow-GRPO's SDE for flow-matching models (SD 3.x, FLUX.2), the LCM policy for
     latent consistency models (an LCMScheduler or a UNet with a guidance embedding), DDIM
     for everything else."""
     if requested != "auto":
@@ -35,7 +35,7 @@ def build_policy(
     kind = sampler_for(sampler, scheduler_config, unet_config)
     flow = is_flow_matching(scheduler_config)
     if kind in ("ddim", "lcm", "flow-sde") and (kind == "flow-sde") != flow:
-        model = "a flow-matching model (SD 3)" if flow else "a diffusion (DDPM) model"
+        model = "a flow-matching model (SD 3, FLUX.2)" if flow else "a diffusion (DDPM) model"
         raise UserError(
             f"sample.sampler={sampler} does not fit {model}: use auto (it picks "
             f"{'flow-sde' if flow else 'ddim or lcm'})"
