@@ -50,8 +50,9 @@ def check_guidance(pipe, guidance_scale: float) -> None:  # noqa: ANN001
     sampling it with CFG here would train a policy the model was never meant to run."""
     if is_flux2(pipe) and pipe.config.get("is_distilled") and guidance_scale > 1:
         raise UserError(
-            "this FLUX.2-klein model is guidance-distilled (is_distilled): set "
-            "sample.guidance_scale=1, or train FLUX.2-klein Base, which takes guidance"
+            "this FLUX.2-klein model is guidance-distilled (is_distilled): use guidance 1 "
+            "(sample.guidance_scale=1; `sample --guidance 1`), or FLUX.2-klein Base, which "
+            "takes guidance"
         )
 
 

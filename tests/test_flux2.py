@@ -165,6 +165,14 @@ def test_flux2_trains_through_the_cli_and_diffusers_loads_its_lora(flux2_dir, tm
         ours_v = flux2.velocity(ours, x, t, text)
     torch.testing.assert_close(theirs_v, ours_v, rtol=1e-5, atol=1e-5)
 
+    # the before/after grid of the run, with its own settings
+    grid = tmp_path / "grid.png"
+    args = ["sample", "--lora", str(run_dir), "--prompts", "a cat", "--seeds", "0",
+            "--steps", "3", "--grid", str(grid), "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert grid.is_file()
+
 
 def test_nft_trains_flux2(flux2_dir, tmp_path):
     preset = tmp_path / "flux2.toml"
