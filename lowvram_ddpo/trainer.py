@@ -123,9 +123,8 @@ class Trainer:
             # cpu=True is what lets `accelerate launch --cpu` / torchrun run several CPU processes
             cpu=not torch.cuda.is_available(),
             mixed_precision=precision,
-            gradient_accumulation_steps=(
-                cfg.train.gradient_accumulation_steps * self.trained_steps_per_sample()
-            ),
+            # x the steps trained per sample, known once the policy is built (below)
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         )
         torch.backends.cuda.matmul.allow_tf32 = cfg.model.allow_tf32
         set_seed(cfg.run.seed)
@@ -143,6 +142,9 @@ class Trainer:
             image_tokens(self.pipe.unet, self.pipe.vae, s.resolution),
         )
         flux2.check_guidance(self.pipe, s.guidance_scale)
+        self.accelerator.gradient_accumulation_steps = (
+            cfg.train.gradient_accumulation_steps * self.trained_steps_per_sample()
+        )
         flow = isinstance(self.policy, FlowSDEPolicy)
         if flow and cfg.train.algorithm not in FLOW_ALGORITHMS:
             raise UserError(
@@ -239,11 +241,15 @@ class Trainer:
         self.guard = DivergenceGuard(cfg.train.max_skipped_steps + scaler_allowance)
 
     def trained_steps_per_sample(self) -> int:
-        """Flow-GRPO-Fast's window, or ``timestep_fraction`` of the steps."""
-        s = self.config.sample
+        """Flow-GRPO-Fast's window, or ``timestep_fraction`` of the steps, at most as many as
+        a policy gradient may train (a flow model's sharp last step never is)."""
+        s, t = self.config.sample, self.config.train
         if s.sde_window > 0:
             return s.sde_window
-        return max(1, round(s.num_steps * self.config.train.timestep_fraction))
+        k = max(1, round(s.num_steps * t.timestep_fraction))
+        if t.algorithm in POLICY_GRADIENT:
+            k = min(k, self.policy.trainable_steps())
+        return k
 
     @property
     def is_main(self) -> bool:

@@ -262,9 +262,12 @@ def test_flow_grpo_fast_trains_only_the_window_that_sampled(sd3_dir, tmp_path, m
     assert trained and all(s.shape[1] == 2 for s in trained)  # the whole window, each sample
 
 
-def test_grpo_on_a_flow_model_never_trains_the_last_sharp_step(sd3_dir, tmp_path, monkeypatch):
-    """As Flow-GRPO: of 4 steps, 3 are trained (timestep_fraction 0.75), never the last
-    (sigma -> 0, a Gaussian too sharp for a reliable ratio)."""
+@pytest.mark.parametrize("fraction", [0.75, 1.0])
+def test_grpo_on_a_flow_model_never_trains_the_last_sharp_step(
+    sd3_dir, tmp_path, monkeypatch, fraction
+):
+    """As Flow-GRPO: of 4 steps, 3 are trained (timestep_fraction 0.75, or 1: every step
+    it may), never the last (sigma -> 0, a Gaussian too sharp for a reliable ratio)."""
     from lowvram_ddpo.trainer import Trainer
 
     trained: list[torch.Tensor] = []
@@ -276,10 +279,12 @@ def test_grpo_on_a_flow_model_never_trains_the_last_sharp_step(sd3_dir, tmp_path
     preset.write_text(SD3_PRESET.format(model=sd3_dir))
     result = CliRunner().invoke(
         app, ["train", "--preset", str(preset), "--output", str(tmp_path / "run"),
-              "--epochs", "1", "--log-with", "none"],
+              "--epochs", "1", "--log-with", "none",
+              "--set", f"train.timestep_fraction={fraction}"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     steps = torch.cat(trained)
+    assert steps.shape[1] == 3
     assert set(steps.flatten().tolist()) == {0, 1, 2}
 
 
