@@ -4,11 +4,13 @@ mismatch that still runs is a one-line note."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+from lowvram_ddpo.config import FLOW_ALGORITHMS, Config
 from lowvram_ddpo.errors import UserError
-from lowvram_ddpo.models import MODEL_ALIASES
+from lowvram_ddpo.models import MODEL_ALIASES, resolve_model_name
 
 
 def check_output_folder(run_dir: Path) -> None:
@@ -23,6 +25,49 @@ def check_output_folder(run_dir: Path) -> None:
         raise UserError(
             f"cannot write to the run folder {run_dir} ({reason}): choose another with --output"
         ) from None
+
+
+def saved_model_is_flow(name: str) -> bool | None:
+    """Whether a model is a flow-matching transformer (SD 3.x, FLUX.2), from its
+    ``model_index.json`` in a local folder or the hub cache, without loading it (SD 3.5's
+    load takes minutes); None when that file is not at hand (nothing is downloaded)."""
+    try:
+        folder = Path(resolve_model_name(name)).expanduser()
+    except UserError:
+        return None
+    index = folder / "model_index.json"
+    if not index.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "model_index.json") if name.count("/") == 1 else None
+        if not isinstance(cached, str):
+            return None
+        index = Path(cached)
+    try:
+        return "transformer" in json.loads(index.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_algorithm_fits(config: Config, flow: bool) -> None:
+    """The algorithm and sampler settings suit the model: flow-matching models train with
+    policy gradients or NFT (RWR's loss is DDPM's), DDPM models not with NFT or windows."""
+    s, algorithm = config.sample, config.train.algorithm
+    if flow and algorithm not in FLOW_ALGORITHMS:
+        raise UserError(
+            f"train.algorithm={algorithm} is not available for flow-matching "
+            f"models (SD 3.x, FLUX.2) yet: use {', '.join(FLOW_ALGORITHMS)}"
+        )
+    if s.sde_window and (not flow or algorithm == "nft"):
+        raise UserError(
+            "sample.sde_window (Flow-GRPO-Fast) is for ddpo-is, ddpo-sf or grpo on "
+            "flow-matching models (SD 3, FLUX.2): set it to 0"
+        )
+    if algorithm == "nft" and not flow:
+        raise UserError(
+            "train.algorithm=nft trains flow-matching models (SD 3.x, FLUX.2, pocket-flow): "
+            "use ddpo-is, grpo or rwr for this model"
+        )
 
 
 def native_resolution_of(pipe) -> int:  # noqa: ANN001  (a diffusers pipeline)

@@ -46,7 +46,7 @@ from lowvram_ddpo.checkpoint import (
     restore_rng_states,
     save_checkpoint,
 )
-from lowvram_ddpo.config import FLOW_ALGORITHMS, Config, dump_toml
+from lowvram_ddpo.config import Config, dump_toml
 from lowvram_ddpo.device_transfer import to_device
 from lowvram_ddpo.divergence import DivergenceGuard, NonFiniteTraining
 from lowvram_ddpo.epoch_metrics import TrainingTotals, format_metric
@@ -66,7 +66,12 @@ from lowvram_ddpo.models import (
 from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.optimizers import build_optimizer
 from lowvram_ddpo.policy import FlowSDEPolicy, build_policy
-from lowvram_ddpo.preflight import resolution_note, unknown_words_note
+from lowvram_ddpo.preflight import (
+    check_algorithm_fits,
+    resolution_note,
+    saved_model_is_flow,
+    unknown_words_note,
+)
 from lowvram_ddpo.prompts import load_prompts
 from lowvram_ddpo.reporting.metrics_chart import METRICS_CHART, read_metrics, write_metrics_chart
 from lowvram_ddpo.reporting.progress import TimeLeft
@@ -128,6 +133,8 @@ class Trainer:
         )
         torch.backends.cuda.matmul.allow_tf32 = cfg.model.allow_tf32
         set_seed(cfg.run.seed)
+        if self.pipeline is None and (flow := saved_model_is_flow(cfg.model.name)) is not None:
+            check_algorithm_fits(cfg, flow)  # before minutes of loading, where it can be told
         self.load_models(DTYPES[precision])
         self.prepare_training()
         s = cfg.sample
@@ -145,22 +152,7 @@ class Trainer:
         self.accelerator.gradient_accumulation_steps = (
             cfg.train.gradient_accumulation_steps * self.trained_steps_per_sample()
         )
-        flow = isinstance(self.policy, FlowSDEPolicy)
-        if flow and cfg.train.algorithm not in FLOW_ALGORITHMS:
-            raise UserError(
-                f"train.algorithm={cfg.train.algorithm} is not available for flow-matching "
-                f"models (SD 3.x, FLUX.2) yet: use {', '.join(FLOW_ALGORITHMS)}"
-            )
-        if s.sde_window and (not flow or cfg.train.algorithm == "nft"):
-            raise UserError(
-                "sample.sde_window (Flow-GRPO-Fast) is for ddpo-is, ddpo-sf or grpo on "
-                "flow-matching models (SD 3, FLUX.2): set it to 0"
-            )
-        if cfg.train.algorithm == "nft" and not flow:
-            raise UserError(
-                "train.algorithm=nft trains flow-matching models (SD 3.x, FLUX.2, pocket-flow): "
-                "use ddpo-is, grpo or rwr for this model"
-            )
+        check_algorithm_fits(cfg, flow=isinstance(self.policy, FlowSDEPolicy))
         self.tracker = PerPromptStatTracker(
             cfg.stats.buffer_size, cfg.stats.min_count, cfg.stats.per_prompt
         )

@@ -140,7 +140,15 @@ def test_an_sd3_lora_has_no_kohya_export(sd3_dir, tmp_path):
     assert result.exit_code == 0, result.output
 
 
-def test_reward_weighted_regression_is_refused_for_flow_models(sd3_dir, tmp_path):
+def test_reward_weighted_regression_is_refused_for_flow_models(sd3_dir, tmp_path, monkeypatch):
+    """Refused from the folder's model_index.json, before the (for SD 3.5: minutes of)
+    loading."""
+    import lowvram_ddpo.trainer
+
+    def never(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(lowvram_ddpo.trainer, "load_pipeline", never)
     preset = tmp_path / "sd3.toml"
     preset.write_text(SD3_PRESET.format(model=sd3_dir))
     result = CliRunner().invoke(
