@@ -13,7 +13,10 @@ calibrates `RESERVED_OVER_ALLOCATED` (measured reserved / estimated allocated).
   (`sd15` vs `-checkpointing`, `-no-offload`, `-nf4`), and `sd15-reference`: the
   reference implementation's micro-batch 4 with every model on the card and plain AdamW;
 - RLCM issue: time per epoch and peak of each mode (`sd15` vs `rlcm-sd15`, `sdxl` vs
-  `rlcm-sdxl`).
+  `rlcm-sdxl`);
+- flow-matching issue: SD 3.5 Medium (`sd35m-grpo`, `sd35m-nft`; without T5, whose
+  tokenizer cannot be built offline) and FLUX.2-klein Base 4B (`flux2-klein` with its nf4
+  base, which needs bitsandbytes, and `flux2-klein-bf16`) at 512 px.
 
 A row takes from ~1 minute (SD 1.5) to several (SDXL at 1024 px): split the rows over
 runs that fit the device's 10-minute limit. Without CUDA it runs the same code on the CPU
@@ -74,7 +77,19 @@ ROWS = {
         ["model.lcm_lora=''", "sample.sampler='lcm'"],  # the LoRA's shape is SDXL's own
         "RLCM on SDXL, 4 steps",
     ),
+    "sd35m-grpo": Row("sd35m-grpo-incompressibility", "sd35m", [], "Flow-GRPO, SD 3.5 M"),
+    "sd35m-nft": Row("sd35m-nft-aesthetic", "sd35m", [], "DiffusionNFT, SD 3.5 M"),
+    "flux2-klein": Row(
+        "flux2-klein-grpo-incompressibility", "flux2-klein", [], "Flow-GRPO, klein, nf4"
+    ),
+    "flux2-klein-bf16": Row(
+        "flux2-klein-grpo-incompressibility",
+        "flux2-klein",
+        ["memory.quantize='none'"],
+        "Flow-GRPO, klein, bf16 base",
+    ),
     "pocket": Row("pocket-incompressibility", "pocket", [], "CPU smoke test"),
+    "pocket-flow": Row("pocket-flow-grpo-incompressibility", "pocket-flow", [], "flow smoke test"),
 }
 
 

@@ -1,6 +1,8 @@
 """How far a speed path's replayed log-probs drift from the sampled ones.
 
     python benchmarks/replay_error.py --arch sd15 --compile default [--steps 10]
+    python benchmarks/replay_error.py --arch sd35m --resolution 512 (the flow SDE)
+    python benchmarks/replay_error.py --arch flux2-klein --resolution 512 --dtype bf16
 
 Samples a batch with the trainer's policy (random-weight model built from the
 architecture's config, fp16 autocast on a GPU, fp32 on the CPU), then re-scores every
@@ -21,36 +23,42 @@ import torch
 
 from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss
 from lowvram_ddpo.architectures import native_resolution, random_pipeline
-from lowvram_ddpo.models import attach_lora
+from lowvram_ddpo.models import DTYPES, make_trainable
 from lowvram_ddpo.policy import build_policy
-from lowvram_ddpo.rollout import sample_trajectories
+from lowvram_ddpo.rollout import image_tokens, sample_trajectories
 from lowvram_ddpo.speed.compile import compile_unet
 from lowvram_ddpo.text_encoding import encode_negative
 
 CLIP_RANGE = 1e-4
 
 
-def replay_error(arch: str, mode: str, steps: int, batch: int) -> dict[str, object]:
+def replay_error(
+    arch: str, mode: str, steps: int, batch: int, resolution: int = 0, precision: str = "fp16"
+) -> dict[str, object]:
+    """``resolution`` 0: the architecture's own; ``precision`` of the base on a GPU."""
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
-    dtype = torch.float16 if on_gpu else torch.float32
+    dtype = DTYPES[precision] if on_gpu else torch.float32
     pipe = random_pipeline(arch, dtype, str(device))
-    attach_lora(pipe.unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    make_trainable(pipe.unet, 4, 4.0, [])  # the model family's default LoRA targets
     compile_unet(pipe.unet, mode, device)
-    policy = build_policy("auto", pipe.scheduler.config, pipe.unet.config, steps, 1.0)
+    resolution = resolution or native_resolution(arch)
+    tokens = image_tokens(pipe.unet, pipe.vae, resolution)
+    config = pipe.scheduler.config
+    policy = build_policy("auto", config, pipe.unet.config, steps, 1.0, image_tokens=tokens)
     negative = encode_negative(pipe, "").to(device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=on_gpu)
     pipe.unet.eval()
     with autocast:
         samples = sample_trajectories(
             pipe, pipe.unet, policy, ["a photo"] * batch, negative, 5.0,
-            native_resolution(arch), torch.Generator().manual_seed(0),
+            resolution, torch.Generator().manual_seed(0),
         )  # fmt: skip
     samples = samples.to(device)
     pipe.unet.train()
     rows = torch.arange(batch, device=device)
     worst, clipped = 0.0, 0.0
-    for k in range(steps):
+    for k in range(policy.trainable_steps()):  # a flow model's sharp last step never trains
         step = MicroBatch(samples=rows, steps=torch.full((batch,), k, device=device))
         with autocast:
             _, metrics = policy_gradient_loss(
@@ -65,6 +73,7 @@ def replay_error(arch: str, mode: str, steps: int, batch: int) -> dict[str, obje
         "compile": mode,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "dtype": str(dtype),
+        "resolution": resolution,
         "steps": steps,
         "rms_log_prob_difference": worst,
         "clip_range": CLIP_RANGE,
@@ -79,8 +88,13 @@ def main() -> None:
     parser.add_argument("--compile", default="off")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--resolution", type=int, default=0, help="0: the model's own")
+    parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="on a GPU")
     args = parser.parse_args()
-    print(json.dumps(replay_error(args.arch, args.compile, args.steps, args.batch)))
+    result = replay_error(
+        args.arch, args.compile, args.steps, args.batch, args.resolution, args.dtype
+    )
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -346,6 +346,16 @@ def test_the_gpu_checks_script_runs_and_every_row_is_a_valid_config():
     assert result["estimated_allocated"] > 0
 
 
+def test_the_replay_error_script_runs_on_a_flow_model():
+    """benchmarks/replay_error.py, the exactness check a GPU session runs per speed path, on
+    the flow SDE (the CPU's fp32: no drift at all)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import replay_error
+
+    result = replay_error.replay_error("pocket-flow", "off", steps=4, batch=2)
+    assert result["resolution"] == 32 and result["rms_log_prob_difference"] < 1e-6
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without CUDA")
 def test_the_measured_path_quantises_through_the_real_loader():
     """A measured nf4 run must hold a quantised UNet, not the fp16 one: it goes through
