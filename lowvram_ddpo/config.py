@@ -46,7 +46,7 @@ QUANTIZE = ("none", "int8", "nf4")
 ATTENTION = ("sdpa", "xformers")
 LOG_WITH = ("auto", "tensorboard", "wandb", "none")
 """Metric trackers (``reporting.trackers``); auto: TensorBoard when installed, else none."""
-SAMPLERS = ("auto", "ddim", "lcm", "flow-sde")
+SAMPLERS = ("auto", "ddim", "lcm", "flow-sde", "flow-cps")
 """``sample.sampler``: each a policy in ``lowvram_ddpo.policy``."""
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
@@ -117,16 +117,18 @@ class SpeedConfig:
 class SampleConfig:
     sampler: str = "auto"
     """ddim (DDPO), lcm (RLCM: latent consistency models), flow-sde (Flow-GRPO's SDE for
-    flow-matching models: SD 3.x) or auto (chosen from the model's scheduler)."""
+    flow-matching models: SD 3.x, FLUX.2), flow-cps (coefficients-preserving sampling,
+    Flow-GRPO's recommendation since 2025-10, noise level 0.8) or auto (chosen from the
+    model's scheduler: flow-sde for flow models)."""
     resolution: int = 512
     num_steps: int = 50
     eta: float = 1.0
     """DDIM's noise (1: DDPM's variance); ddim only."""
     noise_level: float = 0.7
-    """Flow-GRPO's SDE noise level a (std a sqrt(sigma / (1 - sigma)) per unit time);
-    flow-sde only."""
+    """The flow samplers' noise level a: flow-sde's std is a sqrt(sigma / (1 - sigma)) per
+    unit time (Flow-GRPO: 0.7); flow-cps's sigma_next sin(a pi / 2), a <= 1 (0.8)."""
     sde_window: int = 0
-    """Flow-GRPO-Fast (flow-sde only): only this many consecutive steps, starting at a
+    """Flow-GRPO-Fast (flow samplers only): only this many consecutive steps, starting at a
     random step in the first half, are stochastic and trained; the others follow the ODE.
     0: every step is stochastic (train.timestep_fraction picks the trained ones)."""
     guidance_scale: float = 5.0

@@ -10,7 +10,13 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from tiny import build_tiny_sd3_pipeline
 
 from lowvram_ddpo.errors import UserError
-from lowvram_ddpo.policy import Conditioning, FlowSDEPolicy, build_policy, sampler_for
+from lowvram_ddpo.policy import (
+    Conditioning,
+    FlowCPSPolicy,
+    FlowSDEPolicy,
+    build_policy,
+    sampler_for,
+)
 from lowvram_ddpo.policy.flow_sde import flow_model_output, flow_schedule
 from lowvram_ddpo.rollout import rollout
 from lowvram_ddpo.text_encoding import TextEmbeds
@@ -201,3 +207,73 @@ def test_images_people_look_at_are_drawn_with_the_ode(sd3):
             velocity = flow_model_output(pipe.transformer, x, t.expand(2), cond)
             x = scheduler.step(velocity, t, x).prev_sample
     torch.testing.assert_close(final, x, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- CPS
+
+
+def test_cps_moments_follow_flow_grpo_formulas(sd3):
+    pipe, cond = sd3
+    a = 0.8
+    policy = build_policy("flow-cps", pipe.scheduler.config, {}, STEPS, 1.0, a)
+    assert isinstance(policy, FlowCPSPolicy)
+    _, sigmas = flow_schedule(pipe.scheduler.config, STEPS)
+    timesteps = policy.timesteps()
+    x = _latents(1)
+    with torch.no_grad():
+        for k in (0, 2, STEPS - 1):
+            sigma, nxt = float(sigmas[k]), float(sigmas[k + 1])
+            v = flow_model_output(pipe.transformer, x, timesteps[k].expand(2), cond)
+            std = nxt * math.sin(a * math.pi / 2)
+            x0, x1 = x - sigma * v, x + (1 - sigma) * v
+            mean = x0 * (1 - nxt) + x1 * math.sqrt(nxt**2 - std**2)
+            step = policy(pipe.transformer, x, timesteps[k].expand(2), cond)
+            torch.testing.assert_close(step.mean, mean, rtol=1e-5, atol=1e-5)
+            assert float(step.std[0]) == pytest.approx(std, rel=1e-6, abs=1e-9)
+
+
+def test_cps_keeps_the_flows_coefficients_exactly():
+    """With a perfect velocity (v = noise - x0 of x = (1 - s) x0 + s noise), the next
+    latent is (1 - s') x0 + s' (cos noise + sin fresh noise): the flow's own marginal."""
+    config = FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    a = 0.8
+    policy = FlowCPSPolicy(config, STEPS, noise_level=a)
+    _, sigmas = flow_schedule(config, STEPS)
+    sigma, x_coef, v_coef, std = policy.step_coefficients(policy.timesteps())
+    sigma, x_coef, v_coef, std = (c.flatten().double() for c in (sigma, x_coef, v_coef, std))
+    nxt = sigmas[1:]
+    # x coef * ((1 - s) x0 + s e) + v coef * (e - x0)
+    torch.testing.assert_close(x_coef * (1 - sigma) - v_coef, 1 - nxt, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        x_coef * sigma + v_coef, nxt * math.cos(a * math.pi / 2), rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(std, nxt * math.sin(a * math.pi / 2), rtol=0, atol=1e-6)
+
+
+def test_cps_at_a_vanishing_noise_level_is_the_euler_step_and_its_last_step_is_sharp(sd3):
+    pipe, cond = sd3
+    euler = FlowSDEPolicy(pipe.scheduler.config, STEPS).for_viewing()
+    cps = FlowCPSPolicy(pipe.scheduler.config, STEPS, noise_level=1e-7)
+    x = _latents(3)
+    with torch.no_grad():
+        ode, *_ = rollout(pipe.transformer, euler, cond, x, torch.Generator().manual_seed(0))
+        near, log_probs, *_, stochastic = rollout(
+            pipe.transformer, cps, cond, x, torch.Generator().manual_seed(0)
+        )
+    torch.testing.assert_close(near, ode, rtol=0, atol=1e-4)
+    assert list(stochastic) == list(range(STEPS - 1))  # the last step (std 0) samples nothing
+    assert torch.isfinite(log_probs).all() and (log_probs[:, -1] == 0).all()
+
+
+def test_cps_rollouts_replay_with_ratio_one_and_noise_levels_above_one_are_refused(sd3):
+    pipe, cond = sd3
+    policy = FlowCPSPolicy(pipe.scheduler.config, STEPS, noise_level=0.8)
+    with torch.no_grad():
+        latents, log_probs, timesteps, _, stochastic = rollout(
+            pipe.transformer, policy, cond, _latents(4), torch.Generator().manual_seed(1)
+        )
+        for k in stochastic:
+            step = policy(pipe.transformer, latents[:, k], timesteps[k].expand(2), cond)
+            assert (step.log_prob(latents[:, k + 1]) - log_probs[:, k]).abs().max() < 1e-5
+    with pytest.raises(UserError, match=r"in \(0, 1\] for the cps sampler"):
+        FlowCPSPolicy(pipe.scheduler.config, STEPS, noise_level=1.5)

@@ -270,12 +270,15 @@ def test_flow_grpo_fast_trains_only_the_window_that_sampled(sd3_dir, tmp_path, m
     assert trained and all(s.shape[1] == 2 for s in trained)  # the whole window, each sample
 
 
-@pytest.mark.parametrize("fraction", [0.75, 1.0])
+@pytest.mark.parametrize(
+    ("fraction", "sampler"), [(0.75, "flow-sde"), (1.0, "flow-sde"), (1.0, "flow-cps")]
+)
 def test_grpo_on_a_flow_model_never_trains_the_last_sharp_step(
-    sd3_dir, tmp_path, monkeypatch, fraction
+    sd3_dir, tmp_path, monkeypatch, fraction, sampler
 ):
     """As Flow-GRPO: of 4 steps, 3 are trained (timestep_fraction 0.75, or 1: every step
-    it may), never the last (sigma -> 0, a Gaussian too sharp for a reliable ratio)."""
+    it may), never the last (sigma -> 0, a Gaussian too sharp for a reliable ratio; CPS's
+    last step samples nothing at all)."""
     from lowvram_ddpo.trainer import Trainer
 
     trained: list[torch.Tensor] = []
@@ -288,7 +291,8 @@ def test_grpo_on_a_flow_model_never_trains_the_last_sharp_step(
     result = CliRunner().invoke(
         app, ["train", "--preset", str(preset), "--output", str(tmp_path / "run"),
               "--epochs", "1", "--log-with", "none",
-              "--set", f"train.timestep_fraction={fraction}"],
+              "--set", f"train.timestep_fraction={fraction}",
+              "--set", f"sample.sampler={sampler}"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     steps = torch.cat(trained)

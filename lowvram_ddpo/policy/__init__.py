@@ -4,6 +4,7 @@ from lowvram_ddpo.config import SAMPLERS
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.policy.base import Conditioning, GaussianStep, PolicyStep, gaussian_log_prob
 from lowvram_ddpo.policy.ddim import DDIMPolicy, guided_model_output
+from lowvram_ddpo.policy.flow_cps import FlowCPSPolicy
 from lowvram_ddpo.policy.flow_sde import DEFAULT_NOISE_LEVEL, FlowSDEPolicy, is_flow_matching
 from lowvram_ddpo.policy.lcm import LCMPolicy
 
@@ -34,7 +35,8 @@ def build_policy(
     ``image_tokens``: the latent image's token count (FLUX.2's schedule depends on it)."""
     kind = sampler_for(sampler, scheduler_config, unet_config)
     flow = is_flow_matching(scheduler_config)
-    if kind in ("ddim", "lcm", "flow-sde") and (kind == "flow-sde") != flow:
+    flow_kind = kind in ("flow-sde", "flow-cps")
+    if kind in ("ddim", "lcm", "flow-sde", "flow-cps") and flow_kind != flow:
         model = "a flow-matching model (SD 3, FLUX.2)" if flow else "a diffusion (DDPM) model"
         raise UserError(
             f"sample.sampler={sampler} does not fit {model}: use auto (it picks "
@@ -44,8 +46,9 @@ def build_policy(
         return LCMPolicy(scheduler_config, num_steps)
     if kind == "ddim":
         return DDIMPolicy(scheduler_config, num_steps, eta)
-    if kind == "flow-sde":
-        return FlowSDEPolicy(
+    if flow_kind:
+        policy = FlowCPSPolicy if kind == "flow-cps" else FlowSDEPolicy
+        return policy(
             scheduler_config, num_steps, noise_level, sde_window, image_tokens=image_tokens
         )
     raise UserError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}")
@@ -56,6 +59,7 @@ __all__ = [
     "SAMPLERS",
     "Conditioning",
     "DDIMPolicy",
+    "FlowCPSPolicy",
     "FlowSDEPolicy",
     "GaussianStep",
     "LCMPolicy",
