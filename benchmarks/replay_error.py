@@ -5,12 +5,12 @@
     python benchmarks/replay_error.py --arch flux2-klein --resolution 512 --dtype bf16
 
 Samples a batch with the trainer's policy (random-weight model built from the
-architecture's config, fp16 autocast on a GPU, fp32 on the CPU), then re-scores every
-stored action in the training path (gradients on, train mode), as the first inner epoch
-does before any update: the importance ratio should be exactly one. Prints, over the
-steps, the largest root-mean-square log-prob difference beside DDPO's clip range (1e-4)
-and the largest fraction of actions it would clip: a speed path stays off unless both
-are well below (a difference near 1e-4 clips updates that should not be).
+architecture's config, fp16 or --dtype bf16 autocast on a GPU, fp32 on the CPU), then
+re-scores every stored action in the training path (gradients on, train mode), as the
+first inner epoch does before any update: the importance ratio should be exactly one.
+Prints, over the steps, the largest root-mean-square log-prob difference beside DDPO's
+clip range (1e-4) and the largest fraction of actions it would clip: a speed path stays
+off unless both are well below (a difference near 1e-4 clips updates that should not be).
 Run it for each `speed.compile` mode on the GPU that will train.
 """
 

@@ -397,7 +397,7 @@ def _denoiser_vae_and_encoder(configs: ArchitectureConfigs) -> tuple[nn.Module, 
 
 
 def _native_size(configs: ArchitectureConfigs) -> int:
-    if configs.family == "flux2":  # klein's pipeline: 128 latent patches of 16 px a side
+    if configs.family == "flux2":  # klein's pipeline default: 128 latent rows of 8 px, 1024
         return int(configs.vae["sample_size"])
     return configs.unet["sample_size"] * 2 ** (len(configs.vae["block_out_channels"]) - 1)
 

@@ -126,7 +126,8 @@ class SampleConfig:
     """DDIM's noise (1: DDPM's variance); ddim only."""
     noise_level: float = 0.7
     """The flow samplers' noise level a: flow-sde's std is a sqrt(sigma / (1 - sigma)) per
-    unit time (Flow-GRPO: 0.7); flow-cps's sigma_next sin(a pi / 2), a <= 1 (0.8)."""
+    unit time (Flow-GRPO: 0.7); flow-cps's sigma_next sin(a pi / 2), a <= 1 (Flow-GRPO
+    uses 0.8 with CPS: set it, the default stays 0.7)."""
     sde_window: int = 0
     """Flow-GRPO-Fast (flow samplers only): only this many consecutive steps, starting at a
     random step in the first half, are stochastic and trained; the others follow the ODE.
@@ -501,6 +502,11 @@ def validate(config: Config) -> None:
             f"{s.noise_level}; Flow-GRPO uses 0.7)",
         ),
         (
+            s.sampler != "flow-cps" or s.noise_level <= 1,
+            f"sample.noise_level must be in (0, 1] for the flow-cps sampler (got "
+            f"{s.noise_level}; Flow-GRPO uses 0.8)",
+        ),
+        (
             s.batch_size >= 1 and s.batches_per_epoch >= 1,
             "sample.batch_size and sample.batches_per_epoch must be at least 1",
         ),
@@ -707,3 +713,17 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):  # an inline table; keys are reward names (bare keys)
         return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")  # pragma: no cover
+
+
+def trained_steps_per_sample(
+    sample: SampleConfig, train: TrainConfig, trainable: int | None = None
+) -> int:
+    """Steps of each sample trained per inner epoch: Flow-GRPO-Fast's window, or
+    ``timestep_fraction`` of the steps; for policy gradients at most the policy's
+    ``trainable`` steps (a flow model's sharp last step never is)."""
+    if sample.sde_window > 0:
+        return sample.sde_window
+    steps = max(1, round(sample.num_steps * train.timestep_fraction))
+    if trainable is not None and train.algorithm in POLICY_GRADIENT:
+        steps = min(steps, trainable)
+    return steps

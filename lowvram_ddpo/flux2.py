@@ -41,6 +41,15 @@ def is_flux2_transformer(denoiser: torch.nn.Module) -> bool:
     return type(denoiser).__name__ == TRANSFORMER_CLASS_NAME
 
 
+def is_flux2_config(denoiser_config: dict) -> bool:
+    """A FLUX.2 transformer's config (saved ones name their class; ones built in code are
+    known by FLUX.2's timestep-guidance width without SD 3's pooled projection)."""
+    if denoiser_config.get("_class_name") == TRANSFORMER_CLASS_NAME:
+        return True
+    keys = denoiser_config.keys()
+    return "timestep_guidance_channels" in keys and "pooled_projection_dim" not in keys
+
+
 def is_flux2_vae(vae: torch.nn.Module) -> bool:
     return type(vae).__name__ == "AutoencoderKLFlux2"
 

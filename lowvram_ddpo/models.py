@@ -290,6 +290,8 @@ def _from_pretrained(
             parts |= absent_components(pipeline_index(source, revision))
             if not use_t5:  # never read from disk: 9.5 GB saved in fp16
                 parts |= {"text_encoder_3": None, "tokenizer_3": None}
+        elif cls is Flux2KleinPipeline:
+            pass  # no safety checker, nothing optional
         else:
             parts |= {"safety_checker": None, "requires_safety_checker": False}
         if quantize != "none" and cls in FLOW_TRANSFORMERS:

@@ -27,10 +27,20 @@ def check_output_folder(run_dir: Path) -> None:
         ) from None
 
 
-def saved_model_is_flow(name: str) -> bool | None:
+FLOW_PIPELINES = ("StableDiffusion3Pipeline", "Flux2KleinPipeline")
+"""The flow-matching pipelines this trainer runs (``models.pipeline_class``)."""
+UNET_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "LatentConsistencyModelPipeline",
+)
+
+
+def saved_model_is_flow(name: str, revision: str = "") -> bool | None:
     """Whether a model is a flow-matching transformer (SD 3.x, FLUX.2), from its
     ``model_index.json`` in a local folder or the hub cache, without loading it (SD 3.5's
-    load takes minutes); None when that file is not at hand (nothing is downloaded)."""
+    load takes minutes); None when that file is not at hand (nothing is downloaded) or
+    names another pipeline (the loader says what is wrong with it)."""
     try:
         folder = Path(resolve_model_name(name)).expanduser()
     except UserError:
@@ -39,14 +49,20 @@ def saved_model_is_flow(name: str) -> bool | None:
     if not index.is_file():
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(name, "model_index.json") if name.count("/") == 1 else None
+        try:  # a malformed name is the loader's to explain
+            cached = try_to_load_from_cache(name, "model_index.json", revision=revision or None)
+        except ValueError:
+            return None
         if not isinstance(cached, str):
             return None
         index = Path(cached)
     try:
-        return "transformer" in json.loads(index.read_text())
-    except (OSError, ValueError):
+        kind = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
         return None
+    if kind in FLOW_PIPELINES:
+        return True
+    return False if kind in UNET_PIPELINES else None
 
 
 def check_algorithm_fits(config: Config, flow: bool) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import Flux2KleinPipeline, UNet2DConditionModel
 from PIL import Image
 
 from lowvram_ddpo import flux2
@@ -16,7 +16,13 @@ from lowvram_ddpo.config import ModelConfig, SampleConfig, load_config_file
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.lora_export import LORA_WEIGHTS_NAME
-from lowvram_ddpo.models import DTYPES, load_pipeline, show_loading_bars
+from lowvram_ddpo.models import (
+    DTYPES,
+    load_pipeline,
+    pipeline_class,
+    resolve_model_name,
+    show_loading_bars,
+)
 from lowvram_ddpo.policy import DEFAULT_NOISE_LEVEL, build_policy, sampler_for
 from lowvram_ddpo.preflight import native_resolution_of
 from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards
@@ -108,6 +114,15 @@ def _run_config_for(lora: str):  # noqa: ANN202
     return None
 
 
+def _gpu_dtype(model: str, run) -> torch.dtype:  # noqa: ANN001  (a Config or None)
+    """bf16 for a bf16 run and for FLUX.2 (a bf16 model whose fp16 activations overflow),
+    fp16 otherwise."""
+    if run is not None and run.model.mixed_precision == "bf16":
+        return DTYPES["bf16"]
+    is_flux2 = pipeline_class(resolve_model_name(model)) is Flux2KleinPipeline
+    return DTYPES["bf16" if is_flux2 else "fp16"]
+
+
 def render_comparison(request: SampleRequest) -> SampleResult:
     run = _run_config_for(request.lora)
     model = request.model or (run.model.name if run else DEFAULT_MODEL)
@@ -123,7 +138,7 @@ def render_comparison(request: SampleRequest) -> SampleResult:
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
-    dtype = DTYPES["fp16"] if on_gpu else DTYPES["no"]
+    dtype = _gpu_dtype(model, run) if on_gpu else DTYPES["no"]
     lcm_lora = run.model.lcm_lora if run and not request.model else ""
     show_loading_bars(request.progress)
     use_t5 = run.model.use_t5 if run else True

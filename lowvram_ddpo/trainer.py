@@ -46,7 +46,7 @@ from lowvram_ddpo.checkpoint import (
     restore_rng_states,
     save_checkpoint,
 )
-from lowvram_ddpo.config import Config, dump_toml
+from lowvram_ddpo.config import Config, dump_toml, trained_steps_per_sample
 from lowvram_ddpo.device_transfer import to_device
 from lowvram_ddpo.divergence import DivergenceGuard, NonFiniteTraining
 from lowvram_ddpo.epoch_metrics import TrainingTotals, format_metric
@@ -102,6 +102,12 @@ def resolve_mixed_precision(requested: str, on_gpu: bool) -> str:
     return requested
 
 
+def keeps_bf16_on_cpu(pipe: DiffusionPipeline, dtype: torch.dtype) -> bool:
+    """FLUX.2's Qwen3-4B stays bf16 on the CPU in a bf16 run: 8 GB of RAM instead of fp32's
+    16, for each prompt's one encoding; smaller encoders go to fp32, as before."""
+    return dtype == torch.bfloat16 and flux2.is_flux2(pipe)
+
+
 @dataclass
 class Trainer:
     config: Config
@@ -133,7 +139,8 @@ class Trainer:
         )
         torch.backends.cuda.matmul.allow_tf32 = cfg.model.allow_tf32
         set_seed(cfg.run.seed)
-        if self.pipeline is None and (flow := saved_model_is_flow(cfg.model.name)) is not None:
+        flow = None if self.pipeline else saved_model_is_flow(cfg.model.name, cfg.model.revision)
+        if flow is not None:
             check_algorithm_fits(cfg, flow)  # before minutes of loading, where it can be told
         self.load_models(DTYPES[precision])
         self.prepare_training()
@@ -191,8 +198,8 @@ class Trainer:
         # a quantised UNet is loaded onto the GPU by bitsandbytes and cannot be moved
         if m.quantize == "none":
             self.offloader.register("unet", self.pipe.unet, stays=True)
-        if m.text_encoders_on_cpu and dtype == torch.float16:
-            text.float()  # CPUs are slow (or unable) in fp16; bf16 they run, in half fp32's RAM
+        if m.text_encoders_on_cpu and not keeps_bf16_on_cpu(self.pipe, dtype):
+            text.float()  # CPUs are slow (or unable) in fp16, and slow in bf16 without AMX
         self.offloader.register("text_encoder", text, on_cpu=m.text_encoders_on_cpu)
         self.offloader.register("vae", self.pipe.vae)
         use_attention(self.pipe.unet, m.attention)
@@ -233,15 +240,9 @@ class Trainer:
         self.guard = DivergenceGuard(cfg.train.max_skipped_steps + scaler_allowance)
 
     def trained_steps_per_sample(self) -> int:
-        """Flow-GRPO-Fast's window, or ``timestep_fraction`` of the steps, at most as many as
-        a policy gradient may train (a flow model's sharp last step never is)."""
-        s, t = self.config.sample, self.config.train
-        if s.sde_window > 0:
-            return s.sde_window
-        k = max(1, round(s.num_steps * t.timestep_fraction))
-        if t.algorithm in POLICY_GRADIENT:
-            k = min(k, self.policy.trainable_steps())
-        return k
+        """``config.trained_steps_per_sample`` for this run's policy."""
+        cfg = self.config
+        return trained_steps_per_sample(cfg.sample, cfg.train, self.policy.trainable_steps())
 
     @property
     def is_main(self) -> bool:
@@ -607,14 +608,19 @@ class Trainer:
         self, samples: Trajectories, indices: torch.Tensor, generator: torch.Generator
     ) -> torch.Tensor:
         """[b, k] each sample's own random subset, in random order, of the steps it may train
-        on: every step, or the window that sampled (Flow-GRPO-Fast)."""
+        on: every step, or (policy gradients) the window that sampled (Flow-GRPO-Fast)."""
         k = self.trained_steps_per_sample()
-        if samples.action_steps is None:
+        # NFT re-noises the final image at any step's noise level: the sampler's window
+        # (or CPS's deterministic last step) does not limit it
+        if samples.action_steps is None or self.config.train.algorithm == "nft":
             count = samples.log_probs.shape[1]
             if self.config.train.algorithm in POLICY_GRADIENT:
                 count = min(count, self.policy.trainable_steps())
             return torch.stack([torch.randperm(count, generator=generator)[:k] for _ in indices])
         window = samples.action_steps[indices]
+        # steps that sampled but are too sharp to train (CPS's next-to-last) end a window
+        trainable = int((window < self.policy.trainable_steps()).sum(dim=1).min())
+        window = window[:, :trainable]
         picks = [torch.randperm(window.shape[1], generator=generator)[:k] for _ in indices]
         return torch.stack([row[pick] for row, pick in zip(window, picks, strict=True)])
 

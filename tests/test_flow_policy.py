@@ -277,3 +277,23 @@ def test_cps_rollouts_replay_with_ratio_one_and_noise_levels_above_one_are_refus
             assert (step.log_prob(latents[:, k + 1]) - log_probs[:, k]).abs().max() < 1e-5
     with pytest.raises(UserError, match=r"in \(0, 1\] for the cps sampler"):
         FlowCPSPolicy(pipe.scheduler.config, STEPS, noise_level=1.5)
+
+
+def test_a_size_dependent_shift_is_refused_for_models_other_than_flux2(sd3):
+    """FLUX.2's shift (its empirical mu) is not SD 3's (calculate_shift): an SD 3 folder
+    whose scheduler shifts by size gets a clear error, not FLUX.2's schedule."""
+    pipe, _ = sd3
+    config = dict(pipe.scheduler.config, use_dynamic_shifting=True)
+    with pytest.raises(UserError, match="supported for FLUX.2-klein only"):
+        build_policy("auto", config, pipe.transformer.config, STEPS, 1.0, image_tokens=64)
+
+
+def test_cps_samples_only_its_window_when_it_has_one(sd3):
+    pipe, cond = sd3
+    policy = FlowCPSPolicy(pipe.scheduler.config, STEPS, noise_level=0.8, window=2)
+    latents, log_probs, _, _, stochastic = rollout(
+        pipe.transformer, policy, cond, _latents(5), torch.Generator().manual_seed(2)
+    )
+    assert len(stochastic) == 2 and stochastic.stop <= STEPS // 2
+    outside = [k for k in range(STEPS) if k not in stochastic]
+    assert (log_probs[:, outside] == 0).all() and (log_probs[:, list(stochastic)] != 0).all()

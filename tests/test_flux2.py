@@ -225,3 +225,10 @@ def test_the_flux2_klein_preset_fits_12_gb_only_with_its_nf4_base():
     assert nf4.peak_bytes <= 11 * 2**30 < bf16.peak_bytes  # 12 GB less ~1 GB CUDA context
     held = bf16.phase("training").held["unet"] - nf4.phase("training").held["unet"]
     assert 5.0 * 2**30 < held < 6.0 * 2**30  # 3.9 B bf16 weights -> 4 bits (+ their scales)
+
+
+def test_the_sample_command_renders_flux2_in_bf16_on_a_gpu(flux2_dir, tiny_model_dir):
+    from lowvram_ddpo.sampling import _gpu_dtype
+
+    assert _gpu_dtype(str(flux2_dir), None) == torch.bfloat16  # fp16 overflows FLUX
+    assert _gpu_dtype(str(tiny_model_dir), None) == torch.float16

@@ -271,14 +271,22 @@ def test_flow_grpo_fast_trains_only_the_window_that_sampled(sd3_dir, tmp_path, m
 
 
 @pytest.mark.parametrize(
-    ("fraction", "sampler"), [(0.75, "flow-sde"), (1.0, "flow-sde"), (1.0, "flow-cps")]
+    ("fraction", "sampler", "algorithm", "expected"),
+    [
+        (0.75, "flow-sde", "ddpo-is", {0, 1, 2}),
+        (1.0, "flow-sde", "ddpo-is", {0, 1, 2}),
+        (1.0, "flow-cps", "ddpo-is", {0, 1}),
+        (1.0, "flow-cps", "nft", {0, 1, 2, 3}),
+    ],
 )
-def test_grpo_on_a_flow_model_never_trains_the_last_sharp_step(
-    sd3_dir, tmp_path, monkeypatch, fraction, sampler
+def test_a_flow_model_never_trains_a_sharp_last_step_by_policy_gradient(
+    sd3_dir, tmp_path, monkeypatch, fraction, sampler, algorithm, expected
 ):
     """As Flow-GRPO: of 4 steps, 3 are trained (timestep_fraction 0.75, or 1: every step
-    it may), never the last (sigma -> 0, a Gaussian too sharp for a reliable ratio; CPS's
-    last step samples nothing at all)."""
+    it may), never the last (sigma -> 0, a Gaussian too sharp for a reliable ratio); with
+    CPS neither the last (it samples nothing) nor the one before (it lands on the last
+    noise level). NFT re-noises final images: any step's noise level. One optimiser step
+    per epoch in each case (the accumulation counts the steps actually trained)."""
     from lowvram_ddpo.trainer import Trainer
 
     trained: list[torch.Tensor] = []
@@ -288,16 +296,20 @@ def test_grpo_on_a_flow_model_never_trains_the_last_sharp_step(
     )
     preset = tmp_path / "sd3.toml"
     preset.write_text(SD3_PRESET.format(model=sd3_dir))
+    run_dir = tmp_path / "run"
     result = CliRunner().invoke(
-        app, ["train", "--preset", str(preset), "--output", str(tmp_path / "run"),
+        app, ["train", "--preset", str(preset), "--output", str(run_dir),
               "--epochs", "1", "--log-with", "none",
               "--set", f"train.timestep_fraction={fraction}",
-              "--set", f"sample.sampler={sampler}"],
+              "--set", f"sample.sampler={sampler}", "--set", f"train.algorithm={algorithm}",
+              "--set", f"sample.guidance_scale={1.0 if algorithm == 'nft' else 2.0}"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     steps = torch.cat(trained)
-    assert steps.shape[1] == 3
-    assert set(steps.flatten().tolist()) == {0, 1, 2}
+    assert steps.shape[1] == len(expected)
+    assert set(steps.flatten().tolist()) == expected
+    [metrics] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["optimizer_steps"] == 1
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """Sampler steps as Gaussian policies: one file per sampler, chosen by ``build_policy``."""
 
+from lowvram_ddpo import flux2
 from lowvram_ddpo.config import SAMPLERS
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.policy.base import Conditioning, GaussianStep, PolicyStep, gaussian_log_prob
@@ -41,6 +42,12 @@ def build_policy(
         raise UserError(
             f"sample.sampler={sampler} does not fit {model}: use auto (it picks "
             f"{'flow-sde' if flow else 'ddim or lcm'})"
+        )
+    dynamic = scheduler_config.get("use_dynamic_shifting")
+    if flow and dynamic and not flux2.is_flux2_config(unet_config):
+        raise UserError(
+            "this model's scheduler shifts its timesteps by the image size "
+            "(use_dynamic_shifting): supported for FLUX.2-klein only; SD 3.x uses a fixed shift"
         )
     if kind == "lcm":
         return LCMPolicy(scheduler_config, num_steps)

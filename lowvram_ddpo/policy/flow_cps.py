@@ -57,6 +57,13 @@ class FlowCPSPolicy(FlowSDEPolicy):
         v_coef = -sigma * (1 - sigma_next) + kept * (1 - sigma)
         return torch.stack([sigma, x_coef, v_coef, std, sigma_next - sigma], dim=1).float()
 
+    def trainable_steps(self) -> int:
+        """All but the last two: the last samples nothing, and the one before it lands on
+        the last noise level (SD 3.5's 10 steps: std 0.0085), as sharp as the SDE's last
+        step that is never trained (0.0063). Flow-GRPO samples CPS in a window in the first
+        half only."""
+        return max(1, len(self._timesteps) - 2)
+
     def stochastic_steps(self, generator: torch.Generator | None) -> range:
         """As the SDE's, less the last step: its std is 0 (``sigma_next = 0``)."""
         steps = super().stochastic_steps(generator)

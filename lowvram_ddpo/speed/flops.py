@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lowvram_ddpo.config import Config
+from lowvram_ddpo.config import Config, trained_steps_per_sample
 from lowvram_ddpo.memory.counting import GpuKernelEmulation
 from lowvram_ddpo.memory.estimate import MetaRun, meta_run
 
@@ -30,6 +30,8 @@ class EpochFlops:
     inner epoch."""
     forward_per_latent: float
     """One UNet forward of one latent (no guidance): the unit the figures are quoted in."""
+    trained_steps: int = 1
+    """Steps of each image trained per inner epoch (``config.trained_steps_per_sample``)."""
 
 
 def _counted(run: MetaRun, work) -> float:  # noqa: ANN001  (a callable)
@@ -67,11 +69,12 @@ def epoch_flops(config: Config, arch: str, count_backward: bool = True) -> Epoch
         forward = run.sizes(("flops: forward",), lambda: _sampling_step(run, config, 1.0))
     else:
         trained, forward = step * TRAINED_OVER_SAMPLING_STEP, 0.0
-    trained_steps = max(1, round(s.num_steps * t.timestep_fraction))
+    trained_steps = trained_steps_per_sample(s, t, run.policy.trainable_steps())
     return EpochFlops(
         sampling_per_image=step * s.num_steps,
         training_per_image=trained * trained_steps * t.inner_epochs,
         forward_per_latent=forward,
+        trained_steps=trained_steps,
     )
 
 

@@ -117,7 +117,7 @@ def predict_epoch(
     host = unet_modules / SD15_UNET_MODULES
     rate = gpu.unet_tflops * 1e12
     samples = s.batch_size * s.batches_per_epoch
-    steps = max(1, round(s.num_steps * t.timestep_fraction))
+    steps = flops.trained_steps
 
     step_flops = flops.sampling_per_image / s.num_steps * s.batch_size
     sampling_call = max(HOST_SECONDS_SAMPLING_CALL * host, step_flops / rate)
