@@ -232,3 +232,12 @@ def test_the_sample_command_renders_flux2_in_bf16_on_a_gpu(flux2_dir, tiny_model
 
     assert _gpu_dtype(str(flux2_dir), None) == torch.bfloat16  # fp16 overflows FLUX
     assert _gpu_dtype(str(tiny_model_dir), None) == torch.float16
+
+
+def test_the_model_family_is_read_before_loading(flux2_dir, tiny_model_dir):
+    from lowvram_ddpo.preflight import saved_model_is_flow
+
+    assert saved_model_is_flow(str(flux2_dir)) is True
+    assert saved_model_is_flow(str(tiny_model_dir)) is False
+    assert saved_model_is_flow("not a/valid id") is None  # the loader explains it, in one line
+    assert saved_model_is_flow("someone/never-downloaded") is None  # nothing is downloaded
