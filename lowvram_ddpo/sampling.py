@@ -23,11 +23,12 @@ from lowvram_ddpo.models import (
     resolve_model_name,
     show_loading_bars,
 )
+from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.policy import DEFAULT_NOISE_LEVEL, build_policy, sampler_for
 from lowvram_ddpo.preflight import native_resolution_of
 from lowvram_ddpo.rewards import ModelReward, build_reward, check_rewards
 from lowvram_ddpo.rollout import image_tokens, render
-from lowvram_ddpo.text_encoding import PromptCache, encode_negative
+from lowvram_ddpo.text_encoding import PromptCache, encode_negative, text_encoders
 
 DEFAULT_MODEL = ModelConfig().name
 BASE_PANEL = "base model"
@@ -142,7 +143,13 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     lcm_lora = run.model.lcm_lora if run and not request.model else ""
     show_loading_bars(request.progress)
     use_t5 = run.model.use_t5 if run else True
-    pipe = load_pipeline(model, dtype, lcm_lora=lcm_lora, use_t5=use_t5).to(device)
+    pipe = load_pipeline(model, dtype, lcm_lora=lcm_lora, use_t5=use_t5)
+    # as in training: only the denoiser stays on the card; the text encoders (T5, Qwen3:
+    # 8-10 GB) and the VAE visit it for their own work
+    offloader = Offloader(device, enabled=on_gpu)
+    offloader.register("unet", pipe.unet, stays=True)
+    offloader.register("text_encoder", text_encoders(pipe))
+    offloader.register("vae", pipe.vae)
     # like diffusers: without a run or a flag, the size the model was trained at
     resolution = resolution or native_resolution_of(pipe)
     kind = sampler_for(defaults.sampler, pipe.scheduler.config, pipe.unet.config)
@@ -160,7 +167,8 @@ def render_comparison(request: SampleRequest) -> SampleResult:
         image_tokens=tokens,
     ).for_viewing()  # flow models: the ODE, as their own pipelines sample
     flux2.check_guidance(pipe, guidance)
-    negative = encode_negative(pipe, negative_prompt)
+    with offloader.loaded("text_encoder"):
+        negative = encode_negative(pipe, negative_prompt).to(device)
     cache = PromptCache()  # each prompt encoded once for every seed and panel
 
     def images() -> torch.Tensor:
@@ -176,6 +184,7 @@ def render_comparison(request: SampleRequest) -> SampleResult:
                 resolution,
                 progress=request.progress,
                 cache=cache,
+                offloader=offloader,
             )
 
     panels = {BASE_PANEL: images()}
