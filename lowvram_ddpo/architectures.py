@@ -34,6 +34,7 @@ from transformers import (
     T5EncoderModel,
 )
 
+from lowvram_ddpo import flux2
 from lowvram_ddpo.errors import UserError
 
 SD_SCHEDULER = dict(  # Stable Diffusion 1.x's noise schedule (its scheduler_config.json)
@@ -267,7 +268,7 @@ def _folder_configs(folder: Path) -> ArchitectureConfigs:
     third = folder / "text_encoder_3" / "config.json"
     transformer = (folder / "transformer").is_dir()
     denoiser = read("transformer" if transformer else "unet", "config.json")
-    if denoiser.get("_class_name") == "Flux2Transformer2DModel":
+    if flux2.is_flux2_config(denoiser):
         return ArchitectureConfigs(
             unet=denoiser,
             vae=read("vae", "config.json"),
@@ -397,9 +398,10 @@ def _denoiser_vae_and_encoder(configs: ArchitectureConfigs) -> tuple[nn.Module, 
 
 
 def _native_size(configs: ArchitectureConfigs) -> int:
-    if configs.family == "flux2":  # klein's pipeline default: 128 latent rows of 8 px, 1024
-        return int(configs.vae["sample_size"])
-    return configs.unet["sample_size"] * 2 ** (len(configs.vae["block_out_channels"]) - 1)
+    """The denoiser's latent rows (FLUX.2's transformer has none: its pipeline's default,
+    as ``preflight.native_resolution_of`` reads it) x the VAE's factor."""
+    rows = configs.unet.get("sample_size") or flux2.DEFAULT_LATENT_ROWS
+    return rows * 2 ** (len(configs.vae["block_out_channels"]) - 1)
 
 
 def native_resolution(arch: str) -> int:

@@ -28,6 +28,8 @@ from lowvram_ddpo.errors import UserError
 
 PIPELINE_CLASS_NAME = "Flux2KleinPipeline"
 TRANSFORMER_CLASS_NAME = "Flux2Transformer2DModel"
+DEFAULT_LATENT_ROWS = 128
+"""The pipeline's ``default_sample_size``: 128 latent rows of the VAE's 8 px, 1024 px."""
 TEXT_TOKENS = 512
 """Qwen3 tokens per prompt, padded (the pipeline's ``max_sequence_length``): klein was
 trained with 512, padding included (no attention mask reaches the transformer)."""
