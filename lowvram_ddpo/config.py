@@ -48,7 +48,7 @@ LOG_WITH = ("auto", "tensorboard", "wandb", "none")
 """Metric trackers (``reporting.trackers``); auto: TensorBoard when installed, else none."""
 SAMPLERS = ("auto", "ddim", "lcm", "flow-sde", "flow-cps")
 """``sample.sampler``: each a policy in ``lowvram_ddpo.policy``."""
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "cudagraphs")
 
 
 @dataclass
@@ -108,9 +108,11 @@ class SpeedConfig:
 
     compile: str = "off"
     """torch.compile the UNet: off, default (fused kernels), reduce-overhead (+ CUDA
-    graphs) or max-autotune. Compiling each shape takes minutes on a GPU (cached on disk
-    for the next run), so it pays on long runs; needs Triton on a GPU. Off by default
-    until its fp16 replay error is measured on a GPU."""
+    graphs) or max-autotune: compiling each shape takes minutes on a GPU (cached on disk
+    for the next run), so they pay on long runs; they need Triton on a GPU. cudagraphs:
+    the UNet's own kernels replayed as CUDA graphs, no Triton and no kernel generation
+    (a trace of seconds to a minute per shape), CUDA only. Off by default until the fp16
+    replay error is measured on a GPU."""
 
 
 @dataclass

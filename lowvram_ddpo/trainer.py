@@ -78,7 +78,7 @@ from lowvram_ddpo.reporting.progress import TimeLeft
 from lowvram_ddpo.reporting.trackers import NoTracker, Tracker, build_tracker, resolve_log_with
 from lowvram_ddpo.rewards import ModelReward, Reward, build_reward, check_rewards
 from lowvram_ddpo.rollout import Trajectories, image_tokens, render, sample_trajectories
-from lowvram_ddpo.speed.compile import compile_unet
+from lowvram_ddpo.speed.compile import check_compile_mode, compile_unet
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative, text_encoders
 
@@ -142,6 +142,7 @@ class Trainer:
         flow = None if self.pipeline else saved_model_is_flow(cfg.model.name, cfg.model.revision)
         if flow is not None:
             check_algorithm_fits(cfg, flow)  # before minutes of loading, where it can be told
+        check_compile_mode(cfg.speed.compile, self.accelerator.device)
         self.load_models(DTYPES[precision])
         self.prepare_training()
         s = cfg.sample

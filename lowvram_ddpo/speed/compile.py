@@ -8,6 +8,11 @@ replays them as CUDA graphs. The cost is compile time at the first call of each 
 (sampling, training, grid), so it pays on long runs only, and it is off by default until
 its fp16 replay error is measured on a GPU (the DDPO clip range is 1e-4).
 
+``cudagraphs`` is the launch-overhead fix without Inductor: dynamo traces the UNet (and
+AOT autograd its backward) and each trace is recorded once as a CUDA graph and replayed,
+with the UNet's own kernels: no Triton (Windows), no kernel generation (a trace costs
+seconds to a minute per shape instead of minutes), the same arithmetic as eager.
+
 ``nn.Module.compile`` compiles in place: parameter names, LoRA export and checkpoints
 are the same as without it. Compiled code is cached on disk between runs
 (``TORCHINDUCTOR_CACHE_DIR``, by default under the user's cache folder), so a resumed or
@@ -45,7 +50,7 @@ def check_compiler(device: torch.device) -> None:
         if not has_triton():
             raise UserError(
                 "speed.compile needs Triton for GPU kernels: `pip install triton` (on Windows "
-                "`pip install triton-windows`), or set speed.compile=off"
+                "`pip install triton-windows`), or set speed.compile=cudagraphs (no Triton) or off"
             )
     elif not any(shutil.which(c) for c in ("g++", "clang++", "c++", "cl")):
         raise UserError(
@@ -54,26 +59,50 @@ def check_compiler(device: torch.device) -> None:
         )
 
 
-def compile_unet(
-    unet: torch.nn.Module, mode: str, device: torch.device, backend: str = "inductor"
-) -> str:
-    """Compile ``unet`` in place with ``mode`` (one of ``COMPILE_MODES``); returns a line
-    for the log ("" when off). ``backend`` other than inductor is for tests."""
+def backend_of(mode: str) -> str:
+    """The torch.compile backend of a ``speed.compile`` mode."""
+    return "cudagraphs" if mode == "cudagraphs" else "inductor"
+
+
+def check_compile_mode(mode: str, device: torch.device, backend: str | None = None) -> None:
+    """One line if ``mode`` cannot run on ``device``: the trainer asks before loading."""
     if mode == "off":
-        return ""
+        return
     if mode not in COMPILE_MODES:
         raise UserError(f"speed.compile must be one of {', '.join(COMPILE_MODES)} (got {mode!r})")
-    if backend == "inductor":
+    if mode == "cudagraphs" and device.type != "cuda":
+        raise UserError(
+            "speed.compile=cudagraphs needs a CUDA GPU (it replays the UNet as CUDA graphs); "
+            "on this device use speed.compile=default or off"
+        )
+    if (backend or backend_of(mode)) == "inductor":
         check_compiler(device)
-        cache = compile_cache_dir()
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+
+
+def compile_unet(
+    unet: torch.nn.Module, mode: str, device: torch.device, backend: str | None = None
+) -> str:
+    """Compile ``unet`` in place with ``mode`` (one of ``COMPILE_MODES``); returns a line
+    for the log ("" when off). ``backend``, when given, replaces the mode's own (tests run
+    the graph capture on the CPU with it)."""
+    if mode == "off":
+        return ""
+    backend = backend or backend_of(mode)
+    check_compile_mode(mode, device, backend)
+    if backend == "inductor":
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
     # static shapes: each of the run's few shapes (sampling, training, grid) is compiled
     # once, specialised, instead of one slower dynamic-shape kernel for all of them
     unet.compile(
         backend=backend,
-        mode=None if mode == "default" or backend != "inductor" else mode,
+        mode=mode if backend == "inductor" and mode != "default" else None,
         dynamic=False,
     )
+    if backend == "cudagraphs":
+        return (
+            "torch.compile (cudagraphs): the first call of each shape is traced and recorded "
+            "as a CUDA graph (seconds to a minute), then replayed"
+        )
     return (
         f"torch.compile ({mode}): the first call of each shape compiles (minutes on a GPU, "
         f"less when cached in {compile_cache_dir()})"
