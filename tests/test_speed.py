@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,7 +175,7 @@ def test_bench_speed_times_a_real_run_and_reports_mfu():
          "--peak-tflops", "1", "--json"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output[result.output.index("{") :])
+    report = json.loads(result.stdout)  # the report alone: the epoch lines go to stderr
     assert report["images"] == 4 and report["device"] == "cpu"
     seconds = report["seconds"]
     assert seconds["epoch"] > 0 and seconds["training"] > 0 and seconds["sampling"] > 0
@@ -265,3 +267,27 @@ def test_lora_layers_skip_their_input_casts_under_autocast_exactly(tiny_pipeline
     without = output_and_grads()
     assert torch.equal(with_casts[0], without[0])
     assert all(torch.equal(a, b) for a, b in zip(with_casts[1], without[1], strict=True))
+
+
+def test_the_gpu_session_script_runs_its_stages_and_keeps_its_deadline(tmp_path):
+    """benchmarks/gpu_session.sh is what a session lent a GPU runs (device time is scarce:
+    it must work the first time). Its dry part runs the same machinery on the CPU: a
+    stage's JSON lands in results.jsonl, and a stage that would start too close to the
+    deadline is skipped and said so."""
+    root = Path(__file__).parents[1]
+    env = os.environ | {
+        "OUT": str(tmp_path),
+        "GPU_SESSION_BUDGET_S": "60",
+        "GPU_SESSION_MIN_STAGE_S": "55",  # the first stage starts, the second cannot
+    }
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_session.sh", "dry"], cwd=root, env=env,
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    bench, replay = [json.loads(line) for line in (tmp_path / "results.jsonl").open()]
+    assert bench["stage"] == "bench" and bench["rc"] == 0, bench
+    assert bench["result"]["images"] == 16 and bench["result"]["images_per_second"] > 0
+    assert replay == {"stage": "replay-off", "skipped": True}
+    assert "replay-off               skipped" in done.stdout
+    assert "epoch 2/2" in (tmp_path / "session.log").read_text()  # the run's own lines

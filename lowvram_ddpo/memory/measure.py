@@ -3,8 +3,10 @@ random-weight models, with the peak memory and seconds of each phase."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
+import sys
 import tempfile
 from pathlib import Path
 
@@ -74,7 +76,10 @@ def run_on_random_weights(cfg: Config, arch: str) -> tuple[list[dict], PhaseMete
     cfg.run.log_with = "none"  # a benchmark's throwaway run: no TensorBoard events
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(cfg, Path(folder), pipeline=pipe, reward=reward)
-        history = trainer.fit()
+        # its epoch lines go to stderr: a benchmark's standard output is its report alone
+        # (`bench speed --json > speed.json`)
+        with contextlib.redirect_stdout(sys.stderr):
+            history = trainer.fit()
     meter = trainer.meter
     del trainer, pipe, reward
     release_device_memory()

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# The GPU checks of the open issues as one device call each, most important first, sized
+# to a session's device time (15 minutes, 10 per call, a minute or two to start):
+#
+#   bash benchmarks/gpu_session.sh speed     # issue 12: beside the reference, same call
+#   bash benchmarks/gpu_session.sh compile   # issue 12: Inductor's modes (minutes to compile)
+#   bash benchmarks/gpu_session.sh memory    # issues 11, 14: nf4, SDXL, SD 3.5, FLUX.2 rows
+#   bash benchmarks/gpu_session.sh dry       # the same machinery on the CPU (pocket model)
+#
+# Run from the checkout's root on the device machine. What each part carries (prepare it
+# here first; docs/benchmarks.md, "For the first session lent a GPU", has the lines):
+#   speed:   .whl (diffusers, importlib_metadata) and .ref (../shared/reference-bench);
+#            no bitsandbytes (the tree must stay under 64 MiB): the runs use AdamW
+#   compile: .whl (diffusers, importlib_metadata)
+#   memory:  .whl (diffusers, importlib_metadata, bitsandbytes)
+#
+# Every stage has its own time cap and the part a deadline (GPU_SESSION_BUDGET_S, 570 s by
+# default: under the 10-minute limit of a call); a stage that would start too late is
+# skipped and said so. Results go to $OUT as they come, so a cut-off call still returns
+# them: results.jsonl (a JSON line per stage: its command, exit code, seconds and the
+# JSON it printed) and session.log (everything the stages wrote). The summary at the end
+# is one line per stage.
+set -uo pipefail
+part="${1:-}"
+OUT="${OUT:-/tmp/gpu-session-out}"
+mkdir -p "$OUT"
+RESULTS="$OUT/results.jsonl"
+LOG="$OUT/session.log"
+START=$(date +%s)
+DEADLINE=$((START + ${GPU_SESSION_BUDGET_S:-570}))
+MIN_STAGE=${GPU_SESSION_MIN_STAGE_S:-45} # a stage given less would measure nothing
+PY="${PY:-python3}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+say() { echo "[gpu_session $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
+
+install_wheels() {
+  if ! compgen -G ".whl/*.whl" >/dev/null; then
+    say "no .whl/*.whl: carry the wheels (diffusers at least); see the header of $0"
+    exit 2
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 || { say "wheel install failed"; exit 2; }
+  export PYTHONPATH="/tmp/site:$PWD"
+  "$PY" -c 'import importlib.metadata as m, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
+for p in ("diffusers", "transformers", "peft", "accelerate", "bitsandbytes"):
+    try:
+        print(p, m.version(p))
+    except m.PackageNotFoundError:
+        print(p, "missing")' 2>&1 | tee -a "$LOG"
+}
+
+# stage NAME CAP_SECONDS COMMAND...: run COMMAND (its stdout is its result: JSON, or JSON
+# lines) for at most CAP seconds, or skip it when the part's deadline is too near
+stage() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$((DEADLINE - $(date +%s)))
+  if ((left < MIN_STAGE)); then
+    say "$name: skipped, ${left} s left"
+    echo "{\"stage\": \"$name\", \"skipped\": true}" >>"$RESULTS"
+    return
+  fi
+  ((cap > left)) && cap=$left
+  say "$name (at most ${cap} s): $*"
+  local t0 rc
+  t0=$(date +%s)
+  # through bash -c: the command may be one of the functions below (exported)
+  timeout --kill-after=10 "$cap" bash -c '"$@"' "$name" "$@" >"/tmp/stage-$name.out" 2>>"$LOG"
+  rc=$?
+  "$PY" - "$name" "$rc" "$(($(date +%s) - t0))" "/tmp/stage-$name.out" "$*" >>"$RESULTS" <<'EOF'
+import json, sys
+name, rc, seconds, path, command = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+text = open(path).read()
+try:
+    result = json.loads(text)
+except ValueError:  # JSON lines, or nothing
+    result = [json.loads(line) for line in text.splitlines() if line.startswith("{")] or None
+row = {"stage": name, "command": command, "rc": rc, "seconds": seconds, "result": result}
+if result is None:
+    row["output_tail"] = text[-3000:]
+print(json.dumps(row))
+EOF
+  say "$name: exit $rc after $(($(date +%s) - t0)) s"
+}
+
+bench_speed() { "$PY" -m lowvram_ddpo.cli bench speed --json "$@"; }
+
+# the reference's default run (its dgx.py:compressibility settings), then its JSON
+reference() {
+  if [ ! -f .ref/run_ref.sh ]; then
+    echo "no .ref/: copy ../shared/reference-bench to .ref/ and carry it" >&2
+    return 2
+  fi
+  REF_RUNS=default REF_RUN_TIMEOUT="$1" OUT=/tmp/ref-out bash .ref/run_ref.sh >&2
+  cat /tmp/ref-out/ref.json
+}
+
+export -f bench_speed reference
+export PY
+
+# SD 1.5 at the `incompressibility` preset's algorithm (50 steps, CFG 5, every step
+# trained), one sampling batch of 8 images per epoch (bench speed: a warm-up epoch, then
+# the timed one)
+SD15=(--preset incompressibility --batches 1 --set memory.optimizer=adamw)
+# optimiser steps of the preset's 64 samples
+MB8_CKPT=(--set train.batch_size=8 --set train.gradient_accumulation_steps=8
+  --set memory.gradient_checkpointing=true)
+EQUAL=(--set train.batch_size=4 --set train.gradient_accumulation_steps=16
+  --set memory.offload=false) # the reference's micro-batch 4, nothing offloaded
+
+case "$part" in
+  speed)
+    install_wheels
+    stage reference 300 reference 240
+    stage mb8-ckpt 180 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}"
+    stage mb8-ckpt-cudagraphs 180 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs
+    stage equal-cudagraphs 150 bench_speed "${SD15[@]}" "${EQUAL[@]}" --set speed.compile=cudagraphs
+    stage replay-cudagraphs 150 "$PY" benchmarks/replay_error.py --arch sd15 --compile cudagraphs --steps 10
+    stage replay-off 90 "$PY" benchmarks/replay_error.py --arch sd15 --compile off --steps 10
+    stage equal 150 bench_speed "${SD15[@]}" "${EQUAL[@]}"
+    stage shipped 240 bench_speed "${SD15[@]}"
+    ;;
+  compile)
+    install_wheels
+    stage replay-default 300 "$PY" benchmarks/replay_error.py --arch sd15 --compile default --steps 10
+    stage mb8-ckpt-default 330 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=default
+    stage replay-reduce-overhead 300 "$PY" benchmarks/replay_error.py --arch sd15 --compile reduce-overhead --steps 10
+    ;;
+  memory)
+    install_wheels
+    stage sd15 200 "$PY" benchmarks/gpu_checks.py --rows sd15-nf4,sd15-reference --json-out /dev/stdout
+    stage flow 240 "$PY" benchmarks/gpu_checks.py --rows sd35m-grpo,flux2-klein,flux2-klein-bf16 --json-out /dev/stdout
+    stage replay-sd35m 120 "$PY" benchmarks/replay_error.py --arch sd35m --resolution 512
+    stage sdxl 240 "$PY" benchmarks/gpu_checks.py --rows sdxl --json-out /dev/stdout
+    ;;
+  dry) # the machinery on the CPU, in seconds: the pocket model, no wheels, no reference
+    export PYTHONPATH="$PWD"
+    stage bench 120 bench_speed --preset pocket-incompressibility --batches 1 --set sample.num_steps=4
+    stage replay-off 120 "$PY" benchmarks/replay_error.py --arch pocket --compile off --steps 3
+    ;;
+  *)
+    echo "usage: bash $0 speed|compile|memory|dry (see its header)" >&2
+    exit 2
+    ;;
+esac
+
+# one line per stage: what a reader needs first
+"$PY" - "$RESULTS" <<'EOF' | tee -a "$LOG"
+import json, sys
+for line in open(sys.argv[1]):
+    row = json.loads(line)
+    if row.get("skipped"):
+        print(f"{row['stage']:<24} skipped (the part's deadline)")
+        continue
+    r, head = row["result"], f"{row['stage']:<24} exit {row['rc']:<3} {row['seconds']:>4} s"
+    if isinstance(r, dict) and "images_per_second" in r:
+        s, mfu = r["seconds_per_image"], r["mfu"]
+        print(f"{head}  {r['images_per_second']:.3f} img/s  sampling {s['sampling']:.3f} "
+              f"training {s['training']:.3f} s/img  MFU train {mfu['training']}  "
+              f"peak reserved {r['peak_reserved_bytes']}")
+    elif isinstance(r, dict) and "runs" in r:
+        for name, run in r["runs"].items():
+            rates = run.get("rates", {})
+            print(f"{head}  reference {name}: sampling {rates.get('sampling_s_per_image')} "
+                  f"training {rates.get('training_s_per_sample')} s/img  peak reserved "
+                  f"{run.get('memory_GiB', {}).get('max_memory_reserved')} GiB")
+    else:
+        print(f"{head}  {json.dumps(r)[:300] if r is not None else row.get('output_tail', '')[-300:]}")
+EOF
