@@ -94,7 +94,8 @@ reference() {
     echo "no .ref/: copy ../shared/reference-bench to .ref/ and carry it" >&2
     return 2
   fi
-  REF_RUNS=default REF_RUN_TIMEOUT="$1" OUT=/tmp/ref-out bash .ref/run_ref.sh >&2
+  # its own stack (diffusers 0.17, transformers 4) only: not ours on PYTHONPATH
+  PYTHONPATH="" REF_RUNS=default REF_RUN_TIMEOUT="$1" OUT=/tmp/ref-out bash .ref/run_ref.sh >&2
   cat /tmp/ref-out/ref.json
 }
 
