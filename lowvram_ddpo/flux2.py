@@ -59,7 +59,14 @@ def is_flux2_vae(vae: torch.nn.Module) -> bool:
 def check_guidance(pipe, guidance_scale: float) -> None:  # noqa: ANN001
     """FLUX.2-klein 4B (not Base) is guidance-distilled: its pipeline ignores CFG, and
     sampling it with CFG here would train a policy the model was never meant to run."""
-    if is_flux2(pipe) and pipe.config.get("is_distilled") and guidance_scale > 1:
+    if is_flux2(pipe):
+        check_index_guidance({**pipe.config, "_class_name": PIPELINE_CLASS_NAME}, guidance_scale)
+
+
+def check_index_guidance(index: dict, guidance_scale: float) -> None:
+    """``check_guidance`` from the pipeline's ``model_index.json``, before loading it."""
+    distilled = index.get("_class_name") == PIPELINE_CLASS_NAME and index.get("is_distilled")
+    if distilled and guidance_scale > 1:
         raise UserError(
             "this FLUX.2-klein model is guidance-distilled (is_distilled): use guidance 1 "
             "(sample.guidance_scale=1; `sample --guidance 1`), or FLUX.2-klein Base, which "

@@ -36,11 +36,10 @@ UNET_PIPELINES = (
 )
 
 
-def saved_model_is_flow(name: str, revision: str = "") -> bool | None:
-    """Whether a model is a flow-matching transformer (SD 3.x, FLUX.2), from its
-    ``model_index.json`` in a local folder or the hub cache, without loading it (SD 3.5's
-    load takes minutes); None when that file is not at hand (nothing is downloaded) or
-    names another pipeline (the loader says what is wrong with it)."""
+def saved_model_index(name: str, revision: str = "") -> dict | None:
+    """A model's ``model_index.json`` from a local folder or the hub cache, read without
+    loading the model (SD 3.5's load takes minutes); None when that file is not at hand
+    (nothing is downloaded) or unreadable (the loader says what is wrong with it)."""
     try:
         folder = Path(resolve_model_name(name)).expanduser()
     except UserError:
@@ -57,12 +56,25 @@ def saved_model_is_flow(name: str, revision: str = "") -> bool | None:
             return None
         index = Path(cached)
     try:
-        kind = json.loads(index.read_text()).get("_class_name", "")
-    except (OSError, ValueError, AttributeError):
+        content = json.loads(index.read_text())
+    except (OSError, ValueError):
         return None
+    return content if isinstance(content, dict) else None
+
+
+def is_flow_index(index: dict) -> bool | None:
+    """Whether a ``model_index.json`` names a flow-matching pipeline (SD 3.x, FLUX.2);
+    None for a pipeline this trainer does not know (the loader explains it)."""
+    kind = index.get("_class_name", "")
     if kind in FLOW_PIPELINES:
         return True
     return False if kind in UNET_PIPELINES else None
+
+
+def saved_model_is_flow(name: str, revision: str = "") -> bool | None:
+    """``is_flow_index`` of a saved model; None when its index is not at hand."""
+    index = saved_model_index(name, revision)
+    return None if index is None else is_flow_index(index)
 
 
 def check_algorithm_fits(config: Config, flow: bool) -> None:

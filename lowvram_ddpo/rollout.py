@@ -119,8 +119,8 @@ def latent_shape(unet: torch.nn.Module, vae: torch.nn.Module, resolution: int) -
     step = scale * unet.config.get("patch_size", 1)  # SD 3's transformer: 2x2 latent patches
     if resolution % step != 0:
         raise UserError(
-            f"sample.resolution {resolution} must be a multiple of {step} for this model "
-            f"(its VAE's factor {scale} x its patch size)"
+            f"the resolution {resolution} (sample.resolution; `sample --resolution`) must be "
+            f"a multiple of {step} for this model (its VAE's factor {scale} x its patch size)"
         )
     return (unet.config.in_channels, resolution // scale, resolution // scale)
 

@@ -68,8 +68,9 @@ from lowvram_ddpo.optimizers import build_optimizer
 from lowvram_ddpo.policy import FlowSDEPolicy, build_policy
 from lowvram_ddpo.preflight import (
     check_algorithm_fits,
+    is_flow_index,
     resolution_note,
-    saved_model_is_flow,
+    saved_model_index,
     unknown_words_note,
 )
 from lowvram_ddpo.prompts import load_prompts
@@ -139,9 +140,13 @@ class Trainer:
         )
         torch.backends.cuda.matmul.allow_tf32 = cfg.model.allow_tf32
         set_seed(cfg.run.seed)
-        flow = None if self.pipeline else saved_model_is_flow(cfg.model.name, cfg.model.revision)
-        if flow is not None:
-            check_algorithm_fits(cfg, flow)  # before minutes of loading, where it can be told
+        # before minutes of loading, what the saved model's index can tell
+        index = None if self.pipeline else saved_model_index(cfg.model.name, cfg.model.revision)
+        if index is not None:
+            flow = is_flow_index(index)
+            if flow is not None:
+                check_algorithm_fits(cfg, flow)
+            flux2.check_index_guidance(index, cfg.sample.guidance_scale)
         check_compile_mode(cfg.speed.compile, self.accelerator.device)
         self.load_models(DTYPES[precision])
         self.prepare_training()

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from lowvram_ddpo import flux2
 from lowvram_ddpo.checkpoint import ADAPTER_FILE
 from lowvram_ddpo.cli import app
+from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.lora_export import LORA_WEIGHTS_NAME
 from lowvram_ddpo.models import (
     load_adapter_state_dict,
@@ -187,11 +188,25 @@ def test_nft_trains_flux2(flux2_dir, tmp_path):
     assert metrics[0]["grad_norm"] > 0
 
 
-def test_a_guidance_distilled_klein_refuses_guidance(tmp_path):
+def test_a_guidance_distilled_klein_refuses_guidance(tmp_path, monkeypatch):
+    """Refused from its model_index.json, before the model is loaded (minutes for klein);
+    a pipeline handed over in code is checked too (`sample`, benchmarks)."""
+    from lowvram_ddpo.flux2 import check_guidance
+    from lowvram_ddpo.trainer import Trainer
+
     folder = tmp_path / "distilled"
-    build_tiny_flux2_pipeline(distilled=True).save_pretrained(folder)
+    pipe = build_tiny_flux2_pipeline(distilled=True)
+    pipe.save_pretrained(folder)
+    with pytest.raises(UserError, match="guidance-distilled"):
+        check_guidance(pipe, 4.0)
+    check_guidance(pipe, 1.0)
     preset = tmp_path / "flux2.toml"
     preset.write_text(FLUX2_PRESET.format(model=folder))
+
+    def load_models(self, dtype):  # noqa: ANN001, ANN202
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(Trainer, "load_models", load_models)
     result = CliRunner().invoke(
         app, ["train", "--preset", str(preset), "--output", str(tmp_path / "run"),
               "--log-with", "none"],
@@ -241,3 +256,19 @@ def test_the_model_family_is_read_before_loading(flux2_dir, tiny_model_dir):
     assert saved_model_is_flow(str(tiny_model_dir)) is False
     assert saved_model_is_flow("not a/valid id") is None  # the loader explains it, in one line
     assert saved_model_is_flow("someone/never-downloaded") is None  # nothing is downloaded
+
+
+def test_a_resolution_off_the_patch_grid_is_one_line():
+    """FLUX.2 latents are 2x2 patches of the VAE's: a resolution the VAE alone would take
+    (a multiple of its factor) is refused, naming both ways to set it."""
+    from lowvram_ddpo.rollout import latent_shape
+
+    pipe = with_denoiser_as_unet(build_tiny_flux2_pipeline())
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    latent_shape(pipe.unet, pipe.vae, 4 * factor)
+    with pytest.raises(
+        UserError,
+        match=f"multiple of {2 * factor} .*sample --resolution|"
+        f"sample --resolution.* multiple of {2 * factor}",
+    ):
+        latent_shape(pipe.unet, pipe.vae, 3 * factor)
