@@ -42,6 +42,7 @@ install_wheels() {
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 || { say "wheel install failed"; exit 2; }
   export PYTHONPATH="/tmp/site:$PWD"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv >>"$LOG" 2>&1
   "$PY" -c 'import importlib.metadata as m, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
@@ -61,7 +62,7 @@ stage() {
   if ((left < MIN_STAGE)); then
     say "$name: skipped, ${left} s left"
     echo "{\"stage\": \"$name\", \"skipped\": true}" >>"$RESULTS"
-    return
+    return 0
   fi
   ((cap > left)) && cap=$left
   say "$name (at most ${cap} s): $*"
@@ -84,6 +85,7 @@ if result is None:
 print(json.dumps(row))
 EOF
   say "$name: exit $rc after $(($(date +%s) - t0)) s"
+  return "$rc"
 }
 
 bench_speed() { "$PY" -m lowvram_ddpo.cli bench speed --json "$@"; }
@@ -117,7 +119,11 @@ case "$part" in
     install_wheels
     stage reference 300 reference 240
     stage mb8-ckpt 180 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}"
-    stage mb8-ckpt-cudagraphs 180 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs
+    # if CUDA graphs fail beside expandable segments (the CLI's allocator setting), once
+    # more without them: the log has the first error
+    stage mb8-ckpt-cudagraphs 180 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs ||
+      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False stage mb8-ckpt-cudagraphs-plain-allocator 180 \
+        bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs
     stage equal-cudagraphs 150 bench_speed "${SD15[@]}" "${EQUAL[@]}" --set speed.compile=cudagraphs
     stage replay-cudagraphs 150 "$PY" benchmarks/replay_error.py --arch sd15 --compile cudagraphs --steps 10
     stage replay-off 90 "$PY" benchmarks/replay_error.py --arch sd15 --compile off --steps 10
