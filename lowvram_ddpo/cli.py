@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from lowvram_ddpo.config import REWARD_NAMES
+from lowvram_ddpo.config import OWN_REWARD_HINT, REWARD_NAMES
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.allocator import configure_allocator
 
@@ -82,6 +82,10 @@ def rewards() -> None:
     width = max(map(len, entries), default=0)
     for name, description in entries.items():
         typer.echo(f"{name.ljust(width)}  {description}")
+    typer.echo(
+        f"\n(or {OWN_REWARD_HINT}: a function (images [B,3,H,W] in [0,1], prompts) -> "
+        "B numbers; --reward my_reward.py:score)"
+    )
 
 
 def _world_size() -> int:
@@ -128,6 +132,13 @@ def train(
         str,
         typer.Option(
             help="ddpo-is, ddpo-sf, grpo, nft, rwr or sparse-rwr (RLCM: an rlcm-* preset)."
+        ),
+    ] = "",
+    reward: Annotated[
+        str,
+        typer.Option(
+            help=f"Maximise this reward instead of the preset's: {', '.join(REWARD_NAMES)}, "
+            f"or {OWN_REWARD_HINT} (`lowvram-ddpo rewards`)."
         ),
     ] = "",
     prompts: Annotated[
@@ -188,6 +199,7 @@ def train(
                     ("--lr", lr),
                     ("--samples-per-epoch", samples_per_epoch),
                     ("--algorithm", algorithm),
+                    ("--reward", reward),
                     ("--prompts", prompts),
                     ("--set", [s for s in set_ or [] if not s.startswith("memory.")]),
                 ]
@@ -213,6 +225,7 @@ def train(
                 "sample.num_steps": steps,
                 "train.learning_rate": lr,
                 "train.algorithm": algorithm or None,
+                "reward.name": reward or None,
                 "prompts.source": prompts or None,
             }
             for key, value in flags.items():
@@ -323,7 +336,10 @@ def sample(
         int | None, typer.Option(help="Image size [default: the run's, else the model's].")
     ] = None,
     reward: Annotated[
-        str, typer.Option(help=f"Score each image with a reward: {', '.join(REWARD_NAMES)}.")
+        str,
+        typer.Option(
+            help=f"Score each image with a reward: {', '.join(REWARD_NAMES)}, or {OWN_REWARD_HINT}."
+        ),
     ] = "",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:

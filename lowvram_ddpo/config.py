@@ -40,6 +40,27 @@ REWARD_NAMES = (
 )
 """The registered rewards (``rewards``; a test keeps the two equal), for help texts that
 must not import the reward models."""
+OWN_REWARD_HINT = "your own as FILE.py:FUNCTION or module:FUNCTION"
+
+
+def is_own_reward(name: str) -> bool:
+    """A reward of the user's own: ``my_reward.py:score`` or ``package.module:score`` (the
+    last colon splits the name from the file, which may hold one: ``C:/r.py:score``)."""
+    where, _, attribute = name.rpartition(":")
+    return bool(where) and attribute.isidentifier()
+
+
+def own_reward_problem(name: str) -> str | None:
+    """What is wrong with an own reward's name that can be told without importing it."""
+    where = name.rpartition(":")[0]
+    if where.endswith(".py") and not Path(where).expanduser().is_file():
+        return (
+            f"reward {name!r}: no file {where} (relative paths start at {Path.cwd()}): "
+            "check the path"
+        )
+    return None
+
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 QUANTIZE = ("none", "int8", "nf4")
@@ -587,13 +608,25 @@ def validate(config: Config) -> None:
         (0 <= t.sparse_rwr_percentile < 100, "train.sparse_rwr_percentile must be in [0, 100)"),
         (config.reward.batch_size >= 1, "reward.batch_size must be at least 1"),
         (
+            config.reward.name in REWARD_NAMES or is_own_reward(config.reward.name),
+            f"unknown reward {config.reward.name!r}: use one of {', '.join(REWARD_NAMES)}, "
+            f"or {OWN_REWARD_HINT}",
+        ),
+        *[
+            (problem is None, problem or "")
+            for problem in map(own_reward_problem, {config.reward.name, *config.reward.mix})
+        ],
+        (
             config.reward.name != "mix" or bool(config.reward.mix),
             "reward.name = mix needs reward.mix, e.g. {aesthetic = 1.0, pickscore = 0.5}",
         ),
         (
-            all(name in REWARD_NAMES and name != "mix" for name in config.reward.mix),
+            all(
+                (name in REWARD_NAMES and name != "mix") or is_own_reward(name)
+                for name in config.reward.mix
+            ),
             f"reward.mix names unknown rewards {sorted(config.reward.mix)}: use "
-            f"{', '.join(n for n in REWARD_NAMES if n != 'mix')}",
+            f"{', '.join(n for n in REWARD_NAMES if n != 'mix')}, or {OWN_REWARD_HINT}",
         ),
         *_reward_file_checks(config.reward),
         (
@@ -702,6 +735,12 @@ def dump_toml(config: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _toml_key(key: str) -> str:
+    """Bare when TOML allows it, else quoted (an own reward: "my_reward.py:score")."""
+    bare = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
+    return key if bare else _toml_value(key)
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -712,8 +751,8 @@ def _toml_value(value: Any) -> str:
         return f'"{escaped}"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):  # an inline table; keys are reward names (bare keys)
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, dict):  # an inline table; keys are reward names
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")  # pragma: no cover
 
 

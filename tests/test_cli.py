@@ -41,8 +41,10 @@ def test_rewards_lists_every_reward_in_aligned_columns():
     from lowvram_ddpo.rewards import available_rewards
 
     result = _run("rewards")
-    lines = result.output.splitlines()
+    listing, own = result.output.split("\n\n")
+    lines = listing.splitlines()
     assert [line.split()[0] for line in lines] == list(available_rewards())
+    assert "FILE.py:FUNCTION" in own  # and how to bring one's own
     assert tuple(available_rewards()) == REWARD_NAMES  # what the help texts list
     width = max(map(len, REWARD_NAMES))
     assert all(line[width : width + 2] == "  " and line[width + 2] != " " for line in lines)

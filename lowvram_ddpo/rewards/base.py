@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from lowvram_ddpo.config import RewardConfig
+from lowvram_ddpo.config import OWN_REWARD_HINT, RewardConfig, is_own_reward
 from lowvram_ddpo.errors import UserError
 
 
@@ -89,9 +89,15 @@ def available_rewards() -> dict[str, str]:
 
 
 def _factory(name: str) -> Factory:
-    if name not in _REGISTRY:
-        raise UserError(f"unknown reward '{name}': use one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name][0]
+    if name in _REGISTRY:
+        return _REGISTRY[name][0]
+    if is_own_reward(name):
+        from lowvram_ddpo.rewards.own import OwnReward
+
+        return lambda config, dtype: OwnReward(name)
+    raise UserError(
+        f"unknown reward '{name}': use one of {', '.join(sorted(_REGISTRY))}, or {OWN_REWARD_HINT}"
+    )
 
 
 def build_reward(
