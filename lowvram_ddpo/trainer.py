@@ -77,8 +77,13 @@ from lowvram_ddpo.prompts import load_prompts
 from lowvram_ddpo.reporting.metrics_chart import METRICS_CHART, read_metrics, write_metrics_chart
 from lowvram_ddpo.reporting.progress import TimeLeft
 from lowvram_ddpo.reporting.trackers import NoTracker, Tracker, build_tracker, resolve_log_with
-from lowvram_ddpo.rewards import ModelReward, Reward, build_reward, check_rewards
-from lowvram_ddpo.rewards.own import import_own_rewards
+from lowvram_ddpo.rewards import (
+    ModelReward,
+    Reward,
+    build_reward,
+    check_reward_names,
+    check_rewards,
+)
 from lowvram_ddpo.rollout import Trajectories, image_tokens, render, sample_trajectories
 from lowvram_ddpo.speed.compile import check_compile_mode, compile_unet
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
@@ -150,7 +155,7 @@ class Trainer:
             flux2.check_index_guidance(index, cfg.sample.guidance_scale)
         check_compile_mode(cfg.speed.compile, self.accelerator.device)
         if self.reward is None:
-            import_own_rewards([cfg.reward.name, *cfg.reward.mix])
+            check_reward_names([cfg.reward.name, *cfg.reward.mix])
         self.load_models(DTYPES[precision])
         self.prepare_training()
         s = cfg.sample

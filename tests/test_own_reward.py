@@ -166,3 +166,21 @@ def test_a_broken_reward_file_fails_before_the_model_loads(tmp_path, tiny_preset
     assert result.exit_code == 2, result.output
     assert "bad_reward.py line 1: ModuleNotFoundError" in result.output
     assert "Traceback" not in result.output
+
+
+def test_sample_checks_its_reward_before_loading(tmp_path, monkeypatch):
+    import lowvram_ddpo.sampling as sampling
+
+    def load_pipeline(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model was loaded before the reward was checked")
+
+    monkeypatch.setattr(sampling, "load_pipeline", load_pipeline)
+    path = _write(tmp_path, BRIGHTNESS)
+    for reward, message in [
+        ("nope", "unknown reward 'nope'"),
+        (f"{path}:nothing", "has no 'nothing'"),
+    ]:
+        result = CliRunner().invoke(
+            app, ["sample", "--prompts", "a cat", "--reward", reward, "--no-progress"]
+        )
+        assert result.exit_code == 2 and message in result.output, result.output

@@ -100,6 +100,17 @@ def _factory(name: str) -> Factory:
     )
 
 
+def check_reward_names(names: list[str]) -> None:
+    """Each name is a listed reward or an own one whose file imports: one-line errors
+    before minutes of model loading, not at the first scoring."""
+    from lowvram_ddpo.rewards.own import import_own_reward
+
+    for name in names:
+        _factory(name)
+        if name not in _REGISTRY:
+            import_own_reward(name)
+
+
 def build_reward(
     name: str, config: RewardConfig | None = None, dtype: torch.dtype = torch.float32
 ) -> Reward:

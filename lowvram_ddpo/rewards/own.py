@@ -129,11 +129,3 @@ class OwnReward:
                 f"reward {self.name!r} returned a {type(scores).__name__}: return one number "
                 "per image (a tensor, a list or a NumPy array)"
             ) from None
-
-
-def import_own_rewards(names: list[str]) -> None:
-    """Import every own reward among ``names`` now: a broken file fails in one line before
-    minutes of model loading, not at the first scoring."""
-    for name in names:
-        if is_own_reward(name):
-            import_own_reward(name)
