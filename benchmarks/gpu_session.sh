@@ -28,7 +28,7 @@ RESULTS="$OUT/results.jsonl"
 LOG="$OUT/session.log"
 START=$(date +%s)
 DEADLINE=$((START + ${GPU_SESSION_BUDGET_S:-570}))
-MIN_STAGE=${GPU_SESSION_MIN_STAGE_S:-45} # a stage given less would measure nothing
+MIN_STAGE=${GPU_SESSION_MIN_STAGE_S:-45} # and at least half its cap: less measures nothing
 PY="${PY:-python3}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -58,27 +58,35 @@ for p in ("diffusers", "transformers", "peft", "accelerate", "bitsandbytes"):
 stage() {
   local name=$1 cap=$2
   shift 2
-  local left=$((DEADLINE - $(date +%s)))
-  if ((left < MIN_STAGE)); then
+  local left=$((DEADLINE - $(date +%s))) need=$((cap / 2 > MIN_STAGE ? cap / 2 : MIN_STAGE))
+  if ((left < need)); then
     say "$name: skipped, ${left} s left"
     echo "{\"stage\": \"$name\", \"skipped\": true}" >>"$RESULTS"
     return 0
   fi
   ((cap > left)) && cap=$left
   say "$name (at most ${cap} s): $*"
-  local t0 rc
+  local t0 rc out="/tmp/stage-$name.out"
   t0=$(date +%s)
-  # through bash -c: the command may be one of the functions below (exported)
-  timeout --kill-after=10 "$cap" bash -c '"$@"' "$name" "$@" >"/tmp/stage-$name.out" 2>>"$LOG"
+  : >"$out"
+  # through bash -c: the command may be one of the functions below (exported); appending,
+  # so a script that also writes to /dev/stdout (gpu_checks --json-out) cannot overwrite
+  timeout --kill-after=10 "$cap" bash -c '"$@"' "$name" "$@" >>"$out" 2>>"$LOG"
   rc=$?
-  "$PY" - "$name" "$rc" "$(($(date +%s) - t0))" "/tmp/stage-$name.out" "$*" >>"$RESULTS" <<'EOF'
+  "$PY" - "$name" "$rc" "$(($(date +%s) - t0))" "$out" "$*" >>"$RESULTS" 2>>"$LOG" <<'EOF'
 import json, sys
 name, rc, seconds, path, command = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-text = open(path).read()
-try:
-    result = json.loads(text)
-except ValueError:  # JSON lines, or nothing
-    result = [json.loads(line) for line in text.splitlines() if line.startswith("{")] or None
+text = open(path, errors="replace").read()
+decoder, found, at = json.JSONDecoder(), [], 0
+while (at := text.find("{", at)) >= 0:  # every JSON object in the output, text around them
+    try:
+        value, end = decoder.raw_decode(text, at)
+    except ValueError:
+        at += 1
+        continue
+    found.append(value)
+    at = end
+result = found[0] if len(found) == 1 else (found or None)
 row = {"stage": name, "command": command, "rc": rc, "seconds": seconds, "result": result}
 if result is None:
     row["output_tail"] = text[-3000:]
@@ -97,6 +105,7 @@ reference() {
     return 2
   fi
   # its own stack (diffusers 0.17, transformers 4) only: not ours on PYTHONPATH
+  rm -f /tmp/ref-out/ref.json # a warm machine's earlier result must not pass for this one
   PYTHONPATH="" REF_RUNS=default REF_RUN_TIMEOUT="$1" OUT=/tmp/ref-out bash .ref/run_ref.sh >&2
   cat /tmp/ref-out/ref.json
 }
@@ -108,7 +117,7 @@ export PY
 # trained), one sampling batch of 8 images per epoch (bench speed: a warm-up epoch, then
 # the timed one)
 SD15=(--preset incompressibility --batches 1 --set memory.optimizer=adamw)
-# optimiser steps of the preset's 64 samples
+# (bench speed shrinks the optimiser step to its 8 images; these keep it valid before)
 MB8_CKPT=(--set train.batch_size=8 --set train.gradient_accumulation_steps=8
   --set memory.gradient_checkpointing=true)
 EQUAL=(--set train.batch_size=4 --set train.gradient_accumulation_steps=16
@@ -117,20 +126,24 @@ EQUAL=(--set train.batch_size=4 --set train.gradient_accumulation_steps=16
 case "$part" in
   speed)
     install_wheels
-    stage reference 300 reference 240
+    # the reference's own run limit leaves room for its wheels and its model's build
+    stage reference 300 reference 210
     stage mb8-ckpt 180 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}"
     # if CUDA graphs fail beside expandable segments (the CLI's allocator setting), once
-    # more without them: the log has the first error
-    stage mb8-ckpt-cudagraphs 180 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs ||
+    # more without them (not after a time-out: that would only take the next stages' time)
+    stage mb8-ckpt-cudagraphs 180 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs
+    rc=$?
+    if ((rc != 0 && rc != 124 && rc != 137)); then
       PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False stage mb8-ckpt-cudagraphs-plain-allocator 180 \
         bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs
-    stage equal-cudagraphs 150 bench_speed "${SD15[@]}" "${EQUAL[@]}" --set speed.compile=cudagraphs
+    fi
     stage replay-cudagraphs 150 "$PY" benchmarks/replay_error.py --arch sd15 --compile cudagraphs --steps 10
+    stage equal-cudagraphs 150 bench_speed "${SD15[@]}" "${EQUAL[@]}" --set speed.compile=cudagraphs
     stage replay-off 90 "$PY" benchmarks/replay_error.py --arch sd15 --compile off --steps 10
     stage equal 150 bench_speed "${SD15[@]}" "${EQUAL[@]}"
     stage shipped 240 bench_speed "${SD15[@]}"
     ;;
-  compile)
+  compile) # each row compiles minutes: expect the first one or two per call
     install_wheels
     stage replay-default 300 "$PY" benchmarks/replay_error.py --arch sd15 --compile default --steps 10
     stage mb8-ckpt-default 330 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=default
@@ -145,8 +158,8 @@ case "$part" in
     ;;
   dry) # the machinery on the CPU, in seconds: the pocket model, no wheels, no reference
     export PYTHONPATH="$PWD"
-    stage bench 120 bench_speed --preset pocket-incompressibility --batches 1 --set sample.num_steps=4
-    stage replay-off 120 "$PY" benchmarks/replay_error.py --arch pocket --compile off --steps 3
+    stage bench 100 bench_speed --preset pocket-incompressibility --batches 1 --set sample.num_steps=4
+    stage replay-off 100 "$PY" benchmarks/replay_error.py --arch pocket --compile off --steps 3
     ;;
   *)
     echo "usage: bash $0 speed|compile|memory|dry (see its header)" >&2

@@ -179,6 +179,7 @@ def train(
         set_field,
         set_samples_per_epoch,
         validate,
+        with_absolute_reward_files,
     )
     from lowvram_ddpo.preflight import check_output_folder
 
@@ -232,6 +233,7 @@ def train(
                 if value is not None:
                     set_field(config, key, value, source="the command line")
             apply_overrides(config, set_ or [])
+            with_absolute_reward_files(config.reward)  # the saved config, resumed elsewhere
             _grid_from_own_prompts(config, preset_prompts, set_ or [])
             if samples_per_epoch is not None:
                 _say(set_samples_per_epoch(config, samples_per_epoch, _world_size()))

@@ -50,6 +50,30 @@ def is_own_reward(name: str) -> bool:
     return bool(where) and attribute.isidentifier()
 
 
+def reward_label(name: str) -> str:
+    """A short name for metrics: an own reward's function name, not its whole path."""
+    return name.rpartition(":")[2] if is_own_reward(name) else name
+
+
+def rewards_in_use(reward: RewardConfig) -> list[str]:
+    """The reward's name, or a mix's parts."""
+    return list(reward.mix) if reward.name == "mix" else [reward.name]
+
+
+def with_absolute_reward_files(reward: RewardConfig) -> None:
+    """Own rewards' relative file paths made absolute, so that the run's saved config
+    still finds them when it is resumed from another folder."""
+
+    def absolute(name: str) -> str:
+        where, _, attribute = name.rpartition(":")
+        if not (is_own_reward(name) and where.endswith(".py")):
+            return name
+        return f"{Path(where).expanduser().resolve()}:{attribute}"
+
+    reward.name = absolute(reward.name)
+    reward.mix = {absolute(name): weight for name, weight in reward.mix.items()}
+
+
 def own_reward_problem(name: str) -> str | None:
     """What is wrong with an own reward's name that can be told without importing it."""
     where = name.rpartition(":")[0]
@@ -286,7 +310,8 @@ class RunConfig:
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     grid_every: int = 10
-    """Render the fixed grid every N epochs (0: only before and after training)."""
+    """Render the fixed grid every N epochs (0: only before and after training; -1: never,
+    as the speed benchmark does)."""
     grid_prompts: list[str] = field(default_factory=lambda: ["a cat", "a dog", "a fox"])
     grid_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     eval_every: int = 0
@@ -493,7 +518,7 @@ def _parse_literal(raw: str) -> Any:
 def _reward_file_checks(reward: RewardConfig) -> list[tuple[bool, str]]:
     """The files of the rewards in use must be named (empty settings fail here, before
     the diffusion model loads, instead of at the first scoring)."""
-    used = {reward.name, *reward.mix}
+    used = set(rewards_in_use(reward))
     settings = {
         "hpsv2": ["hps_weights"],  # hps_tokenizer may be empty: a CLIPModel folder has one
         "imagereward": ["imagereward_weights", "imagereward_tokenizer"],
@@ -614,7 +639,7 @@ def validate(config: Config) -> None:
         ),
         *[
             (problem is None, problem or "")
-            for problem in map(own_reward_problem, {config.reward.name, *config.reward.mix})
+            for problem in map(own_reward_problem, rewards_in_use(config.reward))
         ],
         (
             config.reward.name != "mix" or bool(config.reward.mix),
@@ -737,7 +762,7 @@ def dump_toml(config: Config) -> str:
 
 def _toml_key(key: str) -> str:
     """Bare when TOML allows it, else quoted (an own reward: "my_reward.py:score")."""
-    bare = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
+    bare = bool(key) and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
     return key if bare else _toml_value(key)
 
 

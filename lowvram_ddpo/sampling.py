@@ -25,7 +25,7 @@ from lowvram_ddpo.models import (
 )
 from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.policy import DEFAULT_NOISE_LEVEL, build_policy, sampler_for
-from lowvram_ddpo.preflight import native_resolution_of
+from lowvram_ddpo.preflight import native_resolution_of, saved_model_index
 from lowvram_ddpo.rewards import ModelReward, build_reward, check_reward_names, check_rewards
 from lowvram_ddpo.rollout import image_tokens, render
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative, text_encoders
@@ -136,8 +136,12 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     if resolution is not None and resolution % 8 != 0:
         raise UserError(f"--resolution must be a multiple of 8 (got {resolution})")
     location = _lora_location(request.lora) if request.lora else None
+    # before minutes of model loading: what the names and the model's index can tell
     if request.reward:
-        check_reward_names([request.reward])  # before minutes of model loading
+        check_reward_names([request.reward])
+    index = saved_model_index(model)
+    if index is not None:
+        flux2.check_index_guidance(index, guidance)
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")

@@ -46,7 +46,7 @@ from lowvram_ddpo.checkpoint import (
     restore_rng_states,
     save_checkpoint,
 )
-from lowvram_ddpo.config import Config, dump_toml, trained_steps_per_sample
+from lowvram_ddpo.config import Config, dump_toml, rewards_in_use, trained_steps_per_sample
 from lowvram_ddpo.device_transfer import to_device
 from lowvram_ddpo.divergence import DivergenceGuard, NonFiniteTraining
 from lowvram_ddpo.epoch_metrics import TrainingTotals, format_metric
@@ -155,7 +155,7 @@ class Trainer:
             flux2.check_index_guidance(index, cfg.sample.guidance_scale)
         check_compile_mode(cfg.speed.compile, self.accelerator.device)
         if self.reward is None:
-            check_reward_names([cfg.reward.name, *cfg.reward.mix])
+            check_reward_names(rewards_in_use(cfg.reward))
         self.load_models(DTYPES[precision])
         self.prepare_training()
         s = cfg.sample
@@ -419,8 +419,9 @@ class Trainer:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(self.run_dir / "config.toml", dump_toml(self.config))
                 (self.run_dir / "metrics.jsonl").write_text("")
-            with self.saving("the first grid"):
-                self.save_grid(0)
+            if self.config.run.grid_every >= 0:
+                with self.saving("the first grid"):
+                    self.save_grid(0)
         self.accelerator.wait_for_everyone()
         return 0
 
@@ -744,7 +745,7 @@ class Trainer:
 
     def finish(self) -> None:
         cfg = self.config
-        if self.is_main and cfg.run.epochs > 0:
+        if self.is_main and cfg.run.epochs > 0 and cfg.run.grid_every >= 0:
             with self.saving("the before/after grid"):
                 self.save_grid(cfg.run.epochs, before_after=True)
         self.accelerator.wait_for_everyone()

@@ -50,6 +50,20 @@ def broken(images, prompts):
     return images.mean() / undefined_name
 
 
+def one_number(images, prompts):
+    return images.mean()
+
+
+class WithAModel:
+    def __init__(self):
+        import torch
+
+        self.weight = torch.nn.Parameter(torch.ones(3))  # gradients on, as a loaded model's
+
+    def __call__(self, images, prompts):
+        return images.mean(dim=(2, 3)) @ self.weight
+
+
 NOT_A_FUNCTION = 3
 """
 
@@ -86,6 +100,7 @@ def test_a_class_is_built_once_and_a_module_imports_by_name(tmp_path, monkeypatc
         ("{folder}/missing.py:score", "no file .*missing.py"),
         ("{folder}/my_reward.py:nothing", "has no 'nothing' .*brightness"),
         ("{folder}/my_reward.py:NOT_A_FUNCTION", "is a int, not a function"),
+        ("{folder}/r.v2.py:score", "could not be imported: r.v2.py line 1: ZeroDivisionError"),
         ("{folder}/syntax.py:score", "could not be imported: syntax.py line 2: SyntaxError"),
         ("no_such_module_here:score", "no module no_such_module_here"),
     ],
@@ -93,9 +108,18 @@ def test_a_class_is_built_once_and_a_module_imports_by_name(tmp_path, monkeypatc
 def test_a_broken_reward_is_one_line(tmp_path, name, message):
     _write(tmp_path, BRIGHTNESS)
     _write(tmp_path, "x = 1\ndef score(:\n", "syntax.py")
+    _write(tmp_path, "x = 1 / 0\n", "r.v2.py")
     with pytest.raises(UserError, match=message) as caught:
         build_reward(name.format(folder=tmp_path))
     assert "\n" not in str(caught.value)
+
+
+def test_a_model_in_the_reward_gives_plain_numbers_and_a_scalar_is_refused(tmp_path):
+    path = _write(tmp_path, BRIGHTNESS)
+    scores = build_reward(f"{path}:WithAModel")(torch.ones(2, 3, 4, 4), ["a", "b"])
+    assert scores.tolist() == [3.0, 3.0] and not scores.requires_grad
+    with pytest.raises(UserError, match="returned 1 values for 2 images"):
+        build_reward(f"{path}:one_number")(torch.ones(2, 3, 4, 4), ["a", "b"])
 
 
 def test_an_error_inside_the_function_names_its_line(tmp_path):
@@ -111,6 +135,9 @@ def test_the_config_accepts_own_rewards_and_keeps_them_through_its_file(tmp_path
     config = load_preset("pocket-incompressibility")
     apply_overrides(config, ["reward.name=mix", f'reward.mix={{"{path}:brightness" = 1.0}}'])
     validate(config)
+    from lowvram_ddpo.config import reward_label
+
+    assert reward_label(f"{path}:brightness") == "brightness"  # its metric's name
     saved = tmp_path / "config.toml"
     saved.write_text(dump_toml(config))  # the run folder's copy, read again on --resume
     assert load_config_file(saved).reward.mix == {f"{path}:brightness": 1.0}
@@ -130,12 +157,15 @@ def test_train_scores_with_the_users_reward(tmp_path, tiny_preset, monkeypatch):
     path = _write(tmp_path, BRIGHTNESS)
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("OWN_REWARD_LOG", str(calls))
+    monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     result = CliRunner().invoke(
         app, ["train", "--preset", str(tiny_preset), "--output", str(run), "--epochs", "1",
-              "--reward", f"{path}:brightness", "--log-with", "none", "--no-progress"],
+              "--reward", "my_reward.py:brightness", "--log-with", "none", "--no-progress"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    # saved absolute: a resume from another folder still finds the file
+    assert load_config_file(run / "config.toml").reward.name == f"{path.resolve()}:brightness"
     logged = [json.loads(line) for line in calls.read_text().splitlines()]
     scores = [s for call in logged for s in call["scores"]]
     assert {call["dtype"] for call in logged} == {"torch.float32"}

@@ -277,8 +277,8 @@ def test_the_gpu_session_script_runs_its_stages_and_keeps_its_deadline(tmp_path)
     root = Path(__file__).parents[1]
     env = os.environ | {
         "OUT": str(tmp_path),
-        "GPU_SESSION_BUDGET_S": "60",
-        "GPU_SESSION_MIN_STAGE_S": "55",  # the first stage starts, the second cannot
+        "GPU_SESSION_BUDGET_S": "90",
+        "GPU_SESSION_MIN_STAGE_S": "85",  # the first stage starts, the second cannot
     }
     done = subprocess.run(
         ["bash", "benchmarks/gpu_session.sh", "dry"], cwd=root, env=env,

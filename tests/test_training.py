@@ -255,3 +255,11 @@ def test_a_failing_reward_in_the_worker_thread_stops_the_run_clearly(tiny_preset
     config = _config(tiny_preset, "reward.name='test_nan_reward'", "reward.overlap='on'")
     with pytest.raises(UserError, match="NaN"):
         train(config, tmp_path / "nan")
+
+
+def test_grid_every_minus_one_renders_no_grid(tiny_preset, tmp_path):
+    """What `bench speed` uses: the grids are not the epoch (and would compile new shapes)."""
+    run_dir = tmp_path / "run"
+    train(_config(tiny_preset, "run.epochs=1", "run.grid_every=-1"), run_dir)
+    assert _metrics(run_dir)[0]["epoch"] == 1
+    assert not list(run_dir.glob("grids/*.png"))

@@ -15,7 +15,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from lowvram_ddpo.config import RewardConfig
+from lowvram_ddpo.config import RewardConfig, reward_label
 from lowvram_ddpo.rewards.base import (
     ModelReward,
     Reward,
@@ -74,7 +74,9 @@ class MixedReward(ModelReward):
     def extra_metrics(self) -> dict[str, float]:
         """Each component's mean over the images scored since the last call."""
         count, self.count = max(self.count, 1), 0
-        means = {f"reward_{name}_mean": total / count for name, total in self.sums.items()}
+        means = {
+            f"reward_{reward_label(name)}_mean": total / count for name, total in self.sums.items()
+        }
         self.sums = dict.fromkeys(self.weights, 0.0)
         return means
 

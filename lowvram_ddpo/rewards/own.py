@@ -7,7 +7,9 @@ The name is a function ``score(images, prompts)`` that returns one number per im
 [0, 1] on the CPU and ``prompts`` a list of B strings. Or it is a class: it is built
 once, with no arguments (load a model in ``__init__``), and its instances are called
 the same way. The file runs as Python when the run starts, because you named it: name
-only files you trust. Its errors are reported in one line, with the file and line.
+only files you trust, and treat a preset or a run's config.toml from someone else as
+code too (its reward may name a file or any installed module). Errors are reported in
+one line, with the file and line.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -25,8 +29,9 @@ from torch import Tensor
 
 from lowvram_ddpo.config import OWN_REWARD_HINT, is_own_reward, own_reward_problem
 from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.rewards.base import check_rewards
 
-PACKAGE = str(Path(__file__).resolve().parents[1])
+PACKAGE = str(Path(__file__).resolve().parents[1]) + os.sep
 LIBRARIES = ("site-packages", "dist-packages", str(Path(traceback.__file__).parent))
 
 
@@ -54,7 +59,8 @@ def _summary(err: BaseException) -> str:
 def _import_file(path: Path) -> ModuleType:
     # one module per file path, under a name no import of the user's can collide with
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    name = f"lowvram_ddpo_own_reward_{path.stem}_{digest}"
+    stem = re.sub(r"\W", "_", path.stem)  # "r.v2" would read as a package
+    name = f"lowvram_ddpo_own_reward_{stem}_{digest}"
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
@@ -62,6 +68,8 @@ def _import_file(path: Path) -> ModuleType:
         raise UserError(f"cannot import {path} as Python: name a .py file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    if str(path.parent) not in sys.path:  # as for a script: its own helpers import
+        sys.path.append(str(path.parent))
     try:
         spec.loader.exec_module(module)
     except Exception:
@@ -89,7 +97,7 @@ def import_own_reward(name: str) -> object:
         if err.name == where:
             raise UserError(
                 f"reward {name!r}: no module {where} (a file must end in .py; a module must "
-                "be importable from here)"
+                "be on sys.path, e.g. through PYTHONPATH)"
             ) from None
         raise UserError(f"reward {name!r} could not be imported: {_summary(err)}") from None
     except Exception as err:  # the user's code: anything may go wrong in it
@@ -99,7 +107,10 @@ def import_own_reward(name: str) -> object:
         raise UserError(
             f"reward {name!r}: {where} has no {attribute!r} (it has: {', '.join(public) or '-'})"
         )
-    return getattr(module, attribute)
+    target = getattr(module, attribute)
+    if not callable(target):
+        raise UserError(f"reward {name!r} is a {type(target).__name__}, not a function")
+    return target
 
 
 class OwnReward:
@@ -113,19 +124,21 @@ class OwnReward:
                 target = target()
             except Exception as err:
                 raise UserError(f"reward {name!r} could not be built: {_summary(err)}") from None
-        if not callable(target):
-            raise UserError(f"reward {name!r} is a {type(target).__name__}, not a function")
         self.function = target
 
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
         try:
-            scores = self.function(images.float(), prompts)  # fp32, whatever the run's dtype
+            # fp32 whatever the run's dtype; no graph: a model of the user's has gradients on
+            with torch.no_grad():
+                scores = self.function(images.float(), prompts)
         except Exception as err:
             raise UserError(f"reward {self.name!r} failed: {_summary(err)}") from None
         try:
-            return torch.as_tensor(scores, dtype=torch.float32).flatten()
+            scores = torch.as_tensor(scores, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError):
             raise UserError(
                 f"reward {self.name!r} returned a {type(scores).__name__}: return one number "
                 "per image (a tensor, a list or a NumPy array)"
             ) from None
+        # one finite number per image, checked here too: a mix would broadcast a scalar
+        return check_rewards(scores.detach().cpu(), len(prompts), self.name)
