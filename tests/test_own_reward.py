@@ -141,14 +141,12 @@ def test_the_config_accepts_own_rewards_and_keeps_them_through_its_file(tmp_path
     saved = tmp_path / "config.toml"
     saved.write_text(dump_toml(config))  # the run folder's copy, read again on --resume
     assert load_config_file(saved).reward.mix == {f"{path}:brightness": 1.0}
-    for wrong, message in [
-        ("nope", "unknown reward 'nope': use one of .*FILE.py:FUNCTION"),
-        (f"{tmp_path}/absent.py:score", "no file .*absent.py"),
-    ]:
-        config = load_preset("pocket-incompressibility")
-        config.reward.name = wrong
-        with pytest.raises(UserError, match=message):
-            validate(config)
+    config = load_preset("pocket-incompressibility")
+    config.reward.name = f"{tmp_path}/absent.py:score"
+    with pytest.raises(UserError, match="no file .*absent.py"):
+        validate(config)
+    with pytest.raises(UserError, match="unknown reward 'nope': use one of .*FILE.py:FUNCTION"):
+        build_reward("nope")
 
 
 def test_train_scores_with_the_users_reward(tmp_path, tiny_preset, monkeypatch):
@@ -214,3 +212,20 @@ def test_sample_checks_its_reward_before_loading(tmp_path, monkeypatch):
             app, ["sample", "--prompts", "a cat", "--reward", reward, "--no-progress"]
         )
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_the_shipped_examples_score_what_they_say():
+    """examples/my_reward.py, the file the README points users to."""
+    examples = Path(__file__).parents[1] / "examples" / "my_reward.py"
+    grey = torch.full((1, 3, 8, 8), 0.5)
+    vivid = torch.zeros(1, 3, 8, 8)
+    vivid[0, 0, :, :4] = 1.0  # half red, half blue
+    vivid[0, 2, :, 4:] = 1.0
+    images, prompts = torch.cat([grey, vivid]), ["a", "a much longer prompt"]
+    assert build_reward(f"{examples}:brightness")(images, prompts).tolist() == pytest.approx(
+        [0.5, 1 / 3]
+    )
+    colorful = build_reward(f"{examples}:colorfulness")(images, prompts)
+    assert colorful[0] == pytest.approx(0.0, abs=1e-6) and colorful[1] > 0.5
+    darker_long = build_reward(f"{examples}:PromptLength")(torch.cat([grey, grey]), prompts)
+    assert darker_long[0] > darker_long[1]
