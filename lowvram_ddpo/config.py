@@ -43,16 +43,22 @@ must not import the reward models."""
 OWN_REWARD_HINT = "your own as FILE.py:FUNCTION or module:FUNCTION"
 
 
-def is_own_reward(name: str) -> bool:
-    """A reward of the user's own: ``my_reward.py:score`` or ``package.module:score`` (the
-    last colon splits the name from the file, which may hold one: ``C:/r.py:score``)."""
+def own_reward_parts(name: str) -> tuple[str, str]:
+    """(file or module, name in it) of ``my_reward.py:score``: the last colon splits them,
+    as a file may hold one (``C:/r.py:score``)."""
     where, _, attribute = name.rpartition(":")
+    return where, attribute
+
+
+def is_own_reward(name: str) -> bool:
+    """A reward of the user's own: ``my_reward.py:score`` or ``package.module:score``."""
+    where, attribute = own_reward_parts(name)
     return bool(where) and attribute.isidentifier()
 
 
 def reward_label(name: str) -> str:
     """A short name for metrics: an own reward's function name, not its whole path."""
-    return name.rpartition(":")[2] if is_own_reward(name) else name
+    return own_reward_parts(name)[1] if is_own_reward(name) else name
 
 
 def rewards_in_use(reward: RewardConfig) -> list[str]:
@@ -65,7 +71,7 @@ def with_absolute_reward_files(reward: RewardConfig) -> None:
     still finds them when it is resumed from another folder."""
 
     def absolute(name: str) -> str:
-        where, _, attribute = name.rpartition(":")
+        where, attribute = own_reward_parts(name)
         if not (is_own_reward(name) and where.endswith(".py")):
             return name
         return f"{Path(where).expanduser().resolve()}:{attribute}"
@@ -76,7 +82,7 @@ def with_absolute_reward_files(reward: RewardConfig) -> None:
 
 def own_reward_problem(name: str) -> str | None:
     """What is wrong with an own reward's name that can be told without importing it."""
-    where = name.rpartition(":")[0]
+    where = own_reward_parts(name)[0]
     if where.endswith(".py") and not Path(where).expanduser().is_file():
         return (
             f"reward {name!r}: no file {where} (relative paths start at {Path.cwd()}): "

@@ -71,12 +71,6 @@ def is_flow_index(index: dict) -> bool | None:
     return False if kind in UNET_PIPELINES else None
 
 
-def saved_model_is_flow(name: str, revision: str = "") -> bool | None:
-    """``is_flow_index`` of a saved model; None when its index is not at hand."""
-    index = saved_model_index(name, revision)
-    return None if index is None else is_flow_index(index)
-
-
 def check_algorithm_fits(config: Config, flow: bool) -> None:
     """The algorithm and sampler settings suit the model: flow-matching models train with
     policy gradients or NFT (RWR's loss is DDPM's), DDPM models not with NFT or windows."""

@@ -146,16 +146,7 @@ class Trainer:
         )
         torch.backends.cuda.matmul.allow_tf32 = cfg.model.allow_tf32
         set_seed(cfg.run.seed)
-        # before minutes of loading, what the saved model's index can tell
-        index = None if self.pipeline else saved_model_index(cfg.model.name, cfg.model.revision)
-        if index is not None:
-            flow = is_flow_index(index)
-            if flow is not None:
-                check_algorithm_fits(cfg, flow)
-            flux2.check_index_guidance(index, cfg.sample.guidance_scale)
-        check_compile_mode(cfg.speed.compile, self.accelerator.device)
-        if self.reward is None:
-            check_reward_names(rewards_in_use(cfg.reward))
+        self.check_before_loading()
         self.load_models(DTYPES[precision])
         self.prepare_training()
         s = cfg.sample
@@ -188,6 +179,20 @@ class Trainer:
             negative = encode_negative(self.pipe, cfg.sample.negative_prompt)
         self.negative = negative.to(self.accelerator.device)  # a few KB, used by every step
         self.prompt_cache = PromptCache()
+
+    def check_before_loading(self) -> None:
+        """What can be refused before minutes of model loading: the settings against the
+        saved model's index, the compile mode against the device, the reward's name."""
+        cfg = self.config
+        index = None if self.pipeline else saved_model_index(cfg.model.name, cfg.model.revision)
+        if index is not None:
+            flow = is_flow_index(index)
+            if flow is not None:
+                check_algorithm_fits(cfg, flow)
+            flux2.check_index_guidance(index, cfg.sample.guidance_scale)
+        check_compile_mode(cfg.speed.compile, self.accelerator.device)
+        if self.reward is None:
+            check_reward_names(rewards_in_use(cfg.reward))
 
     def load_models(self, dtype: torch.dtype) -> None:
         """The pipeline and the reward, each module placed where ``memory.offload`` wants it."""

@@ -250,12 +250,13 @@ def test_the_sample_command_renders_flux2_in_bf16_on_a_gpu(flux2_dir, tiny_model
 
 
 def test_the_model_family_is_read_before_loading(flux2_dir, tiny_model_dir):
-    from lowvram_ddpo.preflight import saved_model_is_flow
+    from lowvram_ddpo.preflight import is_flow_index, saved_model_index
 
-    assert saved_model_is_flow(str(flux2_dir)) is True
-    assert saved_model_is_flow(str(tiny_model_dir)) is False
-    assert saved_model_is_flow("not a/valid id") is None  # the loader explains it, in one line
-    assert saved_model_is_flow("someone/never-downloaded") is None  # nothing is downloaded
+    assert is_flow_index(saved_model_index(str(flux2_dir))) is True
+    assert is_flow_index(saved_model_index(str(tiny_model_dir))) is False
+    assert is_flow_index({"_class_name": "SomeOtherPipeline"}) is None  # the loader explains
+    assert saved_model_index("not a/valid id") is None  # the loader explains it, in one line
+    assert saved_model_index("someone/never-downloaded") is None  # nothing is downloaded
 
 
 def test_a_resolution_off_the_patch_grid_is_one_line():

@@ -27,7 +27,12 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from lowvram_ddpo.config import OWN_REWARD_HINT, is_own_reward, own_reward_problem
+from lowvram_ddpo.config import (
+    OWN_REWARD_HINT,
+    is_own_reward,
+    own_reward_parts,
+    own_reward_problem,
+)
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.rewards.base import check_rewards
 
@@ -85,7 +90,7 @@ def import_own_reward(name: str) -> object:
     problem = own_reward_problem(name)
     if problem:
         raise UserError(problem)
-    where, _, attribute = name.rpartition(":")
+    where, attribute = own_reward_parts(name)
     try:
         if where.endswith(".py"):
             module = _import_file(Path(where).expanduser().resolve())
