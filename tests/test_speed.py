@@ -120,6 +120,44 @@ def test_compiled_unet_replays_its_own_samples_exactly(
         assert (tmp_path / "cache").is_dir()  # compiled code kept for the next run
 
 
+def test_graph_modes_accumulate_gradients_and_keep_outputs_as_eager(tiny_pipeline):
+    """speed.compile's CUDA-graph modes copy gradients and outputs out of the graph pool
+    (``speed/cuda_graphs.py``): on the CPU (the cudagraphs backend's capture without
+    graphs) two accumulated micro-steps give eager's gradients, and an earlier call's
+    output survives a later call unchanged."""
+    import copy
+
+    eager = tiny_pipeline.unet
+    attach_lora(eager, 2, 2.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():  # non-zero B: gradients reach both LoRA matrices
+        for name, p in eager.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    compiled = copy.deepcopy(eager)
+    compile_unet(compiled, "default", torch.device("cpu"), backend="cudagraphs")
+    generator = torch.Generator().manual_seed(0)
+    calls = [
+        (torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([10, 500]),
+         torch.randn(2, 8, 32, generator=generator))
+        for _ in range(2)
+    ]  # fmt: skip
+    outputs = {}
+    for name, unet in (("eager", eager), ("compiled", compiled)):
+        outputs[name] = []
+        for x, t, cond in calls:
+            out = unet(x, t, encoder_hidden_states=cond).sample
+            out.square().mean().backward()
+            outputs[name].append(out.detach())
+        first = outputs[name][0]
+        assert torch.equal(first, unet(*calls[0][:2], encoder_hidden_states=calls[0][2]).sample)
+    for a, b in zip(outputs["eager"], outputs["compiled"], strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    grads = [(n, p.grad) for n, p in eager.named_parameters() if p.requires_grad]
+    trained = [p for p in compiled.parameters() if p.requires_grad]
+    for (name, g), p in zip(grads, trained, strict=True):
+        assert g is not None and torch.allclose(g, p.grad, atol=1e-6), name
+
+
 def test_compile_mode_is_checked():
     from lowvram_ddpo.errors import UserError
 

@@ -122,6 +122,14 @@ def speed_config(config: Config, batches: int) -> Config:
     return cfg
 
 
+def cudagraph_skips() -> int:
+    """Graphs that cudagraph trees declined to record in this process (an op they cannot
+    capture, a CPU tensor): the speed-up a CUDA-graph mode lost."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def measure_speed(
     config: Config, arch: str, batches: int = 2, peak_tflops: float | None = None
 ) -> SpeedReport:
@@ -133,6 +141,12 @@ def measure_speed(
     name = torch.cuda.get_device_name() if on_cuda else "cpu"
     rate = peak_tflops or (dense_fp16_tflops(name) if on_cuda else None)
     notes = []
+    skips = cudagraph_skips()
+    if skips:
+        notes.append(
+            f"CUDA graphs were skipped {skips} time(s): those UNet calls ran without graphs "
+            "(the log says why)"
+        )
     if rate is None:
         notes.append("no MFU: this device's dense fp16 rate is not listed; give --peak-tflops")
     return SpeedReport(

@@ -26,9 +26,13 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch._dynamo.config as dynamo_config
 
 from lowvram_ddpo.config import COMPILE_MODES
 from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.speed.cuda_graphs import make_graph_safe, replays_cuda_graphs
+
+RECOMPILE_LIMIT = 32
 
 
 def compile_cache_dir() -> Path:
@@ -93,11 +97,16 @@ def compile_unet(
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
     # static shapes: each of the run's few shapes (sampling, training, grid) is compiled
     # once, specialised, instead of one slower dynamic-shape kernel for all of them
+    # one compiled entry per grad mode, train/eval, adapters on/off and shape: sampling,
+    # training, the KL guard's base model, NFT's old policy, the grids, ... (default 8)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     unet.compile(
         backend=backend,
         mode=mode if backend == "inductor" and mode != "default" else None,
         dynamic=False,
     )
+    if replays_cuda_graphs(mode, backend):
+        make_graph_safe(unet)
     if backend == "cudagraphs":
         return (
             "torch.compile (cudagraphs): the first call of each shape is traced and recorded "
