@@ -78,10 +78,7 @@ SLOW = os.environ.get("LOWVRAM_DDPO_SLOW_TESTS") == "1"
 @pytest.mark.parametrize(
     "backend",
     [
-        "aot_eager",
-        # speed.compile=cudagraphs' backend: on a CPU it records no graph but runs the
-        # same capture and wrapper
-        "cudagraphs",
+        "aot_eager",  # the cudagraphs backend: test_graph_modes_accumulate_gradients_...
         pytest.param(
             "inductor",
             marks=pytest.mark.skipif(
