@@ -95,11 +95,11 @@ def compile_unet(
     check_compile_mode(mode, device, backend)
     if backend == "inductor":
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
-    # static shapes: each of the run's few shapes (sampling, training, grid) is compiled
-    # once, specialised, instead of one slower dynamic-shape kernel for all of them
     # one compiled entry per grad mode, train/eval, adapters on/off and shape: sampling,
     # training, the KL guard's base model, NFT's old policy, the grids, ... (default 8)
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    # static shapes: each of the run's few shapes (sampling, training, grid) is compiled
+    # once, specialised, instead of one slower dynamic-shape kernel for all of them
     unet.compile(
         backend=backend,
         mode=mode if backend == "inductor" and mode != "default" else None,

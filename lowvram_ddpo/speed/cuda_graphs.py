@@ -32,16 +32,15 @@ GRAPH_MODES = ("reduce-overhead", "cudagraphs")
 
 
 def replays_cuda_graphs(mode: str, backend: str) -> bool:
+    """Whether calls of a UNet compiled with ``mode`` and ``backend`` replay CUDA graphs."""
     return mode in GRAPH_MODES or backend == "cudagraphs"
 
 
-def keep_gradients_out_of_the_pool(unet: torch.nn.Module) -> int:
-    """Copy each trainable parameter's gradient as the backward produces it; returns how
-    many parameters."""
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
-        p.register_hook(torch.clone)  # the hook's result is what accumulates
-    return len(params)
+def keep_gradients_out_of_the_pool(unet: torch.nn.Module) -> None:
+    """Copy each trainable parameter's gradient as the backward produces it."""
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.register_hook(torch.clone)  # the hook's result is what accumulates
 
 
 def new_step_per_call(unet: torch.nn.Module) -> None:
