@@ -1,0 +1,144 @@
+"""What can be checked of `speed.compile=cudagraphs` without a GPU (docs/benchmarks.md).
+
+    python benchmarks/cudagraphs_cpu_check.py ops       # aten ops per UNet call
+    python benchmarks/cudagraphs_cpu_check.py explain   # graphs and breaks per call kind
+    python benchmarks/cudagraphs_cpu_check.py trainer pocket-incompressibility train.kl_coef=0.01
+
+`ops` and `explain` use a UNet with SD 1.5's block layout at tiny widths (the same module
+and op count per call as SD 1.5, small tensors) with peft LoRA on the attention under
+bf16 autocast. Each aten op is a kernel launch or a metadata op on a GPU: the host work a
+CUDA graph replays in one launch. `trainer` runs two one-batch epochs of a preset with
+the UNet compiled by the `cudagraphs` backend (on a CPU it records no graph but runs the
+same capture and guards) and prints the rewards, to set beside `--eager`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class OpCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def sd15_layout_unet(lora: bool) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 32, 64, 64), layers_per_block=2,
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )  # fmt: skip
+    unet.requires_grad_(False)
+    if lora:
+        targets = ["to_k", "to_q", "to_v", "to_out.0"]
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+        skip_lora_input_casts(unet)  # as the trainer does under autocast
+    unet.to(torch.bfloat16)  # a half-precision base with an fp32 LoRA, as the trainer's
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return unet
+
+
+INPUTS = (torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.randn(2, 77, 32))
+"""Latents, timesteps and text embeddings of one call (made outside the op count)."""
+
+
+def unet_call(unet: torch.nn.Module, train: bool) -> None:
+    x, t, cond = INPUTS
+    with torch.set_grad_enabled(train), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unet(x, t, encoder_hidden_states=cond).sample
+    if train:
+        out.float().square().mean().backward()
+
+
+def count_ops() -> None:
+    for lora in (False, True):
+        unet = sd15_layout_unet(lora)
+        for train in (False, True) if lora else (False,):
+            unet_call(unet, train)  # warm-up
+            counter = OpCount()
+            with counter:
+                unet_call(unet, train)
+            what = ("forward + backward" if train else "forward") + (" with LoRA" if lora else "")
+            print(f"{what}: {counter.count} aten ops")
+
+
+def explain() -> None:
+    import torch._dynamo as dynamo
+
+    from lowvram_ddpo.algorithms.steps import base_model
+
+    for checkpointing in (False, True):
+        unet = sd15_layout_unet(lora=True)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        x, t, cond = INPUTS
+
+        def call(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, unet=unet) -> torch.Tensor:  # noqa: ANN001
+            return unet(x, t, encoder_hidden_states=cond).sample
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            unet.eval()
+            with torch.no_grad():
+                report("sampling (eval, no grad)", dynamo.explain(call)(x, t, cond))
+            unet.train()
+            report(f"training (checkpointing {checkpointing})", dynamo.explain(call)(x, t, cond))
+            with torch.no_grad(), base_model(unet):
+                report("base model (adapters off)", dynamo.explain(call)(x, t, cond))
+
+
+def report(what: str, explained) -> None:  # noqa: ANN001
+    print(f"{what}: {explained.graph_count} graph(s), {explained.graph_break_count} break(s)")
+
+
+def train_through(preset: str, overrides: list[str], eager: bool) -> None:
+    import lowvram_ddpo.trainer as trainer
+    from lowvram_ddpo.config import apply_overrides, load_preset, set_samples_per_epoch
+    from lowvram_ddpo.speed.compile import compile_unet
+
+    if not eager:  # the CLI refuses cudagraphs on a CPU: compile its backend directly
+        trainer.compile_unet = lambda unet, mode, device: compile_unet(
+            unet, "default", device, backend="cudagraphs"
+        )
+        overrides = [*overrides, "speed.compile=default"]
+    config = load_preset(preset)
+    apply_overrides(config, [*overrides, "run.epochs=2", "run.progress=false"])
+    set_samples_per_epoch(config, config.sample.batch_size)
+    with tempfile.TemporaryDirectory() as folder:
+        history = trainer.Trainer(config, Path(folder) / "run").fit()
+    print("rewards per epoch:", [round(m["reward_mean"], 4) for m in history])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("check", choices=["ops", "explain", "trainer"])
+    parser.add_argument("preset", nargs="?", default="pocket-incompressibility")
+    parser.add_argument("overrides", nargs="*", help="--set style KEY=VALUE (trainer)")
+    parser.add_argument("--eager", action="store_true", help="trainer: without compile")
+    args = parser.parse_args()
+    if args.check == "ops":
+        count_ops()
+    elif args.check == "explain":
+        explain()
+    else:
+        train_through(args.preset, args.overrides, args.eager)
+
+
+if __name__ == "__main__":
+    main()
