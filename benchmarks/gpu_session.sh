@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh speed     # issue 12: beside the reference, same call
 #   bash benchmarks/gpu_session.sh compile   # issue 12: Inductor's modes (minutes to compile)
 #   bash benchmarks/gpu_session.sh memory    # issues 11, 14: nf4, SDXL, SD 3.5, FLUX.2 rows
+#   bash benchmarks/gpu_session.sh others    # issue 12's other goals: RLCM, SDXL (and SD 3.5)
 #   bash benchmarks/gpu_session.sh dry       # the same machinery on the CPU (pocket model)
 #
 # Run from the checkout's root on the device machine. What each part carries (prepare it
@@ -13,6 +14,7 @@
 #            no bitsandbytes (the tree must stay under 64 MiB): the runs use AdamW
 #   compile: .whl (diffusers, importlib_metadata)
 #   memory:  .whl (diffusers, importlib_metadata, bitsandbytes)
+#   others:  .whl (diffusers, importlib_metadata)
 #
 # Every stage has its own time cap and the part a deadline (GPU_SESSION_BUDGET_S, 570 s by
 # default: under the 10-minute limit of a call); a stage that would start too late is
@@ -156,13 +158,24 @@ case "$part" in
     stage replay-sd35m 120 "$PY" benchmarks/replay_error.py --arch sd35m --resolution 512
     stage sdxl 240 "$PY" benchmarks/gpu_checks.py --rows sdxl --json-out /dev/stdout
     ;;
+  others) # issue 12's RLCM (3x today's epoch) and SDXL (2x today's image, within 8 GB) goals:
+    # each preset eager (today's time), then with CUDA graphs; SD 3.5 if time is left
+    install_wheels
+    RLCM=(--preset rlcm-incompressibility --batches 1 --set memory.optimizer=adamw)
+    SDXL=(--preset sdxl-aesthetic --batches 1 --set memory.optimizer=adamw)
+    stage rlcm 120 bench_speed "${RLCM[@]}"
+    stage rlcm-cudagraphs 120 bench_speed "${RLCM[@]}" --set speed.compile=cudagraphs
+    stage sdxl 150 bench_speed "${SDXL[@]}"
+    stage sdxl-cudagraphs 150 bench_speed "${SDXL[@]}" --set speed.compile=cudagraphs
+    stage sd35m 120 bench_speed --preset sd35m-grpo-incompressibility --batches 1 --set memory.optimizer=adamw
+    ;;
   dry) # the machinery on the CPU, in seconds: the pocket model, no wheels, no reference
     export PYTHONPATH="$PWD"
     stage bench 100 bench_speed --preset pocket-incompressibility --batches 1 --set sample.num_steps=4
     stage replay-off 100 "$PY" benchmarks/replay_error.py --arch pocket --compile off --steps 3
     ;;
   *)
-    echo "usage: bash $0 speed|compile|memory|dry (see its header)" >&2
+    echo "usage: bash $0 speed|compile|memory|others|dry (see its header)" >&2
     exit 2
     ;;
 esac

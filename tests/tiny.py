@@ -173,9 +173,9 @@ def smooth_latents(count: int, generator: torch.Generator, size: int = 8) -> tor
 
 
 def train_tiny_denoiser(
-    pipe: StableDiffusionPipeline, steps: int = 300, batch: int = 64, seed: int = 0
+    pipe: StableDiffusionPipeline, steps: int = 100, batch: int = 64, seed: int = 0
 ) -> StableDiffusionPipeline:
-    """A few hundred steps of the standard epsilon loss on smooth latents, so that samples
+    """A hundred steps of the standard epsilon loss on smooth latents, so that samples
     have structure the policy can change (a random UNet only passes its noise through)."""
     generator = torch.Generator().manual_seed(seed)
     unet, scheduler = pipe.unet, pipe.scheduler
