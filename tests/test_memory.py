@@ -40,6 +40,92 @@ def test_counter_tracks_live_and_peak_bytes_of_device_tensors():
     del b, on_cpu
 
 
+def _shape_only_cases() -> list[tuple[object, tuple, dict]]:
+    """Inputs of every shape-only kernel: plain, channels-last, transposed, broadcast,
+    mixed dtypes, masks: cases it answers and cases it must leave to PyTorch."""
+    aten = torch.ops.aten
+
+    def m(*shape, dtype=torch.float32):  # noqa: ANN202
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    half, x4 = torch.float16, m(2, 8, 4, 4)
+    mean, rstd = m(2, 4), m(2, 4)
+    ln_x, ln_stats, w8 = m(2, 5, 8), m(2, 5, 1), m(8)
+    cases = []
+    for x in (x4, x4.half(), x4.to(memory_format=torch.channels_last)):
+        w = m(8, dtype=x.dtype)
+        cases.append((aten.native_group_norm.default, (x, w, w, 2, 8, 16, 4, 1e-5), {}))
+        cases.append((aten.native_group_norm.default, (x, None, None, 2, 8, 16, 4, 1e-5), {}))
+        for mask in ([True, True, True], [True, False, False]):
+            args = (x, x, mean.to(x.dtype), rstd.to(x.dtype), w, 2, 8, 16, 4, mask)
+            cases.append((aten.native_group_norm_backward.default, args, {}))
+    for x in (ln_x, ln_x.half(), m(2, 8, 5).transpose(1, 2)):
+        w = w8.to(x.dtype)
+        cases.append((aten.native_layer_norm.default, (x, [8], w, w, 1e-5), {}))
+        for mask in ([True, True, True], [True, False, False]):
+            args = (x.contiguous(), x, [8], ln_stats, ln_stats, w, w, mask)
+            cases.append((aten.native_layer_norm_backward.default, args, {}))
+    transposed = m(2, 3, 4).permute(0, 2, 1)
+    pairs = [
+        (x4, x4), (x4.half(), x4.half()), (x4, m(2, 8, 1, 1)), (x4, m(8, 1, 1)), (x4, m(4)),
+        (transposed, m(2, 3, 4).permute(0, 2, 1)), (transposed, m(2, 4, 3)),
+        (m(2, 4, 3), transposed),
+        (x4, 2.5), (x4, 3), (x4.half(), x4), (x4[:, :4], x4[:, 4:]), (m(2, 8, 1, 1), x4),
+    ]  # fmt: skip
+    for op in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor):
+        cases += [(op, pair, {}) for pair in pairs]
+    cases.append((aten.add.Tensor, (x4, x4), {"alpha": 2}))
+    a, b = m(6, 4, dtype=half), m(5, 4, dtype=half).t()
+    cases += [
+        (aten.addmm.default, (m(5, dtype=half), a, b), {}),
+        (aten.addmm.default, (m(6, 5, dtype=half), a, b), {"beta": 0.5}),
+        (aten.addmm.default, (m(5), a, b), {}),
+    ]
+    for x in (x4, x4.half(), transposed, x4[:, :4]):
+        cases.append((aten.gelu.default, (x,), {}))
+        cases.append((aten.gelu.default, (x,), {"approximate": "tanh"}))
+        cases.append((aten.gelu_backward.default, (torch.empty_like(x), x), {}))
+    return cases
+
+
+def test_shape_only_kernels_return_what_pytorchs_meta_kernels_return():
+    """Every answer of a shortcut has the sizes, dtypes and strides of the real kernel's
+    outputs (so the counter counts the same bytes and later views behave the same), and
+    the cases it declines are real ones too."""
+    from lowvram_ddpo.memory.counting import SHAPE_ONLY_KERNELS
+
+    def layout(out):  # noqa: ANN001, ANN202
+        outs = out if isinstance(out, tuple) else (out,)
+        return [None if t is None else (t.shape, t.dtype, t.stride()) for t in outs]
+
+    answered = 0
+    for op, args, kwargs in _shape_only_cases():
+        shortcut = SHAPE_ONLY_KERNELS[op](*args, **kwargs)
+        if shortcut is not None:
+            answered += 1
+            assert layout(shortcut) == layout(op(*args, **kwargs)), (op, args, kwargs)
+    assert answered >= 60  # most cases are answered, not declined
+
+
+def test_shape_only_kernels_leave_the_estimate_unchanged(monkeypatch):
+    """The estimate with the shortcuts equals the one with PyTorch's own meta kernels,
+    byte for byte, on the pocket UNet (group and layer norms, GEGLU, LoRA, checkpointing);
+    `benchmarks/estimate_speed.py` checks every shipped architecture the same way."""
+    import lowvram_ddpo.memory.counting as counting
+    from lowvram_ddpo.memory.estimate import _RECENT_RUNS
+
+    config = load_preset("pocket-incompressibility")
+
+    def phases(checkpointing: bool) -> list[tuple[str, int]]:
+        config.memory.gradient_checkpointing = checkpointing
+        _RECENT_RUNS.clear()
+        return [(p.name, p.peak_allocated) for p in estimate_memory(config, "pocket").phases]
+
+    fast = [phases(False), phases(True)]
+    monkeypatch.setattr(counting, "SHAPE_ONLY_KERNELS", {})
+    assert [phases(False), phases(True)] == fast
+
+
 def test_attention_is_counted_as_a_fused_kernel_not_the_math_path():
     q = torch.empty(1, 8, 4096, 40, device="meta", dtype=torch.float16)
     attention_matrix = 8 * 4096 * 4096 * 2

@@ -6,6 +6,11 @@ Stable Diffusion UNet's forward and backward run in about a second on a CPU.
 the live (not yet freed) storages and its peak: what a caching allocator would have
 to hand out, before its rounding and fragmentation.
 
+Most of that second goes into PyTorch's meta kernels written in Python (norms and their
+backward passes, elementwise ops); ``SHAPE_ONLY_KERNELS`` answers the commonest ones from
+shapes alone, with outputs of exactly the sizes, dtypes and strides the real meta kernels
+give (a test compares them), so the auto-fit's dozens of estimates take half the time.
+
 Two things the meta device does differently from a GPU are modelled by
 ``GpuKernelEmulation``:
 - attention: on meta/CPU ``scaled_dot_product_attention`` decomposes into its math
@@ -65,16 +70,177 @@ class DeviceBytesCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
-        inputs = {
-            t.untyped_storage()._cdata
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor)
-        }
-        out = func(*args, **kwargs)
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self._count(leaf, inputs)
+        out = run_op(func, args, kwargs)
+        # what an op's schema says of its outputs decides the per-op cost (a fit runs
+        # hundreds of thousands of ops): views and in-place ops return inputs' storages
+        # (nothing new), other ops only new ones; only a mix needs the inputs looked at
+        aliasing = _aliasing(func)
+        if aliasing == "all":
+            return out
+        inputs = _storages_of(args, kwargs) if aliasing == "some" else set()
+        for tensor in _tensors_in(out):
+            self._count(tensor, inputs)
         return out
+
+
+def run_op(func: Any, args: tuple, kwargs: dict) -> Any:  # noqa: ANN401
+    """``func`` on these arguments: its shape-only kernel when it has one for them, else
+    PyTorch's own."""
+    shape_only = SHAPE_ONLY_KERNELS.get(func)
+    out = shape_only(*args, **kwargs) if shape_only is not None else None
+    return func(*args, **kwargs) if out is None else out
+
+
+class ShapeOnlyKernels(TorchDispatchMode):
+    """Only the shape-only kernels, under another mode that counts (FLOPs)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        return run_op(func, args, kwargs or {})
+
+
+_ALIASING: dict[Any, str] = {}
+
+
+def _aliasing(func: Any) -> str:  # noqa: ANN401
+    """Which of ``func``'s outputs may be (views of) its inputs: "all", "none" or "some"."""
+    if func not in _ALIASING:
+        schema = getattr(func, "_schema", None)
+        aliased = [r.alias_info is not None for r in schema.returns] if schema else [True, False]
+        _ALIASING[func] = (
+            "all" if all(aliased) and aliased else "none" if not any(aliased) else "some"
+        )
+    return _ALIASING[func]
+
+
+def _tensors_in(out: Any) -> list[torch.Tensor]:  # noqa: ANN401
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, tuple | list) and all(x is None or isinstance(x, torch.Tensor) for x in out):
+        return [x for x in out if x is not None]
+    return [x for x in tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+def _storages_of(args: tuple, kwargs: dict) -> set[int]:
+    return {
+        t.untyped_storage()._cdata
+        for t in tree_leaves((args, kwargs))
+        if isinstance(t, torch.Tensor)
+    }
+
+
+# Shape-only kernels: what an op returns on the meta device, computed from its inputs'
+# shapes without PyTorch's Python meta kernels (which check and broadcast in Python, a
+# millisecond each). Each answers None for inputs it does not cover (any non-meta tensor,
+# mixed dtypes, broadcasting), and the op's own kernel runs instead.
+aten = torch.ops.aten
+
+
+def _all_meta(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or (isinstance(t, torch.Tensor) and t.is_meta) for t in tensors)
+
+
+def _group_norm(x, weight, bias, n, c, hxw, groups, eps):  # noqa: ANN001, ANN202, ARG001
+    if not _all_meta(x, weight, bias):
+        return None
+    stats = x.new_empty((n, groups))  # in the input's dtype, as PyTorch's kernel returns
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+def _group_norm_backward(grad, x, mean, rstd, weight, n, c, hxw, groups, mask):  # noqa: ANN001, ANN202, ARG001
+    if not _all_meta(grad, x, mean, rstd, weight) or grad.dtype != x.dtype:
+        return None
+    if weight is not None and weight.dtype != x.dtype:
+        return None
+    grad_x = torch.empty_like(x) if mask[0] else None
+    grad_weight = x.new_empty((c,)) if mask[1] else None
+    grad_bias = x.new_empty((c,)) if mask[2] else None
+    return grad_x, grad_weight, grad_bias
+
+
+def _layer_norm(x, shape, weight, bias, eps):  # noqa: ANN001, ANN202, ARG001
+    if not _all_meta(x, weight, bias):
+        return None
+    kept = x.dim() - len(shape)
+    stats = x.new_empty((*x.shape[:kept], *[1] * len(shape)), dtype=torch.float32)
+    return x.new_empty(x.shape), stats, torch.empty_like(stats)  # contiguous, as PyTorch's
+
+
+def _layer_norm_backward(grad, x, shape, mean, rstd, weight, bias, mask):  # noqa: ANN001, ANN202, ARG001
+    if not _all_meta(grad, x, mean, rstd, weight, bias):
+        return None
+    if grad.dtype != x.dtype or any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
+        return None
+    grad_x = x.new_empty(x.shape) if mask[0] else None
+    grad_weight = x.new_empty(tuple(shape)) if mask[1] else None
+    grad_bias = x.new_empty(tuple(shape)) if mask[2] else None
+    return grad_x, grad_weight, grad_bias
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of its dimensions is contiguous."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted(
+        (st, n) for n, st in zip(t.shape, t.stride(), strict=True) if n != 1
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _elementwise(a, b, *_, **__):  # noqa: ANN001, ANN002, ANN003, ANN202
+    """A binary elementwise op of floating tensors of one dtype on the meta device: two of
+    one shape and layout (the output takes it), a contiguous one and a tensor that
+    broadcasts to it (a bias, a per-channel scale), or one and a Python float."""
+    if not (isinstance(a, torch.Tensor) and a.is_meta and a.is_floating_point() and _dense(a)):
+        return None
+    if type(b) is float:
+        return torch.empty_like(a)
+    if not (isinstance(b, torch.Tensor) and b.is_meta and b.dtype == a.dtype):
+        return None
+    if b.shape == a.shape and b.stride() == a.stride():
+        return torch.empty_like(a)
+    broadcasts = b.dim() <= a.dim() and all(
+        m in (1, n) for m, n in zip(reversed(b.shape), reversed(a.shape), strict=False)
+    )
+    if broadcasts and a.is_contiguous():
+        return a.new_empty(a.shape)
+    return None
+
+
+def _addmm(bias, m1, m2, *, beta=1, alpha=1):  # noqa: ANN001, ANN202, ARG001
+    if not _all_meta(bias, m1, m2) or not (bias.dtype == m1.dtype == m2.dtype):
+        return None
+    if m1.dim() != 2 or m2.dim() != 2 or bias.dim() > 2:
+        return None
+    return m1.new_empty((m1.shape[0], m2.shape[1]))
+
+
+def _like_first(x, *_, **__):  # noqa: ANN001, ANN002, ANN003, ANN202
+    """Unary elementwise ops (and their backward, the gradient first): like the input."""
+    if not (isinstance(x, torch.Tensor) and x.is_meta and _dense(x)):
+        return None
+    if any(isinstance(t, torch.Tensor) and t.dtype != x.dtype for t in (*_, *__.values())):
+        return None
+    return torch.empty_like(x)
+
+
+SHAPE_ONLY_KERNELS: dict[Any, Callable[..., Any]] = {
+    aten.native_group_norm.default: _group_norm,
+    aten.native_group_norm_backward.default: _group_norm_backward,
+    aten.native_layer_norm.default: _layer_norm,
+    aten.native_layer_norm_backward.default: _layer_norm_backward,
+    aten.add.Tensor: _elementwise,
+    aten.sub.Tensor: _elementwise,
+    aten.mul.Tensor: _elementwise,
+    aten.div.Tensor: _elementwise,
+    aten.addmm.default: _addmm,
+    aten.gelu.default: _like_first,
+    aten.gelu_backward.default: _like_first,
+}
+"""Ops whose outputs ``DeviceBytesCounter`` makes from shapes on the meta device."""
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -133,6 +299,10 @@ class GpuKernelEmulation(TorchFunctionMode):
                 return x.to(dtype)
             return x
 
+        args, kwargs = values
+        flat = not any(isinstance(x, tuple | list | dict) for x in (*args, *kwargs.values()))
+        if flat:  # the common case (linear, conv, norms), without pytree's cost
+            return tuple(cast(x) for x in args), {k: cast(v) for k, v in kwargs.items()}
         return tree_map(cast, values)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204

@@ -17,7 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lowvram_ddpo.config import Config, trained_steps_per_sample
-from lowvram_ddpo.memory.counting import GpuKernelEmulation
+from lowvram_ddpo.memory.counting import GpuKernelEmulation, ShapeOnlyKernels
 from lowvram_ddpo.memory.estimate import MetaRun, meta_run
 
 
@@ -36,9 +36,14 @@ class EpochFlops:
 
 def _counted(run: MetaRun, work) -> float:  # noqa: ANN001  (a callable)
     """FLOPs of ``work`` on the run's meta models, autocast's casts replayed (the models are
-    in half precision) and attention left to PyTorch, where the counter sees it."""
+    in half precision) and attention left to PyTorch, where the counter sees it; the ops
+    themselves run as the memory estimate runs them (the counter sees the same shapes)."""
     counter = FlopCounterMode(display=False)
-    with GpuKernelEmulation(run.autocast_dtype, fused_attention=False), counter:
+    with (
+        GpuKernelEmulation(run.autocast_dtype, fused_attention=False),
+        ShapeOnlyKernels(),
+        counter,  # entered last, so above the shortcuts: it sees each op first
+    ):
         work()
     return float(counter.get_total_flops())
 
