@@ -71,6 +71,9 @@ def _shape_only_cases() -> list[tuple[object, tuple, dict]]:
         (transposed, m(2, 3, 4).permute(0, 2, 1)), (transposed, m(2, 4, 3)),
         (m(2, 4, 3), transposed),
         (x4, 2.5), (x4, 3), (x4.half(), x4), (x4[:, :4], x4[:, 4:]), (m(2, 8, 1, 1), x4),
+        (x4[:, :4], m(2, 4, 4, 4)), (m(2, 4, 4, 4), x4[:, 4:]), (x4[:, :4], 0.5),
+        (x4[:, :4], m(2, 4, 4, 4).transpose(2, 3)), (x4.transpose(2, 3), x4[..., :4]),
+        (x4.expand(3, 2, 8, 4, 4)[0], x4),
     ]  # fmt: skip
     for op in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor):
         cases += [(op, pair, {}) for pair in pairs]
@@ -85,6 +88,7 @@ def _shape_only_cases() -> list[tuple[object, tuple, dict]]:
         cases.append((aten.gelu.default, (x,), {}))
         cases.append((aten.gelu.default, (x,), {"approximate": "tanh"}))
         cases.append((aten.gelu_backward.default, (torch.empty_like(x), x), {}))
+        cases.append((aten.gelu_backward.default, (x.contiguous(), x), {}))
     return cases
 
 

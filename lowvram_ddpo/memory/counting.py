@@ -190,18 +190,38 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _row_major(t: torch.Tensor) -> bool:
+    """Strides falling from the first dimension to the last, none repeated or zero: a
+    contiguous tensor or a slice of one (GEGLU's halves), whose elementwise results
+    PyTorch makes contiguous."""
+    strides = [st for n, st in zip(t.shape, t.stride(), strict=True) if n != 1]
+    falling = all(a > b for a, b in zip(strides, strides[1:], strict=False))
+    return falling and all(st > 0 for st in strides)
+
+
+def _same_shape_output(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The output of an elementwise op of same-shape tensors, where its layout is sure:
+    one dense layout shared by all (kept), or all row-major (contiguous)."""
+    first = tensors[0]
+    if _dense(first) and all(t.stride() == first.stride() for t in tensors):
+        return torch.empty_like(first)
+    if all(_row_major(t) for t in tensors):
+        return first.new_empty(first.shape)
+    return None
+
+
 def _elementwise(a, b, *_, **__):  # noqa: ANN001, ANN002, ANN003, ANN202
     """A binary elementwise op of floating tensors of one dtype on the meta device: two of
-    one shape and layout (the output takes it), a contiguous one and a tensor that
-    broadcasts to it (a bias, a per-channel scale), or one and a Python float."""
-    if not (isinstance(a, torch.Tensor) and a.is_meta and a.is_floating_point() and _dense(a)):
+    one shape (see ``_same_shape_output``), a contiguous one and a tensor that broadcasts
+    to it (a bias, a per-channel scale), or one and a Python float."""
+    if not (isinstance(a, torch.Tensor) and a.is_meta and a.is_floating_point()):
         return None
     if type(b) is float:
-        return torch.empty_like(a)
+        return _same_shape_output([a])
     if not (isinstance(b, torch.Tensor) and b.is_meta and b.dtype == a.dtype):
         return None
-    if b.shape == a.shape and b.stride() == a.stride():
-        return torch.empty_like(a)
+    if b.shape == a.shape:
+        return _same_shape_output([a, b])
     broadcasts = b.dim() <= a.dim() and all(
         m in (1, n) for m, n in zip(reversed(b.shape), reversed(a.shape), strict=False)
     )
@@ -218,13 +238,13 @@ def _addmm(bias, m1, m2, *, beta=1, alpha=1):  # noqa: ANN001, ANN202, ARG001
     return m1.new_empty((m1.shape[0], m2.shape[1]))
 
 
-def _like_first(x, *_, **__):  # noqa: ANN001, ANN002, ANN003, ANN202
-    """Unary elementwise ops (and their backward, the gradient first): like the input."""
-    if not (isinstance(x, torch.Tensor) and x.is_meta and _dense(x)):
+def _like_first(x, *rest, **options):  # noqa: ANN001, ANN002, ANN003, ANN202
+    """Unary elementwise ops (and their backward, the gradient first) on the meta device."""
+    others = [t for t in (*rest, *options.values()) if isinstance(t, torch.Tensor)]
+    tensors = [x, *others]
+    if not all(t.is_meta and t.dtype == x.dtype and t.shape == x.shape for t in tensors):
         return None
-    if any(isinstance(t, torch.Tensor) and t.dtype != x.dtype for t in (*_, *__.values())):
-        return None
-    return torch.empty_like(x)
+    return _same_shape_output(tensors)
 
 
 SHAPE_ONLY_KERNELS: dict[Any, Callable[..., Any]] = {

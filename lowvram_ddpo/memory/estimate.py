@@ -212,6 +212,9 @@ class MetaRun:
     def denoising_step(self, batch: int, guidance: float) -> int:
         """One denoising step of a sampling batch (classifier-free guidance, when the policy
         uses it, doubles the UNet's batch inside the policy, as in sampling)."""
+        key = ("sampling", batch, guidance)
+        if key in self._peaks:  # before the set-up: eval() walks SDXL's 7,000 modules
+            return self._peaks[key]
         unet, cond = self.parts.unet, self._conditioning(batch, guidance)
         unet.eval()
         latents = torch.empty(
@@ -224,7 +227,7 @@ class MetaRun:
             return out.log_prob(out.mean)
 
         with torch.no_grad():
-            return self.measure(("sampling", batch, guidance), step)
+            return self.measure(key, step)
 
     def reward_model(self, reward: RewardConfig) -> ModelReward | None:
         """The reward's network on the meta device (None for rewards without one), built
@@ -249,6 +252,8 @@ class MetaRun:
             return self.measure(("reward", repr(reward_config), batch), work)
 
     def decode_one(self, tiling: bool) -> int:
+        if ("decode", tiling) in self._peaks:  # before the VAE's casts below
+            return self._peaks[("decode", tiling)]
         vae = self.parts.vae
         z = torch.empty(1, *self.latent_shape(self.config.sample.resolution), device="meta")
         upcast = self.upcasts_vae  # read before the cast below changes the VAE's dtype
