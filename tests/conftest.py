@@ -55,6 +55,33 @@ progress = false
 """
 
 
+LONGEST_FILES_FIRST = (
+    "test_pocket_training.py",  # ~4 min: six learning runs of the pocket models
+    "test_memory.py",
+    "test_speed.py",
+    "test_cli.py",
+    "test_training.py",
+    "test_sdxl.py",
+)
+"""Under `-n 2 --dist loadfile` a file runs whole on one worker, the files in collection
+order (see `pytest_configure`): the longest ones start first, so that no worker ends the
+suite alone on one of them."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # xdist would order the files by their number of tests (`--loadscope-reorder`, its
+    # default): the pocket learning runs, six tests, then start last and one worker ends
+    # alone on them for minutes
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    # a stable sort: each file's tests stay together and in their order
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny pipeline, its UNet briefly trained (so samples have structure), saved once."""
