@@ -59,12 +59,43 @@ def _shape_only_cases() -> list[tuple[object, tuple, dict]]:
         for mask in ([True, True, True], [True, False, False]):
             args = (x, x, mean.to(x.dtype), rstd.to(x.dtype), w, 2, 8, 16, 4, mask)
             cases.append((aten.native_group_norm_backward.default, args, {}))
-    for x in (ln_x, ln_x.half(), m(2, 8, 5).transpose(1, 2)):
+    x_cl = x4.to(memory_format=torch.channels_last)  # a gradient laid out unlike its input
+    cases.append(
+        (
+            aten.native_group_norm_backward.default,
+            (x_cl, x4, mean, rstd, None, 2, 8, 16, 4, [True] * 3),
+            {},
+        )
+    )
+    half_x = x4.half()  # float32 statistics promote the outputs
+    cases.append(
+        (
+            aten.native_group_norm_backward.default,
+            (half_x, half_x, mean, rstd, None, 2, 8, 16, 4, [True] * 3),
+            {},
+        )
+    )
+    for x in (ln_x, ln_x.half(), m(2, 8, 5).transpose(1, 2), ln_x.double()):
         w = w8.to(x.dtype)
         cases.append((aten.native_layer_norm.default, (x, [8], w, w, 1e-5), {}))
         for mask in ([True, True, True], [True, False, False]):
             args = (x.contiguous(), x, [8], ln_stats, ln_stats, w, w, mask)
             cases.append((aten.native_layer_norm_backward.default, args, {}))
+        grad = m(8, 5, 2, dtype=x.dtype).permute(2, 1, 0)
+        cases.append(
+            (
+                aten.native_layer_norm_backward.default,
+                (grad, x, [8], ln_stats, ln_stats, w, w, [True] * 3),
+                {},
+            )
+        )
+        cases.append(
+            (
+                aten.native_layer_norm_backward.default,
+                (x.contiguous(), x, [8], ln_stats, ln_stats, None, None, [True] * 3),
+                {},
+            )
+        )
     transposed = m(2, 3, 4).permute(0, 2, 1)
     pairs = [
         (x4, x4), (x4.half(), x4.half()), (x4, m(2, 8, 1, 1)), (x4, m(8, 1, 1)), (x4, m(4)),
@@ -109,6 +140,18 @@ def test_shape_only_kernels_return_what_pytorchs_meta_kernels_return():
             answered += 1
             assert layout(shortcut) == layout(op(*args, **kwargs)), (op, args, kwargs)
     assert answered >= 60  # most cases are answered, not declined
+
+
+def test_views_of_tensors_made_before_the_counter_allocate_nothing():
+    """Views of weights (made before the counter) are not allocations, also from the ops
+    whose schema does not call them views (``_unsafe_view``, ``unsafe_chunk``)."""
+    weight = torch.empty(1024, 1024, device="meta")
+    with DeviceBytesCounter() as counter:
+        weight.t(), weight.view(-1), weight.unsafe_chunk(2), weight.unsafe_split(512)
+        torch.ops.aten._unsafe_view(weight, (2**20,))
+        assert counter.peak == 0
+        weight.mul(2.0)  # an op's new output is counted
+        assert counter.peak == weight.nbytes
 
 
 def test_shape_only_kernels_leave_the_estimate_unchanged(monkeypatch):

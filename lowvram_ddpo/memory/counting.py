@@ -8,8 +8,10 @@ to hand out, before its rounding and fragmentation.
 
 Most of that second goes into PyTorch's meta kernels written in Python (norms and their
 backward passes, elementwise ops); ``SHAPE_ONLY_KERNELS`` answers the commonest ones from
-shapes alone, with outputs of exactly the sizes, dtypes and strides the real meta kernels
-give (a test compares them), so the auto-fit's dozens of estimates take half the time.
+shapes alone, with outputs of exactly the sizes and dtypes the real meta kernels give, and
+their strides (a test compares them; a reviewer's 2,766 random cases differed only in the
+strides of size-1 dimensions, which no byte count sees), so the auto-fit's dozens of
+estimates take half the time.
 
 Two things the meta device does differently from a GPU are modelled by
 ``GpuKernelEmulation``:
@@ -101,14 +103,22 @@ class ShapeOnlyKernels(TorchDispatchMode):
 _ALIASING: dict[Any, str] = {}
 
 
+_UNANNOTATED_VIEWS = {"aten::_unsafe_view", "aten::unsafe_chunk", "aten::unsafe_split"}
+"""Ops that return views of an input although their schema does not say so."""
+
+
 def _aliasing(func: Any) -> str:  # noqa: ANN401
-    """Which of ``func``'s outputs may be (views of) its inputs: "all", "none" or "some"."""
+    """Which of ``func``'s outputs may be (views of) its inputs: "all", "none" or "some"
+    (then each output's storage is looked up among the inputs')."""
     if func not in _ALIASING:
         schema = getattr(func, "_schema", None)
-        aliased = [r.alias_info is not None for r in schema.returns] if schema else [True, False]
-        _ALIASING[func] = (
-            "all" if all(aliased) and aliased else "none" if not any(aliased) else "some"
-        )
+        if schema is None or schema.name in _UNANNOTATED_VIEWS:
+            _ALIASING[func] = "some"
+        else:
+            aliased = [r.alias_info is not None for r in schema.returns]
+            _ALIASING[func] = (
+                "all" if aliased and all(aliased) else "some" if any(aliased) else "none"
+            )
     return _ALIASING[func]
 
 
@@ -147,18 +157,22 @@ def _group_norm(x, weight, bias, n, c, hxw, groups, eps):  # noqa: ANN001, ANN20
 
 
 def _group_norm_backward(grad, x, mean, rstd, weight, n, c, hxw, groups, mask):  # noqa: ANN001, ANN202, ARG001
-    if not _all_meta(grad, x, mean, rstd, weight) or grad.dtype != x.dtype:
-        return None
-    if weight is not None and weight.dtype != x.dtype:
-        return None
+    if not _all_meta(grad, x, mean, rstd, weight) or grad.stride() != x.stride():
+        return None  # PyTorch lays the gradient out like ``grad``: here the same as x
+    if any(t is not None and t.dtype != x.dtype for t in (grad, mean, rstd, weight)):
+        return None  # PyTorch promotes the outputs
     grad_x = torch.empty_like(x) if mask[0] else None
     grad_weight = x.new_empty((c,)) if mask[1] else None
     grad_bias = x.new_empty((c,)) if mask[2] else None
     return grad_x, grad_weight, grad_bias
 
 
+_FLOAT32_STATS = (torch.float16, torch.bfloat16, torch.float32)
+"""Input dtypes whose layer-norm statistics PyTorch keeps in float32."""
+
+
 def _layer_norm(x, shape, weight, bias, eps):  # noqa: ANN001, ANN202, ARG001
-    if not _all_meta(x, weight, bias):
+    if not _all_meta(x, weight, bias) or x.dtype not in _FLOAT32_STATS:
         return None
     kept = x.dim() - len(shape)
     stats = x.new_empty((*x.shape[:kept], *[1] * len(shape)), dtype=torch.float32)
@@ -166,13 +180,13 @@ def _layer_norm(x, shape, weight, bias, eps):  # noqa: ANN001, ANN202, ARG001
 
 
 def _layer_norm_backward(grad, x, shape, mean, rstd, weight, bias, mask):  # noqa: ANN001, ANN202, ARG001
-    if not _all_meta(grad, x, mean, rstd, weight, bias):
-        return None
+    if not _all_meta(grad, x, mean, rstd, weight, bias) or not grad.is_contiguous():
+        return None  # PyTorch lays the gradient out like ``grad``: here contiguous
     if grad.dtype != x.dtype or any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
         return None
     grad_x = x.new_empty(x.shape) if mask[0] else None
-    grad_weight = x.new_empty(tuple(shape)) if mask[1] else None
-    grad_bias = x.new_empty(tuple(shape)) if mask[2] else None
+    grad_weight = x.new_empty(tuple(shape)) if mask[1] and weight is not None else None
+    grad_bias = x.new_empty(tuple(shape)) if mask[2] and bias is not None else None
     return grad_x, grad_weight, grad_bias
 
 
