@@ -75,7 +75,8 @@ class DeviceBytesCounter(TorchDispatchMode):
         out = run_op(func, args, kwargs)
         # what an op's schema says of its outputs decides the per-op cost (a fit runs
         # hundreds of thousands of ops): views and in-place ops return inputs' storages
-        # (nothing new), other ops only new ones; only a mix needs the inputs looked at
+        # (nothing new), other ops only new ones; only the rest ("some": a mix, or a view
+        # its schema does not annotate) needs each output looked up among the inputs
         aliasing = _aliasing(func)
         if aliasing == "all":
             return out

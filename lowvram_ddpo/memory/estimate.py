@@ -252,8 +252,9 @@ class MetaRun:
             return self.measure(("reward", repr(reward_config), batch), work)
 
     def decode_one(self, tiling: bool) -> int:
-        if ("decode", tiling) in self._peaks:  # before the VAE's casts below
-            return self._peaks[("decode", tiling)]
+        key = ("decode", tiling)
+        if key in self._peaks:  # before the VAE's casts below
+            return self._peaks[key]
         vae = self.parts.vae
         z = torch.empty(1, *self.latent_shape(self.config.sample.resolution), device="meta")
         upcast = self.upcasts_vae  # read before the cast below changes the VAE's dtype
@@ -263,7 +264,7 @@ class MetaRun:
         try:
             with torch.no_grad():
                 return self.measure(
-                    ("decode", tiling),
+                    key,
                     lambda: vae.decode(vae_input(vae, z.to(dtype))).sample.float(),
                     autocast=not upcast,
                 )
