@@ -3,13 +3,17 @@
     python benchmarks/cudagraphs_cpu_check.py ops       # aten ops per UNet call
     python benchmarks/cudagraphs_cpu_check.py explain   # graphs and breaks per call kind
     python benchmarks/cudagraphs_cpu_check.py trainer pocket-incompressibility train.kl_coef=0.01
+    python benchmarks/cudagraphs_cpu_check.py trace     # seconds of the first training calls
 
 `ops` and `explain` use a UNet with SD 1.5's block layout at tiny widths (the same module
 and op count per call as SD 1.5, small tensors) with peft LoRA on the attention under
 bf16 autocast. Each aten op is a kernel launch or a metadata op on a GPU: the host work a
 CUDA graph replays in one launch. `trainer` runs two one-batch epochs of a preset with
 the UNet compiled by the `cudagraphs` backend (on a CPU it records no graph but runs the
-same capture and guards) and prints the rewards, to set beside `--eager`.
+same capture and guards) and prints the rewards, to set beside `--eager`. `trace` times
+the first four training calls of that UNet compiled with the `cudagraphs` backend, without
+and with gradient checkpointing: the first holds dynamo's trace (what a run's first epoch
+pays), the rest show whether anything is traced again.
 """
 
 from __future__ import annotations
@@ -103,6 +107,33 @@ def explain() -> None:
                 report("base model (adapters off)", dynamo.explain(call)(x, t, cond))
 
 
+def time_traces() -> None:
+    import time
+
+    from torch._dynamo.utils import counters
+
+    from lowvram_ddpo.speed.compile import compile_unet
+
+    for checkpointing in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        unet = sd15_layout_unet(lora=True)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        compile_unet(unet, "default", torch.device("cpu"), backend="cudagraphs")
+        unet.train()
+        seconds = []
+        for _ in range(4):
+            started = time.perf_counter()
+            unet_call(unet, train=True)
+            seconds.append(round(time.perf_counter() - started, 2))
+        frames, graphs = counters["frames"]["ok"], counters["stats"]["unique_graphs"]
+        print(
+            f"training calls, checkpointing {checkpointing}: {seconds} s; "
+            f"frames compiled {frames}, graphs {graphs}"
+        )
+
+
 def report(what: str, explained) -> None:  # noqa: ANN001
     print(f"{what}: {explained.graph_count} graph(s), {explained.graph_break_count} break(s)")
 
@@ -127,7 +158,7 @@ def train_through(preset: str, overrides: list[str], eager: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=["ops", "explain", "trainer"])
+    parser.add_argument("check", choices=["ops", "explain", "trainer", "trace"])
     parser.add_argument("preset", nargs="?", default="pocket-incompressibility")
     parser.add_argument("overrides", nargs="*", help="--set style KEY=VALUE (trainer)")
     parser.add_argument("--eager", action="store_true", help="trainer: without compile")
@@ -136,6 +167,8 @@ def main() -> None:
         count_ops()
     elif args.check == "explain":
         explain()
+    elif args.check == "trace":
+        time_traces()
     else:
         train_through(args.preset, args.overrides, args.eager)
 

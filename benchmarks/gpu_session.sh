@@ -3,6 +3,7 @@
 # to a session's device time (15 minutes, 10 per call, a minute or two to start):
 #
 #   bash benchmarks/gpu_session.sh speed     # issue 12: beside the reference, same call
+#   bash benchmarks/gpu_session.sh speed2    # issue 12: CUDA graphs as shipped, the profile
 #   bash benchmarks/gpu_session.sh compile   # issue 12: Inductor's modes (minutes to compile)
 #   bash benchmarks/gpu_session.sh memory    # issues 11, 14: nf4, SDXL, SD 3.5, FLUX.2 rows
 #   bash benchmarks/gpu_session.sh others    # issue 12's other goals: RLCM, SDXL (and SD 3.5)
@@ -12,6 +13,7 @@
 # here first; docs/benchmarks.md, "For the first session lent a GPU", has the lines):
 #   speed:   .whl (diffusers, importlib_metadata) and .ref (../shared/reference-bench);
 #            no bitsandbytes (the tree must stay under 64 MiB): the runs use AdamW
+#   speed2:  .whl (diffusers, importlib_metadata)
 #   compile: .whl (diffusers, importlib_metadata)
 #   memory:  .whl (diffusers, importlib_metadata, bitsandbytes)
 #   others:  .whl (diffusers, importlib_metadata)
@@ -145,6 +147,16 @@ case "$part" in
     stage equal 150 bench_speed "${SD15[@]}" "${EQUAL[@]}"
     stage shipped 240 bench_speed "${SD15[@]}"
     ;;
+  speed2) # what the first speed call (H200, 2026-11-26) left open, most telling first:
+    # the shipped preset with CUDA graphs (the default to choose), where a UNet call's time
+    # goes (host or kernels, and which kernels), why checkpointing + graphs was slow
+    install_wheels
+    stage shipped-cudagraphs 200 bench_speed "${SD15[@]}" --set speed.compile=cudagraphs
+    stage profile 170 "$PY" benchmarks/unet_profile.py --arch sd15 \
+      --variants eager,channels_last,no-lora,cudagraphs
+    TORCH_LOGS=recompiles,cudagraphs,perf_hints stage mb8-ckpt-cudagraphs-logged 200 \
+      bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs
+    ;;
   compile) # each row compiles minutes: expect the first one or two per call
     install_wheels
     stage replay-default 300 "$PY" benchmarks/replay_error.py --arch sd15 --compile default --steps 10
@@ -173,9 +185,10 @@ case "$part" in
     export PYTHONPATH="$PWD"
     stage bench 100 bench_speed --preset pocket-incompressibility --batches 1 --set sample.num_steps=4
     stage replay-off 100 "$PY" benchmarks/replay_error.py --arch pocket --compile off --steps 3
+    stage profile 100 "$PY" benchmarks/unet_profile.py --arch pocket --variants eager --repeats 2
     ;;
   *)
-    echo "usage: bash $0 speed|compile|memory|others|dry (see its header)" >&2
+    echo "usage: bash $0 speed|speed2|compile|memory|others|dry (see its header)" >&2
     exit 2
     ;;
 esac

@@ -255,6 +255,29 @@ def test_offload_keeps_text_encoder_and_vae_off_the_card_while_training(sd15_run
     )
 
 
+def test_cuda_graphs_hold_both_calls_working_memory_for_the_whole_run(sd15_run):
+    """speed.compile=cudagraphs moves the sampling step's and the training micro-step's
+    working memory into the graphs' private pool, held in every phase (as measured on an
+    H200: the sum of the two, reserved as recorded); the eager estimate is unchanged."""
+    from lowvram_ddpo.memory.calibration import RESERVED_OVER_ALLOCATED
+
+    eager = _estimate(sd15_run, "train.batch_size=4")
+    graphs = _estimate(sd15_run, "train.batch_size=4", "speed.compile=cudagraphs")
+    step, train = (
+        eager.phase(name).peak_allocated - sum(eager.phase(name).held.values())
+        for name in ("sampling", "training")
+    )
+    assert train > step > 0.5 * GB
+    for phase in graphs.phases:
+        assert phase.held["CUDA graph pool"] == step + train
+        rest = phase.peak_allocated - step - train
+        assert phase.peak_reserved == int(rest * RESERVED_OVER_ALLOCATED) + step + train
+    assert "CUDA graph pool" not in eager.phase("training").held
+    # the training phase's own working memory is the pool's: the phase holds nothing more
+    assert graphs.phase("training").peak_allocated == sum(graphs.phase("training").held.values())
+    assert eager.settings["compile"] == "off" and graphs.settings["compile"] == "cudagraphs"
+
+
 def test_text_encoders_on_the_cpu_take_the_encode_phase_off_the_card(sd15_run):
     on_card = _estimate(sd15_run).phase("encode")
     on_cpu = _estimate(sd15_run, "memory.text_encoders_on_cpu=true").phase("encode")

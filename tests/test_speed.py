@@ -320,9 +320,36 @@ def test_the_gpu_session_script_runs_its_stages_and_keeps_its_deadline(tmp_path)
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    bench, replay = [json.loads(line) for line in (tmp_path / "results.jsonl").open()]
+    bench, *skipped = [json.loads(line) for line in (tmp_path / "results.jsonl").open()]
     assert bench["stage"] == "bench" and bench["rc"] == 0, bench
     assert bench["result"]["images"] == 16 and bench["result"]["images_per_second"] > 0
-    assert replay == {"stage": "replay-off", "skipped": True}
+    assert skipped == [
+        {"stage": "replay-off", "skipped": True},
+        {"stage": "profile", "skipped": True},
+    ]
     assert "replay-off               skipped" in done.stdout
     assert "epoch 2/2" in (tmp_path / "session.log").read_text()  # the run's own lines
+
+
+def test_the_unet_profile_times_both_calls_and_sorts_every_kernel_by_kind():
+    """benchmarks/unet_profile.py (a GPU session's look at where a UNet call's time goes)
+    on the pocket model: both calls timed, every profiled kernel counted under one kind,
+    and the adapters' own cost visible (switched off, the sampling call runs fewer ops)."""
+    import sys
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import unet_profile
+
+    args = SimpleNamespace(arch="pocket", sample_batch=2, micro_batch=1, repeats=1, warmup=1)
+    cpu = torch.device("cpu")
+    rows = {v: unet_profile.profile_variant(args, v, cpu) for v in ("eager", "no-lora")}
+    eager = rows["eager"]
+    assert set(eager) == {"sampling", "training"} and set(rows["no-lora"]) == {"sampling"}
+    for row in eager.values():
+        assert row["ms_per_call"] > 0 and row["kernels"] > 0
+        assert sum(row["by_kind_ms"].values()) == pytest.approx(row["kernel_ms"], abs=0.1)
+    assert eager["training"]["kernels"] > eager["sampling"]["kernels"]
+    assert rows["no-lora"]["sampling"]["kernels"] < eager["sampling"]["kernels"]
+    assert unet_profile.kind_of("void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm>") == "matmul"
+    assert unet_profile.kind_of("pytorch_flash::flash_fwd_kernel") == "attention"

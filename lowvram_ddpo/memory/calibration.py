@@ -22,6 +22,15 @@ RESERVED_OVER_ALLOCATED = 1.11
 """Peak reserved / estimated allocated, with expandable segments: the largest measured
 ratio (1.104), rounded up."""
 
+
+def reserved_bytes(allocated: int, graph_pool: int = 0) -> int:
+    """What the caching allocator reserves for ``allocated`` live bytes, of which
+    ``graph_pool`` sit in CUDA graphs' private pool: that pool is reserved as recorded, so
+    the fragmentation ratio applies to the rest only (measured on an H200, 2026-11-26:
+    within 3.3% of both rows; `estimate.graph_pool_bytes`)."""
+    return int((allocated - graph_pool) * RESERVED_OVER_ALLOCATED) + graph_pool
+
+
 CUDA_CONTEXT_BYTES = GB
 """What a process holds on the card besides PyTorch's reserved memory (H100 reading)."""
 

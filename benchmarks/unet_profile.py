@@ -1,0 +1,204 @@
+"""Where a UNet call's time goes: the host's launches or the GPU's kernels, and which.
+
+    python benchmarks/unet_profile.py --arch sd15 --variants eager,cudagraphs
+    python benchmarks/unet_profile.py --arch pocket --variants eager --repeats 3   # CPU
+
+Builds the architecture's random-weight UNet with the trainer's LoRA (rank 4 on its
+default targets, fp32 adapter, fp16 base under autocast on a GPU, peft's input casts
+skipped as the trainer does), then times the trainer's two calls: a guided sampling step
+(eval, no gradients, ``--sample-batch`` images = twice as many latents) and a guided
+training micro-step (train mode, forward + backward, ``--micro-batch`` images). For each
+variant it prints milliseconds per call (median of ``--repeats``, CUDA events) and, from
+one profiled call, the GPU kernels' summed time by kind (matmul, convolution, attention,
+normalisation, elementwise, copy and cast, other) and their count. A call whose wall time
+is well above its kernels' sum waits on the host; one near it waits on the kernels, and
+the table says which kernels to cut (issue 12: MFU training >= 30%, sampling >= 40%).
+
+Variants: ``eager``; ``channels_last`` (the UNet's weights and inputs in NHWC, the layout
+tensor-core convolutions use); ``no-lora`` (the adapters switched off: their own cost);
+``cudagraphs`` (``speed.compile=cudagraphs``, traced once per call kind before timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+from lowvram_ddpo.architectures import native_resolution, random_pipeline
+from lowvram_ddpo.models import make_trainable
+from lowvram_ddpo.rollout import latent_shape
+from lowvram_ddpo.speed.compile import compile_unet
+from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
+
+KINDS = (  # the first pattern a kernel's name matches names its kind
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("convolution", r"conv|implicit_gemm|cudnn|winograd|nchw|nhwc"),
+    ("matmul", r"gemm|cutlass|sm\d+_xmma|matmul|addmm|\bmm\b|linear"),
+    ("normalisation", r"norm|welford"),
+    ("copy and cast", r"copy|cast|to_copy|transpose|cat"),
+    ("elementwise", r"elementwise|vectorized|unrolled|silu|gelu|mul|add|reduce"),
+)
+VARIANTS = ("eager", "channels_last", "no-lora", "cudagraphs")
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    return next((kind for kind, pattern in KINDS if re.search(pattern, name)), "other")
+
+
+def build_unet(
+    arch: str, device: torch.device, variant: str
+) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """The UNet of ``variant`` and the shape of one latent at the model's resolution."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = random_pipeline(arch, dtype, str(device))
+    unet = pipe.unet
+    make_trainable(unet, 4, 4.0, [])
+    if device.type == "cuda":
+        skip_lora_input_casts(unet)
+    if variant == "channels_last":
+        unet.to(memory_format=torch.channels_last)
+    if variant == "no-lora":
+        unet.disable_adapters()  # also stops their gradients: sampling alone is timed
+    if variant == "cudagraphs":
+        compile_unet(unet, "cudagraphs", device)
+    return unet, latent_shape(unet, pipe.vae, native_resolution(arch))
+
+
+def calls(
+    unet: torch.nn.Module,
+    latent: tuple[int, ...],
+    device: torch.device,
+    batches: tuple[int, int],
+    nhwc: bool,
+) -> dict[str, Callable[[], None]]:
+    """The sampling step and the training micro-step, on fixed random inputs."""
+    config = unet.config
+    text = (77, config.cross_attention_dim)
+    autocast = torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+
+    def inputs(images: int) -> tuple[torch.Tensor, ...]:
+        latents = 2 * images  # guidance doubles the batch
+        x = torch.randn(latents, *latent, device=device).to(memory_format=layout)
+        t = torch.full((latents,), 500, device=device)
+        return x, t, torch.randn(latents, *text, device=device)
+
+    sampling_inputs, training_inputs = inputs(batches[0]), inputs(batches[1])
+
+    def sampling() -> None:
+        unet.eval()
+        with torch.no_grad(), autocast:
+            unet(*sampling_inputs[:2], encoder_hidden_states=sampling_inputs[2])
+
+    def training() -> None:
+        unet.train()
+        with autocast:
+            out = unet(*training_inputs[:2], encoder_hidden_states=training_inputs[2]).sample
+        out.float().square().mean().backward()
+
+    if not any(p.requires_grad for p in unet.parameters()):  # no-lora: nothing to train
+        return {"sampling": sampling}
+    return {"sampling": sampling, "training": training}
+
+
+def median_ms(call: Callable[[], None], device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            call()
+            times.append(1000 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
+def kernel_time(call: Callable[[], None], device: torch.device) -> dict[str, object]:
+    """One profiled call: the device kernels' summed milliseconds by kind, and their count
+    (on a CPU, the aten ops' self time instead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    by_kind: Counter[str] = Counter()
+    count = 0
+    for event in prof.events():
+        if device.type == "cuda" and event.device_type.name != "CUDA":
+            continue
+        us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if us <= 0:
+            continue
+        by_kind[kind_of(event.name)] += us / 1000
+        count += 1
+    return {
+        "kernels": count,
+        "kernel_ms": round(sum(by_kind.values()), 2),
+        "by_kind_ms": {k: round(v, 2) for k, v in by_kind.most_common()},
+    }
+
+
+def profile_variant(args: argparse.Namespace, variant: str, device: torch.device) -> dict:
+    unet, latent = build_unet(args.arch, device, variant)
+    batches = (args.sample_batch, args.micro_batch)
+    rows = {}
+    for name, call in calls(unet, latent, device, batches, variant == "channels_last").items():
+        for _ in range(args.warmup):  # cuDNN's choices, dynamo's traces, the graphs' recording
+            call()
+        rows[name] = {"ms_per_call": round(median_ms(call, device, args.repeats), 2)}
+        rows[name] |= kernel_time(call, device)
+    del unet
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sd15")
+    parser.add_argument("--variants", default="eager,cudagraphs")
+    parser.add_argument("--sample-batch", type=int, default=8, help="images per sampling step")
+    parser.add_argument("--micro-batch", type=int, default=4, help="images per micro-step")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
+    result = {
+        "arch": args.arch,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "sample_batch": args.sample_batch,
+        "micro_batch": args.micro_batch,
+        "variants": {v: profile_variant(args, v, device) for v in variants},
+    }
+    print(json.dumps(result))
+    for variant, rows in result["variants"].items():  # the table a reader needs first
+        for call, row in rows.items():
+            kinds = ", ".join(f"{k} {ms}" for k, ms in row["by_kind_ms"].items())
+            print(
+                f"{variant:<13} {call:<8} {row['ms_per_call']:8.2f} ms/call  kernels "
+                f"{row['kernels']:5d} summing {row['kernel_ms']:8.2f} ms: {kinds}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
