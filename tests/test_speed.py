@@ -15,7 +15,7 @@ from tiny import assert_replay_gives_ratio_one
 from typer.testing import CliRunner
 
 from lowvram_ddpo.cli import app
-from lowvram_ddpo.config import load_preset
+from lowvram_ddpo.config import apply_overrides, load_preset
 from lowvram_ddpo.epoch_metrics import TrainingTotals
 from lowvram_ddpo.models import attach_lora
 from lowvram_ddpo.policy import DDIMPolicy, GaussianStep, LCMPolicy
@@ -229,7 +229,7 @@ def test_time_model_reproduces_the_h100_unet_calls_and_ranks_by_card():
     ~286 ms with checkpointing; so micro-batch 4 with checkpointing beats micro-batch 1
     without there, and loses on a card 20x slower, where arithmetic dominates."""
     from lowvram_ddpo.speed.time_model import (
-        LOOP_OVERHEAD,
+        TRAINING_LOOP_OVERHEAD,
         Gpu,
         predict_epoch,
     )
@@ -244,7 +244,7 @@ def test_time_model_reproduces_the_h100_unet_calls_and_ranks_by_card():
         trial.train.gradient_accumulation_steps = 64 // micro
         trial.memory.gradient_checkpointing = checkpointing
         calls = 256 // micro * 50
-        return predict_epoch(trial, flops, gpu).training / calls / LOOP_OVERHEAD
+        return predict_epoch(trial, flops, gpu).training / calls / TRAINING_LOOP_OVERHEAD
 
     assert per_micro_step(h100, 1, False) == pytest.approx(0.167, rel=0.05)
     assert per_micro_step(h100, 4, False) == pytest.approx(0.185, rel=0.15)
@@ -253,6 +253,35 @@ def test_time_model_reproduces_the_h100_unet_calls_and_ranks_by_card():
     assert per_image[4] < per_image[1] / 2
     slow_per_image = {m: per_micro_step(slow, m, c) / m for m, c in ((1, False), (4, True))}
     assert slow_per_image[1] < slow_per_image[4]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "sampling", "training"),
+    [
+        ([], 0.532, 2.292),  # micro-batch 8, checkpointing, offload
+        (["memory.gradient_checkpointing=false", "memory.offload=false"], 0.469, 2.274),
+        (["memory.gradient_checkpointing=false", "memory.offload=false",
+          "speed.compile=cudagraphs"], 0.474, 1.207),
+    ],
+)  # fmt: skip
+def test_time_model_reproduces_the_h200_epochs(overrides, sampling, training):
+    """Seconds per image of `bench speed` on an H200 (2026-11-26, SD 1.5, 512 px, 8 images
+    per epoch; docs/benchmarks.md) within 15%: eager at micro-batch 8 with checkpointing
+    and at 4 without, and at 4 with CUDA graphs (no launch floor, arithmetic only)."""
+    from lowvram_ddpo.speed.time_model import Gpu, predict_epoch
+
+    config = load_preset("incompressibility")
+    micro = 4 if "memory.offload=false" in overrides else 8
+    apply_overrides(
+        config,
+        [f"train.batch_size={micro}", f"train.gradient_accumulation_steps={64 // micro}",
+         "memory.gradient_checkpointing=true", *overrides],
+    )  # fmt: skip
+    config.sample.batches_per_epoch = 1
+    predicted = predict_epoch(config, epoch_flops(config, "sd15"), Gpu.listed("H200", 989.4))
+    images = config.sample.batch_size
+    assert predicted.sampling / images == pytest.approx(sampling, rel=0.15)
+    assert predicted.training / images == pytest.approx(training, rel=0.15)
 
 
 def test_vram_fit_takes_the_fastest_setting_that_fits_and_says_how_long():

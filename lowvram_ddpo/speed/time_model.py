@@ -14,9 +14,15 @@ Both times are scaled to the run: the host's by the UNet's module count against 
 1.5's (kernel launches follow modules; an assumption until measured), the GPU's by the
 FLOPs counted for the run's model and resolution (``speed.flops``) and the card's rate:
 its listed dense fp16 rate (``speed.devices``), else its fp16 matmul rate measured when
-the fit runs (a second), each scaled by the share of it the UNet reached on the H100.
-Encoding, decoding and the reward are not modelled apart: ``LOOP_OVERHEAD`` covers them
-and the trainer's own time, as measured.
+the fit runs (a second), each scaled by the share of it the UNet with LoRA reached on the
+H100. Encoding, decoding and the reward are not modelled apart: the loop overheads cover
+them and the trainer's own time, as measured.
+
+With a CUDA-graph mode of ``speed.compile`` a call replays without the host's launches:
+only the arithmetic counts. Measured on an H200 (2026-11-26, SD 1.5, micro-batch 4,
+``cudagraphs``): 1.207 s of training per image, the model 1.16. Below micro-batch 4 the
+GPU's own per-kernel floor (thousands of small kernels) is not measured yet: the model
+may be optimistic there.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from lowvram_ddpo.config import Config
+from lowvram_ddpo.speed.compile import backend_of
+from lowvram_ddpo.speed.cuda_graphs import replays_cuda_graphs
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
 from lowvram_ddpo.speed.flops import EpochFlops
 
@@ -41,15 +49,19 @@ HOST_SECONDS_CHECKPOINTED_CALL = 0.286
 SD15_UNET_MODULES = 1254
 """Leaf modules of the SD 1.5 UNet with LoRA rank 4 on attention (``leaf_modules``; SDXL
 has 4659): the host times' scale."""
-LOOP_OVERHEAD = 1.25
-"""The trainer's measured epoch over its UNet calls' time on the H100 (training per image:
-10.30 s measured against 8.35 predicted at micro-batch 1, 2.79 against 2.09 at 4),
-before the host waits were taken out of the loop: an upper bound, until re-measured."""
+SAMPLING_LOOP_OVERHEAD = 1.05
+TRAINING_LOOP_OVERHEAD = 1.2
+"""The trainer's measured phase time over its UNet calls' predicted time, with the host
+waits out of the loops (H200, 2026-11-26, `bench speed`, SD 1.5): sampling 0.99 (8
+images, nothing offloaded), 1.12 (offloaded), 1.00 (CUDA graphs); training 1.09
+(micro-batch 4), 1.28 (8, checkpointing), 1.20 (4, CUDA graphs). Before the waits were
+taken out (H100, 2026-11-25) training was 1.25-1.33."""
 H100_DENSE_TFLOPS = 989.4
-H100_UNET_TFLOPS = 245.0
-"""The UNet's arithmetic rate once the GPU is the bottleneck, on the H100: an fp16
-forward of 16 latents, 12.9 TFLOP in 52.4 ms. A quarter of the card's listed dense fp16
-rate; 0.31 of the ~800 TFLOP/s its fp16 matmuls reached."""
+H100_UNET_TFLOPS = 170.0
+"""The UNet's arithmetic rate once the GPU is the bottleneck: on the H100 a forward of 16
+latents with the LoRA under autocast, 12.9 TFLOP in 76 ms (52.4 ms without the LoRA); the
+H200's training with CUDA graphs agrees (1.207 s per image against 1.16 predicted). 17% of
+the card's listed dense fp16 rate; 0.21 of the ~800 TFLOP/s its fp16 matmuls reached."""
 UNET_SHARE_OF_LISTED = H100_UNET_TFLOPS / H100_DENSE_TFLOPS
 UNET_SHARE_OF_MATMUL = H100_UNET_TFLOPS / 800.0
 
@@ -114,14 +126,15 @@ def predict_epoch(
 ) -> EpochTime:
     """Seconds of the UNet's work in one epoch of ``config`` on ``gpu``."""
     s, t, m = config.sample, config.train, config.memory
-    host = unet_modules / SD15_UNET_MODULES
+    graphs = replays_cuda_graphs(config.speed.compile, backend_of(config.speed.compile))
+    host = 0.0 if graphs else unet_modules / SD15_UNET_MODULES  # graphs: no launches
     rate = gpu.unet_tflops * 1e12
     samples = s.batch_size * s.batches_per_epoch
     steps = flops.trained_steps
 
     step_flops = flops.sampling_per_image / s.num_steps * s.batch_size
     sampling_call = max(HOST_SECONDS_SAMPLING_CALL * host, step_flops / rate)
-    sampling = s.batches_per_epoch * s.num_steps * sampling_call * LOOP_OVERHEAD
+    sampling = s.batches_per_epoch * s.num_steps * sampling_call * SAMPLING_LOOP_OVERHEAD
 
     per_image_step = flops.training_per_image / (steps * t.inner_epochs)
     if m.gradient_checkpointing:  # the forward runs again inside the backward
@@ -131,5 +144,5 @@ def predict_epoch(
     )
     training_call = max(floor * host, per_image_step * t.batch_size / rate)
     micro_batches = -(-samples // t.batch_size)
-    training = micro_batches * steps * t.inner_epochs * training_call * LOOP_OVERHEAD
+    training = micro_batches * steps * t.inner_epochs * training_call * TRAINING_LOOP_OVERHEAD
     return EpochTime(sampling, training)
