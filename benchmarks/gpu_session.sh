@@ -148,14 +148,15 @@ case "$part" in
     stage shipped 240 bench_speed "${SD15[@]}"
     ;;
   speed2) # what the first speed call (H200, 2026-11-26) left open, most telling first:
-    # the shipped preset with CUDA graphs (the default to choose), where a UNet call's time
-    # goes (host or kernels, and which kernels), why checkpointing + graphs was slow
+    # the shipped preset with CUDA graphs (the default to choose); checkpointing + graphs
+    # again with logs (its first epoch alone took 126 s there: setup ~23 s + that + a timed
+    # epoch did not fit 180 s); where a UNet call's time goes (host or which kernels)
     install_wheels
     stage shipped-cudagraphs 200 bench_speed "${SD15[@]}" --set speed.compile=cudagraphs
+    TORCH_LOGS=recompiles,cudagraphs,perf_hints stage mb8-ckpt-cudagraphs-logged 260 \
+      bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs
     stage profile 170 "$PY" benchmarks/unet_profile.py --arch sd15 \
       --variants eager,channels_last,no-lora,cudagraphs
-    TORCH_LOGS=recompiles,cudagraphs,perf_hints stage mb8-ckpt-cudagraphs-logged 200 \
-      bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs
     ;;
   compile) # each row compiles minutes: expect the first one or two per call
     install_wheels
