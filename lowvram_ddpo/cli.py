@@ -103,15 +103,14 @@ def _say(line: str) -> None:
 
 def _fit_to_card(config):  # noqa: ANN001, ANN202
     from lowvram_ddpo.architectures import default_architecture
-    from lowvram_ddpo.memory.fit import fit_to_vram
-    from lowvram_ddpo.memory.units import parse_size
+    from lowvram_ddpo.memory.fit import fit_to_vram, vram_budget, vram_label
 
-    vram = parse_size(config.memory.vram)
+    vram = vram_budget(config.memory.vram)
     try:  # the model's own configs (a folder, or a few KB from the hub)
         fit = fit_to_vram(config, config.model.name, vram)
     except UserError:  # unreachable: the named shape it most likely has
         fit = fit_to_vram(config, default_architecture(config.model.name), vram)
-    _say(fit.summary(config.memory.vram))
+    _say(fit.summary(vram_label(config.memory.vram, vram)))
     return fit.config
 
 
@@ -166,7 +165,10 @@ def train(
     ] = "",
     vram: Annotated[
         str,
-        typer.Option(help="Fit batch sizes and memory levers to a card of this size (e.g. 8GB)."),
+        typer.Option(
+            help="Fit batch sizes and memory levers to a card of this size (e.g. 8GB), or "
+            "auto: to what this machine's GPU has free."
+        ),
     ] = "",
 ) -> None:
     """Fine-tune a LoRA on a reward: DDPO, RWR, or RLCM with the rlcm-* presets (a
@@ -430,7 +432,8 @@ def bench_memory(
     arch: BenchArch = "",
     resolution: BenchResolution = None,
     vram: Annotated[
-        str, typer.Option(help="Fit the settings to a card of this size first (e.g. 8GB).")
+        str,
+        typer.Option(help="Fit the settings to a card of this size first (e.g. 8GB, or auto)."),
     ] = "",
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a preset field (repeatable).")
@@ -442,17 +445,16 @@ def bench_memory(
 ) -> None:
     """Peak accelerator memory of each phase of a DDPO epoch (sampling, decode, reward,
     training): measured on a CUDA GPU, else estimated on the meta device."""
-    from lowvram_ddpo.memory.units import parse_size
-
     with _user_errors():
         config, arch, notes = _bench_setup(preset, arch, resolution, set_ or [])
         vram = vram or config.memory.vram
         if vram:
-            from lowvram_ddpo.memory.fit import fit_to_vram
+            from lowvram_ddpo.memory.fit import fit_to_vram, vram_budget, vram_label
 
-            fit = fit_to_vram(config, arch, parse_size(vram))
+            budget = vram_budget(vram)
+            fit = fit_to_vram(config, arch, budget)
             config = fit.config
-            notes.append(fit.summary(vram))
+            notes.append(fit.summary(vram_label(vram, budget)))
         allocator = configure_allocator()
         import torch
 

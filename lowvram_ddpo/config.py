@@ -131,8 +131,9 @@ class MemoryConfig:
     """Levers that trade speed for accelerator memory (``lowvram-ddpo bench memory``)."""
 
     vram: str = ""
-    """Fit the run to a card of this size ("8GB"): picks the micro-batch, checkpointing
-    and quantisation below and reports the predicted peak. Empty: use them as set."""
+    """Fit the run to a card of this size ("8GB"), or "auto" (what this machine's CUDA card
+    has free): picks the micro-batch, checkpointing and quantisation below, the fastest
+    that fit, and reports the predicted peak and epoch time. Empty: use them as set."""
     gradient_checkpointing: bool = False
     """Recompute the UNet's activations in the backward pass (less memory, ~30% slower)."""
     offload: bool = True
@@ -692,7 +693,7 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    if config.memory.vram:
+    if config.memory.vram and config.memory.vram.strip().lower() != "auto":
         from lowvram_ddpo.memory.units import parse_size
 
         parse_size(config.memory.vram)

@@ -348,6 +348,30 @@ def test_micro_batch_1_fits_4_gb_and_3_gb_with_a_4_bit_base(sd15_run):
 # ---------------------------------------------------------------- --vram
 
 
+def test_vram_auto_fits_what_this_machines_gpu_has_free(monkeypatch, tiny_preset, tmp_path):
+    """`--vram auto` takes the card's free memory now plus the context this process holds
+    (the fit takes the context off again), names the card in its line, and without CUDA
+    says in one line to give a size."""
+    from test_cli import _assert_clean_error
+
+    from lowvram_ddpo.memory.fit import vram_budget, vram_label
+
+    assert vram_budget("8GB") == 8 * GB
+    with pytest.raises(UserError, match="like --vram 8GB"):
+        vram_budget("auto")
+    result = CliRunner().invoke(
+        app, ["train", "--preset", str(tiny_preset), "--output", str(tmp_path / "run"),
+              "--vram", "auto", "--no-progress"],
+    )  # fmt: skip
+    _assert_clean_error(result, "--vram auto reads the size of this machine's CUDA GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (7 * GB, 8 * GB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "RTX Test")
+    assert vram_budget(" Auto ") == 7 * GB + CUDA_CONTEXT_BYTES
+    assert vram_label("auto", 7 * GB + CUDA_CONTEXT_BYTES) == "auto (7.00 GB free on RTX Test)"
+    assert vram_label("8GB", 8 * GB) == "8GB"
+
+
 def test_vram_fit_keeps_the_batch_per_step_and_fits_the_card():
     config = load_preset("incompressibility")
     apply_overrides(config, ["train.batch_size=4", "train.gradient_accumulation_steps=16"])

@@ -7,22 +7,26 @@ fastest whose estimated peak fits is taken: on a fast card, micro-batch 4 with
 checkpointing beats micro-batch 1 without. Only when none fits do the text encoders move
 to the CPU (slow only while new prompts arrive), and last comes a 4-bit frozen base (it
 changes the base model's numbers). The images per epoch and per optimiser step never
-change: a smaller batch means more batches, or more accumulation steps.
+change: a smaller batch means more batches, or more accumulation steps. ``--vram auto``
+fits what the machine's own CUDA card has free.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+import torch
 
 from lowvram_ddpo.config import Config
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, a_card
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory, meta_run
 from lowvram_ddpo.memory.report import MemoryReport
-from lowvram_ddpo.memory.units import GB, format_size
+from lowvram_ddpo.memory.units import GB, format_size, parse_size
 from lowvram_ddpo.models import VAE_TILE_PIXELS
 from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
@@ -114,6 +118,30 @@ def describe_changes(before: Config, after: Config) -> list[str]:
         if old != new:
             changes.append(f"{section}.{name} {old} -> {new}")
     return changes
+
+
+def vram_budget(vram: str) -> int:
+    """Bytes of a ``--vram`` value: a card size ("8GB"), or "auto": what this machine's
+    CUDA card has free now, plus the CUDA context this process already holds there (the
+    fit takes the context off again), so a desktop's share of the card stays out."""
+    if vram.strip().lower() != "auto":
+        return parse_size(vram)
+    if not torch.cuda.is_available():
+        raise UserError(
+            "--vram auto reads the size of this machine's CUDA GPU, and there is none: "
+            "give the card's size instead, like --vram 8GB"
+        )
+    device = int(os.environ.get("LOCAL_RANK", "0"))  # each process of a multi-GPU run its own
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + CUDA_CONTEXT_BYTES
+
+
+def vram_label(vram: str, budget: int) -> str:
+    """How a fit names its budget: "8GB", or "auto (7.21 GB free on NVIDIA ...)"."""
+    if vram.strip().lower() != "auto":
+        return vram
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "this card"
+    return f"auto ({format_size(budget - CUDA_CONTEXT_BYTES)} free on {name})"
 
 
 def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:
