@@ -85,7 +85,7 @@ from lowvram_ddpo.rewards import (
     check_rewards,
 )
 from lowvram_ddpo.rollout import Trajectories, image_tokens, render, sample_trajectories
-from lowvram_ddpo.speed.compile import check_compile_mode, compile_unet
+from lowvram_ddpo.speed.compile import check_compile_mode, compile_unet, uncompiled_calls
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative, text_encoders
 
@@ -343,27 +343,35 @@ class Trainer:
             return {}
         self.phase = "evaluating"
         prompts = load_prompts(cfg.prompts.eval_source)
-        unet = self.accelerator.unwrap_model(self.unet)
-        unet.eval()
-        with self.accelerator.autocast():
-            images = render(
-                self.pipe,
-                unet,
-                self.policy.for_viewing(),
-                prompts,
-                cfg.run.eval_seeds,
-                self.negative,
-                cfg.sample.guidance_scale,
-                cfg.sample.resolution,
-                offloader=self.offloader,
-                cache=self.prompt_cache,
-            )
+        images = self.render_to_view(prompts, cfg.run.eval_seeds)
         repeated = [p for p in prompts for _ in cfg.run.eval_seeds]
         rewards = self.score(images.flatten(0, 1), repeated)
         return {
             "eval_reward_mean": rewards.mean().item(),
             **{f"eval_{k}": v for k, v in self.reward_extras().items()},
         }
+
+    def render_to_view(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Images [prompts, seeds, ...] drawn by the policy's viewing sampler (grids and
+        evaluation). The UNet runs eagerly here under ``speed.compile``: these one-off
+        shapes would each compile (minutes with Inductor) and, with CUDA graphs, hold a
+        memory pool of their own for the rest of the run."""
+        cfg = self.config
+        unet = self.accelerator.unwrap_model(self.unet)
+        unet.eval()
+        with self.accelerator.autocast(), uncompiled_calls(cfg.speed.compile):
+            return render(
+                self.pipe,
+                unet,
+                self.policy.for_viewing(),
+                prompts,
+                seeds,
+                self.negative,
+                cfg.sample.guidance_scale,
+                cfg.sample.resolution,
+                offloader=self.offloader,
+                cache=self.prompt_cache,
+            )
 
     def reward_extras(self) -> dict[str, float]:
         """What the reward logs beside itself since the last call (BERTScore precision, F1)."""
@@ -761,23 +769,10 @@ class Trainer:
         cfg = self.config
         self.phase = "rendering the grid"
         unet = self.accelerator.unwrap_model(self.unet)
-        unet.eval()
         panels, scores = {}, {}
 
         def add_panel(title: str) -> None:
-            with self.accelerator.autocast():
-                images = render(
-                    self.pipe,
-                    unet,
-                    self.policy.for_viewing(),
-                    cfg.run.grid_prompts,
-                    cfg.run.grid_seeds,
-                    self.negative,
-                    cfg.sample.guidance_scale,
-                    cfg.sample.resolution,
-                    offloader=self.offloader,
-                    cache=self.prompt_cache,
-                )
+            images = self.render_to_view(cfg.run.grid_prompts, cfg.run.grid_seeds)
             prompts = [p for p in cfg.run.grid_prompts for _ in cfg.run.grid_seeds]
             panels[title] = images
             scores[title] = self.score(images.flatten(0, 1), prompts).view(images.shape[:2])

@@ -155,6 +155,29 @@ def test_graph_modes_accumulate_gradients_and_keep_outputs_as_eager(tiny_pipelin
         assert g is not None and torch.allclose(g, p.grad, atol=1e-6), name
 
 
+def test_one_off_renders_run_eagerly_under_compile(tiny_pipeline):
+    """Grids and evaluation call the compiled UNet with shapes of their own: inside
+    ``uncompiled_calls`` nothing is traced (no compile, no CUDA-graph pool of its own) and
+    the output is eager's; outside, a new shape is traced as before."""
+    from torch._dynamo.utils import counters
+
+    from lowvram_ddpo.speed.compile import uncompiled_calls
+
+    unet = tiny_pipeline.unet
+    generator = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 8, 32)
+    t = torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        eager = unet(x, t, encoder_hidden_states=cond).sample
+        compile_unet(unet, "default", torch.device("cpu"), backend="aot_eager")
+        counters.clear()
+        with uncompiled_calls("default"):
+            rendered = unet(x, t, encoder_hidden_states=cond).sample
+        assert counters["frames"]["total"] == 0 and torch.equal(rendered, eager)
+        unet(x, t, encoder_hidden_states=cond)
+    assert counters["frames"]["total"] >= 1
+
+
 def test_compile_mode_is_checked():
     from lowvram_ddpo.errors import UserError
 

@@ -113,8 +113,7 @@ def speed_config(config: Config, batches: int) -> Config:
     cfg = copy.deepcopy(config)
     cfg.run.epochs = 2
     cfg.run.progress = False
-    # no grids: they are not the epoch, and under speed.compile their new shapes (and the
-    # adapters-off base model) would compile again after the timed epoch
+    # no grids: they are not the epoch (and they render eagerly even under speed.compile)
     cfg.run.grid_every = -1
     cfg.run.eval_every = 0
     cfg.run.checkpoint_every = 10**9  # the last epoch still writes one, outside the timing

@@ -23,8 +23,10 @@ repeated run skips most of the compile time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -118,3 +120,13 @@ def compile_unet(
         f"torch.compile ({mode}): the first call of each shape compiles (minutes on a GPU, "
         f"less when cached in {compile_cache_dir()})"
     )
+
+
+def uncompiled_calls(mode: str) -> AbstractContextManager:
+    """Inside the block a compiled UNet runs eagerly (``torch.compiler.set_stance``, torch
+    >= 2.6; older versions compile as before): for one-off calls whose new shapes would
+    cost a compile, or under CUDA graphs a memory pool kept for the rest of the run."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if mode == "off" or set_stance is None:
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
