@@ -85,7 +85,12 @@ from lowvram_ddpo.rewards import (
     check_rewards,
 )
 from lowvram_ddpo.rollout import Trajectories, image_tokens, render, sample_trajectories
-from lowvram_ddpo.speed.compile import check_compile_mode, compile_unet, uncompiled_calls
+from lowvram_ddpo.speed.compile import (
+    check_compile_mode,
+    compile_unet,
+    sampling_calls,
+    uncompiled_calls,
+)
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative, text_encoders
 
@@ -492,7 +497,12 @@ class Trainer:
                     grouped = grouped if grouped is not None else self.group_picks(generator)
                     picks = grouped[k * cfg.sample.batch_size : (k + 1) * cfg.sample.batch_size]
                 prompts = [self.prompts[i] for i in picks]
-                with self.meter.phase("sampling"), acc.autocast(), self.sampling_policy():
+                with (
+                    self.meter.phase("sampling"),
+                    acc.autocast(),
+                    self.sampling_policy(),
+                    sampling_calls(cfg.speed),
+                ):
                     batch = sample_trajectories(
                         self.pipe,
                         unet,

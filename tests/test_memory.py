@@ -255,26 +255,34 @@ def test_offload_keeps_text_encoder_and_vae_off_the_card_while_training(sd15_run
     )
 
 
-def test_cuda_graphs_hold_both_calls_working_memory_for_the_whole_run(sd15_run):
-    """speed.compile=cudagraphs moves the sampling step's and the training micro-step's
-    working memory into the graphs' private pool, held in every phase (as measured on an
-    H200: the sum of the two, reserved as recorded); the eager estimate is unchanged."""
+def test_cuda_graphs_hold_their_calls_working_memory_for_the_whole_run(sd15_run):
+    """speed.compile=cudagraphs moves the training micro-step's working memory into the
+    graphs' private pool, held in every phase, reserved as recorded; with
+    speed.graph_sampling the sampling step's joins it (the sum, as measured on an H200),
+    without, sampling keeps its own; the eager estimate is unchanged."""
     from lowvram_ddpo.memory.calibration import RESERVED_OVER_ALLOCATED
 
-    eager = _estimate(sd15_run, "train.batch_size=4")
-    graphs = _estimate(sd15_run, "train.batch_size=4", "speed.compile=cudagraphs")
+    micro_4 = "train.batch_size=4"
+    eager = _estimate(sd15_run, micro_4)
     step, train = (
         eager.phase(name).peak_allocated - sum(eager.phase(name).held.values())
         for name in ("sampling", "training")
     )
     assert train > step > 0.5 * GB
-    for phase in graphs.phases:
-        assert phase.held["CUDA graph pool"] == step + train
-        rest = phase.peak_allocated - step - train
-        assert phase.peak_reserved == int(rest * RESERVED_OVER_ALLOCATED) + step + train
     assert "CUDA graph pool" not in eager.phase("training").held
-    # the training phase's own working memory is the pool's: the phase holds nothing more
-    assert graphs.phase("training").peak_allocated == sum(graphs.phase("training").held.values())
+    for graph_sampling, pool in ((False, train), (True, step + train)):
+        graphs = _estimate(
+            sd15_run, micro_4, "speed.compile=cudagraphs", f"speed.graph_sampling={graph_sampling}"
+        )
+        for phase in graphs.phases:
+            assert phase.held["CUDA graph pool"] == pool
+            rest = phase.peak_allocated - pool
+            assert phase.peak_reserved == int(rest * RESERVED_OVER_ALLOCATED) + pool
+        # a graphed call's working memory is the pool's: its phase holds nothing more
+        held = {name: sum(graphs.phase(name).held.values()) for name in ("sampling", "training")}
+        assert graphs.phase("training").peak_allocated == held["training"]
+        own = 0 if graph_sampling else step
+        assert graphs.phase("sampling").peak_allocated == held["sampling"] + own
     assert eager.settings["compile"] == "off" and graphs.settings["compile"] == "cudagraphs"
 
 

@@ -178,6 +178,31 @@ def test_one_off_renders_run_eagerly_under_compile(tiny_pipeline):
     assert counters["frames"]["total"] >= 1
 
 
+def test_only_the_calls_that_pay_replay_cuda_graphs():
+    """Under a CUDA-graph mode the training call replays graphs; the sampling call only
+    with speed.graph_sampling (else it runs eagerly: no trace, no pool); Inductor's
+    default mode compiles both and replays neither."""
+    from contextlib import nullcontext
+
+    from lowvram_ddpo.config import SpeedConfig
+    from lowvram_ddpo.speed.compile import graphs_replay, sampling_calls
+
+    cases = [
+        (SpeedConfig("cudagraphs"), True, False),
+        (SpeedConfig("cudagraphs", graph_sampling=True), True, True),
+        (SpeedConfig("reduce-overhead"), True, False),
+        (SpeedConfig("default", graph_sampling=True), False, False),
+        (SpeedConfig("off"), False, False),
+    ]
+    for speed, training, sampling in cases:
+        assert graphs_replay(speed, "training") is training, speed
+        assert graphs_replay(speed, "sampling") is sampling, speed
+        eager_sampling = training and not sampling
+        assert isinstance(sampling_calls(speed), nullcontext) is not eager_sampling, speed
+    assert load_preset("rlcm-incompressibility").speed.graph_sampling
+    assert not load_preset("incompressibility").speed.graph_sampling
+
+
 def test_compile_mode_is_checked():
     from lowvram_ddpo.errors import UserError
 
@@ -284,7 +309,7 @@ def test_time_model_reproduces_the_h100_unet_calls_and_ranks_by_card():
         ([], 0.532, 2.292),  # micro-batch 8, checkpointing, offload
         (["memory.gradient_checkpointing=false", "memory.offload=false"], 0.469, 2.274),
         (["memory.gradient_checkpointing=false", "memory.offload=false",
-          "speed.compile=cudagraphs"], 0.474, 1.207),
+          "speed.compile=cudagraphs", "speed.graph_sampling=true"], 0.474, 1.207),
     ],
 )  # fmt: skip
 def test_time_model_reproduces_the_h200_epochs(overrides, sampling, training):

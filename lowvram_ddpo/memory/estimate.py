@@ -52,8 +52,7 @@ from lowvram_ddpo.rollout import (
     latent_shape,
     vae_input,
 )
-from lowvram_ddpo.speed.compile import backend_of
-from lowvram_ddpo.speed.cuda_graphs import replays_cuda_graphs
+from lowvram_ddpo.speed.compile import graphs_replay
 from lowvram_ddpo.text_encoding import TextEmbeds, micro_conditioning, sd3_t5_tokens
 
 T = TypeVar("T")
@@ -448,9 +447,10 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     overlapped = reward_model is not None and config.reward.overlap == "on"
     train_peak = run.training_micro_step(config)
     pool = graph_pool_bytes(config, step_peak, train_peak)
-    if pool:  # the UNet calls' working memory is the pool's from the first epoch on
+    if pool:  # the graphed calls' working memory is the pool's from the first epoch on
         resident["CUDA graph pool"] = pool
-        step_peak = train_peak = 0
+        train_peak = 0
+        step_peak = 0 if graphs_replay(config.speed, "sampling") else step_peak
 
     def phase(
         name: str, peak: int, loaded: dict[str, int] | None = None, also: dict | None = None
@@ -478,14 +478,16 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
 
 def graph_pool_bytes(config: Config, step_peak: int, train_peak: int) -> int:
     """The CUDA graphs' private memory pool (0 without a CUDA-graph mode): the working
-    memory of the sampling step's graph plus the training micro-step's (forward and
-    backward). Measured on an H200 (2026-11-26, SD 1.5, `speed.compile=cudagraphs`) the
-    pool behaved as the sum, not the larger, of the two: with it the estimate gives 12.6
-    GiB reserved at micro-batch 4 (measured 13.0) and 7.8 at micro-batch 8 with
-    checkpointing (measured 7.55). Graphs of other calls (the KL guard's base model, NFT's
-    old policy) are not counted yet."""
-    mode = config.speed.compile
-    return step_peak + train_peak if replays_cuda_graphs(mode, backend_of(mode)) else 0
+    memory of the training micro-step's graphs (forward and backward), plus the sampling
+    step's with ``speed.graph_sampling``. Measured on an H200 (2026-11-26, SD 1.5, both
+    calls graphed) the pool behaved as the sum, not the larger, of the two: with it the
+    estimate gives 12.6 GiB reserved at micro-batch 4 (measured 13.0) and 7.8 at
+    micro-batch 8 with checkpointing (measured 7.55). The training graphs alone are not
+    measured yet; graphs of other calls (the KL guard's base model, NFT's old policy) are
+    not counted yet."""
+    speed = config.speed
+    sampling = step_peak if graphs_replay(speed, "sampling") else 0
+    return train_peak + sampling if graphs_replay(speed, "training") else 0
 
 
 def settings_of(config: Config) -> dict[str, object]:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch._dynamo.config as dynamo_config
 
-from lowvram_ddpo.config import COMPILE_MODES
+from lowvram_ddpo.config import COMPILE_MODES, SpeedConfig
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.speed.cuda_graphs import make_graph_safe, replays_cuda_graphs
 
@@ -130,3 +130,19 @@ def uncompiled_calls(mode: str) -> AbstractContextManager:
     if mode == "off" or set_stance is None:
         return contextlib.nullcontext()
     return set_stance("force_eager")
+
+
+def sampling_calls(speed: SpeedConfig) -> AbstractContextManager:
+    """How the sampling call runs: compiled, except under a CUDA-graph mode without
+    ``speed.graph_sampling``, where it runs eagerly (see that setting)."""
+    graphs = replays_cuda_graphs(speed.compile, backend_of(speed.compile))
+    if graphs and not speed.graph_sampling:
+        return uncompiled_calls(speed.compile)
+    return contextlib.nullcontext()
+
+
+def graphs_replay(speed: SpeedConfig, call: str) -> bool:
+    """Whether the trainer's ``call`` ("sampling" or "training") replays CUDA graphs."""
+    if not replays_cuda_graphs(speed.compile, backend_of(speed.compile)):
+        return False
+    return call == "training" or speed.graph_sampling

@@ -18,11 +18,11 @@ the fit runs (a second), each scaled by the share of it the UNet with LoRA reach
 H100. Encoding, decoding and the reward are not modelled apart: the loop overheads cover
 them and the trainer's own time, as measured.
 
-With a CUDA-graph mode of ``speed.compile`` a call replays without the host's launches:
-only the arithmetic counts. Measured on an H200 (2026-11-26, SD 1.5, micro-batch 4,
-``cudagraphs``): 1.207 s of training per image, the model 1.16. Below micro-batch 4 the
-GPU's own per-kernel floor (thousands of small kernels) is not measured yet: the model
-may be optimistic there.
+With a CUDA-graph mode of ``speed.compile`` a graphed call (training; sampling too with
+``speed.graph_sampling``) replays without the host's launches: only the arithmetic
+counts. Measured on an H200 (2026-11-26, SD 1.5, micro-batch 4, ``cudagraphs``): 1.207 s
+of training per image, the model 1.21. Below micro-batch 4 the GPU's own per-kernel floor
+(thousands of small kernels) is not measured yet: the model may be optimistic there.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from lowvram_ddpo.config import Config
-from lowvram_ddpo.speed.compile import backend_of
-from lowvram_ddpo.speed.cuda_graphs import replays_cuda_graphs
+from lowvram_ddpo.speed.compile import graphs_replay
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
 from lowvram_ddpo.speed.flops import EpochFlops
 
@@ -56,6 +55,8 @@ waits out of the loops (H200, 2026-11-26, `bench speed`, SD 1.5): sampling 0.99 
 images, nothing offloaded), 1.12 (offloaded), 1.00 (CUDA graphs); training 1.09
 (micro-batch 4), 1.28 (8, checkpointing), 1.20 (4, CUDA graphs). Before the waits were
 taken out (H100, 2026-11-25) training was 1.25-1.33."""
+CALL_KINDS = ("sampling", "training")
+"""The trainer's UNet calls the model times."""
 H100_DENSE_TFLOPS = 989.4
 H100_UNET_TFLOPS = 170.0
 """The UNet's arithmetic rate once the GPU is the bottleneck: on the H100 a forward of 16
@@ -126,14 +127,14 @@ def predict_epoch(
 ) -> EpochTime:
     """Seconds of the UNet's work in one epoch of ``config`` on ``gpu``."""
     s, t, m = config.sample, config.train, config.memory
-    graphs = replays_cuda_graphs(config.speed.compile, backend_of(config.speed.compile))
-    host = 0.0 if graphs else unet_modules / SD15_UNET_MODULES  # graphs: no launches
+    launches = unet_modules / SD15_UNET_MODULES  # a graphed call has none on the host
+    host = {c: 0.0 if graphs_replay(config.speed, c) else launches for c in CALL_KINDS}
     rate = gpu.unet_tflops * 1e12
     samples = s.batch_size * s.batches_per_epoch
     steps = flops.trained_steps
 
     step_flops = flops.sampling_per_image / s.num_steps * s.batch_size
-    sampling_call = max(HOST_SECONDS_SAMPLING_CALL * host, step_flops / rate)
+    sampling_call = max(HOST_SECONDS_SAMPLING_CALL * host["sampling"], step_flops / rate)
     sampling = s.batches_per_epoch * s.num_steps * sampling_call * SAMPLING_LOOP_OVERHEAD
 
     per_image_step = flops.training_per_image / (steps * t.inner_epochs)
@@ -142,7 +143,7 @@ def predict_epoch(
     floor = (
         HOST_SECONDS_CHECKPOINTED_CALL if m.gradient_checkpointing else HOST_SECONDS_TRAINING_CALL
     )
-    training_call = max(floor * host, per_image_step * t.batch_size / rate)
+    training_call = max(floor * host["training"], per_image_step * t.batch_size / rate)
     micro_batches = -(-samples // t.batch_size)
     training = micro_batches * steps * t.inner_epochs * training_call * TRAINING_LOOP_OVERHEAD
     return EpochTime(sampling, training)
