@@ -153,10 +153,11 @@ case "$part" in
     # epoch did not fit 180 s); where a UNet call's time goes (host or which kernels)
     install_wheels
     stage shipped-cudagraphs 200 bench_speed "${SD15[@]}" --set speed.compile=cudagraphs
-    TORCH_LOGS=recompiles,cudagraphs,perf_hints stage mb8-ckpt-cudagraphs-logged 260 \
+    TORCH_LOGS=recompiles,cudagraphs,perf_hints stage mb8-ckpt-cudagraphs-logged 220 \
       bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs
-    stage profile 170 "$PY" benchmarks/unet_profile.py --arch sd15 \
-      --variants eager,channels_last,no-lora,cudagraphs
+    # a JSON line per variant as it ends: what a cut-off stage had still comes back
+    stage profile 150 "$PY" benchmarks/unet_profile.py --arch sd15 \
+      --variants eager,no-lora,channels_last,cudagraphs
     ;;
   compile) # each row compiles minutes: expect the first one or two per call
     install_wheels

@@ -3,6 +3,9 @@
     python benchmarks/unet_profile.py --arch sd15 --variants eager,cudagraphs
     python benchmarks/unet_profile.py --arch pocket --variants eager --repeats 3   # CPU
 
+SD 1.x-shaped UNets only (``sd15``, ``pocket``): SDXL's needs its added conditioning and
+the flow models have transformers.
+
 Builds the architecture's random-weight UNet with the trainer's LoRA (rank 4 on its
 default targets, fp32 adapter, fp16 base under autocast on a GPU, peft's input casts
 skipped as the trainer does), then times the trainer's two calls: a guided sampling step
@@ -40,8 +43,9 @@ from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 KINDS = (  # the first pattern a kernel's name matches names its kind
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
     ("convolution", r"conv|implicit_gemm|cudnn|winograd|nchw|nhwc"),
-    ("matmul", r"gemm|cutlass|sm\d+_xmma|matmul|addmm|\bmm\b|linear"),
-    ("normalisation", r"norm|welford"),
+    # cuBLAS 12.8+ names its Hopper GEMMs nvjet_*
+    ("matmul", r"gemm|gemv|splitk|nvjet|cutlass|sm\d+_xmma|matmul|addmm|\bmm\b|linear"),
+    ("normalisation", r"norm|welford|rowwisemoments"),
     ("copy and cast", r"copy|cast|to_copy|transpose|cat"),
     ("elementwise", r"elementwise|vectorized|unrolled|silu|gelu|mul|add|reduce"),
 )
@@ -170,7 +174,7 @@ def profile_variant(args: argparse.Namespace, variant: str, device: torch.device
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="sd15")
+    parser.add_argument("--arch", default="sd15", choices=["sd15", "pocket"])
     parser.add_argument("--variants", default="eager,cudagraphs")
     parser.add_argument("--sample-batch", type=int, default=8, help="images per sampling step")
     parser.add_argument("--micro-batch", type=int, default=4, help="images per micro-step")
@@ -182,16 +186,19 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
-    result = {
-        "arch": args.arch,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "sample_batch": args.sample_batch,
-        "micro_batch": args.micro_batch,
-        "variants": {v: profile_variant(args, v, device) for v in variants},
-    }
-    print(json.dumps(result))
-    for variant, rows in result["variants"].items():  # the table a reader needs first
-        for call, row in rows.items():
+    rows = {}
+    for variant in variants:  # a JSON line as each ends: a cut-off run keeps what it had
+        rows[variant] = profile_variant(args, variant, device)
+        print(json.dumps({
+            "arch": args.arch,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "sample_batch": args.sample_batch,
+            "micro_batch": args.micro_batch,
+            "variant": variant,
+            "calls": rows[variant],
+        }), flush=True)  # fmt: skip
+    for variant, calls_of_variant in rows.items():  # the table a reader needs first
+        for call, row in calls_of_variant.items():
             kinds = ", ".join(f"{k} {ms}" for k, ms in row["by_kind_ms"].items())
             print(
                 f"{variant:<13} {call:<8} {row['ms_per_call']:8.2f} ms/call  kernels "

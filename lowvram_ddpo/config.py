@@ -168,11 +168,12 @@ class SpeedConfig:
     graphs' memory pool (counted by the estimate). Off by default until the shipped
     presets are timed with it."""
     graph_sampling: bool = False
-    """With a CUDA-graph mode (cudagraphs, reduce-overhead), replay the sampling call as
-    graphs too. It pays only where the host's launches bound that call: few latents per
-    call on a fast card (RLCM's presets turn it on). With 8 guided SD 1.5 images per step
-    it gained nothing on an H200 (0.469 s per image eager, 0.474 with graphs) and cost a
-    pool of its own; off, the sampling call runs eagerly (no trace, no pool)."""
+    """With speed.compile=cudagraphs, replay the sampling call as graphs too. It pays only
+    where the host's launches bound that call: few latents per call on a fast card (the
+    RLCM presets turn it on). With 8 guided SD 1.5 images per step it gained nothing on an
+    H200 (0.469 s per image eager, 0.474 with graphs) and cost a pool of its own; off, the
+    sampling call runs eagerly (no trace, no pool). Inductor's graph modes
+    (reduce-overhead, max-autotune) always compile it, for their fused kernels."""
 
 
 @dataclass

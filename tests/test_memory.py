@@ -356,10 +356,11 @@ def test_micro_batch_1_fits_4_gb_and_3_gb_with_a_4_bit_base(sd15_run):
 # ---------------------------------------------------------------- --vram
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_vram_auto_fits_what_this_machines_gpu_has_free(monkeypatch, tiny_preset, tmp_path):
     """`--vram auto` takes the card's free memory now plus the context this process holds
-    (the fit takes the context off again), names the card in its line, and without CUDA
-    says in one line to give a size."""
+    (the fit takes the context off again), names the card in its line, and without CUDA,
+    or in a multi-GPU run, says in one line to give a size."""
     from test_cli import _assert_clean_error
 
     from lowvram_ddpo.memory.fit import vram_budget, vram_label
@@ -376,6 +377,10 @@ def test_vram_auto_fits_what_this_machines_gpu_has_free(monkeypatch, tiny_preset
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (7 * GB, 8 * GB))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "RTX Test")
     assert vram_budget(" Auto ") == 7 * GB + CUDA_CONTEXT_BYTES
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="give the smallest card's size"):
+        vram_budget("auto")
+    monkeypatch.delenv("WORLD_SIZE")
     assert vram_label("auto", 7 * GB + CUDA_CONTEXT_BYTES) == "auto (7.00 GB free on RTX Test)"
     assert vram_label("8GB", 8 * GB) == "8GB"
 

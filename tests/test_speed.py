@@ -178,10 +178,13 @@ def test_one_off_renders_run_eagerly_under_compile(tiny_pipeline):
     assert counters["frames"]["total"] >= 1
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.compiler, "set_stance"), reason="torch < 2.6 graphs every call"
+)
 def test_only_the_calls_that_pay_replay_cuda_graphs():
-    """Under a CUDA-graph mode the training call replays graphs; the sampling call only
-    with speed.graph_sampling (else it runs eagerly: no trace, no pool); Inductor's
-    default mode compiles both and replays neither."""
+    """Under cudagraphs the training call replays graphs, the sampling call only with
+    speed.graph_sampling (else it runs eagerly: no trace, no pool); Inductor's graph modes
+    graph both (their fused kernels pay anyway); its default mode neither."""
     from contextlib import nullcontext
 
     from lowvram_ddpo.config import SpeedConfig
@@ -190,7 +193,8 @@ def test_only_the_calls_that_pay_replay_cuda_graphs():
     cases = [
         (SpeedConfig("cudagraphs"), True, False),
         (SpeedConfig("cudagraphs", graph_sampling=True), True, True),
-        (SpeedConfig("reduce-overhead"), True, False),
+        (SpeedConfig("reduce-overhead"), True, True),
+        (SpeedConfig("max-autotune"), True, True),
         (SpeedConfig("default", graph_sampling=True), False, False),
         (SpeedConfig("off"), False, False),
     ]
@@ -199,7 +203,10 @@ def test_only_the_calls_that_pay_replay_cuda_graphs():
         assert graphs_replay(speed, "sampling") is sampling, speed
         eager_sampling = training and not sampling
         assert isinstance(sampling_calls(speed), nullcontext) is not eager_sampling, speed
+    with pytest.raises(ValueError, match="no such UNet call"):
+        graphs_replay(SpeedConfig("cudagraphs"), "grid")
     assert load_preset("rlcm-incompressibility").speed.graph_sampling
+    assert load_preset("rlcm-sdxl-aesthetic").speed.graph_sampling  # inherited
     assert not load_preset("incompressibility").speed.graph_sampling
 
 
@@ -423,10 +430,14 @@ def test_the_unet_profile_times_both_calls_and_sorts_every_kernel_by_kind():
     rows = {v: unet_profile.profile_variant(args, v, cpu) for v in ("eager", "no-lora")}
     eager = rows["eager"]
     assert set(eager) == {"sampling", "training"} and set(rows["no-lora"]) == {"sampling"}
-    for row in eager.values():
+    for row in eager.values():  # the pocket UNet's convolutions and projections are seen
         assert row["ms_per_call"] > 0 and row["kernels"] > 0
-        assert sum(row["by_kind_ms"].values()) == pytest.approx(row["kernel_ms"], abs=0.1)
+        assert row["by_kind_ms"]["convolution"] > 0 and row["by_kind_ms"]["matmul"] > 0
     assert eager["training"]["kernels"] > eager["sampling"]["kernels"]
     assert rows["no-lora"]["sampling"]["kernels"] < eager["sampling"]["kernels"]
     assert unet_profile.kind_of("void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm>") == "matmul"
     assert unet_profile.kind_of("pytorch_flash::flash_fwd_kernel") == "attention"
+    assert unet_profile.kind_of("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT") == "matmul"
+    assert unet_profile.kind_of("void at::native::(anonymous)::RowwiseMomentsCUDAKernel") == (
+        "normalisation"
+    )

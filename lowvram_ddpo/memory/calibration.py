@@ -27,7 +27,7 @@ def reserved_bytes(allocated: int, graph_pool: int = 0) -> int:
     """What the caching allocator reserves for ``allocated`` live bytes, of which
     ``graph_pool`` sit in CUDA graphs' private pool: that pool is reserved as recorded, so
     the fragmentation ratio applies to the rest only (measured on an H200, 2026-11-26:
-    within 3.3% of both rows; `estimate.graph_pool_bytes`)."""
+    within 3.3% of both rows, one a first epoch's peak; `estimate.graph_pool_bytes`)."""
     return int((allocated - graph_pool) * RESERVED_OVER_ALLOCATED) + graph_pool
 
 

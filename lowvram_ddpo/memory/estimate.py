@@ -479,12 +479,13 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
 def graph_pool_bytes(config: Config, step_peak: int, train_peak: int) -> int:
     """The CUDA graphs' private memory pool (0 without a CUDA-graph mode): the working
     memory of the training micro-step's graphs (forward and backward), plus the sampling
-    step's with ``speed.graph_sampling``. Measured on an H200 (2026-11-26, SD 1.5, both
-    calls graphed) the pool behaved as the sum, not the larger, of the two: with it the
-    estimate gives 12.6 GiB reserved at micro-batch 4 (measured 13.0) and 7.8 at
-    micro-batch 8 with checkpointing (measured 7.55). The training graphs alone are not
-    measured yet; graphs of other calls (the KL guard's base model, NFT's old policy) are
-    not counted yet."""
+    step's when it is graphed (``compile.graphs_replay``). Measured on an H200
+    (2026-11-26, SD 1.5, both calls graphed) the pool behaved as the sum, not the larger,
+    of the two: with it the estimate gives 12.6 GiB reserved at micro-batch 4 (measured
+    13.0) and 7.8 at micro-batch 8 with checkpointing (measured 7.55, but in a first
+    epoch: at micro-batch 4 the peak rose from 11.98 to 13.00 in the second, so that
+    figure may understate). The training graphs alone are not measured yet; graphs of
+    other calls (the KL guard's base model, NFT's old policy) are not counted yet."""
     speed = config.speed
     sampling = step_peak if graphs_replay(speed, "sampling") else 0
     return train_peak + sampling if graphs_replay(speed, "training") else 0
@@ -509,4 +510,5 @@ def settings_of(config: Config) -> dict[str, object]:
         "vae_tiling": m.vae_tiling,
         "text_encoders_on_cpu": m.text_encoders_on_cpu,
         "compile": config.speed.compile,
+        "graph_sampling": config.speed.graph_sampling,
     }

@@ -131,8 +131,12 @@ def vram_budget(vram: str) -> int:
             "--vram auto reads the size of this machine's CUDA GPU, and there is none: "
             "give the card's size instead, like --vram 8GB"
         )
-    device = int(os.environ.get("LOCAL_RANK", "0"))  # each process of a multi-GPU run its own
-    free, _total = torch.cuda.mem_get_info(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would fit its own card
+        raise UserError(
+            "--vram auto fits one GPU; a multi-GPU run needs the same settings on every "
+            "card: give the smallest card's size, like --vram 24GB"
+        )
+    free, _total = torch.cuda.mem_get_info()
     return free + CUDA_CONTEXT_BYTES
 
 

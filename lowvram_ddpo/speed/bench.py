@@ -151,7 +151,7 @@ def measure_speed(
     return SpeedReport(
         arch=arch,
         device=name,
-        settings=settings_of(cfg) | {"compile": cfg.speed.compile},
+        settings=settings_of(cfg),
         images=timed["samples"],
         seconds={p: timed[f"seconds_{p}"] for p in (*PHASES, "epoch")},
         warmup_seconds=warmup["seconds_epoch"],

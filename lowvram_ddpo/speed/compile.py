@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -122,27 +123,40 @@ def compile_unet(
     )
 
 
-def uncompiled_calls(mode: str) -> AbstractContextManager:
-    """Inside the block a compiled UNet runs eagerly (``torch.compiler.set_stance``, torch
-    >= 2.6; older versions compile as before): for one-off calls whose new shapes would
-    cost a compile, or under CUDA graphs a memory pool kept for the rest of the run."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    if mode == "off" or set_stance is None:
-        return contextlib.nullcontext()
-    return set_stance("force_eager")
+CAN_RUN_EAGERLY = hasattr(torch.compiler, "set_stance")
+"""torch >= 2.6 can run a compiled module eagerly for a while (``set_stance``); older
+versions compile every call."""
 
 
-def sampling_calls(speed: SpeedConfig) -> AbstractContextManager:
-    """How the sampling call runs: compiled, except under a CUDA-graph mode without
-    ``speed.graph_sampling``, where it runs eagerly (see that setting)."""
-    graphs = replays_cuda_graphs(speed.compile, backend_of(speed.compile))
-    if graphs and not speed.graph_sampling:
-        return uncompiled_calls(speed.compile)
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def uncompiled_calls(mode: str) -> Iterator[None]:
+    """Inside the block a compiled UNet runs eagerly (``torch.compiler.set_stance``): for
+    one-off calls whose new shapes would cost a compile, or under CUDA graphs a memory
+    pool kept for the rest of the run. Nothing changes before the block is entered."""
+    if mode == "off" or not CAN_RUN_EAGERLY:
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 def graphs_replay(speed: SpeedConfig, call: str) -> bool:
-    """Whether the trainer's ``call`` ("sampling" or "training") replays CUDA graphs."""
-    if not replays_cuda_graphs(speed.compile, backend_of(speed.compile)):
+    """Whether the trainer's ``call`` ("sampling" or "training") replays CUDA graphs:
+    training under every CUDA-graph mode; sampling with ``speed.graph_sampling``, and
+    always under Inductor's graph modes (their fused kernels pay where graphs do not)."""
+    if call not in ("sampling", "training"):
+        raise ValueError(f"no such UNet call: {call!r}")
+    backend = backend_of(speed.compile)
+    if not replays_cuda_graphs(speed.compile, backend):
         return False
-    return call == "training" or speed.graph_sampling
+    if call == "training":
+        return True
+    return speed.graph_sampling or backend == "inductor" or not CAN_RUN_EAGERLY
+
+
+def sampling_calls(speed: SpeedConfig) -> AbstractContextManager:
+    """How the sampling call runs: compiled, except under ``cudagraphs`` without
+    ``speed.graph_sampling``, where it runs eagerly (see that setting)."""
+    if graphs_replay(speed, "training") and not graphs_replay(speed, "sampling"):
+        return uncompiled_calls(speed.compile)
+    return contextlib.nullcontext()

@@ -27,8 +27,9 @@ from collections.abc import Callable
 import torch
 from torch.utils._pytree import tree_map_only
 
-GRAPH_MODES = ("reduce-overhead", "cudagraphs")
-"""``speed.compile`` modes whose calls replay CUDA graphs (cudagraph trees)."""
+GRAPH_MODES = ("reduce-overhead", "max-autotune", "cudagraphs")
+"""``speed.compile`` modes whose calls replay CUDA graphs (cudagraph trees; Inductor's
+``max-autotune`` turns on ``triton.cudagraphs`` as ``reduce-overhead`` does)."""
 
 
 def replays_cuda_graphs(mode: str, backend: str) -> bool:

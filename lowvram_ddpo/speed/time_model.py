@@ -61,7 +61,7 @@ H100_DENSE_TFLOPS = 989.4
 H100_UNET_TFLOPS = 170.0
 """The UNet's arithmetic rate once the GPU is the bottleneck: on the H100 a forward of 16
 latents with the LoRA under autocast, 12.9 TFLOP in 76 ms (52.4 ms without the LoRA); the
-H200's training with CUDA graphs agrees (1.207 s per image against 1.16 predicted). 17% of
+H200's training with CUDA graphs agrees (1.207 s per image against 1.21 predicted). 17% of
 the card's listed dense fp16 rate; 0.21 of the ~800 TFLOP/s its fp16 matmuls reached."""
 UNET_SHARE_OF_LISTED = H100_UNET_TFLOPS / H100_DENSE_TFLOPS
 UNET_SHARE_OF_MATMUL = H100_UNET_TFLOPS / 800.0
