@@ -277,6 +277,11 @@ def test_bench_speed_times_a_real_run_and_reports_mfu():
     expected = work["training"] * 1e12 * 4 / seconds["training"] / 1e12
     assert report["mfu"]["training"] == pytest.approx(expected)
     assert report["settings"]["compile"] == "off"
+    # the whole run as the preset has it, at the timed rate: what a user plans around
+    preset = load_preset("pocket-incompressibility")
+    images = preset.run.epochs * 4 * preset.sample.batches_per_epoch
+    assert report["run"]["images"] == images
+    assert report["run"]["seconds"] == pytest.approx(images / report["images_per_second"])
 
 
 def test_time_model_reproduces_the_h100_unet_calls_and_ranks_by_card():

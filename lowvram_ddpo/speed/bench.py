@@ -19,6 +19,7 @@ from lowvram_ddpo.config import Config, set_samples_per_epoch
 from lowvram_ddpo.memory.estimate import settings_of
 from lowvram_ddpo.memory.measure import run_on_random_weights
 from lowvram_ddpo.memory.units import format_size
+from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
 
@@ -41,11 +42,19 @@ class SpeedReport:
     peak_tflops: float | None
     """The device's dense fp16 rate; None: unknown (no MFU)."""
     peak_reserved_bytes: int | None
+    run_images: int = 0
+    """Images of the whole run as configured (epochs x images per epoch): what the timed
+    epoch's rate extrapolates to (0: not given)."""
     notes: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds["epoch"]
+
+    @property
+    def run_seconds(self) -> float:
+        """The configured run at the timed epoch's rate (warm-up and grids left out)."""
+        return self.run_images / self.images_per_second
 
     def seconds_per_image(self, phase: str) -> float:
         return self.seconds[phase] / self.images
@@ -78,6 +87,7 @@ class SpeedReport:
                 "forward_per_latent": self.flops.forward_per_latent / 1e12,
             },
             "peak_reserved_bytes": self.peak_reserved_bytes,
+            "run": {"images": self.run_images, "seconds": self.run_seconds},
             "settings": self.settings,
             "notes": self.notes,
         }
@@ -99,6 +109,11 @@ class SpeedReport:
         )
         if self.peak_reserved_bytes is not None:
             lines.append(f"  peak reserved {format_size(self.peak_reserved_bytes)}")
+        if self.run_images:
+            lines.append(
+                f"  the whole run as configured ({self.run_images} images): "
+                f"~{format_duration(self.run_seconds)} at this rate"
+            )
         lines.append(
             f"UNet work per image: sampling {self.flops.sampling_per_image / 1e12:.3g} TFLOP, "
             f"training {self.flops.training_per_image / 1e12:.3g} TFLOP"
@@ -134,6 +149,7 @@ def measure_speed(
 ) -> SpeedReport:
     """Time ``config``'s epoch on this machine's accelerator with random-weight models."""
     cfg = speed_config(config, batches)
+    run_images = config.run.epochs * config.sample.batch_size * config.sample.batches_per_epoch
     flops = epoch_flops(cfg, arch)
     (warmup, timed), _ = run_on_random_weights(cfg, arch)
     on_cuda = torch.cuda.is_available()
@@ -158,5 +174,6 @@ def measure_speed(
         flops=flops,
         peak_tflops=rate,
         peak_reserved_bytes=timed.get("peak_reserved_bytes") if on_cuda else None,
+        run_images=run_images,
         notes=notes,
     )
