@@ -286,6 +286,19 @@ def test_cuda_graphs_hold_their_calls_working_memory_for_the_whole_run(sd15_run)
     assert eager.settings["compile"] == "off" and graphs.settings["compile"] == "cudagraphs"
 
 
+def test_the_kl_guards_base_model_call_has_its_own_share_of_the_graph_pool(sd15_run):
+    """With the KL guard a training micro-step also calls the base model without
+    gradients: under CUDA graphs that call is a graph of its own, whose working memory
+    (a guided no-grad step of the micro-batch) joins the pool."""
+    guard = ("train.batch_size=4", "train.kl_coef=0.01")
+    eager = _estimate(sd15_run, *guard).phase("training")
+    train = eager.peak_allocated - sum(eager.held.values())
+    graphs = _estimate(sd15_run, *guard, "speed.compile=cudagraphs").phase("training")
+    base_call = sd15_run.denoising_step(4, 5.0)
+    assert base_call > 0.3 * GB
+    assert graphs.held["CUDA graph pool"] == train + base_call
+
+
 def test_text_encoders_on_the_cpu_take_the_encode_phase_off_the_card(sd15_run):
     on_card = _estimate(sd15_run).phase("encode")
     on_cpu = _estimate(sd15_run, "memory.text_encoders_on_cpu=true").phase("encode")

@@ -344,6 +344,22 @@ def test_time_model_reproduces_the_h200_epochs(overrides, sampling, training):
     assert predicted.training / images == pytest.approx(training, rel=0.15)
 
 
+def test_calls_without_gradients_add_a_guided_forward_per_trained_step():
+    """NFT's old policy and the KL guard's base model each cost a guided forward per trained
+    image-step: on an arithmetic-bound card the KL guard adds sampling's per-step work to
+    training's (80.4 + 171.4 over 171.4 TFLOP per image for SD 1.5)."""
+    from lowvram_ddpo.speed.time_model import Gpu, predict_epoch
+
+    slow = Gpu.listed("slow card", 20.0)
+    config = load_preset("incompressibility")
+    flops = epoch_flops(config, "sd15")
+    plain = predict_epoch(config, flops, slow).training
+    config.train.kl_coef = 0.01
+    guarded = predict_epoch(config, flops, slow).training
+    expected = (flops.training_per_image + flops.sampling_per_image) / flops.training_per_image
+    assert guarded / plain == pytest.approx(expected, rel=1e-6)
+
+
 def test_vram_fit_takes_the_fastest_setting_that_fits_and_says_how_long():
     """The shipped preset trains at micro-batch 1; on an 8 GB card the fit trades it for a
     bigger micro-batch (on the calibrated H100 rate, assumed without a GPU), and prints

@@ -42,6 +42,14 @@ class MicroBatch:
     """[b] step index k (the action is x_k -> x_{k+1})."""
 
 
+def no_grad_calls_per_micro_step(algorithm: str, kl_coef: float) -> int:
+    """UNet calls without gradients that a training micro-step makes besides its trained
+    one: NFT's old-policy velocity, and the base model's step with the KL guard. Each is a
+    forward of the micro-batch (guidance doubling it as the trained call does); under CUDA
+    graphs each is a graph, with its own share of the pool."""
+    return int(algorithm == "nft") + int(kl_coef > 0)
+
+
 def _conditioning(
     trajectories: Trajectories,
     batch: MicroBatch,

@@ -28,6 +28,7 @@ from lowvram_ddpo.algorithms.nft import SamplingWeights
 from lowvram_ddpo.algorithms.steps import (
     MicroBatch,
     nft_loss,
+    no_grad_calls_per_micro_step,
     policy_gradient_loss,
     reward_weighted_loss,
 )
@@ -446,7 +447,9 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     reward_peak = run.score_rewards(config.reward, config.reward.batch_size)
     overlapped = reward_model is not None and config.reward.overlap == "on"
     train_peak = run.training_micro_step(config)
-    pool = graph_pool_bytes(config, step_peak, train_peak)
+    extra_calls = no_grad_calls_per_micro_step(config.train.algorithm, config.train.kl_coef)
+    extra_peak = run.denoising_step(config.train.batch_size, s.guidance_scale) if extra_calls else 0
+    pool = graph_pool_bytes(config, step_peak, train_peak + extra_calls * extra_peak)
     if pool:  # the graphed calls' working memory is the pool's from the first epoch on
         resident["CUDA graph pool"] = pool
         train_peak = 0
@@ -478,14 +481,15 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
 
 def graph_pool_bytes(config: Config, step_peak: int, train_peak: int) -> int:
     """The CUDA graphs' private memory pool (0 without a CUDA-graph mode): the working
-    memory of the training micro-step's graphs (forward and backward), plus the sampling
-    step's when it is graphed (``compile.graphs_replay``). Measured on an H200
+    memory of the training micro-step's graphs (``train_peak``: forward and backward, and
+    the calls without gradients it makes, NFT's old policy and the KL guard's base model),
+    plus the sampling step's when it is graphed (``compile.graphs_replay``). Measured on an H200
     (2026-11-26, SD 1.5, both calls graphed) the pool behaved as the sum, not the larger,
     of the two: with it the estimate gives 12.6 GiB reserved at micro-batch 4 (measured
     13.0) and 7.8 at micro-batch 8 with checkpointing (measured 7.55, but in a first
     epoch: at micro-batch 4 the peak rose from 11.98 to 13.00 in the second, so that
-    figure may understate). The training graphs alone are not measured yet; graphs of
-    other calls (the KL guard's base model, NFT's old policy) are not counted yet."""
+    figure may understate). The training graphs alone, and those extra calls, are not
+    measured yet."""
     speed = config.speed
     sampling = step_peak if graphs_replay(speed, "sampling") else 0
     return train_peak + sampling if graphs_replay(speed, "training") else 0

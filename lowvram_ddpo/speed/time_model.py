@@ -15,8 +15,9 @@ Both times are scaled to the run: the host's by the UNet's module count against 
 FLOPs counted for the run's model and resolution (``speed.flops``) and the card's rate:
 its listed dense fp16 rate (``speed.devices``), else its fp16 matmul rate measured when
 the fit runs (a second), each scaled by the share of it the UNet with LoRA reached on the
-H100. Encoding, decoding and the reward are not modelled apart: the loop overheads cover
-them and the trainer's own time, as measured.
+H100. A micro-step's calls without gradients (NFT's old policy, the KL guard's base model)
+add a guided forward each. Encoding, decoding and the reward are not modelled apart: the
+loop overheads cover them and the trainer's own time, as measured.
 
 With a CUDA-graph mode of ``speed.compile`` a graphed call (training; sampling too with
 ``speed.graph_sampling``) replays without the host's launches: only the arithmetic
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowvram_ddpo.algorithms.steps import no_grad_calls_per_micro_step
 from lowvram_ddpo.config import Config
 from lowvram_ddpo.speed.compile import graphs_replay
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
@@ -138,11 +140,14 @@ def predict_epoch(
     sampling = s.batches_per_epoch * s.num_steps * sampling_call * SAMPLING_LOOP_OVERHEAD
 
     per_image_step = flops.training_per_image / (steps * t.inner_epochs)
+    guided_forward = flops.sampling_per_image / s.num_steps  # of one image at one step
     if m.gradient_checkpointing:  # the forward runs again inside the backward
-        per_image_step += flops.sampling_per_image / s.num_steps
+        per_image_step += guided_forward
+    extra = no_grad_calls_per_micro_step(t.algorithm, t.kl_coef)  # NFT, the KL guard
+    per_image_step += extra * guided_forward
     floor = (
         HOST_SECONDS_CHECKPOINTED_CALL if m.gradient_checkpointing else HOST_SECONDS_TRAINING_CALL
-    )
+    ) + extra * HOST_SECONDS_SAMPLING_CALL
     training_call = max(floor * host["training"], per_image_step * t.batch_size / rate)
     micro_batches = -(-samples // t.batch_size)
     training = micro_batches * steps * t.inner_epochs * training_call * TRAINING_LOOP_OVERHEAD
