@@ -1,6 +1,6 @@
 """What can be checked of `speed.compile=cudagraphs` without a GPU (docs/benchmarks.md).
 
-    python benchmarks/cudagraphs_cpu_check.py ops       # aten ops per UNet call
+    python benchmarks/cudagraphs_cpu_check.py ops       # aten ops per UNet call, LoRA off/on/fused
     python benchmarks/cudagraphs_cpu_check.py explain   # graphs and breaks per call kind
     python benchmarks/cudagraphs_cpu_check.py trainer pocket-incompressibility train.kl_coef=0.01
     python benchmarks/cudagraphs_cpu_check.py trace     # seconds of the first training calls
@@ -30,9 +30,14 @@ class OpCount(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.computing = 0
+        """Ops that compute (views and aliases left out): kernel launches on a GPU."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         self.count += 1
+        schema = func._schema
+        if schema.is_mutable or not any(r.alias_info for r in schema.returns):
+            self.computing += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -72,15 +77,19 @@ def unet_call(unet: torch.nn.Module, train: bool) -> None:
 
 
 def count_ops() -> None:
-    for lora in (False, True):
-        unet = sd15_layout_unet(lora)
-        for train in (False, True) if lora else (False,):
+    from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
+
+    for lora in ("none", "peft", "fused"):
+        unet = sd15_layout_unet(lora != "none")
+        if lora == "fused":
+            fuse_lora_layers(unet)  # speed.fused_lora
+        for train in (False, True) if lora != "none" else (False,):
             unet_call(unet, train)  # warm-up
             counter = OpCount()
             with counter:
                 unet_call(unet, train)
-            what = ("forward + backward" if train else "forward") + (" with LoRA" if lora else "")
-            print(f"{what}: {counter.count} aten ops")
+            what = ("forward + backward" if train else "forward") + f", LoRA: {lora}"
+            print(f"{what}: {counter.count} aten ops, {counter.computing} computing")
 
 
 def explain() -> None:

@@ -148,16 +148,18 @@ case "$part" in
     stage shipped 240 bench_speed "${SD15[@]}"
     ;;
   speed2) # what the first speed call (H200, 2026-11-26) left open, most telling first:
-    # the shipped preset with CUDA graphs (the default to choose); checkpointing + graphs
-    # again with logs (its first epoch alone took 126 s there: setup ~23 s + that + a timed
-    # epoch did not fit 180 s); where a UNet call's time goes (host or which kernels)
+    # the shipped preset with CUDA graphs (the default to choose); where a UNet call's
+    # time goes (host or which kernels; the fused LoRA's gain); the fused LoRA's replay
+    # error; checkpointing + graphs again with logs (its first epoch alone took 126 s
+    # there: setup ~23 s + that + a timed epoch did not fit 180 s)
     install_wheels
     stage shipped-cudagraphs 200 bench_speed "${SD15[@]}" --set speed.compile=cudagraphs
-    TORCH_LOGS=recompiles,cudagraphs,perf_hints stage mb8-ckpt-cudagraphs-logged 220 \
-      bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs
     # a JSON line per variant as it ends: what a cut-off stage had still comes back
     stage profile 150 "$PY" benchmarks/unet_profile.py --arch sd15 \
-      --variants eager,no-lora,channels_last,cudagraphs
+      --variants eager,no-lora,fused-lora,channels_last,cudagraphs
+    stage replay-fused-lora 90 "$PY" benchmarks/replay_error.py --arch sd15 --fused-lora --steps 10
+    TORCH_LOGS=recompiles,cudagraphs,perf_hints stage mb8-ckpt-cudagraphs-logged 220 \
+      bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs
     ;;
   compile) # each row compiles minutes: expect the first one or two per call
     install_wheels

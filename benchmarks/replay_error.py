@@ -3,6 +3,7 @@
     python benchmarks/replay_error.py --arch sd15 --compile default [--steps 10]
     python benchmarks/replay_error.py --arch sd35m --resolution 512 (the flow SDE)
     python benchmarks/replay_error.py --arch flux2-klein --resolution 512 --dtype bf16
+    python benchmarks/replay_error.py --arch sd15 --fused-lora (speed.fused_lora's layers)
 
 Samples a batch with the trainer's policy (random-weight model built from the
 architecture's config, fp16 or --dtype bf16 autocast on a GPU, fp32 on the CPU), then
@@ -27,20 +28,33 @@ from lowvram_ddpo.models import DTYPES, make_trainable
 from lowvram_ddpo.policy import build_policy
 from lowvram_ddpo.rollout import image_tokens, sample_trajectories
 from lowvram_ddpo.speed.compile import compile_unet
+from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
+from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
 from lowvram_ddpo.text_encoding import encode_negative
 
 CLIP_RANGE = 1e-4
 
 
 def replay_error(
-    arch: str, mode: str, steps: int, batch: int, resolution: int = 0, precision: str = "fp16"
+    arch: str,
+    mode: str,
+    steps: int,
+    batch: int,
+    resolution: int = 0,
+    precision: str = "fp16",
+    fused_lora: bool = False,
 ) -> dict[str, object]:
-    """``resolution`` 0: the architecture's own; ``precision`` of the base on a GPU."""
+    """``resolution`` 0: the architecture's own; ``precision`` of the base on a GPU;
+    ``fused_lora``: the LoRA layers as ``speed.fused_lora`` computes them."""
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = DTYPES[precision] if on_gpu else torch.float32
     pipe = random_pipeline(arch, dtype, str(device))
     make_trainable(pipe.unet, 4, 4.0, [])  # the model family's default LoRA targets
+    if on_gpu:
+        skip_lora_input_casts(pipe.unet)  # as the trainer does under autocast
+    if fused_lora:
+        fuse_lora_layers(pipe.unet)
     compile_unet(pipe.unet, mode, device)
     resolution = resolution or native_resolution(arch)
     tokens = image_tokens(pipe.unet, pipe.vae, resolution)
@@ -71,6 +85,7 @@ def replay_error(
     return {
         "arch": arch,
         "compile": mode,
+        "fused_lora": fused_lora,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "dtype": str(dtype),
         "resolution": resolution,
@@ -90,10 +105,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=0, help="0: the model's own")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="on a GPU")
+    parser.add_argument("--fused-lora", action="store_true", help="speed.fused_lora's layers")
     args = parser.parse_args()
     result = replay_error(
-        args.arch, args.compile, args.steps, args.batch, args.resolution, args.dtype
-    )
+        args.arch, args.compile, args.steps, args.batch, args.resolution, args.dtype,
+        args.fused_lora,
+    )  # fmt: skip
     print(json.dumps(result))
 
 

@@ -19,7 +19,9 @@ the table says which kernels to cut (issue 12: MFU training >= 30%, sampling >= 
 
 Variants: ``eager``; ``channels_last`` (the UNet's weights and inputs in NHWC, the layout
 tensor-core convolutions use); ``no-lora`` (the adapters switched off: their own cost);
-``cudagraphs`` (``speed.compile=cudagraphs``, traced once per call kind before timing).
+``cudagraphs`` (``speed.compile=cudagraphs``, traced once per call kind before timing);
+``fused-lora`` (``speed.fused_lora``: each LoRA layer's up-projection, scaling and sum in
+one addmm).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from lowvram_ddpo.models import make_trainable
 from lowvram_ddpo.rollout import latent_shape
 from lowvram_ddpo.speed.compile import compile_unet
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
+from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
 
 KINDS = (  # the first pattern a kernel's name matches names its kind
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
@@ -49,7 +52,7 @@ KINDS = (  # the first pattern a kernel's name matches names its kind
     ("copy and cast", r"copy|cast|to_copy|transpose|cat"),
     ("elementwise", r"elementwise|vectorized|unrolled|silu|gelu|mul|add|reduce"),
 )
-VARIANTS = ("eager", "channels_last", "no-lora", "cudagraphs")
+VARIANTS = ("eager", "channels_last", "no-lora", "cudagraphs", "fused-lora")
 
 
 def kind_of(kernel: str) -> str:
@@ -69,6 +72,8 @@ def build_unet(
         skip_lora_input_casts(unet)
     if variant == "channels_last":
         unet.to(memory_format=torch.channels_last)
+    if variant == "fused-lora":
+        fuse_lora_layers(unet)
     if variant == "no-lora":
         unet.disable_adapters()  # also stops their gradients: sampling alone is timed
     if variant == "cudagraphs":

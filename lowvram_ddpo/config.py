@@ -174,6 +174,11 @@ class SpeedConfig:
     H200 (0.469 s per image eager, 0.474 with graphs) and cost a pool of its own; off, the
     sampling call runs eagerly (no trace, no pool). Inductor's graph modes
     (reduce-overhead, max-autotune) always compile it, for their fused kernels."""
+    fused_lora: bool = False
+    """Compute each LoRA linear layer's up-projection, scaling and sum with the frozen
+    layer's output in one matmul (``speed/lora_fusion.py``): per layer two kernels and
+    three passes over its output fewer, one rounding instead of three. Off until its GPU
+    speed and fp16 replay error are measured."""
 
 
 @dataclass

@@ -92,6 +92,7 @@ from lowvram_ddpo.speed.compile import (
     uncompiled_calls,
 )
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
+from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative, text_encoders
 
 
@@ -246,6 +247,8 @@ class Trainer:
         )
         if self.accelerator.mixed_precision != "no":  # every UNet call is under autocast
             skip_lora_input_casts(self.pipe.unet)
+        if cfg.speed.fused_lora:
+            fuse_lora_layers(self.pipe.unet)
         if m.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
         # DiffusionNFT samples with a lagging copy of the LoRA weights
