@@ -72,6 +72,32 @@ def test_training_totals_sum_on_the_device_and_read_back_once():
     assert means["grad_norm"] == 0.5
 
 
+def assert_samples_replay_with_ratio_one(pipe) -> None:  # noqa: ANN001
+    """Sample three prompts without gradients in eval mode, re-score every step with them
+    in train mode (two different code paths, or compiled graphs): ratio one."""
+    policy = DDIMPolicy(pipe.scheduler.config, num_steps=3, eta=1.0)
+    negative = encode_negative(pipe, "")
+    pipe.unet.eval()
+    samples = sample_trajectories(
+        pipe, pipe.unet, policy, ["a cat", "a dog", "a fox"], negative, 5.0, 32,
+        torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    pipe.unet.train()
+    with torch.enable_grad():
+        assert_replay_gives_ratio_one(pipe.unet, policy, samples, negative, 5.0)
+
+
+def with_active_lora(unet: torch.nn.Module, alpha: float) -> torch.nn.Module:
+    """``unet`` with a rank-2 LoRA on its attention whose B is not zero: the adapters change
+    the output and gradients reach both matrices."""
+    attach_lora(unet, 2, alpha, ["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    return unet
+
+
 SLOW = os.environ.get("LOWVRAM_DDPO_SLOW_TESTS") == "1"
 
 
@@ -103,16 +129,7 @@ def test_compiled_unet_replays_its_own_samples_exactly(
     note = compile_unet(pipe.unet, "default", torch.device("cpu"), backend=backend)
     assert note.startswith("torch.compile (") and compile_cache_dir() == tmp_path / "cache"
     assert [n for n, _ in pipe.unet.named_parameters()] == names
-    policy = DDIMPolicy(pipe.scheduler.config, num_steps=3, eta=1.0)
-    negative = encode_negative(pipe, "")
-    pipe.unet.eval()
-    samples = sample_trajectories(
-        pipe, pipe.unet, policy, ["a cat", "a dog", "a fox"], negative, 5.0, 32,
-        torch.Generator().manual_seed(0),
-    )  # fmt: skip
-    pipe.unet.train()
-    with torch.enable_grad():
-        assert_replay_gives_ratio_one(pipe.unet, policy, samples, negative, 5.0)
+    assert_samples_replay_with_ratio_one(pipe)
     if backend == "inductor":
         assert (tmp_path / "cache").is_dir()  # compiled code kept for the next run
 
@@ -124,12 +141,7 @@ def test_graph_modes_accumulate_gradients_and_keep_outputs_as_eager(tiny_pipelin
     output survives a later call unchanged."""
     import copy
 
-    eager = tiny_pipeline.unet
-    attach_lora(eager, 2, 2.0, ["to_q", "to_k", "to_v", "to_out.0"])
-    with torch.no_grad():  # non-zero B: gradients reach both LoRA matrices
-        for name, p in eager.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    eager = with_active_lora(tiny_pipeline.unet, 2.0)
     compiled = copy.deepcopy(eager)
     compile_unet(compiled, "default", torch.device("cpu"), backend="cudagraphs")
     generator = torch.Generator().manual_seed(0)
@@ -236,12 +248,7 @@ def test_fused_lora_layers_compute_what_peft_computes_in_fewer_kernels(tiny_pipe
 
     from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
 
-    peft_unet = tiny_pipeline.unet
-    attach_lora(peft_unet, 2, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
-    with torch.no_grad():  # non-zero B: the adapters change the output
-        for name, p in peft_unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    peft_unet = with_active_lora(tiny_pipeline.unet, 4.0)
     fused = copy.deepcopy(peft_unet)
     layers = fuse_lora_layers(fused)
     assert layers == sum(1 for m in peft_unet.modules() if hasattr(m, "lora_A")) > 0
@@ -281,16 +288,7 @@ def test_fused_lora_replays_its_own_samples_exactly(tiny_pipeline):
     pipe = tiny_pipeline
     attach_lora(pipe.unet, 2, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
     fuse_lora_layers(pipe.unet)
-    policy = DDIMPolicy(pipe.scheduler.config, num_steps=3, eta=1.0)
-    negative = encode_negative(pipe, "")
-    pipe.unet.eval()
-    samples = sample_trajectories(
-        pipe, pipe.unet, policy, ["a cat", "a dog", "a fox"], negative, 5.0, 32,
-        torch.Generator().manual_seed(0),
-    )  # fmt: skip
-    pipe.unet.train()
-    with torch.enable_grad():
-        assert_replay_gives_ratio_one(pipe.unet, policy, samples, negative, 5.0)
+    assert_samples_replay_with_ratio_one(pipe)
 
 
 def test_a_run_with_fused_lora_trains_as_peft_does_on_the_cpu(tiny_preset, tmp_path):
