@@ -447,10 +447,13 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     reward_peak = run.score_rewards(config.reward, config.reward.batch_size)
     overlapped = reward_model is not None and config.reward.overlap == "on"
     train_peak = run.training_micro_step(config)
-    extra_calls = no_grad_calls_per_micro_step(config.train.algorithm, config.train.kl_coef)
-    extra_peak = run.denoising_step(config.train.batch_size, s.guidance_scale) if extra_calls else 0
-    pool = graph_pool_bytes(config, step_peak, train_peak + extra_calls * extra_peak)
-    if pool:  # the graphed calls' working memory is the pool's from the first epoch on
+    pool = 0
+    if graphs_replay(config.speed, "training"):
+        # the graphed calls' working memory is the pool's, from the first epoch on
+        t = config.train
+        extra = no_grad_calls_per_micro_step(t.algorithm, t.kl_coef)
+        no_grad = extra * run.denoising_step(t.batch_size, s.guidance_scale) if extra else 0
+        pool = graph_pool_bytes(config, step_peak, train_peak + no_grad)
         resident["CUDA graph pool"] = pool
         train_peak = 0
         step_peak = 0 if graphs_replay(config.speed, "sampling") else step_peak
