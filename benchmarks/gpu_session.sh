@@ -158,6 +158,9 @@ case "$part" in
     stage profile 150 "$PY" benchmarks/unet_profile.py --arch sd15 \
       --variants eager,no-lora,fused-lora,channels_last,cudagraphs
     stage replay-fused-lora 90 "$PY" benchmarks/replay_error.py --arch sd15 --fused-lora --steps 10
+    # the shipped preset's replay: sampled 8 at a time, re-scored one at a time (other kernels)
+    stage replay-shipped 90 "$PY" benchmarks/replay_error.py --arch sd15 --steps 10 --batch 8 \
+      --micro-batch 1
     TORCH_LOGS=recompiles,cudagraphs,perf_hints stage mb8-ckpt-cudagraphs-logged 220 \
       bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs
     ;;

@@ -4,6 +4,7 @@
     python benchmarks/replay_error.py --arch sd35m --resolution 512 (the flow SDE)
     python benchmarks/replay_error.py --arch flux2-klein --resolution 512 --dtype bf16
     python benchmarks/replay_error.py --arch sd15 --fused-lora (speed.fused_lora's layers)
+    python benchmarks/replay_error.py --arch sd15 --batch 8 --micro-batch 1 (a real run's)
 
 Samples a batch with the trainer's policy (random-weight model built from the
 architecture's config, fp16 or --dtype bf16 autocast on a GPU, fp32 on the CPU), then
@@ -18,6 +19,7 @@ Run it for each `speed.compile` mode on the GPU that will train.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -43,9 +45,14 @@ def replay_error(
     resolution: int = 0,
     precision: str = "fp16",
     fused_lora: bool = False,
+    micro_batch: int = 0,
 ) -> dict[str, object]:
     """``resolution`` 0: the architecture's own; ``precision`` of the base on a GPU;
-    ``fused_lora``: the LoRA layers as ``speed.fused_lora`` computes them."""
+    ``fused_lora``: the LoRA layers as ``speed.fused_lora`` computes them; ``micro_batch``:
+    re-scored this many images at a time, as the trainer does (0: all ``batch`` at once).
+    A micro-batch other than the sampling batch runs other kernels on a GPU, so it shows
+    the replay error a real run has, not only the speed path's own."""
+    micro_batch = micro_batch or batch
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = DTYPES[precision] if on_gpu else torch.float32
@@ -70,10 +77,11 @@ def replay_error(
         )  # fmt: skip
     samples = samples.to(device)
     pipe.unet.train()
-    rows = torch.arange(batch, device=device)
     worst, clipped = 0.0, 0.0
-    for k in range(policy.trainable_steps()):  # a flow model's sharp last step never trains
-        step = MicroBatch(samples=rows, steps=torch.full((batch,), k, device=device))
+    steps_trained = range(policy.trainable_steps())  # a flow model's sharp last step: never
+    for k, rows in itertools.product(steps_trained, torch.arange(batch).split(micro_batch)):
+        rows = rows.to(device)
+        step = MicroBatch(samples=rows, steps=torch.full((len(rows),), k, device=device))
         with autocast:
             _, metrics = policy_gradient_loss(
                 "ddpo-is", pipe.unet, policy, samples, step, torch.ones(batch, device=device),
@@ -90,6 +98,8 @@ def replay_error(
         "dtype": str(dtype),
         "resolution": resolution,
         "steps": steps,
+        "batch": batch,
+        "micro_batch": micro_batch,
         "rms_log_prob_difference": worst,
         "clip_range": CLIP_RANGE,
         "ratio_to_clip_range": worst / CLIP_RANGE,
@@ -106,10 +116,13 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=0, help="0: the model's own")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="on a GPU")
     parser.add_argument("--fused-lora", action="store_true", help="speed.fused_lora's layers")
+    parser.add_argument(
+        "--micro-batch", type=int, default=0, help="images re-scored at a time (0: --batch)"
+    )
     args = parser.parse_args()
     result = replay_error(
         args.arch, args.compile, args.steps, args.batch, args.resolution, args.dtype,
-        args.fused_lora,
+        args.fused_lora, args.micro_batch,
     )  # fmt: skip
     print(json.dumps(result))
 
