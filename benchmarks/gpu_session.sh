@@ -20,7 +20,8 @@
 #
 # Every stage has its own time cap and the part a deadline (GPU_SESSION_BUDGET_S, 570 s by
 # default: under the 10-minute limit of a call); a stage that would start too late is
-# skipped and said so. Results go to $OUT as they come, so a cut-off call still returns
+# skipped and said so. GPU_SESSION_SKIP=name,name skips stages an earlier call ran (a
+# second call on the warm machine runs the rest). Results go to $OUT as they come, so a cut-off call still returns
 # them: results.jsonl (a JSON line per stage: its command, exit code, seconds and the
 # JSON it printed) and session.log (everything the stages wrote). The summary at the end
 # is one line per stage.
@@ -62,6 +63,11 @@ for p in ("diffusers", "transformers", "peft", "accelerate", "bitsandbytes"):
 stage() {
   local name=$1 cap=$2
   shift 2
+  if [[ ",${GPU_SESSION_SKIP:-}," == *",$name,"* ]]; then # done in an earlier call
+    say "$name: skipped (GPU_SESSION_SKIP)"
+    echo "{\"stage\": \"$name\", \"skipped\": true}" >>"$RESULTS"
+    return 0
+  fi
   local left=$((DEADLINE - $(date +%s))) need=$((cap / 2 > MIN_STAGE ? cap / 2 : MIN_STAGE))
   if ((left < need)); then
     say "$name: skipped, ${left} s left"

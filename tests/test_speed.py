@@ -550,6 +550,21 @@ def test_the_gpu_session_script_runs_its_stages_and_keeps_its_deadline(tmp_path)
     assert "epoch 2/2" in (tmp_path / "session.log").read_text()  # the run's own lines
 
 
+def test_the_gpu_session_script_skips_the_stages_an_earlier_call_ran(tmp_path):
+    """A second call on the warm machine names the stages done (GPU_SESSION_SKIP): they
+    are skipped and said so, without running anything."""
+    root = Path(__file__).parents[1]
+    env = os.environ | {"OUT": str(tmp_path), "GPU_SESSION_SKIP": "bench,replay-off,profile"}
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_session.sh", "dry"], cwd=root, env=env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").open()]
+    assert rows == [{"stage": s, "skipped": True} for s in ("bench", "replay-off", "profile")]
+    assert "bench: skipped (GPU_SESSION_SKIP)" in (tmp_path / "session.log").read_text()
+
+
 def test_the_unet_profile_times_both_calls_and_sorts_every_kernel_by_kind():
     """benchmarks/unet_profile.py (a GPU session's look at where a UNet call's time goes)
     on the pocket model: both calls timed, every profiled kernel counted under one kind,
