@@ -78,18 +78,21 @@ def candidates(config: Config, quantize: str, text_on_cpu: bool) -> Iterator[Con
     samples = s.batch_size * s.batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
     checkpointing = [False, True] if not config.memory.gradient_checkpointing else [True]
+    # the text encoder and the VAE stay on the card when they fit (no moves per batch)
+    offloading = [False, True] if config.memory.offload else [False]
     # tiles only exist above their size; a few more decode passes cost less than recomputing
     # the UNet in every backward, so tiling comes before checkpointing
     tiles = s.resolution > VAE_TILE_PIXELS and not config.memory.vae_tiling
     tiling = [False, True] if tiles else [config.memory.vae_tiling]
     scoring = _halvings(config.reward.batch_size, config.reward.batch_size)
-    for ckpt, tiled in itertools.product(checkpointing, tiling):
+    for ckpt, tiled, offload in itertools.product(checkpointing, tiling, offloading):
         for micro in micro_batches(config):
             # a smaller scoring batch (reward models) costs the least: it is tried first
             for batch, scored in itertools.product(_halvings(s.batch_size, samples), scoring):
                 trial = copy.deepcopy(config)
                 trial.memory.gradient_checkpointing = ckpt
                 trial.memory.vae_tiling = tiled
+                trial.memory.offload = offload
                 trial.memory.quantize = quantize
                 trial.memory.text_encoders_on_cpu = text_on_cpu
                 trial.train.batch_size = micro
@@ -108,6 +111,7 @@ def describe_changes(before: Config, after: Config) -> list[str]:
         ("train", "gradient_accumulation_steps"),
         ("reward", "batch_size"),
         ("memory", "gradient_checkpointing"),
+        ("memory", "offload"),
         ("memory", "vae_tiling"),
         ("memory", "text_encoders_on_cpu"),
         ("memory", "quantize"),
@@ -183,25 +187,28 @@ def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:
 class TrainingBudget:
     """Whether a setting's training phase fits, estimated from the smallest micro-batch up:
     memory grows with the micro-batch, so a micro-batch is only estimated once every smaller
-    one (same checkpointing) fits. The fastest settings come first in the fit, and on a
-    small card their large micro-batches rarely fit; each costs seconds to estimate (SDXL)."""
+    one (same checkpointing and offloading) fits. The fastest settings come first in the
+    fit, and on a small card their large micro-batches rarely fit; each costs seconds to
+    estimate (SDXL)."""
 
     arch: str
     run: MetaRun
     budget: int
-    known: dict[tuple[int, bool], bool] = field(default_factory=dict)
+    known: dict[tuple[int, bool, bool], bool] = field(default_factory=dict)
 
     def fits(self, trial: Config) -> bool:
-        t, ckpt = trial.train, trial.memory.gradient_checkpointing
+        t, m = trial.train, trial.memory
+        setting = (m.gradient_checkpointing, m.offload)
         per_step = t.batch_size * t.gradient_accumulation_steps
         for micro in reversed(micro_batches(trial, largest=t.batch_size)):
-            if (micro, ckpt) not in self.known:
+            key = (micro, *setting)
+            if key not in self.known:
                 probe = copy.deepcopy(trial)
                 probe.train.batch_size = micro
                 probe.train.gradient_accumulation_steps = per_step // micro
                 peak = estimate_memory(probe, self.arch, self.run).phase("training").peak_reserved
-                self.known[(micro, ckpt)] = peak <= self.budget
-            if not self.known[(micro, ckpt)]:
+                self.known[key] = peak <= self.budget
+            if not self.known[key]:
                 return False
         return True
 

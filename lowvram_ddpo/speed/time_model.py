@@ -50,13 +50,17 @@ HOST_SECONDS_CHECKPOINTED_CALL = 0.286
 SD15_UNET_MODULES = 1254
 """Leaf modules of the SD 1.5 UNet with LoRA rank 4 on attention (``leaf_modules``; SDXL
 has 4659): the host times' scale."""
-SAMPLING_LOOP_OVERHEAD = 1.05
+SAMPLING_LOOP_OVERHEAD = 1.0
 TRAINING_LOOP_OVERHEAD = 1.2
 """The trainer's measured phase time over its UNet calls' predicted time, with the host
 waits out of the loops (H200, 2026-11-26, `bench speed`, SD 1.5): sampling 0.99 (8
-images, nothing offloaded), 1.12 (offloaded), 1.00 (CUDA graphs); training 1.09
-(micro-batch 4), 1.28 (8, checkpointing), 1.20 (4, CUDA graphs). Before the waits were
-taken out (H100, 2026-11-25) training was 1.25-1.33."""
+images, nothing offloaded), 1.00 (the same with CUDA graphs); training 1.09 (micro-batch
+4), 1.28 (8, checkpointing), 1.20 (4, CUDA graphs). Before the waits were taken out
+(H100, 2026-11-25) training was 1.25-1.33."""
+OFFLOAD_SAMPLING_COST = 1.12
+"""Sampling with the text encoder and VAE offloaded (moved in and out per batch) over
+sampling with them on the card: 0.532 against 0.469 s per image (H200, 2026-11-26, 8
+images per batch, SD 1.5): what `--vram` weighs against their memory."""
 CALL_KINDS = ("sampling", "training")
 """The trainer's UNet calls the model times."""
 H100_DENSE_TFLOPS = 989.4
@@ -138,6 +142,8 @@ def predict_epoch(
     step_flops = flops.sampling_per_image / s.num_steps * s.batch_size
     sampling_call = max(HOST_SECONDS_SAMPLING_CALL * host["sampling"], step_flops / rate)
     sampling = s.batches_per_epoch * s.num_steps * sampling_call * SAMPLING_LOOP_OVERHEAD
+    if m.offload:
+        sampling *= OFFLOAD_SAMPLING_COST
 
     per_image_step = flops.training_per_image / (steps * t.inner_epochs)
     guided_forward = flops.sampling_per_image / s.num_steps  # of one image at one step
