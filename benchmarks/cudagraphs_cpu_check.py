@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lowvram_ddpo.memory.counting import UNANNOTATED_VIEWS
+
 
 class OpCount(TorchDispatchMode):
     def __init__(self) -> None:
@@ -36,7 +38,8 @@ class OpCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         self.count += 1
         schema = func._schema
-        if schema.is_mutable or not any(r.alias_info for r in schema.returns):
+        view = any(r.alias_info for r in schema.returns) or schema.name in UNANNOTATED_VIEWS
+        if schema.is_mutable or not view:
             self.computing += 1
         return func(*args, **(kwargs or {}))
 

@@ -65,13 +65,13 @@ stage() {
   shift 2
   if [[ ",${GPU_SESSION_SKIP:-}," == *",$name,"* ]]; then # done in an earlier call
     say "$name: skipped (GPU_SESSION_SKIP)"
-    echo "{\"stage\": \"$name\", \"skipped\": true}" >>"$RESULTS"
+    echo "{\"stage\": \"$name\", \"skipped\": \"GPU_SESSION_SKIP\"}" >>"$RESULTS"
     return 0
   fi
   local left=$((DEADLINE - $(date +%s))) need=$((cap / 2 > MIN_STAGE ? cap / 2 : MIN_STAGE))
   if ((left < need)); then
     say "$name: skipped, ${left} s left"
-    echo "{\"stage\": \"$name\", \"skipped\": true}" >>"$RESULTS"
+    echo "{\"stage\": \"$name\", \"skipped\": \"the part's deadline\"}" >>"$RESULTS"
     return 0
   fi
   ((cap > left)) && cap=$left
@@ -212,7 +212,7 @@ import json, sys
 for line in open(sys.argv[1]):
     row = json.loads(line)
     if row.get("skipped"):
-        print(f"{row['stage']:<24} skipped (the part's deadline)")
+        print(f"{row['stage']:<24} skipped ({row['skipped']})")
         continue
     r, head = row["result"], f"{row['stage']:<24} exit {row['rc']:<3} {row['seconds']:>4} s"
     if isinstance(r, dict) and "images_per_second" in r:

@@ -19,7 +19,6 @@ Run it for each `speed.compile` mode on the GPU that will train.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 
 import torch
@@ -78,18 +77,21 @@ def replay_error(
     samples = samples.to(device)
     pipe.unet.train()
     worst, clipped = 0.0, 0.0
-    steps_trained = range(policy.trainable_steps())  # a flow model's sharp last step: never
-    for k, rows in itertools.product(steps_trained, torch.arange(batch).split(micro_batch)):
-        rows = rows.to(device)
-        step = MicroBatch(samples=rows, steps=torch.full((len(rows),), k, device=device))
-        with autocast:
-            _, metrics = policy_gradient_loss(
-                "ddpo-is", pipe.unet, policy, samples, step, torch.ones(batch, device=device),
-                negative, 5.0, CLIP_RANGE,
-            )  # fmt: skip
-        # approx_kl = mean(diff^2) / 2, so its root bounds the typical |diff|
-        worst = max(worst, float((2 * metrics["approx_kl"]).sqrt()))
-        clipped = max(clipped, float(metrics["clipfrac"]))
+    for k in range(policy.trainable_steps()):  # a flow model's sharp last step never trains
+        squares, clips = 0.0, 0.0  # over the step's images, summed across micro-batches
+        for rows in torch.arange(batch, device=device).split(micro_batch):
+            step = MicroBatch(samples=rows, steps=torch.full((len(rows),), k, device=device))
+            with autocast:
+                _, metrics = policy_gradient_loss(
+                    "ddpo-is", pipe.unet, policy, samples, step, torch.ones(batch, device=device),
+                    negative, 5.0, CLIP_RANGE,
+                )  # fmt: skip
+            # approx_kl = mean(diff^2) / 2 over the micro-batch
+            squares += 2 * float(metrics["approx_kl"]) * len(rows)
+            clips += float(metrics["clipfrac"]) * len(rows)
+        # the root of the step's mean squared difference bounds its typical |diff|
+        worst = max(worst, (squares / batch) ** 0.5)
+        clipped = max(clipped, clips / batch)
     return {
         "arch": arch,
         "compile": mode,

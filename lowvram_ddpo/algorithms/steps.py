@@ -45,7 +45,7 @@ class MicroBatch:
 def no_grad_calls_per_micro_step(algorithm: str, kl_coef: float) -> int:
     """UNet calls without gradients that a training micro-step makes besides its trained
     one: NFT's old-policy velocity, and the base model's step with the KL guard. Each is a
-    forward of the micro-batch (guidance doubling it as the trained call does); under CUDA
+    forward of the micro-batch, guided as the trained call is (NFT: never); under CUDA
     graphs each is a graph, with its own share of the pool."""
     return int(algorithm == "nft") + int(kl_coef > 0)
 

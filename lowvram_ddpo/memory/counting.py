@@ -104,7 +104,7 @@ class ShapeOnlyKernels(TorchDispatchMode):
 _ALIASING: dict[Any, str] = {}
 
 
-_UNANNOTATED_VIEWS = {"aten::_unsafe_view", "aten::unsafe_chunk", "aten::unsafe_split"}
+UNANNOTATED_VIEWS = {"aten::_unsafe_view", "aten::unsafe_chunk", "aten::unsafe_split"}
 """Ops that return views of an input although their schema does not say so."""
 
 
@@ -113,7 +113,7 @@ def _aliasing(func: Any) -> str:  # noqa: ANN401
     (then each output's storage is looked up among the inputs')."""
     if func not in _ALIASING:
         schema = getattr(func, "_schema", None)
-        if schema is None or schema.name in _UNANNOTATED_VIEWS:
+        if schema is None or schema.name in UNANNOTATED_VIEWS:
             _ALIASING[func] = "some"
         else:
             aliased = [r.alias_info is not None for r in schema.returns]

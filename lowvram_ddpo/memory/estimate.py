@@ -452,7 +452,8 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
         # the graphed calls' working memory is the pool's, from the first epoch on
         t = config.train
         extra = no_grad_calls_per_micro_step(t.algorithm, t.kl_coef)
-        no_grad = extra * run.denoising_step(t.batch_size, s.guidance_scale) if extra else 0
+        guidance = 1.0 if t.algorithm == "nft" else s.guidance_scale  # NFT: CFG-free
+        no_grad = extra * run.denoising_step(t.batch_size, guidance) if extra else 0
         pool = graph_pool_bytes(config, step_peak, train_peak + no_grad)
         resident["CUDA graph pool"] = pool
         train_peak = 0
@@ -518,4 +519,5 @@ def settings_of(config: Config) -> dict[str, object]:
         "text_encoders_on_cpu": m.text_encoders_on_cpu,
         "compile": config.speed.compile,
         "graph_sampling": config.speed.graph_sampling,
+        "fused_lora": config.speed.fused_lora,
     }

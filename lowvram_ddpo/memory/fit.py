@@ -1,8 +1,9 @@
 """`--vram 8GB`: choose the fastest settings that fit a card, from the estimates.
 
 Every combination of sampling batch, training micro-batch (up to the sampling batch:
-bigger is almost free on a launch-bound GPU), gradient checkpointing, VAE tiling and
-scoring batch is ranked by the predicted epoch time (``speed.time_model``), and the
+bigger is almost free on a launch-bound GPU), gradient checkpointing, VAE tiling,
+offloading (the text encoder and VAE kept on the card when they fit: no moves per batch)
+and scoring batch is ranked by the predicted epoch time (``speed.time_model``), and the
 fastest whose estimated peak fits is taken: on a fast card, micro-batch 4 with
 checkpointing beats micro-batch 1 without. Only when none fits do the text encoders move
 to the CPU (slow only while new prompts arrive), and last comes a 4-bit frozen base (it
@@ -78,8 +79,10 @@ def candidates(config: Config, quantize: str, text_on_cpu: bool) -> Iterator[Con
     samples = s.batch_size * s.batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
     checkpointing = [False, True] if not config.memory.gradient_checkpointing else [True]
-    # the text encoder and the VAE stay on the card when they fit (no moves per batch)
-    offloading = [False, True] if config.memory.offload else [False]
+    # the text encoder and the VAE stay on the card when they fit (no moves per batch);
+    # both are tried whatever was set: offloading changes no number (a resumed run that
+    # kept them on a bigger card can offload them on a smaller one)
+    offloading = [False, True]
     # tiles only exist above their size; a few more decode passes cost less than recomputing
     # the UNet in every backward, so tiling comes before checkpointing
     tiles = s.resolution > VAE_TILE_PIXELS and not config.memory.vae_tiling
@@ -187,18 +190,19 @@ def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:
 class TrainingBudget:
     """Whether a setting's training phase fits, estimated from the smallest micro-batch up:
     memory grows with the micro-batch, so a micro-batch is only estimated once every smaller
-    one (same checkpointing and offloading) fits. The fastest settings come first in the
-    fit, and on a small card their large micro-batches rarely fit; each costs seconds to
-    estimate (SDXL)."""
+    one (same checkpointing, offloading and sampling batch) fits. The fastest settings come
+    first in the fit, and on a small card their large micro-batches rarely fit; each costs
+    seconds to estimate (SDXL)."""
 
     arch: str
     run: MetaRun
     budget: int
-    known: dict[tuple[int, bool, bool], bool] = field(default_factory=dict)
+    known: dict[tuple[int, bool, bool, int], bool] = field(default_factory=dict)
 
     def fits(self, trial: Config) -> bool:
         t, m = trial.train, trial.memory
-        setting = (m.gradient_checkpointing, m.offload)
+        # the sampling batch too: a graphed sampling step's pool is held while training
+        setting = (m.gradient_checkpointing, m.offload, trial.sample.batch_size)
         per_step = t.batch_size * t.gradient_accumulation_steps
         for micro in reversed(micro_batches(trial, largest=t.batch_size)):
             key = (micro, *setting)

@@ -13,9 +13,9 @@ default until its speed and its fp16 replay error are measured on a GPU
 (``benchmarks/unet_profile.py --variants fused-lora``, ``benchmarks/replay_error.py
 --fused-lora``).
 
-Only plain LoRA on ``nn.Linear`` is fused (one active adapter, no dropout, no DoRA, not
-merged); any other call falls back to peft's own forward, as do the base model's calls
-with the adapters switched off (the KL guard).
+Only plain LoRA on ``nn.Linear`` is fused (one active adapter, no dropout, no DoRA, no
+LoRA bias, not merged); any other call falls back to peft's own forward, as do the base
+model's calls with the adapters switched off (the KL guard).
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ def _fusable_adapter(layer: LoraLinear, args: tuple, kwargs: dict) -> str | None
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
         return None
-    if not isinstance(layer.lora_dropout[active[0]], nn.Identity):
-        return None
-    return active[0]
+    name = active[0]
+    if not isinstance(layer.lora_dropout[name], nn.Identity) or layer.lora_B[name].bias is not None:
+        return None  # dropout, or peft's lora_bias: peft's own forward
+    return name
 
 
 def fused_forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -150,7 +150,8 @@ def predict_epoch(
     if m.gradient_checkpointing:  # the forward runs again inside the backward
         per_image_step += guided_forward
     extra = no_grad_calls_per_micro_step(t.algorithm, t.kl_coef)  # NFT, the KL guard
-    per_image_step += extra * guided_forward
+    unguided = t.algorithm == "nft" and s.guidance_scale != 1.0  # NFT's calls: CFG-free
+    per_image_step += extra * (guided_forward / 2 if unguided else guided_forward)
     floor = (
         HOST_SECONDS_CHECKPOINTED_CALL if m.gradient_checkpointing else HOST_SECONDS_TRAINING_CALL
     ) + extra * HOST_SECONDS_SAMPLING_CALL
