@@ -705,10 +705,11 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    if config.memory.vram and config.memory.vram.strip().lower() != "auto":
-        from lowvram_ddpo.memory.units import parse_size
+    if config.memory.vram:
+        from lowvram_ddpo.memory.units import means_this_card, parse_size
 
-        parse_size(config.memory.vram)
+        if not means_this_card(config.memory.vram):
+            parse_size(config.memory.vram)
     samples = s.batch_size * s.batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
     if samples % per_step != 0:

@@ -447,14 +447,8 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     reward_peak = run.score_rewards(config.reward, config.reward.batch_size)
     overlapped = reward_model is not None and config.reward.overlap == "on"
     train_peak = run.training_micro_step(config)
-    pool = 0
-    if graphs_replay(config.speed, "training"):
-        # the graphed calls' working memory is the pool's, from the first epoch on
-        t = config.train
-        extra = no_grad_calls_per_micro_step(t.algorithm, t.kl_coef)
-        guidance = 1.0 if t.algorithm == "nft" else s.guidance_scale  # NFT: CFG-free
-        no_grad = extra * run.denoising_step(t.batch_size, guidance) if extra else 0
-        pool = graph_pool_bytes(config, step_peak, train_peak + no_grad)
+    pool = graph_pool_bytes(config, run, step_peak, train_peak)
+    if pool:  # the graphed calls' working memory is the pool's, from the first epoch on
         resident["CUDA graph pool"] = pool
         train_peak = 0
         step_peak = 0 if graphs_replay(config.speed, "sampling") else step_peak
@@ -483,20 +477,25 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     return MemoryReport(method="estimate", arch=arch, settings=settings_of(config), phases=phases)
 
 
-def graph_pool_bytes(config: Config, step_peak: int, train_peak: int) -> int:
+def graph_pool_bytes(config: Config, run: MetaRun, step_peak: int, train_peak: int) -> int:
     """The CUDA graphs' private memory pool (0 without a CUDA-graph mode): the working
-    memory of the training micro-step's graphs (``train_peak``: forward and backward, and
-    the calls without gradients it makes, NFT's old policy and the KL guard's base model),
-    plus the sampling step's when it is graphed (``compile.graphs_replay``). Measured on an H200
-    (2026-11-26, SD 1.5, both calls graphed) the pool behaved as the sum, not the larger,
-    of the two: with it the estimate gives 12.6 GiB reserved at micro-batch 4 (measured
-    13.0) and 7.8 at micro-batch 8 with checkpointing (measured 7.55, but in a first
-    epoch: at micro-batch 4 the peak rose from 11.98 to 13.00 in the second, so that
-    figure may understate). The training graphs alone, and those extra calls, are not
-    measured yet."""
-    speed = config.speed
+    memory of the training micro-step's graphs (``train_peak``: forward and backward), of
+    the calls without gradients it makes (NFT's old policy, the KL guard's base model: a
+    graph each), and of the sampling step's (``step_peak``) when it is graphed
+    (``compile.graphs_replay``). Measured on an H200 (2026-11-26, SD 1.5, both calls
+    graphed) the pool behaved as the sum, not the larger, of the two: with it the
+    estimate gives 12.6 GiB reserved at micro-batch 4 (measured 13.0) and 7.8 at
+    micro-batch 8 with checkpointing (measured 7.55, but in a first epoch: at micro-batch 4
+    the peak rose from 11.98 to 13.00 in the second, so that figure may understate). The
+    training graphs alone, and those extra calls, are not measured yet."""
+    speed, t = config.speed, config.train
+    if not graphs_replay(speed, "training"):
+        return 0
+    extra = no_grad_calls_per_micro_step(t.algorithm, t.kl_coef)
+    guidance = 1.0 if t.algorithm == "nft" else config.sample.guidance_scale  # NFT: CFG-free
+    no_grad = extra * run.denoising_step(t.batch_size, guidance) if extra else 0
     sampling = step_peak if graphs_replay(speed, "sampling") else 0
-    return train_peak + sampling if graphs_replay(speed, "training") else 0
+    return train_peak + no_grad + sampling
 
 
 def settings_of(config: Config) -> dict[str, object]:

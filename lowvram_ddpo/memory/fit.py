@@ -27,7 +27,7 @@ from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, a_card
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory, meta_run
 from lowvram_ddpo.memory.report import MemoryReport
-from lowvram_ddpo.memory.units import GB, format_size, parse_size
+from lowvram_ddpo.memory.units import GB, format_size, means_this_card, parse_size
 from lowvram_ddpo.models import VAE_TILE_PIXELS
 from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
@@ -131,7 +131,7 @@ def vram_budget(vram: str) -> int:
     """Bytes of a ``--vram`` value: a card size ("8GB"), or "auto": what this machine's
     CUDA card has free now, plus the CUDA context this process already holds there (the
     fit takes the context off again), so a desktop's share of the card stays out."""
-    if vram.strip().lower() != "auto":
+    if not means_this_card(vram):
         return parse_size(vram)
     if not torch.cuda.is_available():
         raise UserError(
@@ -149,10 +149,10 @@ def vram_budget(vram: str) -> int:
 
 def vram_label(vram: str, budget: int) -> str:
     """How a fit names its budget: "8GB", or "auto (7.21 GB free on NVIDIA ...)"."""
-    if vram.strip().lower() != "auto":
+    if not means_this_card(vram):
         return vram
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "this card"
-    return f"auto ({format_size(budget - CUDA_CONTEXT_BYTES)} free on {name})"
+    free = format_size(budget - CUDA_CONTEXT_BYTES)
+    return f"auto ({free} free on {torch.cuda.get_device_name()})"  # only after vram_budget
 
 
 def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:

@@ -14,6 +14,11 @@ _UNITS["gib"] = GB
 # A card sold as "8 GB" has 8 GiB; both spellings mean the binary unit here.
 
 
+def means_this_card(vram: str) -> bool:
+    """Whether a ``--vram`` value is "auto": the machine's own card, not a size."""
+    return vram.strip().lower() == "auto"
+
+
 def parse_size(text: str) -> int:
     """'8GB' -> bytes (GB and GiB both mean 1024^3, as card makers use them)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)

@@ -140,11 +140,15 @@ def uncompiled_calls(mode: str) -> Iterator[None]:
         yield
 
 
+CALL_KINDS = ("sampling", "training")
+"""The trainer's UNet calls whose compiled form ``speed`` settings decide."""
+
+
 def graphs_replay(speed: SpeedConfig, call: str) -> bool:
     """Whether the trainer's ``call`` ("sampling" or "training") replays CUDA graphs:
     training under every CUDA-graph mode; sampling with ``speed.graph_sampling``, and
     always under Inductor's graph modes (their fused kernels pay where graphs do not)."""
-    if call not in ("sampling", "training"):
+    if call not in CALL_KINDS:
         raise ValueError(f"no such UNet call: {call!r}")
     backend = backend_of(speed.compile)
     if not replays_cuda_graphs(speed.compile, backend):

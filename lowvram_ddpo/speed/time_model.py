@@ -36,7 +36,7 @@ import torch
 
 from lowvram_ddpo.algorithms.steps import no_grad_calls_per_micro_step
 from lowvram_ddpo.config import Config
-from lowvram_ddpo.speed.compile import graphs_replay
+from lowvram_ddpo.speed.compile import CALL_KINDS, graphs_replay
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
 from lowvram_ddpo.speed.flops import EpochFlops
 
@@ -61,8 +61,6 @@ OFFLOAD_SAMPLING_COST = 1.12
 """Sampling with the text encoder and VAE offloaded (moved in and out per batch) over
 sampling with them on the card: 0.532 against 0.469 s per image (H200, 2026-11-26, 8
 images per batch, SD 1.5): what `--vram` weighs against their memory."""
-CALL_KINDS = ("sampling", "training")
-"""The trainer's UNet calls the model times."""
 H100_DENSE_TFLOPS = 989.4
 H100_UNET_TFLOPS = 170.0
 """The UNet's arithmetic rate once the GPU is the bottleneck: on the H100 a forward of 16
