@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lowvram_ddpo.memory.checkpointing import enable_checkpointing
 from lowvram_ddpo.memory.counting import UNANNOTATED_VIEWS
 
 
@@ -103,7 +104,7 @@ def explain() -> None:
     for checkpointing in (False, True):
         unet = sd15_layout_unet(lora=True)
         if checkpointing:
-            unet.enable_gradient_checkpointing()
+            enable_checkpointing(unet)
         x, t, cond = INPUTS
 
         def call(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, unet=unet) -> torch.Tensor:  # noqa: ANN001
@@ -131,7 +132,7 @@ def time_traces() -> None:
         counters.clear()
         unet = sd15_layout_unet(lora=True)
         if checkpointing:
-            unet.enable_gradient_checkpointing()
+            enable_checkpointing(unet)
         compile_unet(unet, "default", torch.device("cpu"), backend="cudagraphs")
         unet.train()
         seconds = []

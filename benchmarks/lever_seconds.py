@@ -23,6 +23,7 @@ import torch
 
 from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss
 from lowvram_ddpo.architectures import build_components
+from lowvram_ddpo.memory.checkpointing import enable_checkpointing
 from lowvram_ddpo.models import attach_lora, use_vae_tiling
 from lowvram_ddpo.policy import DDIMPolicy
 from lowvram_ddpo.rollout import Trajectories
@@ -45,7 +46,7 @@ def training_step(checkpointing: bool) -> Callable[[], None]:
     unet = parts.unet
     params = attach_lora(unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
     if checkpointing:
-        unet.enable_gradient_checkpointing()
+        enable_checkpointing(unet)
     unet.train()
     policy = DDIMPolicy(parts.scheduler_config, num_steps=50, eta=1.0)
     embeds = torch.randn(1, 77, 768)

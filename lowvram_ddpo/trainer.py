@@ -52,6 +52,7 @@ from lowvram_ddpo.divergence import DivergenceGuard, NonFiniteTraining
 from lowvram_ddpo.epoch_metrics import TrainingTotals, format_metric
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
+from lowvram_ddpo.memory.checkpointing import enable_checkpointing
 from lowvram_ddpo.memory.meter import PhaseMeter
 from lowvram_ddpo.models import (
     DTYPES,
@@ -250,7 +251,7 @@ class Trainer:
         if cfg.speed.fused_lora:
             fuse_lora_layers(self.pipe.unet)
         if m.gradient_checkpointing:
-            self.pipe.unet.enable_gradient_checkpointing()
+            enable_checkpointing(self.pipe.unet)
         # DiffusionNFT samples with a lagging copy of the LoRA weights
         self.sampling_weights = (
             SamplingWeights(self.params) if cfg.train.algorithm == "nft" else None

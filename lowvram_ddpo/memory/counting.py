@@ -357,11 +357,11 @@ def emulated_checkpoint(autocast_dtype: torch.dtype | None) -> Callable[..., Any
     during the recomputation too (the autograd engine recomputes outside the mode the
     forward ran under)."""
 
-    def checkpoint(module: torch.nn.Module, *args: Any) -> Any:  # noqa: ANN401
-        def run(*inputs: Any) -> Any:  # noqa: ANN401
+    def checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        def run(*inputs: Any, **options: Any) -> Any:  # noqa: ANN401
             with GpuKernelEmulation(autocast_dtype):
-                return module(*inputs)
+                return function(*inputs, **options)
 
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     return checkpoint

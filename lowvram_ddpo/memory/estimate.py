@@ -35,6 +35,7 @@ from lowvram_ddpo.algorithms.steps import (
 from lowvram_ddpo.architectures import Components, build_components
 from lowvram_ddpo.config import Config, RewardConfig
 from lowvram_ddpo.memory.calibration import reserved_bytes
+from lowvram_ddpo.memory.checkpointing import disable_checkpointing, enable_checkpointing
 from lowvram_ddpo.memory.counting import (
     DeviceBytesCounter,
     GpuKernelEmulation,
@@ -299,9 +300,9 @@ class MetaRun:
         t, guidance = config.train, config.sample.guidance_scale
         unet, micro_batch = self.parts.unet, t.batch_size
         if config.memory.gradient_checkpointing:
-            unet.enable_gradient_checkpointing(emulated_checkpoint(self.autocast_dtype))
+            enable_checkpointing(unet, emulated_checkpoint(self.autocast_dtype))
         else:
-            unet.disable_gradient_checkpointing()
+            disable_checkpointing(unet)
         unet.train()
         samples = self._cpu_trajectories(micro_batch)
         batch = MicroBatch(
