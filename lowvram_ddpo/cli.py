@@ -101,17 +101,9 @@ def _say(line: str) -> None:
         typer.echo(line)
 
 
-def _fit_to_card(config):  # noqa: ANN001, ANN202
-    from lowvram_ddpo.architectures import default_architecture
-    from lowvram_ddpo.memory.fit import fit_to_vram, vram_budget, vram_label
-
-    vram = vram_budget(config.memory.vram)
-    try:  # the model's own configs (a folder, or a few KB from the hub)
-        fit = fit_to_vram(config, config.model.name, vram)
-    except UserError:  # unreachable: the named shape it most likely has
-        fit = fit_to_vram(config, default_architecture(config.model.name), vram)
-    _say(fit.summary(vram_label(config.memory.vram, vram)))
-    return fit.config
+def _vram_asked(vram: str, assignments: list[str]) -> bool:
+    """Whether the command line, not a preset or a saved run, set memory.vram."""
+    return bool(vram) or any(a.split("=", 1)[0].strip() == "memory.vram" for a in assignments)
 
 
 @app.command()
@@ -166,8 +158,9 @@ def train(
     vram: Annotated[
         str,
         typer.Option(
-            help="Fit batch sizes and memory levers to a card of this size (e.g. 8GB), or "
-            "auto: to what this machine's GPU has free."
+            help="Fit batch sizes and memory levers to a card of this size (e.g. 8GB), "
+            "auto: to what this machine's GPU has free (the GPU presets' default), or off: "
+            "the preset as written. Fields given with --set are kept."
         ),
     ] = "",
 ) -> None:
@@ -257,8 +250,12 @@ def train(
         from lowvram_ddpo.reporting.trackers import resolve_log_with
 
         resolve_log_with(config.run.log_with)  # a missing package: say so before loading
-        if config.memory.vram:
-            config = _fit_to_card(config)
+        from lowvram_ddpo.memory.fit import fit_for_run, held_fields
+
+        config, line = fit_for_run(
+            config, config.model.name, held_fields(set_ or []), _vram_asked(vram, set_ or [])
+        )
+        _say(line)
         if resume:
             check_epochs_left(run_dir, epochs_done(run_dir), config.run.epochs)
         check_output_folder(run_dir)  # before minutes of model loading
@@ -433,7 +430,10 @@ def bench_memory(
     resolution: BenchResolution = None,
     vram: Annotated[
         str,
-        typer.Option(help="Fit the settings to a card of this size first (e.g. 8GB, or auto)."),
+        typer.Option(
+            help="Fit the settings to a card of this size first (e.g. 8GB, auto, or off: "
+            "as written) [default: the preset's memory.vram]."
+        ),
     ] = "",
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a preset field (repeatable).")
@@ -446,15 +446,8 @@ def bench_memory(
     """Peak accelerator memory of each phase of a DDPO epoch (sampling, decode, reward,
     training): measured on a CUDA GPU, else estimated on the meta device."""
     with _user_errors():
-        config, arch, notes = _bench_setup(preset, arch, resolution, set_ or [])
-        vram = vram or config.memory.vram
-        if vram:
-            from lowvram_ddpo.memory.fit import fit_to_vram, vram_budget, vram_label
-
-            budget = vram_budget(vram)
-            fit = fit_to_vram(config, arch, budget)
-            config = fit.config
-            notes.append(fit.summary(vram_label(vram, budget)))
+        config, arch, notes = _bench_setup(preset, arch, resolution, set_ or [], vram)
+        fitted = any(note.startswith("--vram") for note in notes)
         allocator = configure_allocator()
         import torch
 
@@ -467,7 +460,7 @@ def bench_memory(
             from lowvram_ddpo.memory.estimate import estimate_memory
 
             report = estimate_memory(config, arch)
-        if not vram and (arch == "sdxl" or (report.card_gb or 99) > 8):
+        if not fitted and (arch == "sdxl" or (report.card_gb or 99) > 8):
             from lowvram_ddpo.memory.fit import smaller_card_hint
 
             hint = smaller_card_hint(config, arch, report.card_gb)
@@ -476,16 +469,22 @@ def bench_memory(
     typer.echo(report.to_json() if json_ else report.to_text())
 
 
-def _bench_setup(preset: str, arch: str, resolution: int | None, assignments: list[str]):  # noqa: ANN202
-    """The preset with its overrides, the architecture to build and notes about the choice:
+def _bench_setup(  # noqa: ANN202
+    preset: str, arch: str, resolution: int | None, assignments: list[str], vram: str = ""
+):
+    """The preset with its overrides, fitted to the card as a run would be (``--vram``, or
+    the preset's memory.vram), the architecture to build and notes about the choices:
     without --arch, the preset's own model shape; with it, that model's native size."""
     from lowvram_ddpo.architectures import default_architecture, native_resolution
     from lowvram_ddpo.config import apply_overrides, load_preset, set_field, validate
+    from lowvram_ddpo.memory.fit import fit_for_run, held_fields
 
     config = load_preset(preset)
     apply_overrides(config, assignments)
     if resolution is not None:
         set_field(config, "sample.resolution", resolution, source="the command line")
+    if vram:
+        config.memory.vram = vram
     validate(config)
     notes = []
     preset_arch = default_architecture(config.model.name)
@@ -493,7 +492,11 @@ def _bench_setup(preset: str, arch: str, resolution: int | None, assignments: li
     if native is not None and native != native_resolution(preset_arch):
         config.sample.resolution = native
         notes.append(f"resolution {native}: {arch}'s native size (--resolution to change)")
-    return config, arch or preset_arch, notes
+    arch = arch or preset_arch
+    config, line = fit_for_run(
+        config, arch, held_fields(assignments), _vram_asked(vram, assignments)
+    )
+    return config, arch, notes + ([line] if line else [])
 
 
 @bench_app.command("speed")

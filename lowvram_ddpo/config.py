@@ -132,8 +132,10 @@ class MemoryConfig:
 
     vram: str = ""
     """Fit the run to a card of this size ("8GB"), or "auto" (what this machine's CUDA card
-    has free): picks the micro-batch, checkpointing and quantisation below, the fastest
-    that fit, and reports the predicted peak and epoch time. Empty: use them as set."""
+    has free; the GPU presets' setting): picks the batch sizes, checkpointing, offloading
+    and quantisation below, the fastest that fit, keeping any of them set on the command
+    line, and reports the predicted peak and epoch time. Empty or "off": use them as set.
+    A preset's "auto" without a CUDA card, or in a multi-GPU run, uses them as set."""
     gradient_checkpointing: bool = False
     """Recompute the UNet's activations in the backward pass (less memory, ~30% slower)."""
     offload: bool = True
@@ -705,11 +707,10 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    if config.memory.vram:
-        from lowvram_ddpo.memory.units import means_this_card, parse_size
+    from lowvram_ddpo.memory.units import means_as_written, means_this_card, parse_size
 
-        if not means_this_card(config.memory.vram):
-            parse_size(config.memory.vram)
+    if not (means_as_written(config.memory.vram) or means_this_card(config.memory.vram)):
+        parse_size(config.memory.vram)
     samples = s.batch_size * s.batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
     if samples % per_step != 0:

@@ -459,6 +459,58 @@ def test_vram_auto_fits_what_this_machines_gpu_has_free(monkeypatch, tiny_preset
     assert vram_label("8GB", 8 * GB) == "8GB"
 
 
+def test_a_presets_auto_fit_needs_one_cuda_card_and_else_keeps_its_settings(monkeypatch):
+    """The GPU presets fit themselves to the card they start on (memory.vram = "auto");
+    without CUDA, or in a multi-GPU run, they keep their settings as written and say so,
+    where `--vram auto` asked on the command line refuses in one line; with a card (here
+    simulated: 7 GB free) the fit runs. The pocket presets (CPU) never fit."""
+    import lowvram_ddpo.memory.fit as fit
+    from lowvram_ddpo.memory.fit import fit_for_run
+    from lowvram_ddpo.speed.time_model import H100_DENSE_TFLOPS, Gpu
+
+    for name in list_presets():
+        config = load_preset(name)
+        assert config.memory.vram == ("off" if name.startswith("pocket") else "auto"), name
+    config = load_preset("incompressibility")
+    if not torch.cuda.is_available():
+        kept, line = fit_for_run(config, "sd15", asked=False)
+        assert kept is config and "no CUDA GPU here, the settings as written" in line
+        with pytest.raises(UserError, match="like --vram 8GB"):
+            fit_for_run(config, "sd15", asked=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (7 * GB, 8 * GB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "RTX Test")
+    monkeypatch.setattr(fit, "this_gpu", lambda: Gpu.listed("RTX Test", H100_DENSE_TFLOPS))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    kept, line = fit_for_run(config, "sd15", asked=False)
+    assert kept is config and "fits one GPU" in line
+    monkeypatch.delenv("WORLD_SIZE")
+    fitted, line = fit_for_run(config, "sd15", asked=False)
+    assert line.startswith("--vram auto (7.00 GB free on RTX Test): ")
+    assert fitted.train.batch_size * fitted.train.gradient_accumulation_steps == 64
+    assert fitted is not config and not fitted.memory.offload  # both fit 7 GB: no moves
+
+
+def test_a_fit_keeps_the_fields_set_on_the_command_line():
+    """`--set` names a lever: the fit keeps it (with its pair: the images per optimiser
+    step stay) and fits the others around it, and says which it kept."""
+    from lowvram_ddpo.memory.fit import held_fields
+
+    assert held_fields(["train.learning_rate=1e-4", "memory.offload=true"]) == {"memory.offload"}
+    assert held_fields(["train.gradient_accumulation_steps = 8"]) == {
+        "train.batch_size",
+        "train.gradient_accumulation_steps",
+    }
+    config = load_preset("incompressibility")
+    free = fit_to_vram(config, "sd15", parse_size("8GB"))
+    assert free.config.train.batch_size > 1 and not free.config.memory.offload
+    held = held_fields(["train.batch_size=1", "memory.offload=true"])
+    kept = fit_to_vram(config, "sd15", parse_size("8GB"), held)
+    assert (kept.config.train.batch_size, kept.config.memory.offload) == (1, True)
+    assert kept.config.train.gradient_accumulation_steps == 64
+    assert "(kept as set: memory.offload, train.batch_size, " in kept.summary("8GB")
+
+
 def test_vram_fit_keeps_the_batch_per_step_and_fits_the_card():
     config = load_preset("incompressibility")
     apply_overrides(config, ["train.batch_size=4", "train.gradient_accumulation_steps=16"])

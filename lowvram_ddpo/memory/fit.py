@@ -22,12 +22,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lowvram_ddpo.architectures import default_architecture
 from lowvram_ddpo.config import Config
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, a_card
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory, meta_run
 from lowvram_ddpo.memory.report import MemoryReport
-from lowvram_ddpo.memory.units import GB, format_size, means_this_card, parse_size
+from lowvram_ddpo.memory.units import (
+    GB,
+    format_size,
+    means_as_written,
+    means_this_card,
+    parse_size,
+)
 from lowvram_ddpo.models import VAE_TILE_PIXELS
 from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
@@ -43,8 +50,12 @@ class Fit:
     """Predicted UNet time of one epoch (``speed.time_model``)."""
     gpu: Gpu
 
+    held: frozenset[str] = frozenset()
+
     def summary(self, vram: str) -> str:
         changed = "; ".join(self.changes) if self.changes else "the settings as given"
+        if self.held:
+            changed += f" (kept as set: {', '.join(sorted(self.held))})"
         return (
             f"--vram {vram}: {changed}; predicted peak {format_size(self.report.peak_bytes)} "
             f"reserved + ~{format_size(CUDA_CONTEXT_BYTES)} CUDA context ({self.report.method}), "
@@ -106,24 +117,45 @@ def candidates(config: Config, quantize: str, text_on_cpu: bool) -> Iterator[Con
                 yield trial
 
 
+FITTED_FIELDS = (
+    "sample.batch_size",
+    "sample.batches_per_epoch",
+    "train.batch_size",
+    "train.gradient_accumulation_steps",
+    "reward.batch_size",
+    "memory.gradient_checkpointing",
+    "memory.offload",
+    "memory.vae_tiling",
+    "memory.text_encoders_on_cpu",
+    "memory.quantize",
+)
+"""What a fit may change."""
+_PAIRS = (
+    ("sample.batch_size", "sample.batches_per_epoch"),
+    ("train.batch_size", "train.gradient_accumulation_steps"),
+)
+"""Fields set together: the images per epoch and per optimiser step stay."""
+
+
+def _value(config: Config, field_name: str) -> object:
+    section, name = field_name.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def held_fields(assignments: list[str]) -> frozenset[str]:
+    """The fitted fields that ``--set`` assignments name (with their pairs): a fit keeps
+    what the user chose and fits the rest around it."""
+    named = {a.split("=", 1)[0].strip() for a in assignments} & set(FITTED_FIELDS)
+    paired = {f for pair in _PAIRS if named & set(pair) for f in pair}
+    return frozenset(named | paired)
+
+
 def describe_changes(before: Config, after: Config) -> list[str]:
-    keys = [
-        ("sample", "batch_size"),
-        ("sample", "batches_per_epoch"),
-        ("train", "batch_size"),
-        ("train", "gradient_accumulation_steps"),
-        ("reward", "batch_size"),
-        ("memory", "gradient_checkpointing"),
-        ("memory", "offload"),
-        ("memory", "vae_tiling"),
-        ("memory", "text_encoders_on_cpu"),
-        ("memory", "quantize"),
-    ]
     changes = []
-    for section, name in keys:
-        old, new = getattr(getattr(before, section), name), getattr(getattr(after, section), name)
+    for name in FITTED_FIELDS:
+        old, new = _value(before, name), _value(after, name)
         if old != new:
-            changes.append(f"{section}.{name} {old} -> {new}")
+            changes.append(f"{name} {old} -> {new}")
     return changes
 
 
@@ -155,9 +187,12 @@ def vram_label(vram: str, budget: int) -> str:
     return f"auto ({free} free on {torch.cuda.get_device_name()})"  # only after vram_budget
 
 
-def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:
-    """The fastest candidate whose estimated peak fits ``vram_bytes`` minus the CUDA context;
-    text encoders on the CPU, then a 4-bit base, only when nothing else fits."""
+def fit_to_vram(
+    config: Config, arch: str, vram_bytes: int, held: frozenset[str] = frozenset()
+) -> Fit:
+    """The fastest candidate whose estimated peak fits ``vram_bytes`` minus the CUDA context,
+    with the ``held`` fields as ``config`` has them; text encoders on the CPU, then a 4-bit
+    base, only when nothing else fits."""
     budget = vram_bytes - CUDA_CONTEXT_BYTES
     run = meta_run(config, arch)
     flops = epoch_flops(config, arch, count_backward=False)
@@ -169,21 +204,57 @@ def fit_to_vram(config: Config, arch: str, vram_bytes: int) -> Fit:
     on_cpu = [True] if config.memory.text_encoders_on_cpu else [False, True]
     for quantize, text_on_cpu in itertools.product(quantizations, on_cpu):
         trains = TrainingBudget(arch, run, budget)
-        every = list(candidates(config, quantize, text_on_cpu))
+        every = [
+            trial
+            for trial in candidates(config, quantize, text_on_cpu)
+            if all(_value(trial, name) == _value(config, name) for name in held)
+        ]
+        if not every:  # a held quantisation or text-encoder placement
+            continue
         for trial in sorted(every, key=timing.seconds):
             if not trains.fits(trial):
                 continue
             report = estimate_memory(trial, arch, run)
             if report.peak_bytes <= budget:
                 changes = describe_changes(config, trial)
-                return Fit(trial, report, changes, timing.seconds(trial), timing.gpu)
+                seconds = timing.seconds(trial)
+                return Fit(trial, report, changes, seconds, timing.gpu, held)
     # the last level's last candidate is the smallest setting of all (every lever on)
     smallest = estimate_memory(every[-1], arch, run).peak_bytes
+    kept = f" keeping {', '.join(sorted(held))} as set" if held else ""
     raise UserError(
-        f"nothing fits in {format_size(vram_bytes)}: the smallest setting needs "
+        f"nothing fits in {format_size(vram_bytes)}{kept}: the smallest setting needs "
         f"{format_size(smallest + CUDA_CONTEXT_BYTES)} with the CUDA context. "
-        "Lower sample.resolution, or use a bigger card"
+        f"Lower sample.resolution{', set fewer fields' if held else ''}, or use a bigger card"
     )
+
+
+def fit_for_run(
+    config: Config, arch: str, held: frozenset[str] = frozenset(), asked: bool = True
+) -> tuple[Config, str]:
+    """The settings a run or a benchmark uses, and the line that says so: ``config``'s own
+    where ``memory.vram`` is empty or "off", else the fit to its card (``arch``: an
+    architecture, or a model whose configs to read, else its default architecture). A
+    preset's "auto" (not ``asked`` for on the command line) without CUDA, or in a
+    multi-GPU run, keeps the settings as written instead of refusing."""
+    vram = config.memory.vram
+    if means_as_written(vram):
+        return config, ""
+    if means_this_card(vram) and not asked:
+        if not torch.cuda.is_available():
+            return config, "memory.vram = auto: no CUDA GPU here, the settings as written"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return config, (
+                "memory.vram = auto fits one GPU: the settings as written on every card "
+                "(--vram SIZE fits them to the smallest)"
+            )
+    budget = vram_budget(vram)
+    try:  # the model's own configs (a folder, or a few KB from the hub); kept for the fit
+        meta_run(config, arch)
+    except UserError:  # unreachable: the shape it most likely has
+        arch = default_architecture(arch)
+    fit = fit_to_vram(config, arch, budget, held)
+    return fit.config, fit.summary(vram_label(vram, budget))
 
 
 @dataclass

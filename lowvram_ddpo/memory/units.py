@@ -14,6 +14,11 @@ _UNITS["gib"] = GB
 # A card sold as "8 GB" has 8 GiB; both spellings mean the binary unit here.
 
 
+def means_as_written(vram: str) -> bool:
+    """Whether a ``--vram`` value asks for no fit: empty, or "off"."""
+    return vram.strip().lower() in ("", "off")
+
+
 def means_this_card(vram: str) -> bool:
     """Whether a ``--vram`` value is "auto": the machine's own card, not a size."""
     return vram.strip().lower() == "auto"
