@@ -19,7 +19,7 @@ from lowvram_ddpo.memory.units import GB, parse_size
 PRESET = "incompressibility"
 SDXL_PRESET = "sdxl-aesthetic"
 ROWS = [
-    ("preset as shipped (micro-batch 1, offload, SDPA)", []),
+    ("preset as written (micro-batch 1, offload, SDPA)", []),
     ("micro-batch 2", ["train.batch_size=2"]),
     ("micro-batch 4 (the reference's)", ["train.batch_size=4"]),
     ("micro-batch 4 + checkpointing", ["train.batch_size=4", "memory.gradient_checkpointing=true"]),
@@ -40,7 +40,7 @@ ROWS = [
     ),
 ]
 SDXL_ROWS = [
-    ("preset as shipped (sampling batch 2, checkpointing, VAE tiling, text encoders on CPU)", []),
+    ("preset as written (sampling batch 2, checkpointing, VAE tiling, text encoders on CPU)", []),
     ("no VAE tiling (fp32 decode of the whole 1024 px image)", ["memory.vae_tiling=false"]),
     ("no checkpointing", ["memory.gradient_checkpointing=false"]),
     (
