@@ -252,8 +252,9 @@ def train(
         resolve_log_with(config.run.log_with)  # a missing package: say so before loading
         from lowvram_ddpo.memory.fit import fit_for_run, held_fields
 
+        asked = _vram_asked(vram, set_ or [])
         config, line = fit_for_run(
-            config, config.model.name, held_fields(set_ or []), _vram_asked(vram, set_ or [])
+            config, config.model.name, held_fields(set_ or []), asked, say=_say
         )
         _say(line)
         if resume:

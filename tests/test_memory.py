@@ -485,7 +485,11 @@ def test_a_presets_auto_fit_needs_one_cuda_card_and_else_keeps_its_settings(monk
     kept, line = fit_for_run(config, "sd15", asked=False)
     assert kept is config and "fits one GPU" in line
     monkeypatch.delenv("WORLD_SIZE")
-    fitted, line = fit_for_run(config, "sd15", asked=False)
+    heard: list[str] = []
+    fitted, line = fit_for_run(config, "sd15", asked=False, say=heard.append)
+    assert heard == [
+        "fitting the settings to auto (7.00 GB free on RTX Test) (estimating each: seconds)"
+    ]
     assert line.startswith("--vram auto (7.00 GB free on RTX Test): ")
     assert fitted.train.batch_size * fitted.train.gradient_accumulation_steps == 64
     assert fitted is not config and not fitted.memory.offload  # both fit 7 GB: no moves

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -230,13 +230,18 @@ def fit_to_vram(
 
 
 def fit_for_run(
-    config: Config, arch: str, held: frozenset[str] = frozenset(), asked: bool = True
+    config: Config,
+    arch: str,
+    held: frozenset[str] = frozenset(),
+    asked: bool = True,
+    say: Callable[[str], None] = lambda line: None,
 ) -> tuple[Config, str]:
     """The settings a run or a benchmark uses, and the line that says so: ``config``'s own
     where ``memory.vram`` is empty or "off", else the fit to its card (``arch``: an
     architecture, or a model whose configs to read, else its default architecture). A
     preset's "auto" (not ``asked`` for on the command line) without CUDA, or in a
-    multi-GPU run, keeps the settings as written instead of refusing."""
+    multi-GPU run, keeps the settings as written instead of refusing. ``say`` hears that a
+    fit starts (it estimates a dozen settings or more: seconds)."""
     vram = config.memory.vram
     if means_as_written(vram):
         return config, ""
@@ -249,6 +254,7 @@ def fit_for_run(
                 "(--vram SIZE fits them to the smallest)"
             )
     budget = vram_budget(vram)
+    say(f"fitting the settings to {vram_label(vram, budget)} (estimating each: seconds)")
     try:  # the model's own configs (a folder, or a few KB from the hub); kept for the fit
         meta_run(config, arch)
     except UserError:  # unreachable: the shape it most likely has
