@@ -50,7 +50,7 @@ class Row:
 
 
 ROWS = {
-    "sd15": Row("incompressibility", "sd15", [], "paper preset as shipped"),
+    "sd15": Row("incompressibility", "sd15", [], "paper preset as written"),
     "sd15-checkpointing": Row(
         "incompressibility", "sd15", ["memory.gradient_checkpointing=true"], "+ checkpointing"
     ),

@@ -9,7 +9,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NamedTuple
 
 import typer
 
@@ -99,6 +99,27 @@ def _is_main_process() -> bool:
 def _say(line: str) -> None:
     if line and _is_main_process():
         typer.echo(line)
+
+
+def _fit_run(config, preset: str, resume: str, vram: str, assignments: list[str]):  # noqa: ANN001, ANN202
+    """The run's settings fitted to its card (memory.vram), keeping the fields the user
+    set; a resumed run keeps the settings it trained with unless --vram asks again (a
+    fit to what the card has free now could change its base model's precision)."""
+    from lowvram_ddpo.config import own_preset_fields
+    from lowvram_ddpo.memory.fit import fit_for_run, held_fields
+    from lowvram_ddpo.memory.units import means_as_written
+
+    asked = _vram_asked(vram, assignments)
+    if resume and not asked:
+        if not means_as_written(config.memory.vram):
+            _say("resuming with the settings the run trained with (--vram auto fits again)")
+        return config
+    own = [] if resume else own_preset_fields(preset)
+    config, line = fit_for_run(
+        config, config.model.name, held_fields(own + assignments), asked, say=_say
+    )
+    _say(line)
+    return config
 
 
 def _vram_asked(vram: str, assignments: list[str]) -> bool:
@@ -250,16 +271,10 @@ def train(
         from lowvram_ddpo.reporting.trackers import resolve_log_with
 
         resolve_log_with(config.run.log_with)  # a missing package: say so before loading
-        from lowvram_ddpo.memory.fit import fit_for_run, held_fields
-
-        asked = _vram_asked(vram, set_ or [])
-        config, line = fit_for_run(
-            config, config.model.name, held_fields(set_ or []), asked, say=_say
-        )
-        _say(line)
         if resume:
             check_epochs_left(run_dir, epochs_done(run_dir), config.run.epochs)
-        check_output_folder(run_dir)  # before minutes of model loading
+        check_output_folder(run_dir)  # before minutes of model loading (and the fit's seconds)
+        config = _fit_run(config, preset, resume, vram, set_ or [])
         _say_allocator_setting()
         from lowvram_ddpo.trainer import train as run_training
 
@@ -411,6 +426,13 @@ ARCH_HELP = (
 
 BenchPreset = Annotated[str, typer.Option(help="Preset name or .toml path.")]
 BenchArch = Annotated[str, typer.Option(help=ARCH_HELP)]
+BenchVram = Annotated[
+    str,
+    typer.Option(
+        help="Fit the settings to a card of this size first (e.g. 8GB, auto, or off: as "
+        "written) [default: the preset's memory.vram: auto for the GPU presets]."
+    ),
+]
 BenchResolution = Annotated[
     int | None, typer.Option(help="Image size [default: the preset's, or --arch's native size].")
 ]
@@ -429,13 +451,7 @@ def bench_memory(
     preset: BenchPreset,
     arch: BenchArch = "",
     resolution: BenchResolution = None,
-    vram: Annotated[
-        str,
-        typer.Option(
-            help="Fit the settings to a card of this size first (e.g. 8GB, auto, or off: "
-            "as written) [default: the preset's memory.vram]."
-        ),
-    ] = "",
+    vram: BenchVram = "",
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a preset field (repeatable).")
     ] = None,
@@ -447,8 +463,7 @@ def bench_memory(
     """Peak accelerator memory of each phase of a DDPO epoch (sampling, decode, reward,
     training): measured on a CUDA GPU, else estimated on the meta device."""
     with _user_errors():
-        config, arch, notes = _bench_setup(preset, arch, resolution, set_ or [], vram)
-        fitted = any(note.startswith("--vram") for note in notes)
+        config, arch, notes, held, fitted = _bench_setup(preset, arch, resolution, set_ or [], vram)
         allocator = configure_allocator()
         import torch
 
@@ -464,20 +479,36 @@ def bench_memory(
         if not fitted and (arch == "sdxl" or (report.card_gb or 99) > 8):
             from lowvram_ddpo.memory.fit import smaller_card_hint
 
-            hint = smaller_card_hint(config, arch, report.card_gb)
+            hint = smaller_card_hint(config, arch, report.card_gb, held)
             notes += [hint] if hint else []
         report.notes = notes + report.notes
     typer.echo(report.to_json() if json_ else report.to_text())
 
 
-def _bench_setup(  # noqa: ANN202
+class BenchSetup(NamedTuple):
+    config: Any
+    arch: str
+    notes: list[str]
+    held: frozenset[str]
+    """Fields the user set (own preset file, --set): a fit keeps them."""
+    fitted: bool
+
+
+def _bench_setup(
     preset: str, arch: str, resolution: int | None, assignments: list[str], vram: str = ""
-):
+) -> BenchSetup:
     """The preset with its overrides, fitted to the card as a run would be (``--vram``, or
-    the preset's memory.vram), the architecture to build and notes about the choices:
-    without --arch, the preset's own model shape; with it, that model's native size."""
+    the preset's memory.vram), the architecture to build, notes about the choices (without
+    --arch, the preset's own model shape; with it, that model's native size), and the
+    fields the user set."""
     from lowvram_ddpo.architectures import default_architecture, native_resolution
-    from lowvram_ddpo.config import apply_overrides, load_preset, set_field, validate
+    from lowvram_ddpo.config import (
+        apply_overrides,
+        load_preset,
+        own_preset_fields,
+        set_field,
+        validate,
+    )
     from lowvram_ddpo.memory.fit import fit_for_run, held_fields
 
     config = load_preset(preset)
@@ -494,10 +525,9 @@ def _bench_setup(  # noqa: ANN202
         config.sample.resolution = native
         notes.append(f"resolution {native}: {arch}'s native size (--resolution to change)")
     arch = arch or preset_arch
-    config, line = fit_for_run(
-        config, arch, held_fields(assignments), _vram_asked(vram, assignments)
-    )
-    return config, arch, notes + ([line] if line else [])
+    held = held_fields(own_preset_fields(preset) + assignments)
+    fitted, line = fit_for_run(config, arch, held, _vram_asked(vram, assignments))
+    return BenchSetup(fitted, arch, notes + ([line] if line else []), held, fitted is not config)
 
 
 @bench_app.command("speed")
@@ -512,6 +542,7 @@ def bench_speed(
         float | None,
         typer.Option(help="The GPU's dense fp16 TFLOP/s, for MFU [default: from its name]."),
     ] = None,
+    vram: BenchVram = "",
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a preset field (repeatable).")
     ] = None,
@@ -520,7 +551,7 @@ def bench_speed(
     """Seconds per phase of an epoch, images per second and model FLOPs utilisation, from a
     short real run on this machine (random weights: nothing is downloaded)."""
     with _user_errors():
-        config, arch, notes = _bench_setup(preset, arch, resolution, set_ or [])
+        config, arch, notes, _, _ = _bench_setup(preset, arch, resolution, set_ or [], vram)
         allocator = configure_allocator()
         from lowvram_ddpo.speed.bench import measure_speed
 

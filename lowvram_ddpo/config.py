@@ -415,6 +415,25 @@ def _read_preset_tables(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[s
     return merged
 
 
+def own_preset_fields(name_or_path: str) -> list[str]:
+    """The dotted fields that a user's own preset files set (the file named and the parents
+    it extends, up to the first shipped preset): a fit to the card keeps them, as it keeps
+    ``--set`` fields, where it may change a shipped preset's."""
+    fields: list[str] = []
+    seen: set[Path] = set()
+    while name_or_path:
+        path = _preset_path(name_or_path).resolve()
+        if path.parent == presets_dir().resolve() or path in seen:
+            break
+        seen.add(path)
+        data = tomllib.loads(path.read_text())  # already read once by load_preset
+        name_or_path = data.pop("extends", "")
+        for key, value in data.items():
+            subs = value.keys() if isinstance(value, dict) else [None]
+            fields += [f"{key}.{sub}" if sub else key for sub in subs]
+    return fields
+
+
 def load_preset(name_or_path: str) -> Config:
     """Read a preset by name (from ``presets/``) or by path, following ``extends``."""
     return config_from_dict(_read_preset_tables(name_or_path), source=name_or_path)

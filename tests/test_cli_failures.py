@@ -75,6 +75,8 @@ def test_epochs_are_counted_the_same_way_everywhere(tiny_preset, tmp_path):
     first = _train(tiny_preset, run_dir, "--epochs", "1", "--samples-per-epoch", "8")
     assert first.exit_code == 0, first.output
     assert "now 8 (8 x 1)" in first.output  # the tiny preset's step is 16 samples
+    if not torch.cuda.is_available():  # the preset it extends fits itself to a CUDA card
+        assert "memory.vram = auto: no CUDA GPU here, the settings as written" in first.output
     assert "epoch 1/1: reward" in first.output and "kl n/a  clipfrac n/a" in first.output
     metrics = json.loads((run_dir / "metrics.jsonl").read_text())
     assert metrics["epoch"] == 1 and metrics["approx_kl"] is None and metrics["clipfrac"] is None
@@ -84,6 +86,8 @@ def test_epochs_are_counted_the_same_way_everywhere(tiny_preset, tmp_path):
     resumed = _run("train", "--resume", str(run_dir), "--epochs", "2", "--no-progress")
     assert resumed.exit_code == 0, resumed.output
     assert f"resumed {run_dir} after epoch 1 of 2 (epoch-0001): next is epoch 2" in resumed.output
+    # no new fit: what the card has free now could change the base model's precision
+    assert "resuming with the settings the run trained with" in resumed.output
     assert "epoch 2/2: reward" in resumed.output
     assert (run_dir / "checkpoints/epoch-0002").is_dir()
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()

@@ -7,6 +7,7 @@ memory); each estimate runs a real forward and backward in about a second.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import sys
 from pathlib import Path
@@ -280,6 +281,9 @@ def test_checkpointing_whole_attention_layers_keeps_the_arithmetic():
     checkpointed = output_and_gradients()
     assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed, strict=True))
     assert torch._dynamo.explain(call)(x).graph_break_count == 0
+    twin = copy.deepcopy(unet)  # its layers call their own weights, not the original's
+    twin.up_blocks[1].attentions[0].proj_out.weight.data.add_(1.0)
+    assert not torch.equal(twin(x, t, encoder_hidden_states=text).sample, call(x))
     disable_checkpointing(unet)
     assert not any("forward" in m.__dict__ for m in unet.modules())
 
@@ -513,6 +517,22 @@ def test_a_fit_keeps_the_fields_set_on_the_command_line():
     assert (kept.config.train.batch_size, kept.config.memory.offload) == (1, True)
     assert kept.config.train.gradient_accumulation_steps == 64
     assert "(kept as set: memory.offload, train.batch_size, " in kept.summary("8GB")
+    with pytest.raises(UserError, match="keeping memory.quantize as set: .* set fewer fields"):
+        fit_to_vram(config, "sd15", parse_size("2GB"), frozenset({"memory.quantize"}))
+
+
+def test_a_users_own_preset_file_keeps_its_fields_in_a_fit(tmp_path):
+    """Fields a user's own TOML sets (and its own parents', not the shipped preset's it
+    extends) are kept by a fit like `--set` fields."""
+    from lowvram_ddpo.config import own_preset_fields
+
+    base = tmp_path / "base.toml"
+    base.write_text('extends = "incompressibility"\n[memory]\noffload = false\n')
+    mine = tmp_path / "mine.toml"
+    mine.write_text(f'extends = "{base}"\n[train]\nbatch_size = 2\nlearning_rate = 1e-4\n')
+    fields = own_preset_fields(str(mine))
+    assert sorted(fields) == ["memory.offload", "train.batch_size", "train.learning_rate"]
+    assert own_preset_fields("incompressibility") == []
 
 
 def test_vram_fit_keeps_the_batch_per_step_and_fits_the_card():
@@ -565,7 +585,8 @@ def test_bench_memory_json_reports_every_phase():
 
 def test_bench_memory_names_the_card_and_what_fits_a_smaller_one():
     """Settings above an 8 GB card (the reference's micro-batch 4, 11.4 GB + the context):
-    the report names the card they need and what `--vram` changes for the next size down."""
+    the report names the card they need and what `--vram` changes for the next size down,
+    keeping the micro-batch the user set."""
     result = CliRunner().invoke(
         app,
         ["bench", "memory", "--preset", "incompressibility", "--set", "train.batch_size=4",
@@ -574,10 +595,10 @@ def test_bench_memory_names_the_card_and_what_fits_a_smaller_one():
     assert result.exit_code == 0, result.output
     assert "fits a 16 GB card (peak reserved + ~1.00 GB CUDA context)" in result.output
     [hint] = [line for line in result.output.splitlines() if "for a 12 GB card" in line]
-    # the fastest setting that fits: a bigger micro-batch with checkpointing (the launch-bound
-    # H100 the time model assumes without a GPU), with its predicted epoch time
-    assert "--vram 12GB: train.batch_size 4 -> 8" in hint
-    assert "memory.gradient_checkpointing False -> True" in hint
+    # the fastest setting that fits around the micro-batch set: checkpointing, and nothing
+    # offloaded (no moves per batch), with its predicted epoch time
+    assert "--vram 12GB: memory.gradient_checkpointing False -> True" in hint
+    assert "(kept as set: train.batch_size, train.gradient_accumulation_steps)" in hint
     assert "per epoch on an H100" in hint
 
 

@@ -18,6 +18,7 @@ Arithmetic is unchanged: the same operations run, once more in the backward pass
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -47,11 +48,15 @@ def enable_checkpointing(
     model: nn.Module, checkpoint: CheckpointFunction = torch_checkpoint
 ) -> None:
     """diffusers' gradient checkpointing of ``model`` (a UNet or a transformer), with
-    single-block attention layers checkpointed whole instead of their block alone."""
+    single-block attention layers checkpointed whole instead of their block alone.
+    (diffusers' own ``enable_gradient_checkpointing`` called later would checkpoint the
+    blocks again inside: right, but recomputed twice.)"""
     model.enable_gradient_checkpointing(checkpoint)
     for layer in _whole_layers(model):
         layer.gradient_checkpointing = False  # its block runs inside the layer's checkpoint
-        layer.forward = _checkpointed(type(layer).forward.__get__(layer), checkpoint)
+        layer.checkpoint_function = checkpoint
+        # a method of the layer, not a closure: a deep copy calls the copy's own weights
+        layer.forward = types.MethodType(_checkpointed_forward, layer)
 
 
 def disable_checkpointing(model: nn.Module) -> None:
@@ -59,14 +64,11 @@ def disable_checkpointing(model: nn.Module) -> None:
     model.disable_gradient_checkpointing()
     for layer in _whole_layers(model):
         layer.__dict__.pop("forward", None)  # the class's forward again
+        layer.__dict__.pop("checkpoint_function", None)
 
 
-def _checkpointed(
-    forward: Callable[..., Any], checkpoint: CheckpointFunction
-) -> Callable[..., Any]:
-    def run(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-        if not torch.is_grad_enabled():  # sampling: nothing to recompute
-            return forward(*args, **kwargs)
-        return checkpoint(forward, *args, **kwargs)
-
-    return run
+def _checkpointed_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+    forward = type(layer).forward.__get__(layer)
+    if not torch.is_grad_enabled():  # sampling: nothing to recompute
+        return forward(*args, **kwargs)
+    return layer.checkpoint_function(forward, *args, **kwargs)

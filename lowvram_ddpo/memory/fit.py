@@ -202,6 +202,7 @@ def fit_to_vram(
         quantizations.append("nf4")
     # text encoders on the CPU cost time only while new prompts arrive: before nf4
     on_cpu = [True] if config.memory.text_encoders_on_cpu else [False, True]
+    smallest_setting = config
     for quantize, text_on_cpu in itertools.product(quantizations, on_cpu):
         trains = TrainingBudget(arch, run, budget)
         every = [
@@ -211,6 +212,7 @@ def fit_to_vram(
         ]
         if not every:  # a held quantisation or text-encoder placement
             continue
+        smallest_setting = every[-1]  # each level's last: every lever of the level on
         for trial in sorted(every, key=timing.seconds):
             if not trains.fits(trial):
                 continue
@@ -219,14 +221,18 @@ def fit_to_vram(
                 changes = describe_changes(config, trial)
                 seconds = timing.seconds(trial)
                 return Fit(trial, report, changes, seconds, timing.gpu, held)
-    # the last level's last candidate is the smallest setting of all (every lever on)
-    smallest = estimate_memory(every[-1], arch, run).peak_bytes
+    smallest = estimate_memory(smallest_setting, arch, run).peak_bytes
     kept = f" keeping {', '.join(sorted(held))} as set" if held else ""
     raise UserError(
         f"nothing fits in {format_size(vram_bytes)}{kept}: the smallest setting needs "
         f"{format_size(smallest + CUDA_CONTEXT_BYTES)} with the CUDA context. "
         f"Lower sample.resolution{', set fewer fields' if held else ''}, or use a bigger card"
     )
+
+
+AUTO_MARGIN_BYTES = GB // 2
+"""What ``auto`` leaves free of what the card has: the estimate's error (1-5% of the
+allocated bytes on the H100's rows), and what other programs take while the run starts."""
 
 
 def fit_for_run(
@@ -254,13 +260,18 @@ def fit_for_run(
                 "(--vram SIZE fits them to the smallest)"
             )
     budget = vram_budget(vram)
-    say(f"fitting the settings to {vram_label(vram, budget)} (estimating each: seconds)")
+    label = vram_label(vram, budget)
+    if means_this_card(vram):  # all the card has free: leave room for the estimate's error
+        budget -= AUTO_MARGIN_BYTES
+    say(f"fitting the settings to {label} (estimating each: seconds)")
     try:  # the model's own configs (a folder, or a few KB from the hub); kept for the fit
         meta_run(config, arch)
+        guessed = ""
     except UserError:  # unreachable: the shape it most likely has
-        arch = default_architecture(arch)
+        arch = guessed = default_architecture(arch)
     fit = fit_to_vram(config, arch, budget, held)
-    return fit.config, fit.summary(vram_label(vram, budget))
+    line = fit.summary(label)
+    return fit.config, line + (f" (the model's shape guessed: {guessed})" if guessed else "")
 
 
 @dataclass
@@ -310,15 +321,17 @@ HINT_CARD_SIZES_GB = (4, 6, 8, 12, 16, 24)
 """Card sizes hobbyists have, for `bench memory`'s hint."""
 
 
-def smaller_card_hint(config: Config, arch: str, card_gb: int | None) -> str:
+def smaller_card_hint(
+    config: Config, arch: str, card_gb: int | None, held: frozenset[str] = frozenset()
+) -> str:
     """What `--vram` picks for the next common card size below ``card_gb``, the one the
-    settings need ("" when there is none smaller)."""
+    settings need ("" when there is none smaller), keeping the ``held`` fields."""
     smaller = [size for size in HINT_CARD_SIZES_GB if size < (card_gb or 99)]
     if not smaller:
         return ""
     size = smaller[-1]
     try:
-        fit = fit_to_vram(config, arch, size * GB)
+        fit = fit_to_vram(config, arch, size * GB, held)
     except UserError:
         return f"on {a_card(size)} nothing fits: lower sample.resolution"
     return f"for {a_card(size)}: {fit.summary(f'{size}GB')}"

@@ -29,6 +29,7 @@ of training per image, the model 1.21. Below micro-batch 4 the GPU's own per-ker
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 
@@ -104,6 +105,11 @@ def this_gpu() -> Gpu:
         rate = dense_fp16_tflops(name)
         if rate is not None:
             return Gpu.listed(name, rate)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process must rank alike
+            return Gpu(
+                f"{name} (an H100's rate assumed: not measured in a multi-GPU run)",
+                H100_UNET_TFLOPS,
+            )
         measured = matmul_tflops()
         return Gpu(
             f"{name} (fp16 matmul {measured:.0f} TFLOP/s, measured)",
