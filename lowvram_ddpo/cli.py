@@ -122,6 +122,14 @@ def _fit_run(config, preset: str, resume: str, vram: str, assignments: list[str]
     return config
 
 
+def _int_value(assignment: str) -> int:
+    key, _, raw = assignment.partition("=")
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise UserError(f"{key.strip()} must be a whole number, got '{raw.strip()}'") from None
+
+
 def _vram_asked(vram: str, assignments: list[str]) -> bool:
     """Whether the command line, not a preset or a saved run, set memory.vram."""
     return bool(vram) or any(a.split("=", 1)[0].strip() == "memory.vram" for a in assignments)
@@ -192,7 +200,9 @@ def train(
         apply_overrides,
         load_config_file,
         load_preset,
+        resumable,
         set_field,
+        set_micro_batch,
         set_samples_per_epoch,
         validate,
         with_absolute_reward_files,
@@ -218,17 +228,20 @@ def train(
                     ("--algorithm", algorithm),
                     ("--reward", reward),
                     ("--prompts", prompts),
-                    ("--set", [s for s in set_ or [] if not s.startswith("memory.")]),
+                    ("--set", [s for s in set_ or [] if not resumable(s)]),
                 ]
                 if value
             ]
             if changed:
                 raise UserError(
                     f"{', '.join(changed)} cannot change a run being resumed; only --epochs, "
-                    "--vram, --log-with and --set memory.* can"
+                    "--vram, --log-with, --set memory.* and --set train.batch_size can"
                 )
             config = load_config_file(run_dir / "config.toml")
-            apply_overrides(config, set_ or [])
+            micro = [a for a in set_ or [] if not a.strip().startswith("memory.")]
+            apply_overrides(config, [a for a in set_ or [] if a not in micro])
+            for assignment in micro:  # train.batch_size: the accumulation follows
+                set_micro_batch(config, _int_value(assignment))
         else:
             if not preset:
                 raise UserError("choose a preset with --preset (`lowvram-ddpo presets` lists them)")

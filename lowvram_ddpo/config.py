@@ -741,6 +741,26 @@ def validate(config: Config) -> None:
         )
 
 
+def resumable(assignment: str) -> bool:
+    """What ``--set`` may change in a resumed run: memory levers, and the training
+    micro-batch (the samples per optimiser step stay: the accumulation follows it)."""
+    key = assignment.split("=", 1)[0].strip()
+    return key.startswith("memory.") or key == "train.batch_size"
+
+
+def set_micro_batch(config: Config, micro: int) -> None:
+    """A training micro-batch of ``micro`` samples with the optimiser step's samples kept."""
+    t = config.train
+    per_step = t.batch_size * t.gradient_accumulation_steps
+    if micro < 1 or per_step % micro:
+        divisors = ", ".join(str(d) for d in range(1, per_step + 1) if per_step % d == 0)
+        raise UserError(
+            f"train.batch_size {micro} does not divide the {per_step} samples of an optimiser "
+            f"step: pick one of {divisors}"
+        )
+    t.batch_size, t.gradient_accumulation_steps = micro, per_step // micro
+
+
 def set_samples_per_epoch(config: Config, samples: int, processes: int = 1) -> str:
     """Sample ``samples`` images per epoch (all processes together). A user asking for
     fewer samples than one optimiser step holds means it: the step shrinks to fit (fewer

@@ -397,11 +397,11 @@ class Trainer:
         return (
             f"out of GPU memory while {self.phase} in epoch {epoch + 1} ({kept}). Use less memory "
             f"and continue: `lowvram-ddpo train --resume {self.run_dir} --vram <card size, "
-            f"e.g. 8GB>` picks the settings; by hand: train.batch_size={t.batch_size} -> "
-            f"{max(1, t.batch_size // 2)}"
-            + ("" if m.gradient_checkpointing else ", memory.gradient_checkpointing=true")
-            + ("" if m.offload else ", memory.offload=true")
-            + ". `lowvram-ddpo bench memory` predicts the peak of each setting"
+            f"e.g. 8GB>` picks the settings; by hand, add "
+            + (f"--set train.batch_size={t.batch_size // 2} " if t.batch_size > 1 else "")
+            + ("" if m.gradient_checkpointing else "--set memory.gradient_checkpointing=true ")
+            + ("" if m.offload else "--set memory.offload=true ")
+            + "(`lowvram-ddpo bench memory` predicts the peak of each setting)"
         )
 
     def diverged_message(self, epoch: int, what: str) -> str:
@@ -463,6 +463,10 @@ class Trainer:
         restore_rng_states(state.rng)
         if self.is_main:
             _truncate_metrics(self.run_dir / "metrics.jsonl", state.epochs_done)
+            # what a resume changed (memory levers, micro-batch, epochs) holds for the next
+            # resume too: a run that ran out of memory must not get its old settings back
+            with self.saving("the run's config"):
+                write_text_atomic(self.run_dir / "config.toml", dump_toml(self.config))
         self.log(
             f"resumed {self.run_dir} after epoch {state.epochs_done} of {self.config.run.epochs}"
             f" ({folder.name}): next is epoch {state.epochs_done + 1}"

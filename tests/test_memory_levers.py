@@ -13,7 +13,13 @@ import torch
 from typer.testing import CliRunner
 
 from lowvram_ddpo.cli import app
-from lowvram_ddpo.config import TrainConfig, apply_overrides, load_preset, validate
+from lowvram_ddpo.config import (
+    TrainConfig,
+    apply_overrides,
+    load_config_file,
+    load_preset,
+    validate,
+)
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.models import load_pipeline, use_attention
 from lowvram_ddpo.optimizers import build_optimizer
@@ -140,15 +146,21 @@ def test_out_of_memory_says_what_to_change_and_keeps_the_checkpoint(
     assert "Traceback" not in result.output
     assert json.loads((run_dir / "latest.json").read_text())["epochs_done"] == 1
 
-    monkeypatch.setattr(Trainer, "train_on", original)
-    result = CliRunner().invoke(
-        app, ["train", "--resume", str(run_dir), "--set", "train.batch_size=4", "--no-progress"]
+    # what the message proposes by hand works on resume: the micro-batch is a memory lever
+    assert "by hand, add --set train.batch_size=4 --set memory.gradient_checkpointing=true" in (
+        result.output
     )
+    monkeypatch.setattr(Trainer, "train_on", original)
+    resume = ["train", "--resume", str(run_dir), "--no-progress", "--set"]
+    result = CliRunner().invoke(app, [*resume, "train.batch_size=3"])
+    assert result.exit_code == 2 and "does not divide the 16 samples" in result.output
+    result = CliRunner().invoke(app, [*resume, "train.learning_rate=1"])
     assert result.exit_code == 2 and "cannot change a run being resumed" in result.output
     result = CliRunner().invoke(
-        app,
-        ["train", "--resume", str(run_dir), "--set", "memory.offload=false", "--no-progress"],
+        app, [*resume, "memory.offload=false", "--set", "train.batch_size=4"]
     )
     assert result.exit_code == 0, result.output
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").open()]
     assert epochs == [1, 2]
+    saved = load_config_file(run_dir / "config.toml").train  # the step's 16 samples kept
+    assert (saved.batch_size, saved.gradient_accumulation_steps) == (4, 4)
