@@ -135,14 +135,20 @@ def test_compiled_unet_replays_its_own_samples_exactly(
         assert (tmp_path / "cache").is_dir()  # compiled code kept for the next run
 
 
-def test_graph_modes_accumulate_gradients_and_keep_outputs_as_eager(tiny_pipeline):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_graph_modes_accumulate_gradients_and_keep_outputs_as_eager(tiny_pipeline, checkpointing):
     """speed.compile's CUDA-graph modes copy gradients and outputs out of the graph pool
     (``speed/cuda_graphs.py``): on the CPU (the cudagraphs backend's capture without
     graphs) two accumulated micro-steps give eager's gradients, and an earlier call's
-    output survives a later call unchanged."""
+    output survives a later call unchanged; with the trainer's checkpointing too (the
+    micro-batch-8 path within 6 GiB)."""
     import copy
 
+    from lowvram_ddpo.memory.checkpointing import enable_checkpointing
+
     eager = with_active_lora(tiny_pipeline.unet, 2.0)
+    if checkpointing:
+        enable_checkpointing(eager)
     compiled = copy.deepcopy(eager)
     compile_unet(compiled, "default", torch.device("cpu"), backend="cudagraphs")
     generator = torch.Generator().manual_seed(0)
