@@ -729,7 +729,13 @@ def validate(config: Config) -> None:
     from lowvram_ddpo.memory.units import means_as_written, means_this_card, parse_size
 
     if not (means_as_written(config.memory.vram) or means_this_card(config.memory.vram)):
-        parse_size(config.memory.vram)
+        try:
+            parse_size(config.memory.vram)
+        except UserError:
+            raise UserError(
+                f"--vram (memory.vram) '{config.memory.vram}' is not a card size: write it "
+                "like 8GB, or auto (this machine's GPU), or off (the settings as written)"
+            ) from None
     samples = s.batch_size * s.batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
     if samples % per_step != 0:

@@ -81,6 +81,7 @@ def test_importing_the_models_prints_no_torchvision_notice():
         (["--preset", "incompressibility", "--resolution", "500"], "multiple of 8"),
         (["--preset", "incompressibility", "--algorithm", "ppo"], "unknown algorithm"),
         (["--preset", "incompressibility", "--samples-per-epoch", "12"], "not a multiple"),
+        (["--preset", "incompressibility", "--vram", "8XB"], "is not a card size: write it"),
         (["--model", "x"], "choose a preset"),
         (["--resume", "/no/such/run"], "not a run folder"),
     ],
