@@ -9,9 +9,12 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import TYPE_CHECKING, Annotated, NamedTuple
 
 import typer
+
+if TYPE_CHECKING:
+    from lowvram_ddpo.config import Config
 
 from lowvram_ddpo.config import OWN_REWARD_HINT, REWARD_NAMES
 from lowvram_ddpo.errors import UserError
@@ -122,14 +125,6 @@ def _fit_run(config, preset: str, resume: str, vram: str, assignments: list[str]
     return config
 
 
-def _int_value(assignment: str) -> int:
-    key, _, raw = assignment.partition("=")
-    try:
-        return int(raw.strip())
-    except ValueError:
-        raise UserError(f"{key.strip()} must be a whole number, got '{raw.strip()}'") from None
-
-
 def _vram_asked(vram: str, assignments: list[str]) -> bool:
     """Whether the command line, not a preset or a saved run, set memory.vram."""
     return bool(vram) or any(a.split("=", 1)[0].strip() == "memory.vram" for a in assignments)
@@ -198,11 +193,11 @@ def train(
     from lowvram_ddpo.checkpoint import check_epochs_left, epochs_done
     from lowvram_ddpo.config import (
         apply_overrides,
+        keep_samples_per_step,
         load_config_file,
         load_preset,
         resumable,
         set_field,
-        set_micro_batch,
         set_samples_per_epoch,
         validate,
         with_absolute_reward_files,
@@ -238,10 +233,9 @@ def train(
                     "--vram, --log-with, --set memory.* and --set train.batch_size can"
                 )
             config = load_config_file(run_dir / "config.toml")
-            micro = [a for a in set_ or [] if not a.strip().startswith("memory.")]
-            apply_overrides(config, [a for a in set_ or [] if a not in micro])
-            for assignment in micro:  # train.batch_size: the accumulation follows
-                set_micro_batch(config, _int_value(assignment))
+            per_step = config.train.batch_size * config.train.gradient_accumulation_steps
+            apply_overrides(config, set_ or [])
+            keep_samples_per_step(config, per_step)  # a new micro-batch: accumulation follows
         else:
             if not preset:
                 raise UserError("choose a preset with --preset (`lowvram-ddpo presets` lists them)")
@@ -499,7 +493,7 @@ def bench_memory(
 
 
 class BenchSetup(NamedTuple):
-    config: Any
+    config: Config
     arch: str
     notes: list[str]
     held: frozenset[str]

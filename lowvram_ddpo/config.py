@@ -754,17 +754,20 @@ def resumable(assignment: str) -> bool:
     return key.startswith("memory.") or key == "train.batch_size"
 
 
-def set_micro_batch(config: Config, micro: int) -> None:
-    """A training micro-batch of ``micro`` samples with the optimiser step's samples kept."""
+def keep_samples_per_step(config: Config, per_step: int) -> None:
+    """After ``train.batch_size`` changed: the accumulation follows, so that an optimiser
+    step still takes ``per_step`` samples."""
     t = config.train
-    per_step = t.batch_size * t.gradient_accumulation_steps
-    if micro < 1 or per_step % micro:
-        divisors = ", ".join(str(d) for d in range(1, per_step + 1) if per_step % d == 0)
+    if t.batch_size < 1 or per_step % t.batch_size:
         raise UserError(
-            f"train.batch_size {micro} does not divide the {per_step} samples of an optimiser "
-            f"step: pick one of {divisors}"
+            f"train.batch_size {t.batch_size} does not divide the {per_step} samples of an "
+            f"optimiser step: pick one of {', '.join(map(str, divisors(per_step)))}"
         )
-    t.batch_size, t.gradient_accumulation_steps = micro, per_step // micro
+    t.gradient_accumulation_steps = per_step // t.batch_size
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def set_samples_per_epoch(config: Config, samples: int, processes: int = 1) -> str:

@@ -46,7 +46,13 @@ from lowvram_ddpo.checkpoint import (
     restore_rng_states,
     save_checkpoint,
 )
-from lowvram_ddpo.config import Config, dump_toml, rewards_in_use, trained_steps_per_sample
+from lowvram_ddpo.config import (
+    Config,
+    divisors,
+    dump_toml,
+    rewards_in_use,
+    trained_steps_per_sample,
+)
 from lowvram_ddpo.device_transfer import to_device
 from lowvram_ddpo.divergence import DivergenceGuard, NonFiniteTraining
 from lowvram_ddpo.epoch_metrics import TrainingTotals, format_metric
@@ -394,11 +400,13 @@ class Trainer:
         folder = latest_checkpoint(self.run_dir)
         kept = f"checkpoint {folder.name} is kept" if folder else "no checkpoint was written yet"
         m, t = self.config.memory, self.config.train
+        per_step = t.batch_size * t.gradient_accumulation_steps
+        smaller = max((d for d in divisors(per_step) if d < t.batch_size), default=0)
         return (
             f"out of GPU memory while {self.phase} in epoch {epoch + 1} ({kept}). Use less memory "
             f"and continue: `lowvram-ddpo train --resume {self.run_dir} --vram <card size, "
             f"e.g. 8GB>` picks the settings; by hand, add "
-            + (f"--set train.batch_size={t.batch_size // 2} " if t.batch_size > 1 else "")
+            + (f"--set train.batch_size={smaller} " if smaller else "")
             + ("" if m.gradient_checkpointing else "--set memory.gradient_checkpointing=true ")
             + ("" if m.offload else "--set memory.offload=true ")
             + "(`lowvram-ddpo bench memory` predicts the peak of each setting)"
