@@ -60,6 +60,7 @@ from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.memory.checkpointing import enable_checkpointing
 from lowvram_ddpo.memory.meter import PhaseMeter
+from lowvram_ddpo.memory.units import GB
 from lowvram_ddpo.models import (
     DTYPES,
     has_lora,
@@ -404,8 +405,8 @@ class Trainer:
         smaller = max((d for d in divisors(per_step) if d < t.batch_size), default=0)
         return (
             f"out of GPU memory while {self.phase} in epoch {epoch + 1} ({kept}). Use less memory "
-            f"and continue: `lowvram-ddpo train --resume {self.run_dir} --vram <card size, "
-            f"e.g. 8GB>` picks the settings; by hand, add "
+            f"and continue: `lowvram-ddpo train --resume {self.run_dir} --vram "
+            f"{_smaller_budget(self.accelerator.device)}` picks the settings; by hand, add "
             + (f"--set train.batch_size={smaller} " if smaller else "")
             + ("" if m.gradient_checkpointing else "--set memory.gradient_checkpointing=true ")
             + ("" if m.offload else "--set memory.offload=true ")
@@ -850,6 +851,15 @@ def _done(value: torch.Tensor) -> Future:
     future: Future = Future()
     future.set_result(value)
     return future
+
+
+def _smaller_budget(device: torch.device) -> str:
+    """A ``--vram`` a GiB below the card's size: a run fitted to the card that still ran out
+    of memory gets smaller settings from it, where the card's size would give the same."""
+    if device.type != "cuda":
+        return "<a size below your card's, e.g. 7GB>"
+    total = torch.cuda.get_device_properties(device).total_memory
+    return f"{max(1, round(total / GB) - 1)}GB"
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:

@@ -143,6 +143,14 @@ def test_out_of_memory_says_what_to_change_and_keeps_the_checkpoint(
     assert "out of GPU memory while training in epoch 2" in result.output
     assert "checkpoint epoch-0001 is kept" in result.output
     assert f"--resume {run_dir} --vram" in result.output
+    # a size below the card's: the card's own size would fit the same settings again
+    from lowvram_ddpo.trainer import _smaller_budget
+
+    card = types.SimpleNamespace(total_memory=int(7.6 * 2**30))  # an "8 GB" card
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    assert _smaller_budget(torch.device("cuda")) == "7GB"
+    if not torch.cuda.is_available():
+        assert "--vram <a size below your card's, e.g. 7GB>` picks the settings" in result.output
     assert "Traceback" not in result.output
     assert json.loads((run_dir / "latest.json").read_text())["epochs_done"] == 1
 
