@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import types
 
 import torch
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from lowvram_ddpo.memory.checkpointing import _checkpointed_forward, torch_checkpoint
+from lowvram_ddpo.memory.checkpointing import disable_checkpointing, enable_checkpointing
 
 MODES = ("no checkpointing", "diffusers' grain (the block)", "the layer whole")
 
@@ -38,12 +37,11 @@ def sd15_top_attention_layer() -> Transformer2DModel:
 
 
 def use_mode(layer: Transformer2DModel, mode: str) -> None:
-    layer.__dict__.pop("forward", None)
-    layer.gradient_checkpointing = mode == MODES[1]
-    layer._gradient_checkpointing_func = torch_checkpoint
-    if mode == MODES[2]:  # as enable_checkpointing sets a single-block layer
-        layer.checkpoint_function = torch_checkpoint
-        layer.forward = types.MethodType(_checkpointed_forward, layer)
+    disable_checkpointing(layer)
+    if mode == MODES[1]:
+        layer.enable_gradient_checkpointing()
+    elif mode == MODES[2]:  # the layer is a diffusers model of its own: taken whole
+        enable_checkpointing(layer)
 
 
 def main() -> None:
