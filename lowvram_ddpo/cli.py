@@ -91,10 +91,6 @@ def rewards() -> None:
     )
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -203,6 +199,7 @@ def train(
         with_absolute_reward_files,
     )
     from lowvram_ddpo.preflight import check_output_folder
+    from lowvram_ddpo.processes import world_size
 
     with _user_errors():
         if resume:
@@ -259,7 +256,7 @@ def train(
             with_absolute_reward_files(config.reward)  # the saved config, resumed elsewhere
             _grid_from_own_prompts(config, preset_prompts, set_ or [])
             if samples_per_epoch is not None:
-                _say(set_samples_per_epoch(config, samples_per_epoch, _world_size()))
+                _say(set_samples_per_epoch(config, samples_per_epoch, world_size()))
             run_dir = Path(config.run.output or f"runs/{Path(preset).stem}")
             if (run_dir / "latest.json").exists():
                 raise UserError(

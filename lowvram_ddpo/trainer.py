@@ -448,13 +448,17 @@ class Trainer:
         if self.is_main:
             with self.saving("the run's config"):
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(self.run_dir / "config.toml", dump_toml(self.config))
+                self.save_config()
                 (self.run_dir / "metrics.jsonl").write_text("")
             if self.config.run.grid_every >= 0:
                 with self.saving("the first grid"):
                     self.save_grid(0)
         self.accelerator.wait_for_everyone()
         return 0
+
+    def save_config(self) -> None:
+        """The resolved config, which ``--resume`` reads."""
+        write_text_atomic(self.run_dir / "config.toml", dump_toml(self.config))
 
     def restore(self) -> int:
         folder = latest_checkpoint(self.run_dir)
@@ -475,7 +479,7 @@ class Trainer:
             # what a resume changed (memory levers, micro-batch, epochs) holds for the next
             # resume too: a run that ran out of memory must not get its old settings back
             with self.saving("the run's config"):
-                write_text_atomic(self.run_dir / "config.toml", dump_toml(self.config))
+                self.save_config()
         self.log(
             f"resumed {self.run_dir} after epoch {state.epochs_done} of {self.config.run.epochs}"
             f" ({folder.name}): next is epoch {state.epochs_done + 1}"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -36,6 +35,7 @@ from lowvram_ddpo.memory.units import (
     parse_size,
 )
 from lowvram_ddpo.models import VAE_TILE_PIXELS
+from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
 from lowvram_ddpo.speed.time_model import Gpu, leaf_modules, predict_epoch, this_gpu
@@ -170,7 +170,7 @@ def vram_budget(vram: str) -> int:
             "--vram auto reads the size of this machine's CUDA GPU, and there is none: "
             "give the card's size instead, like --vram 8GB"
         )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would fit its own card
+    if world_size() > 1:  # each process would fit its own card
         raise UserError(
             "--vram auto fits one GPU; a multi-GPU run needs the same settings on every "
             "card: give the smallest card's size, like --vram 24GB"
@@ -254,7 +254,7 @@ def fit_for_run(
     if means_this_card(vram) and not asked:
         if not torch.cuda.is_available():
             return config, "memory.vram = auto: no CUDA GPU here, the settings as written"
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if world_size() > 1:
             return config, (
                 "memory.vram = auto fits one GPU: the settings as written on every card "
                 "(--vram SIZE fits them to the smallest)"

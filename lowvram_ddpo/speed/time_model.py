@@ -29,7 +29,6 @@ of training per image, the model 1.21. Below micro-batch 4 the GPU's own per-ker
 from __future__ import annotations
 
 import functools
-import os
 import time
 from dataclasses import dataclass
 
@@ -37,6 +36,7 @@ import torch
 
 from lowvram_ddpo.algorithms.steps import no_grad_calls_per_micro_step
 from lowvram_ddpo.config import Config
+from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.speed.compile import CALL_KINDS, graphs_replay
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
 from lowvram_ddpo.speed.flops import EpochFlops
@@ -105,7 +105,7 @@ def this_gpu() -> Gpu:
         rate = dense_fp16_tflops(name)
         if rate is not None:
             return Gpu.listed(name, rate)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process must rank alike
+        if world_size() > 1:  # every process must rank alike
             return Gpu(
                 f"{name} (an H100's rate assumed: not measured in a multi-GPU run)",
                 H100_UNET_TFLOPS,
