@@ -97,6 +97,7 @@ from lowvram_ddpo.speed.compile import (
     check_compile_mode,
     compile_unet,
     sampling_calls,
+    split_graph_note,
     uncompiled_calls,
 )
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
@@ -300,6 +301,8 @@ class Trainer:
         try:
             for epoch in range(start, cfg.run.epochs):
                 metrics = self.run_epoch(epoch)
+                if epoch == start and (split := split_graph_note(cfg.speed.compile)):
+                    self.log(split)  # the first epoch traced every call the run makes
                 self.end_epoch(epoch, metrics)
                 history.append(metrics)
             self.finish()

@@ -634,3 +634,32 @@ def test_the_unet_profile_times_both_calls_and_sorts_every_kernel_by_kind():
     assert unet_profile.kind_of("void at::native::(anonymous)::RowwiseMomentsCUDAKernel") == (
         "normalisation"
     )
+
+
+def test_a_unet_traced_in_pieces_is_said_in_one_line():
+    """torch 2.11 split the checkpointed UNet at each attention layer (H100, 2026-11-26),
+    and CUDA graphs then re-recorded every call: the trainer says so after its first epoch
+    (``split_graph_note``), and says nothing for a whole trace or when nothing compiles."""
+    from torch._dynamo.utils import counters
+
+    from lowvram_ddpo.speed.compile import split_graph_note
+
+    layer = torch.nn.Linear(4, 4)
+
+    def whole(x: torch.Tensor) -> torch.Tensor:
+        return layer(x).relu()
+
+    def in_pieces(x: torch.Tensor) -> torch.Tensor:
+        y = layer(x)
+        torch._dynamo.graph_break()
+        return y.relu()
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compile(whole, backend="eager")(torch.randn(2, 4))
+    assert split_graph_note("cudagraphs") == ""
+    torch.compile(in_pieces, backend="eager")(torch.randn(2, 4))
+    note = split_graph_note("cudagraphs")
+    assert "in pieces" in note and "speed.compile=off" in note and "\n" not in note
+    assert split_graph_note("off") == ""
+    counters.clear()

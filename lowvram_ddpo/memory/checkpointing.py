@@ -18,6 +18,7 @@ Arithmetic is unchanged: the same operations run, once more in the backward pass
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 from typing import Any
@@ -68,7 +69,10 @@ def disable_checkpointing(model: nn.Module) -> None:
 
 
 def _checkpointed_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-    forward = type(layer).forward.__get__(layer)
+    # a partial, not ``forward.__get__(layer)``: dynamo in torch 2.11 splits the graph at
+    # ``__get__`` (measured on an H100, 2026-11-26), and with CUDA graphs the layers of one
+    # shape then share a graph that re-records for each layer's weights, every call
+    forward = functools.partial(type(layer).forward, layer)
     if not torch.is_grad_enabled():  # sampling: nothing to recompute
         return forward(*args, **kwargs)
     return layer.checkpoint_function(forward, *args, **kwargs)
