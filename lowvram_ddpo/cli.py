@@ -539,8 +539,14 @@ def bench_speed(
     preset: BenchPreset,
     arch: BenchArch = "",
     resolution: BenchResolution = None,
-    batches: Annotated[
-        int, typer.Option(help="Sampling batches per timed epoch (the run has two).", min=1)
+    batches: Annotated[int, typer.Option(help="Sampling batches per epoch.", min=1)] = 2,
+    epochs: Annotated[
+        int,
+        typer.Option(
+            help="Epochs to run: a warm-up, then the ones timed (their mean; more show "
+            "whether the peak memory still grows).",
+            min=2,
+        ),
     ] = 2,
     peak_tflops: Annotated[
         float | None,
@@ -559,7 +565,7 @@ def bench_speed(
         allocator = configure_allocator()
         from lowvram_ddpo.speed.bench import measure_speed
 
-        report = measure_speed(config, arch, batches, peak_tflops)
+        report = measure_speed(config, arch, batches, peak_tflops, epochs)
         import torch
 
         if allocator and torch.cuda.is_available():

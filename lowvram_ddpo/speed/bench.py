@@ -1,10 +1,12 @@
 """`lowvram-ddpo bench speed`: a short real run of the trainer on random-weight models,
 timed per phase, with throughput and model FLOPs utilisation (MFU).
 
-The run has two epochs of ``batches`` sampling batches each; the first warms up (CUDA
-kernels chosen, ``speed.compile`` compiling) and is reported apart; the second is the
-one timed. Its images per second extrapolate to a full epoch: every phase's time is
-proportional to the images it handles.
+The run has two epochs (or ``epochs``) of ``batches`` sampling batches each; the first
+warms up (CUDA kernels chosen, ``speed.compile`` compiling) and is reported apart; the
+others are timed (their mean), and each epoch's peak memory per phase is kept: under CUDA
+graphs the peak rose by 1.0-1.4 GiB from the first epoch to the second (H200 and H100,
+2026-11-26), and more epochs show whether it stops there. The images per second
+extrapolate to a full epoch: every phase's time is proportional to the images it handles.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
+from statistics import mean
 
 import torch
 
@@ -42,10 +45,15 @@ class SpeedReport:
     peak_tflops: float | None
     """The device's dense fp16 rate; None: unknown (no MFU)."""
     peak_reserved_bytes: int | None
+    """The timed epochs' largest peak."""
     run_images: int = 0
     """Images of the whole run as configured (epochs x images per epoch): what the timed
     epoch's rate extrapolates to (0: not given)."""
     notes: list[str] = field(default_factory=list)
+    timed_epoch_seconds: list[float] = field(default_factory=list)
+    """Each timed epoch, whole: the spread behind the mean."""
+    peaks_by_epoch: list[dict[str, int]] = field(default_factory=list)
+    """Each epoch's peak reserved bytes, overall and per phase (the warm-up first)."""
 
     @property
     def images_per_second(self) -> float:
@@ -87,6 +95,8 @@ class SpeedReport:
                 "forward_per_latent": self.flops.forward_per_latent / 1e12,
             },
             "peak_reserved_bytes": self.peak_reserved_bytes,
+            "timed_epoch_seconds": self.timed_epoch_seconds,
+            "peaks_by_epoch": self.peaks_by_epoch,
             "run": {"images": self.run_images, "seconds": self.run_seconds},
             "settings": self.settings,
             "notes": self.notes,
@@ -108,7 +118,11 @@ class SpeedReport:
             f"{self.warmup_seconds:.1f} s"
         )
         if self.peak_reserved_bytes is not None:
-            lines.append(f"  peak reserved {format_size(self.peak_reserved_bytes)}")
+            by_epoch = ", ".join(format_size(p["peak_reserved_bytes"]) for p in self.peaks_by_epoch)
+            lines.append(
+                f"  peak reserved {format_size(self.peak_reserved_bytes)}"
+                + (f" (by epoch, the warm-up first: {by_epoch})" if by_epoch else "")
+            )
         if self.run_images:
             lines.append(
                 f"  the whole run as configured ({self.run_images} images): "
@@ -123,10 +137,12 @@ class SpeedReport:
         return "\n".join(lines)
 
 
-def speed_config(config: Config, batches: int) -> Config:
-    """Two epochs of ``batches`` sampling batches; optimiser steps shrink to fit them."""
+def speed_config(config: Config, batches: int, epochs: int = 2) -> Config:
+    """``epochs`` epochs of ``batches`` sampling batches; optimiser steps shrink to fit."""
+    if epochs < 2:
+        raise ValueError("a speed run needs a warm-up epoch and a timed one")
     cfg = copy.deepcopy(config)
-    cfg.run.epochs = 2
+    cfg.run.epochs = epochs
     cfg.run.progress = False
     # no grids: they are not the epoch (and they render eagerly even under speed.compile)
     cfg.run.grid_every = -1
@@ -145,13 +161,18 @@ def cudagraph_skips() -> int:
 
 
 def measure_speed(
-    config: Config, arch: str, batches: int = 2, peak_tflops: float | None = None
+    config: Config,
+    arch: str,
+    batches: int = 2,
+    peak_tflops: float | None = None,
+    epochs: int = 2,
 ) -> SpeedReport:
-    """Time ``config``'s epoch on this machine's accelerator with random-weight models."""
-    cfg = speed_config(config, batches)
+    """Time ``config``'s epoch on this machine's accelerator with random-weight models:
+    a warm-up epoch, then ``epochs - 1`` timed ones (their mean)."""
+    cfg = speed_config(config, batches, epochs)
     run_images = config.run.epochs * config.sample.batch_size * config.sample.batches_per_epoch
     flops = epoch_flops(cfg, arch)
-    (warmup, timed), _ = run_on_random_weights(cfg, arch)
+    (warmup, *timed), _ = run_on_random_weights(cfg, arch)
     on_cuda = torch.cuda.is_available()
     name = torch.cuda.get_device_name() if on_cuda else "cpu"
     rate = peak_tflops or (dense_fp16_tflops(name) if on_cuda else None)
@@ -168,12 +189,18 @@ def measure_speed(
         arch=arch,
         device=name,
         settings=settings_of(cfg),
-        images=timed["samples"],
-        seconds={p: timed[f"seconds_{p}"] for p in (*PHASES, "epoch")},
+        images=timed[0]["samples"],
+        seconds={p: mean(e[f"seconds_{p}"] for e in timed) for p in (*PHASES, "epoch")},
         warmup_seconds=warmup["seconds_epoch"],
         flops=flops,
         peak_tflops=rate,
-        peak_reserved_bytes=timed.get("peak_reserved_bytes") if on_cuda else None,
+        peak_reserved_bytes=max(e["peak_reserved_bytes"] for e in timed) if on_cuda else None,
         run_images=run_images,
         notes=notes,
+        timed_epoch_seconds=[e["seconds_epoch"] for e in timed],
+        peaks_by_epoch=[_peaks(e) for e in (warmup, *timed)] if on_cuda else [],
     )
+
+
+def _peaks(epoch: dict) -> dict[str, int]:
+    return {k: v for k, v in epoch.items() if k.startswith("peak_reserved_bytes")}
