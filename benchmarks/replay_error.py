@@ -4,6 +4,7 @@
     python benchmarks/replay_error.py --arch sd35m --resolution 512 (the flow SDE)
     python benchmarks/replay_error.py --arch flux2-klein --resolution 512 --dtype bf16
     python benchmarks/replay_error.py --arch sd15 --fused-lora (speed.fused_lora's layers)
+    python benchmarks/replay_error.py --arch sd15 --half-norms (speed.half_norms)
     python benchmarks/replay_error.py --arch sd15 --batch 8 --micro-batch 1 (a real run's)
 
 Samples a batch with the trainer's policy (random-weight model built from the
@@ -29,6 +30,7 @@ from lowvram_ddpo.models import DTYPES, make_trainable
 from lowvram_ddpo.policy import build_policy
 from lowvram_ddpo.rollout import image_tokens, sample_trajectories
 from lowvram_ddpo.speed.compile import compile_unet
+from lowvram_ddpo.speed.half_norms import run_norms_in_half
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
 from lowvram_ddpo.text_encoding import encode_negative
@@ -45,12 +47,14 @@ def replay_error(
     precision: str = "fp16",
     fused_lora: bool = False,
     micro_batch: int = 0,
+    half_norms: bool = False,
 ) -> dict[str, object]:
     """``resolution`` 0: the architecture's own; ``precision`` of the base on a GPU;
     ``fused_lora``: the LoRA layers as ``speed.fused_lora`` computes them; ``micro_batch``:
     re-scored this many images at a time, as the trainer does (0: all ``batch`` at once).
     A micro-batch other than the sampling batch runs other kernels on a GPU, so it shows
-    the replay error a real run has, not only the speed path's own."""
+    the replay error a real run has, not only the speed path's own. ``half_norms``: the
+    norms as ``speed.half_norms`` runs them."""
     micro_batch = micro_batch or batch
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -61,6 +65,8 @@ def replay_error(
         skip_lora_input_casts(pipe.unet)  # as the trainer does under autocast
     if fused_lora:
         fuse_lora_layers(pipe.unet)
+    if half_norms:
+        run_norms_in_half(pipe.unet)
     compile_unet(pipe.unet, mode, device)
     resolution = resolution or native_resolution(arch)
     tokens = image_tokens(pipe.unet, pipe.vae, resolution)
@@ -96,6 +102,7 @@ def replay_error(
         "arch": arch,
         "compile": mode,
         "fused_lora": fused_lora,
+        "half_norms": half_norms,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "dtype": str(dtype),
         "resolution": resolution,
@@ -121,10 +128,11 @@ def main() -> None:
     parser.add_argument(
         "--micro-batch", type=int, default=0, help="images re-scored at a time (0: --batch)"
     )
+    parser.add_argument("--half-norms", action="store_true", help="speed.half_norms's norms")
     args = parser.parse_args()
     result = replay_error(
         args.arch, args.compile, args.steps, args.batch, args.resolution, args.dtype,
-        args.fused_lora, args.micro_batch,
+        args.fused_lora, args.micro_batch, args.half_norms,
     )  # fmt: skip
     print(json.dumps(result))
 

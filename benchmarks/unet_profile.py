@@ -21,7 +21,9 @@ Variants: ``eager``; ``channels_last`` (the UNet's weights and inputs in NHWC, t
 tensor-core convolutions use); ``no-lora`` (the adapters switched off: their own cost);
 ``cudagraphs`` (``speed.compile=cudagraphs``, traced once per call kind before timing);
 ``fused-lora`` (``speed.fused_lora``: each LoRA layer's up-projection, scaling and sum in
-one addmm).
+one addmm); ``half-norms`` (``speed.half_norms``: GroupNorm and LayerNorm in fp16 under
+autocast, no casts around them). Each call also lists its ``--top`` most expensive
+kernels by name (milliseconds and count): which copies and casts are they?
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from lowvram_ddpo.architectures import native_resolution, random_pipeline
 from lowvram_ddpo.models import make_trainable
 from lowvram_ddpo.rollout import latent_shape
 from lowvram_ddpo.speed.compile import compile_unet
+from lowvram_ddpo.speed.half_norms import run_norms_in_half
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
 
@@ -52,7 +55,7 @@ KINDS = (  # the first pattern a kernel's name matches names its kind
     ("copy and cast", r"copy|cast|to_copy|transpose|cat"),
     ("elementwise", r"elementwise|vectorized|unrolled|silu|gelu|mul|add|reduce"),
 )
-VARIANTS = ("eager", "channels_last", "no-lora", "cudagraphs", "fused-lora")
+VARIANTS = ("eager", "channels_last", "no-lora", "cudagraphs", "fused-lora", "half-norms")
 
 
 def kind_of(kernel: str) -> str:
@@ -74,6 +77,8 @@ def build_unet(
         unet.to(memory_format=torch.channels_last)
     if variant == "fused-lora":
         fuse_lora_layers(unet)
+    if variant == "half-norms":
+        run_norms_in_half(unet)
     if variant == "no-lora":
         unet.disable_adapters()  # also stops their gradients: sampling alone is timed
     if variant == "cudagraphs":
@@ -135,9 +140,9 @@ def median_ms(call: Callable[[], None], device: torch.device, repeats: int) -> f
     return statistics.median(times)
 
 
-def kernel_time(call: Callable[[], None], device: torch.device) -> dict[str, object]:
-    """One profiled call: the device kernels' summed milliseconds by kind, and their count
-    (on a CPU, the aten ops' self time instead)."""
+def kernel_time(call: Callable[[], None], device: torch.device, top: int = 0) -> dict[str, object]:
+    """One profiled call: the device kernels' summed milliseconds by kind, their count,
+    and the ``top`` names that took longest (on a CPU, the aten ops' self time instead)."""
     from torch.profiler import ProfilerActivity, profile
 
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
@@ -146,6 +151,8 @@ def kernel_time(call: Callable[[], None], device: torch.device) -> dict[str, obj
         if device.type == "cuda":
             torch.cuda.synchronize()
     by_kind: Counter[str] = Counter()
+    by_name: Counter[str] = Counter()
+    calls_of: Counter[str] = Counter()
     count = 0
     for event in prof.events():
         if device.type == "cuda" and event.device_type.name != "CUDA":
@@ -154,11 +161,17 @@ def kernel_time(call: Callable[[], None], device: torch.device) -> dict[str, obj
         if us <= 0:
             continue
         by_kind[kind_of(event.name)] += us / 1000
+        by_name[event.name[:120]] += us / 1000
+        calls_of[event.name[:120]] += 1
         count += 1
     return {
         "kernels": count,
         "kernel_ms": round(sum(by_kind.values()), 2),
         "by_kind_ms": {k: round(v, 2) for k, v in by_kind.most_common()},
+        "top_kernels": [
+            {"name": name, "ms": round(ms, 3), "count": calls_of[name], "kind": kind_of(name)}
+            for name, ms in by_name.most_common(top)
+        ],
     }
 
 
@@ -170,7 +183,7 @@ def profile_variant(args: argparse.Namespace, variant: str, device: torch.device
         for _ in range(args.warmup):  # cuDNN's choices, dynamo's traces, the graphs' recording
             call()
         rows[name] = {"ms_per_call": round(median_ms(call, device, args.repeats), 2)}
-        rows[name] |= kernel_time(call, device)
+        rows[name] |= kernel_time(call, device, args.top)
     del unet
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -185,6 +198,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4, help="images per micro-step")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--top", type=int, default=12, help="kernels listed by name per call")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     variants = args.variants.split(",")

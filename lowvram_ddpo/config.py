@@ -179,8 +179,15 @@ class SpeedConfig:
     fused_lora: bool = False
     """Compute each LoRA linear layer's up-projection, scaling and sum with the frozen
     layer's output in one matmul (``speed/lora_fusion.py``): per layer two kernels and
-    three passes over its output fewer, one rounding instead of three. Off until its GPU
-    speed and fp16 replay error are measured."""
+    three passes over its output fewer, one rounding instead of three. Measured on an H100
+    (2026-11-26): exact replay, but no faster (69.5 against 70.6 ms of kernels per
+    sampling call); off."""
+    half_norms: bool = False
+    """Under mixed precision, run GroupNorm and LayerNorm in half precision, as diffusers'
+    fp16 inference does (``speed/half_norms.py``), instead of autocast's float32 with a cast
+    up and down around each: on an H100 copying and casting took a third of an SD 1.5
+    sampling call's kernel time. One rounding differs from autocast's, in sampling and
+    training alike (replay unchanged). Off until its GPU speed and replay are measured."""
 
 
 @dataclass

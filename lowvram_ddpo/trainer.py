@@ -100,6 +100,7 @@ from lowvram_ddpo.speed.compile import (
     split_graph_note,
     uncompiled_calls,
 )
+from lowvram_ddpo.speed.half_norms import run_norms_in_half
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative, text_encoders
@@ -258,6 +259,8 @@ class Trainer:
             skip_lora_input_casts(self.pipe.unet)
         if cfg.speed.fused_lora:
             fuse_lora_layers(self.pipe.unet)
+        if cfg.speed.half_norms:  # acts under autocast only: a no-op in full precision
+            run_norms_in_half(self.pipe.unet)
         if m.gradient_checkpointing:
             enable_checkpointing(self.pipe.unet)
         # DiffusionNFT samples with a lagging copy of the LoRA weights

@@ -4,6 +4,7 @@ those of the step-by-step path; a compiled UNet replays its own samples with rat
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny import assert_replay_gives_ratio_one
 from typer.testing import CliRunner
 
@@ -142,8 +144,6 @@ def test_graph_modes_accumulate_gradients_and_keep_outputs_as_eager(tiny_pipelin
     graphs) two accumulated micro-steps give eager's gradients, and an earlier call's
     output survives a later call unchanged; with the trainer's checkpointing too (the
     micro-batch-8 path within 6 GiB)."""
-    import copy
-
     from lowvram_ddpo.memory.checkpointing import enable_checkpointing
 
     eager = with_active_lora(tiny_pipeline.unet, 2.0)
@@ -244,8 +244,6 @@ def test_fused_lora_layers_compute_what_peft_computes_in_fewer_kernels(tiny_pipe
     (scaling 2 here), the base model's with the adapters off, under bf16 autocast the same
     to bf16's precision, and each layer's forward launches 2 kernels fewer (the up-projection,
     the scaling and the sum: one addmm)."""
-    import copy
-
     from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
 
     peft_unet = with_active_lora(tiny_pipeline.unet, 4.0)
@@ -623,7 +621,7 @@ def test_the_unet_profile_times_both_calls_and_sorts_every_kernel_by_kind():
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     import unet_profile
 
-    args = SimpleNamespace(arch="pocket", sample_batch=2, micro_batch=1, repeats=1, warmup=1)
+    args = SimpleNamespace(arch="pocket", sample_batch=2, micro_batch=1, repeats=1, warmup=1, top=3)
     cpu = torch.device("cpu")
     rows = {v: unet_profile.profile_variant(args, v, cpu) for v in ("eager", "no-lora")}
     eager = rows["eager"]
@@ -633,6 +631,9 @@ def test_the_unet_profile_times_both_calls_and_sorts_every_kernel_by_kind():
         assert row["by_kind_ms"]["convolution"] > 0 and row["by_kind_ms"]["matmul"] > 0
     assert eager["training"]["kernels"] > eager["sampling"]["kernels"]
     assert rows["no-lora"]["sampling"]["kernels"] < eager["sampling"]["kernels"]
+    top = [k["ms"] for k in eager["training"]["top_kernels"]]  # the costliest, by name
+    assert len(top) == 3 and top == sorted(top, reverse=True)
+    assert top[0] <= eager["training"]["kernel_ms"]
     assert unet_profile.kind_of("void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm>") == "matmul"
     assert unet_profile.kind_of("pytorch_flash::flash_fwd_kernel") == "attention"
     assert unet_profile.kind_of("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT") == "matmul"
@@ -668,3 +669,89 @@ def test_a_unet_traced_in_pieces_is_said_in_one_line():
     assert "in pieces" in note and "speed.compile=off" in note and "\n" not in note
     assert split_graph_note("off") == ""
     counters.clear()
+
+
+def test_half_norms_run_in_autocasts_dtype_and_leave_the_rest_as_it_was():
+    """speed.half_norms: under autocast a GroupNorm or LayerNorm given a float32 input runs
+    in autocast's dtype (CUDA autocast would run it in float32; on the CPU the input's dtype
+    shows the difference); without autocast the UNet's output is bitwise the plain one;
+    under autocast close to it, with LoRA gradients; names, deep copies and dynamo's
+    single graph are kept, and the plain norms come back."""
+    from diffusers import UNet2DConditionModel
+    from tiny import TINY_UNET
+
+    from lowvram_ddpo.speed.half_norms import (
+        HalfGroupNorm,
+        HalfLayerNorm,
+        restore_norms,
+        run_norms_in_half,
+    )
+
+    group, layer, x = torch.nn.GroupNorm(2, 8), torch.nn.LayerNorm(8), torch.randn(2, 8, 4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert group(x).dtype == layer(x).dtype == torch.float32
+        run_norms_in_half(group)
+        run_norms_in_half(layer)
+        assert isinstance(group, HalfGroupNorm) and isinstance(layer, HalfLayerNorm)
+        assert group(x).dtype == layer(x).dtype == torch.bfloat16
+    assert group(x).dtype == torch.float32  # autocast off: the plain forward
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    params = attach_lora(unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    for p in params:  # LoRA's up-projection starts at zero: give it something to carry
+        p.data.normal_(0, 0.1)
+    names = [n for n, _ in unet.named_parameters()]
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    text = torch.randn(2, 7, unet.config.cross_attention_dim, generator=generator)
+    t = torch.tensor([500, 20])
+
+    def call(autocast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for p in params:
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = unet(latents, t, encoder_hidden_states=text).sample.float()
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in params]
+
+    plain = {autocast: call(autocast) for autocast in (False, True)}
+    count = run_norms_in_half(unet)
+    assert count >= 10 and [n for n, _ in unet.named_parameters()] == names
+    full, _ = call(False)
+    assert torch.equal(full, plain[False][0])
+    out, grads = call(True)
+    assert torch.allclose(out, plain[True][0], atol=0.05, rtol=0.05)
+    flat, plain_flat = (
+        torch.cat([g.flatten() for g in grads]),
+        torch.cat([g.flatten() for g in plain[True][1]]),
+    )
+    assert flat.abs().sum() > 0
+    assert F.cosine_similarity(flat, plain_flat, dim=0) > 0.99
+    twin = copy.deepcopy(unet)
+    assert sum(isinstance(m, HalfGroupNorm) for m in twin.modules()) > 0
+
+    def traced() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return unet(latents, t, encoder_hidden_states=text).sample
+
+    assert torch._dynamo.explain(traced)().graph_break_count == 0
+    restore_norms(unet)
+    assert not any(isinstance(m, HalfGroupNorm | HalfLayerNorm) for m in unet.modules())
+
+
+def test_the_trainer_gives_its_unet_half_norms_when_asked(tiny_preset, tmp_path):
+    """speed.half_norms=true: the trained UNet's norms take the half-precision forward (a
+    no-op here, in full precision: the run trains as without it)."""
+    from lowvram_ddpo.speed.half_norms import HalfGroupNorm
+    from lowvram_ddpo.trainer import Trainer
+
+    rewards = {}
+    for half in (False, True):
+        config = load_preset(str(tiny_preset))
+        apply_overrides(config, ["run.epochs=1", "run.progress=false", f"speed.half_norms={half}"])
+        trainer = Trainer(config, tmp_path / str(half))
+        rewards[half] = [m["reward_mean"] for m in trainer.fit()]
+        halves = sum(isinstance(m, HalfGroupNorm) for m in trainer.pipe.unet.modules())
+        assert (halves > 0) == half
+    assert rewards[True] == rewards[False]

@@ -520,4 +520,5 @@ def settings_of(config: Config) -> dict[str, object]:
         "compile": config.speed.compile,
         "graph_sampling": config.speed.graph_sampling,
         "fused_lora": config.speed.fused_lora,
+        "half_norms": config.speed.half_norms,
     }
