@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh speed     # issue 12: beside the reference, same call
 #   bash benchmarks/gpu_session.sh speed2    # issue 12: checkpointing, graphs as shipped, profile
+#   bash benchmarks/gpu_session.sh speed3    # issue 12: checkpointing + graphs fixed? half norms
 #   bash benchmarks/gpu_session.sh compile   # issue 12: Inductor's modes (minutes to compile)
 #   bash benchmarks/gpu_session.sh memory    # issues 11, 14: nf4, SDXL, SD 3.5, FLUX.2 rows
 #   bash benchmarks/gpu_session.sh others    # issue 12's other goals: RLCM, SDXL (and SD 3.5)
@@ -14,6 +15,7 @@
 #   speed:   .whl (diffusers, importlib_metadata) and .ref (../shared/reference-bench);
 #            no bitsandbytes (the tree must stay under 64 MiB): the runs use AdamW
 #   speed2:  .whl (diffusers, importlib_metadata)
+#   speed3:  .whl (diffusers, importlib_metadata)
 #   compile: .whl (diffusers, importlib_metadata)
 #   memory:  .whl (diffusers, importlib_metadata, bitsandbytes)
 #   others:  .whl (diffusers, importlib_metadata)
@@ -176,6 +178,25 @@ case "$part" in
     TORCH_LOGS=recompiles,cudagraphs,perf_hints stage mb8-ckpt-cudagraphs-logged 220 \
       bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs
     ;;
+  speed3) # what the H100 call (2026-11-26) found: is checkpointing + CUDA graphs fixed (the
+    # dynamo split at each attention layer), and do the half-precision norms pay?
+    install_wheels
+    # the product's fast-and-small row: its graph breaks logged, three epochs (the growth
+    # of the peak after the first epoch, 1.0-1.4 GiB so far: does it stop?)
+    TORCH_LOGS=graph_breaks,recompiles stage mb8-ckpt-cudagraphs 230 bench_speed "${SD15[@]}" \
+      "${MB8_CKPT[@]}" --set speed.compile=cudagraphs --epochs 3
+    # the norms: kernels by kind and the costliest by name, with and without
+    stage profile-half-norms 110 "$PY" benchmarks/unet_profile.py --arch sd15 \
+      --variants eager,half-norms --repeats 5
+    stage replay-half-norms 60 "$PY" benchmarks/replay_error.py --arch sd15 --half-norms --steps 10
+    stage mb8-ckpt-half-norms 100 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.half_norms=true
+    # what --vram 8GB picks with graphs (micro-batch 1, nothing offloaded: 6.95 GiB and
+    # ~7 min per epoch predicted, the time model's graphs being arithmetic only)
+    stage vram8-cudagraphs 200 bench_speed --preset incompressibility --batches 1 \
+      --set memory.optimizer=adamw --vram 8GB --set speed.compile=cudagraphs --epochs 3
+    stage sdxl 330 bench_speed --preset sdxl-aesthetic --batches 1 --set memory.optimizer=adamw \
+      --set memory.vram=off
+    ;;
   compile) # each row compiles minutes: expect the first one or two per call
     install_wheels
     stage replay-default 300 "$PY" benchmarks/replay_error.py --arch sd15 --compile default --steps 10
@@ -208,7 +229,7 @@ case "$part" in
     stage profile 100 "$PY" benchmarks/unet_profile.py --arch pocket --variants eager --repeats 2
     ;;
   *)
-    echo "usage: bash $0 speed|speed2|compile|memory|others|dry (see its header)" >&2
+    echo "usage: bash $0 speed|speed2|speed3|compile|memory|others|dry (see its header)" >&2
     exit 2
     ;;
 esac
