@@ -755,3 +755,27 @@ def test_the_trainer_gives_its_unet_half_norms_when_asked(tiny_preset, tmp_path)
         halves = sum(isinstance(m, HalfGroupNorm) for m in trainer.pipe.unet.modules())
         assert (halves > 0) == half
     assert rewards[True] == rewards[False]
+
+
+def test_the_fit_trains_at_the_sampling_batch_where_that_costs_little(monkeypatch):
+    """A training micro-batch other than the sampling batch re-scores with other kernels
+    (on an H100 the ratio then started 0.71 of the clip range off 1): on a card whose
+    arithmetic bounds sampling, where a smaller sampling batch costs nothing, the fit
+    samples at the training micro-batch for DDPO-IS; RWR, which clips no ratio, keeps
+    the preset's sampling batch. Images per epoch and per step are kept either way."""
+    import lowvram_ddpo.memory.fit as fit
+    from lowvram_ddpo.memory.units import GB
+    from lowvram_ddpo.speed.time_model import Gpu
+
+    monkeypatch.setattr(fit, "this_gpu", lambda: Gpu.listed("slow card", 40.0))
+    picks = {}
+    for algorithm in ("ddpo-is", "rwr"):
+        config = load_preset("incompressibility")
+        config.train.algorithm = algorithm
+        picks[algorithm] = fit.fit_to_vram(config, "sd15", 6 * GB).config
+    exact, rwr = picks["ddpo-is"], picks["rwr"]
+    assert exact.train.batch_size == exact.sample.batch_size and fit.replays_exactly(exact)
+    assert exact.sample.batch_size < 8  # the preference acted: the preset samples 8
+    assert exact.sample.batch_size * exact.sample.batches_per_epoch == 256
+    assert rwr.sample.batch_size == 8 and rwr.train.batch_size < 8
+    assert fit.replays_exactly(rwr)  # nothing clipped: nothing to be exact for
