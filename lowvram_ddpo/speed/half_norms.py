@@ -17,6 +17,8 @@ copies (it errs high).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,10 +35,24 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind)
 
 
-def _as(weight: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+OptionalTensor = torch.Tensor | None
+"""A norm's weight or bias (None without an affine part)."""
+
+
+def _as(weight: OptionalTensor, dtype: torch.dtype) -> OptionalTensor:
     return None if weight is None else weight.to(dtype)
 
 
+def _in_half(
+    norm: nn.Module, x: torch.Tensor, dtype: torch.dtype, functional: Callable[..., torch.Tensor]
+) -> torch.Tensor:
+    """``functional(x, weight, bias)`` in ``dtype``, with autocast off around it."""
+    with torch.autocast(x.device.type, enabled=False):
+        return functional(x.to(dtype), _as(norm.weight, dtype), _as(norm.bias, dtype))
+
+
+# Each forward calls its class's own forward directly when autocast is off: plain calls,
+# which every dynamo version traces (torch 2.11 split the graph at a bound method once).
 class HalfGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` that, under autocast, runs in autocast's dtype."""
 
@@ -44,9 +60,11 @@ class HalfGroupNorm(nn.GroupNorm):
         dtype = _autocast_dtype(x)
         if dtype is None:
             return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            weight, bias = _as(self.weight, dtype), _as(self.bias, dtype)
-            return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps)
+
+        def group_norm(h: torch.Tensor, w: OptionalTensor, b: OptionalTensor) -> torch.Tensor:
+            return F.group_norm(h, self.num_groups, w, b, self.eps)
+
+        return _in_half(self, x, dtype, group_norm)
 
 
 class HalfLayerNorm(nn.LayerNorm):
@@ -56,9 +74,11 @@ class HalfLayerNorm(nn.LayerNorm):
         dtype = _autocast_dtype(x)
         if dtype is None:
             return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            weight, bias = _as(self.weight, dtype), _as(self.bias, dtype)
-            return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
+
+        def layer_norm(h: torch.Tensor, w: OptionalTensor, b: OptionalTensor) -> torch.Tensor:
+            return F.layer_norm(h, self.normalized_shape, w, b, self.eps)
+
+        return _in_half(self, x, dtype, layer_norm)
 
 
 _HALF = {nn.GroupNorm: HalfGroupNorm, nn.LayerNorm: HalfLayerNorm}
