@@ -186,8 +186,9 @@ case "$part" in
     TORCH_LOGS=graph_breaks,recompiles stage mb8-ckpt-cudagraphs 230 bench_speed "${SD15[@]}" \
       "${MB8_CKPT[@]}" --set speed.compile=cudagraphs --epochs 3
     # the norms: kernels by kind and the costliest by name, with and without
-    stage profile-half-norms 110 "$PY" benchmarks/unet_profile.py --arch sd15 \
-      --variants eager,half-norms --repeats 5
+    # (and which kernels the graphs add: 9 ms of "other" per training call on the H100)
+    stage profile-half-norms 150 "$PY" benchmarks/unet_profile.py --arch sd15 \
+      --variants eager,half-norms,channels_last+half-norms,cudagraphs --repeats 5
     stage replay-half-norms 60 "$PY" benchmarks/replay_error.py --arch sd15 --half-norms --steps 10
     stage mb8-ckpt-half-norms 100 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.half_norms=true
     # what --vram 8GB picks with graphs (micro-batch 1, nothing offloaded: 6.95 GiB and

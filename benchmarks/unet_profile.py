@@ -22,8 +22,9 @@ tensor-core convolutions use); ``no-lora`` (the adapters switched off: their own
 ``cudagraphs`` (``speed.compile=cudagraphs``, traced once per call kind before timing);
 ``fused-lora`` (``speed.fused_lora``: each LoRA layer's up-projection, scaling and sum in
 one addmm); ``half-norms`` (``speed.half_norms``: GroupNorm and LayerNorm in fp16 under
-autocast, no casts around them). Each call also lists its ``--top`` most expensive
-kernels by name (milliseconds and count): which copies and casts are they?
+autocast, no casts around them); several joined by "+" (``channels_last+half-norms``).
+Each call also lists its ``--top`` most expensive kernels by name (milliseconds and
+count): which copies and casts are they?
 """
 
 from __future__ import annotations
@@ -66,22 +67,24 @@ def kind_of(kernel: str) -> str:
 def build_unet(
     arch: str, device: torch.device, variant: str
 ) -> tuple[torch.nn.Module, tuple[int, ...]]:
-    """The UNet of ``variant`` and the shape of one latent at the model's resolution."""
+    """The UNet of ``variant`` (one of ``VARIANTS``, or several joined by "+") and the
+    shape of one latent at the model's resolution."""
+    features = set(variant.split("+"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = random_pipeline(arch, dtype, str(device))
     unet = pipe.unet
     make_trainable(unet, 4, 4.0, [])
     if device.type == "cuda":
         skip_lora_input_casts(unet)
-    if variant == "channels_last":
+    if "channels_last" in features:
         unet.to(memory_format=torch.channels_last)
-    if variant == "fused-lora":
+    if "fused-lora" in features:
         fuse_lora_layers(unet)
-    if variant == "half-norms":
+    if "half-norms" in features:
         run_norms_in_half(unet)
-    if variant == "no-lora":
+    if "no-lora" in features:
         unet.disable_adapters()  # also stops their gradients: sampling alone is timed
-    if variant == "cudagraphs":
+    if "cudagraphs" in features:
         compile_unet(unet, "cudagraphs", device)
     return unet, latent_shape(unet, pipe.vae, native_resolution(arch))
 
@@ -179,7 +182,8 @@ def profile_variant(args: argparse.Namespace, variant: str, device: torch.device
     unet, latent = build_unet(args.arch, device, variant)
     batches = (args.sample_batch, args.micro_batch)
     rows = {}
-    for name, call in calls(unet, latent, device, batches, variant == "channels_last").items():
+    nhwc = "channels_last" in variant.split("+")
+    for name, call in calls(unet, latent, device, batches, nhwc).items():
         for _ in range(args.warmup):  # cuDNN's choices, dynamo's traces, the graphs' recording
             call()
         rows[name] = {"ms_per_call": round(median_ms(call, device, args.repeats), 2)}
@@ -202,7 +206,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     variants = args.variants.split(",")
-    unknown = set(variants) - set(VARIANTS)
+    unknown = {part for v in variants for part in v.split("+")} - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
     rows = {}

@@ -623,7 +623,8 @@ def test_the_unet_profile_times_both_calls_and_sorts_every_kernel_by_kind():
 
     args = SimpleNamespace(arch="pocket", sample_batch=2, micro_batch=1, repeats=1, warmup=1, top=3)
     cpu = torch.device("cpu")
-    rows = {v: unet_profile.profile_variant(args, v, cpu) for v in ("eager", "no-lora")}
+    variants = ("eager", "no-lora", "half-norms+fused-lora")  # several joined by "+"
+    rows = {v: unet_profile.profile_variant(args, v, cpu) for v in variants}
     eager = rows["eager"]
     assert set(eager) == {"sampling", "training"} and set(rows["no-lora"]) == {"sampling"}
     for row in eager.values():  # the pocket UNet's convolutions and projections are seen
@@ -631,6 +632,8 @@ def test_the_unet_profile_times_both_calls_and_sorts_every_kernel_by_kind():
         assert row["by_kind_ms"]["convolution"] > 0 and row["by_kind_ms"]["matmul"] > 0
     assert eager["training"]["kernels"] > eager["sampling"]["kernels"]
     assert rows["no-lora"]["sampling"]["kernels"] < eager["sampling"]["kernels"]
+    fused = rows["half-norms+fused-lora"]["training"]["kernels"]  # fewer LoRA ops
+    assert fused < eager["training"]["kernels"]
     top = [k["ms"] for k in eager["training"]["top_kernels"]]  # the costliest, by name
     assert len(top) == 3 and top == sorted(top, reverse=True)
     assert top[0] <= eager["training"]["kernel_ms"]
