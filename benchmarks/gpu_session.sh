@@ -216,7 +216,7 @@ case "$part" in
     install_wheels
     RLCM=(--preset rlcm-incompressibility --batches 1 --set memory.optimizer=adamw --set memory.vram=off)
     SDXL=(--preset sdxl-aesthetic --batches 1 --set memory.optimizer=adamw --set memory.vram=off)
-    stage rlcm 120 bench_speed "${RLCM[@]}"
+    stage rlcm 120 bench_speed "${RLCM[@]}" --set speed.compile=off # graphs: its preset's default
     stage rlcm-cudagraphs 120 bench_speed "${RLCM[@]}" --set speed.compile=cudagraphs
     stage sdxl 150 bench_speed "${SDXL[@]}"
     stage sdxl-cudagraphs 150 bench_speed "${SDXL[@]}" --set speed.compile=cudagraphs

@@ -421,10 +421,46 @@ Medium presets: a 12 GB card as shipped (the flow-matching issue's budget; 8 GB 
 
 @pytest.mark.parametrize("preset", sorted(list_presets()))
 def test_every_shipped_preset_fits_its_budget(preset):
+    """As written; a preset with CUDA graphs (RLCM's) without them, as its fit to a card of
+    the budget's size has it when their pool does not fit."""
     config = load_preset(preset)
     arch = _arch(config)
+    budget = PRESET_BUDGETS.get(arch, 6 * GB)
+    if config.speed.compile == "cudagraphs":
+        fitted = fit_to_vram(config, arch, budget + CUDA_CONTEXT_BYTES)
+        assert fitted.report.peak_bytes <= budget
+        config.speed.compile = "off"
     report = estimate_memory(config, arch)
-    assert report.peak_bytes <= PRESET_BUDGETS.get(arch, 6 * GB), report.to_text()
+    assert report.peak_bytes <= budget, report.to_text()
+
+
+def test_rlcm_presets_keep_cuda_graphs_where_they_fit_and_drop_them_where_not(monkeypatch):
+    """rlcm-incompressibility sets speed.compile=cudagraphs (2.0x its eager epoch on an
+    H100): a fit to an 8 GB card keeps them, to a 6 GB card drops them for a setting that
+    fits (and says so), and keeps them when the user set them; without CUDA a preset's
+    "auto" turns them off, as a user's own choice is kept (to fail with its one line)."""
+    from lowvram_ddpo.memory.fit import fit_for_run
+
+    config = load_preset("rlcm-incompressibility")
+    assert config.speed.compile == "cudagraphs" and config.speed.graph_sampling
+    assert load_preset("rlcm-sdxl-aesthetic").speed.compile == "off"  # not timed on SDXL
+    assert load_preset("pocket-rlcm-incompressibility").speed.compile == "off"
+    roomy = fit_to_vram(config, "sd15-lcm", 8 * GB)
+    assert roomy.config.speed.compile == "cudagraphs"
+    assert not roomy.config.memory.gradient_checkpointing  # the pair not timed yet
+    small = fit_to_vram(config, "sd15-lcm", 6 * GB)
+    assert small.config.speed.compile == "off" and "speed.compile cudagraphs -> off" in (
+        small.summary("6GB")
+    )
+    assert small.report.peak_bytes + CUDA_CONTEXT_BYTES <= 6 * GB
+    held = fit_to_vram(config, "sd15-lcm", 7 * GB, held=frozenset({"speed.compile"}))
+    assert held.config.speed.compile == "cudagraphs"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    kept, line = fit_for_run(config, "sd15-lcm", asked=False)
+    assert kept.speed.compile == "off" and config.speed.compile == "cudagraphs"
+    assert "speed.compile cudagraphs -> off (CUDA graphs need CUDA)" in line
+    chosen, _ = fit_for_run(config, "sd15-lcm", frozenset({"speed.compile"}), asked=False)
+    assert chosen.speed.compile == "cudagraphs"
 
 
 def test_micro_batch_1_fits_4_gb_and_3_gb_with_a_4_bit_base(sd15_run):

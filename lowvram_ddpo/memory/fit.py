@@ -3,15 +3,17 @@
 Every combination of sampling batch, training micro-batch (up to the sampling batch:
 bigger is almost free on a launch-bound GPU), gradient checkpointing, VAE tiling,
 offloading (the text encoder and VAE kept on the card when they fit: no moves per batch)
-and scoring batch is ranked by the predicted epoch time (``speed.time_model``), and the
-fastest whose estimated peak fits is taken: on a fast card, micro-batch 4 with
-checkpointing beats micro-batch 1 without. For algorithms that clip an importance ratio,
-training at the sampling batch (the same kernels: an exact replay) is worth up to 5% of
-the epoch (``EXACT_REPLAY_WORTH``). Only when none fits do the text encoders move
-to the CPU (slow only while new prompts arrive), and last comes a 4-bit frozen base (it
-changes the base model's numbers). The images per epoch and per optimiser step never
-change: a smaller batch means more batches, or more accumulation steps. ``--vram auto``
-fits what the machine's own CUDA card has free.
+and scoring batch, with and without the CUDA graphs a preset sets (their pool is the
+first thing a small card lacks; not yet with checkpointing), is ranked by the predicted
+epoch time (``speed.time_model``), and the fastest whose estimated peak fits is taken:
+on a fast card, micro-batch 4 with checkpointing beats micro-batch 1 without. For
+algorithms that clip an importance ratio, training at the sampling batch (the same
+kernels: an exact replay) is worth up to 5% of the epoch (``EXACT_REPLAY_WORTH``). Only
+when none fits do the text encoders move to the CPU (slow only while new prompts
+arrive), and last comes a 4-bit frozen base (it changes the base model's numbers). The
+images per epoch and per optimiser step never change: a smaller batch means more
+batches, or more accumulation steps. ``--vram auto`` fits what the machine's own CUDA
+card has free.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from lowvram_ddpo.memory.units import (
 from lowvram_ddpo.models import VAE_TILE_PIXELS
 from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.reporting.progress import format_duration
+from lowvram_ddpo.speed.cuda_graphs import GRAPH_MODES
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
 from lowvram_ddpo.speed.time_model import Gpu, leaf_modules, predict_epoch, this_gpu
 
@@ -101,11 +104,21 @@ def candidates(config: Config, quantize: str, text_on_cpu: bool) -> Iterator[Con
     tiles = s.resolution > VAE_TILE_PIXELS and not config.memory.vae_tiling
     tiling = [False, True] if tiles else [config.memory.vae_tiling]
     scoring = _halvings(config.reward.batch_size, config.reward.batch_size)
-    for ckpt, tiled, offload in itertools.product(checkpointing, tiling, offloading):
+    # CUDA graphs as set, then without them: their pool is what a small card lacks first
+    compiling = [config.speed.compile]
+    if config.speed.compile in GRAPH_MODES:
+        compiling.append("off")
+    levers = itertools.product(compiling, checkpointing, tiling, offloading)
+    for compile_mode, ckpt, tiled, offload in levers:
+        if compile_mode in GRAPH_MODES and ckpt and not config.memory.gradient_checkpointing:
+            # not paired by the fit until timed: on an H100 (torch 2.11, 2026-11-26) the
+            # pair split dynamo's graph at every attention layer (fixed, not re-measured)
+            continue
         for micro in micro_batches(config):
             # a smaller scoring batch (reward models) costs the least: it is tried first
             for batch, scored in itertools.product(_halvings(s.batch_size, samples), scoring):
                 trial = copy.deepcopy(config)
+                trial.speed.compile = compile_mode
                 trial.memory.gradient_checkpointing = ckpt
                 trial.memory.vae_tiling = tiled
                 trial.memory.offload = offload
@@ -130,8 +143,9 @@ FITTED_FIELDS = (
     "memory.vae_tiling",
     "memory.text_encoders_on_cpu",
     "memory.quantize",
+    "speed.compile",
 )
-"""What a fit may change."""
+"""What a fit may change (``speed.compile`` only from a CUDA-graph mode to off)."""
 _PAIRS = (
     ("sample.batch_size", "sample.batches_per_epoch"),
     ("train.batch_size", "train.gradient_accumulation_steps"),
@@ -255,7 +269,7 @@ def fit_for_run(
         return config, ""
     if means_this_card(vram) and not asked:
         if not torch.cuda.is_available():
-            return config, "memory.vram = auto: no CUDA GPU here, the settings as written"
+            return without_cuda_graphs(config, held)
         if world_size() > 1:
             return config, (
                 "memory.vram = auto fits one GPU: the settings as written on every card "
@@ -276,6 +290,18 @@ def fit_for_run(
     return fit.config, line + (f" (the model's shape guessed: {guessed})" if guessed else "")
 
 
+def without_cuda_graphs(config: Config, held: frozenset[str]) -> tuple[Config, str]:
+    """A preset's settings as written on a machine without CUDA, less the CUDA-only
+    ``speed.compile=cudagraphs`` it may set (kept, to fail with its one line, when the
+    user set it)."""
+    line = "memory.vram = auto: no CUDA GPU here, the settings as written"
+    if config.speed.compile != "cudagraphs" or "speed.compile" in held:
+        return config, line
+    kept = copy.deepcopy(config)
+    kept.speed.compile = "off"
+    return kept, line + " but speed.compile cudagraphs -> off (CUDA graphs need CUDA)"
+
+
 @dataclass
 class TrainingBudget:
     """Whether a setting's training phase fits, estimated from the smallest micro-batch up:
@@ -287,12 +313,17 @@ class TrainingBudget:
     arch: str
     run: MetaRun
     budget: int
-    known: dict[tuple[int, bool, bool, int], bool] = field(default_factory=dict)
+    known: dict[tuple[int, bool, bool, int, str], bool] = field(default_factory=dict)
 
     def fits(self, trial: Config) -> bool:
         t, m = trial.train, trial.memory
         # the sampling batch too: a graphed sampling step's pool is held while training
-        setting = (m.gradient_checkpointing, m.offload, trial.sample.batch_size)
+        setting = (
+            m.gradient_checkpointing,
+            m.offload,
+            trial.sample.batch_size,
+            trial.speed.compile,
+        )
         per_step = t.batch_size * t.gradient_accumulation_steps
         for micro in reversed(micro_batches(trial, largest=t.batch_size)):
             key = (micro, *setting)
