@@ -127,3 +127,25 @@ def unknown_words_note(pipe, prompts: list[str], model_name: str) -> str | None:
         f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}): it knows only the "
         "pocket world's shapes, colours and sizes; use --set prompts.source=pocket_world"
     )
+
+
+CLIPPED_RATIO_ALGORITHMS = ("ddpo-is", "grpo")
+"""Algorithms whose loss clips an importance ratio (DDPO's clip range: 1e-4)."""
+
+
+def replay_note(config: Config, device_type: str, mixed_precision: str) -> str | None:
+    """A note when training re-scores the samples with other GPU kernels than sampled
+    them (another batch size, in half precision): the ratios then start off 1 by rounding
+    alone. Equal batches replay exactly (0.0 measured)."""
+    s, t = config.sample, config.train
+    if t.algorithm not in CLIPPED_RATIO_ALGORITHMS or t.batch_size == s.batch_size:
+        return None
+    if device_type != "cuda" or mixed_precision == "no":
+        return None  # full precision: differences far below the clip range
+    return (
+        f"note: train.batch_size {t.batch_size} differs from sample.batch_size {s.batch_size}: "
+        "training re-scores the samples with other GPU kernels, so the ratios start off 1 by "
+        "rounding (on an H100, sampled 8 and trained 1 at a time: 0.71 of the clip range, 1 "
+        "image in 8 clipped). Equal batches replay exactly; --vram prefers them where they "
+        "cost little"
+    )

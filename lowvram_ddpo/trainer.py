@@ -77,6 +77,7 @@ from lowvram_ddpo.policy import FlowSDEPolicy, build_policy
 from lowvram_ddpo.preflight import (
     check_algorithm_fits,
     is_flow_index,
+    replay_note,
     resolution_note,
     saved_model_index,
     unknown_words_note,
@@ -188,6 +189,7 @@ class Trainer:
         for note in (
             resolution_note(self.pipe, cfg.sample.resolution, cfg.model.name),
             unknown_words_note(self.pipe, self.prompts + cfg.run.grid_prompts, cfg.model.name),
+            replay_note(cfg, self.accelerator.device.type, self.accelerator.mixed_precision),
         ):
             if note:
                 self.log(note)

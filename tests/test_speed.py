@@ -782,3 +782,22 @@ def test_the_fit_trains_at_the_sampling_batch_where_that_costs_little(monkeypatc
     assert exact.sample.batch_size * exact.sample.batches_per_epoch == 256
     assert rwr.sample.batch_size == 8 and rwr.train.batch_size < 8
     assert fit.replays_exactly(rwr)  # nothing clipped: nothing to be exact for
+
+
+def test_a_run_that_trains_at_another_batch_than_it_samples_is_told_its_ratios_drift():
+    """On a GPU in half precision, DDPO-IS re-scoring at another batch size than sampled
+    runs other kernels (0.71 of the clip range on an H100): the run says so in one line;
+    not for equal batches, full precision, the CPU, or an algorithm that clips nothing."""
+    from lowvram_ddpo.preflight import replay_note
+
+    config = load_preset("incompressibility")  # sampling 8, training 1
+    note = replay_note(config, "cuda", "fp16")
+    assert note and "train.batch_size 1 differs from sample.batch_size 8" in note
+    assert "\n" not in note
+    assert replay_note(config, "cpu", "fp16") is None
+    assert replay_note(config, "cuda", "no") is None
+    apply_overrides(config, ["train.batch_size=8", "train.gradient_accumulation_steps=8"])
+    assert replay_note(config, "cuda", "fp16") is None
+    rwr = load_preset("incompressibility-rwr")
+    assert rwr.train.batch_size != rwr.sample.batch_size
+    assert replay_note(rwr, "cuda", "fp16") is None

@@ -39,6 +39,7 @@ from lowvram_ddpo.memory.units import (
     parse_size,
 )
 from lowvram_ddpo.models import VAE_TILE_PIXELS
+from lowvram_ddpo.preflight import CLIPPED_RATIO_ALGORITHMS
 from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.cuda_graphs import GRAPH_MODES
@@ -337,9 +338,6 @@ class TrainingBudget:
                 return False
         return True
 
-
-CLIPPED_RATIO_ALGORITHMS = ("ddpo-is", "grpo")
-"""Algorithms whose loss clips an importance ratio (DDPO's clip range 1e-4)."""
 
 EXACT_REPLAY_WORTH = 0.05
 """The longer epoch the fit accepts for training at the sampling batch. A training
