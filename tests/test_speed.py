@@ -648,7 +648,8 @@ def test_the_unet_profile_times_both_calls_and_sorts_every_kernel_by_kind():
 def test_a_unet_traced_in_pieces_is_said_in_one_line():
     """torch 2.11 split the checkpointed UNet at each attention layer (H100, 2026-11-26),
     and CUDA graphs then re-recorded every call: the trainer says so after its first epoch
-    (``split_graph_note``), and says nothing for a whole trace or when nothing compiles."""
+    (``split_graph_note``), and says nothing for a whole trace, when nothing compiles, or
+    for breaks from before the run's own compile."""
     from torch._dynamo.utils import counters
 
     from lowvram_ddpo.speed.compile import split_graph_note
@@ -671,6 +672,9 @@ def test_a_unet_traced_in_pieces_is_said_in_one_line():
     note = split_graph_note("cudagraphs")
     assert "in pieces" in note and "speed.compile=off" in note and "\n" not in note
     assert split_graph_note("off") == ""
+    # a run's compile starts the count afresh: an earlier model's breaks are not its own
+    compile_unet(torch.nn.Linear(4, 4), "default", torch.device("cpu"), backend="eager")
+    assert split_graph_note("cudagraphs") == ""
     counters.clear()
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch._dynamo.config as dynamo_config
+from torch._dynamo.utils import counters
 
 from lowvram_ddpo.config import COMPILE_MODES, SpeedConfig
 from lowvram_ddpo.errors import UserError
@@ -98,6 +99,7 @@ def compile_unet(
         return ""
     backend = backend or backend_of(mode)
     check_compile_mode(mode, device, backend)
+    counters["graph_break"].clear()  # split_graph_note speaks of this run's traces only
     if backend == "inductor":
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
     # one compiled entry per grad mode, train/eval, adapters on/off and shape: sampling,
@@ -145,8 +147,6 @@ def split_graph_note(mode: str) -> str:
     ``mode`` is off). A piece per layer is slow under CUDA graphs: layers of one shape
     share a graph that is recorded again for each layer's weights, every call (measured
     on an H100 with torch 2.11, 2026-11-26: an epoch not done in 220 s against 20 eager)."""
-    from torch._dynamo.utils import counters
-
     breaks = counters["graph_break"]
     if mode == "off" or not breaks:
         return ""
