@@ -46,6 +46,22 @@ def test_time_left_comes_from_this_process_s_epochs():
     assert eta.after(2) == "" and eta.after(100) == ""
 
 
+def test_time_left_leaves_the_warm_up_epoch_out_once_another_ended(monkeypatch):
+    """A first epoch of 100 s (compiling, CUDA graphs recorded), then 10 s each: after the
+    first the estimate can only use it; from the second on, the later epochs alone."""
+    import lowvram_ddpo.reporting.progress as progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    eta = TimeLeft(total_epochs=100, first_epoch=0)
+    clock[0] += 100
+    assert eta.after(1) == "~2 h 45 min left"  # 99 x 100 s
+    clock[0] += 10
+    assert eta.after(2) == "~16 min left"  # 98 x 10 s
+    clock[0] += 10
+    assert eta.after(3) == "~16 min left"  # 97 x 10 s
+
+
 def _pixels_of(image: Image.Image, colour: str) -> int:
     rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
     return int((np.asarray(image) == rgb).all(axis=-1).sum())

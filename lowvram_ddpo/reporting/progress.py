@@ -21,17 +21,28 @@ def format_duration(seconds: float) -> str:
 
 class TimeLeft:
     """The run's ETA from the wall time of the epochs this process has finished (sampling,
-    training, checkpoints and grids included), so a resumed run estimates from its own."""
+    training, checkpoints and grids included), so a resumed run estimates from its own.
+    From the second epoch on the first is left out: it also warms up (cuDNN's choices,
+    ``speed.compile``'s traces and graphs: a minute or more, where an RLCM epoch with CUDA
+    graphs then took seconds on an H100), which would inflate every estimate after it."""
 
     def __init__(self, total_epochs: int, first_epoch: int) -> None:
         self.total, self.first = total_epochs, first_epoch
         self.started = time.perf_counter()
+        self.warmed_up: float | None = None
+        """When this process's first epoch ended."""
 
     def after(self, epochs_done: int) -> str:
         """``~2 h 10 min left`` after ``epochs_done`` epochs (counted from 1), or ""."""
+        now = time.perf_counter()
         finished = epochs_done - self.first
+        if finished == 1:
+            self.warmed_up = now
         left = self.total - epochs_done
         if finished <= 0 or left <= 0:
             return ""
-        per_epoch = (time.perf_counter() - self.started) / finished
+        if finished >= 2 and self.warmed_up is not None:
+            per_epoch = (now - self.warmed_up) / (finished - 1)
+        else:
+            per_epoch = (now - self.started) / finished
         return f"~{format_duration(per_epoch * left)} left"
