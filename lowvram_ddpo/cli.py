@@ -227,7 +227,8 @@ def train(
             if changed:
                 raise UserError(
                     f"{', '.join(changed)} cannot change a run being resumed; only --epochs, "
-                    "--vram, --log-with, --set memory.* and --set train.batch_size can"
+                    "--vram, --log-with, --set memory.*, --set speed.* and --set "
+                    "train.batch_size can"
                 )
             config = load_config_file(run_dir / "config.toml")
             per_step = config.train.batch_size * config.train.gradient_accumulation_steps
@@ -531,7 +532,8 @@ def _bench_setup(
     arch = arch or preset_arch
     held = held_fields(own_preset_fields(preset) + assignments)
     fitted, line = fit_for_run(config, arch, held, _vram_asked(vram, assignments))
-    return BenchSetup(fitted, arch, notes + ([line] if line else []), held, fitted is not config)
+    ran_fit = line.startswith("--vram ")  # a fit's own summary (not a note on no fit)
+    return BenchSetup(fitted, arch, notes + ([line] if line else []), held, ran_fit)
 
 
 @bench_app.command("speed")

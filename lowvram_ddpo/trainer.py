@@ -97,6 +97,7 @@ from lowvram_ddpo.rollout import Trajectories, image_tokens, render, sample_traj
 from lowvram_ddpo.speed.compile import (
     check_compile_mode,
     compile_unet,
+    graphs_replay,
     sampling_calls,
     split_graph_note,
     uncompiled_calls,
@@ -411,10 +412,12 @@ class Trainer:
         m, t = self.config.memory, self.config.train
         per_step = t.batch_size * t.gradient_accumulation_steps
         smaller = max((d for d in divisors(per_step) if d < t.batch_size), default=0)
+        graphs = graphs_replay(self.config.speed, "training")  # their pool goes first
         return (
             f"out of GPU memory while {self.phase} in epoch {epoch + 1} ({kept}). Use less memory "
             f"and continue: `lowvram-ddpo train --resume {self.run_dir} --vram "
             f"{_smaller_budget(self.accelerator.device)}` picks the settings; by hand, add "
+            + ("--set speed.compile=off " if graphs else "")
             + (f"--set train.batch_size={smaller} " if smaller else "")
             + ("" if m.gradient_checkpointing else "--set memory.gradient_checkpointing=true ")
             + ("" if m.offload else "--set memory.offload=true ")

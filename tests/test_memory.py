@@ -247,7 +247,9 @@ def test_attention_layers_checkpointed_whole_hold_a_quarter_less(sd15_run):
 
 def test_checkpointing_whole_attention_layers_keeps_the_arithmetic():
     """Output and LoRA gradients with the trainer's checkpointing are bitwise those without
-    it; dynamo traces the checkpointed UNet in one graph (the CUDA-graph speed paths); and
+    it; dynamo traces the checkpointed UNet in one graph (the CUDA-graph speed paths: torch
+    2.13 here; the break seen on an H100 was torch 2.11's, at ``function.__get__``, which
+    the code no longer calls); and
     switching it off gives the layers their own forward back."""
     from diffusers import UNet2DConditionModel
     from tiny import TINY_UNET
@@ -437,8 +439,9 @@ def test_every_shipped_preset_fits_its_budget(preset):
 def test_rlcm_presets_keep_cuda_graphs_where_they_fit_and_drop_them_where_not(monkeypatch):
     """rlcm-incompressibility sets speed.compile=cudagraphs (2.0x its eager epoch on an
     H100): a fit to an 8 GB card keeps them, to a 6 GB card drops them for a setting that
-    fits (and says so), and keeps them when the user set them; without CUDA a preset's
-    "auto" turns them off, as a user's own choice is kept (to fail with its one line)."""
+    fits (and says so), and keeps them when the user set them; without CUDA, or on several
+    GPUs, a preset's "auto" turns them off, as a user's own choice is kept (to fail with
+    its one line without CUDA)."""
     from lowvram_ddpo.memory.fit import fit_for_run
 
     config = load_preset("rlcm-incompressibility")
@@ -461,6 +464,11 @@ def test_rlcm_presets_keep_cuda_graphs_where_they_fit_and_drop_them_where_not(mo
     assert "speed.compile cudagraphs -> off (CUDA graphs need CUDA)" in line
     chosen, _ = fit_for_run(config, "sd15-lcm", frozenset({"speed.compile"}), asked=False)
     assert chosen.speed.compile == "cudagraphs"
+    # several GPUs: no fit, and graphs under DDP are not run yet
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    kept, line = fit_for_run(config, "sd15-lcm", asked=False)
+    assert kept.speed.compile == "off" and "(not yet run on several GPUs)" in line
 
 
 def test_micro_batch_1_fits_4_gb_and_3_gb_with_a_4_bit_base(sd15_run):

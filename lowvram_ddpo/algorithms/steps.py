@@ -25,6 +25,7 @@ from lowvram_ddpo.algorithms.losses import (
     weighted_denoising_loss,
 )
 from lowvram_ddpo.algorithms.nft import SamplingWeights, nft_objective
+from lowvram_ddpo.config import CLIPPED_RATIO
 from lowvram_ddpo.device_transfer import to_device
 from lowvram_ddpo.policy import Conditioning, FlowSDEPolicy, GaussianStep, PolicyStep
 from lowvram_ddpo.policy.flow_sde import flow_model_output
@@ -88,7 +89,7 @@ def policy_gradient_loss(
     step = policy(unet, x_t, timesteps, cond)
     log_prob = step.log_prob(x_next)
     adv = advantages[batch.samples].to(device)
-    if algorithm in ("ddpo-is", "grpo"):
+    if algorithm in CLIPPED_RATIO:
         loss, metrics = ppo_clip_loss(log_prob, old_log_prob, adv, clip_range)
     else:
         loss, metrics = score_function_loss(log_prob, old_log_prob, adv)

@@ -29,7 +29,7 @@ GiB (H200, SD 1.5 micro-batch 4, both calls graphed), 1.41 (H100, micro-batch 8,
 training call graphed) and 1.16 (H100, RLCM, both graphed), all 2026-11-26; the first
 epochs' peaks were within 5% of the estimate without it. Cause not known yet (a second
 recording of some graph?), nor whether later epochs grow further (``bench speed
---epochs``): the largest rise, rounded up, is added to every phase."""
+--epochs``): the largest rise (1.41) to one decimal is added to every phase."""
 
 
 def reserved_bytes(allocated: int, graph_pool: int = 0) -> int:

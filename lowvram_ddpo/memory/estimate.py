@@ -485,10 +485,11 @@ def graph_pool_bytes(config: Config, run: MetaRun, step_peak: int, train_peak: i
     graph each), and of the sampling step's (``step_peak``) when it is graphed
     (``compile.graphs_replay``). Measured on an H200 (2026-11-26, SD 1.5, both calls
     graphed) the pool behaved as the sum, not the larger, of the two: with it the
-    estimate gives 12.6 GiB reserved at micro-batch 4 (measured 13.0) and 7.8 at
-    micro-batch 8 with checkpointing (measured 7.55, but in a first epoch: at micro-batch 4
-    the peak rose from 11.98 to 13.00 in the second, so that figure may understate). The
-    training graphs alone, and those extra calls, are not measured yet."""
+    estimate gave 12.6 GiB reserved at micro-batch 4 against 11.98 measured in the first
+    epoch. Later epochs reserved 1.0-1.4 GiB more (H200 and H100): the reserved figure adds
+    ``calibration.GRAPHS_LATER_EPOCH_GROWTH``. The training graphs alone (H100, micro-batch
+    8): 20.70 estimated before that growth, 20.34 and then 21.75 measured. The extra
+    calls' graphs are not measured yet."""
     speed, t = config.speed, config.train
     if not graphs_replay(speed, "training"):
         return 0

@@ -39,7 +39,7 @@ from lowvram_ddpo.memory.units import (
     parse_size,
 )
 from lowvram_ddpo.models import VAE_TILE_PIXELS
-from lowvram_ddpo.preflight import CLIPPED_RATIO_ALGORITHMS
+from lowvram_ddpo.preflight import rescores_at_other_shapes
 from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.cuda_graphs import GRAPH_MODES
@@ -263,19 +263,22 @@ def fit_for_run(
     where ``memory.vram`` is empty or "off", else the fit to its card (``arch``: an
     architecture, or a model whose configs to read, else its default architecture). A
     preset's "auto" (not ``asked`` for on the command line) without CUDA, or in a
-    multi-GPU run, keeps the settings as written instead of refusing. ``say`` hears that a
+    multi-GPU run, keeps the settings as written instead of refusing, less a preset's CUDA
+    graphs (``without_preset_graphs``). ``say`` hears that a
     fit starts (it estimates a dozen settings or more: seconds)."""
     vram = config.memory.vram
     if means_as_written(vram):
         return config, ""
     if means_this_card(vram) and not asked:
         if not torch.cuda.is_available():
-            return without_cuda_graphs(config, held)
+            line = "memory.vram = auto: no CUDA GPU here, the settings as written"
+            return without_preset_graphs(config, held, line, "CUDA graphs need CUDA")
         if world_size() > 1:
-            return config, (
+            line = (
                 "memory.vram = auto fits one GPU: the settings as written on every card "
                 "(--vram SIZE fits them to the smallest)"
             )
+            return without_preset_graphs(config, held, line, "not yet run on several GPUs")
     budget = vram_budget(vram)
     label = vram_label(vram, budget)
     if means_this_card(vram):  # all the card has free: leave room for the estimate's error
@@ -291,16 +294,17 @@ def fit_for_run(
     return fit.config, line + (f" (the model's shape guessed: {guessed})" if guessed else "")
 
 
-def without_cuda_graphs(config: Config, held: frozenset[str]) -> tuple[Config, str]:
-    """A preset's settings as written on a machine without CUDA, less the CUDA-only
-    ``speed.compile=cudagraphs`` it may set (kept, to fail with its one line, when the
-    user set it)."""
-    line = "memory.vram = auto: no CUDA GPU here, the settings as written"
-    if config.speed.compile != "cudagraphs" or "speed.compile" in held:
+def without_preset_graphs(
+    config: Config, held: frozenset[str], line: str, why: str
+) -> tuple[Config, str]:
+    """Settings as written where no fit runs (no CUDA, several GPUs), less the CUDA-graph
+    mode a preset may set, with ``line`` saying so (a mode the user set is kept: it fails
+    with its own one line without CUDA)."""
+    if config.speed.compile not in GRAPH_MODES or "speed.compile" in held:
         return config, line
     kept = copy.deepcopy(config)
     kept.speed.compile = "off"
-    return kept, line + " but speed.compile cudagraphs -> off (CUDA graphs need CUDA)"
+    return kept, f"{line} but speed.compile {config.speed.compile} -> off ({why})"
 
 
 @dataclass
@@ -340,18 +344,8 @@ class TrainingBudget:
 
 
 EXACT_REPLAY_WORTH = 0.05
-"""The longer epoch the fit accepts for training at the sampling batch. A training
-micro-batch of another size re-scores the samples with other GPU kernels, so the ratio
-at the first inner step is off 1 by rounding alone: measured on an H100 (2026-11-26, SD
-1.5, fp16), sampled 8 at a time and re-scored 1 at a time, 7.1e-5 rms, 0.71 of the clip
-range, 1 image in 8 clipped at the worst step; at equal batches 0.0 (exact)."""
-
-
-def replays_exactly(config: Config) -> bool:
-    """Whether the training call runs the sampling call's shapes (or nothing clips)."""
-    if config.train.algorithm not in CLIPPED_RATIO_ALGORITHMS:
-        return True
-    return config.train.batch_size == config.sample.batch_size
+"""The longer epoch the fit accepts for training at the sampling batch, where training
+would otherwise re-score with other kernels (``preflight.rescores_at_other_shapes``)."""
 
 
 @dataclass
@@ -367,7 +361,8 @@ class EpochTiming:
 
     def rank(self, config: Config) -> float:
         """The fit's order: seconds, with exact replay worth ``EXACT_REPLAY_WORTH`` of them."""
-        return self.seconds(config) * (1 if replays_exactly(config) else 1 + EXACT_REPLAY_WORTH)
+        drift = rescores_at_other_shapes(config)
+        return self.seconds(config) * (1 + EXACT_REPLAY_WORTH if drift else 1)
 
 
 HINT_CARD_SIZES_GB = (4, 6, 8, 12, 16, 24)

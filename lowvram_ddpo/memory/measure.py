@@ -19,6 +19,7 @@ from lowvram_ddpo.memory.meter import PhaseMeter
 from lowvram_ddpo.memory.report import MemoryReport
 from lowvram_ddpo.models import DTYPES, load_quantized_unet
 from lowvram_ddpo.rewards import reward_with_random_weights
+from lowvram_ddpo.speed.compile import graphs_replay
 
 
 def bench_config(config: Config) -> Config:
@@ -102,5 +103,13 @@ def measure_run(config: Config, arch: str) -> MemoryReport:
             f"device: {torch.cuda.get_device_name() if on_cuda else 'cpu (no memory figures)'}",
             "sampling includes prompt encoding and decoding; one sampling batch, "
             f"{cfg.sample.num_steps} steps, every step trained",
+            *([GRAPHS_ONE_EPOCH_NOTE] if graphs_replay(cfg.speed, "training") else []),
         ],
     )
+
+
+GRAPHS_ONE_EPOCH_NOTE = (
+    "CUDA graphs: one epoch measured, which also records them; later epochs reserved up to "
+    "1.4 GiB more (H200 and H100, 2026-11-26): `lowvram-ddpo bench speed --epochs 3` shows "
+    "the peak after each epoch"
+)

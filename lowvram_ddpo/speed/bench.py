@@ -3,10 +3,11 @@ timed per phase, with throughput and model FLOPs utilisation (MFU).
 
 The run has two epochs (or ``epochs``) of ``batches`` sampling batches each; the first
 warms up (CUDA kernels chosen, ``speed.compile`` compiling) and is reported apart; the
-others are timed (their mean), and each epoch's peak memory per phase is kept: under CUDA
-graphs the peak rose by 1.0-1.4 GiB from the first epoch to the second (H200 and H100,
-2026-11-26), and more epochs show whether it stops there. The images per second
-extrapolate to a full epoch: every phase's time is proportional to the images it handles.
+others are timed (their mean), and the peak memory so far after each epoch is kept:
+under CUDA graphs the peak rose by 1.0-1.4 GiB from the first epoch to the second (H200
+and H100, 2026-11-26), and more epochs show whether it stops there. The images per
+second extrapolate to a full epoch: every phase's time is proportional to the images it
+handles.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ class SpeedReport:
     notes: list[str] = field(default_factory=list)
     timed_epoch_seconds: list[float] = field(default_factory=list)
     """Each timed epoch, whole: the spread behind the mean."""
-    peaks_by_epoch: list[dict[str, int]] = field(default_factory=list)
-    """Each epoch's peak reserved bytes, overall and per phase (the warm-up first)."""
+    peak_so_far_by_epoch: list[dict[str, int]] = field(default_factory=list)
+    """The run's peak reserved bytes so far at the end of each epoch, overall and per phase
+    (the warm-up first; the trainer's meter keeps the largest): a rise shows growth."""
 
     @property
     def images_per_second(self) -> float:
@@ -96,7 +98,7 @@ class SpeedReport:
             },
             "peak_reserved_bytes": self.peak_reserved_bytes,
             "timed_epoch_seconds": self.timed_epoch_seconds,
-            "peaks_by_epoch": self.peaks_by_epoch,
+            "peak_so_far_by_epoch": self.peak_so_far_by_epoch,
             "run": {"images": self.run_images, "seconds": self.run_seconds},
             "settings": self.settings,
             "notes": self.notes,
@@ -118,10 +120,12 @@ class SpeedReport:
             f"{self.warmup_seconds:.1f} s"
         )
         if self.peak_reserved_bytes is not None:
-            by_epoch = ", ".join(format_size(p["peak_reserved_bytes"]) for p in self.peaks_by_epoch)
+            by_epoch = ", ".join(
+                format_size(p["peak_reserved_bytes"]) for p in self.peak_so_far_by_epoch
+            )
             lines.append(
                 f"  peak reserved {format_size(self.peak_reserved_bytes)}"
-                + (f" (by epoch, the warm-up first: {by_epoch})" if by_epoch else "")
+                + (f" (the peak so far after each epoch: {by_epoch})" if by_epoch else "")
             )
         if self.run_images:
             lines.append(
@@ -198,7 +202,7 @@ def measure_speed(
         run_images=run_images,
         notes=notes,
         timed_epoch_seconds=[e["seconds_epoch"] for e in timed],
-        peaks_by_epoch=[_peaks(e) for e in (warmup, *timed)] if on_cuda else [],
+        peak_so_far_by_epoch=[_peaks(e) for e in (warmup, *timed)] if on_cuda else [],
     )
 
 

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps")
-"""Device types autocast knows (asking about another one, e.g. meta, raises)."""
+AUTOCAST_DEVICES = ("cuda", "cpu")
+"""Device types asked whether autocast is on (asking about one autocast does not know
+raises: meta always, MPS before torch 2.5); elsewhere the norms run as they are. A plain
+tuple, not ``torch.amp.is_autocast_available``: dynamo traces a membership test."""
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
