@@ -190,6 +190,9 @@ case "$part" in
     stage profile-half-norms 150 "$PY" benchmarks/unet_profile.py --arch sd15 \
       --variants eager,half-norms,channels_last+half-norms,cudagraphs --repeats 5
     stage replay-half-norms 60 "$PY" benchmarks/replay_error.py --arch sd15 --half-norms --steps 10
+    # the reference's own shapes (sampling 8, training 4): do its ratios start off 1 too?
+    stage replay-8-4 60 "$PY" benchmarks/replay_error.py --arch sd15 --steps 10 --batch 8 \
+      --micro-batch 4
     stage mb8-ckpt-half-norms 100 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.half_norms=true
     # what --vram 8GB picks with graphs (micro-batch 1, nothing offloaded: 6.95 GiB and
     # ~7 min per epoch predicted, the time model's graphs being arithmetic only)
