@@ -23,8 +23,8 @@ class TimeLeft:
     """The run's ETA from the wall time of the epochs this process has finished (sampling,
     training, checkpoints and grids included), so a resumed run estimates from its own.
     From the second epoch on the first is left out: it also warms up (cuDNN's choices,
-    ``speed.compile``'s traces and graphs: a minute or more, where an RLCM epoch with CUDA
-    graphs then took seconds on an H100), which would inflate every estimate after it."""
+    ``speed.compile``'s traces and graphs: ~60 s on an H100 for the RLCM preset, about as
+    long as one of its graphed epochs there), which would inflate every estimate after it."""
 
     def __init__(self, total_epochs: int, first_epoch: int) -> None:
         self.total, self.first = total_epochs, first_epoch
