@@ -30,6 +30,7 @@ count): which copies and casts are they?
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -95,8 +96,11 @@ def calls(
     device: torch.device,
     batches: tuple[int, int],
     nhwc: bool,
-) -> dict[str, Callable[[], None]]:
-    """The sampling step and the training micro-step, on fixed random inputs."""
+) -> dict[str, tuple[Callable[[], None], contextlib.AbstractContextManager]]:
+    """The sampling step and the training micro-step, on fixed random inputs, each with
+    the scope its timed calls run in. As in the trainer, the sampling calls share one
+    autocast region (a batch's steps: the LoRA weights' half copies are cast once and
+    cached) and each training call has its own (a micro-step)."""
     config = unet.config
     text = (77, config.cross_attention_dim)
     autocast = torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
@@ -110,9 +114,9 @@ def calls(
 
     sampling_inputs, training_inputs = inputs(batches[0]), inputs(batches[1])
 
-    def sampling() -> None:
+    def sampling() -> None:  # inside the autocast region of its scope
         unet.eval()
-        with torch.no_grad(), autocast:
+        with torch.no_grad():
             unet(*sampling_inputs[:2], encoder_hidden_states=sampling_inputs[2])
 
     def training() -> None:
@@ -121,9 +125,10 @@ def calls(
             out = unet(*training_inputs[:2], encoder_hidden_states=training_inputs[2]).sample
         out.float().square().mean().backward()
 
-    if not any(p.requires_grad for p in unet.parameters()):  # no-lora: nothing to train
-        return {"sampling": sampling}
-    return {"sampling": sampling, "training": training}
+    timed = {"sampling": (sampling, autocast)}
+    if any(p.requires_grad for p in unet.parameters()):  # no-lora: nothing to train
+        timed["training"] = (training, contextlib.nullcontext())
+    return timed
 
 
 def median_ms(call: Callable[[], None], device: torch.device, repeats: int) -> float:
@@ -183,11 +188,12 @@ def profile_variant(args: argparse.Namespace, variant: str, device: torch.device
     batches = (args.sample_batch, args.micro_batch)
     rows = {}
     nhwc = "channels_last" in variant.split("+")
-    for name, call in calls(unet, latent, device, batches, nhwc).items():
-        for _ in range(args.warmup):  # cuDNN's choices, dynamo's traces, the graphs' recording
-            call()
-        rows[name] = {"ms_per_call": round(median_ms(call, device, args.repeats), 2)}
-        rows[name] |= kernel_time(call, device, args.top)
+    for name, (call, scope) in calls(unet, latent, device, batches, nhwc).items():
+        with scope:
+            for _ in range(args.warmup):  # cuDNN's choices, dynamo's traces, graphs recorded
+                call()
+            rows[name] = {"ms_per_call": round(median_ms(call, device, args.repeats), 2)}
+            rows[name] |= kernel_time(call, device, args.top)
     del unet
     if device.type == "cuda":
         torch.cuda.empty_cache()
