@@ -290,6 +290,29 @@ def test_checkpointing_whole_attention_layers_keeps_the_arithmetic():
     assert not any("forward" in m.__dict__ for m in unet.modules())
 
 
+def test_half_norms_hold_half_copies_in_the_estimate(sd15_run):
+    """speed.half_norms: the estimate's autocast emulation runs the swapped norms in fp16
+    (a plain GroupNorm it casts to float32, as CUDA autocast does), so the training
+    micro-step holds less; switching back gives the plain estimate again, unchanged."""
+    from lowvram_ddpo.memory.counting import GpuKernelEmulation
+    from lowvram_ddpo.speed.half_norms import run_norms_in_half
+
+    plain_norm = torch.nn.GroupNorm(2, 8, device="meta", dtype=torch.float16)
+    half_norm = copy.deepcopy(plain_norm)
+    run_norms_in_half(half_norm)
+    x = torch.empty(2, 8, 4, 4, device="meta", dtype=torch.float16)
+    with GpuKernelEmulation(torch.float16):
+        assert plain_norm(x).dtype == torch.float32 and half_norm(x).dtype == torch.float16
+    assert half_norm(x).dtype == torch.float16  # no emulated autocast: as it is
+
+    micro_4 = ("train.batch_size=4", "train.gradient_accumulation_steps=16")
+    plain = _estimate(sd15_run, *micro_4).phase("training").peak_allocated
+    half = _estimate(sd15_run, *micro_4, "speed.half_norms=true").phase("training")
+    assert half.peak_allocated < plain - 0.5 * GB
+    assert _estimate(sd15_run, *micro_4).phase("training").peak_allocated == plain
+    assert not sd15_run.half_norms
+
+
 def test_micro_batch_not_sampling_batch_sets_the_training_peak(sd15_run):
     one = _estimate(sd15_run, "train.batch_size=1").phase("training")
     four = _estimate(sd15_run, "train.batch_size=4").phase("training")

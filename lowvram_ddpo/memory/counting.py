@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -305,7 +306,9 @@ def fused_attention(*args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
     return _FusedAttention.apply(q, k, v)
 
 
-# What CUDA autocast runs in the low-precision dtype, and what it runs in float32.
+# What CUDA autocast runs in the low-precision dtype, and what it runs in float32. The
+# half-precision norms (speed/half_norms.py) call torch.group_norm and torch.layer_norm,
+# not listed: with autocast off around them on a GPU, they run in the input's dtype.
 _LOW_PRECISION = {
     F.linear,
     F.conv1d,
@@ -319,6 +322,15 @@ _LOW_PRECISION = {
 _FLOAT32 = {F.group_norm, F.layer_norm, F.softmax, torch.softmax, F.mse_loss, torch.Tensor.softmax}
 
 
+_EMULATED_AUTOCAST: ContextVar[torch.dtype | None] = ContextVar("autocast", default=None)
+
+
+def emulated_autocast_dtype() -> torch.dtype | None:
+    """The dtype ``GpuKernelEmulation`` stands in CUDA autocast for (None outside it, or
+    in full precision): what a module asks on the meta device instead of autocast."""
+    return _EMULATED_AUTOCAST.get()
+
+
 class GpuKernelEmulation(TorchFunctionMode):
     """Fused attention and (optionally) CUDA autocast, for tensors on the meta device.
     ``fused_attention=False`` keeps PyTorch's own attention, whose FLOPs a counter sees."""
@@ -327,6 +339,15 @@ class GpuKernelEmulation(TorchFunctionMode):
         super().__init__()
         self.autocast_dtype = autocast_dtype
         self.fused_attention = fused_attention
+        self._tokens: list = []
+
+    def __enter__(self) -> GpuKernelEmulation:
+        self._tokens.append(_EMULATED_AUTOCAST.set(self.autocast_dtype))
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        _EMULATED_AUTOCAST.reset(self._tokens.pop())
+        return super().__exit__(*exc)
 
     def _cast(self, values: Any, dtype: torch.dtype) -> Any:  # noqa: ANN401
         def cast(x: Any) -> Any:  # noqa: ANN401

@@ -55,6 +55,7 @@ from lowvram_ddpo.rollout import (
     vae_input,
 )
 from lowvram_ddpo.speed.compile import graphs_replay
+from lowvram_ddpo.speed.half_norms import restore_norms, run_norms_in_half
 from lowvram_ddpo.text_encoding import TextEmbeds, micro_conditioning, sd3_t5_tokens
 
 T = TypeVar("T")
@@ -90,6 +91,8 @@ class MetaRun:
     _peaks: dict[tuple, int] = field(default_factory=dict)
     _sizes: dict[tuple, Any] = field(default_factory=dict)
     _rewards: dict[str, ModelReward | None] = field(default_factory=dict)
+    half_norms: bool = field(default=False, init=False)
+    """Whether the UNet's norms run in half precision (``speed.half_norms``) now."""
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -121,9 +124,16 @@ class MetaRun:
             self._sizes[key] = compute()
         return self._sizes[key]
 
+    def use_half_norms(self, on: bool) -> None:
+        """The UNet's norms as ``speed.half_norms`` has them (a part of every measured key)."""
+        if on != self.half_norms:
+            (run_norms_in_half if on else restore_norms)(self.parts.unet)
+            self.half_norms = on
+
     def measure(self, key: tuple, work: Callable[[], object], autocast: bool = True) -> int:
         """Peak bytes of what ``work`` allocates on the device (remembered per ``key``: the
         auto-fit asks for the same phase settings many times)."""
+        key = (*key, self.half_norms)
         if key not in self._peaks:
             self._peaks[key] = self._measure(work, autocast)
         return self._peaks[key]
@@ -408,6 +418,7 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     settings of one run); it must have been built from the same model settings.
     """
     run = run or meta_run(config, arch)
+    run.use_half_norms(config.speed.half_norms)
     m, s = config.memory, config.sample
     unet, vae = run.parts.unet, run.parts.vae
     saved, dequantised = run.sizes(

@@ -11,17 +11,19 @@ autocast off around it, and nothing else changes.
 
 The arithmetic differs from autocast's by one rounding (the norm's output is rounded to
 fp16 before the SiLU instead of after it), the same in sampling and in training, so a
-run's replay stays exact where it was. The memory estimate still counts the float32
-copies (it errs high).
+run's replay stays exact where it was. The memory estimate counts the half copies
+(``torch.group_norm``/``torch.layer_norm``, which its autocast emulation leaves alone).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from lowvram_ddpo.memory.counting import emulated_autocast_dtype
 
 AUTOCAST_DEVICES = ("cuda", "cpu")
 """Device types asked whether autocast is on (asking about one autocast does not know
@@ -30,8 +32,11 @@ tuple, not ``torch.amp.is_autocast_available``: dynamo traces a membership test.
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast runs low-precision ops in on ``x``'s device; None when off."""
+    """The dtype autocast runs low-precision ops in on ``x``'s device; None when off. On
+    the meta device, the memory estimate's stand-in for CUDA autocast."""
     kind = x.device.type
+    if kind == "meta":
+        return emulated_autocast_dtype()
     if kind not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(kind):
         return None
     return torch.get_autocast_dtype(kind)
@@ -48,8 +53,11 @@ def _as(weight: OptionalTensor, dtype: torch.dtype) -> OptionalTensor:
 def _in_half(
     norm: nn.Module, x: torch.Tensor, dtype: torch.dtype, functional: Callable[..., torch.Tensor]
 ) -> torch.Tensor:
-    """``functional(x, weight, bias)`` in ``dtype``, with autocast off around it."""
-    with torch.autocast(x.device.type, enabled=False):
+    """``functional(x, weight, bias)`` in ``dtype``, with autocast off around it (the
+    meta device has none: the estimate's emulation casts only the ``F.*`` norms)."""
+    kind = x.device.type
+    off = torch.autocast(kind, enabled=False) if kind in AUTOCAST_DEVICES else nullcontext()
+    with off:
         return functional(x.to(dtype), _as(norm.weight, dtype), _as(norm.bias, dtype))
 
 
@@ -64,7 +72,7 @@ class HalfGroupNorm(nn.GroupNorm):
             return super().forward(x)
 
         def group_norm(h: torch.Tensor, w: OptionalTensor, b: OptionalTensor) -> torch.Tensor:
-            return F.group_norm(h, self.num_groups, w, b, self.eps)
+            return torch.group_norm(h, self.num_groups, w, b, self.eps)
 
         return _in_half(self, x, dtype, group_norm)
 
@@ -78,7 +86,7 @@ class HalfLayerNorm(nn.LayerNorm):
             return super().forward(x)
 
         def layer_norm(h: torch.Tensor, w: OptionalTensor, b: OptionalTensor) -> torch.Tensor:
-            return F.layer_norm(h, self.normalized_shape, w, b, self.eps)
+            return torch.layer_norm(h, self.normalized_shape, w, b, self.eps)
 
         return _in_half(self, x, dtype, layer_norm)
 
