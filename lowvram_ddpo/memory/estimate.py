@@ -130,13 +130,16 @@ class MetaRun:
             (run_norms_in_half if on else restore_norms)(self.parts.unet)
             self.half_norms = on
 
+    def known(self, key: tuple) -> int | None:
+        """The peak already measured for ``key`` with the norms as they are now, or None."""
+        return self._peaks.get((*key, self.half_norms))
+
     def measure(self, key: tuple, work: Callable[[], object], autocast: bool = True) -> int:
         """Peak bytes of what ``work`` allocates on the device (remembered per ``key``: the
         auto-fit asks for the same phase settings many times)."""
-        key = (*key, self.half_norms)
-        if key not in self._peaks:
-            self._peaks[key] = self._measure(work, autocast)
-        return self._peaks[key]
+        if (peak := self.known(key)) is None:
+            peak = self._peaks[(*key, self.half_norms)] = self._measure(work, autocast)
+        return peak
 
     def _measure(self, work: Callable[[], object], autocast: bool = True) -> int:
         counter = DeviceBytesCounter()
@@ -230,8 +233,9 @@ class MetaRun:
         """One denoising step of a sampling batch (classifier-free guidance, when the policy
         uses it, doubles the UNet's batch inside the policy, as in sampling)."""
         key = ("sampling", batch, guidance)
-        if key in self._peaks:  # before the set-up: eval() walks SDXL's 7,000 modules
-            return self._peaks[key]
+        # before the set-up: eval() walks SDXL's 7,000 modules
+        if (peak := self.known(key)) is not None:
+            return peak
         unet, cond = self.parts.unet, self._conditioning(batch, guidance)
         unet.eval()
         latents = torch.empty(
@@ -270,8 +274,8 @@ class MetaRun:
 
     def decode_one(self, tiling: bool) -> int:
         key = ("decode", tiling)
-        if key in self._peaks:  # before the VAE's casts below
-            return self._peaks[key]
+        if (peak := self.known(key)) is not None:  # before the VAE's casts below
+            return peak
         vae = self.parts.vae
         z = torch.empty(1, *self.latent_shape(self.config.sample.resolution), device="meta")
         upcast = self.upcasts_vae  # read before the cast below changes the VAE's dtype
@@ -293,8 +297,8 @@ class MetaRun:
         t, guidance = config.train, config.sample.guidance_scale
         checkpointing = config.memory.gradient_checkpointing
         key = ("training", t.batch_size, checkpointing, t.algorithm, guidance, t.kl_coef > 0)
-        if key in self._peaks:
-            return self._peaks[key]
+        if (peak := self.known(key)) is not None:
+            return peak
         params = trainable_parameters(self.parts.unet)
         for p in params:  # steady state: earlier micro-steps left their gradients
             p.grad = torch.empty_like(p)
