@@ -264,8 +264,8 @@ def fit_for_run(
     architecture, or a model whose configs to read, else its default architecture). A
     preset's "auto" (not ``asked`` for on the command line) without CUDA, or in a
     multi-GPU run, keeps the settings as written instead of refusing, less a preset's CUDA
-    graphs (``without_preset_graphs``). ``say`` hears that a
-    fit starts (it estimates a dozen settings or more: seconds)."""
+    graphs (``without_preset_graphs``). ``say`` hears that a fit starts (it estimates a
+    dozen settings or more: seconds)."""
     vram = config.memory.vram
     if means_as_written(vram):
         return config, ""
