@@ -810,3 +810,31 @@ def test_a_run_that_trains_at_another_batch_than_it_samples_is_told_its_ratios_d
     rwr = load_preset("incompressibility-rwr")
     assert rwr.train.batch_size != rwr.sample.batch_size
     assert replay_note(rwr, "cuda", "fp16") is None
+
+
+def test_bench_speed_on_a_gpu_reports_the_time_models_prediction_beside_it(monkeypatch):
+    """On CUDA a `bench speed` row carries the time model's seconds per image for its
+    card (what --vram ranks by) and the measured-over-predicted ratios: each GPU session's
+    rows check the model's calibration. Here on the H100's calibrated rate."""
+    from lowvram_ddpo.speed import bench
+    from lowvram_ddpo.speed.time_model import Gpu
+
+    monkeypatch.setattr(bench, "this_gpu", lambda: Gpu.listed("H100", 989.4))
+    config = load_preset("incompressibility")
+    apply_overrides(config, ["train.batch_size=8", "train.gradient_accumulation_steps=8",
+                             "memory.gradient_checkpointing=true"])  # fmt: skip
+    cfg = bench.speed_config(config, batches=1)
+    flops = epoch_flops(cfg, "sd15")
+    predicted = bench.time_model_per_image(cfg, "sd15", flops)
+    # the H100's measured row (2026-11-26): 0.535 and 1.924 s per image
+    assert predicted["sampling"] == pytest.approx(0.535, rel=0.15)
+    assert predicted["training"] == pytest.approx(1.924, rel=0.15)
+    report = bench.SpeedReport(
+        arch="sd15", device="NVIDIA H100 80GB HBM3", settings={}, images=8,
+        seconds={"sampling": 8 * 0.535, "reward": 0.1, "training": 8 * 1.924, "epoch": 20.0},
+        warmup_seconds=30.0, flops=flops, peak_tflops=989.4, peak_reserved_bytes=None,
+        predicted=predicted,
+    )  # fmt: skip
+    ratio = 0.535 / predicted["sampling"]
+    assert f"(measured over predicted: {ratio:.2f}, " in report.to_text()
+    assert report.to_dict()["time_model"] == predicted

@@ -20,12 +20,13 @@ from statistics import mean
 import torch
 
 from lowvram_ddpo.config import Config, set_samples_per_epoch
-from lowvram_ddpo.memory.estimate import settings_of
+from lowvram_ddpo.memory.estimate import meta_run, settings_of
 from lowvram_ddpo.memory.measure import run_on_random_weights
 from lowvram_ddpo.memory.units import format_size
 from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
+from lowvram_ddpo.speed.time_model import leaf_modules, predict_epoch, this_gpu
 
 PHASES = ("sampling", "reward", "training")
 
@@ -53,6 +54,9 @@ class SpeedReport:
     notes: list[str] = field(default_factory=list)
     timed_epoch_seconds: list[float] = field(default_factory=list)
     """Each timed epoch, whole: the spread behind the mean."""
+    predicted: dict[str, object] = field(default_factory=dict)
+    """The time model's seconds per image of sampling and training on this card (CUDA
+    only; ``speed.time_model``, what ``--vram`` ranks settings by), beside the measured."""
     peak_so_far_by_epoch: list[dict[str, int]] = field(default_factory=list)
     """The run's peak reserved bytes so far at the end of each epoch, overall and per phase
     (the warm-up first; the trainer's meter keeps the largest): a rise shows growth."""
@@ -98,6 +102,7 @@ class SpeedReport:
             },
             "peak_reserved_bytes": self.peak_reserved_bytes,
             "timed_epoch_seconds": self.timed_epoch_seconds,
+            "time_model": self.predicted,
             "peak_so_far_by_epoch": self.peak_so_far_by_epoch,
             "run": {"images": self.run_images, "seconds": self.run_seconds},
             "settings": self.settings,
@@ -131,6 +136,14 @@ class SpeedReport:
             lines.append(
                 f"  the whole run as configured ({self.run_images} images): "
                 f"~{format_duration(self.run_seconds)} at this rate"
+            )
+        if self.predicted:
+            p = self.predicted
+            lines.append(
+                f"  the time model on {p['gpu']}: sampling {p['sampling']:.3f}, training "
+                f"{p['training']:.3f} s/image (measured over predicted: "
+                f"{self.seconds_per_image('sampling') / p['sampling']:.2f}, "
+                f"{self.seconds_per_image('training') / p['training']:.2f})"
             )
         lines.append(
             f"UNet work per image: sampling {self.flops.sampling_per_image / 1e12:.3g} TFLOP, "
@@ -202,8 +215,23 @@ def measure_speed(
         run_images=run_images,
         notes=notes,
         timed_epoch_seconds=[e["seconds_epoch"] for e in timed],
+        predicted=time_model_per_image(cfg, arch, flops) if on_cuda else {},
         peak_so_far_by_epoch=[_peaks(e) for e in (warmup, *timed)] if on_cuda else [],
     )
+
+
+def time_model_per_image(config: Config, arch: str, flops: EpochFlops) -> dict[str, object]:
+    """What ``speed.time_model`` predicts per image of ``config``'s epoch on this card: a
+    GPU session's bench rows are then also its calibration check."""
+    unet_modules = leaf_modules(meta_run(config, arch).parts.unet)
+    gpu = this_gpu()
+    epoch = predict_epoch(config, flops, gpu, unet_modules)
+    images = config.sample.batch_size * config.sample.batches_per_epoch
+    return {
+        "gpu": gpu.name,
+        "sampling": epoch.sampling / images,
+        "training": epoch.training / images,
+    }
 
 
 def _peaks(epoch: dict) -> dict[str, int]:
