@@ -202,6 +202,10 @@ case "$part" in
     # micro-batch: 6.63 GiB estimated), over three epochs
     stage rlcm-vram8 150 bench_speed --preset rlcm-incompressibility --batches 2 \
       --set memory.optimizer=adamw --vram 8GB --epochs 3
+    # where RLCM's graphed sampling spends ~0.4 s per batch outside its UNet calls (82 ms
+    # per 4-latent step on the H100, ~19 of arithmetic): the last epoch profiled
+    stage rlcm-profile 120 bench_speed --preset rlcm-incompressibility --batches 2 \
+      --set memory.optimizer=adamw --set memory.vram=off --profile "$OUT/rlcm-profile.txt"
     stage sdxl 330 bench_speed --preset sdxl-aesthetic --batches 1 --set memory.optimizer=adamw \
       --set memory.vram=off
     ;;

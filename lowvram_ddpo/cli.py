@@ -559,6 +559,13 @@ def bench_speed(
         list[str] | None, typer.Option("--set", help="Override a preset field (repeatable).")
     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the last epoch's profile here: PyTorch's operators by time on the "
+            "GPU and on the host (that epoch runs slower for it)."
+        ),
+    ] = None,
 ) -> None:
     """Seconds per phase of an epoch, images per second and model FLOPs utilisation, from a
     short real run on this machine (random weights: nothing is downloaded)."""
@@ -567,7 +574,7 @@ def bench_speed(
         allocator = configure_allocator()
         from lowvram_ddpo.speed.bench import measure_speed
 
-        report = measure_speed(config, arch, batches, peak_tflops, epochs)
+        report = measure_speed(config, arch, batches, peak_tflops, epochs, profile)
         import torch
 
         if allocator and torch.cuda.is_available():

@@ -838,3 +838,22 @@ def test_bench_speed_on_a_gpu_reports_the_time_models_prediction_beside_it(monke
     ratio = 0.535 / predicted["sampling"]
     assert f"(measured over predicted: {ratio:.2f}, " in report.to_text()
     assert report.to_dict()["time_model"] == predicted
+
+
+def test_bench_speed_profiles_its_last_epoch_into_a_file(tmp_path):
+    """`bench speed --profile FILE`: the last epoch's operators by time on the device and
+    on the host (where a GPU session sees what an epoch spends outside the UNet)."""
+    table = tmp_path / "profile.txt"
+    result = runner.invoke(
+        app,
+        ["bench", "speed", "--preset", "pocket-incompressibility", "--batches", "1",
+         "--set", "sample.num_steps=2", "--set", "sample.batch_size=2",
+         "--set", "train.batch_size=2", "--set", "train.gradient_accumulation_steps=1",
+         "--profile", str(table), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert any("ran under the profiler" in note for note in report["notes"])
+    text = table.read_text()
+    assert text.startswith("by time on the device") and "by time on the host" in text
+    assert "aten::conv2d" in text  # the UNet's convolutions, among the epoch's operators

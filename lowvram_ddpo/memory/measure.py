@@ -8,6 +8,8 @@ import copy
 import gc
 import sys
 import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -55,10 +57,13 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_on_random_weights(cfg: Config, arch: str) -> tuple[list[dict], PhaseMeter]:
+def run_on_random_weights(
+    cfg: Config, arch: str, around_last_epoch: Callable[[], AbstractContextManager] = nullcontext
+) -> tuple[list[dict], PhaseMeter]:
     """Train ``cfg`` (already shortened) on random-weight models of ``arch`` on this
-    machine's accelerator: the per-epoch metrics and the phase meter. The models are freed
-    before it returns."""
+    machine's accelerator: the per-epoch metrics and the phase meter. The last epoch runs
+    inside ``around_last_epoch()`` (``bench speed --profile``: a profiler, once warm). The
+    models are freed before it returns."""
     from lowvram_ddpo.trainer import Trainer
 
     release_device_memory()  # what an earlier measurement in this process left behind
@@ -77,6 +82,9 @@ def run_on_random_weights(cfg: Config, arch: str) -> tuple[list[dict], PhaseMete
     cfg.run.log_with = "none"  # a benchmark's throwaway run: no TensorBoard events
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(cfg, Path(folder), pipeline=pipe, reward=reward)
+        trainer.run_epoch = _last_epoch_inside(
+            trainer.run_epoch, cfg.run.epochs - 1, around_last_epoch
+        )
         # its epoch lines go to stderr: a benchmark's standard output is its report alone
         # (`bench speed --json > speed.json`)
         with contextlib.redirect_stdout(sys.stderr):
@@ -85,6 +93,16 @@ def run_on_random_weights(cfg: Config, arch: str) -> tuple[list[dict], PhaseMete
     del trainer, pipe, reward
     release_device_memory()
     return history, meter
+
+
+def _last_epoch_inside(
+    run_epoch: Callable[[int], dict], last: int, around: Callable[[], AbstractContextManager]
+) -> Callable[[int], dict]:
+    def run(epoch: int) -> dict:
+        with around() if epoch == last else nullcontext():
+            return run_epoch(epoch)
+
+    return run
 
 
 def measure_run(config: Config, arch: str) -> MemoryReport:

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from statistics import mean
 
 import torch
@@ -183,13 +186,16 @@ def measure_speed(
     batches: int = 2,
     peak_tflops: float | None = None,
     epochs: int = 2,
+    profile: Path | None = None,
 ) -> SpeedReport:
     """Time ``config``'s epoch on this machine's accelerator with random-weight models:
-    a warm-up epoch, then ``epochs - 1`` timed ones (their mean)."""
+    a warm-up epoch, then ``epochs - 1`` timed ones (their mean). ``profile``: a file for
+    the last epoch's profile (``epoch_profile``), which then also slows that epoch."""
     cfg = speed_config(config, batches, epochs)
     run_images = config.run.epochs * config.sample.batch_size * config.sample.batches_per_epoch
     flops = epoch_flops(cfg, arch)
-    (warmup, *timed), _ = run_on_random_weights(cfg, arch)
+    around = (lambda: epoch_profile(profile)) if profile else nullcontext
+    (warmup, *timed), _ = run_on_random_weights(cfg, arch, around)
     on_cuda = torch.cuda.is_available()
     name = torch.cuda.get_device_name() if on_cuda else "cpu"
     rate = peak_tflops or (dense_fp16_tflops(name) if on_cuda else None)
@@ -202,6 +208,11 @@ def measure_speed(
         )
     if rate is None:
         notes.append("no MFU: this device's dense fp16 rate is not listed; give --peak-tflops")
+    if profile:
+        notes.append(
+            f"the last epoch ran under the profiler (its table: {profile}): its seconds "
+            "include the profiler's own overhead"
+        )
     return SpeedReport(
         arch=arch,
         device=name,
@@ -232,6 +243,31 @@ def time_model_per_image(config: Config, arch: str, flops: EpochFlops) -> dict[s
         "sampling": epoch.sampling / images,
         "training": epoch.training / images,
     }
+
+
+PROFILE_ROWS = 30
+
+
+@contextmanager
+def epoch_profile(path: Path) -> Iterator[None]:
+    """PyTorch's profiler around an epoch; its operators' totals go to ``path`` as two
+    tables: by time on the accelerator (what the GPU spends an epoch on) and by time on the
+    host (what the GPU may wait for: launches, copies, Python)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        yield
+    averages = prof.key_averages()
+    by_device = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    path.write_text(
+        f"by time on the device ({by_device}):\n"
+        + averages.table(sort_by=by_device, row_limit=PROFILE_ROWS)
+        + "\nby time on the host (cpu_time_total):\n"
+        + averages.table(sort_by="cpu_time_total", row_limit=PROFILE_ROWS)
+    )
 
 
 def _peaks(epoch: dict) -> dict[str, int]:
