@@ -17,8 +17,7 @@ run's replay stays exact where it was. The memory estimate counts the half copie
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -50,15 +49,11 @@ def _as(weight: OptionalTensor, dtype: torch.dtype) -> OptionalTensor:
     return None if weight is None else weight.to(dtype)
 
 
-def _in_half(
-    norm: nn.Module, x: torch.Tensor, dtype: torch.dtype, functional: Callable[..., torch.Tensor]
-) -> torch.Tensor:
-    """``functional(x, weight, bias)`` in ``dtype``, with autocast off around it (the
-    meta device has none: the estimate's emulation casts only the ``F.*`` norms)."""
+def _autocast_off(x: torch.Tensor) -> AbstractContextManager:
+    """Autocast off on ``x``'s device (the meta device has none: the estimate's emulation
+    casts only the ``F.*`` norms, which these forwards do not call)."""
     kind = x.device.type
-    off = torch.autocast(kind, enabled=False) if kind in AUTOCAST_DEVICES else nullcontext()
-    with off:
-        return functional(x.to(dtype), _as(norm.weight, dtype), _as(norm.bias, dtype))
+    return torch.autocast(kind, enabled=False) if kind in AUTOCAST_DEVICES else nullcontext()
 
 
 # Each forward calls its class's own forward directly when autocast is off: plain calls,
@@ -70,11 +65,9 @@ class HalfGroupNorm(nn.GroupNorm):
         dtype = _autocast_dtype(x)
         if dtype is None:
             return super().forward(x)
-
-        def group_norm(h: torch.Tensor, w: OptionalTensor, b: OptionalTensor) -> torch.Tensor:
-            return torch.group_norm(h, self.num_groups, w, b, self.eps)
-
-        return _in_half(self, x, dtype, group_norm)
+        weight, bias = _as(self.weight, dtype), _as(self.bias, dtype)
+        with _autocast_off(x):
+            return torch.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps)
 
 
 class HalfLayerNorm(nn.LayerNorm):
@@ -84,11 +77,9 @@ class HalfLayerNorm(nn.LayerNorm):
         dtype = _autocast_dtype(x)
         if dtype is None:
             return super().forward(x)
-
-        def layer_norm(h: torch.Tensor, w: OptionalTensor, b: OptionalTensor) -> torch.Tensor:
-            return torch.layer_norm(h, self.normalized_shape, w, b, self.eps)
-
-        return _in_half(self, x, dtype, layer_norm)
+        weight, bias = _as(self.weight, dtype), _as(self.bias, dtype)
+        with _autocast_off(x):
+            return torch.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
 
 
 _HALF = {nn.GroupNorm: HalfGroupNorm, nn.LayerNorm: HalfLayerNorm}
