@@ -56,30 +56,44 @@ def _autocast_off(x: torch.Tensor) -> AbstractContextManager:
     return torch.autocast(kind, enabled=False) if kind in AUTOCAST_DEVICES else nullcontext()
 
 
-# Each forward calls its class's own forward directly when autocast is off: plain calls,
-# which every dynamo version traces (torch 2.11 split the graph at a bound method once).
-class HalfGroupNorm(nn.GroupNorm):
+class _HalfNorm(nn.Module):
+    """Under autocast, the norm in autocast's dtype with autocast off around it; else the
+    norm's own forward, called directly (a plain call every dynamo version traces: torch
+    2.11 split the graph at a bound method once)."""
+
+    weight: OptionalTensor
+    bias: OptionalTensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _autocast_dtype(x)
+        if dtype is None:
+            return super().forward(x)
+        weight, bias = _as(self.weight, dtype), _as(self.bias, dtype)
+        with _autocast_off(x):
+            return self.normalise(x.to(dtype), weight, bias)
+
+    def normalise(
+        self, x: torch.Tensor, weight: OptionalTensor, bias: OptionalTensor
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class HalfGroupNorm(_HalfNorm, nn.GroupNorm):
     """``nn.GroupNorm`` that, under autocast, runs in autocast's dtype."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = _autocast_dtype(x)
-        if dtype is None:
-            return super().forward(x)
-        weight, bias = _as(self.weight, dtype), _as(self.bias, dtype)
-        with _autocast_off(x):
-            return torch.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps)
+    def normalise(
+        self, x: torch.Tensor, weight: OptionalTensor, bias: OptionalTensor
+    ) -> torch.Tensor:
+        return torch.group_norm(x, self.num_groups, weight, bias, self.eps)
 
 
-class HalfLayerNorm(nn.LayerNorm):
+class HalfLayerNorm(_HalfNorm, nn.LayerNorm):
     """``nn.LayerNorm`` that, under autocast, runs in autocast's dtype."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = _autocast_dtype(x)
-        if dtype is None:
-            return super().forward(x)
-        weight, bias = _as(self.weight, dtype), _as(self.bias, dtype)
-        with _autocast_off(x):
-            return torch.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
+    def normalise(
+        self, x: torch.Tensor, weight: OptionalTensor, bias: OptionalTensor
+    ) -> torch.Tensor:
+        return torch.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 _HALF = {nn.GroupNorm: HalfGroupNorm, nn.LayerNorm: HalfLayerNorm}
