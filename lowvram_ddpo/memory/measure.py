@@ -16,9 +16,11 @@ import torch
 
 from lowvram_ddpo.architectures import random_pipeline
 from lowvram_ddpo.config import Config
+from lowvram_ddpo.memory.calibration import GRAPHS_LATER_EPOCH_GROWTH
 from lowvram_ddpo.memory.estimate import settings_of
 from lowvram_ddpo.memory.meter import PhaseMeter
 from lowvram_ddpo.memory.report import MemoryReport
+from lowvram_ddpo.memory.units import format_size
 from lowvram_ddpo.models import DTYPES, load_quantized_unet
 from lowvram_ddpo.rewards import reward_with_random_weights
 from lowvram_ddpo.speed.compile import graphs_replay
@@ -128,6 +130,6 @@ def measure_run(config: Config, arch: str) -> MemoryReport:
 
 GRAPHS_ONE_EPOCH_NOTE = (
     "CUDA graphs: one epoch measured, which also records them; later epochs reserved up to "
-    "1.4 GiB more (H200 and H100, 2026-11-26): `lowvram-ddpo bench speed --epochs 3` shows "
-    "the peak after each epoch"
+    f"{format_size(GRAPHS_LATER_EPOCH_GROWTH)} more (H200 and H100, 2026-11-26; the "
+    "estimate adds it): `lowvram-ddpo bench speed --epochs 3` shows the peak after each epoch"
 )
