@@ -50,12 +50,16 @@ def test_offloaded_models_are_off_the_device_while_training(tiny_preset, tmp_pat
     assert seen["training"] == {"unet", "text_encoder", "vae"}
 
 
-def test_offloader_brings_a_module_in_only_for_its_phase():
+def test_offloader_moves_a_trainable_module_both_ways():
     from lowvram_ddpo.offload import Offloader
 
     moves: list[str] = []
 
     class Recorder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(2))  # trainable: must come back
+
         def to(self, device):  # noqa: ANN001, ANN202
             moves.append(str(device))
             return self
@@ -71,6 +75,61 @@ def test_offloader_brings_a_module_in_only_for_its_phase():
     with offloader.loaded("text_encoder"):
         assert moves == ["cpu"] and offloader.resident == set()
     assert moves == ["cpu"]
+
+
+def _frozen_module() -> torch.nn.Module:
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4)
+    )
+    module[2].weight = module[0].weight  # tied, as some text encoders' embeddings are
+    return module.requires_grad_(False).eval()
+
+
+def test_a_frozen_module_visits_without_a_copy_back():
+    """The visit copies the weights in; the return points the module at its host copy
+    (no copy out, no new host memory), and the same Parameter objects are kept."""
+    from lowvram_ddpo.offload import Offloader
+
+    module = _frozen_module()
+    x = torch.randn(3, 4)
+    expected = module(x)
+    offloader = Offloader(torch.device("cpu"), enabled=True)  # copies on the CPU stand in
+    offloader.register("vae", module)
+    params = list(module.parameters())
+    host = [t.data_ptr() for t in (*params, *module.buffers())]
+    with offloader.loaded("vae") as loaded:
+        assert offloader.resident == {"vae"}
+        visiting = [t.data_ptr() for t in (*params, *loaded.buffers())]
+        assert not set(visiting) & set(host)  # its own copy of every tensor
+        assert module[2].weight is module[0].weight
+        assert torch.equal(loaded(x), expected)
+        module[0].weight.data.zero_()  # what a copy back would carry home
+    assert offloader.resident == set()
+    assert list(module.parameters()) == params
+    assert [t.data_ptr() for t in (*params, *module.buffers())] == host
+    assert torch.equal(module(x), expected)
+    assert offloader.pinned_bytes == 0  # pinned for CUDA only
+
+
+def test_the_offloader_pins_host_copies_up_to_its_limit(monkeypatch):
+    import lowvram_ddpo.offload as offload
+
+    pinned: dict[int, int] = {}  # data_ptr: bytes of the copies "pinned"
+
+    def fake_pin(tensor: torch.Tensor) -> torch.Tensor:
+        copy = tensor.clone()
+        pinned[copy.data_ptr()] = copy.nbytes
+        return copy
+
+    monkeypatch.setattr(offload, "_pinned", fake_pin)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: self.data_ptr() in pinned)
+    size = offload.module_bytes(_frozen_module())
+    monkeypatch.setattr(offload, "PINNED_HOST_LIMIT", size + size // 2)
+    offloader = offload.Offloader(torch.device("cuda"), enabled=True)
+    offloader.register("vae", _frozen_module())
+    offloader.register("text_encoder", _frozen_module())  # over the limit: not pinned
+    assert sum(pinned.values()) == size == offloader.pinned_bytes
 
 
 def test_text_encoders_on_the_cpu_are_fp32_and_never_loaded(tiny_preset, tmp_path):

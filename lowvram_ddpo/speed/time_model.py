@@ -61,7 +61,9 @@ images, nothing offloaded), 1.00 (the same with CUDA graphs); training 1.09 (mic
 OFFLOAD_SAMPLING_COST = 1.12
 """Sampling with the text encoder and VAE offloaded (moved in and out per batch) over
 sampling with them on the card: 0.532 against 0.469 s per image (H200, 2026-11-26, 8
-images per batch, SD 1.5): what `--vram` weighs against their memory."""
+images per batch, SD 1.5): what `--vram` weighs against their memory. Measured when the
+VAE went back to the host by a copy out; a visit now copies it in only (``offload``):
+kept until measured again, so the fit may keep modules on the card that it could offload."""
 H100_DENSE_TFLOPS = 989.4
 H100_UNET_TFLOPS = 170.0
 """The UNet's arithmetic rate once the GPU is the bottleneck: on the H100 a forward of 16
