@@ -132,6 +132,21 @@ def test_the_offloader_pins_host_copies_up_to_its_limit(monkeypatch):
     assert sum(pinned.values()) == size == offloader.pinned_bytes
 
 
+def test_the_offload_benchmark_times_both_visits(monkeypatch, capsys):
+    """benchmarks/offload_visit.py (a GPU session's measure of the offloaded visits) on
+    the pocket model: a row per module, both ways timed, weights back on the host."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import offload_visit
+
+    monkeypatch.setattr(sys, "argv", ["offload_visit.py", "--arch", "pocket", "--repeats", "1"])
+    offload_visit.main()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["module"] for row in rows] == ["vae", "text_encoder"]
+    for row in rows:
+        assert row["megabytes"] > 0 and row["ms_round_trip"] > 0 and row["ms_copy_in"] > 0
+        assert not row["pinned"]  # pinned for CUDA only
+
+
 def test_text_encoders_on_the_cpu_are_fp32_and_never_loaded(tiny_preset, tmp_path):
     trainer = Trainer(_config(tiny_preset, "memory.text_encoders_on_cpu=true"), tmp_path / "run")
     trainer.setup()
