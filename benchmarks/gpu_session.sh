@@ -192,6 +192,10 @@ case "$part" in
     # (and which kernels the graphs add: 9 ms of "other" per training call on the H100)
     stage profile-half-norms 150 "$PY" benchmarks/unet_profile.py --arch sd15 \
       --variants eager,half-norms,channels_last+half-norms,cudagraphs --repeats 5
+    # how a call's time grows with its batch (2-16 latents), eager and graphed: the time
+    # model's one rate at every batch is optimistic below ~8 latents (RLCM's micro-step: 2)
+    stage batch-curve 180 "$PY" benchmarks/unet_profile.py --arch sd15 --variants eager,cudagraphs \
+      --sweep 1,2,4,8 --repeats 5
     stage replay-half-norms 60 "$PY" benchmarks/replay_error.py --arch sd15 --half-norms --steps 10
     # the reference's own shapes (sampling 8, training 4): do its ratios start off 1 too?
     stage replay-8-4 60 "$PY" benchmarks/replay_error.py --arch sd15 --steps 10 --batch 8 \

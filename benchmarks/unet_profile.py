@@ -25,6 +25,12 @@ one addmm); ``half-norms`` (``speed.half_norms``: GroupNorm and LayerNorm in fp1
 autocast, no casts around them); several joined by "+" (``channels_last+half-norms``).
 Each call also lists its ``--top`` most expensive kernels by name (milliseconds and
 count): which copies and casts are they?
+
+``--sweep 1,2,4,8`` times both calls at each of those images per call instead (guided:
+twice the latents), without the kernel profile: how a call's time grows with its batch.
+The time model (``speed/time_model.py``) takes the arithmetic to run at one rate at every
+batch, calibrated at 16 latents; the RLCM preset's epoch on the H100 (2026-11-26, CUDA
+graphs, training 2 latents per call) implies about a third of that rate, loop included.
 """
 
 from __future__ import annotations
@@ -185,15 +191,24 @@ def kernel_time(call: Callable[[], None], device: torch.device, top: int = 0) ->
 
 def profile_variant(args: argparse.Namespace, variant: str, device: torch.device) -> dict:
     unet, latent = build_unet(args.arch, device, variant)
-    batches = (args.sample_batch, args.micro_batch)
-    rows = {}
     nhwc = "channels_last" in variant.split("+")
-    for name, (call, scope) in calls(unet, latent, device, batches, nhwc).items():
-        with scope:
-            for _ in range(args.warmup):  # cuDNN's choices, dynamo's traces, graphs recorded
-                call()
-            rows[name] = {"ms_per_call": round(median_ms(call, device, args.repeats), 2)}
-            rows[name] |= kernel_time(call, device, args.top)
+    sweep = [int(images) for images in args.sweep.split(",")] if args.sweep else []
+    rows = {}
+    for images in sweep or [None]:
+        batches = (images, images) if images else (args.sample_batch, args.micro_batch)
+        for name, (call, scope) in calls(unet, latent, device, batches, nhwc).items():
+            with scope:
+                for _ in range(args.warmup):  # cuDNN's choices, dynamo's traces, graphs recorded
+                    call()
+                ms = round(median_ms(call, device, args.repeats), 2)
+                if images:  # a point of the batch curve: its time alone
+                    rows[f"{name}@{images}"] = {
+                        "images": images,
+                        "latents": 2 * images,
+                        "ms_per_call": ms,
+                    }
+                else:
+                    rows[name] = {"ms_per_call": ms} | kernel_time(call, device, args.top)
     del unet
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -209,6 +224,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=12, help="kernels listed by name per call")
+    parser.add_argument(
+        "--sweep",
+        default="",
+        help="images per call to time both calls at, e.g. 1,2,4,8 (no kernel profile): how "
+        "the time of a call grows with its batch, the time model's small-batch regime",
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     variants = args.variants.split(",")
@@ -228,6 +249,11 @@ def main() -> None:
         }), flush=True)  # fmt: skip
     for variant, calls_of_variant in rows.items():  # the table a reader needs first
         for call, row in calls_of_variant.items():
+            if "kernels" not in row:  # a point of a sweep
+                per_latent = row["ms_per_call"] / row["latents"]
+                print(f"{variant:<13} {call:<11} {row['ms_per_call']:8.2f} ms/call "
+                      f"{per_latent:7.2f} ms per latent", flush=True)  # fmt: skip
+                continue
             kinds = ", ".join(f"{k} {ms}" for k, ms in row["by_kind_ms"].items())
             print(
                 f"{variant:<13} {call:<8} {row['ms_per_call']:8.2f} ms/call  kernels "

@@ -621,7 +621,9 @@ def test_the_unet_profile_times_both_calls_and_sorts_every_kernel_by_kind():
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     import unet_profile
 
-    args = SimpleNamespace(arch="pocket", sample_batch=2, micro_batch=1, repeats=1, warmup=1, top=3)
+    args = SimpleNamespace(
+        arch="pocket", sample_batch=2, micro_batch=1, repeats=1, warmup=1, top=3, sweep=""
+    )
     cpu = torch.device("cpu")
     variants = ("eager", "no-lora", "half-norms+fused-lora")  # several joined by "+"
     rows = {v: unet_profile.profile_variant(args, v, cpu) for v in variants}
@@ -638,6 +640,11 @@ def test_the_unet_profile_times_both_calls_and_sorts_every_kernel_by_kind():
     assert len(top) == 3 and top == sorted(top, reverse=True)
     assert top[0] <= eager["training"]["kernel_ms"]
     assert unet_profile.kind_of("void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm>") == "matmul"
+    args.sweep = "1,2"  # the batch curve: both calls at each batch, times only
+    curve = unet_profile.profile_variant(args, "eager", cpu)
+    assert list(curve) == ["sampling@1", "training@1", "sampling@2", "training@2"]
+    assert [row["latents"] for row in curve.values()] == [2, 2, 4, 4]  # guided
+    assert all(row["ms_per_call"] > 0 and "kernels" not in row for row in curve.values())
     assert unet_profile.kind_of("pytorch_flash::flash_fwd_kernel") == "attention"
     assert unet_profile.kind_of("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT") == "matmul"
     assert unet_profile.kind_of("void at::native::(anonymous)::RowwiseMomentsCUDAKernel") == (
