@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lowvram_ddpo.config import Config, trained_steps_per_sample
+from lowvram_ddpo.config import Config, SampleConfig, trained_steps_per_sample
 from lowvram_ddpo.memory.counting import GpuKernelEmulation, ShapeOnlyKernels
 from lowvram_ddpo.memory.estimate import MetaRun, meta_run
+from lowvram_ddpo.models import use_vae_tiling
+from lowvram_ddpo.rollout import vae_input
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,14 @@ class EpochFlops:
     """One UNet forward of one latent (no guidance): the unit the figures are quoted in."""
     trained_steps: int = 1
     """Steps of each image trained per inner epoch (``config.trained_steps_per_sample``)."""
+    decode_per_image: float = 0.0
+    """The VAE's decode of one image in one pass (not the UNet's: out of MFU)."""
+    tiled_decode_per_image: float = 0.0
+    """The same in overlapping tiles (``memory.vae_tiling``; SDXL at 1024 px: 9 tiles of
+    at most 512 px, counted 1.5x one pass); one pass where a tile covers the image."""
+
+    def decode(self, tiled: bool) -> float:
+        return self.tiled_decode_per_image if tiled else self.decode_per_image
 
 
 def _counted(run: MetaRun, work) -> float:  # noqa: ANN001  (a callable)
@@ -75,11 +86,17 @@ def epoch_flops(config: Config, arch: str, count_backward: bool = True) -> Epoch
     else:
         trained, forward = step * TRAINED_OVER_SAMPLING_STEP, 0.0
     trained_steps = trained_steps_per_sample(s, t, run.policy.trainable_steps())
+    decode = {
+        tiled: run.sizes(("flops: decode", s.resolution, tiled), partial(_decode, run, s, tiled))
+        for tiled in (False, True)
+    }
     return EpochFlops(
         sampling_per_image=step * s.num_steps,
         training_per_image=trained * trained_steps * t.inner_epochs,
         forward_per_latent=forward,
         trained_steps=trained_steps,
+        decode_per_image=decode[False],
+        tiled_decode_per_image=decode[True],
     )
 
 
@@ -91,6 +108,15 @@ def _sampling_step(run: MetaRun, config: Config, guidance_scale: float) -> float
     unet.eval()
     with torch.no_grad():
         return _counted(run, lambda: run.policy(unet, latents, run.policy.timesteps()[:1], cond))
+
+
+def _decode(run: MetaRun, sample: SampleConfig, tiled: bool) -> float:
+    """One image's decode (the memory estimate sets the tiling again before its own)."""
+    vae = run.parts.vae
+    latent = torch.empty(1, *run.latent_shape(sample.resolution), device="meta", dtype=run.dtype)
+    use_vae_tiling(vae, tiled)
+    with torch.no_grad():
+        return _counted(run, lambda: vae.decode(vae_input(vae, latent)).sample)
 
 
 def _trained_step(run: MetaRun, config: Config) -> float:
