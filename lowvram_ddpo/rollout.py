@@ -191,8 +191,11 @@ def vae_input(vae: torch.nn.Module, latents: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def decode_latents(vae: torch.nn.Module, latents: Tensor, upcast: bool = False) -> Tensor:
-    """Images in [0, 1] on the CPU, decoding one latent at a time to bound memory.
+def decode_latents(
+    vae: torch.nn.Module, latents: Tensor, upcast: bool = False, batch_size: int = 1
+) -> Tensor:
+    """Images in [0, 1] on the CPU, decoding ``batch_size`` latents at a time (its working
+    memory grows with it: ``memory.decode_batch``).
 
     ``upcast`` (SDXL's VAE, which overflows in fp16): an fp16 VAE decodes in fp32, outside
     autocast, and goes back to fp16 afterwards, as diffusers' SDXL pipeline does."""
@@ -204,8 +207,8 @@ def decode_latents(vae: torch.nn.Module, latents: Tensor, upcast: bool = False) 
     images = []
     try:
         with torch.autocast(device.type, enabled=False) if upcast else nullcontext():
-            for latent in latents:
-                z = latent[None].to(device, next(vae.parameters()).dtype)
+            for chunk in latents.split(batch_size):
+                z = chunk.to(device, next(vae.parameters()).dtype)
                 image = vae.decode(vae_input(vae, z)).sample.float()
                 images.append((image / 2 + 0.5).clamp(0, 1))
     finally:
@@ -240,8 +243,10 @@ def sample_trajectories(
     progress: bool = False,
     offloader: Offloader | None = None,
     cache: PromptCache | None = None,
+    decode_batch: int = 1,
 ) -> Trajectories:
-    """One sampling batch: encode prompts, roll out, decode. Returns CPU tensors.
+    """One sampling batch: encode prompts, roll out, decode (``decode_batch`` images per
+    VAE call). Returns CPU tensors.
 
     With an ``offloader`` the text encoder and VAE are on the GPU only while they work;
     with a ``cache`` the text encoder runs (and moves) only for prompts it has not seen."""
@@ -261,7 +266,8 @@ def sample_trajectories(
     )
     windowed = len(stochastic) < len(timesteps)
     with _loaded(offloader, "vae"):
-        images = decode_latents(pipe.vae, final, upcast=decodes_in_fp32(pipe.vae, is_sdxl(pipe)))
+        upcast = decodes_in_fp32(pipe.vae, is_sdxl(pipe))
+        images = decode_latents(pipe.vae, final, upcast, decode_batch)
     return Trajectories(
         prompts=list(prompts),
         prompt_embeds=text.hidden.cpu(),

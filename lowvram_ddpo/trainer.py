@@ -546,6 +546,7 @@ class Trainer:
                         generator,
                         offloader=self.offloader,
                         cache=self.prompt_cache,
+                        decode_batch=cfg.memory.decode_batch,
                     )
                 seconds["seconds_sampling"] += time.perf_counter() - started
                 images, batch.images = batch.images, None

@@ -615,13 +615,36 @@ def test_vram_fit_keeps_the_batch_per_step_and_fits_the_card():
     assert fit.changes and "4GB" in fit.summary("4GB")
     assert fit.config.memory.offload  # a small card: the text encoder and VAE visit it
     roomy = fit_to_vram(config, "sd15", parse_size("24GB"))
-    # nothing given up on a big card: a bigger micro-batch, and the text encoder and VAE
-    # kept on it (no moves per batch), both faster
+    # nothing given up on a big card: a bigger micro-batch, the text encoder and VAE
+    # kept on it (no moves per batch), and the sampling batch decoded in one call
     assert roomy.changes == [
         "train.batch_size 4 -> 8",
         "train.gradient_accumulation_steps 16 -> 8",
         "memory.offload True -> False",
+        "memory.decode_batch 1 -> 8",
     ]
+
+
+def test_a_fit_decodes_as_many_images_per_call_as_leave_the_peak_where_it_is(sd15_run):
+    """The decode's working memory grows with its batch (SD 1.5 at 512 px: ~0.63 GB an
+    image); a fit widens it while the run's peak stays, and keeps a width set by hand."""
+    one, four = (_estimate(sd15_run, f"memory.decode_batch={n}") for n in (1, 4))
+    grown = four.phase("decode").peak_reserved - one.phase("decode").peak_reserved
+    assert 3 * 0.55 * GB < grown < 3 * 0.75 * GB
+    config = load_preset("incompressibility")
+    fit = fit_to_vram(config, "sd15", parse_size("8GB"))
+    width = fit.config.memory.decode_batch
+    assert 1 < width <= config.sample.batch_size
+    narrow = copy.deepcopy(fit.config)
+    narrow.memory.decode_batch = 1
+    assert fit.report.peak_bytes == estimate_memory(narrow, "sd15", sd15_run).peak_bytes
+    if width < config.sample.batch_size:  # one wider would have raised the peak
+        wider = copy.deepcopy(fit.config)
+        wider.memory.decode_batch = min(2 * width, config.sample.batch_size)
+        assert estimate_memory(wider, "sd15", sd15_run).peak_bytes > fit.report.peak_bytes
+    assert f"memory.decode_batch 1 -> {width}" in fit.summary("8GB")
+    held = fit_to_vram(config, "sd15", parse_size("8GB"), frozenset({"memory.decode_batch"}))
+    assert held.config.memory.decode_batch == 1
 
 
 def test_vram_refuses_when_nothing_fits():

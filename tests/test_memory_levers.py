@@ -147,6 +147,44 @@ def test_the_offload_benchmark_times_both_visits(monkeypatch, capsys):
         assert not row["pinned"]  # pinned for CUDA only
 
 
+def test_the_vae_decodes_decode_batch_images_per_call_with_the_same_images(tiny_pipeline):
+    from lowvram_ddpo.rollout import decode_latents
+
+    vae = tiny_pipeline.vae
+    z = torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    calls: list[int] = []
+    decode = vae.decode
+
+    def counted(latents, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(len(latents))
+        return decode(latents, *args, **kwargs)
+
+    vae.decode = counted
+    one = decode_latents(vae, z)
+    assert calls == [1, 1, 1, 1, 1]
+    calls.clear()
+    two = decode_latents(vae, z, batch_size=2)
+    assert calls == [2, 2, 1] and two.shape == one.shape
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-5)
+
+
+def test_a_run_decodes_its_batches_memory_decode_batch_at_a_time(tiny_preset, tmp_path):
+    trainer = Trainer(_config(tiny_preset, "memory.decode_batch=4"), tmp_path / "run")
+    trainer.setup()
+    calls: list[int] = []
+    decode = trainer.pipe.vae.decode
+
+    def counted(latents, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(len(latents))
+        return decode(latents, *args, **kwargs)
+
+    trainer.pipe.vae.decode = counted
+    trainer.sample_and_score(epoch=0)
+    assert calls == [4, 4, 4, 4]  # two sampling batches of 8
+    with pytest.raises(UserError, match="memory.decode_batch must be at least 1"):
+        _config(tiny_preset, "memory.decode_batch=0")
+
+
 def test_text_encoders_on_the_cpu_are_fp32_and_never_loaded(tiny_preset, tmp_path):
     trainer = Trainer(_config(tiny_preset, "memory.text_encoders_on_cpu=true"), tmp_path / "run")
     trainer.setup()

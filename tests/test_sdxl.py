@@ -150,7 +150,7 @@ def test_sdxl_is_estimated_from_its_real_shapes():
     # the fp16 run decodes in fp32, without autocast: more working memory than a bf16
     # run's decode (autocast keeps group norms in fp32 there too, hence not twice)
     config.model.mixed_precision = "bf16"
-    bf16 = meta_run(config, "sdxl").decode_one(tiling=False)  # the decode phase's working peak
+    bf16 = meta_run(config, "sdxl").decode(tiling=False)  # the decode phase's working peak
     fp16 = report.phase("decode")
     assert fp16.peak_allocated - sum(fp16.held.values()) > 1.1 * bf16
 

@@ -272,12 +272,13 @@ class MetaRun:
         with torch.no_grad():
             return self.measure(("reward", repr(reward_config), batch), work)
 
-    def decode_one(self, tiling: bool) -> int:
-        key = ("decode", tiling)
+    def decode(self, tiling: bool, batch: int = 1) -> int:
+        """The working peak of decoding ``batch`` images at once (``memory.decode_batch``)."""
+        key = ("decode", tiling, batch)
         if (peak := self.known(key)) is not None:  # before the VAE's casts below
             return peak
         vae = self.parts.vae
-        z = torch.empty(1, *self.latent_shape(self.config.sample.resolution), device="meta")
+        z = torch.empty(batch, *self.latent_shape(self.config.sample.resolution), device="meta")
         upcast = self.upcasts_vae  # read before the cast below changes the VAE's dtype
         dtype = torch.float32 if upcast else self.dtype
         torch.nn.Module.to(vae, dtype)  # as rollout.decode_latents casts it
@@ -459,7 +460,7 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
 
     encode_peak = 0 if m.text_encoders_on_cpu else run.encode_prompts(s.batch_size)
     step_peak = run.denoising_step(s.batch_size, s.guidance_scale)
-    decode_peak = run.decode_one(m.vae_tiling)
+    decode_peak = run.decode(m.vae_tiling, m.decode_batch)
     reward_peak = run.score_rewards(config.reward, config.reward.batch_size)
     overlapped = reward_model is not None and config.reward.overlap == "on"
     train_peak = run.training_micro_step(config)
@@ -532,6 +533,7 @@ def settings_of(config: Config) -> dict[str, object]:
         "quantize": m.quantize,
         "attention": m.attention,
         "vae_tiling": m.vae_tiling,
+        "decode_batch": m.decode_batch,
         "text_encoders_on_cpu": m.text_encoders_on_cpu,
         "compile": config.speed.compile,
         "graph_sampling": config.speed.graph_sampling,
