@@ -184,6 +184,8 @@ case "$part" in
     # an offloaded VAE's and text encoder's visit: the old round trip against the copy in
     # from pinned memory (seconds; the sampling phase's offload cost, 12% on the H200)
     stage offload-visit 60 "$PY" benchmarks/offload_visit.py --arch sd15
+    # 8 images decoded 1, 2, 4 and 8 per VAE call (memory.decode_batch, which --vram widens)
+    stage decode-batch 60 "$PY" benchmarks/decode_batch.py --arch sd15
     # the product's fast-and-small row: its graph breaks logged, three epochs (the growth
     # of the peak after the first epoch, 1.0-1.4 GiB so far: does it stop?)
     TORCH_LOGS=graph_breaks,recompiles stage mb8-ckpt-cudagraphs 230 bench_speed "${SD15[@]}" \

@@ -185,6 +185,20 @@ def test_a_run_decodes_its_batches_memory_decode_batch_at_a_time(tiny_preset, tm
         _config(tiny_preset, "memory.decode_batch=0")
 
 
+def test_the_decode_benchmark_times_each_width(monkeypatch, capsys):
+    """benchmarks/decode_batch.py (a GPU session's measure of memory.decode_batch) on the
+    pocket model: a row per width, the first the unit of the speed-ups."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import decode_batch
+
+    argv = ["decode_batch.py", "--arch", "pocket", "--images", "4", "--widths", "1,4"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--repeats", "1"])
+    decode_batch.main()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["decode_batch"] for row in rows] == [1, 4]
+    assert rows[0]["speed_up"] == 1.0 and all(row["ms_per_image"] > 0 for row in rows)
+
+
 def test_text_encoders_on_the_cpu_are_fp32_and_never_loaded(tiny_preset, tmp_path):
     trainer = Trainer(_config(tiny_preset, "memory.text_encoders_on_cpu=true"), tmp_path / "run")
     trainer.setup()
