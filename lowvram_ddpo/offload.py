@@ -3,8 +3,8 @@
 With offloading on, the text encoder and the VAE live on the CPU and visit the GPU
 only for their own phase (encoding prompts not met before, decoding a batch's images),
 so the training pass never shares the card with them; a reward network visits it to
-score. The text encoders move only while new prompts arrive
-(``text_encoding.PromptCache``); the VAE every sampling batch.
+score. The text encoders visit once, before the first epoch, to encode every prompt
+(``text_encoding.PromptCache.warm``); the VAE every sampling batch.
 
 A visit costs one copy in, none out. These modules are frozen, so their weights on the
 host stay valid while they are on the card: the visit copies them in and the return

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from lowvram_ddpo import flux2
 
@@ -148,8 +149,10 @@ class PromptCache:
     """Each distinct prompt's embedding, encoded once and kept on the CPU.
 
     With offloading, the text encoders then visit the GPU only for prompts not seen
-    before: a paper preset's 45-398 prompts are all met within the first epochs, after
-    which sampling moves no text encoder at all (SDXL's weigh 1.6 GB). Each prompt is
+    before; a run encodes all of its prompts in one visit before its first epoch
+    (``warm``; a paper preset's 45-398 take a second or two), so sampling moves no text
+    encoder at all (SDXL's weigh 1.6 GB). Text encoders on the CPU encode as prompts
+    arrive instead (slow, and they never move). Each prompt is
     encoded alone, so its embedding never depends on the prompts it arrived with, and a
     resumed run sees the same values. At most ``capacity`` prompts are kept (SDXL: ~0.3 MB
     each); later ones are encoded every time."""
@@ -171,6 +174,16 @@ class PromptCache:
         room = self.capacity - len(self._embeds)
         self._embeds.update(list(fresh.items())[: max(room, 0)])
         return TextEmbeds.cat(rows)
+
+    def warm(self, pipe, prompts: list[str], progress: bool = False) -> int:  # noqa: ANN001
+        """Encode the ``prompts`` not cached yet, as many as the capacity holds, each alone
+        as ``encode`` does; returns how many. A run calls it once, in the text encoders'
+        visit for its negative prompt, so that its epochs never move them again."""
+        room = max(self.capacity - len(self._embeds), 0)
+        todo = self.missing(prompts)[:room]
+        for prompt in tqdm(todo, desc="encoding prompts", leave=False, disable=not progress):
+            self._embeds[prompt] = encode_text(pipe, [prompt]).to("cpu")
+        return len(todo)
 
     def cached(self, prompts: list[str]) -> TextEmbeds:
         """[B] embeddings of prompts already encoded (``missing`` returned none of them)."""

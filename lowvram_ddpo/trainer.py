@@ -194,10 +194,17 @@ class Trainer:
         ):
             if note:
                 self.log(note)
+        self.prompt_cache = PromptCache()
         with self.offloader.loaded("text_encoder"):
             negative = encode_negative(self.pipe, cfg.sample.negative_prompt)
+            if not cfg.memory.text_encoders_on_cpu:  # one visit: the epochs then move none
+                with self.accelerator.autocast():  # as sampling encodes: the same values
+                    self.prompt_cache.warm(
+                        self.pipe,
+                        self.prompts + cfg.run.grid_prompts,
+                        progress=cfg.run.progress and self.is_main,
+                    )
         self.negative = negative.to(self.accelerator.device)  # a few KB, used by every step
-        self.prompt_cache = PromptCache()
 
     def check_before_loading(self) -> None:
         """What can be refused before minutes of model loading: the settings against the

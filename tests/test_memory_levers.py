@@ -199,6 +199,34 @@ def test_the_decode_benchmark_times_each_width(monkeypatch, capsys):
     assert rows[0]["speed_up"] == 1.0 and all(row["ms_per_image"] > 0 for row in rows)
 
 
+def test_a_run_encodes_its_prompts_in_one_visit_before_sampling(tiny_preset, tmp_path):
+    """Every prompt (and grid prompt) is encoded during setup, in the text encoders' one
+    visit; sampling then never loads them, and the embeddings are what sampling would have
+    encoded itself. Text encoders on the CPU encode as prompts arrive."""
+    from lowvram_ddpo.text_encoding import encode_text
+
+    trainer = Trainer(_config(tiny_preset, "memory.offload=true"), tmp_path / "run")
+    trainer.setup()
+    prompts = trainer.prompts + trainer.config.run.grid_prompts
+    assert trainer.prompt_cache.missing(prompts) == [] and len(trainer.prompt_cache) == 2
+    visits: list[str] = []
+    loaded = trainer.offloader.loaded
+
+    def counted(name: str):  # noqa: ANN202
+        visits.append(name)
+        return loaded(name)
+
+    trainer.offloader.loaded = counted
+    trainer.sample_and_score(epoch=0)
+    assert "text_encoder" not in visits and "vae" in visits
+    with torch.no_grad():
+        alone = encode_text(trainer.pipe, ["a dog"]).hidden[0]
+    assert torch.equal(trainer.prompt_cache.cached(["a dog"]).hidden[0], alone)
+    on_cpu = Trainer(_config(tiny_preset, "memory.text_encoders_on_cpu=true"), tmp_path / "cpu")
+    on_cpu.setup()
+    assert len(on_cpu.prompt_cache) == 0
+
+
 def test_text_encoders_on_the_cpu_are_fp32_and_never_loaded(tiny_preset, tmp_path):
     trainer = Trainer(_config(tiny_preset, "memory.text_encoders_on_cpu=true"), tmp_path / "run")
     trainer.setup()
