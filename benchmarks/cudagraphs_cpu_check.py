@@ -2,6 +2,7 @@
 
     python benchmarks/cudagraphs_cpu_check.py ops       # aten ops per UNet call, LoRA off/on/fused
     python benchmarks/cudagraphs_cpu_check.py explain   # graphs and breaks per call kind
+    python benchmarks/cudagraphs_cpu_check.py explain --layout sdxl   # SDXL's kind of layout
     python benchmarks/cudagraphs_cpu_check.py trainer pocket-incompressibility train.kl_coef=0.01
     python benchmarks/cudagraphs_cpu_check.py trace     # seconds of the first training calls
 
@@ -45,17 +46,30 @@ class OpCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def sd15_layout_unet(lora: bool) -> torch.nn.Module:
+SDXL_LAYOUT = dict(
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 32, 64), transformer_layers_per_block=(1, 2, 3),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,
+)  # fmt: skip
+"""SDXL's kind of layout at tiny widths: attention layers of several transformer blocks
+(SDXL's have 2 and 10, checkpointed block by block: diffusers' grain), pooled-text and
+time-id conditioning."""
+
+
+def layout_unet(lora: bool, layout: str = "sd15") -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
     from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+    shape = dict(
         sample_size=8, block_out_channels=(32, 32, 64, 64), layers_per_block=2,
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
     )  # fmt: skip
+    unet = UNet2DConditionModel(**(shape | (SDXL_LAYOUT if layout == "sdxl" else {})))
     unet.requires_grad_(False)
     if lora:
         targets = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -70,6 +84,7 @@ def sd15_layout_unet(lora: bool) -> torch.nn.Module:
 
 INPUTS = (torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.randn(2, 77, 32))
 """Latents, timesteps and text embeddings of one call (made outside the op count)."""
+SDXL_CONDITIONING = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
 
 
 def unet_call(unet: torch.nn.Module, train: bool) -> None:
@@ -84,7 +99,7 @@ def count_ops() -> None:
     from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
 
     for lora in ("none", "peft", "fused"):
-        unet = sd15_layout_unet(lora != "none")
+        unet = layout_unet(lora != "none")
         if lora == "fused":
             fuse_lora_layers(unet)  # speed.fused_lora
         for train in (False, True) if lora != "none" else (False,):
@@ -96,19 +111,21 @@ def count_ops() -> None:
             print(f"{what}: {counter.count} aten ops, {counter.computing} computing")
 
 
-def explain() -> None:
+def explain(layout: str) -> None:
     import torch._dynamo as dynamo
 
     from lowvram_ddpo.algorithms.steps import base_model
 
+    extra = {"added_cond_kwargs": SDXL_CONDITIONING} if layout == "sdxl" else {}
+    print(f"{layout} layout, torch {torch.__version__}")
     for checkpointing in (False, True):
-        unet = sd15_layout_unet(lora=True)
+        unet = layout_unet(lora=True, layout=layout)
         if checkpointing:
             enable_checkpointing(unet)
         x, t, cond = INPUTS
 
         def call(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, unet=unet) -> torch.Tensor:  # noqa: ANN001
-            return unet(x, t, encoder_hidden_states=cond).sample
+            return unet(x, t, encoder_hidden_states=cond, **extra).sample
 
         with torch.autocast("cpu", dtype=torch.bfloat16):
             unet.eval()
@@ -130,7 +147,7 @@ def time_traces() -> None:
     for checkpointing in (False, True):
         torch._dynamo.reset()
         counters.clear()
-        unet = sd15_layout_unet(lora=True)
+        unet = layout_unet(lora=True)
         if checkpointing:
             enable_checkpointing(unet)
         compile_unet(unet, "default", torch.device("cpu"), backend="cudagraphs")
@@ -175,11 +192,14 @@ def main() -> None:
     parser.add_argument("preset", nargs="?", default="pocket-incompressibility")
     parser.add_argument("overrides", nargs="*", help="--set style KEY=VALUE (trainer)")
     parser.add_argument("--eager", action="store_true", help="trainer: without compile")
+    parser.add_argument(
+        "--layout", choices=["sd15", "sdxl"], default="sd15", help="explain: the UNet's layout"
+    )
     args = parser.parse_args()
     if args.check == "ops":
         count_ops()
     elif args.check == "explain":
-        explain()
+        explain(args.layout)
     elif args.check == "trace":
         time_traces()
     else:
