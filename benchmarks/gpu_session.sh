@@ -179,30 +179,34 @@ case "$part" in
       bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=cudagraphs
     ;;
   speed3) # what the H100 call (2026-11-26) found: is checkpointing + CUDA graphs fixed (the
-    # dynamo split at each attention layer), and do the half-precision norms pay?
+    # dynamo split at each attention layer), and do the half-precision norms pay? Most
+    # telling first: the caps add to ~1,760 s, two or three calls' worth
     install_wheels
+    # the product's fast-and-small row: its graph breaks logged, three epochs (the growth
+    # of the peak after the first epoch, 1.0-1.4 GiB so far: does it stop?)
+    TORCH_LOGS=graph_breaks,recompiles stage mb8-ckpt-cudagraphs 230 bench_speed "${SD15[@]}" \
+      "${MB8_CKPT[@]}" --set speed.compile=cudagraphs --epochs 3
+    # the same eager with this call's code (the offloaded visits copy in only, prompts
+    # encoded before the first epoch): the like-for-like base of the row above
+    stage mb8-ckpt 100 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}"
+    stage replay-half-norms 60 "$PY" benchmarks/replay_error.py --arch sd15 --half-norms --steps 10
+    stage mb8-ckpt-half-norms 100 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.half_norms=true
+    # the norms: kernels by kind and the costliest by name, with and without
+    # (and which kernels the graphs add: 9 ms of "other" per training call on the H100)
+    stage profile-half-norms 150 "$PY" benchmarks/unet_profile.py --arch sd15 \
+      --variants eager,half-norms,channels_last+half-norms,cudagraphs --repeats 5
     # an offloaded VAE's and text encoder's visit: the old round trip against the copy in
     # from pinned memory (seconds; the sampling phase's offload cost, 12% on the H200)
     stage offload-visit 60 "$PY" benchmarks/offload_visit.py --arch sd15
     # 8 images decoded 1, 2, 4 and 8 per VAE call (memory.decode_batch, which --vram widens)
     stage decode-batch 60 "$PY" benchmarks/decode_batch.py --arch sd15
-    # the product's fast-and-small row: its graph breaks logged, three epochs (the growth
-    # of the peak after the first epoch, 1.0-1.4 GiB so far: does it stop?)
-    TORCH_LOGS=graph_breaks,recompiles stage mb8-ckpt-cudagraphs 230 bench_speed "${SD15[@]}" \
-      "${MB8_CKPT[@]}" --set speed.compile=cudagraphs --epochs 3
-    # the norms: kernels by kind and the costliest by name, with and without
-    # (and which kernels the graphs add: 9 ms of "other" per training call on the H100)
-    stage profile-half-norms 150 "$PY" benchmarks/unet_profile.py --arch sd15 \
-      --variants eager,half-norms,channels_last+half-norms,cudagraphs --repeats 5
     # how a call's time grows with its batch (2-16 latents), eager and graphed: the time
     # model's one rate at every batch is optimistic below ~8 latents (RLCM's micro-step: 2)
     stage batch-curve 180 "$PY" benchmarks/unet_profile.py --arch sd15 --variants eager,cudagraphs \
       --sweep 1,2,4,8 --repeats 5
-    stage replay-half-norms 60 "$PY" benchmarks/replay_error.py --arch sd15 --half-norms --steps 10
     # the reference's own shapes (sampling 8, training 4): do its ratios start off 1 too?
     stage replay-8-4 60 "$PY" benchmarks/replay_error.py --arch sd15 --steps 10 --batch 8 \
       --micro-batch 4
-    stage mb8-ckpt-half-norms 100 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.half_norms=true
     # what --vram 8GB picks with graphs (micro-batch 1, nothing offloaded: 6.95 GiB and
     # ~7 min per epoch predicted, the time model's graphs being arithmetic only)
     stage vram8-cudagraphs 200 bench_speed --preset incompressibility --batches 1 \
@@ -211,8 +215,9 @@ case "$part" in
     # micro-batch: 6.63 GiB estimated), over three epochs
     stage rlcm-vram8 150 bench_speed --preset rlcm-incompressibility --batches 2 \
       --set memory.optimizer=adamw --vram 8GB --epochs 3
-    # where RLCM's graphed sampling spends ~0.4 s per batch outside its UNet calls (82 ms
-    # per 4-latent step on the H100, ~19 of arithmetic): the last epoch profiled
+    # where RLCM's graphed sampling spent ~0.4 s per batch outside its UNet calls (82 ms
+    # per 4-latent step on the H100, ~19 of arithmetic; before the offloaded visits lost
+    # their copy out and the prompts were encoded up front): the last epoch profiled
     stage rlcm-profile 120 bench_speed --preset rlcm-incompressibility --batches 2 \
       --set memory.optimizer=adamw --set memory.vram=off --profile "$OUT/rlcm-profile.txt"
     stage sdxl 330 bench_speed --preset sdxl-aesthetic --batches 1 --set memory.optimizer=adamw \
