@@ -180,7 +180,7 @@ case "$part" in
     ;;
   speed3) # what the H100 call (2026-11-26) found: is checkpointing + CUDA graphs fixed (the
     # dynamo split at each attention layer), and do the half-precision norms pay? Most
-    # telling first: the caps add to ~1,760 s, two or three calls' worth
+    # telling first: the caps add to ~1,800 s, two or three calls' worth
     install_wheels
     # the product's fast-and-small row: its graph breaks logged, three epochs (the growth
     # of the peak after the first epoch, 1.0-1.4 GiB so far: does it stop?)
