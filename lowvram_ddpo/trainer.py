@@ -195,7 +195,8 @@ class Trainer:
             if note:
                 self.log(note)
         self.prompt_cache = PromptCache()
-        with self.offloader.loaded("text_encoder"):
+        # its own phase: the text encoders' peak is not the epochs' (bench memory shows it)
+        with self.meter.phase("encode"), self.offloader.loaded("text_encoder"):
             negative = encode_negative(self.pipe, cfg.sample.negative_prompt)
             if not cfg.memory.text_encoders_on_cpu:  # one visit: the epochs then move none
                 with self.accelerator.autocast():  # as sampling encodes: the same values

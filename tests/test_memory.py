@@ -753,7 +753,7 @@ def test_the_measured_path_runs_one_short_epoch_of_the_trainer():
     assert short.train.batch_size * short.train.gradient_accumulation_steps == 16
     report = measure_run(config, "pocket")
     assert report.method == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert [p.name for p in report.phases] == ["sampling", "reward", "training"]
+    assert [p.name for p in report.phases] == ["encode", "sampling", "reward", "training"]
     assert all(p.seconds and p.seconds > 0 for p in report.phases)
 
 

@@ -112,7 +112,9 @@ def measure_run(config: Config, arch: str) -> MemoryReport:
     mean something (method "cpu", peaks 0): the tests use that to exercise this path."""
     cfg = bench_config(config)
     _, meter = run_on_random_weights(cfg, arch)
-    phases = [meter.phases[name] for name in ("sampling", "reward", "training")]
+    phases = [
+        meter.phases[p] for p in ("encode", "sampling", "reward", "training") if p in meter.phases
+    ]
     on_cuda = torch.cuda.is_available()
     return MemoryReport(
         method="cuda" if on_cuda else "cpu",
@@ -121,7 +123,8 @@ def measure_run(config: Config, arch: str) -> MemoryReport:
         phases=phases,
         notes=[
             f"device: {torch.cuda.get_device_name() if on_cuda else 'cpu (no memory figures)'}",
-            "sampling includes prompt encoding and decoding; one sampling batch, "
+            "encode: every prompt, before the first epoch; sampling includes decoding; one "
+            "sampling batch, "
             f"{cfg.sample.num_steps} steps, every step trained",
             *([GRAPHS_ONE_EPOCH_NOTE] if graphs_replay(cfg.speed, "training") else []),
         ],
