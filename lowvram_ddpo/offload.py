@@ -1,7 +1,7 @@
 """Which model sits on the accelerator in each phase of an epoch.
 
 With offloading on, the text encoder and the VAE live on the CPU and visit the GPU
-only for their own phase (encoding prompts not met before, decoding a batch's images),
+only for their own phase (encoding the prompts, decoding a batch's images),
 so the training pass never shares the card with them; a reward network visits it to
 score. The text encoders visit once, before the first epoch, to encode every prompt
 (``text_encoding.PromptCache.warm``); the VAE every sampling batch.
@@ -12,8 +12,9 @@ points the module back at the host copy (``HostWeights``), where ``module.to("cp
 would copy every weight back into fresh host memory, each copy a wait on the GPU. The host
 copies are in pinned memory, up to ``PINNED_HOST_LIMIT`` in all, so the copy in is
 queued behind the GPU's work instead of holding the host (see ``device_transfer``). On
-an H200 the old round trip made sampling 12% slower (SD 1.5, 8 images per batch,
-2026-11-26); RLCM's few-step batches paid more, in proportion.
+an H200 offloading with round trips (the text encoders' too, as new prompts came) made
+sampling 12% slower (SD 1.5, 8 images per batch, 2026-11-26, measured); the visits as
+they are now are not measured yet (``benchmarks/offload_visit.py``).
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lowvram_ddpo.memory.units import module_bytes
-
 PINNED_HOST_LIMIT = 4 * 2**30
-"""Bytes of host memory an offloader pins, in all. Pinned pages cannot be swapped out, so
-a 16 GB machine must not lose most of its memory to them: SD 1.5's modules (0.6 GB),
-SDXL's (1.8 GB, with an aesthetic scorer 2.7) fit; a T5 or Qwen3 text encoder (8-10 GB)
-stays in ordinary memory (its copy in then waits on the GPU, as before)."""
+"""Bytes of host memory an offloader pins, in all (per process: each GPU's process pins
+its own). Pinned pages cannot be swapped out, so a 16 GB machine must not lose most of
+its memory to them: SD 1.5's modules (0.6 GB of weights), SDXL's (1.8 GB, with an
+aesthetic scorer 2.7) fit; a T5 or Qwen3 text encoder (8-10 GB) stays in ordinary memory
+(its copy in then waits on the GPU, as before). Counted as PyTorch's pinned allocator
+takes it: each tensor in a block of the next power of two (``pinned_size``)."""
 
 
 @dataclass
@@ -64,12 +65,13 @@ class HostWeights:
                     slot = _Slot(owner, name, kind == "_parameters", seen[id(tensor)])
                     slot.point_at(slot.host)
                     self.slots.append(slot)
-        self.pinned_bytes = sum(t.nbytes for t in seen.values() if t.is_pinned())
+        self.pinned_bytes = sum(pinned_size(t.nbytes) for t in seen.values() if t.is_pinned())
 
     @staticmethod
     def can_keep(module: nn.Module) -> bool:
-        """Frozen plain tensors on the CPU only: a trainable weight must come back as it
-        was trained, and a quantised one (bitsandbytes) moves with its own state."""
+        """Frozen plain tensors on the CPU only, none that a forward updates: a trainable
+        weight must come back as it was trained, a quantised one (bitsandbytes) moves with
+        its own state, and BatchNorm's running statistics in train mode change."""
         params = list(module.parameters())
         buffers = list(module.buffers())
         plain = all(type(p) is nn.Parameter for p in params) and all(
@@ -77,16 +79,28 @@ class HostWeights:
         )
         frozen = not any(p.requires_grad for p in params)
         on_host = all(t.device.type == "cpu" for t in (*params, *buffers))
-        return plain and frozen and on_host
+        updating = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules()
+        )
+        return plain and frozen and on_host and not updating
 
     def copy_to(self, device: torch.device) -> None:
+        copies: dict[int, Tensor] = {}  # a tied tensor: one copy on the device too
         for slot in self.slots:  # a copy even on the CPU, where the module would share it
-            slot.point_at(slot.host.to(device, non_blocking=True, copy=True))
+            key = id(slot.host)
+            if key not in copies:
+                copies[key] = slot.host.to(device, non_blocking=True, copy=True)
+            slot.point_at(copies[key])
 
     def restore(self) -> None:
         """Back to the host copy; the device's copy is freed (nothing is copied out)."""
         for slot in self.slots:
             slot.point_at(slot.host)
+
+
+def pinned_size(nbytes: int) -> int:
+    """Host memory PyTorch's pinned allocator takes for ``nbytes``: the next power of two."""
+    return 1 << max(nbytes - 1, 0).bit_length()
 
 
 def _pinned(tensor: Tensor) -> Tensor:
@@ -130,8 +144,9 @@ class Offloader:
 
     def _may_pin(self, module: nn.Module) -> bool:
         """Whether ``module``'s host copy may be pinned: for CUDA, within the limit."""
-        room = PINNED_HOST_LIMIT - self.pinned_bytes
-        return self.device.type == "cuda" and module_bytes(module) <= room
+        tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+        size = sum(pinned_size(t.nbytes) for t in tensors.values())
+        return self.device.type == "cuda" and size <= PINNED_HOST_LIMIT - self.pinned_bytes
 
     @contextmanager
     def loaded(self, name: str) -> Iterator[nn.Module]:
@@ -141,12 +156,12 @@ class Offloader:
             yield module
             return
         host = self._host.get(name)
-        if host is None:
-            module.to(self.device)
-        else:
-            host.copy_to(self.device)
         self.resident.add(name)
-        try:
+        try:  # a copy in cut short (out of memory) goes back too
+            if host is None:
+                module.to(self.device)
+            else:
+                host.copy_to(self.device)
             yield module
         finally:
             if host is None:

@@ -154,8 +154,9 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     # 8-10 GB) and the VAE visit it for their own work
     offloader = Offloader(device, enabled=on_gpu)
     offloader.register("unet", pipe.unet, stays=True)
-    offloader.register("text_encoder", text_encoders(pipe))
-    offloader.register("vae", pipe.vae)
+    for name, module in (("text_encoder", text_encoders(pipe)), ("vae", pipe.vae)):
+        module.requires_grad_(False)  # frozen: each visit copies the weights in only
+        offloader.register(name, module)
     # like diffusers: without a run or a flag, the size the model was trained at
     resolution = resolution or native_resolution_of(pipe)
     kind = sampler_for(defaults.sampler, pipe.scheduler.config, pipe.unet.config)

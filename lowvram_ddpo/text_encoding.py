@@ -149,16 +149,18 @@ class PromptCache:
     """Each distinct prompt's embedding, encoded once and kept on the CPU.
 
     With offloading, the text encoders then visit the GPU only for prompts not seen
-    before; a run encodes all of its prompts in one visit before its first epoch
-    (``warm``; a paper preset's 45-398 take a second or two), so sampling moves no text
-    encoder at all (SDXL's weigh 1.6 GB). Text encoders on the CPU encode as prompts
-    arrive instead (slow, and they never move). Each prompt is
-    encoded alone, so its embedding never depends on the prompts it arrived with, and a
-    resumed run sees the same values. At most ``capacity`` prompts are kept (SDXL: ~0.3 MB
-    each); later ones are encoded every time."""
+    before; a run encodes its prompts in one visit before its first epoch (``warm``; a
+    paper preset's 45-398 take a second or two), so sampling moves no text encoder at all
+    (SDXL's weigh 1.6 GB). Text encoders on the CPU encode as prompts arrive instead
+    (slow, and they never move). Each prompt is encoded alone, so its embedding never
+    depends on the prompts it arrived with, and a resumed run sees the same values. At
+    most ``capacity`` prompts and ``max_bytes`` of embeddings are kept (SD 1.5: 0.12 MB a
+    prompt, SDXL ~0.3, SD 3 with T5 ~2.7, FLUX.2 ~7.9); later ones are encoded every time."""
 
-    def __init__(self, capacity: int = 4096) -> None:
+    def __init__(self, capacity: int = 4096, max_bytes: int = 2 * 2**30) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._embeds: dict[str, TextEmbeds] = {}
 
     def __len__(self) -> int:
@@ -167,23 +169,33 @@ class PromptCache:
     def missing(self, prompts: list[str]) -> list[str]:
         return [p for p in dict.fromkeys(prompts) if p not in self._embeds]
 
+    def full(self) -> bool:
+        return len(self._embeds) >= self.capacity or self.bytes >= self.max_bytes
+
+    def _keep(self, prompt: str, embeds: TextEmbeds) -> None:
+        size = embeds.hidden.nbytes + (0 if embeds.pooled is None else embeds.pooled.nbytes)
+        if len(self._embeds) < self.capacity and self.bytes + size <= self.max_bytes:
+            self._embeds[prompt] = embeds
+            self.bytes += size
+
     def encode(self, pipe, prompts: list[str]) -> TextEmbeds:  # noqa: ANN001
         """[B] embeddings on the CPU; the text encoders must be where they can run."""
         fresh = {p: encode_text(pipe, [p]).to("cpu") for p in self.missing(prompts)}
         rows = [self._embeds[p] if p in self._embeds else fresh[p] for p in prompts]
-        room = self.capacity - len(self._embeds)
-        self._embeds.update(list(fresh.items())[: max(room, 0)])
+        for prompt, embeds in fresh.items():
+            self._keep(prompt, embeds)
         return TextEmbeds.cat(rows)
 
     def warm(self, pipe, prompts: list[str], progress: bool = False) -> int:  # noqa: ANN001
-        """Encode the ``prompts`` not cached yet, as many as the capacity holds, each alone
-        as ``encode`` does; returns how many. A run calls it once, in the text encoders'
-        visit for its negative prompt, so that its epochs never move them again."""
-        room = max(self.capacity - len(self._embeds), 0)
-        todo = self.missing(prompts)[:room]
+        """Encode the ``prompts`` not cached yet, in order, until the cache is full, each
+        alone as ``encode`` does; returns how many were kept."""
+        before = len(self._embeds)
+        todo = self.missing(prompts)
         for prompt in tqdm(todo, desc="encoding prompts", leave=False, disable=not progress):
-            self._embeds[prompt] = encode_text(pipe, [prompt]).to("cpu")
-        return len(todo)
+            if self.full():
+                break
+            self._keep(prompt, encode_text(pipe, [prompt]).to("cpu"))
+        return len(self._embeds) - before
 
     def cached(self, prompts: list[str]) -> TextEmbeds:
         """[B] embeddings of prompts already encoded (``missing`` returned none of them)."""

@@ -107,6 +107,9 @@ from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative, text_encoders
 
+ENCODED_FIRST = 1024
+"""Training prompts encoded before the first epoch, at most (``prompts_to_encode_first``)."""
+
 
 def epoch_generator(seed: int, epoch: int, process: int, stream: int) -> torch.Generator:
     """An independent, reproducible RNG stream per (seed, epoch, process, purpose):
@@ -202,10 +205,21 @@ class Trainer:
                 with self.accelerator.autocast():  # as sampling encodes: the same values
                     self.prompt_cache.warm(
                         self.pipe,
-                        self.prompts + cfg.run.grid_prompts,
+                        self.prompts_to_encode_first(),
                         progress=cfg.run.progress and self.is_main,
                     )
         self.negative = negative.to(self.accelerator.device)  # a few KB, used by every step
+
+    def prompts_to_encode_first(self) -> list[str]:
+        """What setup encodes in the text encoders' one visit: the grid's and the
+        evaluation's prompts (met at every grid and evaluation), then the training prompts
+        if there are at most ``ENCODED_FIRST`` (a paper preset has 45-398); a longer list
+        is encoded as its prompts are drawn."""
+        cfg = self.config
+        first = list(cfg.run.grid_prompts)
+        if cfg.run.eval_every > 0 and cfg.prompts.eval_source and self.is_main:
+            first += load_prompts(cfg.prompts.eval_source)
+        return first + (self.prompts if len(self.prompts) <= ENCODED_FIRST else [])
 
     def check_before_loading(self) -> None:
         """What can be refused before minutes of model loading: the settings against the

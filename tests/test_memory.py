@@ -23,7 +23,7 @@ from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES
 from lowvram_ddpo.memory.counting import DeviceBytesCounter, GpuKernelEmulation
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory
-from lowvram_ddpo.memory.fit import fit_to_vram
+from lowvram_ddpo.memory.fit import DECODE_HEADROOM, fit_to_vram
 from lowvram_ddpo.memory.units import GB, parse_size
 
 # ---------------------------------------------------------------- the counter
@@ -638,13 +638,21 @@ def test_a_fit_decodes_as_many_images_per_call_as_leave_the_peak_where_it_is(sd1
     narrow = copy.deepcopy(fit.config)
     narrow.memory.decode_batch = 1
     assert fit.report.peak_bytes == estimate_memory(narrow, "sd15", sd15_run).peak_bytes
-    if width < config.sample.batch_size:  # one wider would have raised the peak
+    decode = fit.report.phase("decode").peak_reserved
+    assert decode + DECODE_HEADROOM <= fit.report.peak_bytes  # room left below the peak
+    if width < config.sample.batch_size:  # one wider would have left too little
         wider = copy.deepcopy(fit.config)
         wider.memory.decode_batch = min(2 * width, config.sample.batch_size)
-        assert estimate_memory(wider, "sd15", sd15_run).peak_bytes > fit.report.peak_bytes
+        report = estimate_memory(wider, "sd15", sd15_run)
+        assert report.phase("decode").peak_reserved + DECODE_HEADROOM > fit.report.peak_bytes
     assert f"memory.decode_batch 1 -> {width}" in fit.summary("8GB")
+    config.memory.decode_batch = 2
     held = fit_to_vram(config, "sd15", parse_size("8GB"), frozenset({"memory.decode_batch"}))
-    assert held.config.memory.decode_batch == 1
+    assert held.config.memory.decode_batch == 2
+    # a width above the sampling batch decodes the whole batch at once: counted so
+    huge = _estimate(sd15_run, "memory.decode_batch=64").phase("decode").peak_reserved
+    whole = _estimate(sd15_run, "memory.decode_batch=8").phase("decode").peak_reserved
+    assert huge == whole
 
 
 def test_vram_refuses_when_nothing_fits():

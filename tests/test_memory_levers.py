@@ -50,6 +50,14 @@ def test_offloaded_models_are_off_the_device_while_training(tiny_preset, tmp_pat
     assert seen["training"] == {"unet", "text_encoder", "vae"}
 
 
+def test_a_module_whose_forward_updates_its_buffers_still_moves_both_ways():
+    from lowvram_ddpo.offload import HostWeights
+
+    module = _frozen_module()
+    assert HostWeights.can_keep(module)
+    assert not HostWeights.can_keep(module.train())  # BatchNorm's running statistics
+
+
 def test_offloader_moves_a_trainable_module_both_ways():
     from lowvram_ddpo.offload import Offloader
 
@@ -79,10 +87,11 @@ def test_offloader_moves_a_trainable_module_both_ways():
 
 def _frozen_module() -> torch.nn.Module:
     torch.manual_seed(0)
-    module = torch.nn.Sequential(
-        torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4)
+    module = torch.nn.Sequential(  # 3 wide: tensors of 36 and 12 bytes, not powers of two
+        torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 3)
     )
     module[2].weight = module[0].weight  # tied, as some text encoders' embeddings are
+    module[2].register_buffer("mean", module[1].running_mean)  # a tied buffer
     return module.requires_grad_(False).eval()
 
 
@@ -92,7 +101,7 @@ def test_a_frozen_module_visits_without_a_copy_back():
     from lowvram_ddpo.offload import Offloader
 
     module = _frozen_module()
-    x = torch.randn(3, 4)
+    x = torch.randn(3, 3)
     expected = module(x)
     offloader = Offloader(torch.device("cpu"), enabled=True)  # copies on the CPU stand in
     offloader.register("vae", module)
@@ -103,6 +112,7 @@ def test_a_frozen_module_visits_without_a_copy_back():
         visiting = [t.data_ptr() for t in (*params, *loaded.buffers())]
         assert not set(visiting) & set(host)  # its own copy of every tensor
         assert module[2].weight is module[0].weight
+        assert module[2].mean is module[1].running_mean  # tied on the device too: one copy
         assert torch.equal(loaded(x), expected)
         module[0].weight.data.zero_()  # what a copy back would carry home
     assert offloader.resident == set()
@@ -124,12 +134,16 @@ def test_the_offloader_pins_host_copies_up_to_its_limit(monkeypatch):
 
     monkeypatch.setattr(offload, "_pinned", fake_pin)
     monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: self.data_ptr() in pinned)
-    size = offload.module_bytes(_frozen_module())
+    module = _frozen_module()
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}.values()
+    size = sum(offload.pinned_size(t.nbytes) for t in tensors)  # blocks of powers of two
+    assert size > sum(t.nbytes for t in tensors)
     monkeypatch.setattr(offload, "PINNED_HOST_LIMIT", size + size // 2)
     offloader = offload.Offloader(torch.device("cuda"), enabled=True)
-    offloader.register("vae", _frozen_module())
+    offloader.register("vae", module)
     offloader.register("text_encoder", _frozen_module())  # over the limit: not pinned
-    assert sum(pinned.values()) == size == offloader.pinned_bytes
+    assert len(pinned) == len(tensors) and offloader.pinned_bytes == size
+    assert offload.pinned_size(1000) == 1024 and offload.pinned_size(1024) == 1024
 
 
 def test_the_offload_benchmark_times_both_visits(monkeypatch, capsys):
@@ -219,12 +233,22 @@ def test_a_run_encodes_its_prompts_in_one_visit_before_sampling(tiny_preset, tmp
     trainer.offloader.loaded = counted
     trainer.sample_and_score(epoch=0)
     assert "text_encoder" not in visits and "vae" in visits
-    with torch.no_grad():
+    with torch.no_grad(), trainer.accelerator.autocast():  # as sampling encodes
         alone = encode_text(trainer.pipe, ["a dog"]).hidden[0]
     assert torch.equal(trainer.prompt_cache.cached(["a dog"]).hidden[0], alone)
     on_cpu = Trainer(_config(tiny_preset, "memory.text_encoders_on_cpu=true"), tmp_path / "cpu")
     on_cpu.setup()
     assert len(on_cpu.prompt_cache) == 0
+
+
+def test_a_long_prompt_list_is_encoded_as_drawn_and_the_grids_first(
+    tiny_preset, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("lowvram_ddpo.trainer.ENCODED_FIRST", 1)  # the tiny list: 2
+    trainer = Trainer(_config(tiny_preset, "run.grid_prompts=['a fox']"), tmp_path / "run")
+    trainer.setup()
+    assert trainer.prompts_to_encode_first() == ["a fox"]
+    assert trainer.prompt_cache.missing(["a fox", "a cat", "a dog"]) == ["a cat", "a dog"]
 
 
 def test_text_encoders_on_the_cpu_are_fp32_and_never_loaded(tiny_preset, tmp_path):

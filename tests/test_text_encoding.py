@@ -36,6 +36,17 @@ def test_the_cache_keeps_at_most_its_capacity(tiny_pipeline):
     assert cache.missing(["one", "two", "three"]) == ["three"]
 
 
+def test_the_cache_keeps_at_most_its_bytes_and_warming_stops_when_full(tiny_pipeline):
+    one = encode_text(tiny_pipeline, ["one"]).hidden.nbytes
+    cache = PromptCache(max_bytes=2 * one)  # room for two embeddings
+    assert cache.warm(tiny_pipeline, ["one", "two", "three", "four"]) == 2
+    assert cache.missing(["one", "two", "three"]) == ["three"] and cache.bytes == 2 * one
+    calls = _count_calls(tiny_pipeline.text_encoder)
+    assert cache.warm(tiny_pipeline, ["three"]) == 0 and calls == []  # full: not encoded
+    embeds = cache.encode(tiny_pipeline, ["three", "one"])  # encoded, not kept
+    assert len(embeds) == 2 and len(cache) == 2 and len(calls) == 1
+
+
 def test_sampling_moves_the_text_encoder_only_for_new_prompts(tiny_pipeline):
     """With offloading, a batch of known prompts leaves the text encoder on the CPU."""
     pipe = tiny_pipeline

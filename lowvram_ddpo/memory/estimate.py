@@ -460,7 +460,7 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
 
     encode_peak = 0 if m.text_encoders_on_cpu else run.encode_prompts(s.batch_size)
     step_peak = run.denoising_step(s.batch_size, s.guidance_scale)
-    decode_peak = run.decode(m.vae_tiling, m.decode_batch)
+    decode_peak = run.decode(m.vae_tiling, min(m.decode_batch, s.batch_size))
     reward_peak = run.score_rewards(config.reward, config.reward.batch_size)
     overlapped = reward_model is not None and config.reward.overlap == "on"
     train_peak = run.training_micro_step(config)

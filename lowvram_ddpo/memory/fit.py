@@ -254,14 +254,20 @@ def fit_to_vram(
     )
 
 
+DECODE_HEADROOM = GB // 4
+"""What a widened decode leaves below the run's peak: the decoded images held on the
+card until the batch is copied back, and the estimate's error on a phase not yet
+measured on a GPU."""
+
+
 def widest_decode(
     config: Config, arch: str, run: MetaRun, report: MemoryReport
 ) -> tuple[Config, MemoryReport]:
     """``config`` decoding as many images per VAE call (powers of two, then the whole
-    sampling batch) as keep the estimated peak where ``report`` has it: fewer, larger
-    decode calls for no memory. The decode's working memory grows with its batch (SD 1.5
-    at 512 px: ~0.63 GB an image), so the widest that fits is the last before one that
-    does not."""
+    sampling batch) as keep the decode phase ``DECODE_HEADROOM`` below the peak
+    ``report`` estimates: fewer, larger decode calls for no memory. The decode's working
+    memory grows with its batch (SD 1.5 at 512 px: ~0.63 GB an image, estimated), so the
+    widest that fits is the last before one that does not."""
     s = config.sample
     widths = [2**i for i in range(1, s.batch_size.bit_length()) if 2**i < s.batch_size]
     best = (config, report)
@@ -269,7 +275,7 @@ def widest_decode(
         trial = copy.deepcopy(config)
         trial.memory.decode_batch = width
         wider = estimate_memory(trial, arch, run)
-        if wider.peak_bytes > report.peak_bytes:
+        if wider.phase("decode").peak_reserved + DECODE_HEADROOM > report.peak_bytes:
             break
         best = (trial, wider)
     return best
