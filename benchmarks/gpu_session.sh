@@ -211,8 +211,8 @@ case "$part" in
     # ~7 min per epoch predicted, the time model's graphs being arithmetic only)
     stage vram8-cudagraphs 200 bench_speed --preset incompressibility --batches 1 \
       --set memory.optimizer=adamw --vram 8GB --set speed.compile=cudagraphs --epochs 3
-    # the RLCM preset as an 8 GB card now gets it (CUDA graphs, sampling batch 2 = the
-    # micro-batch: 6.63 GiB estimated), over three epochs
+    # the RLCM preset as an 8 GB card now gets it (sampling 16, micro-batch 16 with
+    # checkpointing, eager: 5.55 GiB and 36 s per epoch estimated), over three epochs
     stage rlcm-vram8 150 bench_speed --preset rlcm-incompressibility --batches 2 \
       --set memory.optimizer=adamw --vram 8GB --epochs 3
     # where RLCM's graphed sampling spent ~0.4 s per batch outside its UNet calls (82 ms

@@ -502,6 +502,24 @@ def test_time_model_reproduces_the_gpu_epochs(card, micro, overrides, sampling, 
     assert predicted.training / images == pytest.approx(training, rel=0.15)
 
 
+def test_time_model_puts_a_floor_under_small_graphed_calls():
+    """CUDA graphs take the host's launches away, not the GPU's per-kernel time: the RLCM
+    preset's graphed training (2 latents per call) ran 0.249 s per image on an H100
+    (2026-11-26), 2.6x what its arithmetic alone predicts; eager it ran 0.653."""
+    from lowvram_ddpo.speed.time_model import Gpu, predict_epoch
+
+    config = load_preset("rlcm-incompressibility")
+    apply_overrides(config, ["memory.vram=off", "train.gradient_accumulation_steps=2"])
+    config.sample.batches_per_epoch = 1  # the bench's one batch of 4
+    flops = epoch_flops(config, "sd15-lcm")
+    h100 = Gpu.listed("H100", 989.4)
+    graphed = predict_epoch(config, flops, h100).training / 4
+    assert graphed == pytest.approx(0.249, rel=0.15)
+    config.speed.compile = "off"
+    eager = predict_epoch(config, flops, h100).training / 4
+    assert eager == pytest.approx(0.653, rel=0.25) and eager > 2 * graphed
+
+
 def test_time_model_counts_each_images_decode():
     """The VAE's decode adds its counted FLOPs per image at the UNet's rate (2.5 TFLOP for
     SD 1.5 at 512 px: 3% of a 50-step guided rollout, 39% of an 8-step LCM's); SDXL's

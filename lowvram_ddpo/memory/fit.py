@@ -1,7 +1,9 @@
 """`--vram 8GB`: choose the fastest settings that fit a card, from the estimates.
 
-Every combination of sampling batch, training micro-batch (up to the sampling batch:
-bigger is almost free on a launch-bound GPU), gradient checkpointing, VAE tiling,
+Every combination of sampling batch (its halvings, and up to 4x it where the epoch
+predicted is 5% shorter per doubling: an LCM's few latents per call leave a fast card
+idle), training micro-batch (up to the sampling batch: bigger is almost free on a
+launch-bound GPU), gradient checkpointing, VAE tiling,
 offloading (the text encoder and VAE kept on the card when they fit: no moves per batch)
 and scoring batch, with and without the CUDA graphs a preset sets (their pool is the
 first thing a small card lacks; not yet with checkpointing), is ranked by the predicted
@@ -79,6 +81,27 @@ def _halvings(value: int, total: int) -> list[int]:
     return options or [1]
 
 
+SAMPLING_BATCH_GROWTH = 4
+"""How far a fit may raise the sampling batch above the one written (two doublings). A
+call of few latents (an LCM's 4 unguided ones) leaves a fast card waiting on the host's
+launches, or with CUDA graphs on its per-kernel floor; a bigger sampling batch also lets
+training take a bigger micro-batch and still replay exactly."""
+BIGGER_BATCH_MARGIN = 0.05
+"""What each doubling of the sampling batch above the one written must save of the epoch
+(predicted) to be taken: more memory for a gain inside the time model's error is not."""
+
+
+def sampling_batches(config: Config) -> list[int]:
+    """Sampling batches to try, largest first: up to ``SAMPLING_BATCH_GROWTH`` times the
+    one written, then it and its halvings, each dividing the epoch's samples (the last is
+    the smallest: the fit's "nothing fits" names its need)."""
+    s = config.sample
+    samples = s.batch_size * s.batches_per_epoch
+    doublings = SAMPLING_BATCH_GROWTH.bit_length() - 1
+    bigger = [s.batch_size * 2**k for k in range(doublings, 0, -1)]
+    return [b for b in bigger if samples % b == 0] + _halvings(s.batch_size, samples)
+
+
 def micro_batches(config: Config, largest: int | None = None) -> list[int]:
     """Training micro-batches to try, largest first: the set one, and powers of two up to
     ``largest`` (default: the sampling batch; a bigger micro-batch is almost free on a
@@ -115,9 +138,10 @@ def candidates(config: Config, quantize: str, text_on_cpu: bool) -> Iterator[Con
             # not paired by the fit until timed: on an H100 (torch 2.11, 2026-11-26) the
             # pair split dynamo's graph at every attention layer (fixed, not re-measured)
             continue
-        for micro in micro_batches(config):
+        batches = sampling_batches(config)
+        for micro in micro_batches(config, largest=max(batches)):
             # a smaller scoring batch (reward models) costs the least: it is tried first
-            for batch, scored in itertools.product(_halvings(s.batch_size, samples), scoring):
+            for batch, scored in itertools.product(batches, scoring):
                 trial = copy.deepcopy(config)
                 trial.speed.compile = compile_mode
                 trial.memory.gradient_checkpointing = ckpt
@@ -218,7 +242,7 @@ def fit_to_vram(
         config = copy.deepcopy(config)
         config.memory.decode_batch = 1
     flops = epoch_flops(config, arch, count_backward=False)
-    timing = EpochTiming(flops, this_gpu(), leaf_modules(run.parts.unet))
+    timing = EpochTiming(flops, this_gpu(), leaf_modules(run.parts.unet), config.sample.batch_size)
     quantizations = [config.memory.quantize]
     if config.memory.quantize == "none" and config.model.lora_rank > 0:
         quantizations.append("nf4")
@@ -389,14 +413,20 @@ class EpochTiming:
     flops: EpochFlops
     gpu: Gpu
     unet_modules: int
+    written_batch: int
+    """The sampling batch as written: raising it must pay (``BIGGER_BATCH_MARGIN``)."""
 
     def seconds(self, config: Config) -> float:
         return predict_epoch(config, self.flops, self.gpu, self.unet_modules).total
 
     def rank(self, config: Config) -> float:
-        """The fit's order: seconds, with exact replay worth ``EXACT_REPLAY_WORTH`` of them."""
+        """The fit's order: seconds, with exact replay worth ``EXACT_REPLAY_WORTH`` of them
+        and each doubling of the sampling batch above the one written costing
+        ``BIGGER_BATCH_MARGIN``."""
         drift = rescores_at_other_shapes(config)
-        return self.seconds(config) * (1 + EXACT_REPLAY_WORTH if drift else 1)
+        doublings = max(0, (config.sample.batch_size // self.written_batch).bit_length() - 1)
+        replay = 1 + EXACT_REPLAY_WORTH if drift else 1
+        return self.seconds(config) * replay * (1 + BIGGER_BATCH_MARGIN * doublings)
 
 
 HINT_CARD_SIZES_GB = (4, 6, 8, 12, 16, 24)

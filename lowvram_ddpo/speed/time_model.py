@@ -22,10 +22,13 @@ of an 8-step LCM's; tiling counted as tiled). Encoding and the reward are not mo
 apart: the loop overheads cover them and the trainer's own time, as measured.
 
 With a CUDA-graph mode of ``speed.compile`` a graphed call (training; sampling too with
-``speed.graph_sampling``) replays without the host's launches: only the arithmetic
-counts. Measured on an H200 (2026-11-26, SD 1.5, micro-batch 4, ``cudagraphs``): 1.207 s
-of training per image, the model 1.21. Below micro-batch 4 the GPU's own per-kernel floor
-(thousands of small kernels) is not measured yet: the model may be optimistic there.
+``speed.graph_sampling``) replays without the host's launches, but its thousands of
+kernels still take the GPU a floor of time each: ``GRAPHED_CALL_FLOOR`` of the eager
+call's launch time, the larger of that and the arithmetic. Measured on an H200
+(2026-11-26, SD 1.5, micro-batch 4, ``cudagraphs``): 1.207 s of training per image, the
+model 1.21 (arithmetic-bound); the floor comes from the RLCM preset's training on an H100
+(2 latents per call). Between them the floor is interpolated, not measured
+(``benchmarks/unet_profile.py --sweep`` times it).
 """
 
 from __future__ import annotations
@@ -67,6 +70,13 @@ sampling with them on the card: 0.532 against 0.469 s per image (H200, 2026-11-2
 images per batch, SD 1.5): what `--vram` weighs against their memory. Measured when the
 VAE went back to the host by a copy out; a visit now copies it in only (``offload``):
 kept until measured again, so the fit may keep modules on the card that it could offload."""
+GRAPHED_CALL_FLOOR = 0.31
+"""A graphed UNet call's least time over the eager call's launch time (the host times
+above). The RLCM preset on an H100 (2026-11-26, ``cudagraphs``, LCM-shaped SD 1.5 UNet,
+training 2 unguided latents per call): 0.249 s of training per image = 62 ms per micro-step,
+52 ms without the loop's 1.2, where its arithmetic needs 20: 0.31 of the eager training
+call's 167 ms. The H200's graphed micro-batch 4 (80 ms of arithmetic per call) is above
+it, as measured."""
 H100_DENSE_TFLOPS = 989.4
 H100_UNET_TFLOPS = 170.0
 """The UNet's arithmetic rate once the GPU is the bottleneck: on the H100 a forward of 16
@@ -142,8 +152,11 @@ def predict_epoch(
 ) -> EpochTime:
     """Seconds of the UNet's work in one epoch of ``config`` on ``gpu``."""
     s, t, m = config.sample, config.train, config.memory
-    launches = unet_modules / SD15_UNET_MODULES  # a graphed call has none on the host
-    host = {c: 0.0 if graphs_replay(config.speed, c) else launches for c in CALL_KINDS}
+    launches = unet_modules / SD15_UNET_MODULES  # kernels follow modules
+    host = {
+        c: launches * (GRAPHED_CALL_FLOOR if graphs_replay(config.speed, c) else 1.0)
+        for c in CALL_KINDS
+    }
     rate = gpu.unet_tflops * 1e12
     samples = s.batch_size * s.batches_per_epoch
     steps = flops.trained_steps
