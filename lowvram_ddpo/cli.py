@@ -115,7 +115,7 @@ def _fit_run(config, preset: str, resume: str, vram: str, assignments: list[str]
         return config
     own = [] if resume else own_preset_fields(preset)
     config, line = fit_for_run(
-        config, config.model.name, held_fields(own + assignments), asked, say=_say
+        config, config.model.name, held_fields(own + assignments), asked, _say, bool(resume)
     )
     _say(line)
     return config

@@ -172,11 +172,14 @@ class PromptCache:
     def full(self) -> bool:
         return len(self._embeds) >= self.capacity or self.bytes >= self.max_bytes
 
-    def _keep(self, prompt: str, embeds: TextEmbeds) -> None:
+    def _keep(self, prompt: str, embeds: TextEmbeds) -> bool:
+        """Keep ``embeds`` if there is room; whether it was kept."""
         size = embeds.hidden.nbytes + (0 if embeds.pooled is None else embeds.pooled.nbytes)
-        if len(self._embeds) < self.capacity and self.bytes + size <= self.max_bytes:
-            self._embeds[prompt] = embeds
-            self.bytes += size
+        if len(self._embeds) >= self.capacity or self.bytes + size > self.max_bytes:
+            return False
+        self._embeds[prompt] = embeds
+        self.bytes += size
+        return True
 
     def encode(self, pipe, prompts: list[str]) -> TextEmbeds:  # noqa: ANN001
         """[B] embeddings on the CPU; the text encoders must be where they can run."""
@@ -192,9 +195,8 @@ class PromptCache:
         before = len(self._embeds)
         todo = self.missing(prompts)
         for prompt in tqdm(todo, desc="encoding prompts", leave=False, disable=not progress):
-            if self.full():
-                break
-            self._keep(prompt, encode_text(pipe, [prompt]).to("cpu"))
+            if self.full() or not self._keep(prompt, encode_text(pipe, [prompt]).to("cpu")):
+                break  # the next would not fit either: prompts' embeddings are one size
         return len(self._embeds) - before
 
     def cached(self, prompts: list[str]) -> TextEmbeds:

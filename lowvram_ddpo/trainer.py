@@ -211,15 +211,16 @@ class Trainer:
         self.negative = negative.to(self.accelerator.device)  # a few KB, used by every step
 
     def prompts_to_encode_first(self) -> list[str]:
-        """What setup encodes in the text encoders' one visit: the grid's and the
-        evaluation's prompts (met at every grid and evaluation), then the training prompts
-        if there are at most ``ENCODED_FIRST`` (a paper preset has 45-398); a longer list
-        is encoded as its prompts are drawn."""
+        """What setup encodes in the text encoders' one visit, until the cache is full: the
+        grid's prompts, the training prompts if there are at most ``ENCODED_FIRST`` (a
+        paper preset has 45-398; a longer list is encoded as its prompts are drawn), then
+        the evaluation's (the main process evaluates)."""
         cfg = self.config
         first = list(cfg.run.grid_prompts)
+        first += self.prompts if len(self.prompts) <= ENCODED_FIRST else []
         if cfg.run.eval_every > 0 and cfg.prompts.eval_source and self.is_main:
             first += load_prompts(cfg.prompts.eval_source)
-        return first + (self.prompts if len(self.prompts) <= ENCODED_FIRST else [])
+        return first
 
     def check_before_loading(self) -> None:
         """What can be refused before minutes of model loading: the settings against the

@@ -25,6 +25,7 @@ from lowvram_ddpo.memory.counting import DeviceBytesCounter, GpuKernelEmulation
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory
 from lowvram_ddpo.memory.fit import DECODE_HEADROOM, fit_to_vram, held_fields
 from lowvram_ddpo.memory.units import GB, parse_size
+from lowvram_ddpo.speed.time_model import H100_DENSE_TFLOPS, Gpu
 
 # ---------------------------------------------------------------- the counter
 
@@ -467,6 +468,7 @@ def test_rlcm_presets_keep_cuda_graphs_where_they_fit_and_drop_them_where_not(mo
     its one line without CUDA)."""
     from lowvram_ddpo.memory.fit import fit_for_run
 
+    monkeypatch.setattr("lowvram_ddpo.memory.fit.this_gpu", _an_h100)  # the calibrated card
     config = load_preset("rlcm-incompressibility")
     assert config.speed.compile == "cudagraphs" and config.speed.graph_sampling
     assert load_preset("rlcm-sdxl-aesthetic").speed.compile == "off"  # not timed on SDXL
@@ -494,16 +496,21 @@ def test_rlcm_presets_keep_cuda_graphs_where_they_fit_and_drop_them_where_not(mo
     assert kept.speed.compile == "off" and "(not yet run on several GPUs)" in line
 
 
-def test_a_fit_raises_a_small_sampling_batch_where_it_pays():
+def test_a_fit_raises_a_small_sampling_batch_where_it_pays(monkeypatch):
     """An LCM's 4 unguided latents per call leave a fast card waiting on launches: on an
     8 GB card the fit samples 16 at a time and trains at that micro-batch (an exact replay),
     the images per epoch and per optimiser step unchanged; at most 4x the batch written,
     not where the user set it, and not for SD 1.5's 16 guided latents on a roomy card
     (already arithmetic-bound: the gain would not pay for the memory)."""
-    from lowvram_ddpo.memory.fit import sampling_batches
+    from lowvram_ddpo.memory.fit import fit_for_run, sampling_batches
 
+    monkeypatch.setattr("lowvram_ddpo.memory.fit.this_gpu", _an_h100)  # a fast card
     config = load_preset("rlcm-incompressibility")
     assert sampling_batches(config) == [16, 8, 4, 2, 1]
+    assert sampling_batches(config, growth=1) == [4, 2, 1]
+    windowed = load_preset("rlcm-incompressibility")
+    windowed.sample.sde_window = 2  # Flow-GRPO-Fast draws a window per sampling batch
+    assert sampling_batches(windowed) == [4, 2, 1]
     fit = fit_to_vram(config, "sd15-lcm", 8 * GB)
     s, t = fit.config.sample, fit.config.train
     assert s.batch_size == 16 and t.batch_size == 16
@@ -511,9 +518,16 @@ def test_a_fit_raises_a_small_sampling_batch_where_it_pays():
     assert t.batch_size * t.gradient_accumulation_steps == 16
     assert "sample.batch_size 4 -> 16" in fit.summary("8GB")
     held = fit_to_vram(config, "sd15-lcm", 8 * GB, held=held_fields(["sample.batch_size=4"]))
-    assert held.config.sample.batch_size == 4
+    assert held.config.sample.batch_size == 4 and held.config.train.batch_size <= 4
     roomy = fit_to_vram(load_preset("incompressibility"), "sd15", 80 * GB)
     assert roomy.config.sample.batch_size == 8
+    config.memory.vram = "8GB"  # a resumed run: fitted before, it does not grow again
+    resumed, _ = fit_for_run(config, "sd15-lcm", resumed=True)
+    assert resumed.sample.batch_size == 4
+
+
+def _an_h100() -> Gpu:
+    return Gpu.listed("H100", H100_DENSE_TFLOPS)
 
 
 def test_micro_batch_1_fits_4_gb_and_3_gb_with_a_4_bit_base(sd15_run):
@@ -561,7 +575,6 @@ def test_a_presets_auto_fit_needs_one_cuda_card_and_else_keeps_its_settings(monk
     simulated: 7 GB free) the fit runs. The pocket presets (CPU) never fit."""
     import lowvram_ddpo.memory.fit as fit
     from lowvram_ddpo.memory.fit import fit_for_run
-    from lowvram_ddpo.speed.time_model import H100_DENSE_TFLOPS, Gpu
 
     for name in list_presets():
         config = load_preset(name)
@@ -655,16 +668,16 @@ def test_a_fit_decodes_as_many_images_per_call_as_leave_the_peak_where_it_is(sd1
     assert 3 * 0.55 * GB < grown < 3 * 0.75 * GB
     config = load_preset("incompressibility")
     fit = fit_to_vram(config, "sd15", parse_size("8GB"))
-    width = fit.config.memory.decode_batch
-    assert 1 < width <= config.sample.batch_size
+    width, batch = fit.config.memory.decode_batch, fit.config.sample.batch_size
+    assert 1 < width <= batch
     narrow = copy.deepcopy(fit.config)
     narrow.memory.decode_batch = 1
     assert fit.report.peak_bytes == estimate_memory(narrow, "sd15", sd15_run).peak_bytes
     decode = fit.report.phase("decode").peak_reserved
     assert decode + DECODE_HEADROOM <= fit.report.peak_bytes  # room left below the peak
-    if width < config.sample.batch_size:  # one wider would have left too little
+    if width < batch:  # one wider would have left too little
         wider = copy.deepcopy(fit.config)
-        wider.memory.decode_batch = min(2 * width, config.sample.batch_size)
+        wider.memory.decode_batch = min(2 * width, batch)
         report = estimate_memory(wider, "sd15", sd15_run)
         assert report.phase("decode").peak_reserved + DECODE_HEADROOM > fit.report.peak_bytes
     assert f"memory.decode_batch 1 -> {width}" in fit.summary("8GB")

@@ -38,13 +38,18 @@ def test_the_cache_keeps_at_most_its_capacity(tiny_pipeline):
 
 def test_the_cache_keeps_at_most_its_bytes_and_warming_stops_when_full(tiny_pipeline):
     one = encode_text(tiny_pipeline, ["one"]).hidden.nbytes
-    cache = PromptCache(max_bytes=2 * one)  # room for two embeddings
-    assert cache.warm(tiny_pipeline, ["one", "two", "three", "four"]) == 2
-    assert cache.missing(["one", "two", "three"]) == ["three"] and cache.bytes == 2 * one
+    cache = PromptCache(max_bytes=2 * one + one // 2)  # room for two embeddings and a half
     calls = _count_calls(tiny_pipeline.text_encoder)
-    assert cache.warm(tiny_pipeline, ["three"]) == 0 and calls == []  # full: not encoded
+    assert cache.warm(tiny_pipeline, ["one", "two", "three", "four"]) == 2
+    assert len(calls) == 3  # the third did not fit: warming stops, "four" is not encoded
+    assert cache.missing(["one", "two", "three"]) == ["three"] and cache.bytes == 2 * one
+    calls.clear()
     embeds = cache.encode(tiny_pipeline, ["three", "one"])  # encoded, not kept
     assert len(embeds) == 2 and len(cache) == 2 and len(calls) == 1
+    full = PromptCache(capacity=1)
+    full.warm(tiny_pipeline, ["one"])
+    calls.clear()
+    assert full.warm(tiny_pipeline, ["two", "three"]) == 0 and calls == []  # full: none
 
 
 def test_sampling_moves_the_text_encoder_only_for_new_prompts(tiny_pipeline):

@@ -44,6 +44,7 @@ from lowvram_ddpo.models import VAE_TILE_PIXELS
 from lowvram_ddpo.preflight import rescores_at_other_shapes
 from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.reporting.progress import format_duration
+from lowvram_ddpo.speed.compile import graphs_replay
 from lowvram_ddpo.speed.cuda_graphs import GRAPH_MODES
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
 from lowvram_ddpo.speed.time_model import Gpu, leaf_modules, predict_epoch, this_gpu
@@ -91,13 +92,14 @@ BIGGER_BATCH_MARGIN = 0.05
 (predicted) to be taken: more memory for a gain inside the time model's error is not."""
 
 
-def sampling_batches(config: Config) -> list[int]:
-    """Sampling batches to try, largest first: up to ``SAMPLING_BATCH_GROWTH`` times the
-    one written, then it and its halvings, each dividing the epoch's samples (the last is
-    the smallest: the fit's "nothing fits" names its need)."""
+def sampling_batches(config: Config, growth: int = SAMPLING_BATCH_GROWTH) -> list[int]:
+    """Sampling batches to try, largest first: up to ``growth`` times the one written,
+    then it and its halvings, each dividing the epoch's samples (the last is the smallest:
+    the fit's "nothing fits" names its need). Not bigger with Flow-GRPO-Fast's window,
+    drawn once per sampling batch: fewer batches would draw fewer windows."""
     s = config.sample
     samples = s.batch_size * s.batches_per_epoch
-    doublings = SAMPLING_BATCH_GROWTH.bit_length() - 1
+    doublings = (growth if s.sde_window == 0 else 1).bit_length() - 1
     bigger = [s.batch_size * 2**k for k in range(doublings, 0, -1)]
     return [b for b in bigger if samples % b == 0] + _halvings(s.batch_size, samples)
 
@@ -113,8 +115,11 @@ def micro_batches(config: Config, largest: int | None = None) -> list[int]:
     return sorted({t.batch_size, *(b for b in powers if per_step % b == 0)}, reverse=True)
 
 
-def candidates(config: Config, quantize: str, text_on_cpu: bool) -> Iterator[Config]:
-    """Every combination of the levers, in a fixed order (the tie-break of equal times)."""
+def candidates(
+    config: Config, quantize: str, text_on_cpu: bool, growth: int = SAMPLING_BATCH_GROWTH
+) -> Iterator[Config]:
+    """Every combination of the levers, in a fixed order (the tie-break of equal times);
+    sampling batches up to ``growth`` times the one written."""
     s, t = config.sample, config.train
     samples = s.batch_size * s.batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
@@ -138,10 +143,12 @@ def candidates(config: Config, quantize: str, text_on_cpu: bool) -> Iterator[Con
             # not paired by the fit until timed: on an H100 (torch 2.11, 2026-11-26) the
             # pair split dynamo's graph at every attention layer (fixed, not re-measured)
             continue
-        batches = sampling_batches(config)
+        batches = sampling_batches(config, growth)
         for micro in micro_batches(config, largest=max(batches)):
             # a smaller scoring batch (reward models) costs the least: it is tried first
             for batch, scored in itertools.product(batches, scoring):
+                if micro > max(t.batch_size, batch):  # up to the sampling batch, as written
+                    continue
                 trial = copy.deepcopy(config)
                 trial.speed.compile = compile_mode
                 trial.memory.gradient_checkpointing = ckpt
@@ -230,7 +237,11 @@ def vram_label(vram: str, budget: int) -> str:
 
 
 def fit_to_vram(
-    config: Config, arch: str, vram_bytes: int, held: frozenset[str] = frozenset()
+    config: Config,
+    arch: str,
+    vram_bytes: int,
+    held: frozenset[str] = frozenset(),
+    growth: int = SAMPLING_BATCH_GROWTH,
 ) -> Fit:
     """The fastest candidate whose estimated peak fits ``vram_bytes`` minus the CUDA context,
     with the ``held`` fields as ``config`` has them; text encoders on the CPU, then a 4-bit
@@ -253,7 +264,7 @@ def fit_to_vram(
         trains = TrainingBudget(arch, run, budget)
         every = [
             trial
-            for trial in candidates(config, quantize, text_on_cpu)
+            for trial in candidates(config, quantize, text_on_cpu, growth)
             if all(_value(trial, name) == _value(config, name) for name in held)
         ]
         if not every:  # a held quantisation or text-encoder placement
@@ -316,6 +327,7 @@ def fit_for_run(
     held: frozenset[str] = frozenset(),
     asked: bool = True,
     say: Callable[[str], None] = lambda line: None,
+    resumed: bool = False,
 ) -> tuple[Config, str]:
     """The settings a run or a benchmark uses, and the line that says so: ``config``'s own
     where ``memory.vram`` is empty or "off", else the fit to its card (``arch``: an
@@ -323,7 +335,8 @@ def fit_for_run(
     preset's "auto" (not ``asked`` for on the command line) without CUDA, or in a
     multi-GPU run, keeps the settings as written instead of refusing, less a preset's CUDA
     graphs (``without_preset_graphs``). ``say`` hears that a fit starts (it estimates a
-    dozen settings or more: seconds)."""
+    dozen settings or more: seconds). A ``resumed`` run's sampling batch, fitted before,
+    may shrink but not grow again."""
     vram = config.memory.vram
     if means_as_written(vram):
         return config, ""
@@ -347,7 +360,7 @@ def fit_for_run(
         guessed = ""
     except UserError:  # unreachable: the shape it most likely has
         arch = guessed = default_architecture(arch)
-    fit = fit_to_vram(config, arch, budget, held)
+    fit = fit_to_vram(config, arch, budget, held, 1 if resumed else SAMPLING_BATCH_GROWTH)
     line = fit.summary(label)
     return fit.config, line + (f" (the model's shape guessed: {guessed})" if guessed else "")
 
@@ -384,7 +397,7 @@ class TrainingBudget:
         setting = (
             m.gradient_checkpointing,
             m.offload,
-            trial.sample.batch_size,
+            trial.sample.batch_size if graphs_replay(trial.speed, "sampling") else 0,
             trial.speed.compile,
         )
         per_step = t.batch_size * t.gradient_accumulation_steps

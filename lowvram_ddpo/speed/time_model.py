@@ -27,8 +27,9 @@ kernels still take the GPU a floor of time each: ``GRAPHED_CALL_FLOOR`` of the e
 call's launch time, the larger of that and the arithmetic. Measured on an H200
 (2026-11-26, SD 1.5, micro-batch 4, ``cudagraphs``): 1.207 s of training per image, the
 model 1.21 (arithmetic-bound); the floor comes from the RLCM preset's training on an H100
-(2 latents per call). Between them the floor is interpolated, not measured
-(``benchmarks/unet_profile.py --sweep`` times it).
+(2 latents per call), and is taken for graphed sampling calls too (not measured apart).
+How a call's time moves from the floor to the arithmetic as its batch grows is not
+measured (``benchmarks/unet_profile.py --sweep`` times it): the model takes the larger.
 """
 
 from __future__ import annotations
