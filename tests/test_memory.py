@@ -475,6 +475,10 @@ def test_rlcm_presets_keep_cuda_graphs_where_they_fit_and_drop_them_where_not(mo
     assert load_preset("pocket-rlcm-incompressibility").speed.compile == "off"
     roomy = fit_to_vram(config, "sd15-lcm", 12 * GB)
     assert roomy.config.speed.compile == "cudagraphs"
+    # a card whose calls are bound by arithmetic: graphs would save nothing
+    monkeypatch.setattr("lowvram_ddpo.memory.fit.this_gpu", lambda: Gpu.listed("slow", 40.0))
+    assert fit_to_vram(config, "sd15-lcm", 12 * GB).config.speed.compile == "off"
+    monkeypatch.setattr("lowvram_ddpo.memory.fit.this_gpu", _an_h100)
     assert not roomy.config.memory.gradient_checkpointing  # the pair not timed yet
     small = fit_to_vram(config, "sd15-lcm", 6 * GB)
     assert small.config.speed.compile == "off" and "speed.compile cudagraphs -> off" in (
@@ -524,6 +528,19 @@ def test_a_fit_raises_a_small_sampling_batch_where_it_pays(monkeypatch):
     config.memory.vram = "8GB"  # a resumed run: fitted before, it does not grow again
     resumed, _ = fit_for_run(config, "sd15-lcm", resumed=True)
     assert resumed.sample.batch_size == 4
+
+
+def test_the_run_length_table_fits_each_preset_to_each_card():
+    """benchmarks/run_length.py: what `--vram` picks and the predicted epoch and run on a
+    card of a given size and listed speed (the RLCM preset keeps its graphs only on the
+    fast card, where they pay)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import run_length
+
+    fast = run_length.row("rlcm-incompressibility", "8GB", 165)
+    slow = run_length.row("rlcm-incompressibility", "8GB", 40)
+    assert fast.startswith("| rlcm-incompressibility | 8GB | 165 | ") and "cudagraphs" in fast
+    assert "cudagraphs" not in slow and "(100) |" in slow
 
 
 def _an_h100() -> Gpu:

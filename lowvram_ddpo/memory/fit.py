@@ -90,6 +90,10 @@ training take a bigger micro-batch and still replay exactly."""
 BIGGER_BATCH_MARGIN = 0.05
 """What each doubling of the sampling batch above the one written must save of the epoch
 (predicted) to be taken: more memory for a gain inside the time model's error is not."""
+GRAPHS_MARGIN = 0.02
+"""What a preset's CUDA graphs must save of the epoch (predicted) to be kept: on a card
+whose calls are bound by arithmetic they save nothing, and their pool (GiBs) and first
+epoch's recording cost something."""
 
 
 def sampling_batches(config: Config, growth: int = SAMPLING_BATCH_GROWTH) -> list[int]:
@@ -433,13 +437,14 @@ class EpochTiming:
         return predict_epoch(config, self.flops, self.gpu, self.unet_modules).total
 
     def rank(self, config: Config) -> float:
-        """The fit's order: seconds, with exact replay worth ``EXACT_REPLAY_WORTH`` of them
-        and each doubling of the sampling batch above the one written costing
-        ``BIGGER_BATCH_MARGIN``."""
+        """The fit's order: seconds, with exact replay worth ``EXACT_REPLAY_WORTH`` of them,
+        each doubling of the sampling batch above the one written costing
+        ``BIGGER_BATCH_MARGIN`` and CUDA graphs ``GRAPHS_MARGIN``."""
         drift = rescores_at_other_shapes(config)
         doublings = max(0, (config.sample.batch_size // self.written_batch).bit_length() - 1)
         replay = 1 + EXACT_REPLAY_WORTH if drift else 1
-        return self.seconds(config) * replay * (1 + BIGGER_BATCH_MARGIN * doublings)
+        graphs = 1 + GRAPHS_MARGIN if config.speed.compile in GRAPH_MODES else 1
+        return self.seconds(config) * replay * graphs * (1 + BIGGER_BATCH_MARGIN * doublings)
 
 
 HINT_CARD_SIZES_GB = (4, 6, 8, 12, 16, 24)
