@@ -5,8 +5,9 @@ predicted is 5% shorter per doubling: an LCM's few latents per call leave a fast
 idle), training micro-batch (up to the sampling batch: bigger is almost free on a
 launch-bound GPU), gradient checkpointing, VAE tiling,
 offloading (the text encoder and VAE kept on the card when they fit: no moves per batch)
-and scoring batch, with and without the CUDA graphs a preset sets (their pool is the
-first thing a small card lacks; not yet with checkpointing), is ranked by the predicted
+decode batch (widened last, below the peak) and scoring batch, with and without the CUDA
+graphs a preset sets (their pool is the first thing a small card lacks; not yet with
+checkpointing; kept only where 2% faster), is ranked by the predicted
 epoch time (``speed.time_model``), and the fastest whose estimated peak fits is taken:
 on a fast card, micro-batch 4 with checkpointing beats micro-batch 1 without. For
 algorithms that clip an importance ratio, training at the sampling batch (the same
