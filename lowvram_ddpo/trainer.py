@@ -441,6 +441,7 @@ class Trainer:
             f"and continue: `lowvram-ddpo train --resume {self.run_dir} --vram "
             f"{_smaller_budget(self.accelerator.device)}` picks the settings; by hand, add "
             + ("--set speed.compile=off " if graphs else "")
+            + ("--set memory.decode_batch=1 " if m.decode_batch > 1 else "")
             + (f"--set train.batch_size={smaller} " if smaller else "")
             + ("" if m.gradient_checkpointing else "--set memory.gradient_checkpointing=true ")
             + ("" if m.offload else "--set memory.offload=true ")
