@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh speed     # issue 12: beside the reference, same call
 #   bash benchmarks/gpu_session.sh speed2    # issue 12: checkpointing, graphs as shipped, profile
 #   bash benchmarks/gpu_session.sh speed3    # issue 12: checkpointing + graphs fixed? half norms
+#   bash benchmarks/gpu_session.sh rlcm      # issue 12's RLCM goal: as written, fitted, 8 GB
 #   bash benchmarks/gpu_session.sh compile   # issue 12: Inductor's modes (minutes to compile)
 #   bash benchmarks/gpu_session.sh memory    # issues 11, 14: nf4, SDXL, SD 3.5, FLUX.2 rows
 #   bash benchmarks/gpu_session.sh others    # issue 12's other goals: RLCM, SDXL (and SD 3.5)
@@ -16,6 +17,7 @@
 #            no bitsandbytes (the tree must stay under 64 MiB): the runs use AdamW
 #   speed2:  .whl (diffusers, importlib_metadata)
 #   speed3:  .whl (diffusers, importlib_metadata)
+#   rlcm:    .whl (diffusers, importlib_metadata)
 #   compile: .whl (diffusers, importlib_metadata)
 #   memory:  .whl (diffusers, importlib_metadata, bitsandbytes)
 #   others:  .whl (diffusers, importlib_metadata)
@@ -180,7 +182,7 @@ case "$part" in
     ;;
   speed3) # what the H100 call (2026-11-26) found: is checkpointing + CUDA graphs fixed (the
     # dynamo split at each attention layer), and do the half-precision norms pay? Most
-    # telling first: the caps add to ~1,800 s, two or three calls' worth
+    # telling first: the caps add to ~1,530 s, two or three calls' worth
     install_wheels
     # the product's fast-and-small row: its graph breaks logged, three epochs (the growth
     # of the peak after the first epoch, 1.0-1.4 GiB so far: does it stop?)
@@ -207,21 +209,29 @@ case "$part" in
     # the reference's own shapes (sampling 8, training 4): do its ratios start off 1 too?
     stage replay-8-4 60 "$PY" benchmarks/replay_error.py --arch sd15 --steps 10 --batch 8 \
       --micro-batch 4
-    # what --vram 8GB picks with graphs (micro-batch 1, nothing offloaded: 6.95 GiB and
-    # ~7 min per epoch predicted, the time model's graphs being arithmetic only)
+    # what --vram 8GB picks with graphs (micro-batch 1, nothing offloaded: 6.95 GiB; 15 min
+    # per epoch predicted with the floor under graphed calls: the floor at one image)
     stage vram8-cudagraphs 200 bench_speed --preset incompressibility --batches 1 \
       --set memory.optimizer=adamw --vram 8GB --set speed.compile=cudagraphs --epochs 3
-    # the RLCM preset as an 8 GB card now gets it (sampling 16, micro-batch 16 with
-    # checkpointing, eager: 5.55 GiB and 36 s per epoch estimated), over three epochs
-    stage rlcm-vram8 150 bench_speed --preset rlcm-incompressibility --batches 2 \
-      --set memory.optimizer=adamw --vram 8GB --epochs 3
-    # where RLCM's graphed sampling spent ~0.4 s per batch outside its UNet calls (82 ms
-    # per 4-latent step on the H100, ~19 of arithmetic; before the offloaded visits lost
-    # their copy out and the prompts were encoded up front): the last epoch profiled
-    stage rlcm-profile 120 bench_speed --preset rlcm-incompressibility --batches 2 \
-      --set memory.optimizer=adamw --set memory.vram=off --profile "$OUT/rlcm-profile.txt"
     stage sdxl 330 bench_speed --preset sdxl-aesthetic --batches 1 --set memory.optimizer=adamw \
       --set memory.vram=off
+    ;;
+  rlcm) # issue 12's RLCM goal (3x today's epoch), like for like in one call: the preset as
+    # written without graphs (today's), as the fit gives it on this card (memory.vram =
+    # "auto"), and as an 8 GB card gets it; then an epoch profiled
+    install_wheels
+    RLCM=(--preset rlcm-incompressibility --set memory.optimizer=adamw)
+    stage rlcm-written-eager 150 bench_speed "${RLCM[@]}" --batches 4 --set memory.vram=off \
+      --set speed.compile=off --epochs 3
+    stage rlcm-auto 150 bench_speed "${RLCM[@]}" --batches 2 --epochs 3
+    # sampling 16, micro-batch 16 with checkpointing, eager: 5.55 GiB and 36 s per epoch
+    # estimated (the time model's graphed floor and the fit's bigger batches)
+    stage rlcm-vram8 150 bench_speed "${RLCM[@]}" --batches 2 --vram 8GB --epochs 3
+    # where the graphed sampling of the preset as written spent ~0.4 s per batch outside
+    # its UNet calls (before the offloaded visits lost their copy out and the prompts were
+    # encoded up front): the last epoch profiled
+    stage rlcm-profile 120 bench_speed "${RLCM[@]}" --batches 2 --set memory.vram=off \
+      --profile "$OUT/rlcm-profile.txt"
     ;;
   compile) # each row compiles minutes: expect the first one or two per call
     install_wheels
@@ -259,7 +269,7 @@ case "$part" in
     stage profile 100 "$PY" benchmarks/unet_profile.py --arch pocket --variants eager --repeats 2
     ;;
   *)
-    echo "usage: bash $0 speed|speed2|speed3|compile|memory|others|dry (see its header)" >&2
+    echo "usage: bash $0 speed|speed2|speed3|rlcm|compile|memory|others|dry (see its header)" >&2
     exit 2
     ;;
 esac
