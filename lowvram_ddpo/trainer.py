@@ -105,6 +105,7 @@ from lowvram_ddpo.speed.compile import (
 from lowvram_ddpo.speed.half_norms import run_norms_in_half
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
+from lowvram_ddpo.speed.time_model import check_line
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative, text_encoders
 
 ENCODED_FIRST = 1024
@@ -332,6 +333,9 @@ class Trainer:
                 metrics = self.run_epoch(epoch)
                 if epoch == start and (split := split_graph_note(cfg.speed.compile)):
                     self.log(split)  # the first epoch traced every call the run makes
+                warmed = epoch == start + 1 and self.meter.cuda and self.is_main
+                if warmed and (check := check_line(cfg, metrics)):
+                    self.log(check)  # the first epoch after the one that warmed up
                 self.end_epoch(epoch, metrics)
                 history.append(metrics)
             self.finish()

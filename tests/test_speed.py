@@ -878,10 +878,10 @@ def test_bench_speed_on_a_gpu_reports_the_time_models_prediction_beside_it(monke
     """On CUDA a `bench speed` row carries the time model's seconds per image for its
     card (what --vram ranks by) and the measured-over-predicted ratios: each GPU session's
     rows check the model's calibration. Here on the H100's calibrated rate."""
-    from lowvram_ddpo.speed import bench
+    from lowvram_ddpo.speed import bench, time_model
     from lowvram_ddpo.speed.time_model import Gpu
 
-    monkeypatch.setattr(bench, "this_gpu", lambda: Gpu.listed("H100", 989.4))
+    monkeypatch.setattr(time_model, "this_gpu", lambda: Gpu.listed("H100", 989.4))
     config = load_preset("incompressibility")
     apply_overrides(config, ["train.batch_size=8", "train.gradient_accumulation_steps=8",
                              "memory.gradient_checkpointing=true"])  # fmt: skip
@@ -900,6 +900,24 @@ def test_bench_speed_on_a_gpu_reports_the_time_models_prediction_beside_it(monke
     ratio = 0.535 / predicted["sampling"]
     assert f"(measured over predicted: {ratio:.2f}, " in report.to_text()
     assert report.to_dict()["time_model"] == predicted
+
+
+def test_a_runs_warmed_epoch_is_checked_against_the_time_model(monkeypatch):
+    """After its first warmed epoch a GPU run prints its seconds beside the time model's
+    (what `--vram` ranked by): the H100's measured micro-batch-8 row reads near 1."""
+    from lowvram_ddpo.speed import time_model
+
+    monkeypatch.setattr(time_model, "this_gpu", lambda: time_model.Gpu.listed("H100", 989.4))
+    config = load_preset("incompressibility")
+    apply_overrides(config, ["train.batch_size=8", "train.gradient_accumulation_steps=8",
+                             "memory.gradient_checkpointing=true", "model.name=sd15"])  # fmt: skip
+    config.sample.batches_per_epoch = 1
+    line = time_model.check_line(
+        config, {"seconds_sampling": 8 * 0.535, "seconds_training": 8 * 1.924}
+    )
+    assert line.startswith("time model check on H100: sampling 4 s against 4 predicted (")
+    ratios = [float(part.split("(")[1].split(")")[0]) for part in line.split(";")]
+    assert all(0.85 < r < 1.15 for r in ratios) and "please report the line" in line
 
 
 def test_bench_speed_profiles_its_last_epoch_into_a_file(tmp_path):

@@ -23,13 +23,13 @@ from statistics import mean
 import torch
 
 from lowvram_ddpo.config import Config, set_samples_per_epoch
-from lowvram_ddpo.memory.estimate import meta_run, settings_of
+from lowvram_ddpo.memory.estimate import settings_of
 from lowvram_ddpo.memory.measure import run_on_random_weights
 from lowvram_ddpo.memory.units import format_size
 from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
-from lowvram_ddpo.speed.time_model import leaf_modules, predict_epoch, this_gpu
+from lowvram_ddpo.speed.time_model import predicted_here
 
 PHASES = ("sampling", "reward", "training")
 
@@ -234,9 +234,7 @@ def measure_speed(
 def time_model_per_image(config: Config, arch: str, flops: EpochFlops) -> dict[str, object]:
     """What ``speed.time_model`` predicts per image of ``config``'s epoch on this card: a
     GPU session's bench rows are then also its calibration check."""
-    unet_modules = leaf_modules(meta_run(config, arch).parts.unet)
-    gpu = this_gpu()
-    epoch = predict_epoch(config, flops, gpu, unet_modules)
+    epoch, gpu = predicted_here(config, arch, flops)
     images = config.sample.batch_size * config.sample.batches_per_epoch
     return {
         "gpu": gpu.name,

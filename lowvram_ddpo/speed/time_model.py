@@ -42,6 +42,7 @@ import torch
 
 from lowvram_ddpo.algorithms.steps import no_grad_calls_per_micro_step
 from lowvram_ddpo.config import Config
+from lowvram_ddpo.memory.estimate import meta_run
 from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.speed.compile import CALL_KINDS, graphs_replay
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
@@ -185,3 +186,39 @@ def predict_epoch(
     micro_batches = -(-samples // t.batch_size)
     training = micro_batches * steps * t.inner_epochs * training_call * TRAINING_LOOP_OVERHEAD
     return EpochTime(sampling, training)
+
+
+def predicted_here(config: Config, arch: str, flops: EpochFlops) -> tuple[EpochTime, Gpu]:
+    """The time model's epoch of ``config`` on this machine's card (``this_gpu``)."""
+    gpu = this_gpu()
+    unet_modules = leaf_modules(meta_run(config, arch).parts.unet)
+    return predict_epoch(config, flops, gpu, unet_modules), gpu
+
+
+def check_line(config: Config, seconds: dict[str, float]) -> str:
+    """A run's warmed epoch (``seconds_sampling``, ``seconds_training``) beside what the time
+    model predicts for it on this card: where they part, ``--vram``'s ranking may not hold
+    here ("" when the model's shape cannot be read)."""
+    from lowvram_ddpo.architectures import default_architecture
+    from lowvram_ddpo.errors import UserError
+    from lowvram_ddpo.speed.flops import epoch_flops
+
+    arch = config.model.name
+    try:  # a diagnostic: never the end of a run
+        try:
+            meta_run(config, arch)
+        except UserError:  # a hub id not cached here: the shape it most likely has
+            arch = default_architecture(arch)
+        epoch, gpu = predicted_here(config, arch, epoch_flops(config, arch, count_backward=False))
+    except Exception:  # noqa: BLE001
+        return ""
+    pairs = {"sampling": epoch.sampling, "training": epoch.training}
+    parts = [
+        f"{phase} {seconds[f'seconds_{phase}']:.0f} s against {predicted:.0f} predicted "
+        f"({seconds[f'seconds_{phase}'] / predicted:.2f})"
+        for phase, predicted in pairs.items()
+    ]
+    return (
+        f"time model check on {gpu.name}: {'; '.join(parts)}. Far from 1, `--vram` may not "
+        "pick the fastest settings on this card: please report the line"
+    )
