@@ -82,6 +82,7 @@ from lowvram_ddpo.preflight import (
     saved_model_index,
     unknown_words_note,
 )
+from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.prompts import load_prompts
 from lowvram_ddpo.reporting.metrics_chart import METRICS_CHART, read_metrics, write_metrics_chart
 from lowvram_ddpo.reporting.progress import TimeLeft
@@ -333,9 +334,8 @@ class Trainer:
                 metrics = self.run_epoch(epoch)
                 if epoch == start and (split := split_graph_note(cfg.speed.compile)):
                     self.log(split)  # the first epoch traced every call the run makes
-                warmed = epoch == start + 1 and self.meter.cuda and self.is_main
-                if warmed and (check := check_line(cfg, metrics)):
-                    self.log(check)  # the first epoch after the one that warmed up
+                if self.checks_time_model(epoch, start) and (check := check_line(cfg, metrics)):
+                    self.log(check)
                 self.end_epoch(epoch, metrics)
                 history.append(metrics)
             self.finish()
@@ -346,6 +346,14 @@ class Trainer:
         finally:
             self.dashboard.close()
         return history
+
+    def checks_time_model(self, epoch: int, start: int) -> bool:
+        """Whether ``epoch`` is where the run prints its time model check: the first epoch
+        after the one that warmed up, on one CUDA card (several: no fit to check), in a
+        run of the user's model (a benchmark's random-weight pipeline reports its own)."""
+        warmed = epoch == start + 1
+        alone = self.is_main and world_size() == 1
+        return warmed and alone and self.meter.cuda and self.pipeline is None
 
     def open_dashboard(self, first_epoch: int) -> None:
         """The ``run.log_with`` tracker, on the main process (events after the checkpoint
@@ -440,12 +448,13 @@ class Trainer:
         per_step = t.batch_size * t.gradient_accumulation_steps
         smaller = max((d for d in divisors(per_step) if d < t.batch_size), default=0)
         graphs = graphs_replay(self.config.speed, "training")  # their pool goes first
+        decoding_wide = m.decode_batch > 1 and self.phase == "sampling"  # decodes in it
         return (
             f"out of GPU memory while {self.phase} in epoch {epoch + 1} ({kept}). Use less memory "
             f"and continue: `lowvram-ddpo train --resume {self.run_dir} --vram "
             f"{_smaller_budget(self.accelerator.device)}` picks the settings; by hand, add "
             + ("--set speed.compile=off " if graphs else "")
-            + ("--set memory.decode_batch=1 " if m.decode_batch > 1 else "")
+            + ("--set memory.decode_batch=1 " if decoding_wide else "")
             + (f"--set train.batch_size={smaller} " if smaller else "")
             + ("" if m.gradient_checkpointing else "--set memory.gradient_checkpointing=true ")
             + ("" if m.offload else "--set memory.offload=true ")

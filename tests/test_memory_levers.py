@@ -195,7 +195,10 @@ def test_a_run_decodes_its_batches_memory_decode_batch_at_a_time(tiny_preset, tm
     trainer.pipe.vae.decode = counted
     trainer.sample_and_score(epoch=0)
     assert calls == [4, 4, 4, 4]  # two sampling batches of 8
-    assert "--set memory.decode_batch=1 " in trainer.out_of_memory_message(0)  # a way back
+    trainer.phase = "sampling"  # decodes happen there: the way back names them
+    assert "--set memory.decode_batch=1 " in trainer.out_of_memory_message(0)
+    trainer.phase = "training"
+    assert "memory.decode_batch" not in trainer.out_of_memory_message(0)
     with pytest.raises(UserError, match="memory.decode_batch must be at least 1"):
         _config(tiny_preset, "memory.decode_batch=0")
 
@@ -250,6 +253,21 @@ def test_a_long_prompt_list_is_encoded_as_drawn_and_the_grids_first(
     trainer.setup()
     assert trainer.prompts_to_encode_first() == ["a fox"]
     assert trainer.prompt_cache.missing(["a fox", "a cat", "a dog"]) == ["a cat", "a dog"]
+
+
+def test_the_time_model_check_follows_the_first_warmed_epoch_of_a_users_run(
+    tiny_preset, tmp_path, monkeypatch
+):
+    trainer = Trainer(_config(tiny_preset), tmp_path / "run")
+    trainer.setup()
+    trainer.meter.cuda = True  # as on a GPU (only the flag: no phase is measured here)
+    assert [trainer.checks_time_model(e, 0) for e in range(3)] == [False, True, False]
+    assert trainer.checks_time_model(5, 4)  # resumed at epoch 4: its second epoch
+    monkeypatch.setenv("WORLD_SIZE", "2")  # several GPUs: no fit to check
+    assert not trainer.checks_time_model(1, 0)
+    monkeypatch.delenv("WORLD_SIZE")
+    trainer.pipeline = trainer.pipe  # a benchmark's pipeline: it reports its own
+    assert not trainer.checks_time_model(1, 0)
 
 
 def test_text_encoders_on_the_cpu_are_fp32_and_never_loaded(tiny_preset, tmp_path):

@@ -915,7 +915,7 @@ def test_a_runs_warmed_epoch_is_checked_against_the_time_model(monkeypatch):
     line = time_model.check_line(
         config, {"seconds_sampling": 8 * 0.535, "seconds_training": 8 * 1.924}
     )
-    assert line.startswith("time model check on H100: sampling 4 s against 4 predicted (")
+    assert line.startswith("time model check on H100: sampling 4.3 s against ")
     ratios = [float(part.split("(")[1].split(")")[0]) for part in line.split(";")]
     assert all(0.85 < r < 1.15 for r in ratios) and "please report the line" in line
 

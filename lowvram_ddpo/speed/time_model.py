@@ -210,14 +210,14 @@ def check_line(config: Config, seconds: dict[str, float]) -> str:
         except UserError:  # a hub id not cached here: the shape it most likely has
             arch = default_architecture(arch)
         epoch, gpu = predicted_here(config, arch, epoch_flops(config, arch, count_backward=False))
+        pairs = {"sampling": epoch.sampling, "training": epoch.training}
+        parts = [
+            f"{phase} {seconds[f'seconds_{phase}']:.1f} s against {predicted:.1f} predicted "
+            f"({seconds[f'seconds_{phase}'] / predicted:.2f})"
+            for phase, predicted in pairs.items()
+        ]
     except Exception:  # noqa: BLE001
         return ""
-    pairs = {"sampling": epoch.sampling, "training": epoch.training}
-    parts = [
-        f"{phase} {seconds[f'seconds_{phase}']:.0f} s against {predicted:.0f} predicted "
-        f"({seconds[f'seconds_{phase}'] / predicted:.2f})"
-        for phase, predicted in pairs.items()
-    ]
     return (
         f"time model check on {gpu.name}: {'; '.join(parts)}. Far from 1, `--vram` may not "
         "pick the fastest settings on this card: please report the line"
