@@ -543,6 +543,21 @@ def test_the_run_length_table_fits_each_preset_to_each_card():
     assert "cudagraphs" not in slow and "(100) |" in slow
 
 
+def test_a_models_shape_is_read_or_guessed_and_said_so(monkeypatch):
+    """The fit and the time model check estimate a model whose configs cannot be read (a
+    hub id, offline) with the shape it most likely has, and the fit's line says so."""
+    from lowvram_ddpo.memory.estimate import readable_shape
+    from lowvram_ddpo.memory.fit import fit_for_run
+
+    config = load_preset("incompressibility")
+    assert readable_shape(config, "sd15") == ("sd15", False)
+    assert readable_shape(config, "someone/not-a-model-xl") == ("sdxl", True)
+    monkeypatch.setattr("lowvram_ddpo.memory.fit.this_gpu", _an_h100)
+    config.memory.vram = "12GB"
+    _, line = fit_for_run(config, "someone/not-a-model-v1-5")
+    assert line.endswith("(the model's shape guessed: sd15)")
+
+
 def _an_h100() -> Gpu:
     return Gpu.listed("H100", H100_DENSE_TFLOPS)
 

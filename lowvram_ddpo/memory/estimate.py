@@ -32,8 +32,9 @@ from lowvram_ddpo.algorithms.steps import (
     policy_gradient_loss,
     reward_weighted_loss,
 )
-from lowvram_ddpo.architectures import Components, build_components
+from lowvram_ddpo.architectures import Components, build_components, default_architecture
 from lowvram_ddpo.config import Config, RewardConfig
+from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.calibration import reserved_bytes
 from lowvram_ddpo.memory.checkpointing import disable_checkpointing, enable_checkpointing
 from lowvram_ddpo.memory.counting import (
@@ -414,6 +415,17 @@ def meta_run(config: Config, arch: str) -> MetaRun:
     if len(_RECENT_RUNS) > RECENT_RUNS_KEPT:
         _RECENT_RUNS.pop(next(iter(_RECENT_RUNS)))
     return run
+
+
+def readable_shape(config: Config, model: str) -> tuple[str, bool]:
+    """(the architecture to estimate ``model`` with, whether it was guessed): the model's
+    own configs (a folder, or a few KB from the hub) where they can be read, else the
+    shape such a model most likely has (``default_architecture``)."""
+    try:
+        meta_run(config, model)  # kept for what asks next
+        return model, False
+    except UserError:
+        return default_architecture(model), True
 
 
 def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> MemoryReport:

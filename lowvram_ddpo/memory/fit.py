@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowvram_ddpo.architectures import default_architecture
 from lowvram_ddpo.config import Config
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, a_card
-from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory, meta_run
+from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory, meta_run, readable_shape
 from lowvram_ddpo.memory.report import MemoryReport
 from lowvram_ddpo.memory.units import (
     GB,
@@ -142,14 +141,15 @@ def candidates(
     compiling = [config.speed.compile]
     if config.speed.compile in GRAPH_MODES:
         compiling.append("off")
+    batches = sampling_batches(config, growth)
+    micros = micro_batches(config, largest=max(batches))
     levers = itertools.product(compiling, checkpointing, tiling, offloading)
     for compile_mode, ckpt, tiled, offload in levers:
         if compile_mode in GRAPH_MODES and ckpt and not config.memory.gradient_checkpointing:
             # not paired by the fit until timed: on an H100 (torch 2.11, 2026-11-26) the
             # pair split dynamo's graph at every attention layer (fixed, not re-measured)
             continue
-        batches = sampling_batches(config, growth)
-        for micro in micro_batches(config, largest=max(batches)):
+        for micro in micros:
             # a smaller scoring batch (reward models) costs the least: it is tried first
             for batch, scored in itertools.product(batches, scoring):
                 if micro > max(t.batch_size, batch):  # up to the sampling batch, as written
@@ -360,14 +360,10 @@ def fit_for_run(
     if means_this_card(vram):  # all the card has free: leave room for the estimate's error
         budget -= AUTO_MARGIN_BYTES
     say(f"fitting the settings to {label} (estimating each: seconds)")
-    try:  # the model's own configs (a folder, or a few KB from the hub); kept for the fit
-        meta_run(config, arch)
-        guessed = ""
-    except UserError:  # unreachable: the shape it most likely has
-        arch = guessed = default_architecture(arch)
+    arch, guessed = readable_shape(config, arch)
     fit = fit_to_vram(config, arch, budget, held, 1 if resumed else SAMPLING_BATCH_GROWTH)
     line = fit.summary(label)
-    return fit.config, line + (f" (the model's shape guessed: {guessed})" if guessed else "")
+    return fit.config, line + (f" (the model's shape guessed: {arch})" if guessed else "")
 
 
 def without_preset_graphs(

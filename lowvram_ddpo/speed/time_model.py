@@ -42,7 +42,7 @@ import torch
 
 from lowvram_ddpo.algorithms.steps import no_grad_calls_per_micro_step
 from lowvram_ddpo.config import Config
-from lowvram_ddpo.memory.estimate import meta_run
+from lowvram_ddpo.memory.estimate import meta_run, readable_shape
 from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.speed.compile import CALL_KINDS, graphs_replay
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
@@ -199,16 +199,10 @@ def check_line(config: Config, seconds: dict[str, float]) -> str:
     """A run's warmed epoch (``seconds_sampling``, ``seconds_training``) beside what the time
     model predicts for it on this card: where they part, ``--vram``'s ranking may not hold
     here ("" when the model's shape cannot be read)."""
-    from lowvram_ddpo.architectures import default_architecture
-    from lowvram_ddpo.errors import UserError
     from lowvram_ddpo.speed.flops import epoch_flops
 
-    arch = config.model.name
     try:  # a diagnostic: never the end of a run
-        try:
-            meta_run(config, arch)
-        except UserError:  # a hub id not cached here: the shape it most likely has
-            arch = default_architecture(arch)
+        arch, _ = readable_shape(config, config.model.name)
         epoch, gpu = predicted_here(config, arch, epoch_flops(config, arch, count_backward=False))
         pairs = {"sampling": epoch.sampling, "training": epoch.training}
         parts = [
