@@ -31,6 +31,10 @@ ROWS = [
         ["sample.batch_size=2", "memory.gradient_checkpointing=true"],
     ),
     (
+        "sampling batch 2, checkpointing, fp8 base",
+        ["sample.batch_size=2", "memory.gradient_checkpointing=true", "memory.quantize='fp8'"],
+    ),
+    (
         "sampling batch 2, checkpointing, int8 base",
         ["sample.batch_size=2", "memory.gradient_checkpointing=true", "memory.quantize='int8'"],
     ),
@@ -49,6 +53,7 @@ SDXL_ROWS = [
     ),
     ("sampling batch 8", ["sample.batch_size=8"]),
     ("bf16 (the VAE decodes in bf16, no fp32 upcast)", ["model.mixed_precision='bf16'"]),
+    ("fp8 base", ["memory.quantize='fp8'"]),
     ("nf4 base", ["memory.quantize='nf4'"]),
 ]
 PHASES = ("encode", "sampling", "decode", "reward", "training")

@@ -5,6 +5,7 @@
     python benchmarks/replay_error.py --arch flux2-klein --resolution 512 --dtype bf16
     python benchmarks/replay_error.py --arch sd15 --fused-lora (speed.fused_lora's layers)
     python benchmarks/replay_error.py --arch sd15 --half-norms (speed.half_norms)
+    python benchmarks/replay_error.py --arch sd15 --fp8 (memory.quantize=fp8's base)
     python benchmarks/replay_error.py --arch sd15 --batch 8 --micro-batch 1 (a real run's)
 
 Samples a batch with the trainer's policy (random-weight model built from the
@@ -26,6 +27,7 @@ import torch
 
 from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss
 from lowvram_ddpo.architectures import native_resolution, random_pipeline
+from lowvram_ddpo.memory.fp8_weights import store_weights_in_fp8
 from lowvram_ddpo.models import DTYPES, make_trainable
 from lowvram_ddpo.policy import build_policy
 from lowvram_ddpo.rollout import image_tokens, sample_trajectories
@@ -48,19 +50,23 @@ def replay_error(
     fused_lora: bool = False,
     micro_batch: int = 0,
     half_norms: bool = False,
+    fp8: bool = False,
 ) -> dict[str, object]:
     """``resolution`` 0: the architecture's own; ``precision`` of the base on a GPU;
     ``fused_lora``: the LoRA layers as ``speed.fused_lora`` computes them; ``micro_batch``:
     re-scored this many images at a time, as the trainer does (0: all ``batch`` at once).
     A micro-batch other than the sampling batch runs other kernels on a GPU, so it shows
     the replay error a real run has, not only the speed path's own. ``half_norms``: the
-    norms as ``speed.half_norms`` runs them."""
+    norms as ``speed.half_norms`` runs them; ``fp8``: the base stored in fp8
+    (``memory.quantize=fp8``)."""
     micro_batch = micro_batch or batch
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = DTYPES[precision] if on_gpu else torch.float32
     pipe = random_pipeline(arch, dtype, str(device))
     make_trainable(pipe.unet, 4, 4.0, [])  # the model family's default LoRA targets
+    if fp8:
+        store_weights_in_fp8(pipe.unet)
     if on_gpu:
         skip_lora_input_casts(pipe.unet)  # as the trainer does under autocast
     if fused_lora:
@@ -103,6 +109,7 @@ def replay_error(
         "compile": mode,
         "fused_lora": fused_lora,
         "half_norms": half_norms,
+        "fp8": fp8,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "dtype": str(dtype),
         "resolution": resolution,
@@ -129,10 +136,11 @@ def main() -> None:
         "--micro-batch", type=int, default=0, help="images re-scored at a time (0: --batch)"
     )
     parser.add_argument("--half-norms", action="store_true", help="speed.half_norms's norms")
+    parser.add_argument("--fp8", action="store_true", help="memory.quantize=fp8's base")
     args = parser.parse_args()
     result = replay_error(
         args.arch, args.compile, args.steps, args.batch, args.resolution, args.dtype,
-        args.fused_lora, args.micro_batch, args.half_norms,
+        args.fused_lora, args.micro_batch, args.half_norms, args.fp8,
     )  # fmt: skip
     print(json.dumps(result))
 

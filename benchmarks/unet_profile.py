@@ -22,7 +22,8 @@ tensor-core convolutions use); ``no-lora`` (the adapters switched off: their own
 ``cudagraphs`` (``speed.compile=cudagraphs``, traced once per call kind before timing);
 ``fused-lora`` (``speed.fused_lora``: each LoRA layer's up-projection, scaling and sum in
 one addmm); ``half-norms`` (``speed.half_norms``: GroupNorm and LayerNorm in fp16 under
-autocast, no casts around them); several joined by "+" (``channels_last+half-norms``).
+autocast, no casts around them); ``fp8`` (``memory.quantize=fp8``: the base stored in fp8,
+dequantised per call); several joined by "+" (``channels_last+half-norms``).
 Each call also lists its ``--top`` most expensive kernels by name (milliseconds and
 count): which copies and casts are they?
 
@@ -47,6 +48,7 @@ from collections.abc import Callable
 import torch
 
 from lowvram_ddpo.architectures import native_resolution, random_pipeline
+from lowvram_ddpo.memory.fp8_weights import store_weights_in_fp8
 from lowvram_ddpo.models import make_trainable
 from lowvram_ddpo.rollout import latent_shape
 from lowvram_ddpo.speed.compile import compile_unet
@@ -63,7 +65,7 @@ KINDS = (  # the first pattern a kernel's name matches names its kind
     ("copy and cast", r"copy|cast|to_copy|transpose|cat"),
     ("elementwise", r"elementwise|vectorized|unrolled|silu|gelu|mul|add|reduce"),
 )
-VARIANTS = ("eager", "channels_last", "no-lora", "cudagraphs", "fused-lora", "half-norms")
+VARIANTS = ("eager", "channels_last", "no-lora", "cudagraphs", "fused-lora", "half-norms", "fp8")
 
 
 def kind_of(kernel: str) -> str:
@@ -81,6 +83,8 @@ def build_unet(
     pipe = random_pipeline(arch, dtype, str(device))
     unet = pipe.unet
     make_trainable(unet, 4, 4.0, [])
+    if "fp8" in features:  # memory.quantize=fp8: each call dequantises the base
+        store_weights_in_fp8(unet)
     if device.type == "cuda":
         skip_lora_input_casts(unet)
     if "channels_last" in features:

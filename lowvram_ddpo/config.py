@@ -95,7 +95,9 @@ def own_reward_problem(name: str) -> str | None:
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
-QUANTIZE = ("none", "int8", "nf4")
+QUANTIZE = ("none", "fp8", "int8", "nf4")
+BITSANDBYTES_QUANTIZE = ("int8", "nf4")
+"""The kinds bitsandbytes quantises (and places on the GPU) while loading; fp8 is ours."""
 ATTENTION = ("sdpa", "xformers")
 LOG_WITH = ("auto", "tensorboard", "wandb", "none")
 """Metric trackers (``reporting.trackers``); auto: TensorBoard when installed, else none."""
@@ -145,7 +147,10 @@ class MemoryConfig:
     optimizer: str = "adamw8bit"
     """adamw8bit (bitsandbytes; falls back to adamw where it or CUDA is missing) or adamw."""
     quantize: str = "none"
-    """Frozen UNet weights in int8 or nf4 (bitsandbytes, CUDA), LoRA on top (QLoRA)."""
+    """The frozen UNet's weights stored in fewer bits, LoRA on top: fp8 (ours, plain
+    PyTorch: any device, CUDA graphs and compile; half the base, ~3.6% rms error per
+    weight, ``memory/fp8_weights.py``), or int8 / nf4 (bitsandbytes, CUDA, Linear layers
+    only: QLoRA)."""
     attention: str = "sdpa"
     """sdpa (PyTorch's fused kernels) or xformers (when installed)."""
     text_encoders_on_cpu: bool = False

@@ -23,6 +23,7 @@ from diffusers import (
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
 from lowvram_ddpo import flux2
+from lowvram_ddpo.config import BITSANDBYTES_QUANTIZE
 from lowvram_ddpo.errors import UserError
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -154,8 +155,8 @@ def load_pipeline(
 ) -> DiffusionPipeline:
     """Load a Stable Diffusion (1.x/2.x, SDXL or 3.x: ``pipeline_class``) pipeline from a
     local folder, a hub id or a shipped alias (``pocket``, ``pocket-lcm``, ``pocket-flow``),
-    without safety checker; with ``quantize`` the UNet's
-    Linear weights are loaded in int8 or nf4 (bitsandbytes); ``lcm_lora`` fuses an
+    without safety checker; with ``quantize`` int8 or nf4 the UNet's Linear weights are
+    loaded in it (bitsandbytes; fp8 is the trainer's, after loading); ``lcm_lora`` fuses an
     LCM-LoRA into the UNet (SD 1.5 + LCM-LoRA as a few-step model); ``use_t5`` false
     leaves SD 3's T5 text encoder unloaded.
 
@@ -174,9 +175,10 @@ def load_pipeline(
         raise UserError(f"model folder '{name}' does not exist: check the path given to --model")
     else:
         source = name
-    if lcm_lora and quantize != "none":
+    if lcm_lora and quantize in BITSANDBYTES_QUANTIZE:
         raise UserError(
-            "model.lcm_lora cannot be fused into a quantised UNet: set memory.quantize=none"
+            f"model.lcm_lora cannot be fused into a UNet quantised by bitsandbytes: set "
+            f"memory.quantize=fp8 or none instead of {quantize}"
         )
     pipe = _from_pretrained(name, source, dtype, revision, quantize, use_t5)
     if lcm_lora:
@@ -294,11 +296,12 @@ def _from_pretrained(
             pass  # no safety checker, nothing optional
         else:
             parts |= {"safety_checker": None, "requires_safety_checker": False}
-        if quantize != "none" and cls in FLOW_TRANSFORMERS:
+        bitsandbytes = quantize in BITSANDBYTES_QUANTIZE  # fp8 converts after loading
+        if bitsandbytes and cls in FLOW_TRANSFORMERS:
             parts["transformer"] = load_quantized_unet(
                 source, dtype, quantize, "transformer", revision, FLOW_TRANSFORMERS[cls]
             )
-        elif quantize != "none":
+        elif bitsandbytes:
             parts["unet"] = load_quantized_unet(source, dtype, quantize, "unet", revision)
         pipe = cls.from_pretrained(source, dtype=dtype, revision=revision or None, **parts)
         return with_denoiser_as_unet(pipe)

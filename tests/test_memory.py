@@ -870,11 +870,13 @@ def test_the_replay_error_script_runs_on_a_flow_model():
 
     result = replay_error.replay_error("pocket-flow", "off", steps=4, batch=2)
     assert result["resolution"] == 32 and result["rms_log_prob_difference"] < 1e-6
-    # re-scored one image at a time, as a micro-batch-1 run does, with the fused LoRA
+    # re-scored one image at a time, as a micro-batch-1 run does, with the fused LoRA,
+    # half norms and an fp8 base
     split = replay_error.replay_error(
-        "pocket", "off", 3, batch=3, fused_lora=True, micro_batch=1, half_norms=True
+        "pocket", "off", 3, batch=3, fused_lora=True, micro_batch=1, half_norms=True, fp8=True
     )
     assert split["micro_batch"] == 1 and split["fused_lora"] and split["half_norms"]
+    assert split["fp8"]
     assert split["rms_log_prob_difference"] < 1e-5 and split["largest_clip_fraction"] == 0
 
 

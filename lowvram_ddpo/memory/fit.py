@@ -13,7 +13,8 @@ on a fast card, micro-batch 4 with checkpointing beats micro-batch 1 without. Fo
 algorithms that clip an importance ratio, training at the sampling batch (the same
 kernels: an exact replay) is worth up to 5% of the epoch (``EXACT_REPLAY_WORTH``). Only
 when none fits do the text encoders move to the CPU (slow only while new prompts
-arrive), and last comes a 4-bit frozen base (it changes the base model's numbers). The
+arrive), and last come a quantised frozen base, fp8 before nf4 (each changes the base
+model's numbers; fp8 less, and without bitsandbytes). The
 images per epoch and per optimiser step never change: a smaller batch means more
 batches, or more accumulation steps. ``--vram auto`` fits what the machine's own CUDA
 card has free.
@@ -249,8 +250,8 @@ def fit_to_vram(
     growth: int = SAMPLING_BATCH_GROWTH,
 ) -> Fit:
     """The fastest candidate whose estimated peak fits ``vram_bytes`` minus the CUDA context,
-    with the ``held`` fields as ``config`` has them; text encoders on the CPU, then a 4-bit
-    base, only when nothing else fits."""
+    with the ``held`` fields as ``config`` has them; text encoders on the CPU, then an fp8
+    base, then a 4-bit one, only when nothing else fits."""
     budget = vram_bytes - CUDA_CONTEXT_BYTES
     run = meta_run(config, arch)
     given = config
@@ -261,8 +262,10 @@ def fit_to_vram(
     timing = EpochTiming(flops, this_gpu(), leaf_modules(run.parts.unet), config.sample.batch_size)
     quantizations = [config.memory.quantize]
     if config.memory.quantize == "none" and config.model.lora_rank > 0:
-        quantizations.append("nf4")
-    # text encoders on the CPU cost time only while new prompts arrive: before nf4
+        # fp8 first: closer to the base than nf4, and runs without bitsandbytes
+        quantizations += ["fp8", "nf4"]
+    # text encoders on the CPU cost time only while new prompts arrive: before a
+    # quantised base
     on_cpu = [True] if config.memory.text_encoders_on_cpu else [False, True]
     smallest_setting = config
     for quantize, text_on_cpu in itertools.product(quantizations, on_cpu):

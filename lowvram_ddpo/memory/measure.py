@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lowvram_ddpo.architectures import random_pipeline
-from lowvram_ddpo.config import Config
+from lowvram_ddpo.config import BITSANDBYTES_QUANTIZE, Config
 from lowvram_ddpo.memory.calibration import GRAPHS_LATER_EPOCH_GROWTH
 from lowvram_ddpo.memory.estimate import settings_of
 from lowvram_ddpo.memory.meter import PhaseMeter
@@ -73,7 +73,7 @@ def run_on_random_weights(
     # random init is quicker on the GPU; the trainer then offloads what it offloads
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = random_pipeline(arch, dtype, device)
-    if cfg.memory.quantize != "none":
+    if cfg.memory.quantize in BITSANDBYTES_QUANTIZE:  # fp8: the trainer converts
         quantized = quantized_copy(pipe.unet, dtype, cfg.memory.quantize)
         if getattr(pipe, "transformer", None) is not None:  # SD 3: the transformer it is
             pipe.transformer = quantized

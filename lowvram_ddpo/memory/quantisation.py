@@ -1,8 +1,11 @@
-"""What bitsandbytes' int8/nf4 weights save, for estimates (nothing is quantised here)."""
+"""What a quantised base saves, for estimates (nothing is quantised here): bitsandbytes'
+int8/nf4 Linear weights, or our fp8 Linear and Conv2d weights (``fp8_weights``)."""
 
 from __future__ import annotations
 
 from torch import nn
+
+from lowvram_ddpo.memory.fp8_weights import fp8_bytes_saved, fp8_layers
 
 BITS_PER_WEIGHT = {"int8": 8 + 0.25, "nf4": 4 + 0.127}
 """Quantised Linear weights: int8 + one fp32 scale per 128-wide row chunk (approx.);
@@ -29,6 +32,10 @@ def quantised_savings(
     time during a forward pass)."""
     if quantize == "none":
         return 0, 0
+    if quantize == "fp8":  # a layer's 16-bit copies (cast, then scaled) exist for its call
+        layers = [layer for _, layer in fp8_layers(model)]
+        saved = sum(fp8_bytes_saved(layer) for layer in layers)
+        return saved, 2 * max((layer.weight.nbytes for layer in layers), default=0)
     linears = quantisable_linears(model, skip)
     saved = sum(
         m.weight.nbytes - int(m.weight.numel() * BITS_PER_WEIGHT[quantize] / 8) for m in linears

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lowvram_ddpo.config import Config, SampleConfig, trained_steps_per_sample
 from lowvram_ddpo.memory.counting import GpuKernelEmulation, ShapeOnlyKernels
 from lowvram_ddpo.memory.estimate import MetaRun, meta_run
+from lowvram_ddpo.memory.fp8_weights import fp8_layers
 from lowvram_ddpo.models import use_vae_tiling
 from lowvram_ddpo.rollout import vae_input
 
@@ -40,6 +41,11 @@ class EpochFlops:
     tiled_decode_per_image: float = 0.0
     """The same in overlapping tiles (``memory.vae_tiling``; SDXL at 1024 px: 9 tiles of
     at most 512 px, counted 1.5x one pass); one pass where a tile covers the image."""
+
+    fp8_layers: int = 0
+    """The UNet's layers ``memory.quantize=fp8`` stores in 8 bits (``fp8_weights``)..."""
+    fp8_weights: int = 0
+    """...and their weights: what each call then dequantises (the time model's cost)."""
 
     def decode(self, tiled: bool) -> float:
         return self.tiled_decode_per_image if tiled else self.decode_per_image
@@ -90,6 +96,7 @@ def epoch_flops(config: Config, arch: str, count_backward: bool = True) -> Epoch
         tiled: run.sizes(("flops: decode", s.resolution, tiled), partial(_decode, run, s, tiled))
         for tiled in (False, True)
     }
+    layers, weights = run.sizes(("fp8 layers",), partial(_fp8_layers, run))
     return EpochFlops(
         sampling_per_image=step * s.num_steps,
         training_per_image=trained * trained_steps * t.inner_epochs,
@@ -97,7 +104,14 @@ def epoch_flops(config: Config, arch: str, count_backward: bool = True) -> Epoch
         trained_steps=trained_steps,
         decode_per_image=decode[False],
         tiled_decode_per_image=decode[True],
+        fp8_layers=layers,
+        fp8_weights=weights,
     )
+
+
+def _fp8_layers(run: MetaRun) -> tuple[int, int]:
+    layers = [layer for _, layer in fp8_layers(run.parts.unet)]
+    return len(layers), sum(layer.weight.numel() for layer in layers)
 
 
 def _sampling_step(run: MetaRun, config: Config, guidance_scale: float) -> float:

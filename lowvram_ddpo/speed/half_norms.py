@@ -30,7 +30,7 @@ raises: meta always, MPS before torch 2.5); elsewhere the norms run as they are.
 tuple, not ``torch.amp.is_autocast_available``: dynamo traces a membership test."""
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast runs low-precision ops in on ``x``'s device; None when off. On
     the meta device, the memory estimate's stand-in for CUDA autocast."""
     kind = x.device.type
@@ -65,7 +65,7 @@ class _HalfNorm(nn.Module):
     bias: OptionalTensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = _autocast_dtype(x)
+        dtype = autocast_dtype(x)
         if dtype is None:
             return super().forward(x)
         weight, bias = _as(self.weight, dtype), _as(self.bias, dtype)

@@ -18,7 +18,9 @@ the fit runs (a second), each scaled by the share of it the UNet with LoRA reach
 H100. A micro-step's calls without gradients (NFT's old policy, the KL guard's base model)
 add a guided forward each. Each image's decode adds the VAE's counted FLOPs at the UNet's
 rate (an assumption; SD 1.5 at 512 px: 2.5 TFLOP, 3% of a 50-step guided rollout but 39%
-of an 8-step LCM's; tiling counted as tiled). Encoding and the reward are not modelled
+of an 8-step LCM's; tiling counted as tiled). An fp8 base (``memory.quantize=fp8``) adds
+its dequantisation to each pass: launches (``FP8_MODULES_PER_LAYER``) and memory traffic
+(``FP8_DEQUANTISE_BYTES``), both assumed, not measured. Encoding and the reward are not modelled
 apart: the loop overheads cover them and the trainer's own time, as measured.
 
 With a CUDA-graph mode of ``speed.compile`` a graphed call (training; sampling too with
@@ -79,6 +81,16 @@ training 2 unguided latents per call): 0.249 s of training per image = 62 ms per
 52 ms without the loop's 1.2, where its arithmetic needs 20: 0.31 of the eager training
 call's 167 ms. The H200's graphed micro-batch 4 (80 ms of arithmetic per call) is above
 it, as measured."""
+FP8_MODULES_PER_LAYER = 1.0
+"""The host's cost of one fp8 layer's dequantisation (``memory.quantize=fp8``: a cast and a
+multiply per call) in leaf modules' launch time: an assumption, not measured."""
+FP8_DEQUANTISE_BYTES = 7
+"""Bytes each fp8 weight moves per dequantisation: 1 read and 2 written by the cast, 2
+read and 2 written by the scale's multiply."""
+H100_MEMORY_TBPS = 3.35
+"""The H100 SXM's listed memory bandwidth. Other cards' is taken in proportion to their
+UNet rate, as on the H100 (an assumption: most consumer cards have more bandwidth per
+FLOP, so their dequantisation is predicted slower than it is)."""
 H100_DENSE_TFLOPS = 989.4
 H100_UNET_TFLOPS = 170.0
 """The UNet's arithmetic rate once the GPU is the bottleneck: on the H100 a forward of 16
@@ -154,7 +166,8 @@ def predict_epoch(
 ) -> EpochTime:
     """Seconds of the UNet's work in one epoch of ``config`` on ``gpu``."""
     s, t, m = config.sample, config.train, config.memory
-    launches = unet_modules / SD15_UNET_MODULES  # kernels follow modules
+    fp8 = flops.fp8_layers if m.quantize == "fp8" else 0
+    launches = (unet_modules + fp8 * FP8_MODULES_PER_LAYER) / SD15_UNET_MODULES  # kernels
     host = {
         c: launches * (GRAPHED_CALL_FLOOR if graphs_replay(config.speed, c) else 1.0)
         for c in CALL_KINDS
@@ -163,8 +176,13 @@ def predict_epoch(
     samples = s.batch_size * s.batches_per_epoch
     steps = flops.trained_steps
 
+    # an fp8 base's weights dequantised per pass: memory traffic, whatever the batch
+    bandwidth = rate * H100_MEMORY_TBPS / H100_UNET_TFLOPS
+    dequantise = FP8_DEQUANTISE_BYTES * flops.fp8_weights / bandwidth if fp8 else 0.0
     step_flops = flops.sampling_per_image / s.num_steps * s.batch_size
-    sampling_call = max(HOST_SECONDS_SAMPLING_CALL * host["sampling"], step_flops / rate)
+    sampling_call = max(
+        HOST_SECONDS_SAMPLING_CALL * host["sampling"], step_flops / rate + dequantise
+    )
     decoding = samples * flops.decode(m.vae_tiling) / rate
     sampling = (
         s.batches_per_epoch * s.num_steps * sampling_call + decoding
@@ -182,7 +200,10 @@ def predict_epoch(
     floor = (
         HOST_SECONDS_CHECKPOINTED_CALL if m.gradient_checkpointing else HOST_SECONDS_TRAINING_CALL
     ) + extra * HOST_SECONDS_SAMPLING_CALL
-    training_call = max(floor * host["training"], per_image_step * t.batch_size / rate)
+    passes = 2 + m.gradient_checkpointing + extra  # each dequantises the weights again
+    training_call = max(
+        floor * host["training"], per_image_step * t.batch_size / rate + passes * dequantise
+    )
     micro_batches = -(-samples // t.batch_size)
     training = micro_batches * steps * t.inner_epochs * training_call * TRAINING_LOOP_OVERHEAD
     return EpochTime(sampling, training)

@@ -1,0 +1,201 @@
+"""The frozen base's weights stored in 8 bits (``memory.quantize=fp8``), computed in 16.
+
+Each frozen ``nn.Linear`` and ``nn.Conv2d`` of the denoiser keeps its weight as
+``float8_e4m3fn`` with one scale per output channel (the channel's largest magnitude maps
+to 448, fp8's largest value), and turns it back into its own dtype (fp16/bf16) for every
+call: half the memory of the base (SDXL's UNet: 4.8 -> ~2.4 GiB), in plain PyTorch, so it
+runs where bitsandbytes does not (a CPU, Windows without its CUDA build, an old card) and
+inside CUDA graphs and ``torch.compile``. It is what kohya's ``--fp8_base`` does, with a
+per-channel scale that keeps small channels out of fp8's subnormal range.
+
+The model computed is exactly the original with each weight rounded once to the nearest
+fp8 value of its channel's scale (3 significant bits: ~3.6% rms relative error per weight,
+against nf4's 16 levels per block), the same in sampling and in training: a run's replay
+stays exact. The layers' backward keeps no dequantised weight: it dequantises again (a
+forward's saved weights would hold a 16-bit copy of the whole base by the backward).
+
+The input, output and embedding layers stay as they are (``KEPT_AS_LOADED``): they are
+small, sit where errors propagate furthest, and diffusers reads a model's dtype from its
+first parameter. LoRA layers (trainable) are never touched; peft adds its adapters over an
+fp8 layer as over the original (``compute_dtype`` tells it the dtype to create them in).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowvram_ddpo.speed.half_norms import autocast_dtype
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+
+KEPT_AS_LOADED = frozenset(
+    {
+        "conv_in",
+        "conv_out",
+        "conv_norm_out",
+        "time_embedding",
+        "time_proj",
+        "add_embedding",
+        "class_embedding",
+        "pos_embed",
+        "x_embedder",
+        "context_embedder",
+        "time_text_embed",
+        "time_guidance_embed",
+        "norm_out",
+        "proj_out",
+    }
+)
+"""Top-level children of a UNet / SD 3 / FLUX.2 transformer left in their loaded dtype:
+the first and last layers and the timestep, text and position embeddings (a nested
+``proj_out``, an attention block's, is converted)."""
+
+
+def quantise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 weight, per-output-channel scale in ``weight``'s dtype) with
+    ``dequantise(fp8, scale)`` the nearest representable weight. The scale is rounded to
+    its dtype first and the weight divided by the rounded scale, so the stored pair means
+    what it says; it is kept at least the dtype's smallest normal number (fp16's 6e-5), so
+    a multiply by it loses nothing to subnormals."""
+    dims = tuple(range(1, weight.dim()))
+    largest = weight.detach().float().abs().amax(dim=dims, keepdim=True)
+    scale = (largest / FP8_MAX).clamp(min=torch.finfo(weight.dtype).tiny).to(weight.dtype)
+    scaled = weight.detach().float() / scale.float()
+    return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantise(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The weight in the scale's dtype (the layer's own)."""
+    return stored.to(scale.dtype) * scale
+
+
+def _remember(ctx: Any, x: torch.Tensor, stored: torch.Tensor, scale: torch.Tensor) -> None:
+    """What a backward needs: the stored weight (not a dequantised copy), the input's dtype
+    and the dtype the forward computed in (autocast's where it is on, as autocast casts a
+    Linear's or Conv2d's operands; else the weight's own)."""
+    ctx.save_for_backward(stored, scale)
+    ctx.input_dtype = x.dtype
+    ctx.compute_dtype = autocast_dtype(x) or scale.dtype
+
+
+def _weight_for_backward(ctx: Any) -> torch.Tensor:
+    stored, scale = ctx.saved_tensors
+    return dequantise(stored, scale).to(ctx.compute_dtype)
+
+
+class _Fp8LinearFunction(torch.autograd.Function):
+    """``F.linear`` with a weight dequantised for the call; the backward (the input's
+    gradient only: the weight and bias are frozen) dequantises it again and computes the
+    gradient in the forward's dtype, as autograd does for the original layer."""
+
+    @staticmethod
+    def forward(  # noqa: ANN205
+        ctx: Any,
+        x: torch.Tensor,
+        stored: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+    ):
+        _remember(ctx, x, stored, scale)
+        return F.linear(x, dequantise(stored, scale), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # noqa: ANN205
+        weight = _weight_for_backward(ctx)
+        return grad.to(weight.dtype).matmul(weight).to(ctx.input_dtype), None, None, None
+
+
+class _Fp8Conv2dFunction(torch.autograd.Function):
+    """``F.conv2d`` with a weight dequantised for the call, and its input's gradient."""
+
+    @staticmethod
+    def forward(  # noqa: ANN205
+        ctx: Any,
+        x: torch.Tensor,
+        stored: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        layout: tuple,
+    ):
+        _remember(ctx, x, stored, scale)
+        ctx.input_shape, ctx.layout = x.shape, layout
+        return F.conv2d(x, dequantise(stored, scale), bias, *layout)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # noqa: ANN205
+        weight = _weight_for_backward(ctx)
+        x_grad = torch.nn.grad.conv2d_input(
+            ctx.input_shape, weight, grad.to(weight.dtype), *ctx.layout
+        )
+        return x_grad.to(ctx.input_dtype), None, None, None, None
+
+
+class Fp8Linear(nn.Linear):
+    """An ``nn.Linear`` whose frozen weight is stored in fp8 (``weight``) with a scale per
+    output feature (``weight_scale``); ``compute_dtype`` is the weight's dtype as loaded."""
+
+    compute_dtype: torch.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Fp8LinearFunction.apply(x, self.weight, self.weight_scale, self.bias)
+
+
+class Fp8Conv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` whose frozen weight is stored in fp8, as ``Fp8Linear``."""
+
+    compute_dtype: torch.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layout = (self.stride, self.padding, self.dilation, self.groups)
+        return _Fp8Conv2dFunction.apply(x, self.weight, self.weight_scale, self.bias, layout)
+
+
+FP8_CLASSES = {nn.Linear: Fp8Linear, nn.Conv2d: Fp8Conv2d}
+
+
+def _convertible(name: str, layer: nn.Module) -> bool:
+    if type(layer) not in FP8_CLASSES or name.split(".")[0] in KEPT_AS_LOADED:
+        return False
+    if "lora_" in name or any(p.requires_grad for p in layer.parameters()):
+        return False  # trained weights stay in full precision
+    if not layer.weight.is_floating_point() or layer.weight.element_size() < 2:
+        return False  # already 8-bit or integer
+    if isinstance(layer, nn.Conv2d):  # the backward's conv2d_input takes numeric padding
+        return layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+    return True
+
+
+def fp8_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers ``store_weights_in_fp8`` converts, by name: frozen plain Linear and
+    Conv2d layers outside ``KEPT_AS_LOADED``, not LoRA's (the memory estimate counts
+    these too)."""
+    return [(name, layer) for name, layer in model.named_modules() if _convertible(name, layer)]
+
+
+def fp8_bytes_saved(layer: nn.Module) -> int:
+    """What converting ``layer`` saves: its weight's bytes less one byte a weight and the
+    scales."""
+    weight = layer.weight
+    return weight.nbytes - weight.numel() - weight.shape[0] * weight.element_size()
+
+
+@torch.no_grad()
+def store_weights_in_fp8(model: nn.Module) -> int:
+    """Convert ``model``'s frozen layers in place, one at a time (the memory peak is the
+    model plus one layer's float32 copy); returns how many."""
+    layers = fp8_layers(model)
+    for _, layer in layers:
+        weight = layer.weight
+        stored, scale = quantise(weight)
+        layer.compute_dtype = weight.dtype  # peft creates its adapters in this dtype
+        layer.weight = nn.Parameter(stored, requires_grad=False)
+        layer.register_buffer("weight_scale", scale)
+        # the class changes, the module stays: hooks, peft's and the offloader's
+        # references and diffusers' attributes all still point at it
+        layer.__class__ = FP8_CLASSES[type(layer)]
+    return len(layers)

@@ -1,0 +1,241 @@
+"""memory.quantize=fp8: the frozen base stored in 8 bits computes exactly the base with each
+weight rounded once, in sampling and training; the estimate, the fit and the time model
+count it; a run on it learns."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny import build_tiny_pipeline
+
+from lowvram_ddpo.config import apply_overrides, load_preset, validate
+from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.memory.fp8_weights import (
+    FP8,
+    KEPT_AS_LOADED,
+    Fp8Conv2d,
+    Fp8Linear,
+    dequantise,
+    fp8_layers,
+    quantise,
+    store_weights_in_fp8,
+)
+from lowvram_ddpo.models import POCKET_DIR, make_trainable
+
+
+def test_quantise_keeps_each_weight_within_fp8s_rounding_of_its_channel():
+    """Channels of very different sizes (1e-4 to 50) each get their own scale: every weight
+    comes back within fp8's half-step (1/16 relative) or, below the normal range, within
+    its smallest step; zeros and a zero channel stay zero, nothing overflows."""
+    torch.manual_seed(0)
+    sizes = torch.tensor([1e-4, 1e-2, 1.0, 50.0, 0.0]).view(-1, 1)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        weight = (torch.randn(5, 300) * sizes).to(dtype)
+        weight[1, 7] = 0.0
+        stored, scale = quantise(weight)
+        assert stored.dtype == FP8 and scale.dtype == dtype and scale.shape == (5, 1)
+        back = dequantise(stored, scale).float()
+        assert torch.isfinite(back).all()
+        error = (back - weight.float()).abs()
+        smallest_step = scale.float() * 2.0**-9  # fp8 e4m3's subnormal step
+        assert (error <= weight.float().abs() / 16 + smallest_step + 1e-12).all(), dtype
+        assert back[4].eq(0).all() and back[1, 7] == 0
+        # a channel's largest maps to fp8's largest value (the range is used), unless its
+        # scale would be below the dtype's normal numbers (fp16: the 1e-4 channel)
+        assert stored[1:4].float().abs().amax(dim=1).ge(400).all()
+        relative = (error[:4].square().mean() / weight[:4].float().square().mean()).sqrt()
+        assert relative < 0.05  # ~3.6% rms: 3 significant bits
+
+
+def _frozen_unet_and_rounded_copy(mixed: torch.dtype | None = None):
+    """A tiny UNet converted to fp8 and a copy whose plain weights are the rounded ones,
+    both with the same LoRA."""
+    unet = build_tiny_pipeline().unet.requires_grad_(False)
+    rounded = copy.deepcopy(unet)
+    with torch.no_grad():
+        for _, layer in fp8_layers(rounded):
+            layer.weight.copy_(dequantise(*quantise(layer.weight)))
+    converted = store_weights_in_fp8(unet)
+    params = []
+    for model in (unet, rounded):
+        torch.manual_seed(1)
+        params.append(make_trainable(model, 4, 4.0, []))
+    with torch.no_grad():  # a LoRA that does something (peft starts lora_B at zero)
+        for mine, theirs in zip(*params, strict=True):
+            mine.add_(torch.randn_like(mine) * 0.1)
+            theirs.copy_(mine)
+    return unet, rounded, params, converted
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_an_fp8_unet_computes_exactly_the_unet_with_rounded_weights(autocast):
+    """Outputs, the input's gradient and the LoRA's gradients are bitwise those of the
+    plain UNet holding the rounded weights, in full precision and under autocast (its
+    casts and the backward's dtype reproduced): sampling and training see one model, so
+    a run's replay stays as exact as without fp8."""
+    unet, rounded, params, converted = _frozen_unet_and_rounded_copy()
+    assert converted > 0
+    assert all(torch.equal(a, b) for a, b in zip(*params, strict=True))  # LoRA made alike
+    torch.manual_seed(2)
+    x = torch.randn(2, unet.config.in_channels, 16, 16)
+    t = torch.tensor([10, 500])
+    cond = torch.randn(2, 8, unet.config.cross_attention_dim)
+    results = []
+    for model in (unet, rounded):
+        given = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out = model(given, t, cond).sample
+        out.float().square().mean().backward()
+        lora = [p.grad for p in (params[0] if model is unet else params[1])]
+        results.append((out.detach(), given.grad, lora))
+    (out, x_grad, lora), (out_ref, x_grad_ref, lora_ref) = results
+    assert torch.equal(out, out_ref)
+    assert torch.equal(x_grad, x_grad_ref)
+    assert all(torch.equal(a, b) for a, b in zip(lora, lora_ref, strict=True))
+    assert any(g.abs().sum() > 0 for g in lora)
+
+
+def test_fp8_stores_the_body_in_one_byte_a_weight_and_leaves_the_rest():
+    """The converted layers hold fp8 weights and a scale per output channel (about half
+    the bytes of fp16, a quarter of fp32); the input, output and embedding layers, norms
+    and LoRA stay as they were, so diffusers still reads the model's dtype; converting
+    again changes nothing."""
+    unet = build_tiny_pipeline().unet.requires_grad_(False).half()
+    before = sum(t.nbytes for t in (*unet.parameters(), *unet.buffers()))
+    layers = [layer for _, layer in fp8_layers(unet)]
+    weights = sum(layer.weight.numel() for layer in layers)
+    store_weights_in_fp8(unet)
+    make_trainable(unet, 4, 4.0, [])
+    lora = sum(p.nbytes for p in unet.parameters() if p.requires_grad)
+    after = sum(t.nbytes for t in (*unet.parameters(), *unet.buffers())) - lora
+    assert before - weights <= after < before - 0.9 * weights  # a byte saved per weight
+    assert all(isinstance(layer, Fp8Linear | Fp8Conv2d) for layer in layers)
+    assert all(layer.weight.dtype == FP8 for layer in layers)
+    assert all(layer.compute_dtype == torch.float16 for layer in layers)
+    for name, module in unet.named_children():
+        if name in KEPT_AS_LOADED:
+            assert all(p.dtype == torch.float16 for p in module.parameters()), name
+    assert unet.dtype == torch.float16
+    assert all(p.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
+    assert store_weights_in_fp8(unet) == 0
+
+
+def test_an_fp8_unet_traces_whole_and_compiles_to_the_same_numbers():
+    """torch.compile (CUDA graphs, Inductor) sees the fp8 layers' forward and backward
+    without a graph break, and the compiled call gives the eager numbers (aot_eager: the
+    traced graph, run by eager kernels)."""
+    unet, _, params, _ = _frozen_unet_and_rounded_copy()
+    lora = params[0]
+    torch.manual_seed(3)
+    x = torch.randn(2, unet.config.in_channels, 16, 16)
+    t = torch.tensor([10, 500])
+    cond = torch.randn(2, 8, unet.config.cross_attention_dim)
+
+    def call(latents: torch.Tensor) -> torch.Tensor:
+        return unet(latents, t, cond).sample
+
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(call)(x).graph_break_count == 0
+    torch._dynamo.reset()
+    results = []
+    for fn in (call, torch.compile(call, backend="aot_eager")):
+        for p in lora:
+            p.grad = None
+        out = fn(x)
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in lora]))
+    torch._dynamo.reset()
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
+
+
+def test_the_estimate_counts_what_the_conversion_saves():
+    """The memory estimate's saving is the bytes the real conversion frees on the same
+    model, and on SD 1.5 and SDXL fp8 holds about half the fp16 UNet."""
+    from lowvram_ddpo.memory.estimate import estimate_memory
+    from lowvram_ddpo.memory.quantisation import quantised_savings
+
+    unet = build_tiny_pipeline().unet.requires_grad_(False).half()
+    saved, dequantised = quantised_savings(unet, "fp8")
+    before = sum(t.nbytes for t in (*unet.parameters(), *unet.buffers()))
+    store_weights_in_fp8(unet)
+    assert before - sum(t.nbytes for t in (*unet.parameters(), *unet.buffers())) == saved
+    assert dequantised > 0
+    for preset, arch in (("incompressibility", "sd15"), ("sdxl-aesthetic", "sdxl")):
+        config = load_preset(preset)
+        held = {}
+        for quantize in ("none", "fp8"):
+            apply_overrides(config, [f"memory.quantize={quantize}"])
+            held[quantize] = estimate_memory(config, arch).phase("training").held["unet"]
+        assert 0.45 < held["fp8"] / held["none"] < 0.55, (preset, held)
+
+
+def test_the_fit_takes_an_fp8_base_before_a_4_bit_one():
+    """Where nothing fits at 16 bits, `--vram` takes fp8 (closer to the base than nf4, and
+    needs no bitsandbytes); nf4 only where fp8 does not fit either."""
+    from lowvram_ddpo.memory.fit import fit_to_vram
+    from lowvram_ddpo.memory.units import GB
+
+    config = load_preset("sdxl-aesthetic")
+    picks = {gb: fit_to_vram(config, "sdxl", gb * GB).config.memory.quantize for gb in (8, 6, 5)}
+    assert picks == {8: "none", 6: "fp8", 5: "nf4"}, picks
+
+
+def test_the_time_model_charges_fp8s_dequantisation():
+    """The same settings on an fp8 base are predicted a little slower (each call casts and
+    scales every converted weight), more so on a card whose arithmetic bounds the call."""
+    from lowvram_ddpo.speed.flops import epoch_flops
+    from lowvram_ddpo.speed.time_model import Gpu, predict_epoch
+
+    config = load_preset("incompressibility")
+    apply_overrides(config, ["train.batch_size=8", "train.gradient_accumulation_steps=4"])
+    flops = epoch_flops(config, "sd15", count_backward=False)
+    assert flops.fp8_layers > 100 and 0.7e9 < flops.fp8_weights < 0.9e9  # SD 1.5's ~0.86 B
+    for card in (Gpu.listed("H100", 989.4), Gpu.listed("slow", 40.0)):
+        plain = predict_epoch(config, flops, card).total
+        apply_overrides(config, ["memory.quantize=fp8"])
+        fp8 = predict_epoch(config, flops, card).total
+        apply_overrides(config, ["memory.quantize=none"])
+        assert plain < fp8 < 1.25 * plain, (card.name, plain, fp8)
+
+
+def test_fp8_needs_no_bitsandbytes_and_takes_an_lcm_lora():
+    """fp8 is plain PyTorch: valid on a CPU; and it converts after loading, so an LCM-LoRA
+    can be fused first (bitsandbytes' kinds still refuse one, saying what to use)."""
+    from lowvram_ddpo.models import load_pipeline
+
+    config = load_preset("incompressibility")
+    apply_overrides(config, ["memory.quantize=fp8"])
+    validate(config)
+    with pytest.raises(UserError, match="set memory.quantize=fp8 or none instead of nf4"):
+        load_pipeline("pocket", quantize="nf4", lcm_lora="some-lcm-lora")
+
+
+@pytest.mark.skipif(
+    not (POCKET_DIR / "pocket-sd" / "model_index.json").is_file(), reason="pocket not built"
+)
+def test_ddpo_raises_the_reward_on_an_fp8_pocket_model(tmp_path):
+    """The pocket DDPO-IS run of test_pocket_training, its base in fp8: the trainer converts
+    it, and the reward still rises (fixed seeds)."""
+    from lowvram_ddpo.trainer import Trainer
+
+    config = load_preset("pocket-incompressibility")
+    apply_overrides(
+        config,
+        [
+            "memory.quantize=fp8",
+            "run.epochs=10",
+            "train.learning_rate=2e-2",
+            "run.grid_every=0",
+            "run.progress=false",
+            "sample.batches_per_epoch=2",
+            "train.gradient_accumulation_steps=2",
+        ],
+    )
+    validate(config)
+    trainer = Trainer(config, tmp_path / "run")
+    rewards = [m["reward_mean"] for m in trainer.fit()]
+    assert any(isinstance(m, Fp8Conv2d) for m in trainer.pipe.unet.modules())
+    assert sum(rewards[-3:]) / 3 > rewards[0] + 0.03, rewards
