@@ -236,12 +236,15 @@ case "$part" in
       --profile "$OUT/rlcm-profile.txt"
     ;;
   fp8) # memory.quantize=fp8 (the base in 8 bits, dequantised per call): SDXL's 2x within
-    # 8 GB as --vram 8GB fits it (micro-batch 2 instead of 1: 6.81 GiB estimated, ~3 h 10
-    # per epoch predicted against 5 h 2 at 16 bits), its replay on the GPU, SD 1.5's
-    # checkpointing + CUDA graphs (7.33 GiB estimated at 16 bits, ~6.5 with fp8: the 6 GiB
-    # goal's missing GiB), and what the dequantisation costs a call. Caps ~770 s: the
-    # last row may need a second call
+    # 8 GB with CUDA graphs on its host-bound training (6.64 GiB, ~2 h 13 per epoch
+    # predicted against 5 h 2 at 16 bits eager), then as --vram 8GB fits it eager
+    # (micro-batch 2: 6.81 GiB, ~3 h 10), its replay on the GPU, SD 1.5's checkpointing +
+    # CUDA graphs (7.33 GiB estimated at 16 bits, 6.57 with fp8: the 6 GiB goal's
+    # distance), and what the dequantisation costs a call. Caps ~1,100 s: two calls
     install_wheels
+    stage sdxl-fp8-cudagraphs 330 bench_speed --preset sdxl-aesthetic --batches 1 \
+      --set memory.optimizer=adamw --vram 8GB --set memory.quantize=fp8 \
+      --set speed.compile=cudagraphs
     stage sdxl-fp8-vram8 330 bench_speed --preset sdxl-aesthetic --batches 1 \
       --set memory.optimizer=adamw --vram 8GB --set memory.quantize=fp8
     stage replay-fp8 60 "$PY" benchmarks/replay_error.py --arch sd15 --fp8 --steps 10
