@@ -239,3 +239,23 @@ def test_ddpo_raises_the_reward_on_an_fp8_pocket_model(tmp_path):
     rewards = [m["reward_mean"] for m in trainer.fit()]
     assert any(isinstance(m, Fp8Conv2d) for m in trainer.pipe.unet.modules())
     assert sum(rewards[-3:]) / 3 > rewards[0] + 0.03, rewards
+
+
+def test_the_fit_mentions_an_fp8_base_where_it_would_be_much_faster():
+    """SDXL on an 8 GB card fits at 16 bits with micro-batch 1; the fit keeps that (an fp8
+    base changes the base's weights: the user's call) but says what fp8 would give there
+    (micro-batch 2, predicted faster by at least FP8_HINT_GAIN). Not said where the user
+    set memory.quantize, nor where fp8 gains little (SD 1.5 on 8 GB)."""
+    from lowvram_ddpo.memory.fit import fit_for_run
+
+    config = load_preset("sdxl-aesthetic")
+    config.memory.vram = "8GB"
+    fitted, line = fit_for_run(config, "sdxl")
+    assert fitted.memory.quantize == "none" and fitted.train.batch_size == 1
+    assert "With an fp8 base (--set memory.quantize=fp8" in line
+    assert "train.batch_size 1 -> 2" in line.split("With an fp8 base")[1]
+    _, held = fit_for_run(config, "sdxl", frozenset({"memory.quantize"}))
+    assert "fp8" not in held
+    sd15 = load_preset("incompressibility")
+    sd15.memory.vram = "8GB"
+    assert "fp8" not in fit_for_run(sd15, "sd15")[1]
