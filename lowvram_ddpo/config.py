@@ -148,7 +148,7 @@ class MemoryConfig:
     """adamw8bit (bitsandbytes; falls back to adamw where it or CUDA is missing) or adamw."""
     quantize: str = "none"
     """The frozen UNet's weights stored in fewer bits, LoRA on top: fp8 (ours, plain
-    PyTorch: any device, CUDA graphs and compile; half the base, ~3.6% rms error per
+    PyTorch: any CUDA card or a CPU, CUDA graphs and compile; half the base, ~3.6% rms error per
     weight, ``memory/fp8_weights.py``), or int8 / nf4 (bitsandbytes, CUDA, Linear layers
     only: QLoRA)."""
     attention: str = "sdpa"

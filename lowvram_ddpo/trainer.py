@@ -47,7 +47,6 @@ from lowvram_ddpo.checkpoint import (
     save_checkpoint,
 )
 from lowvram_ddpo.config import (
-    BITSANDBYTES_QUANTIZE,
     Config,
     divisors,
     dump_toml,
@@ -60,7 +59,7 @@ from lowvram_ddpo.epoch_metrics import TrainingTotals, format_metric
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.memory.checkpointing import enable_checkpointing
-from lowvram_ddpo.memory.fp8_weights import store_weights_in_fp8
+from lowvram_ddpo.memory.fp8_weights import keep_out_of_ddp_sync, store_weights_in_fp8
 from lowvram_ddpo.memory.meter import PhaseMeter
 from lowvram_ddpo.memory.units import GB
 from lowvram_ddpo.models import (
@@ -259,11 +258,10 @@ class Trainer:
         text = text_encoders(self.pipe)
         for module in (text, self.pipe.vae, self.pipe.unet):
             module.requires_grad_(False)
-        if m.quantize == "fp8":  # on the host, before the UNet goes to the card
-            store_weights_in_fp8(self.pipe.unet)
         self.offloader = Offloader(self.accelerator.device, enabled=m.offload)
-        # a quantised UNet is loaded onto the GPU by bitsandbytes and cannot be moved
-        if m.quantize not in BITSANDBYTES_QUANTIZE:
+        # a quantised UNet is loaded onto the GPU by bitsandbytes and cannot be moved; an
+        # fp8 one goes to the card once converted (prepare_training), never at 16 bits
+        if m.quantize == "none":
             self.offloader.register("unet", self.pipe.unet, stays=True)
         if m.text_encoders_on_cpu and not keeps_bf16_on_cpu(self.pipe, dtype):
             text.float()  # CPUs are slow (or unable) in fp16, and slow in bf16 without AMX
@@ -287,6 +285,10 @@ class Trainer:
         self.params = make_trainable(
             self.pipe.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets
         )
+        if m.quantize == "fp8":  # after the LoRA: peft builds its adapters from 16-bit layers
+            store_weights_in_fp8(self.pipe.unet)
+            keep_out_of_ddp_sync(self.pipe.unet)  # equal on every process, as converted
+            self.offloader.register("unet", self.pipe.unet, stays=True)
         if self.accelerator.mixed_precision != "no":  # every UNet call is under autocast
             skip_lora_input_casts(self.pipe.unet)
         if cfg.speed.fused_lora:

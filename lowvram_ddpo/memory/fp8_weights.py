@@ -4,20 +4,27 @@ Each frozen ``nn.Linear`` and ``nn.Conv2d`` of the denoiser keeps its weight as
 ``float8_e4m3fn`` with one scale per output channel (the channel's largest magnitude maps
 to 448, fp8's largest value), and turns it back into its own dtype (fp16/bf16) for every
 call: half the memory of the base (SDXL's UNet: 4.8 -> ~2.4 GiB), in plain PyTorch, so it
-runs where bitsandbytes does not (a CPU, Windows without its CUDA build, an old card) and
-inside CUDA graphs and ``torch.compile``. It is what kohya's ``--fp8_base`` does, with a
-per-channel scale that keeps small channels out of fp8's subnormal range.
+runs where bitsandbytes does not (a CPU, Windows without its CUDA build, an old card; not
+Apple's MPS, which has no float8 storage) and inside CUDA graphs and ``torch.compile``. It
+is what kohya's ``--fp8_base`` does, with a per-channel scale that keeps small channels out
+of fp8's subnormal range.
 
-The model computed is exactly the original with each weight rounded once to the nearest
-fp8 value of its channel's scale (3 significant bits: ~3.6% rms relative error per weight,
-against nf4's 16 levels per block), the same in sampling and in training: a run's replay
+The model computed is exactly the original with each weight replaced by its dequantised
+value (rounded to the nearest fp8 step of its channel's scale, 3 significant bits: ~3.6%
+rms relative error per weight, against nf4's 16 levels per block; then to the layer's
+dtype by the scale's multiply), the same in sampling and in training: a run's replay
 stays exact. The layers' backward keeps no dequantised weight: it dequantises again (a
 forward's saved weights would hold a 16-bit copy of the whole base by the backward).
 
 The input, output and embedding layers stay as they are (``KEPT_AS_LOADED``): they are
 small, sit where errors propagate furthest, and diffusers reads a model's dtype from its
-first parameter. LoRA layers (trainable) are never touched; peft adds its adapters over an
-fp8 layer as over the original (``compute_dtype`` tells it the dtype to create them in).
+first parameter. The trainer converts after attaching the LoRA (peft builds its adapters
+from the 16-bit layers, in their dtype), on the host, then moves the UNet to the card: the
+16-bit base never needs to fit there. LoRA layers (trainable) are never touched.
+
+Under ``torch.compile`` the dequantisation is one opaque op (``dequantise_fp8``): Inductor
+would otherwise write a Triton kernel reading fp8, which Triton refuses on cards before
+Ada/Hopper (compute capability 8.9); eager PyTorch converts fp8 on any CUDA card or CPU.
 """
 
 from __future__ import annotations
@@ -69,8 +76,22 @@ def quantise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+@torch.library.custom_op("lowvram_ddpo::dequantise_fp8", mutates_args=())
+def dequantise_fp8(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``dequantise`` as one op that compilers leave alone (the module's docstring)."""
+    return stored.to(scale.dtype) * scale
+
+
+@dequantise_fp8.register_fake
+def _(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(stored, dtype=scale.dtype)
+
+
 def dequantise(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The weight in the scale's dtype (the layer's own)."""
+    """The weight in the scale's dtype (the layer's own). Eagerly two plain kernels (a
+    custom op's dispatch would add host time to every layer's call); traced, the op."""
+    if torch.compiler.is_compiling():
+        return dequantise_fp8(stored, scale)
     return stored.to(scale.dtype) * scale
 
 
@@ -137,7 +158,8 @@ class _Fp8Conv2dFunction(torch.autograd.Function):
 
 class Fp8Linear(nn.Linear):
     """An ``nn.Linear`` whose frozen weight is stored in fp8 (``weight``) with a scale per
-    output feature (``weight_scale``); ``compute_dtype`` is the weight's dtype as loaded."""
+    output feature (``weight_scale``); ``compute_dtype`` is the weight's dtype as loaded
+    (peft reads it as the layer's dtype)."""
 
     compute_dtype: torch.dtype
 
@@ -192,10 +214,26 @@ def store_weights_in_fp8(model: nn.Module) -> int:
     for _, layer in layers:
         weight = layer.weight
         stored, scale = quantise(weight)
-        layer.compute_dtype = weight.dtype  # peft creates its adapters in this dtype
+        layer.compute_dtype = weight.dtype
         layer.weight = nn.Parameter(stored, requires_grad=False)
         layer.register_buffer("weight_scale", scale)
         # the class changes, the module stays: hooks, peft's and the offloader's
         # references and diffusers' attributes all still point at it
         layer.__class__ = FP8_CLASSES[type(layer)]
     return len(layers)
+
+
+def keep_out_of_ddp_sync(model: nn.Module) -> list[str]:
+    """Leave the fp8 weights and their scales out of DistributedDataParallel's start-up
+    broadcast (every process converted the same loaded weights the same way; NCCL's
+    coalesced broadcast cannot concatenate fp8 tensors); returns their names."""
+    names = [
+        f"{name}.{tensor}"
+        for name, layer in model.named_modules()
+        if isinstance(layer, Fp8Linear | Fp8Conv2d)
+        for tensor in ("weight", "weight_scale")
+    ]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, names
+    )
+    return names
