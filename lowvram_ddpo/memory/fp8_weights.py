@@ -95,24 +95,13 @@ def dequantise(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return stored.to(scale.dtype) * scale
 
 
-def _remember(ctx: Any, x: torch.Tensor, stored: torch.Tensor, scale: torch.Tensor) -> None:
-    """What a backward needs: the stored weight (not a dequantised copy), the input's dtype
-    and the dtype the forward computed in (autocast's where it is on, as autocast casts a
-    Linear's or Conv2d's operands; else the weight's own)."""
-    ctx.save_for_backward(stored, scale)
-    ctx.input_dtype = x.dtype
-    ctx.compute_dtype = autocast_dtype(x) or scale.dtype
-
-
-def _weight_for_backward(ctx: Any) -> torch.Tensor:
-    stored, scale = ctx.saved_tensors
-    return dequantise(stored, scale).to(ctx.compute_dtype)
-
-
-class _Fp8LinearFunction(torch.autograd.Function):
-    """``F.linear`` with a weight dequantised for the call; the backward (the input's
-    gradient only: the weight and bias are frozen) dequantises it again and computes the
-    gradient in the forward's dtype, as autograd does for the original layer."""
+class _Fp8Function(torch.autograd.Function):
+    """``F.linear`` (``layout`` None) or ``F.conv2d`` (``layout``: stride, padding,
+    dilation, groups) with a weight dequantised for the call. The backward returns the
+    input's gradient only (the weight and bias are frozen): it dequantises again rather
+    than keep a 16-bit copy, and computes in the forward's dtype (autocast's where it was
+    on, as autocast casts a Linear's or Conv2d's operands; else the weight's own), as
+    autograd does for the original layer."""
 
     @staticmethod
     def forward(  # noqa: ANN205
@@ -121,38 +110,25 @@ class _Fp8LinearFunction(torch.autograd.Function):
         stored: torch.Tensor,
         scale: torch.Tensor,
         bias: torch.Tensor | None,
+        layout: tuple | None,
     ):
-        _remember(ctx, x, stored, scale)
-        return F.linear(x, dequantise(stored, scale), bias)
+        ctx.save_for_backward(stored, scale)
+        ctx.input_dtype, ctx.input_shape, ctx.layout = x.dtype, x.shape, layout
+        ctx.compute_dtype = autocast_dtype(x) or scale.dtype
+        weight = dequantise(stored, scale)
+        if layout is None:
+            return F.linear(x, weight, bias)
+        return F.conv2d(x, weight, bias, *layout)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # noqa: ANN205
-        weight = _weight_for_backward(ctx)
-        return grad.to(weight.dtype).matmul(weight).to(ctx.input_dtype), None, None, None
-
-
-class _Fp8Conv2dFunction(torch.autograd.Function):
-    """``F.conv2d`` with a weight dequantised for the call, and its input's gradient."""
-
-    @staticmethod
-    def forward(  # noqa: ANN205
-        ctx: Any,
-        x: torch.Tensor,
-        stored: torch.Tensor,
-        scale: torch.Tensor,
-        bias: torch.Tensor | None,
-        layout: tuple,
-    ):
-        _remember(ctx, x, stored, scale)
-        ctx.input_shape, ctx.layout = x.shape, layout
-        return F.conv2d(x, dequantise(stored, scale), bias, *layout)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):  # noqa: ANN205
-        weight = _weight_for_backward(ctx)
-        x_grad = torch.nn.grad.conv2d_input(
-            ctx.input_shape, weight, grad.to(weight.dtype), *ctx.layout
-        )
+        stored, scale = ctx.saved_tensors
+        weight = dequantise(stored, scale).to(ctx.compute_dtype)
+        grad = grad.to(weight.dtype)
+        if ctx.layout is None:
+            x_grad = grad.matmul(weight)
+        else:
+            x_grad = torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad, *ctx.layout)
         return x_grad.to(ctx.input_dtype), None, None, None, None
 
 
@@ -164,7 +140,7 @@ class Fp8Linear(nn.Linear):
     compute_dtype: torch.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Fp8LinearFunction.apply(x, self.weight, self.weight_scale, self.bias)
+        return _Fp8Function.apply(x, self.weight, self.weight_scale, self.bias, None)
 
 
 class Fp8Conv2d(nn.Conv2d):
@@ -174,7 +150,7 @@ class Fp8Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layout = (self.stride, self.padding, self.dilation, self.groups)
-        return _Fp8Conv2dFunction.apply(x, self.weight, self.weight_scale, self.bias, layout)
+        return _Fp8Function.apply(x, self.weight, self.weight_scale, self.bias, layout)
 
 
 FP8_CLASSES = {nn.Linear: Fp8Linear, nn.Conv2d: Fp8Conv2d}
