@@ -320,3 +320,57 @@ def test_data_parallel_leaves_the_fp8_weights_out_of_its_start_up_broadcast(tmp_
     finally:
         dist.destroy_process_group()
     assert all(p.grad is not None for p in lora)
+
+
+def _sd3_velocity(transformer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(4)
+    text, pooled = torch.randn(1, 10, 64), torch.randn(1, 64)
+    return transformer(x, text, pooled, torch.tensor([700.0])).sample
+
+
+def _flux2_velocity(transformer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from lowvram_ddpo import flux2
+
+    torch.manual_seed(4)
+    return flux2.velocity(transformer, x, torch.tensor([700.0]), torch.randn(1, 12, 48))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux2"])
+def test_flow_transformers_on_an_fp8_base_compute_their_rounded_selves(family):
+    """SD 3's and FLUX.2's transformers (Linear layers nearly throughout): converted after
+    their LoRA, they give bitwise the velocity and gradients of the transformer holding
+    the rounded weights; their embeddings and output layers stay as loaded, so diffusers
+    still reads their dtype."""
+    from tiny import build_tiny_flux2_pipeline, build_tiny_sd3_pipeline
+
+    build, velocity, channels = {
+        "sd3": (build_tiny_sd3_pipeline, _sd3_velocity, 4),
+        "flux2": (build_tiny_flux2_pipeline, _flux2_velocity, 16),
+    }[family]
+    transformer = build().transformer.requires_grad_(False)
+    rounded = copy.deepcopy(transformer)
+    params = []
+    for model in (transformer, rounded):
+        torch.manual_seed(1)
+        params.append(make_trainable(model, 4, 4.0, []))
+    with torch.no_grad():
+        for mine, theirs in zip(*params, strict=True):
+            mine.add_(torch.randn_like(mine) * 0.1)
+            theirs.copy_(mine)
+        for _, layer in fp8_layers(rounded):
+            layer.weight.copy_(dequantise(*quantise(layer.weight)))
+    assert store_weights_in_fp8(transformer) > 0
+    assert transformer.dtype == torch.float32
+    for name, module in transformer.named_children():
+        if name in KEPT_AS_LOADED:
+            assert all(p.dtype == torch.float32 for p in module.parameters()), name
+    x = torch.randn(1, channels, 8, 8, generator=torch.Generator().manual_seed(5))
+    results = []
+    for model, lora in ((transformer, params[0]), (rounded, params[1])):
+        given = x.clone().requires_grad_(True)
+        out = velocity(model, given)
+        out.square().mean().backward()
+        results.append((out.detach(), given.grad, [p.grad for p in lora]))
+    (out, x_grad, lora), (out_ref, x_grad_ref, lora_ref) = results
+    assert torch.equal(out, out_ref) and torch.equal(x_grad, x_grad_ref)
+    assert all(torch.equal(a, b) for a, b in zip(lora, lora_ref, strict=True))
