@@ -32,10 +32,10 @@ def quantised_savings(
     time during a forward pass)."""
     if quantize == "none":
         return 0, 0
-    if quantize == "fp8":  # a layer's 16-bit copies (cast, then scaled) exist for its call
+    if quantize == "fp8":  # a layer's 16-bit copy (scaled in place) exists for its call
         layers = [layer for _, layer in fp8_layers(model)]
         saved = sum(fp8_bytes_saved(layer) for layer in layers)
-        return saved, 2 * max((layer.weight.nbytes for layer in layers), default=0)
+        return saved, max((layer.weight.nbytes for layer in layers), default=0)
     linears = quantisable_linears(model, skip)
     saved = sum(
         m.weight.nbytes - int(m.weight.numel() * BITS_PER_WEIGHT[quantize] / 8) for m in linears
