@@ -364,6 +364,14 @@ def sample(
         ),
     ] = "",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    fp8: Annotated[
+        bool | None,
+        typer.Option(
+            "--fp8/--no-fp8",
+            help="The denoiser's weights in fp8: half its memory [default: as the run "
+            "trained: fp8 for a run on a quantised base].",
+        ),
+    ] = None,
 ) -> None:
     """Render a grid (rows = prompts, columns = seeds): the base model and, with --lora, the
     fine-tuned one side by side."""
@@ -385,6 +393,7 @@ def sample(
             resolution=resolution,
             reward=reward,
             progress=progress,
+            fp8=fp8,
         )
         result = render_comparison(request)
         grid.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from lowvram_ddpo.config import ModelConfig, SampleConfig, load_config_file
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.lora_export import LORA_WEIGHTS_NAME
+from lowvram_ddpo.memory.fp8_weights import store_weights_in_fp8
 from lowvram_ddpo.models import (
     DTYPES,
     load_pipeline,
@@ -52,6 +53,10 @@ class SampleRequest:
     reward: str = ""
     progress: bool = True
     """Progress bars, the model loading's included."""
+    fp8: bool | None = None
+    """The denoiser's frozen weights in fp8 (``memory/fp8_weights.py``): half its memory
+    (FLUX.2-klein: 7.4 -> 3.8 GB). None: as the run trained (fp8 for a run on any
+    quantised base, the closest to it that needs no bitsandbytes), else 16 bits."""
 
 
 @dataclass
@@ -62,9 +67,11 @@ class SampleResult:
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     panels: dict[str, torch.Tensor] = field(default_factory=dict)
     """Each panel's images, [prompts, seeds, 3, H, W] in [0, 1]."""
+    fp8: bool = False
+    """Rendered with the denoiser's weights in fp8."""
 
     def report_lines(self) -> list[str]:
-        lines = []
+        lines = ["the denoiser's frozen weights in fp8 (--no-fp8: 16 bits)"] if self.fp8 else []
         for panel, values in self.scores.items():
             for p, prompt in enumerate(self.prompts):
                 cells = "  ".join(
@@ -115,6 +122,11 @@ def _run_config_for(lora: str):  # noqa: ANN202
     return None
 
 
+def run_quantised(run) -> bool:  # noqa: ANN001  (a Config or None)
+    """Whether the run trained on a quantised base (fp8, int8 or nf4)."""
+    return run is not None and run.memory.quantize != "none"
+
+
 def _gpu_dtype(model: str, run) -> torch.dtype:  # noqa: ANN001  (a Config or None)
     """bf16 for a bf16 run and for FLUX.2 (a bf16 model whose fp16 activations overflow),
     fp16 otherwise."""
@@ -150,6 +162,9 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     show_loading_bars(request.progress)
     use_t5 = run.model.use_t5 if run else True
     pipe = load_pipeline(model, dtype, lcm_lora=lcm_lora, use_t5=use_t5)
+    fp8 = request.fp8 if request.fp8 is not None else run_quantised(run)
+    if fp8:  # on the host, before the denoiser goes to the card
+        store_weights_in_fp8(pipe.unet.requires_grad_(False))
     # as in training: only the denoiser stays on the card; the text encoders (T5, Qwen3:
     # 8-10 GB) and the VAE visit it for their own work
     offloader = Offloader(device, enabled=on_gpu)
@@ -201,7 +216,10 @@ def render_comparison(request: SampleRequest) -> SampleResult:
             pipe.load_lora_weights(str(folder), weight_name=weight_name)
             panels[f"with LoRA {_describe(request.lora)}"] = images()
         else:
-            pipe.unet = UNet2DConditionModel.from_pretrained(folder, dtype=dtype).to(device)
+            pipe.unet = UNet2DConditionModel.from_pretrained(folder, dtype=dtype)
+            if fp8:
+                store_weights_in_fp8(pipe.unet.requires_grad_(False))
+            pipe.unet.to(device)
             panels[f"fine-tuned {_describe(request.lora)}"] = images()
     scores = {}
     if request.reward:
@@ -214,4 +232,4 @@ def render_comparison(request: SampleRequest) -> SampleResult:
             values = check_rewards(reward(flat, prompts), len(flat), request.reward)
             scores[name] = values.view(len(request.prompts), len(request.seeds))
     image = make_grid(panels, request.prompts, request.seeds, scores or None)
-    return SampleResult(image, request.prompts, request.seeds, scores, panels)
+    return SampleResult(image, request.prompts, request.seeds, scores, panels, fp8)

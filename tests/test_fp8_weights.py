@@ -374,3 +374,44 @@ def test_flow_transformers_on_an_fp8_base_compute_their_rounded_selves(family):
     (out, x_grad, lora), (out_ref, x_grad_ref, lora_ref) = results
     assert torch.equal(out, out_ref) and torch.equal(x_grad, x_grad_ref)
     assert all(torch.equal(a, b) for a, b in zip(lora, lora_ref, strict=True))
+
+
+def test_sample_renders_on_an_fp8_base_with_a_lora_on_convolutions(tiny_model_dir, tmp_path):
+    """`sample --fp8`: the denoiser converted before it renders; a LoRA loaded over it (on
+    attention and on the resnets' convolutions, whose adapters peft builds with the fp8
+    layer's class) acts, and the fp8 base's images stay close to the 16-bit base's."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from lowvram_ddpo.models import load_pipeline
+    from lowvram_ddpo.sampling import BASE_PANEL, SampleRequest, render_comparison
+
+    pipe = load_pipeline(str(tiny_model_dir))
+    torch.manual_seed(0)
+    targets = ["to_q", "to_v", "conv1"]
+    pipe.unet.add_adapter(
+        LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=targets)
+    )
+    type(pipe).save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    lora = str(tmp_path / "pytorch_lora_weights.safetensors")
+    results = {
+        fp8: render_comparison(
+            SampleRequest(
+                ["a cat"],
+                [0],
+                lora=lora,
+                model=str(tiny_model_dir),
+                steps=3,
+                progress=False,
+                fp8=fp8,
+            )
+        )
+        for fp8 in (False, True)
+    }
+    rounded = results[True]
+    assert rounded.fp8 and "fp8" in rounded.report_lines()[0]
+    assert not results[False].fp8 and not results[False].report_lines()
+    base, with_lora = (rounded.panels[name] for name in rounded.panels)
+    assert (with_lora - base).abs().mean() > 1e-3  # the LoRA acts over the fp8 base
+    gap = (base - results[False].panels[BASE_PANEL]).abs().mean()
+    assert 0 < gap < 0.05, gap

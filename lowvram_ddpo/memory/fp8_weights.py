@@ -134,6 +134,13 @@ class _Fp8Function(torch.autograd.Function):
         return x_grad.to(ctx.input_dtype), None, None, None, None
 
 
+def _stored_in_fp8(layer: nn.Module) -> bool:
+    """False for a layer built as this class without a conversion: peft builds a LoRA
+    adapter of a Conv2d with its base layer's class (a LoRA loaded onto an fp8 base, as
+    `sample` does); such a layer is a plain trainable one."""
+    return "weight_scale" in layer._buffers
+
+
 class Fp8Linear(nn.Linear):
     """An ``nn.Linear`` whose frozen weight is stored in fp8 (``weight``) with a scale per
     output feature (``weight_scale``); ``compute_dtype`` is the weight's dtype as loaded
@@ -142,6 +149,8 @@ class Fp8Linear(nn.Linear):
     compute_dtype: torch.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _stored_in_fp8(self):
+            return super().forward(x)
         return _Fp8Function.apply(x, self.weight, self.weight_scale, self.bias, None)
 
 
@@ -151,6 +160,8 @@ class Fp8Conv2d(nn.Conv2d):
     compute_dtype: torch.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _stored_in_fp8(self):
+            return super().forward(x)
         layout = (self.stride, self.padding, self.dilation, self.groups)
         return _Fp8Function.apply(x, self.weight, self.weight_scale, self.bias, layout)
 
