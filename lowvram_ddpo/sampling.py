@@ -55,8 +55,9 @@ class SampleRequest:
     """Progress bars, the model loading's included."""
     fp8: bool | None = None
     """The denoiser's frozen weights in fp8 (``memory/fp8_weights.py``): half its memory
-    (FLUX.2-klein: 7.4 -> 3.8 GB of weights, estimated). None: as the run trained (fp8 for a run on any
-    quantised base, the closest to it that needs no bitsandbytes), else 16 bits."""
+    (FLUX.2-klein: 7.4 -> 3.8 GB of weights, estimated). None: as the run trained (fp8
+    for a run on any quantised base, the closest to it that needs no bitsandbytes), else
+    16 bits."""
 
 
 @dataclass

@@ -289,6 +289,8 @@ class Trainer:
             store_weights_in_fp8(self.pipe.unet)
             keep_out_of_ddp_sync(self.pipe.unet)  # equal on every process, as converted
             self.offloader.register("unet", self.pipe.unet, stays=True)
+            if torch.cuda.is_available():  # a UNet converted on the card left 16-bit blocks
+                torch.cuda.empty_cache()
         if self.accelerator.mixed_precision != "no":  # every UNet call is under autocast
             skip_lora_input_casts(self.pipe.unet)
         if cfg.speed.fused_lora:

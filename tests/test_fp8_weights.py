@@ -127,57 +127,99 @@ def test_fp8_stores_the_body_in_one_byte_a_weight_and_leaves_the_rest():
     assert store_weights_in_fp8(unet) == 0
 
 
-def test_an_fp8_unet_traces_whole_and_compiles_to_the_same_numbers():
-    """torch.compile (CUDA graphs, Inductor) sees the fp8 layers' forward and backward
-    without a graph break, and the compiled call gives the eager numbers (aot_eager: the
-    traced graph, run by eager kernels)."""
-    unet, _, params, _ = _frozen_unet_and_rounded_copy()
-    lora = params[0]
-    from functorch.compile import make_boxed_func
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compiled_graphs(unet: torch.nn.Module, lora: list, partition: str) -> tuple[list, list]:
+    """The fp8 UNet's call traced by AOTAutograd with ``partition``'s partitioner (the
+    default's, as aot_eager and the cudagraphs backend use; or Inductor's min-cut): its
+    forward and backward graphs, and (outputs, LoRA gradients) eager and traced."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
 
     torch.manual_seed(3)
     x = torch.randn(2, unet.config.in_channels, 16, 16)
     t = torch.tensor([10, 500])
-    cond = torch.randn(2, 8, unet.config.cross_attention_dim)
+    # 2 x 5 tokens: no activation of the graph is shaped like a weight (10 rows)
+    cond = torch.randn(2, 5, unet.config.cross_attention_dim)
 
     def call(latents: torch.Tensor) -> torch.Tensor:
         return unet(latents, t, cond).sample
 
-    torch._dynamo.reset()
-    assert torch._dynamo.explain(call)(x).graph_break_count == 0
-    torch._dynamo.reset()
     graphs = []
 
     def keep(graph: torch.fx.GraphModule, _inputs: list) -> object:
         graphs.append(graph)
         return make_boxed_func(graph.forward)
 
-    traced = torch.compile(call, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    options = (
+        {"partition_fn": min_cut_rematerialization_partition} if partition == "min-cut" else {}
+    )
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, **options)
     results = []
-    for fn in (call, traced):
+    for fn in (call, torch.compile(call, backend=backend)):
         for p in lora:
             p.grad = None
         out = fn(x)
         out.square().mean().backward()
         results.append((out.detach(), [p.grad.clone() for p in lora]))
+    return graphs, results
+
+
+def test_an_fp8_unet_traces_whole_and_compiles_to_the_same_numbers(fresh_dynamo):
+    """torch.compile (CUDA graphs, Inductor) sees the fp8 layers' forward and backward
+    without a graph break, each dequantisation one opaque op (Inductor writes no fp8
+    kernel: Triton has none before compute capability 8.9), and the compiled call gives
+    the eager numbers (the traced graphs run by eager kernels)."""
+    unet, _, params, _ = _frozen_unet_and_rounded_copy()
+    assert (
+        torch._dynamo.explain(lambda x: unet(x, torch.tensor([1]), torch.randn(1, 8, 32)))(
+            torch.randn(1, unet.config.in_channels, 16, 16)
+        ).graph_break_count
+        == 0
+    )
     torch._dynamo.reset()
-    # forward and backward dequantise with the one opaque op (Inductor writes no fp8
-    # kernel: Triton has none before compute capability 8.9), once per layer per pass
-    dequantise_op = torch.ops.lowvram_ddpo.dequantise_fp8.default
+    graphs, results = _compiled_graphs(unet, params[0], "default")
+    ops = (
+        torch.ops.lowvram_ddpo.dequantise_fp8.default,
+        torch.ops.lowvram_ddpo.dequantise_fp8_again.default,
+    )
     layers = sum(isinstance(m, Fp8Linear | Fp8Conv2d) for m in unet.modules())
     assert len(graphs) == 2  # one forward, one backward: no graph break
     counts = []
-    for graph in graphs:
+    for graph, op in zip(graphs, ops, strict=True):
         calls = [node for node in graph.graph.nodes if node.op == "call_function"]
-        counts.append(sum(node.target is dequantise_op for node in calls))
-        others = [node for node in calls if node.target is not dequantise_op]
-        assert not any(_reads_fp8(node) for node in others)
+        counts.append(sum(node.target is op for node in calls))
+        assert not any(_reads_fp8(node) for node in calls if node.target not in ops)
     # the backward skips the layers no gradient flows through (before the first LoRA)
     forward, backward = counts
     assert forward == layers and 0 < backward < layers
+    (out, grads), (out_traced, grads_traced) = results
+    assert torch.equal(out, out_traced)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_traced, strict=True))
+
+
+def test_inductors_partitioner_saves_no_dequantised_weight(fresh_dynamo):
+    """Inductor's min-cut partitioner merges identical calls of the forward and backward
+    and does not recompute a custom op: with one op for both it saved every layer's
+    16-bit weight for the backward. The backward's own op keeps them out: the forward
+    hands the backward no tensor shaped like a converted weight in 16 or 32 bits."""
+    unet, _, params, _ = _frozen_unet_and_rounded_copy()
+    graphs, results = _compiled_graphs(unet, params[0], "min-cut")
+    weights = {
+        tuple(m.weight.shape) for m in unet.modules() if isinstance(m, Fp8Linear | Fp8Conv2d)
+    }
+    forward = graphs[0].graph
+    (output,) = [node for node in forward.nodes if node.op == "output"]
+    saved = [v for v in (a.meta.get("val") for a in output.all_input_nodes) if v is not None]
+    kept = [v for v in saved if tuple(v.shape) in weights and v.dtype != FP8]
+    assert not kept, [tuple(v.shape) for v in kept]
+    assert any(v.dtype == FP8 for v in saved)  # the stored weights are what it keeps
     assert torch.equal(results[0][0], results[1][0])
-    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
 
 
 def _reads_fp8(node: torch.fx.Node) -> bool:
@@ -275,13 +317,18 @@ def test_ddpo_raises_the_reward_on_an_fp8_pocket_model(tmp_path):
     assert sum(rewards[-3:]) / 3 > rewards[0] + 0.03, rewards
 
 
-def test_the_fit_mentions_an_fp8_base_where_it_would_be_much_faster():
+def test_the_fit_mentions_an_fp8_base_where_it_would_be_much_faster(monkeypatch):
     """SDXL on an 8 GB card fits at 16 bits with micro-batch 1; the fit keeps that (an fp8
     base changes the base's weights: the user's call) but says what fp8 would give there
     (micro-batch 2, predicted faster by at least FP8_HINT_GAIN). Not said where the user
     set memory.quantize, nor where fp8 gains little (SD 1.5 on 8 GB)."""
     from lowvram_ddpo.memory.fit import fit_for_run
+    from lowvram_ddpo.speed.time_model import H100_DENSE_TFLOPS, Gpu
 
+    # the calibrated card, whatever this machine has
+    monkeypatch.setattr(
+        "lowvram_ddpo.memory.fit.this_gpu", lambda: Gpu.listed("H100", H100_DENSE_TFLOPS)
+    )
     config = load_preset("sdxl-aesthetic")
     config.memory.vram = "8GB"
     fitted, line = fit_for_run(config, "sdxl")
@@ -290,6 +337,8 @@ def test_the_fit_mentions_an_fp8_base_where_it_would_be_much_faster():
     assert "train.batch_size 1 -> 2" in line.split("With an fp8 base")[1]
     _, held = fit_for_run(config, "sdxl", frozenset({"memory.quantize"}))
     assert "fp8" not in held
+    _, resumed = fit_for_run(config, "sdxl", resumed=True)  # its LoRA trained on its base
+    assert "fp8" not in resumed
     sd15 = load_preset("incompressibility")
     sd15.memory.vram = "8GB"
     assert "fp8" not in fit_for_run(sd15, "sd15")[1]

@@ -367,7 +367,8 @@ def fit_for_run(
     growth = 1 if resumed else SAMPLING_BATCH_GROWTH
     fit = fit_to_vram(config, arch, budget, held, growth)
     line = fit.summary(label) + (f" (the model's shape guessed: {arch})" if guessed else "")
-    hint = fp8_hint(config, arch, budget, fit, held, growth)
+    # a resumed run keeps its base: its LoRA trained on it
+    hint = "" if resumed else fp8_hint(config, arch, budget, fit, held, growth)
     return fit.config, line + (f". {hint}" if hint else "")
 
 
@@ -403,7 +404,7 @@ def fp8_hint(
     return (
         f"With an fp8 base (--set memory.quantize=fp8: its weights rounded to 8 bits; "
         f"{changes}): ~{format_duration(faster.epoch_seconds)} per epoch predicted, "
-        f"{format_size(faster.report.peak_bytes)} reserved"
+        f"{format_size(faster.report.peak_bytes)} reserved + the CUDA context"
     )
 
 

@@ -22,9 +22,11 @@ first parameter. The trainer converts after attaching the LoRA (peft builds its 
 from the 16-bit layers, in their dtype), on the host, then moves the UNet to the card: the
 16-bit base never needs to fit there. LoRA layers (trainable) are never touched.
 
-Under ``torch.compile`` the dequantisation is one opaque op (``dequantise_fp8``): Inductor
-would otherwise write a Triton kernel reading fp8, which Triton refuses on cards before
-Ada/Hopper (compute capability 8.9); eager PyTorch converts fp8 on any CUDA card or CPU.
+Under ``torch.compile`` the dequantisation is an opaque op (``dequantise_fp8``, and
+``dequantise_fp8_again`` in the backward, so that Inductor's partitioner cannot merge the
+two and save the 16-bit weight): Inductor would otherwise write a Triton kernel reading
+fp8, which Triton refuses on cards before Ada/Hopper (compute capability 8.9); eager
+PyTorch converts fp8 on any CUDA card or CPU.
 """
 
 from __future__ import annotations
@@ -76,25 +78,39 @@ def quantise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-@torch.library.custom_op("lowvram_ddpo::dequantise_fp8", mutates_args=())
-def dequantise_fp8(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``dequantise`` as one op that compilers leave alone (the module's docstring)."""
-    return stored.to(scale.dtype) * scale
+DEQUANTISE_SCHEMA = "(Tensor stored, Tensor scale) -> Tensor"
+"""Given outright: torch 2.4 reads no schema from string annotations."""
 
 
-@dequantise_fp8.register_fake
-def _(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _dequantised(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():  # a tensor of our own, scaled in place: nothing to record
+        return stored.to(scale.dtype, copy=True).mul_(scale)
+
+
+def _like_dequantised(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(stored, dtype=scale.dtype)
 
 
-def dequantise(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The weight in the scale's dtype (the layer's own). Eagerly two plain kernels, the
-    multiply in place (one 16-bit copy of the weight at a time; a custom op's dispatch
-    would add host time to every layer's call); traced, the op."""
+# Two ops of one body: the forward's and the backward's. Inductor's partitioner merges
+# identical calls of the joint graph and may not recompute a custom op, so one op in both
+# would have it save every layer's 16-bit weight for the backward.
+dequantise_fp8 = torch.library.custom_op(
+    "lowvram_ddpo::dequantise_fp8", _dequantised, mutates_args=(), schema=DEQUANTISE_SCHEMA
+)
+dequantise_fp8_again = torch.library.custom_op(
+    "lowvram_ddpo::dequantise_fp8_again", _dequantised, mutates_args=(), schema=DEQUANTISE_SCHEMA
+)
+dequantise_fp8.register_fake(_like_dequantised)
+dequantise_fp8_again.register_fake(_like_dequantised)
+
+
+def dequantise(stored: torch.Tensor, scale: torch.Tensor, again: bool = False) -> torch.Tensor:
+    """The weight in the scale's dtype (the layer's own). Eagerly two plain kernels (a
+    custom op's dispatch would add host time to every layer's call); traced, an opaque op,
+    the backward's (``again``) another than the forward's."""
     if torch.compiler.is_compiling():
-        return dequantise_fp8(stored, scale)
-    with torch.no_grad():  # a tensor of our own: nothing to record
-        return stored.to(scale.dtype, copy=True).mul_(scale)
+        return (dequantise_fp8_again if again else dequantise_fp8)(stored, scale)
+    return _dequantised(stored, scale)
 
 
 class _Fp8Function(torch.autograd.Function):
@@ -125,7 +141,7 @@ class _Fp8Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # noqa: ANN205
         stored, scale = ctx.saved_tensors
-        weight = dequantise(stored, scale).to(ctx.compute_dtype)
+        weight = dequantise(stored, scale, again=True).to(ctx.compute_dtype)
         grad = grad.to(weight.dtype)
         if ctx.layout is None:
             x_grad = grad.matmul(weight)
@@ -219,7 +235,7 @@ def keep_out_of_ddp_sync(model: nn.Module) -> list[str]:
     names = [
         f"{name}.{tensor}"
         for name, layer in model.named_modules()
-        if isinstance(layer, Fp8Linear | Fp8Conv2d)
+        if isinstance(layer, Fp8Linear | Fp8Conv2d) and _stored_in_fp8(layer)
         for tensor in ("weight", "weight_scale")
     ]
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
