@@ -1,6 +1,6 @@
 """What can be checked of `speed.compile=cudagraphs` without a GPU (docs/benchmarks.md).
 
-    python benchmarks/cudagraphs_cpu_check.py ops       # aten ops per UNet call, LoRA off/on/fused
+    python benchmarks/cudagraphs_cpu_check.py ops       # aten ops per UNet call (LoRA, fp8)
     python benchmarks/cudagraphs_cpu_check.py explain   # graphs and breaks per call kind
     python benchmarks/cudagraphs_cpu_check.py explain --layout sdxl   # SDXL's kind of layout
     python benchmarks/cudagraphs_cpu_check.py trainer pocket-incompressibility train.kl_coef=0.01
@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowvram_ddpo.memory.checkpointing import enable_checkpointing
 from lowvram_ddpo.memory.counting import UNANNOTATED_VIEWS
+from lowvram_ddpo.memory.fp8_weights import store_weights_in_fp8
 
 
 class OpCount(TorchDispatchMode):
@@ -98,10 +99,14 @@ def unet_call(unet: torch.nn.Module, train: bool) -> None:
 def count_ops() -> None:
     from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
 
-    for lora in ("none", "peft", "fused"):
+    for lora in ("none", "peft", "fused", "peft, fp8 base"):
         unet = layout_unet(lora != "none")
         if lora == "fused":
             fuse_lora_layers(unet)  # speed.fused_lora
+        if lora.endswith("fp8 base"):
+            layers = store_weights_in_fp8(unet)  # memory.quantize=fp8
+            leaves = sum(1 for m in unet.modules() if not any(True for _ in m.children()))
+            print(f"fp8 base: {layers} layers converted of {leaves} leaf modules")
         for train in (False, True) if lora != "none" else (False,):
             unet_call(unet, train)  # warm-up
             counter = OpCount()

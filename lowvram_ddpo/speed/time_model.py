@@ -19,9 +19,10 @@ H100. A micro-step's calls without gradients (NFT's old policy, the KL guard's b
 add a guided forward each. Each image's decode adds the VAE's counted FLOPs at the UNet's
 rate (an assumption; SD 1.5 at 512 px: 2.5 TFLOP, 3% of a 50-step guided rollout but 39%
 of an 8-step LCM's; tiling counted as tiled). An fp8 base (``memory.quantize=fp8``) adds
-its dequantisation to each pass: launches (``FP8_MODULES_PER_LAYER``) and memory traffic
-(``FP8_DEQUANTISE_BYTES``), both assumed, not measured. Encoding and the reward are not modelled
-apart: the loop overheads cover them and the trainer's own time, as measured.
+its dequantisation to each pass: host time (``FP8_MODULES_PER_LAYER``) and memory traffic
+(``FP8_DEQUANTISE_BYTES``, at a bandwidth assumed), neither timed on a GPU. Encoding and
+the reward are not modelled apart: the loop overheads cover them and the trainer's own
+time, as measured.
 
 With a CUDA-graph mode of ``speed.compile`` a graphed call (training; sampling too with
 ``speed.graph_sampling``) replays without the host's launches, but its thousands of
@@ -82,8 +83,13 @@ training 2 unguided latents per call): 0.249 s of training per image = 62 ms per
 call's 167 ms. The H200's graphed micro-batch 4 (80 ms of arithmetic per call) is above
 it, as measured."""
 FP8_MODULES_PER_LAYER = 1.0
-"""The host's cost of one fp8 layer's dequantisation (``memory.quantize=fp8``: a cast and a
-multiply per call) in leaf modules' launch time: an assumption, not measured."""
+"""The host's cost of one fp8 layer's dequantisation (``memory.quantize=fp8``: an autograd
+Function, a cast and a multiply per pass) in leaf modules' host time: assumed, not timed.
+For scale, counted on the CPU (``benchmarks/cudagraphs_cpu_check.py ops``, SD 1.5's
+layout, 277 of 1,253 leaf modules converted, 2026-11-26): a forward's computing aten ops
+1,559 -> 2,113 (2.0 per layer against 1.24 per module), a forward and backward's 3,495 ->
+4,530 (3.7 against 2.79). A module's host time (~54 us in the H100's sampling call) is
+mostly Python, not launches (~5 us each), so ops alone would overstate it."""
 FP8_DEQUANTISE_BYTES = 7
 """Bytes each fp8 weight moves per dequantisation: 1 read and 2 written by the cast, 2
 read and 2 written by the scale's multiply."""
