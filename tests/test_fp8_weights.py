@@ -464,3 +464,27 @@ def test_sample_renders_on_an_fp8_base_with_a_lora_on_convolutions(tiny_model_di
     assert (with_lora - base).abs().mean() > 1e-3  # the LoRA acts over the fp8 base
     gap = (base - results[False].panels[BASE_PANEL]).abs().mean()
     assert 0 < gap < 0.05, gap
+
+
+def test_the_fit_offers_no_bitsandbytes_base_where_it_cannot_load(monkeypatch):
+    """On a CUDA machine without bitsandbytes (Windows without its CUDA build, often) the
+    fit leaves nf4 out and turns a preset's nf4 into fp8, which loads anywhere; a base the
+    user set is kept (its load then says what to install); with bitsandbytes, or on a
+    CPU-only machine estimating for a GPU user, every level stays."""
+    import lowvram_ddpo.memory.fit as fit
+
+    sd15, klein = (
+        load_preset("incompressibility"),
+        load_preset("flux2-klein-grpo-incompressibility"),
+    )
+    assert klein.memory.quantize == "nf4"
+    monkeypatch.setattr(fit.torch.cuda, "is_available", lambda: False)
+    assert fit.quantisation_levels(sd15) == ["none", "fp8", "nf4"]
+    assert fit.quantisation_levels(klein) == ["nf4"]
+    monkeypatch.setattr(fit.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fit, "bitsandbytes_usable", lambda: False)
+    assert fit.quantisation_levels(sd15) == ["none", "fp8"]
+    assert fit.quantisation_levels(klein) == ["fp8"]
+    assert fit.quantisation_levels(klein, frozenset({"memory.quantize"})) == ["nf4"]
+    monkeypatch.setattr(fit, "bitsandbytes_usable", lambda: True)
+    assert fit.quantisation_levels(klein) == ["nf4"]

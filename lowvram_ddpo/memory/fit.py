@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowvram_ddpo.config import Config
+from lowvram_ddpo.config import BITSANDBYTES_QUANTIZE, Config
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, a_card
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory, meta_run, readable_shape
@@ -42,6 +42,7 @@ from lowvram_ddpo.memory.units import (
     parse_size,
 )
 from lowvram_ddpo.models import VAE_TILE_PIXELS
+from lowvram_ddpo.optimizers import bitsandbytes_usable
 from lowvram_ddpo.preflight import rescores_at_other_shapes
 from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.reporting.progress import format_duration
@@ -260,10 +261,7 @@ def fit_to_vram(
         config.memory.decode_batch = 1
     flops = epoch_flops(config, arch, count_backward=False)
     timing = EpochTiming(flops, this_gpu(), leaf_modules(run.parts.unet), config.sample.batch_size)
-    quantizations = [config.memory.quantize]
-    if config.memory.quantize == "none" and config.model.lora_rank > 0:
-        # fp8 first: closer to the base than nf4, and runs without bitsandbytes
-        quantizations += ["fp8", "nf4"]
+    quantizations = quantisation_levels(config, held)
     # text encoders on the CPU cost time only while new prompts arrive: before a
     # quantised base
     on_cpu = [True] if config.memory.text_encoders_on_cpu else [False, True]
@@ -295,6 +293,19 @@ def fit_to_vram(
         f"{format_size(smallest + CUDA_CONTEXT_BYTES)} with the CUDA context. "
         f"Lower sample.resolution{', set fewer fields' if held else ''}, or use a bigger card"
     )
+
+
+def quantisation_levels(config: Config, held: frozenset[str] = frozenset()) -> list[str]:
+    """The bases a fit tries, in order: as set, then (where the user set none) fp8, closer
+    to the base than nf4 and without bitsandbytes, then nf4. On a CUDA machine without
+    bitsandbytes its kinds are left out, and a preset's own becomes fp8: what would fail
+    to load is not offered (a CPU-only machine estimates for a GPU user: all are kept)."""
+    kinds = [config.memory.quantize]
+    if config.memory.quantize == "none" and config.model.lora_rank > 0:
+        kinds += ["fp8", "nf4"]
+    if torch.cuda.is_available() and not bitsandbytes_usable() and "memory.quantize" not in held:
+        kinds = list(dict.fromkeys("fp8" if k in BITSANDBYTES_QUANTIZE else k for k in kinds))
+    return kinds
 
 
 DECODE_HEADROOM = GB // 4
