@@ -217,10 +217,11 @@ def render_comparison(request: SampleRequest) -> SampleResult:
             pipe.load_lora_weights(str(folder), weight_name=weight_name)
             panels[f"with LoRA {_describe(request.lora)}"] = images()
         else:
+            pipe.unet.to("cpu")  # the base's card memory, for the fine-tuned one
             pipe.unet = UNet2DConditionModel.from_pretrained(folder, dtype=dtype)
             if fp8:
                 store_weights_in_fp8(pipe.unet.requires_grad_(False))
-            pipe.unet.to(device)
+            offloader.register("unet", pipe.unet, stays=True)
             panels[f"fine-tuned {_describe(request.lora)}"] = images()
     scores = {}
     if request.reward:

@@ -321,7 +321,8 @@ def test_the_fit_mentions_an_fp8_base_where_it_would_be_much_faster(monkeypatch)
     """SDXL on an 8 GB card fits at 16 bits with micro-batch 1; the fit keeps that (an fp8
     base changes the base's weights: the user's call) but says what fp8 would give there
     (micro-batch 2, predicted faster by at least FP8_HINT_GAIN). Not said where the user
-    set memory.quantize, nor where fp8 gains little (SD 1.5 on 8 GB)."""
+    set memory.quantize, on a resumed run (whose base never changes under its LoRA), nor
+    where fp8 gains little (SD 1.5 on 8 GB)."""
     from lowvram_ddpo.memory.fit import fit_for_run
     from lowvram_ddpo.speed.time_model import H100_DENSE_TFLOPS, Gpu
 
@@ -339,6 +340,10 @@ def test_the_fit_mentions_an_fp8_base_where_it_would_be_much_faster(monkeypatch)
     assert "fp8" not in held
     _, resumed = fit_for_run(config, "sdxl", resumed=True)  # its LoRA trained on its base
     assert "fp8" not in resumed
+    config.memory.vram = "6GB"  # where a new run gets fp8, a resumed one keeps 16 bits
+    assert fit_for_run(config, "sdxl")[0].memory.quantize == "fp8"
+    with pytest.raises(UserError, match="keeping memory.quantize as set"):
+        fit_for_run(config, "sdxl", resumed=True)
     sd15 = load_preset("incompressibility")
     sd15.memory.vram = "8GB"
     assert "fp8" not in fit_for_run(sd15, "sd15")[1]
@@ -488,3 +493,17 @@ def test_the_fit_offers_no_bitsandbytes_base_where_it_cannot_load(monkeypatch):
     assert fit.quantisation_levels(klein, frozenset({"memory.quantize"})) == ["nf4"]
     monkeypatch.setattr(fit, "bitsandbytes_usable", lambda: True)
     assert fit.quantisation_levels(klein) == ["nf4"]
+
+
+def test_nothing_fitting_without_bitsandbytes_says_it_would_help(monkeypatch):
+    """Where bitsandbytes is missing on a CUDA machine and nothing fits, the one line says
+    that installing it may make an nf4 base fit."""
+    import lowvram_ddpo.memory.fit as fit
+    from lowvram_ddpo.memory.units import GB
+
+    monkeypatch.setattr(fit, "_no_bitsandbytes_here", lambda: True)  # a CUDA machine without
+    klein = load_preset("flux2-klein-grpo-incompressibility")
+    with pytest.raises(
+        UserError, match=r"install bitsandbytes \(pip install 'lowvram-ddpo\[bnb\]'"
+    ):
+        fit.fit_to_vram(klein, "flux2-klein", 6 * GB)  # fp8 needs 7.04 with the context

@@ -288,10 +288,16 @@ def fit_to_vram(
                 return Fit(trial, report, changes, seconds, timing.gpu, held)
     smallest = estimate_memory(smallest_setting, arch, run).peak_bytes
     kept = f" keeping {', '.join(sorted(held))} as set" if held else ""
+    nf4 = (
+        ", install bitsandbytes (pip install 'lowvram-ddpo[bnb]': an nf4 base is smaller)"
+        if _no_bitsandbytes_here() and "memory.quantize" not in held and config.model.lora_rank
+        else ""
+    )
     raise UserError(
         f"nothing fits in {format_size(vram_bytes)}{kept}: the smallest setting needs "
         f"{format_size(smallest + CUDA_CONTEXT_BYTES)} with the CUDA context. "
-        f"Lower sample.resolution{', set fewer fields' if held else ''}, or use a bigger card"
+        f"Lower sample.resolution{', set fewer fields' if held else ''}{nf4}, or use a "
+        "bigger card"
     )
 
 
@@ -303,9 +309,13 @@ def quantisation_levels(config: Config, held: frozenset[str] = frozenset()) -> l
     kinds = [config.memory.quantize]
     if config.memory.quantize == "none" and config.model.lora_rank > 0:
         kinds += ["fp8", "nf4"]
-    if torch.cuda.is_available() and not bitsandbytes_usable() and "memory.quantize" not in held:
+    if _no_bitsandbytes_here() and "memory.quantize" not in held:
         kinds = list(dict.fromkeys("fp8" if k in BITSANDBYTES_QUANTIZE else k for k in kinds))
     return kinds
+
+
+def _no_bitsandbytes_here() -> bool:
+    return torch.cuda.is_available() and not bitsandbytes_usable()
 
 
 DECODE_HEADROOM = GB // 4
@@ -355,7 +365,7 @@ def fit_for_run(
     multi-GPU run, keeps the settings as written instead of refusing, less a preset's CUDA
     graphs (``without_preset_graphs``). ``say`` hears that a fit starts (it estimates a
     dozen settings or more: seconds). A ``resumed`` run's sampling batch, fitted before,
-    may shrink but not grow again."""
+    may shrink but not grow again, and its base keeps its precision."""
     vram = config.memory.vram
     if means_as_written(vram):
         return config, ""
@@ -374,12 +384,13 @@ def fit_for_run(
     if means_this_card(vram):  # all the card has free: leave room for the estimate's error
         budget -= AUTO_MARGIN_BYTES
     say(f"fitting the settings to {label} (estimating each: seconds)")
+    if resumed:  # its LoRA trained on this base: no other under it
+        held = held | {"memory.quantize"}
     arch, guessed = readable_shape(config, arch)
     growth = 1 if resumed else SAMPLING_BATCH_GROWTH
     fit = fit_to_vram(config, arch, budget, held, growth)
     line = fit.summary(label) + (f" (the model's shape guessed: {arch})" if guessed else "")
-    # a resumed run keeps its base: its LoRA trained on it
-    hint = "" if resumed else fp8_hint(config, arch, budget, fit, held, growth)
+    hint = fp8_hint(config, arch, budget, fit, held, growth)  # not with a held base
     return fit.config, line + (f". {hint}" if hint else "")
 
 
