@@ -507,3 +507,24 @@ def test_nothing_fitting_without_bitsandbytes_says_it_would_help(monkeypatch):
         UserError, match=r"install bitsandbytes \(pip install 'lowvram-ddpo\[bnb\]'"
     ):
         fit.fit_to_vram(klein, "flux2-klein", 6 * GB)  # fp8 needs 7.04 with the context
+
+
+def test_an_fp8_base_trains_with_the_other_levers_on(tiny_preset, tmp_path):
+    """fp8 beside checkpointing, the half norms and the fused LoRA (each wraps or replaces
+    forwards of the same UNet): one epoch trains, the LoRA moves, the layers stay fp8."""
+    from lowvram_ddpo.trainer import Trainer
+
+    config = load_preset(str(tiny_preset))
+    levers = [
+        "memory.quantize=fp8",
+        "memory.gradient_checkpointing=true",
+        "speed.half_norms=true",
+        "speed.fused_lora=true",
+    ]
+    apply_overrides(config, ["run.epochs=1", "run.progress=false", *levers])
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.fit()
+    ups = [p for n, p in trainer.pipe.unet.named_parameters() if "lora_B" in n]
+    assert ups and any(p.abs().sum() > 0 for p in ups)  # peft starts them at zero
+    layers = [m for m in trainer.pipe.unet.modules() if isinstance(m, Fp8Linear | Fp8Conv2d)]
+    assert layers and all(m.weight.dtype == FP8 for m in layers)
