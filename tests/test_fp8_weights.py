@@ -528,3 +528,22 @@ def test_an_fp8_base_trains_with_the_other_levers_on(tiny_preset, tmp_path):
     assert ups and any(p.abs().sum() > 0 for p in ups)  # peft starts them at zero
     layers = [m for m in trainer.pipe.unet.modules() if isinstance(m, Fp8Linear | Fp8Conv2d)]
     assert layers and all(m.weight.dtype == FP8 for m in layers)
+
+
+@pytest.mark.skipif(
+    not (POCKET_DIR / "pocket-sd" / "model_index.json").is_file(), reason="pocket not built"
+)
+def test_the_fidelity_benchmark_compares_the_two_bases():
+    """benchmarks/fp8_fidelity.py (the fp8 base's images beside the 16-bit base's) on two
+    pocket images: the pictures differ a little, the reward is scored on both."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import fp8_fidelity
+
+    prompts = ["a large red circle on a black background", "a small blue square"]
+    result = fp8_fidelity.fidelity("pocket", prompts, [0], 3, "jpeg_incompressibility")
+    assert result["images"] == 2
+    assert 0 < result["mean_abs_pixel_difference"] < 0.1 and result["psnr_db_mean"] > 15
+    assert result["reward_mean_fp8"] > 0 and result["reward_mean_16bit"] > 0
