@@ -173,6 +173,7 @@ class Trainer:
         self.check_before_loading()
         self.load_models(DTYPES[precision])
         self.prepare_training()
+        self.load_reward(DTYPES[precision])
         s = cfg.sample
         self.policy = build_policy(
             s.sampler,
@@ -240,7 +241,8 @@ class Trainer:
             check_reward_names(rewards_in_use(cfg.reward))
 
     def load_models(self, dtype: torch.dtype) -> None:
-        """The pipeline and the reward, each module placed where ``memory.offload`` wants it."""
+        """The pipeline, each module placed where ``memory.offload`` wants it (an fp8
+        denoiser once converted, in ``prepare_training``)."""
         cfg, m = self.config, self.config.memory
         show_loading_bars(cfg.run.progress and self.is_main)
         self.pipe = with_denoiser_as_unet(
@@ -269,6 +271,13 @@ class Trainer:
         self.offloader.register("vae", self.pipe.vae)
         use_attention(self.pipe.unet, m.attention)
         use_vae_tiling(self.pipe.vae, m.vae_tiling)
+        if torch.cuda.is_available():  # what moved off the card must not stay reserved
+            torch.cuda.empty_cache()
+
+    def load_reward(self, dtype: torch.dtype) -> None:
+        """The reward, a model's placed where ``memory.offload`` wants it. After
+        ``prepare_training``: an fp8 denoiser has left the host's memory by then."""
+        cfg = self.config
         self.reward_fn = (
             self.reward
             if self.reward is not None
@@ -276,8 +285,6 @@ class Trainer:
         )
         if isinstance(self.reward_fn, ModelReward):  # on the GPU only while scoring
             self.offloader.register("reward", self.reward_fn.module)
-        if torch.cuda.is_available():  # what moved off the card must not stay reserved
-            torch.cuda.empty_cache()
 
     def prepare_training(self) -> None:
         """LoRA (or every weight), checkpointing and the optimiser, handed to accelerate."""

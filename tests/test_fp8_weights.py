@@ -547,3 +547,24 @@ def test_the_fidelity_benchmark_compares_the_two_bases():
     assert result["images"] == 2
     assert 0 < result["mean_abs_pixel_difference"] < 0.1 and result["psnr_db_mean"] > 15
     assert result["reward_mean_fp8"] > 0 and result["reward_mean_16bit"] > 0
+
+
+def test_the_reward_loads_after_the_denoiser_is_converted(tiny_preset, tmp_path, monkeypatch):
+    """The 16-bit denoiser and a reward model never share the host's memory: the reward is
+    built once the denoiser is in fp8 (and on the card, where there is one)."""
+    import lowvram_ddpo.trainer as trainer_module
+
+    seen = []
+    build = trainer_module.build_reward
+
+    def build_and_look(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        unet = trainer.pipe.unet
+        seen.append(any(isinstance(m, Fp8Linear | Fp8Conv2d) for m in unet.modules()))
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "build_reward", build_and_look)
+    config = load_preset(str(tiny_preset))
+    apply_overrides(config, ["memory.quantize=fp8", "run.progress=false"])
+    trainer = trainer_module.Trainer(config, tmp_path / "run")
+    trainer.setup()
+    assert seen == [True]
