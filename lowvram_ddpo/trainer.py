@@ -174,6 +174,10 @@ class Trainer:
         self.load_models(DTYPES[precision])
         self.prepare_training()
         self.load_reward(DTYPES[precision])
+        # what moved off the card (or was converted on it: 16-bit weights) must not stay
+        # reserved
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         s = cfg.sample
         self.policy = build_policy(
             s.sampler,
@@ -271,8 +275,6 @@ class Trainer:
         self.offloader.register("vae", self.pipe.vae)
         use_attention(self.pipe.unet, m.attention)
         use_vae_tiling(self.pipe.vae, m.vae_tiling)
-        if torch.cuda.is_available():  # what moved off the card must not stay reserved
-            torch.cuda.empty_cache()
 
     def load_reward(self, dtype: torch.dtype) -> None:
         """The reward, a model's placed where ``memory.offload`` wants it. After
@@ -296,8 +298,6 @@ class Trainer:
             store_weights_in_fp8(self.pipe.unet)
             keep_out_of_ddp_sync(self.pipe.unet)  # equal on every process, as converted
             self.offloader.register("unet", self.pipe.unet, stays=True)
-            if torch.cuda.is_available():  # a UNet converted on the card left 16-bit blocks
-                torch.cuda.empty_cache()
         if self.accelerator.mixed_precision != "no":  # every UNet call is under autocast
             skip_lora_input_casts(self.pipe.unet)
         if cfg.speed.fused_lora:
