@@ -7,9 +7,12 @@
     python benchmarks/replay_error.py --arch sd15 --half-norms (speed.half_norms)
     python benchmarks/replay_error.py --arch sd15 --fp8 (memory.quantize=fp8's base)
     python benchmarks/replay_error.py --arch sd15 --batch 8 --micro-batch 1 (a real run's)
+    python benchmarks/replay_error.py --compile default --cpu-autocast bf16 (no GPU: the
+        pocket model in bf16 on the CPU; add --fused-roundings for Inductor's own roundings)
 
 Samples a batch with the trainer's policy (random-weight model built from the
-architecture's config, fp16 or --dtype bf16 autocast on a GPU, fp32 on the CPU), then
+architecture's config, fp16 or --dtype bf16 autocast on a GPU, fp32 on the CPU unless
+--cpu-autocast names a half precision), then
 re-scores every stored action in the training path (gradients on, train mode), as the
 first inner epoch does before any update: the importance ratio should be exactly one.
 Prints, over the steps, the largest root-mean-square log-prob difference beside DDPO's
@@ -51,6 +54,9 @@ def replay_error(
     micro_batch: int = 0,
     half_norms: bool = False,
     fp8: bool = False,
+    cpu_autocast: str = "",
+    fused_roundings: bool = False,
+    seed: int = 0,
 ) -> dict[str, object]:
     """``resolution`` 0: the architecture's own; ``precision`` of the base on a GPU;
     ``fused_lora``: the LoRA layers as ``speed.fused_lora`` computes them; ``micro_batch``:
@@ -58,28 +64,34 @@ def replay_error(
     A micro-batch other than the sampling batch runs other kernels on a GPU, so it shows
     the replay error a real run has, not only the speed path's own. ``half_norms``: the
     norms as ``speed.half_norms`` runs them; ``fp8``: the base stored in fp8
-    (``memory.quantize=fp8``)."""
+    (``memory.quantize=fp8``). ``cpu_autocast`` ("bf16", "fp16"; without a GPU only): the
+    base in that precision under the CPU's autocast, a stand-in for a GPU's rounding.
+    ``fused_roundings``: Inductor rounds as it fuses (``speed.compile.inductor_options``
+    off), the control for what the trainer's compile avoids. ``seed``: the random
+    weights'."""
     micro_batch = micro_batch or batch
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
-    dtype = DTYPES[precision] if on_gpu else torch.float32
+    half = on_gpu or bool(cpu_autocast)
+    dtype = DTYPES[precision if on_gpu else cpu_autocast] if half else torch.float32
+    torch.manual_seed(seed)
     pipe = random_pipeline(arch, dtype, str(device))
     make_trainable(pipe.unet, 4, 4.0, [])  # the model family's default LoRA targets
     if fp8:
         store_weights_in_fp8(pipe.unet)
-    if on_gpu:
+    if half:
         skip_lora_input_casts(pipe.unet)  # as the trainer does under autocast
     if fused_lora:
         fuse_lora_layers(pipe.unet)
     if half_norms:
         run_norms_in_half(pipe.unet)
-    compile_unet(pipe.unet, mode, device)
+    compile_unet(pipe.unet, mode, device, eager_roundings=not fused_roundings)
     resolution = resolution or native_resolution(arch)
     tokens = image_tokens(pipe.unet, pipe.vae, resolution)
     config = pipe.scheduler.config
     policy = build_policy("auto", config, pipe.unet.config, steps, 1.0, image_tokens=tokens)
     negative = encode_negative(pipe, "").to(device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=on_gpu)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=half)
     pipe.unet.eval()
     with autocast:
         samples = sample_trajectories(
@@ -110,6 +122,8 @@ def replay_error(
         "fused_lora": fused_lora,
         "half_norms": half_norms,
         "fp8": fp8,
+        "fused_roundings": fused_roundings,
+        "seed": seed,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "dtype": str(dtype),
         "resolution": resolution,
@@ -137,10 +151,20 @@ def main() -> None:
     )
     parser.add_argument("--half-norms", action="store_true", help="speed.half_norms's norms")
     parser.add_argument("--fp8", action="store_true", help="memory.quantize=fp8's base")
+    parser.add_argument(
+        "--cpu-autocast", default="", choices=["", "fp16", "bf16"],
+        help="without a GPU: the base in this precision under CPU autocast",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fused-roundings", action="store_true",
+        help="Inductor rounds as it fuses (the trainer rounds as eager does)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="of the random weights")
     args = parser.parse_args()
     result = replay_error(
         args.arch, args.compile, args.steps, args.batch, args.resolution, args.dtype,
-        args.fused_lora, args.micro_batch, args.half_norms, args.fp8,
+        args.fused_lora, args.micro_batch, args.half_norms, args.fp8, args.cpu_autocast,
+        args.fused_roundings, args.seed,
     )  # fmt: skip
     print(json.dumps(result))
 

@@ -170,13 +170,15 @@ class MemoryConfig:
 class SpeedConfig:
     """Levers that make a run faster (``lowvram-ddpo bench speed`` measures them; the
     memory estimate counts what they hold). The CUDA-graph mode keeps the arithmetic;
-    Inductor's modes, ``fused_lora`` and ``half_norms`` change some roundings, the same in
-    sampling and training."""
+    Inductor's modes fuse kernels but round half-precision results where eager does (else
+    sampling and training would round apart); ``fused_lora`` and ``half_norms`` change
+    some roundings, the same in sampling and training."""
 
     compile: str = "off"
     """torch.compile the UNet: off, default (fused kernels), reduce-overhead (+ CUDA
     graphs) or max-autotune: compiling each shape takes minutes on a GPU (cached on disk
-    for the next run), so they pay on long runs; they need Triton on a GPU. cudagraphs:
+    for the next run), so they pay on long runs; they need Triton on a GPU; they round
+    as eager does, so the replay stays exact (tested on the CPU in bf16). cudagraphs:
     the UNet's own kernels replayed as CUDA graphs, no Triton and no kernel generation
     (a trace of seconds to a minute per shape), CUDA only; measured on an H200 with SD
     1.5: bit-exact fp16 replay, training 1.88x faster at micro-batch 4, +2.3 GiB for the

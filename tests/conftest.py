@@ -111,3 +111,13 @@ def _fresh_accelerate_state():
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A test that compiles starts and ends with dynamo's caches empty."""
+    import torch  # here: the module imports torch only after setting its thread count
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

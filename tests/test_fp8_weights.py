@@ -127,13 +127,6 @@ def test_fp8_stores_the_body_in_one_byte_a_weight_and_leaves_the_rest():
     assert store_weights_in_fp8(unet) == 0
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _compiled_graphs(unet: torch.nn.Module, lora: list, partition: str) -> tuple[list, list]:
     """The fp8 UNet's call traced by AOTAutograd with ``partition``'s partitioner (the
     default's, as aot_eager and the cudagraphs backend use; or Inductor's min-cut): its

@@ -16,6 +16,10 @@ H200 (SD 1.5, 2026-11-26) its fp16 replay was bit-exact and training at micro-ba
 ran 1.88x faster; on an H100 the RLCM preset's epoch 2.0x. The SD 1.5-shaped RLCM
 presets turn it on; elsewhere it stays off until timed with gradient checkpointing.
 
+Inductor's modes round half-precision results where eager does
+(``inductor_options``): otherwise the sampling and training graphs round differently
+and DDPO's replay is far from exact (on the CPU in bf16: ~50 times the clip range).
+
 ``nn.Module.compile`` compiles in place: parameter names, LoRA export and checkpoints
 are the same as without it. Compiled code is cached on disk between runs
 (``TORCHINDUCTOR_CACHE_DIR``, by default under the user's cache folder), so a resumed or
@@ -33,7 +37,9 @@ from pathlib import Path
 
 import torch
 import torch._dynamo.config as dynamo_config
+import torch._inductor.config as inductor_config
 from torch._dynamo.utils import counters
+from torch._inductor import list_mode_options
 
 from lowvram_ddpo.config import COMPILE_MODES, SpeedConfig
 from lowvram_ddpo.errors import UserError
@@ -90,12 +96,44 @@ def check_compile_mode(mode: str, device: torch.device, backend: str | None = No
         check_compiler(device)
 
 
+EAGER_ROUNDINGS = "emulate_precision_casts"
+"""Inductor's setting that rounds each fused operation's result to fp16/bf16 where eager
+PyTorch does (``torch._inductor.config``; torch >= 2.5)."""
+
+
+def inductor_options(mode: str, eager_roundings: bool = True) -> dict[str, object]:
+    """Inductor's options for ``mode`` (what ``torch.compile(mode=...)`` would set), with
+    half-precision results rounded where eager rounds them (``eager_roundings``).
+
+    Without it Inductor keeps a fused chain's intermediates in float32 and rounds once,
+    and the sampling call's inference graph and the training call's forward graph fuse
+    (and so round) differently. Measured on the CPU in bf16 (2026-11-26, the pocket
+    model, 10 steps, ``benchmarks/replay_error.py --compile default --cpu-autocast bf16
+    [--fused-roundings] --seed N``): with Inductor's own roundings the replayed log-probs
+    missed the sampled ones by 0.005 rms, ~50 times DDPO's clip range, every action
+    clipped; with eager's, by 0.0 for every seed tried (docs/benchmarks.md has the rows
+    and one unseeded run that missed). A diffusers attention block shows it alone
+    (``tests/test_speed.py``). The rounding is a cast in registers inside each fused
+    kernel, no extra memory traffic; its GPU cost and the GPU replay are not measured yet
+    (``benchmarks/gpu_session.sh compile``). ``max-autotune`` may also pick other matmul
+    kernels per graph: measure its replay before training with it."""
+    options: dict[str, object] = dict(list_mode_options(mode))
+    if eager_roundings and hasattr(inductor_config, EAGER_ROUNDINGS):
+        options[EAGER_ROUNDINGS] = True
+    return options
+
+
 def compile_unet(
-    unet: torch.nn.Module, mode: str, device: torch.device, backend: str | None = None
+    unet: torch.nn.Module,
+    mode: str,
+    device: torch.device,
+    backend: str | None = None,
+    eager_roundings: bool = True,
 ) -> str:
     """Compile ``unet`` in place with ``mode`` (one of ``COMPILE_MODES``); returns a line
     for the log ("" when off). ``backend``, when given, replaces the mode's own (tests run
-    the graph capture on the CPU with it)."""
+    the graph capture on the CPU with it). ``eager_roundings`` off (a benchmark's
+    control only) lets Inductor round as it fuses (``inductor_options``)."""
     if mode == "off":
         return ""
     backend = backend or backend_of(mode)
@@ -108,11 +146,11 @@ def compile_unet(
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     # static shapes: each of the run's few shapes (sampling, training, grid) is compiled
     # once, specialised, instead of one slower dynamic-shape kernel for all of them
-    unet.compile(
-        backend=backend,
-        mode=mode if backend == "inductor" and mode != "default" else None,
-        dynamic=False,
-    )
+    if backend == "inductor":
+        options = inductor_options(mode, eager_roundings)
+        unet.compile(backend=backend, options=options, dynamic=False)
+    else:
+        unet.compile(backend=backend, dynamic=False)
     if replays_cuda_graphs(mode, backend):
         make_graph_safe(unet)
     if backend == "cudagraphs":
