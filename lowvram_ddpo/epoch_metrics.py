@@ -13,12 +13,25 @@ the base model: zero at the start of training, not by construction within an epo
 DiffusionNFT's two losses)."""
 
 
+REPLAY_SHOWN = 0.01
+"""The share of the clip range from which the epoch line shows the replay's miss."""
+REPLAY_WARNED = 0.1
+"""The share of the clip range from which the run says the replay is not exact."""
+
+
 @dataclass
 class TrainingTotals:
     """An epoch's training metrics, averaged. ``approx_kl`` and ``clipfrac`` compare the
     policy with the one that sampled, so before the epoch's first optimiser step they are
     zero by construction: they are averaged over the micro-steps after it, and are None
-    ("n/a") when there were none (one optimiser step per epoch) or the objective has none."""
+    ("n/a") when there were none (one optimiser step per epoch) or the objective has none.
+
+    Before that step the same two numbers measure the replay instead: the log-probs
+    re-scored under the weights that sampled, in the training path, against the stored
+    ones (``replay_rms``, their root-mean-square difference, and ``replay_clipfrac``, the
+    actions clipped by that difference alone). Exact replay gives 0; a speed path or a
+    micro-batch that computes with other kernels than sampling did shows here, measured
+    on the run itself at no cost."""
 
     sums: dict[str, float | torch.Tensor] = field(default_factory=dict)
     """Running sums; per-micro-step values stay on the device (adding them there costs
@@ -40,6 +53,8 @@ class TrainingTotals:
         for name, value in metrics.items():
             if self.policy_moved or name in FROM_THE_START:
                 self.add(name, value)
+            elif name in ("approx_kl", "clipfrac"):
+                self.add(f"replay_{name}", value)
 
     def add_optimizer_step(self, grad_norm: float) -> None:
         """A finite norm means the step was taken (a non-finite one is skipped)."""
@@ -56,7 +71,45 @@ class TrainingTotals:
             for name in names
         }
         result |= {"optimizer_steps": self.optimizer_steps, "micro_steps": self.micro_steps}
-        return result
+        return result | self.replay()
+
+    def replay(self) -> dict[str, float | None]:
+        """``replay_rms`` and ``replay_clipfrac`` (None where the objective has none)."""
+        kl, clipped = (self.sums.get(f"replay_{name}") for name in ("approx_kl", "clipfrac"))
+        mean_kl = None if kl is None else float(kl) / self.counts["replay_approx_kl"]
+        return {
+            "replay_rms": None if mean_kl is None else math.sqrt(2 * mean_kl),  # kl = d^2 / 2
+            "replay_clipfrac": (
+                None if clipped is None else float(clipped) / self.counts["replay_clipfrac"]
+            ),
+        }
+
+
+def replay_miss(metrics: dict, clip_range: float) -> str:
+    """The epoch line's piece for a replay that missed by ``REPLAY_SHOWN`` of the clip
+    range or more ("" when closer, or when the objective clips nothing)."""
+    rms = metrics.get("replay_rms")
+    if rms is None or metrics.get("replay_clipfrac") is None or rms < REPLAY_SHOWN * clip_range:
+        return ""
+    return f"  replay {rms:.1e}"
+
+
+def replay_warning(metrics: dict, clip_range: float) -> str:
+    """One line when the epoch's replay missed by ``REPLAY_WARNED`` of the clip range or
+    clipped an action ("" otherwise, or when the objective clips nothing)."""
+    rms, clipped = metrics.get("replay_rms"), metrics.get("replay_clipfrac")
+    if rms is None or clipped is None:
+        return ""
+    if rms < REPLAY_WARNED * clip_range and clipped == 0:
+        return ""
+    return (
+        f"note: this epoch's replay is not exact: re-scored before the first update, the "
+        f"log-probs differ from the sampled ones by {rms:.1e} rms ({rms / clip_range:.2f} of "
+        f"the clip range {clip_range:g}; {clipped:.1%} of those actions clipped by rounding "
+        "alone): training computed with other kernels than sampling did. An equal "
+        "train.batch_size and sample.batch_size replays exactly (measured on an H100); "
+        "`lowvram-ddpo bench speed` reports each setting's replay"
+    )
 
 
 def format_metric(value: float | None, spec: str) -> str:

@@ -55,7 +55,12 @@ from lowvram_ddpo.config import (
 )
 from lowvram_ddpo.device_transfer import to_device
 from lowvram_ddpo.divergence import DivergenceGuard, NonFiniteTraining
-from lowvram_ddpo.epoch_metrics import TrainingTotals, format_metric
+from lowvram_ddpo.epoch_metrics import (
+    TrainingTotals,
+    format_metric,
+    replay_miss,
+    replay_warning,
+)
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.memory.checkpointing import enable_checkpointing
@@ -344,6 +349,7 @@ class Trainer:
         self.time_left = TimeLeft(cfg.run.epochs, start)
         history = []
         epoch = start
+        replay_warned = False
         try:
             for epoch in range(start, cfg.run.epochs):
                 metrics = self.run_epoch(epoch)
@@ -351,6 +357,10 @@ class Trainer:
                     self.log(split)  # the first epoch traced every call the run makes
                 if self.checks_time_model(epoch, start) and (check := check_line(cfg, metrics)):
                     self.log(check)
+                warning = replay_warning(metrics, cfg.train.clip_range)
+                if warning and not replay_warned:
+                    self.log(warning)  # once: the epoch lines show it from then on
+                    replay_warned = True
                 self.end_epoch(epoch, metrics)
                 history.append(metrics)
             self.finish()
@@ -839,7 +849,8 @@ class Trainer:
             f"{metrics['reward_mean']:.4g} ± {metrics['reward_std']:.3g}"
             f"  loss {format_metric(metrics['loss'], '.3g')}"
             f"  kl {format_metric(metrics['approx_kl'], '.2e')}"
-            f"  clipfrac {format_metric(metrics['clipfrac'], '.3f')}  time sample/reward/train "
+            f"  clipfrac {format_metric(metrics['clipfrac'], '.3f')}"
+            f"{replay_miss(metrics, self.config.train.clip_range)}  time sample/reward/train "
             f"{metrics['seconds_sampling']:.1f}/{metrics['seconds_reward']:.1f}/"
             f"{metrics['seconds_training']:.1f}s"
         )

@@ -64,6 +64,41 @@ def test_lcm_table_rejects_timesteps_outside_its_schedule(tiny_pipeline):
     assert torch.isnan(rows[policy.timesteps()[0] - 1, 1])
 
 
+def test_the_replay_is_measured_before_the_first_update_and_reported():
+    """Before an epoch's first optimiser step the policy is the one that sampled: the
+    log-prob differences then measure the replay (rms and clipped share), apart from the
+    policy's movement after it; the epoch line shows a miss from 1% of the clip range,
+    the run warns from 10% or any clipped action."""
+    from lowvram_ddpo.epoch_metrics import replay_miss, replay_warning
+
+    totals = TrainingTotals()
+    d = 3e-5  # a log-prob difference: approx_kl = d^2 / 2
+    totals.add_micro_step(
+        torch.tensor(1.0), {"approx_kl": torch.tensor(d * d / 2), "clipfrac": torch.tensor(0.0)}
+    )
+    totals.add_micro_step(
+        torch.tensor(1.0), {"approx_kl": torch.tensor(d * d / 2), "clipfrac": torch.tensor(0.5)}
+    )
+    totals.add_optimizer_step(0.5)
+    totals.add_micro_step(
+        torch.tensor(1.0), {"approx_kl": torch.tensor(4.0), "clipfrac": torch.tensor(1.0)}
+    )
+    means = totals.means()
+    assert means["replay_rms"] == pytest.approx(d, rel=1e-4)
+    assert means["replay_clipfrac"] == 0.25
+    assert means["approx_kl"] == 4.0 and means["clipfrac"] == 1.0  # after the update only
+    assert replay_miss(means, 1e-4) == "  replay 3.0e-05"
+    assert "0.30 of the clip range" in replay_warning(means, 1e-4)
+    assert "25.0% of those actions clipped" in replay_warning(means, 1e-4)
+    exact = {"replay_rms": 0.0, "replay_clipfrac": 0.0}
+    assert replay_miss(exact, 1e-4) == "" and replay_warning(exact, 1e-4) == ""
+    close = {"replay_rms": 5e-6, "replay_clipfrac": 0.0}  # 5% of the clip range
+    assert replay_miss(close, 1e-4) and not replay_warning(close, 1e-4)
+    unclipped = {"replay_rms": 1e-3, "replay_clipfrac": None}  # DDPO-SF: no clip range
+    assert replay_miss(unclipped, 1e-4) == "" and replay_warning(unclipped, 1e-4) == ""
+    assert TrainingTotals().means()["replay_rms"] is None  # RWR: no log-probs
+
+
 def test_training_totals_sum_on_the_device_and_read_back_once():
     totals = TrainingTotals()
     totals.add_micro_step(torch.tensor(1.0), {"approx_kl": torch.tensor(5.0)})
@@ -486,6 +521,10 @@ def test_bench_speed_times_a_real_run_and_reports_mfu():
     images = preset.run.epochs * 4 * preset.sample.batches_per_epoch
     assert report["run"]["images"] == images
     assert report["run"]["seconds"] == pytest.approx(images / report["images_per_second"])
+    # sampled and trained 4 at a time in fp32: every epoch's replay exact
+    assert report["replay"] == {
+        "rms_log_prob_difference": 0.0, "clip_fraction": 0.0, "clip_range": 1e-4
+    }  # fmt: skip
 
 
 def test_time_model_reproduces_the_h100_unet_calls_and_ranks_by_card():

@@ -73,6 +73,9 @@ def test_ddpo_is_raises_the_incompressibility_reward(trained_run):
         "seconds_reward",
     ):
         assert key in history[0]
+    # sampled and trained 8 at a time: re-scored before each epoch's first update, the
+    # log-probs are the sampled ones (the run measures its own replay)
+    assert all(m["replay_rms"] == 0.0 and m["replay_clipfrac"] == 0.0 for m in history)
 
 
 def _pipeline_images(pipe: StableDiffusionPipeline) -> torch.Tensor:
@@ -107,6 +110,7 @@ def test_every_algorithm_trains_the_adapter(tiny_preset, tmp_path, algorithm):
     history = train(_config(tiny_preset, f"train.algorithm={algorithm}", "run.epochs=1"), run_dir)
     assert history[0]["optimizer_steps"] == 1
     assert torch.isfinite(torch.tensor(history[0]["loss"]))
+    assert history[0]["replay_clipfrac"] is None  # nothing clipped: no replay to report
     trained = load_file(run_dir / "checkpoints/epoch-0001/adapter_model.safetensors")
     lora_b = [v for k, v in trained.items() if "lora_B" in k]
     assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # B starts at zero

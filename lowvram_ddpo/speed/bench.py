@@ -63,6 +63,10 @@ class SpeedReport:
     peak_so_far_by_epoch: list[dict[str, int]] = field(default_factory=list)
     """The run's peak reserved bytes so far at the end of each epoch, overall and per phase
     (the warm-up first; the trainer's meter keeps the largest): a rise shows growth."""
+    replay: dict[str, float] = field(default_factory=dict)
+    """The worst epoch's replay (``epoch_metrics.TrainingTotals``): log-probs re-scored
+    before the first update against the sampled ones, rms and the share clipped, beside
+    the clip range; empty where the objective clips nothing."""
 
     @property
     def images_per_second(self) -> float:
@@ -107,6 +111,7 @@ class SpeedReport:
             "timed_epoch_seconds": self.timed_epoch_seconds,
             "time_model": self.predicted,
             "peak_so_far_by_epoch": self.peak_so_far_by_epoch,
+            "replay": self.replay,
             "run": {"images": self.run_images, "seconds": self.run_seconds},
             "settings": self.settings,
             "notes": self.notes,
@@ -134,6 +139,13 @@ class SpeedReport:
             lines.append(
                 f"  peak reserved {format_size(self.peak_reserved_bytes)}"
                 + (f" (the peak so far after each epoch: {by_epoch})" if by_epoch else "")
+            )
+        if self.replay:
+            r = self.replay
+            lines.append(
+                f"  replay before the first update: {r['rms_log_prob_difference']:.2e} rms "
+                f"({r['rms_log_prob_difference'] / r['clip_range']:.2f} of the clip range "
+                f"{r['clip_range']:g}), {r['clip_fraction']:.1%} of those actions clipped"
             )
         if self.run_images:
             lines.append(
@@ -228,7 +240,20 @@ def measure_speed(
         timed_epoch_seconds=[e["seconds_epoch"] for e in timed],
         predicted=time_model_per_image(cfg, arch, flops) if on_cuda else {},
         peak_so_far_by_epoch=[_peaks(e) for e in (warmup, *timed)] if on_cuda else [],
+        replay=worst_replay([warmup, *timed], cfg.train.clip_range),
     )
+
+
+def worst_replay(epochs: list[dict], clip_range: float) -> dict[str, float]:
+    """The largest replay miss and clipped share over ``epochs`` (empty: none measured)."""
+    measured = [e for e in epochs if e.get("replay_clipfrac") is not None]
+    if not measured:
+        return {}
+    return {
+        "rms_log_prob_difference": max(e["replay_rms"] for e in measured),
+        "clip_fraction": max(e["replay_clipfrac"] for e in measured),
+        "clip_range": clip_range,
+    }
 
 
 def time_model_per_image(config: Config, arch: str, flops: EpochFlops) -> dict[str, object]:
