@@ -30,6 +30,7 @@ import torch
 
 from lowvram_ddpo.algorithms.steps import MicroBatch, policy_gradient_loss
 from lowvram_ddpo.architectures import native_resolution, random_pipeline
+from lowvram_ddpo.memory.checkpointing import enable_checkpointing
 from lowvram_ddpo.memory.fp8_weights import store_weights_in_fp8
 from lowvram_ddpo.models import DTYPES, make_trainable
 from lowvram_ddpo.policy import build_policy
@@ -57,6 +58,7 @@ def replay_error(
     cpu_autocast: str = "",
     fused_roundings: bool = False,
     seed: int = 0,
+    checkpointing: bool = False,
 ) -> dict[str, object]:
     """``resolution`` 0: the architecture's own; ``precision`` of the base on a GPU;
     ``fused_lora``: the LoRA layers as ``speed.fused_lora`` computes them; ``micro_batch``:
@@ -68,7 +70,8 @@ def replay_error(
     base in that precision under the CPU's autocast, a stand-in for a GPU's rounding.
     ``fused_roundings``: Inductor rounds as it fuses (``speed.compile.inductor_options``
     off), the control for what the trainer's compile avoids. ``seed``: the random
-    weights'."""
+    weights'. ``checkpointing``: the training call recomputes its forward
+    (``memory.gradient_checkpointing``, as the trainer sets it)."""
     micro_batch = micro_batch or batch
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -79,6 +82,8 @@ def replay_error(
     make_trainable(pipe.unet, 4, 4.0, [])  # the model family's default LoRA targets
     if fp8:
         store_weights_in_fp8(pipe.unet)
+    if checkpointing:
+        enable_checkpointing(pipe.unet)
     if half:
         skip_lora_input_casts(pipe.unet)  # as the trainer does under autocast
     if fused_lora:
@@ -124,6 +129,7 @@ def replay_error(
         "fp8": fp8,
         "fused_roundings": fused_roundings,
         "seed": seed,
+        "checkpointing": checkpointing,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "dtype": str(dtype),
         "resolution": resolution,
@@ -160,11 +166,12 @@ def main() -> None:
         help="Inductor rounds as it fuses (the trainer rounds as eager does)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="of the random weights")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     args = parser.parse_args()
     result = replay_error(
         args.arch, args.compile, args.steps, args.batch, args.resolution, args.dtype,
         args.fused_lora, args.micro_batch, args.half_norms, args.fp8, args.cpu_autocast,
-        args.fused_roundings, args.seed,
+        args.fused_roundings, args.seed, args.checkpointing,
     )  # fmt: skip
     print(json.dumps(result))
 
