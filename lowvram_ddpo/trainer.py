@@ -6,6 +6,7 @@ per-prompt statistics are gathered so every process computes the same advantages
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Iterator
@@ -109,6 +110,7 @@ from lowvram_ddpo.speed.compile import (
     split_graph_note,
     uncompiled_calls,
 )
+from lowvram_ddpo.speed.cuda_graphs import GRAPH_EVENTS, graph_events_since, recorded_again_note
 from lowvram_ddpo.speed.half_norms import run_norms_in_half
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
@@ -335,6 +337,11 @@ class Trainer:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def replays_graphs(self) -> bool:
+        """Whether the training call replays CUDA graphs (``speed.compile``)."""
+        return graphs_replay(self.config.speed, "training")
+
     def log(self, message: str) -> None:
         if self.is_main:
             tqdm.write(message)
@@ -357,6 +364,8 @@ class Trainer:
                     self.log(split)  # the first epoch traced every call the run makes
                 if self.checks_time_model(epoch, start) and (check := check_line(cfg, metrics)):
                     self.log(check)
+                if note := recorded_again_note(metrics, cfg.speed.compile, epoch == start):
+                    self.log(note)
                 warning = replay_warning(metrics, cfg.train.clip_range)
                 if warning and not replay_warned:
                     self.log(warning)  # once: the epoch lines show it from then on
@@ -393,6 +402,7 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> dict:
         epoch_started = time.perf_counter()
+        graphs_before = copy.copy(GRAPH_EVENTS)
         samples, rewards, seconds = self.sample_and_score(epoch)
         reward_extras = self.reward_extras()
         advantages, gathered_rewards = self.advantages(samples.prompts, rewards, epoch)
@@ -418,6 +428,7 @@ class Trainer:
             **self.meter.peaks(),
             **reward_extras,
             **evaluation,
+            **(graph_events_since(graphs_before) if self.replays_graphs else {}),
         }
 
     def evaluate(self, epoch: int) -> dict[str, float]:
@@ -472,7 +483,7 @@ class Trainer:
         m, t = self.config.memory, self.config.train
         per_step = t.batch_size * t.gradient_accumulation_steps
         smaller = max((d for d in divisors(per_step) if d < t.batch_size), default=0)
-        graphs = graphs_replay(self.config.speed, "training")  # their pool goes first
+        graphs = self.replays_graphs  # their pool goes first
         decoding_wide = m.decode_batch > 1 and self.phase == "sampling"  # decodes in it
         return (
             f"out of GPU memory while {self.phase} in epoch {epoch + 1} ({kept}). Use less memory "

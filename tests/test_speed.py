@@ -258,6 +258,61 @@ def test_graph_modes_accumulate_gradients_and_keep_outputs_as_eager(tiny_pipelin
         assert g is not None and torch.allclose(g, p.grad, atol=1e-6), name
 
 
+def test_cuda_graph_recordings_are_counted_per_epoch_and_a_late_one_is_said():
+    """cudagraph trees' manager methods are wrapped once (a CPU cannot record a graph:
+    the real methods run on stand-ins for the manager); the counts since a snapshot are
+    an epoch's metrics, and a recording after the process's first epoch is one note."""
+    import itertools
+    from types import SimpleNamespace
+
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+
+    from lowvram_ddpo.speed.cuda_graphs import (
+        GRAPH_EVENTS,
+        count_graph_events,
+        graph_events_since,
+        recorded_again_note,
+    )
+
+    assert count_graph_events() and count_graph_events()  # a second call wraps nothing more
+    assert not hasattr(CUDAGraphTreeManager.new_graph_id.__wrapped__, "__wrapped__")
+    before = copy.copy(GRAPH_EVENTS)
+    manager = SimpleNamespace(
+        graph_counter=itertools.count(7), warmup_node_counter=itertools.count(-1, -1)
+    )
+    assert CUDAGraphTreeManager.new_graph_id(manager).id == 7
+    assert CUDAGraphTreeManager.new_graph_id(manager).id == 8
+    CUDAGraphTreeManager.new_warmup_node_id(manager)
+    events = graph_events_since(before)
+    assert events == {
+        "cuda_graph_recorded": 2, "cuda_graph_warmups": 1, "cuda_graph_pool_restores": 0
+    }  # fmt: skip
+    metrics = {"epoch": 3, **events}
+    assert recorded_again_note(metrics, "cudagraphs", first_epoch=True) == ""
+    note = recorded_again_note(metrics, "cudagraphs", first_epoch=False)
+    assert "recorded 2 CUDA graph(s) again in epoch 3 (1 warm-up runs)" in note
+    quiet = {"epoch": 3, "cuda_graph_recorded": 0}
+    assert recorded_again_note(quiet, "cudagraphs", first_epoch=False) == ""
+
+
+def test_bench_speed_reports_graph_events_per_epoch_when_graphs_replay(monkeypatch):
+    """Where the training call replays CUDA graphs, each epoch's metrics carry the graph
+    events and `bench speed` lists them per epoch (on the CPU no graph records: zeros)."""
+    from lowvram_ddpo.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "replays_graphs", property(lambda self: True))
+    result = runner.invoke(
+        app,
+        ["bench", "speed", "--preset", "pocket-incompressibility", "--batches", "1",
+         "--set", "sample.num_steps=2", "--set", "sample.batch_size=2",
+         "--set", "train.batch_size=2", "--set", "train.gradient_accumulation_steps=1",
+         "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    events = json.loads(result.stdout)["cuda_graph_events_by_epoch"]
+    assert len(events) == 2 and all(e["cuda_graph_recorded"] == 0 for e in events)
+
+
 def test_one_off_renders_run_eagerly_under_compile(tiny_pipeline):
     """Grids and evaluation call the compiled UNet with shapes of their own: inside
     ``uncompiled_calls`` nothing is traced (no compile, no CUDA-graph pool of its own) and

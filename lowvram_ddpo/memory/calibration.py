@@ -28,8 +28,10 @@ GRAPHS_LATER_EPOCH_GROWTH = int(1.4 * GB)
 GiB (H200, SD 1.5 micro-batch 4, both calls graphed), 1.41 (H100, micro-batch 8, the
 training call graphed) and 1.16 (H100, RLCM, both graphed), all 2026-11-26; the first
 epochs' peaks were within 5% of the estimate without it. Cause not known yet (a second
-recording of some graph?), nor whether later epochs grow further (``bench speed
---epochs``): the largest rise (1.41) to one decimal is added to every phase."""
+recording of some graph? each epoch's recordings are counted since:
+``speed.cuda_graphs.count_graph_events``, in ``bench speed``'s JSON), nor whether later
+epochs grow further (``bench speed --epochs``): the largest rise (1.41) to one decimal is
+added to every phase."""
 
 
 def reserved_bytes(allocated: int, graph_pool: int = 0) -> int:

@@ -63,6 +63,10 @@ class SpeedReport:
     peak_so_far_by_epoch: list[dict[str, int]] = field(default_factory=list)
     """The run's peak reserved bytes so far at the end of each epoch, overall and per phase
     (the warm-up first; the trainer's meter keeps the largest): a rise shows growth."""
+    graph_events_by_epoch: list[dict[str, int]] = field(default_factory=list)
+    """Under CUDA graphs, each epoch's recordings, warm-up runs and pool restores
+    (``speed.cuda_graphs.count_graph_events``; the warm-up epoch first): after the first
+    epoch there should be none."""
     replay: dict[str, float] = field(default_factory=dict)
     """The worst epoch's replay (``epoch_metrics.TrainingTotals``): log-probs re-scored
     before the first update against the sampled ones, rms and the share clipped, beside
@@ -111,6 +115,7 @@ class SpeedReport:
             "timed_epoch_seconds": self.timed_epoch_seconds,
             "time_model": self.predicted,
             "peak_so_far_by_epoch": self.peak_so_far_by_epoch,
+            "cuda_graph_events_by_epoch": self.graph_events_by_epoch,
             "replay": self.replay,
             "run": {"images": self.run_images, "seconds": self.run_seconds},
             "settings": self.settings,
@@ -140,6 +145,9 @@ class SpeedReport:
                 f"  peak reserved {format_size(self.peak_reserved_bytes)}"
                 + (f" (the peak so far after each epoch: {by_epoch})" if by_epoch else "")
             )
+        if self.graph_events_by_epoch:
+            recorded = ", ".join(str(e["cuda_graph_recorded"]) for e in self.graph_events_by_epoch)
+            lines.append(f"  CUDA graphs recorded in each epoch: {recorded}")
         if self.replay:
             r = self.replay
             lines.append(
@@ -240,6 +248,11 @@ def measure_speed(
         timed_epoch_seconds=[e["seconds_epoch"] for e in timed],
         predicted=time_model_per_image(cfg, arch, flops) if on_cuda else {},
         peak_so_far_by_epoch=[_peaks(e) for e in (warmup, *timed)] if on_cuda else [],
+        graph_events_by_epoch=[
+            {k: v for k, v in e.items() if k.startswith("cuda_graph_")}
+            for e in (warmup, *timed)
+            if "cuda_graph_recorded" in e
+        ],
         replay=worst_replay([warmup, *timed], cfg.train.clip_range),
     )
 

@@ -43,7 +43,11 @@ from torch._inductor import list_mode_options
 
 from lowvram_ddpo.config import COMPILE_MODES, SpeedConfig
 from lowvram_ddpo.errors import UserError
-from lowvram_ddpo.speed.cuda_graphs import make_graph_safe, replays_cuda_graphs
+from lowvram_ddpo.speed.cuda_graphs import (
+    count_graph_events,
+    make_graph_safe,
+    replays_cuda_graphs,
+)
 
 RECOMPILE_LIMIT = 32
 
@@ -153,6 +157,7 @@ def compile_unet(
         unet.compile(backend=backend, dynamic=False)
     if replays_cuda_graphs(mode, backend):
         make_graph_safe(unet)
+        count_graph_events()  # the epochs report what the graphs' pool went through
     if backend == "cudagraphs":
         return (
             "torch.compile (cudagraphs): the first call of each shape is traced and recorded "
