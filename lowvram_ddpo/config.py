@@ -178,7 +178,8 @@ class SpeedConfig:
     """torch.compile the UNet: off, default (fused kernels), reduce-overhead (+ CUDA
     graphs) or max-autotune: compiling each shape takes minutes on a GPU (cached on disk
     for the next run), so they pay on long runs; they need Triton on a GPU; they round
-    as eager does, so the replay stays exact (tested on the CPU in bf16). cudagraphs:
+    half-precision results where eager does (the replay: exact in ten seeded bf16 runs on
+    the CPU, not yet measured on a GPU; max-autotune may pick kernels per graph). cudagraphs:
     the UNet's own kernels replayed as CUDA graphs, no Triton and no kernel generation
     (a trace of seconds to a minute per shape), CUDA only; measured on an H200 with SD
     1.5: bit-exact fp16 replay, training 1.88x faster at micro-batch 4, +2.3 GiB for the
@@ -698,6 +699,10 @@ def validate(config: Config) -> None:
         (
             t.learning_rate > 0 and math.isfinite(t.learning_rate),
             "train.learning_rate must be a positive number",
+        ),
+        (
+            t.clip_range > 0 and math.isfinite(t.clip_range),
+            "train.clip_range must be a positive number (the paper's: 1e-4)",
         ),
         (0 <= t.sparse_rwr_percentile < 100, "train.sparse_rwr_percentile must be in [0, 100)"),
         (config.reward.batch_size >= 1, "reward.batch_size must be at least 1"),

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lowvram_ddpo.config import Config
+
 FROM_THE_START = ("kl_to_base", "nft_positive", "nft_negative")
 """Metrics that mean something before the epoch's first optimiser step (the distance to
 the base model: zero at the start of training, not by construction within an epoch;
@@ -22,16 +24,17 @@ REPLAY_WARNED = 0.1
 @dataclass
 class TrainingTotals:
     """An epoch's training metrics, averaged. ``approx_kl`` and ``clipfrac`` compare the
-    policy with the one that sampled, so before the epoch's first optimiser step they are
-    zero by construction: they are averaged over the micro-steps after it, and are None
-    ("n/a") when there were none (one optimiser step per epoch) or the objective has none.
+    policy with the one that sampled: they are averaged over the micro-steps after the
+    epoch's first optimiser step, and are None ("n/a") when there were none (one
+    optimiser step per epoch) or the objective has none.
 
-    Before that step the same two numbers measure the replay instead: the log-probs
-    re-scored under the weights that sampled, in the training path, against the stored
-    ones (``replay_rms``, their root-mean-square difference, and ``replay_clipfrac``, the
-    actions clipped by that difference alone). Exact replay gives 0; a speed path or a
-    micro-batch that computes with other kernels than sampling did shows here, measured
-    on the run itself at no cost."""
+    Before that step the weights are the ones that sampled, and the same two numbers
+    measure the replay instead: the log-probs re-scored in the training path against the
+    stored ones (``replay_rms``, their root-mean-square difference, each micro-step
+    weighted alike, and ``replay_clipfrac``, the actions clipped by it alone). Exact
+    replay gives 0; a speed path or a micro-batch that computes with other kernels than
+    sampling did shows here, measured on the run itself at no extra compute, over the
+    first optimiser step's samples and timesteps (the presets': a quarter of an epoch)."""
 
     sums: dict[str, float | torch.Tensor] = field(default_factory=dict)
     """Running sums; per-micro-step values stay on the device (adding them there costs
@@ -85,30 +88,50 @@ class TrainingTotals:
         }
 
 
+def _replay_measured(metrics: dict) -> float | None:
+    """The epoch's finite replay miss where its objective clips a ratio, else None (a
+    diverged micro-step's NaN is the divergence guard's to report)."""
+    rms = metrics.get("replay_rms")
+    if rms is None or metrics.get("replay_clipfrac") is None or not math.isfinite(rms):
+        return None
+    return rms
+
+
 def replay_miss(metrics: dict, clip_range: float) -> str:
     """The epoch line's piece for a replay that missed by ``REPLAY_SHOWN`` of the clip
     range or more ("" when closer, or when the objective clips nothing)."""
-    rms = metrics.get("replay_rms")
-    if rms is None or metrics.get("replay_clipfrac") is None or rms < REPLAY_SHOWN * clip_range:
+    rms = _replay_measured(metrics)
+    if rms is None or rms < REPLAY_SHOWN * clip_range:
         return ""
     return f"  replay {rms:.1e}"
 
 
-def replay_warning(metrics: dict, clip_range: float) -> str:
+def replay_warning(metrics: dict, config: Config) -> str:
     """One line when the epoch's replay missed by ``REPLAY_WARNED`` of the clip range or
-    clipped an action ("" otherwise, or when the objective clips nothing)."""
-    rms, clipped = metrics.get("replay_rms"), metrics.get("replay_clipfrac")
-    if rms is None or clipped is None:
+    clipped an action ("" otherwise, or when the objective clips nothing), with the
+    likely cause for ``config``."""
+    rms, clip_range = _replay_measured(metrics), config.train.clip_range
+    clipped = metrics.get("replay_clipfrac") or 0.0
+    if rms is None or (rms < REPLAY_WARNED * clip_range and clipped == 0):
         return ""
-    if rms < REPLAY_WARNED * clip_range and clipped == 0:
-        return ""
+    s, t = config.sample, config.train
+    if t.batch_size != s.batch_size:
+        cause = (
+            f"training re-scores {t.batch_size} at a time what sampling computed "
+            f"{s.batch_size} at a time, with other kernels; equal batches replay exactly "
+            "(measured on an H100)"
+        )
+    else:
+        cause = (
+            f"sampling and training ran other kernels at equal batches (speed.compile="
+            f"{config.speed.compile}); `lowvram-ddpo bench speed` reports each setting's "
+            "replay: please report the line"
+        )
     return (
         f"note: this epoch's replay is not exact: re-scored before the first update, the "
         f"log-probs differ from the sampled ones by {rms:.1e} rms ({rms / clip_range:.2f} of "
         f"the clip range {clip_range:g}; {clipped:.1%} of those actions clipped by rounding "
-        "alone): training computed with other kernels than sampling did. An equal "
-        "train.batch_size and sample.batch_size replays exactly (measured on an H100); "
-        "`lowvram-ddpo bench speed` reports each setting's replay"
+        f"alone): {cause}"
     )
 
 

@@ -110,7 +110,12 @@ from lowvram_ddpo.speed.compile import (
     split_graph_note,
     uncompiled_calls,
 )
-from lowvram_ddpo.speed.cuda_graphs import GRAPH_EVENTS, graph_events_since, recorded_again_note
+from lowvram_ddpo.speed.cuda_graphs import (
+    GRAPH_EVENTS,
+    graph_events_counted,
+    graph_events_since,
+    recorded_again_note,
+)
 from lowvram_ddpo.speed.half_norms import run_norms_in_half
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
@@ -342,6 +347,12 @@ class Trainer:
         """Whether the training call replays CUDA graphs (``speed.compile``)."""
         return graphs_replay(self.config.speed, "training")
 
+    @property
+    def counts_graph_events(self) -> bool:
+        """Whether the epochs report CUDA-graph events: graphs replay, and this torch's
+        cudagraph trees could be counted (``speed.cuda_graphs.count_graph_events``)."""
+        return self.replays_graphs and graph_events_counted()
+
     def log(self, message: str) -> None:
         if self.is_main:
             tqdm.write(message)
@@ -366,7 +377,7 @@ class Trainer:
                     self.log(check)
                 if note := recorded_again_note(metrics, cfg.speed.compile, epoch == start):
                     self.log(note)
-                warning = replay_warning(metrics, cfg.train.clip_range)
+                warning = replay_warning(metrics, cfg)
                 if warning and not replay_warned:
                     self.log(warning)  # once: the epoch lines show it from then on
                     replay_warned = True
@@ -411,6 +422,8 @@ class Trainer:
         with self.meter.phase("training"):
             train_metrics = self.train_on(samples, advantages, epoch)
         self.optimizer_steps_done += train_metrics["optimizer_steps"]
+        # the epoch's CUDA-graph events, evaluation's one-off shapes left out
+        graph_events = graph_events_since(graphs_before) if self.counts_graph_events else {}
         if self.sampling_weights is not None:  # NFT's sampling policy follows the trained one
             self.sampling_weights.follow(old_policy_decay(self.optimizer_steps_done))
         seconds["seconds_training"] = time.perf_counter() - started
@@ -428,7 +441,7 @@ class Trainer:
             **self.meter.peaks(),
             **reward_extras,
             **evaluation,
-            **(graph_events_since(graphs_before) if self.replays_graphs else {}),
+            **graph_events,
         }
 
     def evaluate(self, epoch: int) -> dict[str, float]:

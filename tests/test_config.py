@@ -96,6 +96,7 @@ def test_bad_overrides_say_what_is_wrong(assignment, message):
         ("train.algorithm=grpo", "set sample.group_size >= 2"),
         ("sample.group_size=7", "must divide the epoch's images"),
         ("sample.group_size=0", "group_size must be >= 1"),
+        ("train.clip_range=0", "clip_range must be a positive number"),
     ],
 )
 def test_validation_rejects_settings_that_cannot_work(assignment, message):

@@ -73,7 +73,7 @@ def test_ddpo_is_raises_the_incompressibility_reward(trained_run):
         "seconds_reward",
     ):
         assert key in history[0]
-    # sampled and trained 8 at a time: re-scored before each epoch's first update, the
+    # sampled and trained 16 at a time: re-scored before each epoch's first update, the
     # log-probs are the sampled ones (the run measures its own replay)
     assert all(m["replay_rms"] == 0.0 and m["replay_clipfrac"] == 0.0 for m in history)
 

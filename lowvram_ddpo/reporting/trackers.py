@@ -20,7 +20,13 @@ from lowvram_ddpo.config import LOG_WITH, Config, to_dict
 from lowvram_ddpo.errors import UserError
 
 LOGS_DIR = "logs"
-GROUPS = {"reward_": "reward/", "eval_": "eval/", "seconds_": "time/", "peak_": "memory/"}
+GROUPS = {
+    "reward_": "reward/",
+    "eval_": "eval/",
+    "seconds_": "time/",
+    "peak_": "memory/",
+    "cuda_graph_": "cuda_graphs/",
+}
 NOT_LOGGED = {"epoch"}
 """The step itself."""
 

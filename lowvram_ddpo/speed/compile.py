@@ -118,9 +118,13 @@ def inductor_options(mode: str, eager_roundings: bool = True) -> dict[str, objec
     clipped; with eager's, by 0.0 for every seed tried (docs/benchmarks.md has the rows
     and one unseeded run that missed). A diffusers attention block shows it alone
     (``tests/test_speed.py``). The rounding is a cast in registers inside each fused
-    kernel, no extra memory traffic; its GPU cost and the GPU replay are not measured yet
-    (``benchmarks/gpu_session.sh compile``). ``max-autotune`` may also pick other matmul
-    kernels per graph: measure its replay before training with it."""
+    kernel, no extra memory traffic; in torch 2.13 the setting also turns off Triton's
+    fused multiply-adds and takes PyTorch's libdevice (eager's numerics again): its GPU
+    cost and the GPU replay are not measured yet (``benchmarks/gpu_session.sh
+    compile``). It changes the pointwise roundings only: reductions and kernel choices
+    may still differ between the two graphs (``max-autotune`` picks matmul kernels per
+    graph: measure its replay before training with it). A run measures its own replay
+    (``epoch_metrics``)."""
     options: dict[str, object] = dict(list_mode_options(mode))
     if eager_roundings and hasattr(inductor_config, EAGER_ROUNDINGS):
         options[EAGER_ROUNDINGS] = True
@@ -150,9 +154,15 @@ def compile_unet(
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     # static shapes: each of the run's few shapes (sampling, training, grid) is compiled
     # once, specialised, instead of one slower dynamic-shape kernel for all of them
+    rounding = ""
     if backend == "inductor":
         options = inductor_options(mode, eager_roundings)
         unet.compile(backend=backend, options=options, dynamic=False)
+        if eager_roundings and EAGER_ROUNDINGS not in options:
+            rounding = (
+                f"; torch {torch.__version__} cannot round as eager does: sampling and "
+                "training may round apart (watch the epoch line's replay, or update torch)"
+            )
     else:
         unet.compile(backend=backend, dynamic=False)
     if replays_cuda_graphs(mode, backend):
@@ -165,7 +175,7 @@ def compile_unet(
         )
     return (
         f"torch.compile ({mode}): the first call of each shape compiles (minutes on a GPU, "
-        f"less when cached in {compile_cache_dir()})"
+        f"less when cached in {compile_cache_dir()}){rounding}"
     )
 
 

@@ -75,7 +75,8 @@ class GraphEvents:
     recorded: int = 0
     """CUDA graphs recorded: each holds its working memory in the pool for the run."""
     warmups: int = 0
-    """Warm-up runs: a function's first call runs eagerly, allocating in the pool."""
+    """Warm-up nodes: calls run eagerly inside the pool before (or instead of) a
+    recording, a function's first call among them."""
     pool_restores: int = 0
     """The allocator's pool state set back to a recorded one, to record another graph
     beside live tensors."""
@@ -101,7 +102,7 @@ def count_graph_events() -> bool:
         from torch._inductor.cudagraph_trees import CUDAGraphTreeManager as Manager
     except ImportError:
         return False
-    if getattr(Manager, "_lowvram_ddpo_counted", False):
+    if graph_events_counted():
         return True
     if not all(callable(getattr(Manager, name, None)) for name in _COUNTED):
         return False
@@ -109,6 +110,16 @@ def count_graph_events() -> bool:
         setattr(Manager, name, _counting(getattr(Manager, name), field))
     Manager._lowvram_ddpo_counted = True
     return True
+
+
+def graph_events_counted() -> bool:
+    """Whether ``count_graph_events`` hooked this torch's manager (else the counts stay 0
+    whatever the graphs do: nothing to report)."""
+    try:
+        from torch._inductor.cudagraph_trees import CUDAGraphTreeManager as Manager
+    except ImportError:
+        return False
+    return getattr(Manager, "_lowvram_ddpo_counted", False)
 
 
 def _counting(method: Callable, field: str) -> Callable:
