@@ -312,9 +312,13 @@ for line in open(sys.argv[1]):
     r, head = row["result"], f"{row['stage']:<24} exit {row['rc']:<3} {row['seconds']:>4} s"
     if isinstance(r, dict) and "images_per_second" in r:
         s, mfu = r["seconds_per_image"], r["mfu"]
+        replay = r.get("replay") or {}
+        recorded = [e["cuda_graph_recorded"] for e in r.get("cuda_graph_events_by_epoch", [])]
         print(f"{head}  {r['images_per_second']:.3f} img/s  sampling {s['sampling']:.3f} "
               f"training {s['training']:.3f} s/img  MFU train {mfu['training']}  "
-              f"peak reserved {r['peak_reserved_bytes']}")
+              f"peak reserved {r['peak_reserved_bytes']}"
+              + (f"  replay {replay['replay_rms']:.2e}" if replay else "")
+              + (f"  graphs recorded per epoch {recorded}" if recorded else ""))
     elif isinstance(r, dict) and "runs" in r:
         for name, run in r["runs"].items():
             rates = run.get("rates", {})

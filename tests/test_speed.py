@@ -810,6 +810,8 @@ def test_the_gpu_session_script_runs_its_stages_and_keeps_its_deadline(tmp_path)
         {"stage": "profile", "skipped": deadline},
     ]
     assert "replay-off               skipped (the part's deadline)" in done.stdout
+    bench_line = next(line for line in done.stdout.splitlines() if line.startswith("bench "))
+    assert "img/s" in bench_line and "  replay " in bench_line  # its path's own replay
     assert "epoch 2/2" in (tmp_path / "session.log").read_text()  # the run's own lines
 
 
