@@ -215,6 +215,24 @@ def test_inductor_rounds_sampling_and_training_alike(fresh_dynamo, tmp_path, mon
     assert torch.equal(sampled, trained)
 
 
+def test_inductor_options_are_the_modes_with_eager_roundings(monkeypatch):
+    """Each Inductor mode's own options, plus rounding as eager does; a torch without the
+    setting compiles as before and its log line says the replay may suffer."""
+    import lowvram_ddpo.speed.compile as compile_module
+    from lowvram_ddpo.speed.compile import inductor_options
+
+    assert inductor_options("default") == {"emulate_precision_casts": True}
+    assert inductor_options("reduce-overhead") == {
+        "triton.cudagraphs": True, "emulate_precision_casts": True
+    }  # fmt: skip
+    assert inductor_options("max-autotune", eager_roundings=False)["max_autotune"]
+    line = compile_unet(torch.nn.Linear(2, 2), "default", torch.device("cpu"))
+    assert "cannot round" not in line
+    monkeypatch.setattr(compile_module, "EAGER_ROUNDINGS", "a_setting_this_torch_lacks")
+    line = compile_unet(torch.nn.Linear(2, 2), "default", torch.device("cpu"))
+    assert "cannot round as eager does" in line and "watch the epoch line's replay" in line
+
+
 @pytest.mark.skipif(not SLOW, reason="~2 min of C++ compilation: LOWVRAM_DDPO_SLOW_TESTS=1")
 def test_inductor_replay_in_bf16_is_exact(fresh_dynamo, tmp_path, monkeypatch):
     """The pocket model sampled and re-scored under Inductor in bf16 on the CPU (the

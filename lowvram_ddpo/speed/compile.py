@@ -154,17 +154,8 @@ def compile_unet(
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     # static shapes: each of the run's few shapes (sampling, training, grid) is compiled
     # once, specialised, instead of one slower dynamic-shape kernel for all of them
-    rounding = ""
-    if backend == "inductor":
-        options = inductor_options(mode, eager_roundings)
-        unet.compile(backend=backend, options=options, dynamic=False)
-        if eager_roundings and EAGER_ROUNDINGS not in options:
-            rounding = (
-                f"; torch {torch.__version__} cannot round as eager does: sampling and "
-                "training may round apart (watch the epoch line's replay, or update torch)"
-            )
-    else:
-        unet.compile(backend=backend, dynamic=False)
+    options = inductor_options(mode, eager_roundings) if backend == "inductor" else None
+    unet.compile(backend=backend, options=options, dynamic=False)
     if replays_cuda_graphs(mode, backend):
         make_graph_safe(unet)
         count_graph_events()  # the epochs report what the graphs' pool went through
@@ -172,6 +163,12 @@ def compile_unet(
         return (
             "torch.compile (cudagraphs): the first call of each shape is traced and recorded "
             "as a CUDA graph (seconds to a minute), then replayed"
+        )
+    rounding = ""
+    if options is not None and eager_roundings and EAGER_ROUNDINGS not in options:
+        rounding = (
+            f"; torch {torch.__version__} cannot round as eager does: sampling and training "
+            "may round apart (watch the epoch line's replay, or update torch)"
         )
     return (
         f"torch.compile ({mode}): the first call of each shape compiles (minutes on a GPU, "
