@@ -267,3 +267,27 @@ def test_grid_every_minus_one_renders_no_grid(tiny_preset, tmp_path):
     train(_config(tiny_preset, "run.epochs=1", "run.grid_every=-1"), run_dir)
     assert _metrics(run_dir)[0]["epoch"] == 1
     assert not list(run_dir.glob("grids/*.png"))
+
+
+def test_a_run_whose_replay_misses_says_so_once_and_shows_it_each_epoch(
+    tiny_preset, tmp_path, monkeypatch, capsys
+):
+    """Stored log-probs off by 3e-5 (as other kernels' rounding would leave them): each
+    epoch measures a 3e-5 replay miss before its first update, its line shows it, and the
+    run says once that the replay is not exact (0.30 of the clip range)."""
+    from lowvram_ddpo.trainer import Trainer
+
+    sample_and_score = Trainer.sample_and_score
+
+    def rounded_apart(self, epoch):  # noqa: ANN001, ANN202
+        samples, rewards, seconds = sample_and_score(self, epoch)
+        samples.log_probs += 3e-5
+        return samples, rewards, seconds
+
+    monkeypatch.setattr(Trainer, "sample_and_score", rounded_apart)
+    history = train(_config(tiny_preset), tmp_path / "run")
+    assert [m["replay_rms"] for m in history] == [pytest.approx(3e-5, rel=0.02)] * 2
+    output = capsys.readouterr().out
+    assert output.count("replay 3.0e-05") == 2  # both epoch lines
+    assert output.count("this epoch's replay is not exact") == 1
+    assert "0.30 of the clip range" in output and "equal batches (speed.compile=off)" in output
