@@ -215,6 +215,24 @@ def test_inductor_rounds_sampling_and_training_alike(fresh_dynamo, tmp_path, mon
     assert torch.equal(sampled, trained)
 
 
+def test_compiled_code_is_kept_where_a_reboot_leaves_it(tmp_path, monkeypatch):
+    """PyTorch writes its /tmp default into TORCHINDUCTOR_CACHE_DIR as its compiler loads:
+    that value counts as unset and compiling moves the cache under the user's cache
+    folder; a folder the user chose is kept."""
+    import torch._dynamo.utils  # noqa: F401  (writes PyTorch's default, as in a real run)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(default_cache_dir()))
+    ours = tmp_path / "xdg" / "lowvram-ddpo" / "torch-compile"
+    assert compile_cache_dir() == ours
+    line = compile_unet(torch.nn.Linear(2, 2), "default", torch.device("cpu"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(ours) and str(ours) in line
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "chosen"))
+    compile_unet(torch.nn.Linear(2, 2), "default", torch.device("cpu"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "chosen")
+
+
 def test_inductor_options_are_the_modes_with_eager_roundings(monkeypatch):
     """Each Inductor mode's own options, plus rounding as eager does; a torch without the
     setting compiles as before and its log line says the replay may suffer."""

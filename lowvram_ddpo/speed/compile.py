@@ -55,12 +55,24 @@ RECOMPILE_LIMIT = 32
 def compile_cache_dir() -> Path:
     """Where compiled kernels are kept: ``TORCHINDUCTOR_CACHE_DIR`` when the user set it,
     else ``$XDG_CACHE_HOME/lowvram-ddpo/torch-compile`` (``~/.cache/...``), which survives
-    a reboot, unlike PyTorch's default under /tmp."""
+    a reboot, unlike PyTorch's default under /tmp. PyTorch writes its default into the
+    variable as its compiler modules load (importing ``torch._dynamo.utils`` does), so a
+    value equal to that default counts as unset."""
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if chosen:
+    if chosen and chosen != _torch_default_cache_dir():
         return Path(chosen)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "lowvram-ddpo" / "torch-compile"
+
+
+def _torch_default_cache_dir() -> str:
+    """PyTorch's own default for ``TORCHINDUCTOR_CACHE_DIR`` ("" where this torch keeps
+    it elsewhere)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return ""
+    return os.path.abspath(default_cache_dir())
 
 
 def check_compiler(device: torch.device) -> None:
@@ -148,7 +160,9 @@ def compile_unet(
     check_compile_mode(mode, device, backend)
     counters["graph_break"].clear()  # split_graph_note speaks of this run's traces only
     if backend == "inductor":
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+        # Inductor reads the variable at each compile: set, not setdefault (PyTorch has
+        # already written its /tmp default there)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
     # one compiled entry per grad mode, train/eval, adapters on/off and shape: sampling,
     # training, the KL guard's base model, NFT's old policy, the grids, ... (default 8)
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
