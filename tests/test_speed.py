@@ -233,11 +233,13 @@ def test_compiled_code_is_kept_where_a_reboot_leaves_it(tmp_path, monkeypatch):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "chosen")
 
 
-def test_inductor_options_are_the_modes_with_eager_roundings(monkeypatch):
+def test_inductor_options_are_the_modes_with_eager_roundings(tmp_path, monkeypatch):
     """Each Inductor mode's own options, plus rounding as eager does; a torch without the
     setting compiles as before and its log line says the replay may suffer."""
     import lowvram_ddpo.speed.compile as compile_module
     from lowvram_ddpo.speed.compile import inductor_options
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
 
     assert inductor_options("default") == {"emulate_precision_casts": True}
     assert inductor_options("reduce-overhead") == {
