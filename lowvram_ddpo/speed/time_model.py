@@ -22,10 +22,12 @@ of an 8-step LCM's; tiling counted as tiled). An fp8 base (``memory.quantize=fp8
 its dequantisation to each pass: host time (``FP8_MODULES_PER_LAYER``) and memory traffic
 (``FP8_DEQUANTISE_BYTES``, at a bandwidth assumed), neither timed on a GPU. bitsandbytes'
 nf4/int8 dequantisation is not modelled: the one nf4 row (H100, 2026-11-25, micro-batch 1,
-launch-bound) ran no slower than the 16-bit base's with the same offloading (0.69 and
-11.51 s per image of sampling and training against 0.82 and 12.36, in another call of a
-machine whose rows varied by 20%); at arithmetic-bound batches it is not measured, and
-the fit only ranks settings of one base against each other. Encoding and
+launch-bound; ``../shared/measurements/h100-2026-11-25/`` rows ``sd15-nf4`` in gpu2.jsonl
+and ``sd15`` in gpu1.jsonl) took 0.69 and 11.51 s per image of sampling and training
+against the 16-bit base's 0.82 and 12.36 with the same offloading, in another call of a
+machine whose rows varied by 20%: no cost told apart from that noise; at
+arithmetic-bound batches it is not measured, and the fit only ranks settings of one base
+against each other. Encoding and
 the reward are not modelled apart: the loop overheads cover them and the trainer's own
 time, as measured.
 
