@@ -265,6 +265,10 @@ case "$part" in
     # budget (not measured). Needs a call of its own: GPU_SESSION_SKIP the three above
     stage sdxl-default 540 bench_speed --preset sdxl-aesthetic --batches 1 \
       --set memory.optimizer=adamw --set memory.vram=off --set speed.compile=default
+    # sampled through the training call's graph, Inductor's own roundings: exact by
+    # construction on the CPU; the lever if replay-default is not exact on the GPU
+    stage replay-training-graph 300 "$PY" benchmarks/replay_error.py --arch sd15 \
+      --compile default --steps 10 --fused-roundings --training-graph-sampling
     # the control: Inductor's own roundings (no eager roundings), what the trainer avoids
     # (on the CPU in bf16: ~50 times the clip range); last, it only explains
     stage replay-default-fused-roundings 300 "$PY" benchmarks/replay_error.py --arch sd15 \

@@ -8,7 +8,8 @@
     python benchmarks/replay_error.py --arch sd15 --fp8 (memory.quantize=fp8's base)
     python benchmarks/replay_error.py --arch sd15 --batch 8 --micro-batch 1 (a real run's)
     python benchmarks/replay_error.py --compile default --cpu-autocast bf16 (no GPU: the
-        pocket model in bf16 on the CPU; add --fused-roundings for Inductor's own roundings)
+        pocket model in bf16 on the CPU; add --fused-roundings for Inductor's own roundings,
+        --training-graph-sampling to sample through the training call's graph)
 
 Samples a batch with the trainer's policy (random-weight model built from the
 architecture's config, fp16 or --dtype bf16 autocast on a GPU, fp32 on the CPU unless
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import nullcontext
 
 import torch
 
@@ -39,6 +41,7 @@ from lowvram_ddpo.speed.compile import compile_unet
 from lowvram_ddpo.speed.half_norms import run_norms_in_half
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
+from lowvram_ddpo.speed.training_graph_sampling import through_training_graph
 from lowvram_ddpo.text_encoding import encode_negative
 
 CLIP_RANGE = 1e-4
@@ -59,6 +62,7 @@ def replay_error(
     fused_roundings: bool = False,
     seed: int = 0,
     checkpointing: bool = False,
+    training_graph_sampling: bool = False,
 ) -> dict[str, object]:
     """``resolution`` 0: the architecture's own; ``precision`` of the base on a GPU;
     ``fused_lora``: the LoRA layers as ``speed.fused_lora`` computes them; ``micro_batch``:
@@ -71,7 +75,8 @@ def replay_error(
     ``fused_roundings``: Inductor rounds as it fuses (``speed.compile.inductor_options``
     off), the control for what the trainer's compile avoids. ``seed``: the random
     weights'. ``checkpointing``: the training call recomputes its forward
-    (``memory.gradient_checkpointing``, as the trainer sets it)."""
+    (``memory.gradient_checkpointing``, as the trainer sets it). ``training_graph_sampling``:
+    sampled through the training call's graph (``speed/training_graph_sampling.py``)."""
     micro_batch = micro_batch or batch
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -98,7 +103,8 @@ def replay_error(
     negative = encode_negative(pipe, "").to(device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=half)
     pipe.unet.eval()
-    with autocast:
+    sampling = through_training_graph(pipe.unet) if training_graph_sampling else nullcontext()
+    with autocast, sampling:
         samples = sample_trajectories(
             pipe, pipe.unet, policy, ["a photo"] * batch, negative, 5.0,
             resolution, torch.Generator().manual_seed(0),
@@ -130,6 +136,7 @@ def replay_error(
         "fused_roundings": fused_roundings,
         "seed": seed,
         "checkpointing": checkpointing,
+        "training_graph_sampling": training_graph_sampling,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "dtype": str(dtype),
         "resolution": resolution,
@@ -167,11 +174,15 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="of the random weights")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    parser.add_argument(
+        "--training-graph-sampling", action="store_true",
+        help="sample through the training call's compiled graph",
+    )  # fmt: skip
     args = parser.parse_args()
     result = replay_error(
         args.arch, args.compile, args.steps, args.batch, args.resolution, args.dtype,
         args.fused_lora, args.micro_batch, args.half_norms, args.fp8, args.cpu_autocast,
-        args.fused_roundings, args.seed, args.checkpointing,
+        args.fused_roundings, args.seed, args.checkpointing, args.training_graph_sampling,
     )  # fmt: skip
     print(json.dumps(result))
 

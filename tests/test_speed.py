@@ -178,11 +178,18 @@ def test_compiled_unet_replays_its_own_samples_exactly(
         assert (tmp_path / "cache").is_dir()  # compiled code kept for the next run
 
 
-def _attention_block_outputs(eager_roundings: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_block_outputs(
+    eager_roundings: bool, training_graph_sampling: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A diffusers transformer block (self- and cross-attention, as in SD's UNet) in bf16,
-    compiled by Inductor through ``compile_unet``: its output sampled (eval, no gradients)
-    and in training (train mode, a trainable weight: the forward of a joint graph)."""
+    compiled by Inductor through ``compile_unet``: its output sampled (eval, no gradients;
+    or through the training graph) and in training (train mode, a trainable weight: the
+    forward of a joint graph)."""
+    from contextlib import nullcontext
+
     from diffusers.models.attention import BasicTransformerBlock
+
+    from lowvram_ddpo.speed.training_graph_sampling import through_training_graph
 
     torch.manual_seed(0)
     block = BasicTransformerBlock(32, 2, 16, cross_attention_dim=32).to(torch.bfloat16)
@@ -191,10 +198,12 @@ def _attention_block_outputs(eager_roundings: bool) -> tuple[torch.Tensor, torch
     x = torch.randn(2, 16, 32, dtype=torch.bfloat16)
     cond = torch.randn(2, 8, 32, dtype=torch.bfloat16)
     compile_unet(block, "default", torch.device("cpu"), eager_roundings=eager_roundings)
+    sampling = through_training_graph(block) if training_graph_sampling else nullcontext()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         block.eval()
-        with torch.no_grad():
+        with torch.no_grad(), sampling:
             sampled = block(x, encoder_hidden_states=cond)
+        assert not block.training and not sampled.requires_grad  # restored, detached
         block.train()
         trained = block(x, encoder_hidden_states=cond)
     return sampled, trained.detach()
@@ -212,6 +221,17 @@ def test_inductor_rounds_sampling_and_training_alike(fresh_dynamo, tmp_path, mon
     assert not torch.equal(sampled, trained)  # if a torch fixes this, drop the control
     torch._dynamo.reset()
     sampled, trained = _attention_block_outputs(eager_roundings=True)
+    assert torch.equal(sampled, trained)
+
+
+def test_sampling_through_the_training_graph_replays_whatever_inductor_fuses(
+    fresh_dynamo, tmp_path, monkeypatch
+):
+    """Sampled through the training call's own compiled graph (train mode, gradients on,
+    outputs detached), the attention block's output equals training's bitwise even with
+    Inductor's own roundings, which make the two graphs differ otherwise (the test above)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    sampled, trained = _attention_block_outputs(eager_roundings=False, training_graph_sampling=True)
     assert torch.equal(sampled, trained)
 
 
