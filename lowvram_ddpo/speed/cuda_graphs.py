@@ -98,28 +98,30 @@ def count_graph_events() -> bool:
     1.0-1.4 GiB after the first epoch on an H100 and an H200 (2026-11-26), cause unknown:
     a graph recorded again would explain it, and these counts per epoch tell. False where
     this torch's private manager has other methods (nothing is counted then)."""
-    try:
-        from torch._inductor.cudagraph_trees import CUDAGraphTreeManager as Manager
-    except ImportError:
+    manager = _tree_manager_class()
+    if manager is None or not all(callable(getattr(manager, n, None)) for n in _COUNTED):
         return False
     if graph_events_counted():
         return True
-    if not all(callable(getattr(Manager, name, None)) for name in _COUNTED):
-        return False
     for name, field in _COUNTED.items():
-        setattr(Manager, name, _counting(getattr(Manager, name), field))
-    Manager._lowvram_ddpo_counted = True
+        setattr(manager, name, _counting(getattr(manager, name), field))
+    manager._lowvram_ddpo_counted = True
     return True
 
 
 def graph_events_counted() -> bool:
     """Whether ``count_graph_events`` hooked this torch's manager (else the counts stay 0
     whatever the graphs do: nothing to report)."""
+    return getattr(_tree_manager_class(), "_lowvram_ddpo_counted", False)
+
+
+def _tree_manager_class() -> type | None:
+    """cudagraph trees' manager class, None where this torch has none."""
     try:
-        from torch._inductor.cudagraph_trees import CUDAGraphTreeManager as Manager
+        from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
     except ImportError:
-        return False
-    return getattr(Manager, "_lowvram_ddpo_counted", False)
+        return None
+    return CUDAGraphTreeManager
 
 
 def _counting(method: Callable, field: str) -> Callable:
