@@ -113,6 +113,7 @@ from lowvram_ddpo.speed.compile import (
 from lowvram_ddpo.speed.cuda_graphs import (
     GRAPH_EVENTS,
     graph_events_counted,
+    graph_events_piece,
     graph_events_since,
     recorded_again_note,
 )
@@ -880,6 +881,7 @@ class Trainer:
         )
         if metrics.get("kl_to_base") is not None:
             line += f"  kl to base {metrics['kl_to_base']:.2e}"
+        line += graph_events_piece(metrics)
         if self.meter.cuda:
             line += f"  peak {metrics['peak_reserved_bytes'] / 2**30:.2f} GB"
         if metrics["skipped_steps"]:

@@ -46,6 +46,9 @@ min_count = 4
 [prompts]
 prompts = ["a cat", "a dog"]
 
+[speed]
+compile = "off"  # seconds on a CPU, like the pocket presets (incompressibility compiles)
+
 [run]
 epochs = 2
 grid_every = 0

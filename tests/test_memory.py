@@ -355,7 +355,7 @@ def test_cuda_graphs_hold_their_calls_working_memory_for_the_whole_run(sd15_run)
     from lowvram_ddpo.memory.calibration import GRAPHS_LATER_EPOCH_GROWTH, RESERVED_OVER_ALLOCATED
 
     micro_4 = "train.batch_size=4"
-    eager = _estimate(sd15_run, micro_4)
+    eager = _estimate(sd15_run, micro_4, "speed.compile=off")
     step, train = (
         eager.phase(name).peak_allocated - sum(eager.phase(name).held.values())
         for name in ("sampling", "training")
@@ -490,7 +490,7 @@ def test_rlcm_presets_keep_cuda_graphs_where_they_fit_and_drop_them_where_not(mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     kept, line = fit_for_run(config, "sd15-lcm", asked=False)
     assert kept.speed.compile == "off" and config.speed.compile == "cudagraphs"
-    assert "speed.compile cudagraphs -> off (CUDA graphs need CUDA)" in line
+    assert "speed.compile cudagraphs -> off (compiled for a CUDA GPU)" in line
     chosen, _ = fit_for_run(config, "sd15-lcm", frozenset({"speed.compile"}), asked=False)
     assert chosen.speed.compile == "cudagraphs"
     # several GPUs: no fit, and graphs under DDP are not run yet
@@ -614,10 +614,14 @@ def test_a_presets_auto_fit_needs_one_cuda_card_and_else_keeps_its_settings(monk
     config = load_preset("incompressibility")
     if not torch.cuda.is_available():
         kept, line = fit_for_run(config, "sd15", asked=False)
-        assert kept is config and "no CUDA GPU here, the settings as written" in line
+        assert "no CUDA GPU here, the settings as written" in line
+        assert "speed.compile default -> off (compiled for a CUDA GPU)" in line
+        kept.speed.compile = config.speed.compile
+        assert kept == config  # nothing else changed
         with pytest.raises(UserError, match="like --vram 8GB"):
             fit_for_run(config, "sd15", asked=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fit, "has_triton", lambda: True)  # the preset's Inductor can run
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (7 * GB, 8 * GB))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "RTX Test")
     monkeypatch.setattr(fit, "this_gpu", lambda: Gpu.listed("RTX Test", H100_DENSE_TFLOPS))
@@ -633,6 +637,39 @@ def test_a_presets_auto_fit_needs_one_cuda_card_and_else_keeps_its_settings(monk
     assert line.startswith("--vram auto (7.00 GB free on RTX Test): ")
     assert fitted.train.batch_size * fitted.train.gradient_accumulation_steps == 64
     assert fitted is not config and not fitted.memory.offload  # both fit 7 GB: no moves
+
+
+def test_a_presets_inductor_mode_runs_eagerly_on_a_gpu_without_triton(monkeypatch):
+    """The SD 1.5 presets compile with Inductor (speed.compile=default: the epoch 1.84x
+    eager's on an H100); on a CUDA machine where Triton cannot generate kernels (not
+    installed, or a card older than it supports) the preset's mode turns off with one line,
+    as written or fitted; a mode the user set is kept (it fails with its own line), and a
+    preset's CUDA graphs need no Triton."""
+    import lowvram_ddpo.memory.fit as fit
+    from lowvram_ddpo.memory.fit import NO_TRITON, fit_for_run
+
+    config = load_preset("incompressibility")
+    assert config.speed.compile == "default"
+    for name in ("pocket-incompressibility", "sdxl-aesthetic", "sd35m-grpo-incompressibility"):
+        assert load_preset(name).speed.compile == "off", name  # not measured with Inductor
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fit, "has_triton", lambda: False)
+    as_written = copy.deepcopy(config)
+    as_written.memory.vram = "off"
+    kept, line = fit_for_run(as_written, "sd15")
+    assert kept.speed.compile == "off" and line == f"speed.compile default -> off ({NO_TRITON})"
+    chosen, line = fit_for_run(as_written, "sd15", frozenset({"speed.compile"}))
+    assert chosen.speed.compile == "default" and line == ""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (7 * GB, 8 * GB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "RTX Test")
+    monkeypatch.setattr(fit, "this_gpu", lambda: Gpu.listed("RTX Test", H100_DENSE_TFLOPS))
+    fitted, line = fit_for_run(config, "sd15", asked=False)
+    no_triton, fit_line = line.split("\n")
+    assert fitted.speed.compile == "off" and no_triton.endswith(f"({NO_TRITON})")
+    assert fit_line.startswith("--vram auto (7.00 GB free on RTX Test): ")
+    graphs = load_preset("rlcm-incompressibility")
+    graphs.memory.vram = "off"
+    assert fit_for_run(graphs, "sd15-lcm") == (graphs, "")
 
 
 def test_a_fit_keeps_the_fields_set_on_the_command_line():

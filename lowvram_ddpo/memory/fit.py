@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowvram_ddpo.config import BITSANDBYTES_QUANTIZE, Config
+from lowvram_ddpo.config import BITSANDBYTES_QUANTIZE, COMPILE_MODES, Config
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, a_card
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory, meta_run, readable_shape
@@ -46,7 +46,7 @@ from lowvram_ddpo.optimizers import bitsandbytes_usable
 from lowvram_ddpo.preflight import rescores_at_other_shapes
 from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.reporting.progress import format_duration
-from lowvram_ddpo.speed.compile import graphs_replay
+from lowvram_ddpo.speed.compile import INDUCTOR_MODES, graphs_replay, has_triton
 from lowvram_ddpo.speed.cuda_graphs import GRAPH_MODES
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
 from lowvram_ddpo.speed.time_model import Gpu, leaf_modules, predict_epoch, this_gpu
@@ -362,23 +362,43 @@ def fit_for_run(
     where ``memory.vram`` is empty or "off", else the fit to its card (``arch``: an
     architecture, or a model whose configs to read, else its default architecture). A
     preset's "auto" (not ``asked`` for on the command line) without CUDA, or in a
-    multi-GPU run, keeps the settings as written instead of refusing, less a preset's CUDA
-    graphs (``without_preset_graphs``). ``say`` hears that a fit starts (it estimates a
-    dozen settings or more: seconds). A ``resumed`` run's sampling batch, fitted before,
+    multi-GPU run, keeps the settings as written instead of refusing, less a preset's
+    ``speed.compile`` where it cannot run (``without_preset_compile``: any mode without
+    CUDA, CUDA graphs on several GPUs); a preset's Inductor mode on a GPU without Triton
+    runs eagerly, fitted or not. ``say`` hears that a fit starts (it estimates a dozen
+    settings or more: seconds). A ``resumed`` run's sampling batch, fitted before,
     may shrink but not grow again, and its base keeps its precision."""
+    config, no_triton = without_preset_compile(
+        config, held, "", NO_TRITON, INDUCTOR_MODES if lacks_triton() else ()
+    )
+    fitted, line = _fitted_or_as_written(config, arch, held, asked, say, resumed)
+    return fitted, "\n".join(part for part in (no_triton, line) if part)
+
+
+def _fitted_or_as_written(
+    config: Config,
+    arch: str,
+    held: frozenset[str],
+    asked: bool,
+    say: Callable[[str], None],
+    resumed: bool,
+) -> tuple[Config, str]:
+    """``fit_for_run``'s settings and line, once a preset's Inductor mode is settled."""
     vram = config.memory.vram
     if means_as_written(vram):
         return config, ""
     if means_this_card(vram) and not asked:
         if not torch.cuda.is_available():
             line = "memory.vram = auto: no CUDA GPU here, the settings as written"
-            return without_preset_graphs(config, held, line, "CUDA graphs need CUDA")
+            return without_preset_compile(config, held, line, "compiled for a CUDA GPU")
         if world_size() > 1:
             line = (
                 "memory.vram = auto fits one GPU: the settings as written on every card "
                 "(--vram SIZE fits them to the smallest)"
             )
-            return without_preset_graphs(config, held, line, "not yet run on several GPUs")
+            return without_preset_compile(
+                config, held, line, "not yet run on several GPUs", GRAPH_MODES
+            )
     budget = vram_budget(vram)
     label = vram_label(vram, budget)
     if means_this_card(vram):  # all the card has free: leave room for the estimate's error
@@ -430,17 +450,36 @@ def fp8_hint(
     )
 
 
-def without_preset_graphs(
-    config: Config, held: frozenset[str], line: str, why: str
+NO_TRITON = (
+    "no Triton for this GPU: Inductor cannot generate its kernels (`pip install triton`; "
+    "on Windows `pip install triton-windows`), the UNet runs eagerly (~1.8x slower "
+    "epochs on an H100)"
+)
+
+
+def lacks_triton() -> bool:
+    """A CUDA machine where Inductor cannot generate GPU kernels (no Triton, or a card
+    older than Triton supports)."""
+    return torch.cuda.is_available() and not has_triton()
+
+
+def without_preset_compile(
+    config: Config,
+    held: frozenset[str],
+    line: str,
+    why: str,
+    modes: tuple[str, ...] = COMPILE_MODES,
 ) -> tuple[Config, str]:
-    """Settings as written where no fit runs (no CUDA, several GPUs), less the CUDA-graph
-    mode a preset may set, with ``line`` saying so (a mode the user set is kept: it fails
-    with its own one line without CUDA)."""
-    if config.speed.compile not in GRAPH_MODES or "speed.compile" in held:
+    """``config`` less the ``speed.compile`` mode a preset sets, where that mode is one of
+    ``modes`` (that cannot run here: no CUDA, no Triton, several GPUs for CUDA graphs),
+    with ``line`` saying so. A mode the user set is kept: it fails with its own one line."""
+    mode = config.speed.compile
+    if mode == "off" or mode not in modes or "speed.compile" in held:
         return config, line
     kept = copy.deepcopy(config)
     kept.speed.compile = "off"
-    return kept, f"{line} but speed.compile {config.speed.compile} -> off ({why})"
+    change = f"speed.compile {mode} -> off ({why})"
+    return kept, f"{line} but {change}" if line else change
 
 
 @dataclass

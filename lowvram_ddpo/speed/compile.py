@@ -75,11 +75,21 @@ def _torch_default_cache_dir() -> str:
     return os.path.abspath(default_cache_dir())
 
 
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune")
+"""``speed.compile`` modes that Inductor compiles: its fused kernels (Triton on a GPU)."""
+
+
+def has_triton() -> bool:
+    """Whether Inductor can generate kernels for this machine's GPU: Triton installed and a
+    card it supports (compute capability 7.0 or newer: no GTX 10-series)."""
+    from torch.utils._triton import has_triton as torch_has_triton
+
+    return torch_has_triton()
+
+
 def check_compiler(device: torch.device) -> None:
     """Inductor needs Triton to generate GPU kernels and a C++ compiler for CPU ones."""
     if device.type == "cuda":
-        from torch.utils._triton import has_triton
-
         if not has_triton():
             raise UserError(
                 "speed.compile needs Triton for GPU kernels: `pip install triton` (on Windows "

@@ -141,6 +141,15 @@ def graph_events_since(before: GraphEvents) -> dict[str, int]:
     }
 
 
+def graph_events_piece(metrics: dict) -> str:
+    """The epoch line's piece for the CUDA graphs an epoch recorded ("" for none, or where
+    they are not counted): a run cut before its metrics are written still showed them."""
+    recorded = metrics.get("cuda_graph_recorded", 0)
+    if not recorded:
+        return ""
+    return f"  graphs recorded {recorded} (warm-ups {metrics.get('cuda_graph_warmups', 0)})"
+
+
 def recorded_again_note(metrics: dict, mode: str, first_epoch: bool) -> str:
     """One line when an epoch other than the process's first recorded a CUDA graph (""
     otherwise): every call the run graphs is recorded in its first epoch."""

@@ -40,6 +40,12 @@ model 1.21 (arithmetic-bound); the floor comes from the RLCM preset's training o
 (2 latents per call), and is taken for graphed sampling calls too (not measured apart).
 How a call's time moves from the floor to the arithmetic as its batch grows is not
 measured (``benchmarks/unet_profile.py --sweep`` times it): the model takes the larger.
+
+Inductor's modes (``speed.compile`` default, reduce-overhead, max-autotune) fuse the
+UNet's kernels: its arithmetic runs faster (``INDUCTOR_RATE_GAIN``, per call kind) and,
+without CUDA graphs, the host launches less (``INDUCTOR_HOST_SHARE``). Both come from one
+H100 row (2026-11-26, micro-batch 8 with checkpointing, offloaded, ``default``), whose
+calls were bound by arithmetic: the host's share is an upper bound, not a measure.
 """
 
 from __future__ import annotations
@@ -51,10 +57,10 @@ from dataclasses import dataclass
 import torch
 
 from lowvram_ddpo.algorithms.steps import no_grad_calls_per_micro_step
-from lowvram_ddpo.config import Config
+from lowvram_ddpo.config import Config, SpeedConfig
 from lowvram_ddpo.memory.estimate import meta_run, readable_shape
 from lowvram_ddpo.processes import world_size
-from lowvram_ddpo.speed.compile import CALL_KINDS, graphs_replay
+from lowvram_ddpo.speed.compile import CALL_KINDS, INDUCTOR_MODES, graphs_replay
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
 from lowvram_ddpo.speed.flops import EpochFlops
 
@@ -104,6 +110,23 @@ H100_MEMORY_TBPS = 3.35
 """The H100 SXM's listed memory bandwidth. Other cards' is taken in proportion to their
 UNet rate, as on the H100 (an assumption: most consumer cards have more bandwidth per
 FLOP, so their dequantisation is predicted slower than it is)."""
+INDUCTOR_RATE_GAIN = {"sampling": 1.51, "training": 1.81}
+"""The UNet's arithmetic rate compiled by Inductor over eager's, per call kind. On an H100
+(2026-11-26, SD 1.5 at 512 px, ``bench speed`` with ``speed.compile=default``, micro-batch
+8 with checkpointing, text encoder and VAE offloaded): 0.350 s of sampling and 0.982 of
+training per image against eager's 0.535 and 1.924 at the same settings (another call the
+same day). Through this model's loop overheads that is ~257 TFLOP/s sampling (16 latents
+per call) and ~308 training (8 images, checkpointing's second forward counted) against
+eager's 170: fused elementwise kernels and norms make fewer passes over memory, and the
+training graph's backward fuses more. One row, one card: a slower card's gain is
+assumed the same."""
+INDUCTOR_HOST_SHARE = 0.46
+"""An Inductor-compiled call's host time over the eager call's (``HOST_SECONDS_...``):
+fewer, fused kernels launched from generated code instead of a module tree. An upper
+bound: the H100 row's checkpointed training call took 131 ms in all (its 0.982 s per
+image over the 1.2 loop overhead), 0.46 of the eager call's 286 ms of launches, and its
+arithmetic needed about as long; a host time not yet measured alone (``unet_profile.py
+--sweep`` at micro-batch 1 would)."""
 H100_DENSE_TFLOPS = 989.4
 H100_UNET_TFLOPS = 170.0
 """The UNet's arithmetic rate once the GPU is the bottleneck: on the H100 a forward of 16
@@ -181,11 +204,9 @@ def predict_epoch(
     s, t, m = config.sample, config.train, config.memory
     fp8 = flops.fp8_layers if m.quantize == "fp8" else 0
     launches = (unet_modules + fp8 * FP8_MODULES_PER_LAYER) / SD15_UNET_MODULES  # kernels
-    host = {
-        c: launches * (GRAPHED_CALL_FLOOR if graphs_replay(config.speed, c) else 1.0)
-        for c in CALL_KINDS
-    }
-    rate = gpu.unet_tflops * 1e12
+    host = {c: launches * host_share(config.speed, c) for c in CALL_KINDS}
+    rates = {c: gpu.unet_tflops * 1e12 * rate_gain(config.speed, c) for c in CALL_KINDS}
+    rate = gpu.unet_tflops * 1e12  # the VAE's and the dequantisation's: never compiled
     samples = s.batch_size * s.batches_per_epoch
     steps = flops.trained_steps
 
@@ -194,7 +215,7 @@ def predict_epoch(
     dequantise = FP8_DEQUANTISE_BYTES * flops.fp8_weights / bandwidth if fp8 else 0.0
     step_flops = flops.sampling_per_image / s.num_steps * s.batch_size
     sampling_call = max(
-        HOST_SECONDS_SAMPLING_CALL * host["sampling"], step_flops / rate + dequantise
+        HOST_SECONDS_SAMPLING_CALL * host["sampling"], step_flops / rates["sampling"] + dequantise
     )
     decoding = samples * flops.decode(m.vae_tiling) / rate
     sampling = (
@@ -215,11 +236,32 @@ def predict_epoch(
     ) + extra * HOST_SECONDS_SAMPLING_CALL
     passes = 2 + m.gradient_checkpointing + extra  # each dequantises the weights again
     training_call = max(
-        floor * host["training"], per_image_step * t.batch_size / rate + passes * dequantise
+        floor * host["training"],
+        per_image_step * t.batch_size / rates["training"] + passes * dequantise,
     )
     micro_batches = -(-samples // t.batch_size)
     training = micro_batches * steps * t.inner_epochs * training_call * TRAINING_LOOP_OVERHEAD
     return EpochTime(sampling, training)
+
+
+def compiles_with_inductor(speed: SpeedConfig) -> bool:
+    """Whether the trainer's UNet calls run Inductor's fused kernels: sampling and training
+    alike under its modes (``sampling_calls`` leaves sampling eager under ``cudagraphs``
+    only)."""
+    return speed.compile in INDUCTOR_MODES
+
+
+def host_share(speed: SpeedConfig, call: str) -> float:
+    """A ``call``'s host time under ``speed`` over the eager call's: CUDA graphs replay
+    without launches down to their floor; Inductor launches fewer, fused kernels."""
+    if graphs_replay(speed, call):
+        return GRAPHED_CALL_FLOOR
+    return INDUCTOR_HOST_SHARE if compiles_with_inductor(speed) else 1.0
+
+
+def rate_gain(speed: SpeedConfig, call: str) -> float:
+    """How much faster the UNet's arithmetic runs in ``call`` under ``speed`` than eager."""
+    return INDUCTOR_RATE_GAIN[call] if compiles_with_inductor(speed) else 1.0
 
 
 def predicted_here(config: Config, arch: str, flops: EpochFlops) -> tuple[EpochTime, Gpu]:
