@@ -621,7 +621,7 @@ def test_a_presets_auto_fit_needs_one_cuda_card_and_else_keeps_its_settings(monk
         with pytest.raises(UserError, match="like --vram 8GB"):
             fit_for_run(config, "sd15", asked=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(fit, "has_triton", lambda: True)  # the preset's Inductor can run
+    monkeypatch.setattr(fit, "inductor_gpu_missing", lambda: "")  # the preset's Inductor runs
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (7 * GB, 8 * GB))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "RTX Test")
     monkeypatch.setattr(fit, "this_gpu", lambda: Gpu.listed("RTX Test", H100_DENSE_TFLOPS))
@@ -642,22 +642,25 @@ def test_a_presets_auto_fit_needs_one_cuda_card_and_else_keeps_its_settings(monk
 def test_a_presets_inductor_mode_runs_eagerly_on_a_gpu_without_triton(monkeypatch):
     """The SD 1.5 presets compile with Inductor (speed.compile=default: the epoch 1.84x
     eager's on an H100); on a CUDA machine where Triton cannot generate kernels (not
-    installed, or a card older than it supports) the preset's mode turns off with one line,
-    as written or fitted; a mode the user set is kept (it fails with its own line), and a
-    preset's CUDA graphs need no Triton."""
+    installed, a card older than it supports, no C compiler or Python headers to build its
+    launcher) the preset's mode turns off with one line, as written or fitted; a mode the
+    user set is kept (it fails with its own line), and a preset's CUDA graphs need no
+    Triton."""
     import lowvram_ddpo.memory.fit as fit
-    from lowvram_ddpo.memory.fit import NO_TRITON, fit_for_run
+    from lowvram_ddpo.memory.fit import fit_for_run, runs_eagerly
 
     config = load_preset("incompressibility")
     assert config.speed.compile == "default"
     for name in ("pocket-incompressibility", "sdxl-aesthetic", "sd35m-grpo-incompressibility"):
         assert load_preset(name).speed.compile == "off", name  # not measured with Inductor
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(fit, "has_triton", lambda: False)
+    monkeypatch.setattr(fit, "inductor_gpu_missing", lambda: "Triton")
     as_written = copy.deepcopy(config)
     as_written.memory.vram = "off"
     kept, line = fit_for_run(as_written, "sd15")
-    assert kept.speed.compile == "off" and line == f"speed.compile default -> off ({NO_TRITON})"
+    assert kept.speed.compile == "off"
+    assert line == f"speed.compile default -> off ({runs_eagerly('Triton')})"
+    assert line.startswith("speed.compile default -> off (this machine lacks Triton: ")
     chosen, line = fit_for_run(as_written, "sd15", frozenset({"speed.compile"}))
     assert chosen.speed.compile == "default" and line == ""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (7 * GB, 8 * GB))
@@ -665,7 +668,7 @@ def test_a_presets_inductor_mode_runs_eagerly_on_a_gpu_without_triton(monkeypatc
     monkeypatch.setattr(fit, "this_gpu", lambda: Gpu.listed("RTX Test", H100_DENSE_TFLOPS))
     fitted, line = fit_for_run(config, "sd15", asked=False)
     no_triton, fit_line = line.split("\n")
-    assert fitted.speed.compile == "off" and no_triton.endswith(f"({NO_TRITON})")
+    assert fitted.speed.compile == "off" and no_triton.endswith(f"({runs_eagerly('Triton')})")
     assert fit_line.startswith("--vram auto (7.00 GB free on RTX Test): ")
     graphs = load_preset("rlcm-incompressibility")
     graphs.memory.vram = "off"

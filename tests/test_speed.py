@@ -608,6 +608,34 @@ def test_compile_mode_is_checked():
         assert result.exit_code == 2 and "cudagraphs needs a CUDA GPU" in result.output
 
 
+def test_inductor_on_a_gpu_needs_triton_a_c_compiler_and_pythons_headers(monkeypatch, tmp_path):
+    """Before loading, a GPU run under an Inductor mode checks what Triton needs at its
+    first compile, minutes later: Triton itself, then on Linux a C compiler and Python's
+    headers (its kernel launcher is built as a Python extension); each missing piece is
+    named in one line. CUDA graphs need none of it."""
+    import lowvram_ddpo.speed.compile as compiling
+    from lowvram_ddpo.errors import UserError
+
+    cuda = torch.device("cuda")
+    assert compiling.python_headers().name == "Python.h"
+    monkeypatch.setattr(compiling, "has_triton", lambda: False)
+    assert compiling.inductor_gpu_missing().startswith("Triton (`pip install triton`")
+    with pytest.raises(UserError, match=r"needs Triton .*; or set speed.compile=cudagraphs"):
+        compiling.check_compile_mode("default", cuda)
+    compiling.check_compile_mode("cudagraphs", cuda)
+    monkeypatch.setattr(compiling, "has_triton", lambda: True)
+    monkeypatch.setattr(compiling.sys, "platform", "linux")
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
+    assert compiling.inductor_gpu_missing().startswith("a C compiler")
+    monkeypatch.setenv("CC", "cc")
+    monkeypatch.setattr(compiling, "python_headers", lambda: tmp_path / "Python.h")
+    assert compiling.inductor_gpu_missing().startswith("Python's C headers")
+    (tmp_path / "Python.h").write_text("")
+    assert compiling.inductor_gpu_missing() == ""
+    compiling.check_compile_mode("default", cuda)  # nothing missing: no error
+
+
 def test_sd15_unet_flops_match_the_published_count():
     """0.80 TFLOP per 512 px latent for one SD 1.5 UNet forward (the H100 notes, counted with
     the same FlopCounterMode); guidance doubles a sampling step; training a step costs its

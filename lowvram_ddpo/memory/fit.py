@@ -46,7 +46,7 @@ from lowvram_ddpo.optimizers import bitsandbytes_usable
 from lowvram_ddpo.preflight import rescores_at_other_shapes
 from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.reporting.progress import format_duration
-from lowvram_ddpo.speed.compile import INDUCTOR_MODES, graphs_replay, has_triton
+from lowvram_ddpo.speed.compile import INDUCTOR_MODES, graphs_replay, inductor_gpu_missing
 from lowvram_ddpo.speed.cuda_graphs import GRAPH_MODES
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
 from lowvram_ddpo.speed.time_model import Gpu, leaf_modules, predict_epoch, this_gpu
@@ -368,11 +368,12 @@ def fit_for_run(
     runs eagerly, fitted or not. ``say`` hears that a fit starts (it estimates a dozen
     settings or more: seconds). A ``resumed`` run's sampling batch, fitted before,
     may shrink but not grow again, and its base keeps its precision."""
-    config, no_triton = without_preset_compile(
-        config, held, "", NO_TRITON, INDUCTOR_MODES if lacks_triton() else ()
+    missing = inductor_gpu_missing() if torch.cuda.is_available() else ""
+    config, eager = without_preset_compile(
+        config, held, "", runs_eagerly(missing), INDUCTOR_MODES if missing else ()
     )
     fitted, line = _fitted_or_as_written(config, arch, held, asked, say, resumed)
-    return fitted, "\n".join(part for part in (no_triton, line) if part)
+    return fitted, "\n".join(part for part in (eager, line) if part)
 
 
 def _fitted_or_as_written(
@@ -450,17 +451,9 @@ def fp8_hint(
     )
 
 
-NO_TRITON = (
-    "no Triton for this GPU: Inductor cannot generate its kernels (`pip install triton`; "
-    "on Windows `pip install triton-windows`), the UNet runs eagerly (~1.8x slower "
-    "epochs on an H100)"
-)
-
-
-def lacks_triton() -> bool:
-    """A CUDA machine where Inductor cannot generate GPU kernels (no Triton, or a card
-    older than Triton supports)."""
-    return torch.cuda.is_available() and not has_triton()
+def runs_eagerly(missing: str) -> str:
+    """Why a preset's Inductor mode is off: this machine lacks ``missing``."""
+    return f"this machine lacks {missing}: the UNet runs eagerly, ~1.8x slower epochs on an H100"
 
 
 def without_preset_compile(

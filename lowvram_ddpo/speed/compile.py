@@ -31,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
+import sysconfig
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -87,13 +89,45 @@ def has_triton() -> bool:
     return torch_has_triton()
 
 
+def inductor_gpu_missing() -> str:
+    """What this machine lacks for Inductor to compile GPU kernels ("" when nothing):
+    Triton and a card it supports, and on Linux what Triton builds its kernel launcher
+    with at the first compile: a C compiler (``$CC``, gcc or clang) and Python's C headers
+    (a container or a system Python without build tools lacks them; the run would fail
+    after loading, minutes in). triton-windows brings its own compiler."""
+    if not has_triton():
+        return (
+            "Triton (`pip install triton`; on Windows `pip install triton-windows`; cards "
+            "older than the RTX 20 series have none)"
+        )
+    if sys.platform == "win32":
+        return ""
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        return "a C compiler for Triton's kernel launcher (`apt install gcc`, or set CC)"
+    if not python_headers().is_file():
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        return (
+            f"Python's C headers for Triton's kernel launcher ({python_headers()}: "
+            f"`apt install python{version}-dev`, or a Python from python.org, conda or uv)"
+        )
+    return ""
+
+
+def python_headers() -> Path:
+    """Where Triton looks for ``Python.h`` (its ``runtime/build.py``: Debian's
+    ``posix_local`` scheme read as ``posix_prefix``)."""
+    scheme = sysconfig.get_default_scheme()
+    scheme = "posix_prefix" if scheme == "posix_local" else scheme
+    return Path(sysconfig.get_paths(scheme=scheme)["include"]) / "Python.h"
+
+
 def check_compiler(device: torch.device) -> None:
-    """Inductor needs Triton to generate GPU kernels and a C++ compiler for CPU ones."""
+    """Inductor needs Triton (and what it builds with) for GPU kernels and a C++ compiler
+    for CPU ones."""
     if device.type == "cuda":
-        if not has_triton():
+        if missing := inductor_gpu_missing():
             raise UserError(
-                "speed.compile needs Triton for GPU kernels: `pip install triton` (on Windows "
-                "`pip install triton-windows`), or set speed.compile=cudagraphs (no Triton) or off"
+                f"speed.compile needs {missing}; or set speed.compile=cudagraphs (no Triton) or off"
             )
     elif not any(shutil.which(c) for c in ("g++", "clang++", "c++", "cl")):
         raise UserError(
