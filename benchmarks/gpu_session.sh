@@ -273,12 +273,14 @@ case "$part" in
     stage mb8-ckpt-default 450 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=default
     # the preset as a user gets it on this card (Inductor; the fit's batches, no offload)
     stage auto-default 450 bench_speed "${SD15_AUTO[@]}"
+    # the "equal settings" goal: the reference's micro-batch 4, nothing offloaded
+    stage equal-default 450 bench_speed "${SD15[@]}" "${EQUAL[@]}" --set speed.compile=default
     # compiles a sampling and a training graph at batch 2: more than 176 s on the H100
     stage replay-default 400 "$PY" benchmarks/replay_error.py --arch sd15 --compile default --steps 10
     stage replay-reduce-overhead 300 "$PY" benchmarks/replay_error.py --arch sd15 --compile reduce-overhead --steps 10
     # SDXL's training is host-bound at micro-batch 1 (~0.9 s per checkpointed call, ~0.28
     # of arithmetic): Inductor's fused kernels, without a graph pool, may fit its 8 GB
-    # budget (not measured). Needs a call of its own: GPU_SESSION_SKIP the three above
+    # budget (not measured). Needs a call of its own: GPU_SESSION_SKIP the stages above
     stage sdxl-default 540 bench_speed --preset sdxl-aesthetic --batches 1 \
       --set memory.optimizer=adamw --set memory.vram=off --set speed.compile=default
     # sampled through the training call's graph, Inductor's own roundings: exact by
