@@ -279,8 +279,10 @@ case "$part" in
     stage replay-default 400 "$PY" benchmarks/replay_error.py --arch sd15 --compile default --steps 10
     stage replay-reduce-overhead 300 "$PY" benchmarks/replay_error.py --arch sd15 --compile reduce-overhead --steps 10
     # SDXL's training is host-bound at micro-batch 1 (~0.9 s per checkpointed call, ~0.28
-    # of arithmetic): Inductor's fused kernels, without a graph pool, may fit its 8 GB
-    # budget (not measured). Needs a call of its own: GPU_SESSION_SKIP the stages above
+    # of arithmetic): Inductor's fused kernels, without a graph pool, stay in its 8 GB
+    # (6.90 GiB estimated, as eager) and are predicted at 2 h 19 min per epoch against 5 h
+    # 2 eager (the time model with the SD 1.5 row's Inductor factors): the SDXL goal's
+    # candidate. Needs a call of its own: GPU_SESSION_SKIP the stages above
     stage sdxl-default 540 bench_speed --preset sdxl-aesthetic --batches 1 \
       --set memory.optimizer=adamw --set memory.vram=off --set speed.compile=default
     # sampled through the training call's graph, Inductor's own roundings: exact by
