@@ -602,7 +602,8 @@ def test_vram_auto_fits_what_this_machines_gpu_has_free(monkeypatch, tiny_preset
 
 def test_a_presets_auto_fit_needs_one_cuda_card_and_else_keeps_its_settings(monkeypatch):
     """The GPU presets fit themselves to the card they start on (memory.vram = "auto");
-    without CUDA, or in a multi-GPU run, they keep their settings as written and say so,
+    without CUDA, or in a multi-GPU run, they keep their settings as written (less their
+    compile mode: not for a CPU, never run on several GPUs) and say so,
     where `--vram auto` asked on the command line refuses in one line; with a card (here
     simulated: 7 GB free) the fit runs. The pocket presets (CPU) never fit."""
     import lowvram_ddpo.memory.fit as fit
@@ -627,7 +628,10 @@ def test_a_presets_auto_fit_needs_one_cuda_card_and_else_keeps_its_settings(monk
     monkeypatch.setattr(fit, "this_gpu", lambda: Gpu.listed("RTX Test", H100_DENSE_TFLOPS))
     monkeypatch.setenv("WORLD_SIZE", "2")
     kept, line = fit_for_run(config, "sd15", asked=False)
-    assert kept is config and "fits one GPU" in line
+    assert "fits one GPU" in line and "(not yet run on several GPUs)" in line
+    assert kept.speed.compile == "off" and config.speed.compile == "default"
+    kept.speed.compile = config.speed.compile
+    assert kept == config  # nothing else changed
     monkeypatch.delenv("WORLD_SIZE")
     heard: list[str] = []
     fitted, line = fit_for_run(config, "sd15", asked=False, say=heard.append)

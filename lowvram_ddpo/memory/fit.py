@@ -363,8 +363,8 @@ def fit_for_run(
     architecture, or a model whose configs to read, else its default architecture). A
     preset's "auto" (not ``asked`` for on the command line) without CUDA, or in a
     multi-GPU run, keeps the settings as written instead of refusing, less a preset's
-    ``speed.compile`` where it cannot run (``without_preset_compile``: any mode without
-    CUDA, CUDA graphs on several GPUs); a preset's Inductor mode on a GPU without Triton
+    ``speed.compile`` where it cannot run or was never run (``without_preset_compile``: no
+    CUDA, several GPUs); a preset's Inductor mode on a GPU without Triton
     runs eagerly, fitted or not. ``say`` hears that a fit starts (it estimates a dozen
     settings or more: seconds). A ``resumed`` run's sampling batch, fitted before,
     may shrink but not grow again, and its base keeps its precision."""
@@ -397,9 +397,7 @@ def _fitted_or_as_written(
                 "memory.vram = auto fits one GPU: the settings as written on every card "
                 "(--vram SIZE fits them to the smallest)"
             )
-            return without_preset_compile(
-                config, held, line, "not yet run on several GPUs", GRAPH_MODES
-            )
+            return without_preset_compile(config, held, line, "not yet run on several GPUs")
     budget = vram_budget(vram)
     label = vram_label(vram, budget)
     if means_this_card(vram):  # all the card has free: leave room for the estimate's error
