@@ -105,13 +105,16 @@ def _fit_run(config, preset: str, resume: str, vram: str, assignments: list[str]
     set; a resumed run keeps the settings it trained with unless --vram asks again (a
     fit to what the card has free now could change its base model's precision)."""
     from lowvram_ddpo.config import own_preset_fields
-    from lowvram_ddpo.memory.fit import fit_for_run, held_fields
+    from lowvram_ddpo.memory.fit import compile_where_it_runs, fit_for_run, held_fields
     from lowvram_ddpo.memory.units import means_as_written
 
     asked = _vram_asked(vram, assignments)
     if resume and not asked:
         if not means_as_written(config.memory.vram):
             _say("resuming with the settings the run trained with (--vram auto fits again)")
+        # a run resumed on another machine: its compile mode where this one can run it
+        config, line = compile_where_it_runs(config, held_fields(assignments))
+        _say(line)
         return config
     own = [] if resume else own_preset_fields(preset)
     config, line = fit_for_run(
@@ -477,11 +480,14 @@ def bench_memory(
     """Peak accelerator memory of each phase of a DDPO epoch (sampling, decode, reward,
     training): measured on a CUDA GPU, else estimated on the meta device."""
     with _user_errors():
-        config, arch, notes, held, fitted = _bench_setup(preset, arch, resolution, set_ or [], vram)
-        allocator = configure_allocator()
         import torch
 
-        if torch.cuda.is_available() and not estimate:
+        measured = torch.cuda.is_available() and not estimate
+        config, arch, notes, held, fitted = _bench_setup(
+            preset, arch, resolution, set_ or [], vram, runs_here=measured
+        )
+        allocator = configure_allocator()
+        if measured:
             from lowvram_ddpo.memory.measure import measure_run
 
             report = measure_run(config, arch)
@@ -509,12 +515,18 @@ class BenchSetup(NamedTuple):
 
 
 def _bench_setup(
-    preset: str, arch: str, resolution: int | None, assignments: list[str], vram: str = ""
+    preset: str,
+    arch: str,
+    resolution: int | None,
+    assignments: list[str],
+    vram: str = "",
+    runs_here: bool = True,
 ) -> BenchSetup:
     """The preset with its overrides, fitted to the card as a run would be (``--vram``, or
     the preset's memory.vram), the architecture to build, notes about the choices (without
     --arch, the preset's own model shape; with it, that model's native size), and the
-    fields the user set."""
+    fields the user set. ``runs_here`` false (an estimate): the preset's compile mode is
+    kept even where this machine could not run it (``fit_for_run``)."""
     from lowvram_ddpo.architectures import default_architecture, native_resolution
     from lowvram_ddpo.config import (
         apply_overrides,
@@ -540,8 +552,11 @@ def _bench_setup(
         notes.append(f"resolution {native}: {arch}'s native size (--resolution to change)")
     arch = arch or preset_arch
     held = held_fields(own_preset_fields(preset) + assignments)
-    fitted, line = fit_for_run(config, arch, held, _vram_asked(vram, assignments))
-    ran_fit = line.startswith("--vram ")  # a fit's own summary (not a note on no fit)
+    fitted, line = fit_for_run(
+        config, arch, held, _vram_asked(vram, assignments), runs_here=runs_here
+    )
+    # a fit's own summary (not a note on no fit), after any note on the compile mode
+    ran_fit = any(part.startswith("--vram ") for part in line.splitlines())
     return BenchSetup(fitted, arch, notes + ([line] if line else []), held, ran_fit)
 
 

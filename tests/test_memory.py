@@ -613,14 +613,14 @@ def test_a_presets_auto_fit_needs_one_cuda_card_and_else_keeps_its_settings(monk
         config = load_preset(name)
         assert config.memory.vram == ("off" if name.startswith("pocket") else "auto"), name
     config = load_preset("incompressibility")
-    if not torch.cuda.is_available():
-        kept, line = fit_for_run(config, "sd15", asked=False)
-        assert "no CUDA GPU here, the settings as written" in line
-        assert "speed.compile default -> off (compiled for a CUDA GPU)" in line
-        kept.speed.compile = config.speed.compile
-        assert kept == config  # nothing else changed
-        with pytest.raises(UserError, match="like --vram 8GB"):
-            fit_for_run(config, "sd15", asked=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    kept, line = fit_for_run(config, "sd15", asked=False)
+    assert "no CUDA GPU here, the settings as written" in line
+    assert "speed.compile default -> off (compiled for a CUDA GPU)" in line
+    kept.speed.compile = config.speed.compile
+    assert kept == config  # nothing else changed
+    with pytest.raises(UserError, match="like --vram 8GB"):
+        fit_for_run(config, "sd15", asked=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(fit, "inductor_gpu_missing", lambda: "")  # the preset's Inductor runs
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (7 * GB, 8 * GB))
@@ -677,6 +677,71 @@ def test_a_presets_inductor_mode_runs_eagerly_on_a_gpu_without_triton(monkeypatc
     graphs = load_preset("rlcm-incompressibility")
     graphs.memory.vram = "off"
     assert fit_for_run(graphs, "sd15-lcm") == (graphs, "")
+
+
+def test_a_presets_compile_mode_where_it_was_never_run_or_cannot_run(monkeypatch):
+    """Whatever memory.vram says: without CUDA a preset's Inductor mode is off for a run
+    (kept for an estimate, made for another machine's card: ``runs_here`` false), a
+    preset's CUDA graphs as written stay (to fail with their own line); on several GPUs
+    every preset mode is off, fitted to a size or not. A mode the user set stays."""
+    from lowvram_ddpo.memory.fit import fit_for_run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    inductor = load_preset("incompressibility")
+    inductor.memory.vram = "off"
+    kept, line = fit_for_run(inductor, "sd15")
+    assert kept.speed.compile == "off" and "(compiled for a CUDA GPU)" in line
+    estimated, line = fit_for_run(inductor, "sd15", runs_here=False)
+    assert estimated.speed.compile == "default" and line == ""
+    sized, line = fit_for_run(inductor, "sd15", runs_here=False, asked=True)
+    assert sized.speed.compile == "default"
+    own, _ = fit_for_run(inductor, "sd15", frozenset({"speed.compile"}))
+    assert own.speed.compile == "default"
+    graphs = load_preset("rlcm-incompressibility")
+    graphs.memory.vram = "off"
+    assert fit_for_run(graphs, "sd15-lcm") == (graphs, "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for config, arch in ((inductor, "sd15"), (graphs, "sd15-lcm")):
+        kept, line = fit_for_run(config, arch)
+        assert kept.speed.compile == "off" and "(not yet run on several GPUs)" in line
+
+
+def test_a_resumed_run_keeps_its_settings_less_a_compile_mode_this_machine_lacks(
+    monkeypatch, capsys
+):
+    """A resumed run keeps the settings it trained with (no fit), but one started where
+    Inductor ran and resumed on a machine that cannot run it trains eagerly and says so;
+    a mode given again with --set is kept (and fails with its own line)."""
+    from lowvram_ddpo.cli import _fit_run
+
+    config = load_preset("incompressibility")  # saved with the preset's Inductor
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    resumed = _fit_run(config, "", "runs/inc", "", [])
+    said = capsys.readouterr().out
+    assert "resuming with the settings the run trained with" in said
+    assert "speed.compile default -> off (compiled for a CUDA GPU)" in said
+    assert resumed.speed.compile == "off"
+    resumed.speed.compile = config.speed.compile
+    assert resumed == config  # nothing else changed: no fit
+    kept = _fit_run(config, "", "runs/inc", "", ["speed.compile=default"])
+    assert kept.speed.compile == "default"
+
+
+def test_bench_memory_knows_a_fit_ran_after_a_note_on_the_compile_mode(monkeypatch):
+    """On a GPU without Triton the fit's summary comes after the compile mode's note: the
+    benchmark still knows a fit ran (no next-card-down hint beside it)."""
+    import lowvram_ddpo.memory.fit as fit
+    from lowvram_ddpo.cli import _bench_setup
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fit, "inductor_gpu_missing", lambda: "Triton")
+    monkeypatch.setattr(fit, "this_gpu", lambda: Gpu.listed("RTX Test", H100_DENSE_TFLOPS))
+    setup = _bench_setup("incompressibility", "", None, ["memory.optimizer=adamw"], "8GB")
+    note, summary = setup.notes[-1].splitlines()
+    assert note.startswith("speed.compile default -> off (this machine lacks Triton")
+    assert summary.startswith("--vram 8GB: ") and setup.fitted
+    assert setup.config.speed.compile == "off"
 
 
 def test_a_fit_keeps_the_fields_set_on_the_command_line():

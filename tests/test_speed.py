@@ -617,7 +617,13 @@ def test_inductor_on_a_gpu_needs_triton_a_c_compiler_and_pythons_headers(monkeyp
     from lowvram_ddpo.errors import UserError
 
     cuda = torch.device("cuda")
-    assert compiling.python_headers().name == "Python.h"
+    schemes: list[str] = []  # Debian's posix_local is read as posix_prefix, as Triton does
+    monkeypatch.setattr(compiling.sysconfig, "get_default_scheme", lambda: "posix_local")
+    monkeypatch.setattr(
+        compiling.sysconfig, "get_paths", lambda scheme: schemes.append(scheme) or {"include": "/i"}
+    )
+    assert compiling.python_headers() == Path("/i/Python.h") and schemes == ["posix_prefix"]
+    monkeypatch.undo()
     monkeypatch.setattr(compiling, "has_triton", lambda: False)
     assert compiling.inductor_gpu_missing().startswith("Triton (`pip install triton`")
     with pytest.raises(UserError, match=r"needs Triton .*; or set speed.compile=cudagraphs"):

@@ -357,6 +357,7 @@ def fit_for_run(
     asked: bool = True,
     say: Callable[[str], None] = lambda line: None,
     resumed: bool = False,
+    runs_here: bool = True,
 ) -> tuple[Config, str]:
     """The settings a run or a benchmark uses, and the line that says so: ``config``'s own
     where ``memory.vram`` is empty or "off", else the fit to its card (``arch``: an
@@ -365,15 +366,32 @@ def fit_for_run(
     multi-GPU run, keeps the settings as written instead of refusing, less a preset's
     ``speed.compile`` where it cannot run or was never run (``without_preset_compile``: no
     CUDA, several GPUs); a preset's Inductor mode on a GPU without Triton
-    runs eagerly, fitted or not. ``say`` hears that a fit starts (it estimates a dozen
-    settings or more: seconds). A ``resumed`` run's sampling batch, fitted before,
-    may shrink but not grow again, and its base keeps its precision."""
-    missing = inductor_gpu_missing() if torch.cuda.is_available() else ""
-    config, eager = without_preset_compile(
-        config, held, "", runs_eagerly(missing), INDUCTOR_MODES if missing else ()
-    )
+    runs eagerly, fitted or not (``compile_where_it_runs``, unless the settings do not run
+    here: ``runs_here`` false, an estimate for another machine's card). ``say`` hears
+    that a fit starts (it estimates a dozen settings or more: seconds). A ``resumed`` run's
+    sampling batch, fitted before, may shrink but not grow again, and its base keeps its
+    precision."""
+    eager = ""
+    if runs_here:
+        config, eager = compile_where_it_runs(config, held)
     fitted, line = _fitted_or_as_written(config, arch, held, asked, say, resumed)
     return fitted, "\n".join(part for part in (eager, line) if part)
+
+
+def compile_where_it_runs(config: Config, held: frozenset[str]) -> tuple[Config, str]:
+    """``config`` less a preset's ``speed.compile`` where this machine cannot run it or it
+    was never run, and the line that says so ("" when kept): every mode in a multi-GPU
+    run; Inductor's without CUDA, or without what Triton needs. A preset's CUDA graphs
+    without CUDA go only under its own "auto" (``_fitted_or_as_written``): as written, or
+    fitted to a size, they fail with their own line in a run."""
+    if world_size() > 1:
+        return without_preset_compile(config, held, "", "not yet run on several GPUs")
+    if not torch.cuda.is_available():
+        return without_preset_compile(config, held, "", "compiled for a CUDA GPU", INDUCTOR_MODES)
+    missing = inductor_gpu_missing()
+    return without_preset_compile(
+        config, held, "", runs_eagerly(missing), INDUCTOR_MODES if missing else ()
+    )
 
 
 def _fitted_or_as_written(
