@@ -365,7 +365,7 @@ class Trainer:
         cfg = self.config
         self.open_dashboard(first_epoch=(epochs_done(self.run_dir) if resume else 0) + 1)
         start = self.restore() if resume else self.start_fresh()
-        self.time_left = TimeLeft(cfg.run.epochs, start)
+        self.time_left = TimeLeft(cfg.run.epochs, start, compiles=cfg.speed.compile != "off")
         history = []
         epoch = start
         replay_warned = False

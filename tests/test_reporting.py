@@ -48,7 +48,8 @@ def test_time_left_comes_from_this_process_s_epochs():
 
 def test_time_left_leaves_the_warm_up_epoch_out_once_another_ended(monkeypatch):
     """A first epoch of 100 s (compiling, CUDA graphs recorded), then 10 s each: after the
-    first the estimate can only use it; from the second on, the later epochs alone."""
+    first the estimate can only use it (a compiled run says it is high); from the second
+    on, the later epochs alone."""
     import lowvram_ddpo.reporting.progress as progress
 
     clock = [1000.0]
@@ -60,6 +61,11 @@ def test_time_left_leaves_the_warm_up_epoch_out_once_another_ended(monkeypatch):
     assert eta.after(2) == "~16 min left"  # 98 x 10 s
     clock[0] += 10
     assert eta.after(3) == "~16 min left"  # 97 x 10 s
+    compiled = TimeLeft(total_epochs=100, first_epoch=0, compiles=True)
+    clock[0] += 100
+    assert compiled.after(1) == "~2 h 45 min left at most: this epoch compiled"
+    clock[0] += 10
+    assert compiled.after(2) == "~16 min left"
 
 
 def _pixels_of(image: Image.Image, colour: str) -> int:

@@ -24,10 +24,13 @@ class TimeLeft:
     training, checkpoints and grids included), so a resumed run estimates from its own.
     From the second epoch on the first is left out: it also warms up (cuDNN's choices,
     ``speed.compile``'s traces and graphs: ~60 s on an H100 for the RLCM preset, about as
-    long as one of its graphed epochs there), which would inflate every estimate after it."""
+    long as one of its graphed epochs there), which would inflate every estimate after it.
+    After the first, the only one to go by, a run that ``compiles`` says its estimate is
+    high (Inductor's compile: 290 s on an H100 against a ~6 min epoch of the SD 1.5 preset)."""
 
-    def __init__(self, total_epochs: int, first_epoch: int) -> None:
+    def __init__(self, total_epochs: int, first_epoch: int, compiles: bool = False) -> None:
         self.total, self.first = total_epochs, first_epoch
+        self.compiles = compiles
         self.started = time.perf_counter()
         self.warmed_up: float | None = None
         """When this process's first epoch ended."""
@@ -45,4 +48,5 @@ class TimeLeft:
             per_epoch = (now - self.warmed_up) / (finished - 1)
         else:
             per_epoch = (now - self.started) / finished
-        return f"~{format_duration(per_epoch * left)} left"
+        high = " at most: this epoch compiled" if finished == 1 and self.compiles else ""
+        return f"~{format_duration(per_epoch * left)} left{high}"
