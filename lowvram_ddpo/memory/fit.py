@@ -148,8 +148,9 @@ def candidates(
     levers = itertools.product(compiling, checkpointing, tiling, offloading)
     for compile_mode, ckpt, tiled, offload in levers:
         if compile_mode in GRAPH_MODES and ckpt and not config.memory.gradient_checkpointing:
-            # not paired by the fit until timed: on an H100 (torch 2.11, 2026-11-26) the
-            # pair split dynamo's graph at every attention layer (fixed, not re-measured)
+            # not paired by the fit: on an H100 (torch 2.11, 2026-11-26) the pair split
+            # dynamo's graph at every attention layer; fixed, it was still slow (a second
+            # epoch not done in 105 s against ~20 eager; cause not known)
             continue
         for micro in micros:
             # a smaller scoring batch (reward models) costs the least: it is tried first
