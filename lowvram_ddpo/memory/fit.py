@@ -364,11 +364,11 @@ def fit_for_run(
     where ``memory.vram`` is empty or "off", else the fit to its card (``arch``: an
     architecture, or a model whose configs to read, else its default architecture). A
     preset's "auto" (not ``asked`` for on the command line) without CUDA, or in a
-    multi-GPU run, keeps the settings as written instead of refusing, less a preset's
-    ``speed.compile`` where it cannot run or was never run (``without_preset_compile``: no
-    CUDA, several GPUs); a preset's Inductor mode on a GPU without Triton
-    runs eagerly, fitted or not (``compile_where_it_runs``, unless the settings do not run
-    here: ``runs_here`` false, an estimate for another machine's card). ``say`` hears
+    multi-GPU run, keeps the settings as written instead of refusing, less a preset's CUDA
+    graphs without CUDA. A preset's compile mode where this machine cannot run it (or it
+    was never run: several GPUs) is off first, fitted or not (``compile_where_it_runs``),
+    unless the settings do not run here (``runs_here`` false: an estimate for another
+    machine's card). ``say`` hears
     that a fit starts (it estimates a dozen settings or more: seconds). A ``resumed`` run's
     sampling batch, fitted before, may shrink but not grow again, and its base keeps its
     precision."""
@@ -411,12 +411,11 @@ def _fitted_or_as_written(
         if not torch.cuda.is_available():
             line = "memory.vram = auto: no CUDA GPU here, the settings as written"
             return without_preset_compile(config, held, line, "compiled for a CUDA GPU")
-        if world_size() > 1:
-            line = (
+        if world_size() > 1:  # their compile mode is settled (compile_where_it_runs)
+            return config, (
                 "memory.vram = auto fits one GPU: the settings as written on every card "
                 "(--vram SIZE fits them to the smallest)"
             )
-            return without_preset_compile(config, held, line, "not yet run on several GPUs")
     budget = vram_budget(vram)
     label = vram_label(vram, budget)
     if means_this_card(vram):  # all the card has free: leave room for the estimate's error
@@ -481,8 +480,8 @@ def without_preset_compile(
     modes: tuple[str, ...] = COMPILE_MODES,
 ) -> tuple[Config, str]:
     """``config`` less the ``speed.compile`` mode a preset sets, where that mode is one of
-    ``modes`` (that cannot run here: no CUDA, no Triton, several GPUs for CUDA graphs),
-    with ``line`` saying so. A mode the user set is kept: it fails with its own one line."""
+    ``modes`` (that cannot run here, or were never run here: no CUDA, no Triton, several
+    GPUs), with ``line`` saying so. A mode the user set is kept: it fails with its own one line."""
     mode = config.speed.compile
     if mode == "off" or mode not in modes or "speed.compile" in held:
         return config, line
