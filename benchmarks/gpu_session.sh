@@ -47,6 +47,33 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 say() { echo "[gpu_session $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 
+# Inductor's compiled kernels (the trainer's cache folder, speed/compile.py): a bare
+# machine compiles SD 1.5 for ~290 s per shape set; a cache carried from the last session
+# (.compile-cache/torch-compile.tgz, git-ignored; carry ".compile-cache") skips most of it.
+# Each GPU part's end packs the cache into $OUT when it is small enough to come back.
+COMPILE_CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/lowvram-ddpo"
+CARRIED_CACHE=.compile-cache/torch-compile.tgz
+CACHE_RETURN_MB=${GPU_SESSION_CACHE_MB:-40}
+
+restore_compile_cache() {
+  [ -f "$CARRIED_CACHE" ] || return 0
+  mkdir -p "$COMPILE_CACHE_ROOT"
+  tar xzf "$CARRIED_CACHE" -C "$COMPILE_CACHE_ROOT" &&
+    say "compile cache restored from $CARRIED_CACHE ($(du -sh "$COMPILE_CACHE_ROOT/torch-compile" | cut -f1))"
+}
+
+pack_compile_cache() {
+  [ -d "$COMPILE_CACHE_ROOT/torch-compile" ] || return 0
+  tar czf "$OUT/torch-compile.tgz" -C "$COMPILE_CACHE_ROOT" torch-compile 2>>"$LOG" || return 0
+  local mb=$(($(stat -c %s "$OUT/torch-compile.tgz") / 1048576))
+  if ((mb > CACHE_RETURN_MB)); then
+    rm -f "$OUT/torch-compile.tgz"
+    say "compile cache: ${mb} MB packed, over ${CACHE_RETURN_MB} MB: not returned"
+  else
+    say "compile cache: ${mb} MB in \$OUT/torch-compile.tgz (copy it to $CARRIED_CACHE)"
+  fi
+}
+
 install_wheels() {
   if ! compgen -G ".whl/*.whl" >/dev/null; then
     say "no .whl/*.whl: carry the wheels (diffusers at least); see the header of $0"
@@ -55,6 +82,8 @@ install_wheels() {
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 || { say "wheel install failed"; exit 2; }
   export PYTHONPATH="/tmp/site:$PWD"
+  restore_compile_cache
+  PACK_CACHE=1 # a GPU part: what it compiled goes back
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv >>"$LOG" 2>&1
   "$PY" -c 'import importlib.metadata as m, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda,
@@ -326,6 +355,8 @@ case "$part" in
     exit 2
     ;;
 esac
+
+[ -n "${PACK_CACHE:-}" ] && pack_compile_cache
 
 # one line per stage: what a reader needs first
 "$PY" - "$RESULTS" <<'EOF' | tee -a "$LOG"
