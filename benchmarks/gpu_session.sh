@@ -53,7 +53,7 @@ say() { echo "[gpu_session $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 # Each GPU part's end packs the cache into $OUT when it is small enough to come back.
 COMPILE_CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/lowvram-ddpo"
 CARRIED_CACHE=.compile-cache/torch-compile.tgz
-CACHE_RETURN_MB=${GPU_SESSION_CACHE_MB:-40}
+CACHE_RETURN_MB=${GPU_SESSION_CACHE_MB:-35} # + .ref (19 MB) + .whl (6.4): under the 64 MiB carry
 
 restore_compile_cache() {
   [ -f "$CARRIED_CACHE" ] || return 0
