@@ -179,8 +179,8 @@ def train_through(preset: str, overrides: list[str], eager: bool) -> None:
     from lowvram_ddpo.speed.compile import compile_unet
 
     if not eager:  # the CLI refuses cudagraphs on a CPU: compile its backend directly
-        trainer.compile_unet = lambda unet, mode, device: compile_unet(
-            unet, "default", device, backend="cudagraphs"
+        trainer.compile_unet = lambda unet, mode, device, **kwargs: compile_unet(
+            unet, "default", device, backend="cudagraphs", **kwargs
         )
         overrides = [*overrides, "speed.compile=default"]
     else:  # the SD 1.5 presets compile with Inductor: not what --eager compares against

@@ -326,7 +326,9 @@ class Trainer:
         self.optimizer_steps_done = 0
         optimizer, self.optimizer_kind = build_optimizer(self.params, cfg.train, m.optimizer)
         self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, optimizer)
-        note = compile_unet(self.pipe.unet, cfg.speed.compile, self.accelerator.device)
+        note = compile_unet(
+            self.pipe.unet, cfg.speed.compile, self.accelerator.device, say=self.log
+        )
         if note:
             self.log(note)
         # an fp16 gradient scaler overflows until its scale has come down (halved per

@@ -642,6 +642,55 @@ def test_inductor_on_a_gpu_needs_triton_a_c_compiler_and_pythons_headers(monkeyp
     compiling.check_compile_mode("default", cuda)  # nothing missing: no error
 
 
+def test_a_compile_that_fails_leaves_the_run_eager_with_one_line(monkeypatch, fresh_dynamo):
+    """A compiler that fails (here a backend that raises, in its forward compile, then in
+    its backward's, which the trainer has compiled with the forward) does not end the run:
+    the call and every later one run eagerly, the same numbers, and one line says why.
+    Any other error of a call is raised as it is."""
+    import torch._functorch.config as functorch_config
+    from torch._dynamo import register_backend
+    from torch._dynamo.backends.common import aot_autograd
+
+    def no_kernels(gm, example_inputs):  # noqa: ANN001, ANN202
+        raise RuntimeError("no kernels for this card")
+
+    register_backend(no_kernels, name="lowvram_ddpo_no_kernels")
+    forward_only = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=no_kernels)
+    register_backend(forward_only, name="lowvram_ddpo_no_backward_kernels")
+    monkeypatch.setattr(functorch_config, "force_non_lazy_backward_lowering", False)
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+
+    class Small(torch.nn.Module):  # a module of its own: dynamo skips torch.nn's frames
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x).relu() * 2
+
+    for backend in ("lowvram_ddpo_no_kernels", "lowvram_ddpo_no_backward_kernels"):
+        layer = Small()
+        expected = layer(x)
+        heard: list[str] = []
+        compile_unet(layer, "default", torch.device("cpu"), backend=backend, say=heard.append)
+        out = layer(x)  # the training call: forward and backward compile here
+        out.square().sum().backward()
+        assert torch.equal(out, expected) and layer.linear.weight.grad is not None
+        assert len(heard) == 1 and "compiling the UNet failed (" in heard[0], heard
+        assert "no kernels for this card" in heard[0] and "runs eagerly from here" in heard[0]
+        assert layer._compiled_call_impl is None
+        layer(x)
+        assert len(heard) == 1  # said once
+    with pytest.raises(ValueError, match="a call's own error"):
+        broken = Small()
+        compile_unet(broken, "default", torch.device("cpu"), backend="eager", say=heard.append)
+        broken.register_forward_pre_hook(
+            lambda *_: (_ for _ in ()).throw(ValueError("a call's own error"))
+        )
+        broken(x)
+
+
 def test_sd15_unet_flops_match_the_published_count():
     """0.80 TFLOP per 512 px latent for one SD 1.5 UNet forward (the H100 notes, counted with
     the same FlopCounterMode); guidance doubles a sampling step; training a step costs its
