@@ -106,10 +106,11 @@ def inductor_gpu_missing() -> str:
         return ""
     if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
         return "a C compiler for Triton's kernel launcher (`apt install gcc`, or set CC)"
-    if not python_headers().is_file():
+    headers = python_headers()
+    if not headers.is_file():
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         return (
-            f"Python's C headers for Triton's kernel launcher ({python_headers()}: "
+            f"Python's C headers for Triton's kernel launcher ({headers}: "
             f"`apt install python{version}-dev`, or a Python from python.org, conda or uv)"
         )
     return ""
