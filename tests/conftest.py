@@ -118,9 +118,13 @@ def _fresh_accelerate_state():
 
 @pytest.fixture
 def fresh_dynamo():
-    """A test that compiles starts and ends with dynamo's caches empty."""
+    """A test that compiles starts and ends with dynamo's caches empty, and AOT's
+    early-backward setting as it was."""
     import torch  # here: the module imports torch only after setting its thread count
+    import torch._functorch.config as functorch_config
 
+    early_backward = functorch_config.force_non_lazy_backward_lowering  # compile_unet sets it
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+    functorch_config.force_non_lazy_backward_lowering = early_backward
