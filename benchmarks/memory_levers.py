@@ -24,6 +24,18 @@ ROWS = [
     ("micro-batch 4 (the reference's)", ["train.batch_size=4"]),
     ("micro-batch 4 + checkpointing", ["train.batch_size=4", "memory.gradient_checkpointing=true"]),
     ("micro-batch 1 + checkpointing", ["memory.gradient_checkpointing=true"]),
+    *(
+        (
+            "micro-batch 8 + checkpointing"
+            + (f", uncheckpointed_levels={kept}" if kept else " (every level)"),
+            [
+                "train.batch_size=8",
+                "memory.gradient_checkpointing=true",
+                f"memory.uncheckpointed_levels={kept}",
+            ],
+        )
+        for kept in range(4)
+    ),
     ("no offload (text encoder, VAE stay)", ["memory.offload=false"]),
     ("sampling batch 4", ["sample.batch_size=4"]),
     (
@@ -47,6 +59,7 @@ SDXL_ROWS = [
     ("preset as written (sampling batch 2, checkpointing, VAE tiling, text encoders on CPU)", []),
     ("no VAE tiling (fp32 decode of the whole 1024 px image)", ["memory.vae_tiling=false"]),
     ("no checkpointing", ["memory.gradient_checkpointing=false"]),
+    ("uncheckpointed_levels=1 (the 32x32 blocks)", ["memory.uncheckpointed_levels=1"]),
     (
         "sampling batch 4, text encoders on the card (the preset before 2026-11-25)",
         ["sample.batch_size=4", "memory.text_encoders_on_cpu=false"],

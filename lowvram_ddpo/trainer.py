@@ -318,7 +318,7 @@ class Trainer:
         if cfg.speed.half_norms:  # acts under autocast only: a no-op in full precision
             run_norms_in_half(self.pipe.unet)
         if m.gradient_checkpointing:
-            enable_checkpointing(self.pipe.unet)
+            enable_checkpointing(self.pipe.unet, uncheckpointed_levels=m.uncheckpointed_levels)
         # DiffusionNFT samples with a lagging copy of the LoRA weights
         self.sampling_weights = (
             SamplingWeights(self.params) if cfg.train.algorithm == "nft" else None
@@ -509,6 +509,7 @@ class Trainer:
             + ("--set memory.decode_batch=1 " if decoding_wide else "")
             + (f"--set train.batch_size={smaller} " if smaller else "")
             + ("" if m.gradient_checkpointing else "--set memory.gradient_checkpointing=true ")
+            + ("--set memory.uncheckpointed_levels=0 " if m.uncheckpointed_levels else "")
             + ("" if m.offload else "--set memory.offload=true ")
             + "(`lowvram-ddpo bench memory` predicts the peak of each setting)"
         )

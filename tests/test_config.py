@@ -97,6 +97,8 @@ def test_bad_overrides_say_what_is_wrong(assignment, message):
         ("sample.group_size=7", "must divide the epoch's images"),
         ("sample.group_size=0", "group_size must be >= 1"),
         ("train.clip_range=0", "clip_range must be a positive number"),
+        ("memory.uncheckpointed_levels=-1", "uncheckpointed_levels must be >= 0"),
+        ("memory.uncheckpointed_levels=1", "set memory.gradient_checkpointing = true with it"),
     ],
 )
 def test_validation_rejects_settings_that_cannot_work(assignment, message):

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -225,6 +226,48 @@ def test_checkpointing_lowers_the_training_peak(sd15_run):
     assert checkpointed.peak_allocated < plain.peak_allocated - 1 * GB
 
 
+def test_levels_kept_out_of_checkpointing_trade_memory_for_recomputation(sd15_run):
+    """memory.uncheckpointed_levels on SD 1.5: each level kept out raises the estimated
+    training peak (below no checkpointing's), and lowers what the backward recomputes
+    (counted by level on the meta device) and so the predicted training time, the least
+    for the 8x8 level, which holds the least arithmetic."""
+    from lowvram_ddpo.speed.flops import epoch_flops
+    from lowvram_ddpo.speed.time_model import predict_epoch
+
+    micro_2 = ("train.batch_size=2", "train.gradient_accumulation_steps=32")
+    ckpt = "memory.gradient_checkpointing=true"
+    peaks = [
+        _estimate(sd15_run, *micro_2, ckpt, f"memory.uncheckpointed_levels={kept}")
+        .phase("training")
+        .peak_allocated
+        for kept in range(4)
+    ]
+    plain = _estimate(sd15_run, *micro_2).phase("training").peak_allocated
+    assert peaks == sorted(set(peaks)) and peaks[-1] < plain, [p / GB for p in peaks]
+
+    config = load_preset("incompressibility")
+    shares = epoch_flops(config, "sd15", count_backward=False).checkpoint_shares
+    assert len(shares) == 4 and shares[0] == 1.0 and shares == tuple(sorted(shares, reverse=True))
+    assert 0.9 < shares[1] < 1.0 and 0.2 < shares[3] < 0.6, shares
+
+    slow_card = Gpu("a card bound by arithmetic", 1.0)  # no launch floor in the way
+    flops = epoch_flops(config, "sd15", count_backward=False)
+
+    def training_seconds(*overrides: str) -> float:
+        trial = load_preset("incompressibility")
+        apply_overrides(trial, [*micro_2, *overrides])
+        return predict_epoch(trial, flops, slow_card).training
+
+    uncheckpointed = training_seconds()
+    recomputing = [
+        training_seconds(ckpt, f"memory.uncheckpointed_levels={kept}") - uncheckpointed
+        for kept in range(4)
+    ]
+    assert recomputing[0] > 0
+    for kept, share in enumerate(shares):
+        assert recomputing[kept] == pytest.approx(share * recomputing[0], rel=1e-9)
+
+
 def test_attention_layers_checkpointed_whole_hold_a_quarter_less(sd15_run):
     """diffusers leaves each attention layer's GroupNorm, proj_in and proj_out outside its
     checkpoints; checkpointing the (single-block) layer whole holds ~27% less at the peak
@@ -246,16 +289,12 @@ def test_attention_layers_checkpointed_whole_hold_a_quarter_less(sd15_run):
     assert ours < 0.8 * diffusers_own, (ours / GB, diffusers_own / GB)
 
 
-def test_checkpointing_whole_attention_layers_keeps_the_arithmetic():
-    """Output and LoRA gradients with the trainer's checkpointing are bitwise those without
-    it; dynamo traces the checkpointed UNet in one graph (the CUDA-graph speed paths: torch
-    2.13 here; the break seen on an H100 was torch 2.11's, at ``function.__get__``, which
-    the code no longer calls); and
-    switching it off gives the layers their own forward back."""
+def _tiny_lora_unet() -> tuple[torch.nn.Module, Callable, Callable]:
+    """A tiny UNet with LoRA in training mode, its call on fixed inputs, and a function
+    giving that call's output and the LoRA gradients of a loss on it."""
     from diffusers import UNet2DConditionModel
     from tiny import TINY_UNET
 
-    from lowvram_ddpo.memory.checkpointing import disable_checkpointing, enable_checkpointing
     from lowvram_ddpo.models import attach_lora
 
     torch.manual_seed(0)
@@ -266,7 +305,7 @@ def test_checkpointing_whole_attention_layers_keeps_the_arithmetic():
     text = torch.randn(2, 7, unet.config.cross_attention_dim, generator=generator)
     t = torch.tensor([500, 20])
 
-    def call(x: torch.Tensor) -> torch.Tensor:
+    def call(x: torch.Tensor = x) -> torch.Tensor:
         return unet(x, t, encoder_hidden_states=text).sample
 
     def output_and_gradients() -> list[torch.Tensor]:
@@ -277,18 +316,80 @@ def test_checkpointing_whole_attention_layers_keeps_the_arithmetic():
         return [out.detach(), *(p.grad.clone() for p in params)]
 
     unet.train()
+    return unet, call, output_and_gradients
+
+
+def test_checkpointing_whole_attention_layers_keeps_the_arithmetic():
+    """Output and LoRA gradients with the trainer's checkpointing are bitwise those without
+    it; dynamo traces the checkpointed UNet in one graph (the CUDA-graph speed paths: torch
+    2.13 here; the break seen on an H100 was torch 2.11's, at ``function.__get__``, which
+    the code no longer calls); and
+    switching it off gives the layers their own forward back."""
+    from lowvram_ddpo.memory.checkpointing import disable_checkpointing, enable_checkpointing
+
+    unet, call, output_and_gradients = _tiny_lora_unet()
     plain = output_and_gradients()
     enable_checkpointing(unet)
     whole = [m for m in unet.modules() if "forward" in m.__dict__]
     assert whole and all(type(m).__name__ == "Transformer2DModel" for m in whole)
     checkpointed = output_and_gradients()
     assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed, strict=True))
+    x = torch.randn(2, 4, 8, 8)
     assert torch._dynamo.explain(call)(x).graph_break_count == 0
     twin = copy.deepcopy(unet)  # its layers call their own weights, not the original's
     twin.up_blocks[1].attentions[0].proj_out.weight.data.add_(1.0)
-    assert not torch.equal(twin(x, t, encoder_hidden_states=text).sample, call(x))
+    text = torch.randn(2, 7, unet.config.cross_attention_dim)
+    t = torch.tensor([500, 20])
+    assert not torch.equal(
+        twin(x, t, encoder_hidden_states=text).sample, unet(x, t, encoder_hidden_states=text).sample
+    )
     disable_checkpointing(unet)
     assert not any("forward" in m.__dict__ for m in unet.modules())
+
+
+def test_levels_kept_out_of_checkpointing_keep_the_arithmetic():
+    """memory.uncheckpointed_levels = 1 runs the tiny UNet's lowest-resolution level (its
+    deepest down block, middle block and first up block) without checkpoints and the rest
+    with them: fewer checkpointed calls, the middle block's attention layer not taken whole,
+    output and LoRA gradients bitwise those without checkpointing. Enabling again replaces
+    the last setting; keeping every level, or levels of a model without any, is refused."""
+    from lowvram_ddpo.memory.checkpointing import (
+        enable_checkpointing,
+        kept_blocks,
+        resolution_levels,
+        torch_checkpoint,
+    )
+
+    unet, _, output_and_gradients = _tiny_lora_unet()
+    plain = output_and_gradients()
+    levels = resolution_levels(unet)
+    assert levels == [
+        [unet.down_blocks[1], unet.mid_block, unet.up_blocks[0]],
+        [unet.down_blocks[0], unet.up_blocks[1]],
+    ]
+    calls: list[object] = []
+
+    def recorded(function, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(function)
+        return torch_checkpoint(function, *args, **kwargs)
+
+    middle_attention = unet.mid_block.attentions[0]
+    counts = {}
+    for kept in (0, 1, 0):
+        enable_checkpointing(unet, recorded, uncheckpointed_levels=kept)
+        assert ("forward" in middle_attention.__dict__) == (kept == 0)
+        calls.clear()
+        assert all(torch.equal(a, b) for a, b in zip(plain, output_and_gradients(), strict=True)), (
+            kept
+        )
+        counts.setdefault(kept, []).append(len(calls))
+    assert counts[1][0] < counts[0][0] == counts[0][1], counts
+    assert counts[1][0] > 0  # the outer level still recomputes
+    with pytest.raises(UserError, match="has 2 levels: keeping them all is no checkpointing"):
+        enable_checkpointing(unet, uncheckpointed_levels=2)
+    assert resolution_levels(torch.nn.Linear(1, 1)) == []
+    with pytest.raises(UserError, match="has no resolution levels"):
+        kept_blocks(torch.nn.Linear(1, 1), 1)
 
 
 def test_half_norms_hold_half_copies_in_the_estimate(sd15_run):
@@ -799,6 +900,32 @@ def test_vram_fit_keeps_the_batch_per_step_and_fits_the_card():
         "memory.offload True -> False",
         "memory.decode_batch 1 -> 8",
     ]
+
+
+def test_a_fit_keeps_levels_out_of_checkpointing_as_far_as_the_card_allows(sd15_run):
+    """Between full checkpointing and none, a fit keeps the UNet's lowest-resolution levels
+    out of checkpointing, as many as the card holds (less recomputation, predicted faster);
+    the training budget infers what a level count says of the others instead of
+    estimating them again."""
+    from lowvram_ddpo.memory.fit import TrainingBudget
+
+    config = load_preset("incompressibility")
+    kept = {}
+    for gb in (8, 16):
+        fit = fit_to_vram(config, "sd15", gb * GB)
+        m = fit.config.memory
+        assert m.gradient_checkpointing and fit.report.peak_bytes + CUDA_CONTEXT_BYTES <= gb * GB
+        kept[gb] = m.uncheckpointed_levels
+        full = copy.deepcopy(fit.config)
+        full.memory.uncheckpointed_levels = 0
+        assert estimate_memory(full, "sd15", sd15_run).peak_bytes < fit.report.peak_bytes
+    assert 0 < kept[8] < kept[16], kept
+
+    budget = TrainingBudget("sd15", sd15_run, 8 * GB)
+    budget.known = {(4, 2, ("rest",)): True, (4, 3, ("rest",)): False}
+    assert budget._known(4, 1, ("rest",)) is True  # holds less than what fitted
+    assert budget._known(4, float("inf"), ("rest",)) is False  # more than what did not
+    assert budget._known(8, 1, ("rest",)) is None and budget._known(4, 1, ("other",)) is None
 
 
 def test_a_fit_decodes_as_many_images_per_call_as_leave_the_peak_where_it_is(sd15_run):

@@ -203,6 +203,30 @@ def test_a_run_decodes_its_batches_memory_decode_batch_at_a_time(tiny_preset, tm
         _config(tiny_preset, "memory.decode_batch=0")
 
 
+def test_a_run_keeps_the_levels_it_is_told_out_of_checkpointing(tiny_preset, tmp_path):
+    """memory.uncheckpointed_levels reaches the trainer's UNet: its lowest-resolution
+    level runs without checkpoints, the outer one with them, and it trains; the
+    out-of-memory advice turns the levels back into checkpointing."""
+    config = _config(
+        tiny_preset, "memory.gradient_checkpointing=true", "memory.uncheckpointed_levels=1"
+    )
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.setup()
+    unet = trainer.pipe.unet
+    assert (
+        not unet.mid_block.gradient_checkpointing
+        and not unet.down_blocks[-1].gradient_checkpointing
+    )
+    assert unet.down_blocks[0].gradient_checkpointing and unet.up_blocks[-1].gradient_checkpointing
+    samples, signal, _ = trainer.sample_and_score(epoch=0)
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.train_on(samples, signal, 0)
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params, strict=True))
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+    trainer.phase = "training"
+    assert "--set memory.uncheckpointed_levels=0 " in trainer.out_of_memory_message(0)
+
+
 def test_the_decode_benchmark_times_each_width(monkeypatch, capsys):
     """benchmarks/decode_batch.py (a GPU session's measure of memory.decode_batch) on the
     pocket model: a row per width, the first the unit of the speed-ups."""

@@ -14,6 +14,16 @@ Only layers with a single transformer block are taken whole (SD 1.5, SD 2, LCM
 Dreamshaper): recomputing SDXL's ten-block layers whole would hold ten blocks'
 activations at once, more than it saves (1.77 against 1.34 GiB, SDXL at 1024 px).
 Arithmetic is unchanged: the same operations run, once more in the backward pass.
+
+A UNet's low-resolution blocks hold few activations for their arithmetic (a
+convolution's work grows with the square of its channels, its output only with their
+number, and the channels double as the resolution halves), so a run with memory to
+spare keeps those levels out of checkpointing first (``memory.uncheckpointed_levels``).
+SD 1.5 at 512 px, micro-batch 8 with guidance, estimated on the meta device
+(``benchmarks/memory_levers.py``; the recomputation counted by ``speed/flops.py``):
+keeping the 8x8 level out (deepest down block, middle, first up block) holds 0.29 GiB
+more and recomputes 5% less; with the 16x16 pair 2.78 GiB more, 30% less; with the 32x32
+pair too 7.79 GiB more, 58% less.
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import nn
+
+from lowvram_ddpo.errors import UserError
 
 CheckpointFunction = Callable[..., Any]
 """``fn(function, *args, **kwargs)``: runs ``function`` and recomputes it in backward."""
@@ -45,15 +57,62 @@ def _whole_layers(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+def resolution_levels(model: nn.Module) -> list[list[nn.Module]]:
+    """A UNet's blocks by resolution, lowest first: the deepest down block, the middle
+    block and the up block mirroring the down one, then each down/up pair one resolution
+    up. A model without levels (a transformer: SD 3, FLUX.2) has none."""
+    down, up = getattr(model, "down_blocks", None), getattr(model, "up_blocks", None)
+    if not down or not up or len(down) != len(up):
+        return []
+    middle = [model.mid_block] if getattr(model, "mid_block", None) is not None else []
+    deepest = len(down) - 1
+    return [[down[deepest], *middle, up[0]]] + [
+        [down[deepest - k], up[k]] for k in range(1, len(down))
+    ]
+
+
+def kept_blocks(model: nn.Module, uncheckpointed_levels: int) -> list[nn.Module]:
+    """The blocks of ``model``'s ``uncheckpointed_levels`` lowest-resolution levels, after
+    checking that it has more levels than that (at least one must stay checkpointed)."""
+    if uncheckpointed_levels == 0:
+        return []
+    levels = resolution_levels(model)
+    name = type(model).__name__
+    if not levels:
+        raise UserError(
+            f"memory.uncheckpointed_levels: a {name} has no resolution levels (a UNet's): "
+            "leave it at 0"
+        )
+    if uncheckpointed_levels >= len(levels):
+        raise UserError(
+            f"memory.uncheckpointed_levels is {uncheckpointed_levels}, but this {name} has "
+            f"{len(levels)} levels: keeping them all is no checkpointing (set "
+            f"memory.gradient_checkpointing = false), or give at most {len(levels) - 1}"
+        )
+    return [block for level in levels[:uncheckpointed_levels] for block in level]
+
+
 def enable_checkpointing(
-    model: nn.Module, checkpoint: CheckpointFunction = torch_checkpoint
+    model: nn.Module,
+    checkpoint: CheckpointFunction = torch_checkpoint,
+    uncheckpointed_levels: int = 0,
 ) -> None:
     """diffusers' gradient checkpointing of ``model`` (a UNet or a transformer), with
-    single-block attention layers checkpointed whole instead of their block alone.
-    (diffusers' own ``enable_gradient_checkpointing`` called later would checkpoint the
-    blocks again inside: right, but recomputed twice.)"""
+    single-block attention layers checkpointed whole instead of their block alone, and the
+    ``uncheckpointed_levels`` lowest-resolution levels left out. (diffusers' own
+    ``enable_gradient_checkpointing`` called later would checkpoint the blocks again
+    inside: right, but recomputed twice.) Called again, it replaces the last setting."""
+    kept = kept_blocks(model, uncheckpointed_levels)  # checked before anything changes
     model.enable_gradient_checkpointing(checkpoint)
+    kept_modules = {id(m) for block in kept for m in block.modules()}
+    for block in kept:  # diffusers' blocks and attention layers each read their own flag
+        for module in block.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False
     for layer in _whole_layers(model):
+        if id(layer) in kept_modules:
+            _unwrap(layer)
+            continue
         layer.gradient_checkpointing = False  # its block runs inside the layer's checkpoint
         layer.checkpoint_function = checkpoint
         # a method of the layer, not a closure: a deep copy calls the copy's own weights
@@ -64,8 +123,12 @@ def disable_checkpointing(model: nn.Module) -> None:
     """Back to no checkpointing (the estimate tries settings both ways on one model)."""
     model.disable_gradient_checkpointing()
     for layer in _whole_layers(model):
-        layer.__dict__.pop("forward", None)  # the class's forward again
-        layer.__dict__.pop("checkpoint_function", None)
+        _unwrap(layer)
+
+
+def _unwrap(layer: nn.Module) -> None:
+    layer.__dict__.pop("forward", None)  # the class's forward again
+    layer.__dict__.pop("checkpoint_function", None)
 
 
 def _checkpointed_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401

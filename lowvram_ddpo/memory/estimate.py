@@ -297,7 +297,8 @@ class MetaRun:
     def training_micro_step(self, config: Config) -> int:
         """One micro-step's forward and backward with gradients already accumulated."""
         t, guidance = config.train, config.sample.guidance_scale
-        checkpointing = config.memory.gradient_checkpointing
+        m = config.memory
+        checkpointing = (m.gradient_checkpointing, m.uncheckpointed_levels)
         key = ("training", t.batch_size, checkpointing, t.algorithm, guidance, t.kl_coef > 0)
         if (peak := self.known(key)) is not None:
             return peak
@@ -315,8 +316,10 @@ class MetaRun:
         checkpointing setting, ready to run on the meta device."""
         t, guidance = config.train, config.sample.guidance_scale
         unet, micro_batch = self.parts.unet, t.batch_size
-        if config.memory.gradient_checkpointing:
-            enable_checkpointing(unet, emulated_checkpoint(self.autocast_dtype))
+        m = config.memory
+        if m.gradient_checkpointing:
+            checkpoint = emulated_checkpoint(self.autocast_dtype)
+            enable_checkpointing(unet, checkpoint, m.uncheckpointed_levels)
         else:
             disable_checkpointing(unet)
         unet.train()
@@ -540,6 +543,7 @@ def settings_of(config: Config) -> dict[str, object]:
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "guidance_scale": s.guidance_scale,
         "gradient_checkpointing": m.gradient_checkpointing,
+        "uncheckpointed_levels": m.uncheckpointed_levels,
         "offload": m.offload,
         "optimizer": m.optimizer,
         "quantize": m.quantize,

@@ -3,7 +3,8 @@
 Every combination of sampling batch (its halvings, and up to 4x it where the epoch
 predicted is 5% shorter per doubling: an LCM's few latents per call leave a fast card
 idle), training micro-batch (up to the sampling batch: bigger is almost free on a
-launch-bound GPU), gradient checkpointing, VAE tiling,
+launch-bound GPU), gradient checkpointing (of every resolution level, or of all but the
+lowest ones: ``memory.uncheckpointed_levels``), VAE tiling,
 offloading (the text encoder and VAE kept on the card when they fit: no moves per batch)
 decode batch (widened last, below the peak) and scoring batch, with and without the CUDA
 graphs a preset sets (their pool is the first thing a small card lacks; not yet with
@@ -32,6 +33,7 @@ import torch
 from lowvram_ddpo.config import BITSANDBYTES_QUANTIZE, COMPILE_MODES, Config
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, a_card
+from lowvram_ddpo.memory.checkpointing import resolution_levels
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory, meta_run, readable_shape
 from lowvram_ddpo.memory.report import MemoryReport
 from lowvram_ddpo.memory.units import (
@@ -122,14 +124,22 @@ def micro_batches(config: Config, largest: int | None = None) -> list[int]:
 
 
 def candidates(
-    config: Config, quantize: str, text_on_cpu: bool, growth: int = SAMPLING_BATCH_GROWTH
+    config: Config,
+    quantize: str,
+    text_on_cpu: bool,
+    growth: int = SAMPLING_BATCH_GROWTH,
+    levels: int = 0,
 ) -> Iterator[Config]:
     """Every combination of the levers, in a fixed order (the tie-break of equal times);
-    sampling batches up to ``growth`` times the one written."""
+    sampling batches up to ``growth`` times the one written; checkpointing of all but up
+    to ``levels`` - 1 of the UNet's resolution levels (0: a model without levels)."""
     s, t = config.sample, config.train
     samples = s.batch_size * s.batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
-    checkpointing = [False, True] if not config.memory.gradient_checkpointing else [True]
+    # (checkpointing, levels kept out of it): the fewer kept, the less memory
+    checkpointing = [(True, kept) for kept in range(max(levels - 1, 0), -1, -1)]
+    if not config.memory.gradient_checkpointing:
+        checkpointing.insert(0, (False, 0))
     # the text encoder and the VAE stay on the card when they fit (no moves per batch);
     # both are tried whatever was set: offloading changes no number (a resumed run that
     # kept them on a bigger card can offload them on a smaller one)
@@ -146,7 +156,7 @@ def candidates(
     batches = sampling_batches(config, growth)
     micros = micro_batches(config, largest=max(batches))
     levers = itertools.product(compiling, checkpointing, tiling, offloading)
-    for compile_mode, ckpt, tiled, offload in levers:
+    for compile_mode, (ckpt, kept), tiled, offload in levers:
         if compile_mode in GRAPH_MODES and ckpt and not config.memory.gradient_checkpointing:
             # not paired by the fit: on an H100 (torch 2.11, 2026-11-26) the pair split
             # dynamo's graph at every attention layer; fixed, it was still slow (a second
@@ -160,6 +170,7 @@ def candidates(
                 trial = copy.deepcopy(config)
                 trial.speed.compile = compile_mode
                 trial.memory.gradient_checkpointing = ckpt
+                trial.memory.uncheckpointed_levels = kept
                 trial.memory.vae_tiling = tiled
                 trial.memory.offload = offload
                 trial.memory.quantize = quantize
@@ -179,6 +190,7 @@ FITTED_FIELDS = (
     "train.gradient_accumulation_steps",
     "reward.batch_size",
     "memory.gradient_checkpointing",
+    "memory.uncheckpointed_levels",
     "memory.offload",
     "memory.vae_tiling",
     "memory.text_encoders_on_cpu",
@@ -263,6 +275,7 @@ def fit_to_vram(
     flops = epoch_flops(config, arch, count_backward=False)
     timing = EpochTiming(flops, this_gpu(), leaf_modules(run.parts.unet), config.sample.batch_size)
     quantizations = quantisation_levels(config, held)
+    levels = len(resolution_levels(run.parts.unet))
     # text encoders on the CPU cost time only while new prompts arrive: before a
     # quantised base
     on_cpu = [True] if config.memory.text_encoders_on_cpu else [False, True]
@@ -271,7 +284,7 @@ def fit_to_vram(
         trains = TrainingBudget(arch, run, budget)
         every = [
             trial
-            for trial in candidates(config, quantize, text_on_cpu, growth)
+            for trial in candidates(config, quantize, text_on_cpu, growth, levels)
             if all(_value(trial, name) == _value(config, name) for name in held)
         ]
         if not every:  # a held quantisation or text-encoder placement
@@ -495,36 +508,47 @@ def without_preset_compile(
 class TrainingBudget:
     """Whether a setting's training phase fits, estimated from the smallest micro-batch up:
     memory grows with the micro-batch, so a micro-batch is only estimated once every smaller
-    one (same checkpointing, offloading and sampling batch) fits. The fastest settings come
-    first in the fit, and on a small card their large micro-batches rarely fit; each costs
-    seconds to estimate (SDXL)."""
+    one (same checkpointing, offloading and sampling batch) fits. It grows with the levels
+    kept out of checkpointing too, so what one answer says of the others is not estimated
+    again. The fastest settings come first in the fit, and on a small card their large
+    micro-batches rarely fit; each costs seconds to estimate (SDXL)."""
 
     arch: str
     run: MetaRun
     budget: int
-    known: dict[tuple[int, bool, bool, int, str], bool] = field(default_factory=dict)
+    known: dict[tuple[int, float, tuple], bool] = field(default_factory=dict)
+    """(micro-batch, levels holding their activations, the rest of the setting): fits."""
 
     def fits(self, trial: Config) -> bool:
         t, m = trial.train, trial.memory
+        # checkpointing off holds every level's activations
+        holding = m.uncheckpointed_levels if m.gradient_checkpointing else float("inf")
         # the sampling batch too: a graphed sampling step's pool is held while training
-        setting = (
-            m.gradient_checkpointing,
+        rest = (
             m.offload,
             trial.sample.batch_size if graphs_replay(trial.speed, "sampling") else 0,
             trial.speed.compile,
         )
         per_step = t.batch_size * t.gradient_accumulation_steps
         for micro in reversed(micro_batches(trial, largest=t.batch_size)):
-            key = (micro, *setting)
-            if key not in self.known:
+            answer = self._known(micro, holding, rest)
+            if answer is None:
                 probe = copy.deepcopy(trial)
                 probe.train.batch_size = micro
                 probe.train.gradient_accumulation_steps = per_step // micro
                 peak = estimate_memory(probe, self.arch, self.run).phase("training").peak_reserved
-                self.known[key] = peak <= self.budget
-            if not self.known[key]:
+                answer = self.known[(micro, holding, rest)] = peak <= self.budget
+            if not answer:
                 return False
         return True
+
+    def _known(self, micro: int, holding: float, rest: tuple) -> bool | None:
+        """What the answers so far say: it fits where a setting holding as much or more
+        fitted, not where one holding as much or less did not; None: not known."""
+        for (m, held, r), fitted in self.known.items():
+            if m == micro and r == rest and (held >= holding if fitted else held <= holding):
+                return fitted
+        return None
 
 
 EXACT_REPLAY_WORTH = 0.05

@@ -18,6 +18,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lowvram_ddpo.config import Config, SampleConfig, trained_steps_per_sample
+from lowvram_ddpo.memory.checkpointing import (
+    disable_checkpointing,
+    enable_checkpointing,
+    resolution_levels,
+)
 from lowvram_ddpo.memory.counting import GpuKernelEmulation, ShapeOnlyKernels
 from lowvram_ddpo.memory.estimate import MetaRun, meta_run
 from lowvram_ddpo.memory.fp8_weights import fp8_layers
@@ -42,6 +47,12 @@ class EpochFlops:
     """The same in overlapping tiles (``memory.vae_tiling``; SDXL at 1024 px: 9 tiles of
     at most 512 px, counted 1.5x one pass); one pass where a tile covers the image."""
 
+    checkpoint_shares: tuple[float, ...] = (1.0,)
+    """What gradient checkpointing recomputes with ``memory.uncheckpointed_levels`` = 0, 1,
+    ... over what it recomputes with every level checkpointed (the first is 1.0; a model
+    without levels has only it). The time model calibrated full checkpointing on a GPU;
+    keeping levels out scales that cost by these shares."""
+
     fp8_layers: int = 0
     """The UNet's layers ``memory.quantize=fp8`` stores in 8 bits (``fp8_weights``)..."""
     fp8_weights: int = 0
@@ -50,12 +61,18 @@ class EpochFlops:
     def decode(self, tiled: bool) -> float:
         return self.tiled_decode_per_image if tiled else self.decode_per_image
 
+    def recomputed_share(self, uncheckpointed_levels: int) -> float:
+        """Of full checkpointing's recomputation, what remains with these levels kept."""
+        shares = self.checkpoint_shares
+        return shares[min(uncheckpointed_levels, len(shares) - 1)]
 
-def _counted(run: MetaRun, work) -> float:  # noqa: ANN001  (a callable)
-    """FLOPs of ``work`` on the run's meta models, autocast's casts replayed (the models are
-    in half precision) and attention left to PyTorch, where the counter sees it; the ops
-    themselves run as the memory estimate runs them (the counter sees the same shapes)."""
-    counter = FlopCounterMode(display=False)
+
+def _counted(run: MetaRun, work, counter: FlopCounterMode | None = None) -> float:  # noqa: ANN001
+    """FLOPs of ``work`` (a callable) on the run's meta models, autocast's casts replayed (the
+    models are in half precision) and attention left to PyTorch, where the counter sees it;
+    the ops themselves run as the memory estimate runs them (the counter sees the same
+    shapes)."""
+    counter = counter or FlopCounterMode(display=False)
     with (
         GpuKernelEmulation(run.autocast_dtype, fused_attention=False),
         ShapeOnlyKernels(),
@@ -97,6 +114,7 @@ def epoch_flops(config: Config, arch: str, count_backward: bool = True) -> Epoch
         for tiled in (False, True)
     }
     layers, weights = run.sizes(("fp8 layers",), partial(_fp8_layers, run))
+    shares = run.sizes(("flops: checkpoint shares",), partial(_checkpoint_shares, run, config))
     return EpochFlops(
         sampling_per_image=step * s.num_steps,
         training_per_image=trained * trained_steps * t.inner_epochs,
@@ -104,6 +122,7 @@ def epoch_flops(config: Config, arch: str, count_backward: bool = True) -> Epoch
         trained_steps=trained_steps,
         decode_per_image=decode[False],
         tiled_decode_per_image=decode[True],
+        checkpoint_shares=shares,
         fp8_layers=layers,
         fp8_weights=weights,
     )
@@ -145,3 +164,48 @@ def _trained_step(run: MetaRun, config: Config) -> float:
         for p in params:
             p.grad = None
         run.parts.unet.eval()
+
+
+def _checkpoint_shares(run: MetaRun, config: Config) -> tuple[float, ...]:
+    """``EpochFlops.checkpoint_shares``, from one forward in training mode whose checkpoint
+    function counts what it runs (what the backward would run again) by resolution level."""
+    unet = run.parts.unet
+    levels = resolution_levels(unet)
+    if not levels:
+        return (1.0,)
+    counter = FlopCounterMode(display=False)
+    by_level = [0.0] * len(levels)
+    current = [0]  # the level whose block runs now
+    inside = [False]  # a checkpoint inside another is counted once, by the outer one
+
+    def counting_checkpoint(function, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if inside[0]:
+            return function(*args, **kwargs)
+        before, inside[0] = counter.get_total_flops(), True
+        try:
+            return function(*args, **kwargs)
+        finally:
+            inside[0] = False
+            by_level[current[0]] += counter.get_total_flops() - before
+
+    hooks = [
+        block.register_forward_pre_hook(lambda *_, level=level: current.__setitem__(0, level))
+        for level, blocks in enumerate(levels)
+        for block in blocks
+    ]
+    latents = torch.empty(1, *run.latent_shape(config.sample.resolution), device="meta")
+    cond = run._conditioning(1, 1.0)
+    enable_checkpointing(unet, counting_checkpoint)
+    unet.train()
+    try:
+        with torch.enable_grad():
+            _counted(
+                run, lambda: run.policy(unet, latents, run.policy.timesteps()[:1], cond), counter
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
+        disable_checkpointing(unet)
+        unet.eval()
+    total = sum(by_level)
+    return tuple(sum(by_level[k:]) / total for k in range(len(levels)))
