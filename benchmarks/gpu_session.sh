@@ -302,6 +302,11 @@ case "$part" in
     # `confirm` part repeats it beside the reference): GPU_SESSION_SKIP=mb8-ckpt-default
     install_wheels
     stage mb8-ckpt-default 450 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=default
+    # where Inductor's epoch goes (MFU 23% sampling, 18% training against the goals' 40 and
+    # 30): the same row profiled, its kernels from the compile cache the row above (or the
+    # `confirm` call before, on a warm machine) left; the table comes back as a file
+    stage profile-default 200 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=default \
+      --profile "$OUT/default-profile.txt"
     # the preset as a user gets it on this card (Inductor; the fit's batches, no offload)
     stage auto-default 450 bench_speed "${SD15_AUTO[@]}"
     # two of SD 1.5's four levels kept out of checkpointing (memory.uncheckpointed_levels;
