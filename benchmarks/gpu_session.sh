@@ -278,6 +278,11 @@ case "$part" in
     # encoded up front): the last epoch profiled
     stage rlcm-profile 120 bench_speed "${RLCM[@]}" --batches 2 --set memory.vram=off \
       --profile "$OUT/rlcm-profile.txt"
+    # Inductor instead of the preset's CUDA graphs, fitted to the card: ~15 s per epoch
+    # predicted on an H100 against ~24 with the graphs (the SD 1.5 row's Inductor factors
+    # on LCM's SD 1.5-shaped UNet; never run), after minutes of compiling
+    stage rlcm-default 450 bench_speed "${RLCM[@]}" --batches 2 --epochs 3 \
+      --set speed.compile=default
     ;;
   fp8) # memory.quantize=fp8 (the base in 8 bits, dequantised per call): SDXL's 2x within
     # 8 GB with CUDA graphs on its host-bound training (6.64 GiB, ~2 h 13 per epoch
@@ -307,6 +312,10 @@ case "$part" in
     # `confirm` call before, on a warm machine) left; the table comes back as a file
     stage profile-default 200 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=default \
       --profile "$OUT/default-profile.txt"
+    # cuDNN's timed choice of convolution algorithms (speed.cudnn_benchmark): its speed,
+    # its peak (a larger workspace is not in the estimate) and its replay; cache warm
+    stage mb8-ckpt-default-cudnn 200 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" \
+      --set speed.compile=default --set speed.cudnn_benchmark=true
     # the preset as a user gets it on this card (Inductor; the fit's batches, no offload)
     stage auto-default 450 bench_speed "${SD15_AUTO[@]}"
     # two of SD 1.5's four levels kept out of checkpointing (memory.uncheckpointed_levels;

@@ -211,6 +211,14 @@ class SpeedConfig:
     three passes over its output fewer, one rounding instead of three. Measured on an H100
     (2026-11-26): exact replay, but no faster (69.5 against 70.6 ms of kernels per
     sampling call); off."""
+    cudnn_benchmark: bool = False
+    """Let cuDNN time its convolution algorithms for each of the run's shapes once and keep
+    the fastest (``torch.backends.cudnn.benchmark``), instead of its heuristic's pick: a
+    UNet's shapes are fixed for the run, and convolutions (cuDNN's, under Inductor too) are
+    a large part of its kernels. The sampling and training calls of one shape share the
+    chosen algorithm (the replay keeps its exactness); another run may choose others.
+    A faster algorithm may want a larger workspace, which the memory estimate does not
+    count. Off until a GPU row measures its speed and peak."""
     half_norms: bool = False
     """Under mixed precision, run GroupNorm and LayerNorm in half precision, as diffusers'
     fp16 inference does (``speed/half_norms.py``), instead of autocast's float32 with a cast

@@ -182,6 +182,7 @@ class Trainer:
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         )
         torch.backends.cuda.matmul.allow_tf32 = cfg.model.allow_tf32
+        torch.backends.cudnn.benchmark = cfg.speed.cudnn_benchmark
         set_seed(cfg.run.seed)
         self.check_before_loading()
         self.load_models(DTYPES[precision])

@@ -1175,6 +1175,24 @@ def test_the_trainer_gives_its_unet_half_norms_when_asked(tiny_preset, tmp_path)
     assert rewards[True] == rewards[False]
 
 
+def test_the_trainer_lets_cudnn_time_its_convolutions_only_when_asked(tiny_preset, tmp_path):
+    """speed.cudnn_benchmark sets PyTorch's global switch for the run, both ways (a run
+    after one that asked must not keep it), and the settings report names it."""
+    from lowvram_ddpo.memory.estimate import settings_of
+    from lowvram_ddpo.trainer import Trainer
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        for asked in (True, False):
+            config = load_preset(str(tiny_preset))
+            apply_overrides(config, ["run.progress=false", f"speed.cudnn_benchmark={asked}"])
+            Trainer(config, tmp_path / str(asked)).setup()
+            assert torch.backends.cudnn.benchmark is asked
+            assert settings_of(config)["cudnn_benchmark"] is asked
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def test_the_fit_trains_at_the_sampling_batch_where_that_costs_little(monkeypatch):
     """A training micro-batch other than the sampling batch re-scores with other kernels
     (on an H100 the ratio then started 0.71 of the clip range off 1): on a card whose
