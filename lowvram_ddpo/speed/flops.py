@@ -11,6 +11,8 @@ useful FLOPs / seconds / the GPU's dense fp16 rate.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -96,7 +98,7 @@ def epoch_flops(config: Config, arch: str, count_backward: bool = True) -> Epoch
     and leaves ``forward_per_latent`` uncounted (0)."""
     run = meta_run(config, arch)
     s, t = config.sample, config.train
-    step = run.sizes(
+    step, shares = run.sizes(
         ("flops: sampling step", s.guidance_scale),
         lambda: _sampling_step(run, config, s.guidance_scale),
     )
@@ -105,7 +107,7 @@ def epoch_flops(config: Config, arch: str, count_backward: bool = True) -> Epoch
             ("flops: trained step", s.guidance_scale, t.algorithm),
             lambda: _trained_step(run, config),
         )
-        forward = run.sizes(("flops: forward",), lambda: _sampling_step(run, config, 1.0))
+        forward, _ = run.sizes(("flops: forward",), lambda: _sampling_step(run, config, 1.0))
     else:
         trained, forward = step * TRAINED_OVER_SAMPLING_STEP, 0.0
     trained_steps = trained_steps_per_sample(s, t, run.policy.trainable_steps())
@@ -114,7 +116,6 @@ def epoch_flops(config: Config, arch: str, count_backward: bool = True) -> Epoch
         for tiled in (False, True)
     }
     layers, weights = run.sizes(("fp8 layers",), partial(_fp8_layers, run))
-    shares = run.sizes(("flops: checkpoint shares",), partial(_checkpoint_shares, run, config))
     return EpochFlops(
         sampling_per_image=step * s.num_steps,
         training_per_image=trained * trained_steps * t.inner_epochs,
@@ -133,14 +134,65 @@ def _fp8_layers(run: MetaRun) -> tuple[int, int]:
     return len(layers), sum(layer.weight.numel() for layer in layers)
 
 
-def _sampling_step(run: MetaRun, config: Config, guidance_scale: float) -> float:
-    """One denoising step of one image (guidance 1.0: a plain forward)."""
+def _sampling_step(
+    run: MetaRun, config: Config, guidance_scale: float
+) -> tuple[float, tuple[float, ...]]:
+    """One denoising step of one image (guidance 1.0: a plain forward), and what gradient
+    checkpointing would recompute of it (``EpochFlops.checkpoint_shares``): counted in
+    training mode with gradients on, where the checkpoints run (the step's arithmetic is
+    the same in either mode: no dropout, no batch statistics)."""
     unet = run.parts.unet
     latents = torch.empty(1, *run.latent_shape(config.sample.resolution), device="meta")
     cond = run._conditioning(1, guidance_scale)
-    unet.eval()
-    with torch.no_grad():
-        return _counted(run, lambda: run.policy(unet, latents, run.policy.timesteps()[:1], cond))
+    counter = FlopCounterMode(display=False)
+    unet.train()
+    try:
+        with torch.enable_grad(), _checkpoints_counted(unet, counter) as by_level:
+            step = _counted(
+                run, lambda: run.policy(unet, latents, run.policy.timesteps()[:1], cond), counter
+            )
+    finally:
+        unet.eval()
+    if not by_level:  # a model without levels
+        return step, (1.0,)
+    total = sum(by_level)
+    return step, tuple(sum(by_level[k:]) / total for k in range(len(by_level)))
+
+
+@contextmanager
+def _checkpoints_counted(unet: torch.nn.Module, counter: FlopCounterMode) -> Iterator[list[float]]:
+    """Checkpointing on, with a checkpoint function that only counts what it runs (what a
+    backward would run again), by the UNet's resolution level (lowest first): the list
+    yielded fills as the forward runs. Checkpointing is off again afterwards."""
+    levels = resolution_levels(unet)
+    by_level = [0.0] * len(levels)
+    current = [0]  # the level whose block runs now
+    inside = [False]  # a checkpoint inside another is counted once, by the outer one
+
+    def counting_checkpoint(function, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if inside[0]:
+            return function(*args, **kwargs)
+        before, inside[0] = counter.get_total_flops(), True
+        try:
+            return function(*args, **kwargs)
+        finally:
+            inside[0] = False
+            by_level[current[0]] += counter.get_total_flops() - before
+
+    hooks = [
+        block.register_forward_pre_hook(lambda *_, level=level: current.__setitem__(0, level))
+        for level, blocks in enumerate(levels)
+        for block in blocks
+    ]
+    if levels:
+        enable_checkpointing(unet, counting_checkpoint)
+    try:
+        yield by_level
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if levels:
+            disable_checkpointing(unet)
 
 
 def _decode(run: MetaRun, sample: SampleConfig, tiled: bool) -> float:
@@ -164,48 +216,3 @@ def _trained_step(run: MetaRun, config: Config) -> float:
         for p in params:
             p.grad = None
         run.parts.unet.eval()
-
-
-def _checkpoint_shares(run: MetaRun, config: Config) -> tuple[float, ...]:
-    """``EpochFlops.checkpoint_shares``, from one forward in training mode whose checkpoint
-    function counts what it runs (what the backward would run again) by resolution level."""
-    unet = run.parts.unet
-    levels = resolution_levels(unet)
-    if not levels:
-        return (1.0,)
-    counter = FlopCounterMode(display=False)
-    by_level = [0.0] * len(levels)
-    current = [0]  # the level whose block runs now
-    inside = [False]  # a checkpoint inside another is counted once, by the outer one
-
-    def counting_checkpoint(function, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        if inside[0]:
-            return function(*args, **kwargs)
-        before, inside[0] = counter.get_total_flops(), True
-        try:
-            return function(*args, **kwargs)
-        finally:
-            inside[0] = False
-            by_level[current[0]] += counter.get_total_flops() - before
-
-    hooks = [
-        block.register_forward_pre_hook(lambda *_, level=level: current.__setitem__(0, level))
-        for level, blocks in enumerate(levels)
-        for block in blocks
-    ]
-    latents = torch.empty(1, *run.latent_shape(config.sample.resolution), device="meta")
-    cond = run._conditioning(1, 1.0)
-    enable_checkpointing(unet, counting_checkpoint)
-    unet.train()
-    try:
-        with torch.enable_grad():
-            _counted(
-                run, lambda: run.policy(unet, latents, run.policy.timesteps()[:1], cond), counter
-            )
-    finally:
-        for hook in hooks:
-            hook.remove()
-        disable_checkpointing(unet)
-        unet.eval()
-    total = sum(by_level)
-    return tuple(sum(by_level[k:]) / total for k in range(len(levels)))
