@@ -352,7 +352,8 @@ def test_levels_kept_out_of_checkpointing_keep_the_arithmetic():
     deepest down block, middle block and first up block) without checkpoints and the rest
     with them: fewer checkpointed calls, the middle block's attention layer not taken whole,
     output and LoRA gradients bitwise those without checkpointing. Enabling again replaces
-    the last setting; keeping every level, or levels of a model without any, is refused."""
+    the last setting; dynamo traces it in one graph; keeping every level, or levels of a
+    model without any, is refused."""
     from lowvram_ddpo.memory.checkpointing import (
         enable_checkpointing,
         kept_blocks,
@@ -360,7 +361,7 @@ def test_levels_kept_out_of_checkpointing_keep_the_arithmetic():
         torch_checkpoint,
     )
 
-    unet, _, output_and_gradients = _tiny_lora_unet()
+    unet, call, output_and_gradients = _tiny_lora_unet()
     plain = output_and_gradients()
     levels = resolution_levels(unet)
     assert levels == [
@@ -385,6 +386,8 @@ def test_levels_kept_out_of_checkpointing_keep_the_arithmetic():
         counts.setdefault(kept, []).append(len(calls))
     assert counts[1][0] < counts[0][0] == counts[0][1], counts
     assert counts[1][0] > 0  # the outer level still recomputes
+    enable_checkpointing(unet, uncheckpointed_levels=1)  # dynamo (compile) traces it whole
+    assert torch._dynamo.explain(call)(torch.randn(2, 4, 8, 8)).graph_break_count == 0
     with pytest.raises(UserError, match="has 2 levels: keeping them all is no checkpointing"):
         enable_checkpointing(unet, uncheckpointed_levels=2)
     assert resolution_levels(torch.nn.Linear(1, 1)) == []
