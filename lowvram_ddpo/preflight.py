@@ -40,23 +40,29 @@ def saved_model_index(name: str, revision: str = "") -> dict | None:
     """A model's ``model_index.json`` from a local folder or the hub cache, read without
     loading the model (SD 3.5's load takes minutes); None when that file is not at hand
     (nothing is downloaded) or unreadable (the loader says what is wrong with it)."""
+    return saved_model_json(name, "model_index.json", revision)
+
+
+def saved_model_json(name: str, file: str, revision: str = "") -> dict | None:
+    """One JSON ``file`` of a model (``model_index.json``, ``unet/config.json``), as
+    ``saved_model_index`` reads its index."""
     try:
         folder = Path(resolve_model_name(name)).expanduser()
     except UserError:
         return None
-    index = folder / "model_index.json"
-    if not index.is_file():
+    path = folder / file
+    if not path.is_file():
         from huggingface_hub import try_to_load_from_cache
 
         try:  # a malformed name is the loader's to explain
-            cached = try_to_load_from_cache(name, "model_index.json", revision=revision or None)
+            cached = try_to_load_from_cache(name, file, revision=revision or None)
         except ValueError:
             return None
         if not isinstance(cached, str):
             return None
-        index = Path(cached)
+        path = Path(cached)
     try:
-        content = json.loads(index.read_text())
+        content = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return content if isinstance(content, dict) else None

@@ -64,7 +64,11 @@ from lowvram_ddpo.epoch_metrics import (
 )
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
-from lowvram_ddpo.memory.checkpointing import enable_checkpointing
+from lowvram_ddpo.memory.checkpointing import (
+    check_uncheckpointed_levels,
+    enable_checkpointing,
+    resolution_levels,
+)
 from lowvram_ddpo.memory.fp8_weights import keep_out_of_ddp_sync, store_weights_in_fp8
 from lowvram_ddpo.memory.meter import PhaseMeter
 from lowvram_ddpo.memory.units import GB
@@ -87,6 +91,7 @@ from lowvram_ddpo.preflight import (
     replay_note,
     resolution_note,
     saved_model_index,
+    saved_model_json,
     unknown_words_note,
 )
 from lowvram_ddpo.processes import world_size
@@ -257,6 +262,23 @@ class Trainer:
         check_compile_mode(cfg.speed.compile, self.accelerator.device)
         if self.reward is None:
             check_reward_names(rewards_in_use(cfg.reward))
+        kept = cfg.memory.uncheckpointed_levels
+        if kept and (levels := self.denoiser_levels(index)) is not None:
+            check_uncheckpointed_levels(kept, *levels)
+
+    def denoiser_levels(self, index: dict | None) -> tuple[int, str] | None:
+        """(resolution levels, class name) of the denoiser to load, from its saved config
+        (a given pipeline's own denoiser in tests); None where that is not at hand."""
+        if self.pipeline is not None:
+            denoiser = getattr(self.pipeline, "unet", None) or self.pipeline.transformer
+            return len(resolution_levels(denoiser)), type(denoiser).__name__
+        if index is not None and is_flow_index(index):
+            return 0, str(index.get("transformer", ["", "a transformer"])[-1])
+        cfg = self.config.model
+        unet = saved_model_json(cfg.name, "unet/config.json", cfg.revision)
+        if unet is None:
+            return None
+        return len(unet.get("down_block_types", ())), str(unet.get("_class_name", "UNet"))
 
     def load_models(self, dtype: torch.dtype) -> None:
         """The pipeline, each module placed where ``memory.offload`` wants it (an fp8

@@ -123,8 +123,10 @@ def fresh_dynamo():
     import torch  # here: the module imports torch only after setting its thread count
     import torch._functorch.config as functorch_config
 
-    early_backward = functorch_config.force_non_lazy_backward_lowering  # compile_unet sets it
+    early = "force_non_lazy_backward_lowering"  # compile_unet sets it (where torch has it)
+    early_backward = getattr(functorch_config, early, None)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-    functorch_config.force_non_lazy_backward_lowering = early_backward
+    if early_backward is not None:
+        setattr(functorch_config, early, early_backward)

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -229,8 +230,9 @@ def test_checkpointing_lowers_the_training_peak(sd15_run):
 def test_levels_kept_out_of_checkpointing_trade_memory_for_recomputation(sd15_run):
     """memory.uncheckpointed_levels on SD 1.5: each level kept out raises the estimated
     training peak (below no checkpointing's), and lowers what the backward recomputes
-    (counted by level on the meta device) and so the predicted training time, the least
-    for the 8x8 level, which holds the least arithmetic."""
+    (counted by level on the meta device: arithmetic, layer calls, weights) and so the
+    predicted training time, the least for the 8x8 level, which holds the least
+    arithmetic."""
     from lowvram_ddpo.speed.flops import epoch_flops
     from lowvram_ddpo.speed.time_model import predict_epoch
 
@@ -246,9 +248,13 @@ def test_levels_kept_out_of_checkpointing_trade_memory_for_recomputation(sd15_ru
     assert peaks == sorted(set(peaks)) and peaks[-1] < plain, [p / GB for p in peaks]
 
     config = load_preset("incompressibility")
-    shares = epoch_flops(config, "sd15", count_backward=False).checkpoint_shares
-    assert len(shares) == 4 and shares[0] == 1.0 and shares == tuple(sorted(shares, reverse=True))
+    recomputation = epoch_flops(config, "sd15", count_backward=False).recomputation
+    for shares in (recomputation.arithmetic, recomputation.launches, recomputation.weights):
+        assert len(shares) == 4 and shares[0] == 1.0 and list(shares) == sorted(shares)[::-1]
+    shares = recomputation.arithmetic
     assert 0.9 < shares[1] < 1.0 and 0.2 < shares[3] < 0.6, shares
+    # the 8x8 level: little arithmetic, more of the layers, most of the weights (1280 channels)
+    assert recomputation.weights[1] < recomputation.launches[1] < shares[1]
 
     slow_card = Gpu("a card bound by arithmetic", 1.0)  # no launch floor in the way
     flops = epoch_flops(config, "sd15", count_backward=False)
@@ -266,6 +272,26 @@ def test_levels_kept_out_of_checkpointing_trade_memory_for_recomputation(sd15_ru
     assert recomputing[0] > 0
     for kept, share in enumerate(shares):
         assert recomputing[kept] == pytest.approx(share * recomputing[0], rel=1e-9)
+
+
+def test_a_sampling_step_counts_the_same_flops_in_training_mode(sd15_run):
+    """The FLOP count of a sampling step runs in training mode with gradients on (where
+    the checkpoints it counts by level run): the same FLOPs as in evaluation mode without
+    gradients, as the step runs in sampling."""
+    from lowvram_ddpo.speed.flops import _counted, _sampling_step
+
+    config = load_preset("incompressibility")
+    run, unet = sd15_run, sd15_run.parts.unet
+    latents = torch.empty(1, *run.latent_shape(512), device="meta")
+    cond = run._conditioning(1, config.sample.guidance_scale)
+    unet.eval()
+    with torch.no_grad():
+        sampling = _counted(
+            run, lambda: run.policy(unet, latents, run.policy.timesteps()[:1], cond)
+        )
+    counted, _ = _sampling_step(run, config, config.sample.guidance_scale)
+    assert counted == sampling > 0
+    assert not unet.training and not any("forward" in m.__dict__ for m in unet.modules())
 
 
 def test_attention_layers_checkpointed_whole_hold_a_quarter_less(sd15_run):
@@ -289,16 +315,17 @@ def test_attention_layers_checkpointed_whole_hold_a_quarter_less(sd15_run):
     assert ours < 0.8 * diffusers_own, (ours / GB, diffusers_own / GB)
 
 
-def _tiny_lora_unet() -> tuple[torch.nn.Module, Callable, Callable]:
-    """A tiny UNet with LoRA in training mode, its call on fixed inputs, and a function
-    giving that call's output and the LoRA gradients of a loss on it."""
+def _tiny_lora_unet(**config: object) -> tuple[torch.nn.Module, Callable, Callable]:
+    """A tiny UNet (``config`` over ``TINY_UNET``) with LoRA in training mode, its call on
+    fixed inputs, and a function giving that call's output and the LoRA gradients of a
+    loss on it."""
     from diffusers import UNet2DConditionModel
     from tiny import TINY_UNET
 
     from lowvram_ddpo.models import attach_lora
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**TINY_UNET)
+    unet = UNet2DConditionModel(**{**TINY_UNET, **config})
     params = attach_lora(unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=generator)
@@ -347,13 +374,15 @@ def test_checkpointing_whole_attention_layers_keeps_the_arithmetic():
     assert not any("forward" in m.__dict__ for m in unet.modules())
 
 
-def test_levels_kept_out_of_checkpointing_keep_the_arithmetic():
+@pytest.mark.parametrize("blocks_per_layer", [1, 2])
+def test_levels_kept_out_of_checkpointing_keep_the_arithmetic(blocks_per_layer):
     """memory.uncheckpointed_levels = 1 runs the tiny UNet's lowest-resolution level (its
     deepest down block, middle block and first up block) without checkpoints and the rest
     with them: fewer checkpointed calls, the middle block's attention layer not taken whole,
     output and LoRA gradients bitwise those without checkpointing. Enabling again replaces
     the last setting; dynamo traces it in one graph; keeping every level, or levels of a
-    model without any, is refused."""
+    model without any, is refused. The same with two transformer blocks per attention layer
+    (SDXL's kind: diffusers checkpoints each block, the layer is not taken whole)."""
     from lowvram_ddpo.memory.checkpointing import (
         enable_checkpointing,
         kept_blocks,
@@ -361,7 +390,9 @@ def test_levels_kept_out_of_checkpointing_keep_the_arithmetic():
         torch_checkpoint,
     )
 
-    unet, call, output_and_gradients = _tiny_lora_unet()
+    unet, call, output_and_gradients = _tiny_lora_unet(
+        transformer_layers_per_block=blocks_per_layer
+    )
     plain = output_and_gradients()
     levels = resolution_levels(unet)
     assert levels == [
@@ -378,7 +409,9 @@ def test_levels_kept_out_of_checkpointing_keep_the_arithmetic():
     counts = {}
     for kept in (0, 1, 0):
         enable_checkpointing(unet, recorded, uncheckpointed_levels=kept)
-        assert ("forward" in middle_attention.__dict__) == (kept == 0)
+        whole = "forward" in middle_attention.__dict__
+        assert whole == (kept == 0 and blocks_per_layer == 1)
+        assert middle_attention.gradient_checkpointing == (kept == 0 and blocks_per_layer > 1)
         calls.clear()
         assert all(torch.equal(a, b) for a, b in zip(plain, output_and_gradients(), strict=True)), (
             kept
@@ -858,6 +891,11 @@ def test_a_fit_keeps_the_fields_set_on_the_command_line():
         "train.batch_size",
         "train.gradient_accumulation_steps",
     }
+    # checkpointing set by hand stays as written: every level checkpointed
+    assert held_fields(["memory.gradient_checkpointing=true"]) == {
+        "memory.gradient_checkpointing",
+        "memory.uncheckpointed_levels",
+    }
     config = load_preset("incompressibility")
     free = fit_to_vram(config, "sd15", parse_size("8GB"))
     assert free.config.train.batch_size > 1 and not free.config.memory.offload
@@ -905,11 +943,12 @@ def test_vram_fit_keeps_the_batch_per_step_and_fits_the_card():
     ]
 
 
-def test_a_fit_keeps_levels_out_of_checkpointing_as_far_as_the_card_allows(sd15_run):
+def test_a_fit_keeps_levels_out_of_checkpointing_as_far_as_the_card_allows(sd15_run, monkeypatch):
     """Between full checkpointing and none, a fit keeps the UNet's lowest-resolution levels
     out of checkpointing, as many as the card holds (less recomputation, predicted faster);
     the training budget infers what a level count says of the others instead of
     estimating them again."""
+    import lowvram_ddpo.memory.fit as fit_module
     from lowvram_ddpo.memory.fit import TrainingBudget
 
     config = load_preset("incompressibility")
@@ -923,6 +962,33 @@ def test_a_fit_keeps_levels_out_of_checkpointing_as_far_as_the_card_allows(sd15_
         full.memory.uncheckpointed_levels = 0
         assert estimate_memory(full, "sd15", sd15_run).peak_bytes < fit.report.peak_bytes
     assert 0 < kept[8] < kept[16], kept
+
+    estimated: list[tuple[int, int]] = []
+
+    def holding_memory(trial, arch, run):  # noqa: ANN001, ANN202  (a peak grows with both)
+        m = trial.memory
+        estimated.append((trial.train.batch_size, m.uncheckpointed_levels))
+        peak = trial.train.batch_size * (1 + m.uncheckpointed_levels) * GB
+        return types.SimpleNamespace(phase=lambda _: types.SimpleNamespace(peak_reserved=peak))
+
+    monkeypatch.setattr(fit_module, "estimate_memory", holding_memory)
+    budget = TrainingBudget("sd15", sd15_run, 6 * GB)
+
+    def fits(micro: int, kept: int) -> bool:
+        trial = load_preset("incompressibility")
+        apply_overrides(trial, [f"train.batch_size={micro}", "memory.gradient_checkpointing=true",
+                                f"train.gradient_accumulation_steps={64 // micro}",
+                                f"memory.uncheckpointed_levels={kept}"])  # fmt: skip
+        return budget.fits(trial)
+
+    assert not fits(2, 3)  # micro-batch 1 fits (4 GB), 2 does not (8)
+    assert estimated == [(1, 3), (2, 3)]
+    # micro-batch 1 holding less than what fitted: inferred; 2 estimated (4 GB)
+    assert fits(2, 1) and estimated[2:] == [(2, 1)]
+    assert fits(2, 0) and len(estimated) == 3  # both inferred
+    assert not fits(4, 1) and estimated[3:] == [(4, 1)]  # 1 and 2 inferred, 4 estimated
+    # 2 between what fitted and what did not: estimated; 4 holds more than what did not
+    assert not fits(4, 2) and estimated[4:] == [(2, 2)]
 
     budget = TrainingBudget("sd15", sd15_run, 8 * GB)
     budget.known = {(4, 2, ("rest",)): True, (4, 3, ("rest",)): False}

@@ -225,6 +225,14 @@ def test_a_run_keeps_the_levels_it_is_told_out_of_checkpointing(tiny_preset, tmp
     assert all(torch.isfinite(p).all() for p in trainer.params)
     trainer.phase = "training"
     assert "--set memory.uncheckpointed_levels=0 " in trainer.out_of_memory_message(0)
+    # every level of the tiny UNet (2) kept out is refused before the models load
+    every = _config(
+        tiny_preset, "memory.gradient_checkpointing=true", "memory.uncheckpointed_levels=2"
+    )
+    refused = Trainer(every, tmp_path / "every")
+    refused.load_models = lambda dtype: pytest.fail("loaded before refusing")  # noqa: ARG005
+    with pytest.raises(UserError, match="has 2 levels: keeping them all is no checkpointing"):
+        refused.setup()
 
 
 def test_the_decode_benchmark_times_each_width(monkeypatch, capsys):

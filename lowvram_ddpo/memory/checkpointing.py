@@ -17,7 +17,7 @@ Arithmetic is unchanged: the same operations run, once more in the backward pass
 
 A UNet's low-resolution blocks hold few activations for their arithmetic (a
 convolution's work grows with the square of its channels, its output only with their
-number, and the channels double as the resolution halves), so a run with memory to
+number, and the channels grow as the resolution falls), so a run with memory to
 spare keeps those levels out of checkpointing first (``memory.uncheckpointed_levels``).
 SD 1.5 at 512 px, micro-batch 8 with guidance, estimated on the meta device
 (``benchmarks/memory_levers.py``; the recomputation counted by ``speed/flops.py``):
@@ -71,24 +71,35 @@ def resolution_levels(model: nn.Module) -> list[list[nn.Module]]:
     ]
 
 
-def kept_blocks(model: nn.Module, uncheckpointed_levels: int) -> list[nn.Module]:
-    """The blocks of ``model``'s ``uncheckpointed_levels`` lowest-resolution levels, after
-    checking that it has more levels than that (at least one must stay checkpointed)."""
+def most_uncheckpointed_levels(level_count: int) -> int:
+    """The most levels a model of ``level_count`` can keep out: one stays checkpointed."""
+    return max(level_count - 1, 0)
+
+
+def check_uncheckpointed_levels(uncheckpointed_levels: int, level_count: int, name: str) -> None:
+    """Refuse more levels kept out of checkpointing than a ``name`` model of
+    ``level_count`` resolution levels has to give (one line, what to set instead)."""
     if uncheckpointed_levels == 0:
-        return []
-    levels = resolution_levels(model)
-    name = type(model).__name__
-    if not levels:
+        return
+    if level_count == 0:
         raise UserError(
             f"memory.uncheckpointed_levels: a {name} has no resolution levels (a UNet's): "
             "leave it at 0"
         )
-    if uncheckpointed_levels >= len(levels):
+    if uncheckpointed_levels > most_uncheckpointed_levels(level_count):
         raise UserError(
             f"memory.uncheckpointed_levels is {uncheckpointed_levels}, but this {name} has "
-            f"{len(levels)} levels: keeping them all is no checkpointing (set "
-            f"memory.gradient_checkpointing = false), or give at most {len(levels) - 1}"
+            f"{level_count} levels: keeping them all is no checkpointing (set "
+            "memory.gradient_checkpointing = false), or give at most "
+            f"{most_uncheckpointed_levels(level_count)}"
         )
+
+
+def kept_blocks(model: nn.Module, uncheckpointed_levels: int) -> list[nn.Module]:
+    """The blocks of ``model``'s ``uncheckpointed_levels`` lowest-resolution levels, after
+    checking that it has more levels than that (at least one must stay checkpointed)."""
+    levels = resolution_levels(model)
+    check_uncheckpointed_levels(uncheckpointed_levels, len(levels), type(model).__name__)
     return [block for level in levels[:uncheckpointed_levels] for block in level]
 
 

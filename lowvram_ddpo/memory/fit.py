@@ -33,7 +33,7 @@ import torch
 from lowvram_ddpo.config import BITSANDBYTES_QUANTIZE, COMPILE_MODES, Config
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, a_card
-from lowvram_ddpo.memory.checkpointing import resolution_levels
+from lowvram_ddpo.memory.checkpointing import most_uncheckpointed_levels, resolution_levels
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory, meta_run, readable_shape
 from lowvram_ddpo.memory.report import MemoryReport
 from lowvram_ddpo.memory.units import (
@@ -137,7 +137,7 @@ def candidates(
     samples = s.batch_size * s.batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
     # (checkpointing, levels kept out of it): the fewer kept, the less memory
-    checkpointing = [(True, kept) for kept in range(max(levels - 1, 0), -1, -1)]
+    checkpointing = [(True, kept) for kept in range(most_uncheckpointed_levels(levels), -1, -1)]
     if not config.memory.gradient_checkpointing:
         checkpointing.insert(0, (False, 0))
     # the text encoder and the VAE stay on the card when they fit (no moves per batch);
@@ -202,8 +202,10 @@ FITTED_FIELDS = (
 _PAIRS = (
     ("sample.batch_size", "sample.batches_per_epoch"),
     ("train.batch_size", "train.gradient_accumulation_steps"),
+    ("memory.gradient_checkpointing", "memory.uncheckpointed_levels"),
 )
-"""Fields set together: the images per epoch and per optimiser step stay."""
+"""Fields held together: the images per epoch and per optimiser step stay, and
+checkpointing set by hand is kept as written (every level, unless levels are set too)."""
 
 
 def _value(config: Config, field_name: str) -> object:

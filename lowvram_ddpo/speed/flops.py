@@ -33,6 +33,28 @@ from lowvram_ddpo.rollout import vae_input
 
 
 @dataclass(frozen=True)
+class Recomputation:
+    """What gradient checkpointing runs again in the backward with
+    ``memory.uncheckpointed_levels`` = 0, 1, ... (lowest-resolution levels kept out first),
+    over what it runs again with every level checkpointed: its arithmetic, its layer
+    calls (the kernels the host launches again) and their weights (an fp8 base's are
+    dequantised again). The time model calibrated full checkpointing on a GPU; keeping
+    levels out scales each of its costs by its share. A model without levels has only
+    the first, 1.0."""
+
+    arithmetic: tuple[float, ...] = (1.0,)
+    launches: tuple[float, ...] = (1.0,)
+    weights: tuple[float, ...] = (1.0,)
+
+    def left(self, uncheckpointed_levels: int) -> tuple[float, float, float]:
+        """(arithmetic, launches, weights) recomputed with these levels kept out. More
+        levels than the model has are refused where it is built (``kept_blocks``): here
+        they count as the most it can keep out."""
+        k = min(uncheckpointed_levels, len(self.arithmetic) - 1)
+        return self.arithmetic[k], self.launches[k], self.weights[k]
+
+
+@dataclass(frozen=True)
 class EpochFlops:
     sampling_per_image: float
     """UNet FLOPs of one image's rollout: every step, guidance included."""
@@ -49,11 +71,8 @@ class EpochFlops:
     """The same in overlapping tiles (``memory.vae_tiling``; SDXL at 1024 px: 9 tiles of
     at most 512 px, counted 1.5x one pass); one pass where a tile covers the image."""
 
-    checkpoint_shares: tuple[float, ...] = (1.0,)
-    """What gradient checkpointing recomputes with ``memory.uncheckpointed_levels`` = 0, 1,
-    ... over what it recomputes with every level checkpointed (the first is 1.0; a model
-    without levels has only it). The time model calibrated full checkpointing on a GPU;
-    keeping levels out scales that cost by these shares."""
+    recomputation: Recomputation = Recomputation()
+    """What checkpointing runs again, by the levels kept out of it."""
 
     fp8_layers: int = 0
     """The UNet's layers ``memory.quantize=fp8`` stores in 8 bits (``fp8_weights``)..."""
@@ -62,11 +81,6 @@ class EpochFlops:
 
     def decode(self, tiled: bool) -> float:
         return self.tiled_decode_per_image if tiled else self.decode_per_image
-
-    def recomputed_share(self, uncheckpointed_levels: int) -> float:
-        """Of full checkpointing's recomputation, what remains with these levels kept."""
-        shares = self.checkpoint_shares
-        return shares[min(uncheckpointed_levels, len(shares) - 1)]
 
 
 def _counted(run: MetaRun, work, counter: FlopCounterMode | None = None) -> float:  # noqa: ANN001
@@ -98,7 +112,7 @@ def epoch_flops(config: Config, arch: str, count_backward: bool = True) -> Epoch
     and leaves ``forward_per_latent`` uncounted (0)."""
     run = meta_run(config, arch)
     s, t = config.sample, config.train
-    step, shares = run.sizes(
+    step, recomputation = run.sizes(
         ("flops: sampling step", s.guidance_scale),
         lambda: _sampling_step(run, config, s.guidance_scale),
     )
@@ -123,7 +137,7 @@ def epoch_flops(config: Config, arch: str, count_backward: bool = True) -> Epoch
         trained_steps=trained_steps,
         decode_per_image=decode[False],
         tiled_decode_per_image=decode[True],
-        checkpoint_shares=shares,
+        recomputation=recomputation,
         fp8_layers=layers,
         fp8_weights=weights,
     )
@@ -136,11 +150,11 @@ def _fp8_layers(run: MetaRun) -> tuple[int, int]:
 
 def _sampling_step(
     run: MetaRun, config: Config, guidance_scale: float
-) -> tuple[float, tuple[float, ...]]:
+) -> tuple[float, Recomputation]:
     """One denoising step of one image (guidance 1.0: a plain forward), and what gradient
-    checkpointing would recompute of it (``EpochFlops.checkpoint_shares``): counted in
-    training mode with gradients on, where the checkpoints run (the step's arithmetic is
-    the same in either mode: no dropout, no batch statistics)."""
+    checkpointing would run again of it: counted in training mode with gradients on,
+    where the checkpoints run (the step's arithmetic is the same in either mode: no
+    dropout, no batch statistics)."""
     unet = run.parts.unet
     latents = torch.empty(1, *run.latent_shape(config.sample.resolution), device="meta")
     cond = run._conditioning(1, guidance_scale)
@@ -153,19 +167,30 @@ def _sampling_step(
             )
     finally:
         unet.eval()
-    if not by_level:  # a model without levels
-        return step, (1.0,)
+    return step, Recomputation(*(_shares(by_level[kind]) for kind in RECOMPUTED))
+
+
+RECOMPUTED = ("arithmetic", "launches", "weights")
+
+
+def _shares(by_level: list[float]) -> tuple[float, ...]:
+    """What is left with 0, 1, ... of the lowest levels kept out, of the whole."""
     total = sum(by_level)
-    return step, tuple(sum(by_level[k:]) / total for k in range(len(by_level)))
+    if not by_level or total == 0:  # no levels, or none checkpointed
+        return (1.0,) * max(len(by_level), 1)
+    return tuple(sum(by_level[k:]) / total for k in range(len(by_level)))
 
 
 @contextmanager
-def _checkpoints_counted(unet: torch.nn.Module, counter: FlopCounterMode) -> Iterator[list[float]]:
+def _checkpoints_counted(
+    unet: torch.nn.Module, counter: FlopCounterMode
+) -> Iterator[dict[str, list[float]]]:
     """Checkpointing on, with a checkpoint function that only counts what it runs (what a
-    backward would run again), by the UNet's resolution level (lowest first): the list
-    yielded fills as the forward runs. Checkpointing is off again afterwards."""
+    backward would run again) by the UNet's resolution level, lowest first: its FLOPs,
+    its layer calls and their weights (``RECOMPUTED``), filled in as the forward runs.
+    Checkpointing is off again afterwards."""
     levels = resolution_levels(unet)
-    by_level = [0.0] * len(levels)
+    by_level = {kind: [0.0] * len(levels) for kind in RECOMPUTED}
     current = [0]  # the level whose block runs now
     inside = [False]  # a checkpoint inside another is counted once, by the outer one
 
@@ -177,13 +202,19 @@ def _checkpoints_counted(unet: torch.nn.Module, counter: FlopCounterMode) -> Ite
             return function(*args, **kwargs)
         finally:
             inside[0] = False
-            by_level[current[0]] += counter.get_total_flops() - before
+            by_level["arithmetic"][current[0]] += counter.get_total_flops() - before
+
+    def layer_call(module: torch.nn.Module, _args: object) -> None:
+        if inside[0] and next(module.children(), None) is None:  # a layer: its kernels
+            by_level["launches"][current[0]] += 1
+            by_level["weights"][current[0]] += sum(p.numel() for p in module.parameters())
 
     hooks = [
         block.register_forward_pre_hook(lambda *_, level=level: current.__setitem__(0, level))
         for level, blocks in enumerate(levels)
         for block in blocks
     ]
+    hooks.append(torch.nn.modules.module.register_module_forward_pre_hook(layer_call))
     if levels:
         enable_checkpointing(unet, counting_checkpoint)
     try:

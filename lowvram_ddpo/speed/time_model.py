@@ -226,19 +226,22 @@ def predict_epoch(
 
     per_image_step = flops.training_per_image / (steps * t.inner_epochs)
     guided_forward = flops.sampling_per_image / s.num_steps  # of one image at one step
-    # the checkpointed part of the forward runs again inside the backward
-    recomputed = (
-        flops.recomputed_share(m.uncheckpointed_levels) if m.gradient_checkpointing else 0.0
+    # the checkpointed part of the forward runs again inside the backward: its arithmetic,
+    # its launches, its weights (dequantised again)
+    recomputed, relaunched, reread = (
+        flops.recomputation.left(m.uncheckpointed_levels)
+        if m.gradient_checkpointing
+        else (0.0, 0.0, 0.0)
     )
     per_image_step += recomputed * guided_forward
     extra = no_grad_calls_per_micro_step(t.algorithm, t.kl_coef)  # NFT, the KL guard
     unguided = t.algorithm == "nft" and s.guidance_scale != 1.0  # NFT's calls: CFG-free
     per_image_step += extra * (guided_forward / 2 if unguided else guided_forward)
-    checkpointing_launches = recomputed * (
+    checkpointing_launches = relaunched * (
         HOST_SECONDS_CHECKPOINTED_CALL - HOST_SECONDS_TRAINING_CALL
     )
     floor = HOST_SECONDS_TRAINING_CALL + checkpointing_launches + extra * HOST_SECONDS_SAMPLING_CALL
-    passes = 2 + recomputed + extra  # each dequantises the weights again
+    passes = 2 + reread + extra  # each dequantises the weights again
     training_call = max(
         floor * host["training"],
         per_image_step * t.batch_size / rates["training"] + passes * dequantise,
