@@ -155,6 +155,17 @@ def test_sdxl_is_estimated_from_its_real_shapes():
     assert fp16.peak_allocated - sum(fp16.held.values()) > 1.1 * bf16
 
 
+def test_sdxls_lowest_level_holds_most_of_what_checkpointing_recomputes():
+    """SDXL's 32x32 level (its ten-block attention layers at 1280 channels) is ~70% of the
+    arithmetic checkpointing runs again (README), and nearly all of its weights."""
+    from lowvram_ddpo.speed.flops import epoch_flops
+
+    recomputation = epoch_flops(load_preset("sdxl-aesthetic"), "sdxl", False).recomputation
+    assert len(recomputation.arithmetic) == 3  # three resolution levels
+    assert 0.25 < recomputation.arithmetic[1] < 0.35, recomputation
+    assert recomputation.weights[1] < 0.1
+
+
 def test_bench_memory_builds_sdxl_at_its_native_size():
     result = CliRunner().invoke(
         app,
