@@ -270,7 +270,10 @@ class Trainer:
         """(resolution levels, class name) of the denoiser to load, from its saved config
         (a given pipeline's own denoiser in tests); None where that is not at hand."""
         if self.pipeline is not None:
-            denoiser = getattr(self.pipeline, "unet", None) or self.pipeline.transformer
+            pipe = self.pipeline
+            denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+            if denoiser is None:
+                return None
             return len(resolution_levels(denoiser)), type(denoiser).__name__
         if index is not None and is_flow_index(index):
             return 0, str(index.get("transformer", ["", "a transformer"])[-1])

@@ -167,7 +167,7 @@ def _sampling_step(
             )
     finally:
         unet.eval()
-    return step, Recomputation(*(_shares(by_level[kind]) for kind in RECOMPUTED))
+    return step, Recomputation(**{kind: _shares(by_level[kind]) for kind in RECOMPUTED})
 
 
 RECOMPUTED = ("arithmetic", "launches", "weights")
