@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import statistics
 import time
 from collections import Counter
@@ -53,24 +52,11 @@ from lowvram_ddpo.models import make_trainable
 from lowvram_ddpo.rollout import latent_shape
 from lowvram_ddpo.speed.compile import compile_unet
 from lowvram_ddpo.speed.half_norms import run_norms_in_half
+from lowvram_ddpo.speed.kernel_kinds import kind_of, milliseconds_by_kind
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
 
-KINDS = (  # the first pattern a kernel's name matches names its kind
-    ("attention", r"flash|fmha|attention|sdpa|softmax"),
-    ("convolution", r"conv|implicit_gemm|cudnn|winograd|nchw|nhwc"),
-    # cuBLAS 12.8+ names its Hopper GEMMs nvjet_*
-    ("matmul", r"gemm|gemv|splitk|nvjet|cutlass|sm\d+_xmma|matmul|addmm|\bmm\b|linear"),
-    ("normalisation", r"norm|welford|rowwisemoments"),
-    ("copy and cast", r"copy|cast|to_copy|transpose|cat"),
-    ("elementwise", r"elementwise|vectorized|unrolled|silu|gelu|mul|add|reduce"),
-)
 VARIANTS = ("eager", "channels_last", "no-lora", "cudagraphs", "fused-lora", "half-norms", "fp8")
-
-
-def kind_of(kernel: str) -> str:
-    name = kernel.lower()
-    return next((kind for kind, pattern in KINDS if re.search(pattern, name)), "other")
 
 
 def build_unet(
@@ -168,24 +154,22 @@ def kernel_time(call: Callable[[], None], device: torch.device, top: int = 0) ->
         call()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    by_kind: Counter[str] = Counter()
+    timed: list[tuple[str, float]] = []
     by_name: Counter[str] = Counter()
     calls_of: Counter[str] = Counter()
-    count = 0
     for event in prof.events():
         if device.type == "cuda" and event.device_type.name != "CUDA":
             continue
         us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         if us <= 0:
             continue
-        by_kind[kind_of(event.name)] += us / 1000
+        timed.append((event.name, us))
         by_name[event.name[:120]] += us / 1000
         calls_of[event.name[:120]] += 1
-        count += 1
     return {
-        "kernels": count,
-        "kernel_ms": round(sum(by_kind.values()), 2),
-        "by_kind_ms": {k: round(v, 2) for k, v in by_kind.most_common()},
+        "kernels": len(timed),
+        "kernel_ms": round(sum(us for _, us in timed) / 1000, 2),
+        "by_kind_ms": milliseconds_by_kind(timed),
         "top_kernels": [
             {"name": name, "ms": round(ms, 3), "count": calls_of[name], "kind": kind_of(name)}
             for name, ms in by_name.most_common(top)

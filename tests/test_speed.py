@@ -1050,6 +1050,14 @@ def test_the_unet_profile_times_both_calls_and_sorts_every_kernel_by_kind():
     assert unet_profile.kind_of("void at::native::(anonymous)::RowwiseMomentsCUDAKernel") == (
         "normalisation"
     )
+    # Inductor's kernels: by what they are, not by the op names fused into them
+    assert unet_profile.kind_of("triton_poi_fused__to_copy_add_convolution_silu_3") == (
+        "fused pointwise (Inductor)"
+    )
+    assert unet_profile.kind_of("triton_red_fused_native_group_norm_0") == (
+        "fused reduction (Inductor: norms)"
+    )
+    assert unet_profile.kind_of("triton_tem_fused_convolution_1") == "convolution"
 
 
 def test_a_unet_traced_in_pieces_is_said_in_one_line():
@@ -1307,3 +1315,5 @@ def test_bench_speed_profiles_its_last_epoch_into_a_file(tmp_path):
     text = table.read_text()
     assert text.startswith("by time on the device") and "by time on the host" in text
     assert "aten::conv2d" in text  # the UNet's convolutions, among the epoch's operators
+    kinds = text.splitlines()[0].split("by kind (ms): ")[1]  # the summary line first
+    assert "convolution" in kinds and "matmul" in kinds, kinds

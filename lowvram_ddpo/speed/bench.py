@@ -29,6 +29,7 @@ from lowvram_ddpo.memory.units import format_size
 from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
+from lowvram_ddpo.speed.kernel_kinds import milliseconds_by_kind
 from lowvram_ddpo.speed.time_model import predicted_here
 
 PHASES = ("sampling", "reward", "training")
@@ -300,8 +301,11 @@ def epoch_profile(path: Path) -> Iterator[None]:
         yield
     averages = prof.key_averages()
     by_device = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    kinds = milliseconds_by_kind((a.key, getattr(a, by_device)) for a in averages)
     path.write_text(
-        f"by time on the device ({by_device}):\n"
+        f"by time on the device ({by_device}), by kind (ms): "
+        + ", ".join(f"{kind} {ms}" for kind, ms in kinds.items())
+        + f"\nby time on the device ({by_device}):\n"
         + averages.table(sort_by=by_device, row_limit=PROFILE_ROWS)
         + "\nby time on the host (cpu_time_total):\n"
         + averages.table(sort_by="cpu_time_total", row_limit=PROFILE_ROWS)
