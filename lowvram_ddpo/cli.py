@@ -105,7 +105,12 @@ def _fit_run(config, preset: str, resume: str, vram: str, assignments: list[str]
     set; a resumed run keeps the settings it trained with unless --vram asks again (a
     fit to what the card has free now could change its base model's precision)."""
     from lowvram_ddpo.config import own_preset_fields
-    from lowvram_ddpo.memory.fit import compile_where_it_runs, fit_for_run, held_fields
+    from lowvram_ddpo.memory.fit import (
+        compile_where_it_pays,
+        compile_where_it_runs,
+        fit_for_run,
+        held_fields,
+    )
     from lowvram_ddpo.memory.units import means_as_written
 
     asked = _vram_asked(vram, assignments)
@@ -117,10 +122,12 @@ def _fit_run(config, preset: str, resume: str, vram: str, assignments: list[str]
         _say(line)
         return config
     own = [] if resume else own_preset_fields(preset)
-    config, line = fit_for_run(
-        config, config.model.name, held_fields(own + assignments), asked, _say, bool(resume)
-    )
+    held = held_fields(own + assignments)
+    config, line = fit_for_run(config, config.model.name, held, asked, _say, bool(resume))
     _say(line)
+    if not resume:  # a resumed run was worth its compile when it started
+        config, line = compile_where_it_pays(config, held)
+        _say(line)
     return config
 
 

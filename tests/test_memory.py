@@ -780,6 +780,33 @@ def test_a_presets_auto_fit_needs_one_cuda_card_and_else_keeps_its_settings(monk
     assert fitted is not config and not fitted.memory.offload  # both fit 7 GB: no moves
 
 
+def test_a_run_too_short_to_pay_a_cold_compile_runs_eagerly(monkeypatch, tmp_path):
+    """A preset's Inductor mode costs minutes of compiling once (290 s on an H100, cold):
+    a training run predicted to save less (one sampling batch, one epoch) runs eagerly
+    and says why; the preset's whole run keeps it, as does a mode the user set or a
+    compile cache that already holds kernels; the train command asks this of new runs
+    only."""
+    import lowvram_ddpo.memory.fit as fit
+    import lowvram_ddpo.speed.compile_payoff as payoff
+    from lowvram_ddpo.memory.fit import compile_where_it_pays
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(payoff, "compile_cache_dir", lambda: cache)  # empty: a cold compile
+    monkeypatch.setattr(fit, "this_gpu", lambda: Gpu.listed("H100", H100_DENSE_TFLOPS))
+    short = load_preset("incompressibility")
+    apply_overrides(short, ["run.epochs=1", "sample.batches_per_epoch=1"])
+    eager, line = compile_where_it_pays(short, frozenset())
+    assert eager.speed.compile == "off" and short.speed.compile == "default"
+    assert line.startswith("speed.compile default -> off (a run this short does not pay")
+    assert "--set speed.compile=default compiles anyway" in line
+    whole = load_preset("incompressibility")  # 100 epochs of 256 images
+    assert compile_where_it_pays(whole, frozenset()) == (whole, "")
+    assert compile_where_it_pays(short, frozenset({"speed.compile"})) == (short, "")
+    cache.mkdir()
+    (cache / "fxgraph").mkdir()  # an earlier compile left kernels: most may come from them
+    assert compile_where_it_pays(short, frozenset()) == (short, "")
+
+
 def test_a_presets_inductor_mode_runs_eagerly_on_a_gpu_without_triton(monkeypatch):
     """The SD 1.5 presets compile with Inductor (speed.compile=default: the epoch 1.84x
     eager's on an H100); on a CUDA machine where Triton cannot generate kernels (not

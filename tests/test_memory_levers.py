@@ -235,6 +235,30 @@ def test_a_run_keeps_the_levels_it_is_told_out_of_checkpointing(tiny_preset, tmp
         refused.setup()
 
 
+def test_train_asks_whether_compiling_pays_for_a_new_run_only(tiny_preset, tmp_path, monkeypatch):
+    """The train command weighs a preset's compile against the run's length once, when the
+    run starts (``compile_where_it_pays``), and says what it decided; a resumed run keeps
+    what it started with."""
+    import lowvram_ddpo.memory.fit as fit
+
+    asked: list[str] = []
+
+    def decided(config, held):  # noqa: ANN001, ANN202
+        asked.append(config.speed.compile)
+        return config, "the compile decision"
+
+    monkeypatch.setattr(fit, "compile_where_it_pays", decided)
+    run_dir = tmp_path / "run"
+    args = ["train", "--preset", str(tiny_preset), "--output", str(run_dir), "--no-progress"]
+    result = CliRunner().invoke(app, [*args, "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert asked == ["off"] and "the compile decision" in result.output
+    resumed = ["train", "--resume", str(run_dir), "--epochs", "2", "--no-progress"]
+    result = CliRunner().invoke(app, resumed)
+    assert result.exit_code == 0, result.output
+    assert asked == ["off"] and "the compile decision" not in result.output
+
+
 def test_the_decode_benchmark_times_each_width(monkeypatch, capsys):
     """benchmarks/decode_batch.py (a GPU session's measure of memory.decode_batch) on the
     pocket model: a row per width, the first the unit of the speed-ups."""

@@ -1,0 +1,64 @@
+"""Whether Inductor's compile pays for a run: it costs minutes once, at the run's first
+calls, and saves a share of every epoch after. A short run (a first try of a preset, a
+smoke test of a few batches) can lose more than it gains, so a preset's Inductor mode is
+turned off where the run is predicted to save less than a cold compile costs (the point
+"off where it does not pay (short runs, CPU)" of issue 12; without a CUDA card it is off
+anyway, ``memory.fit.compile_where_it_runs``).
+
+Only a cold compile is weighed: where the compile cache already holds kernels (an earlier
+run on this machine), most of the compile may come from it (on the CPU the pocket model's
+151 s fell to 15 s), and the mode is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from lowvram_ddpo.config import Config
+from lowvram_ddpo.memory.estimate import meta_run
+from lowvram_ddpo.reporting.progress import format_duration
+from lowvram_ddpo.speed.compile import INDUCTOR_MODES, compile_cache_dir
+from lowvram_ddpo.speed.flops import epoch_flops
+from lowvram_ddpo.speed.time_model import Gpu, leaf_modules, predict_epoch
+
+COLD_COMPILE_SECONDS = 290.0
+"""Inductor's compile of SD 1.5's sampling and training calls with an empty cache: the
+warm-up epoch's 290 s over a warmed epoch's, micro-batch 8 with checkpointing (one H100,
+2026-11-26, docs/benchmarks.md). Most of it runs on the host's CPU: a slower PC takes
+longer, so this is the least a hobbyist's machine is expected to take."""
+
+
+def run_saving(config: Config, arch: str, gpu: Gpu) -> tuple[float, float]:
+    """(seconds the run's UNet work takes eager, seconds ``config``'s compile mode saves of
+    it), by the time model, over the run's epochs."""
+    flops = epoch_flops(config, arch, count_backward=False)
+    modules = leaf_modules(meta_run(config, arch).parts.unet)
+    eager = copy.deepcopy(config)
+    eager.speed.compile = "off"
+    eager_epoch = predict_epoch(eager, flops, gpu, modules).total
+    compiled_epoch = predict_epoch(config, flops, gpu, modules).total
+    epochs = config.run.epochs
+    return eager_epoch * epochs, (eager_epoch - compiled_epoch) * epochs
+
+
+def unpaid_compile(config: Config, arch: str, gpu: Gpu) -> str:
+    """Why ``config``'s Inductor mode does not pay for its run on ``gpu`` ("" where it
+    does, may, or is not an Inductor mode): predicted to save less than a cold compile
+    costs, with an empty compile cache."""
+    if config.speed.compile not in INDUCTOR_MODES or cache_holds_kernels():
+        return ""
+    eager, saved = run_saving(config, arch, gpu)
+    if saved >= COLD_COMPILE_SECONDS:
+        return ""
+    return (
+        f"a run this short does not pay the first compile: ~{format_duration(saved)} "
+        f"saved of ~{format_duration(eager)} against ~{format_duration(COLD_COMPILE_SECONDS)} "
+        "or more of compiling (time model; --set speed.compile=default compiles anyway"
+        " and fills the cache for later runs)"
+    )
+
+
+def cache_holds_kernels() -> bool:
+    """Whether the compile cache folder holds anything (an earlier compile on this machine)."""
+    folder = compile_cache_dir()
+    return folder.is_dir() and any(folder.iterdir())
