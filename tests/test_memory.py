@@ -602,7 +602,7 @@ def test_rlcm_presets_keep_cuda_graphs_where_they_fit_and_drop_them_where_not(mo
     H100): a fit to a 12 GB card keeps them, to a 6 GB card drops them for a setting that
     fits (and says so), and keeps them when the user set them; without CUDA, or on several
     GPUs, a preset's "auto" turns them off, as a user's own choice is kept (to fail with
-    its one line without CUDA)."""
+    its one line without CUDA). Inductor's graph mode falls back to Inductor alone."""
     from lowvram_ddpo.memory.fit import fit_for_run
 
     monkeypatch.setattr("lowvram_ddpo.memory.fit.this_gpu", _an_h100)  # the calibrated card
@@ -624,6 +624,12 @@ def test_rlcm_presets_keep_cuda_graphs_where_they_fit_and_drop_them_where_not(mo
     assert small.report.peak_bytes + CUDA_CONTEXT_BYTES <= 6 * GB
     held = fit_to_vram(config, "sd15-lcm", 7 * GB, held=frozenset({"speed.compile"}))
     assert held.config.speed.compile == "cudagraphs"
+    # Inductor's graph mode, where its pool does not fit: Inductor's kernels without graphs
+    inductor = copy.deepcopy(config)
+    inductor.speed.compile = "reduce-overhead"
+    small = fit_to_vram(inductor, "sd15-lcm", 6 * GB)
+    assert small.config.speed.compile == "default"
+    assert "speed.compile reduce-overhead -> default" in small.summary("6GB")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     kept, line = fit_for_run(config, "sd15-lcm", asked=False)
     assert kept.speed.compile == "off" and config.speed.compile == "cudagraphs"

@@ -153,7 +153,7 @@ def candidates(
     # CUDA graphs as set, then without them: their pool is what a small card lacks first
     compiling = [config.speed.compile]
     if config.speed.compile in GRAPH_MODES:
-        compiling.append("off")
+        compiling.append(without_graphs(config.speed.compile))
     batches = sampling_batches(config, growth)
     micros = micro_batches(config, largest=max(batches))
     levers = itertools.product(compiling, checkpointing, tiling, offloading)
@@ -184,6 +184,12 @@ def candidates(
                 yield trial
 
 
+def without_graphs(mode: str) -> str:
+    """A compile mode less its CUDA graphs: Inductor's fused kernels stay (``default``)
+    where it was one of Inductor's graph modes, else eager."""
+    return "default" if mode in INDUCTOR_MODES else "off"
+
+
 FITTED_FIELDS = (
     "sample.batch_size",
     "sample.batches_per_epoch",
@@ -199,7 +205,8 @@ FITTED_FIELDS = (
     "memory.decode_batch",
     "speed.compile",
 )
-"""What a fit may change (``speed.compile`` only from a CUDA-graph mode to off)."""
+"""What a fit may change (``speed.compile`` only from a CUDA-graph mode to the same
+without graphs: ``without_graphs``)."""
 _PAIRS = (
     ("sample.batch_size", "sample.batches_per_epoch"),
     ("train.batch_size", "train.gradient_accumulation_steps"),
