@@ -23,8 +23,8 @@ from lowvram_ddpo.speed.time_model import Gpu, leaf_modules, predict_epoch
 
 COLD_COMPILE_SECONDS = 290.0
 """Inductor's compile of SD 1.5's sampling and training calls with an empty cache: the
-warm-up epoch's 290 s over a warmed epoch's, micro-batch 8 with checkpointing (one H100,
-2026-11-26, docs/benchmarks.md). Most of it runs on the host's CPU: a slower PC takes
+warm-up epoch took 290 s where a warmed one took 11, micro-batch 8 with checkpointing (one
+H100, 2026-11-26, docs/benchmarks.md). Most of it runs on the host's CPU: a slower PC takes
 longer, so this is the least a hobbyist's machine is expected to take."""
 
 
@@ -53,8 +53,8 @@ def unpaid_compile(config: Config, arch: str, gpu: Gpu) -> str:
     return (
         f"a run this short does not pay the first compile: ~{format_duration(saved)} "
         f"saved of ~{format_duration(eager)} against ~{format_duration(COLD_COMPILE_SECONDS)} "
-        "or more of compiling (time model; --set speed.compile=default compiles anyway"
-        " and fills the cache for later runs)"
+        f"or more of compiling (time model; --set speed.compile={config.speed.compile} "
+        "compiles anyway and fills the cache for later runs)"
     )
 
 
