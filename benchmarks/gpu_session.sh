@@ -276,8 +276,9 @@ case "$part" in
     stage rlcm-written-eager 150 bench_speed "${RLCM[@]}" --batches 4 --set memory.vram=off \
       --set speed.compile=off --epochs 3
     stage rlcm-auto 150 bench_speed "${RLCM[@]}" --batches 2 --epochs 3
-    # sampling 16, micro-batch 16 with checkpointing, eager: 5.55 GiB and 36 s per epoch
-    # estimated (the time model's graphed floor and the fit's bigger batches)
+    # sampling 16, micro-batch 16 with checkpointing (the 8x8 level kept out of it), eager:
+    # 5.84 GiB and 34 s per epoch estimated (the time model's graphed floor and the fit's
+    # bigger batches)
     stage rlcm-vram8 150 bench_speed "${RLCM[@]}" --batches 2 --vram 8GB --epochs 3
     # where the graphed sampling of the preset as written spent ~0.4 s per batch outside
     # its UNet calls (before the offloaded visits lost their copy out and the prompts were
