@@ -49,7 +49,7 @@ from lowvram_ddpo.preflight import rescores_at_other_shapes
 from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.compile import INDUCTOR_MODES, graphs_replay, inductor_gpu_missing
-from lowvram_ddpo.speed.compile_payoff import unpaid_compile
+from lowvram_ddpo.speed.compile_payoff import cold_compile_ahead, unpaid_compile
 from lowvram_ddpo.speed.cuda_graphs import GRAPH_MODES
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
 from lowvram_ddpo.speed.time_model import Gpu, leaf_modules, predict_epoch, this_gpu
@@ -422,7 +422,7 @@ def compile_where_it_pays(config: Config, held: frozenset[str]) -> tuple[Config,
     """``config`` less a preset's Inductor mode where its run is predicted to save less
     than a cold compile costs (``speed.compile_payoff``), and the line that says so ("" when
     kept). For a training run only: a benchmark compiles to measure."""
-    if config.speed.compile not in INDUCTOR_MODES or "speed.compile" in held:
+    if "speed.compile" in held or not cold_compile_ahead(config):
         return config, ""
     arch, _ = readable_shape(config, config.model.name)
     why = unpaid_compile(config, arch, this_gpu())

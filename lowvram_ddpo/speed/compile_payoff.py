@@ -41,12 +41,15 @@ def run_saving(config: Config, arch: str, gpu: Gpu) -> tuple[float, float]:
     return eager_epoch * epochs, (eager_epoch - compiled_epoch) * epochs
 
 
+def cold_compile_ahead(config: Config) -> bool:
+    """Whether ``config`` compiles with Inductor while the compile cache is empty: the one
+    case ``unpaid_compile`` weighs (checked first: it reads no model)."""
+    return config.speed.compile in INDUCTOR_MODES and not cache_holds_kernels()
+
+
 def unpaid_compile(config: Config, arch: str, gpu: Gpu) -> str:
-    """Why ``config``'s Inductor mode does not pay for its run on ``gpu`` ("" where it
-    does, may, or is not an Inductor mode): predicted to save less than a cold compile
-    costs, with an empty compile cache."""
-    if config.speed.compile not in INDUCTOR_MODES or cache_holds_kernels():
-        return ""
+    """Why a cold compile of ``config``'s Inductor mode does not pay for its run on ``gpu``
+    ("" where it does): predicted to save less than the compile costs."""
     eager, saved = run_saving(config, arch, gpu)
     if saved >= COLD_COMPILE_SECONDS:
         return ""
