@@ -209,21 +209,22 @@ def _checkpoints_counted(
             by_level["launches"][current[0]] += 1
             by_level["weights"][current[0]] += sum(p.numel() for p in module.parameters())
 
+    if not levels:  # nothing is checkpointed by level: the lists stay empty
+        yield by_level
+        return
     hooks = [
         block.register_forward_pre_hook(lambda *_, level=level: current.__setitem__(0, level))
         for level, blocks in enumerate(levels)
         for block in blocks
     ]
     hooks.append(torch.nn.modules.module.register_module_forward_pre_hook(layer_call))
-    if levels:
-        enable_checkpointing(unet, counting_checkpoint)
+    enable_checkpointing(unet, counting_checkpoint)
     try:
         yield by_level
     finally:
         for hook in hooks:
             hook.remove()
-        if levels:
-            disable_checkpointing(unet)
+        disable_checkpointing(unet)
 
 
 def _decode(run: MetaRun, sample: SampleConfig, tiled: bool) -> float:
