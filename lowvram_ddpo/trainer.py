@@ -64,6 +64,7 @@ from lowvram_ddpo.epoch_metrics import (
 )
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
+from lowvram_ddpo.memory.allocator import release_cached_blocks
 from lowvram_ddpo.memory.checkpointing import (
     check_uncheckpointed_levels,
     enable_checkpointing,
@@ -443,11 +444,13 @@ class Trainer:
     def run_epoch(self, epoch: int) -> dict:
         epoch_started = time.perf_counter()
         graphs_before = copy.copy(GRAPH_EVENTS)
+        release_cached_blocks()  # the last epoch's training blocks, cut to its shapes
         samples, rewards, seconds = self.sample_and_score(epoch)
         reward_extras = self.reward_extras()
         advantages, gathered_rewards = self.advantages(samples.prompts, rewards, epoch)
         started = time.perf_counter()
         self.phase = "training"
+        release_cached_blocks()  # the decode's wide blocks
         with self.meter.phase("training"):
             train_metrics = self.train_on(samples, advantages, epoch)
         self.optimizer_steps_done += train_metrics["optimizer_steps"]

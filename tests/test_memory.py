@@ -1247,3 +1247,57 @@ def test_sd35_medium_flow_grpo_fits_8_gb_with_vram():
     fit = fit_to_vram(load_preset("sd35m-grpo-pickscore"), "sd35m", parse_size("8GB"))
     assert fit.report.peak_bytes + CUDA_CONTEXT_BYTES <= 8 * GB, fit.report.to_text()
     assert fit.config.train.algorithm == "grpo" and fit.config.sample.group_size == 8
+
+
+def test_each_epoch_releases_the_allocators_cache_before_sampling_and_training(
+    tiny_preset, tmp_path, monkeypatch
+):
+    """The trainer hands the caching allocator's free blocks back between an epoch's phases
+    (on an H100 the second epoch of a fitted run reserved 22% more than the first without
+    it: training's blocks, cut to its shapes, did not fit the decode's). A spy on the
+    release and on the meter's phases gives their order: per epoch a release before the
+    first sampling batch and one before training."""
+    import lowvram_ddpo.trainer as trainer_module
+    from lowvram_ddpo.memory.meter import PhaseMeter
+
+    events: list[str] = []
+    monkeypatch.setattr(trainer_module, "release_cached_blocks", lambda: events.append("release"))
+    real_phase = PhaseMeter.phase
+
+    def spy_phase(self, name):  # noqa: ANN001, ANN202
+        events.append(name)
+        return real_phase(self, name)
+
+    monkeypatch.setattr(PhaseMeter, "phase", spy_phase)
+    config = load_preset(str(tiny_preset))
+    apply_overrides(config, ["run.progress=false"])  # 2 epochs
+    trainer_module.Trainer(config, tmp_path).fit()
+    kept = [e for e in events if e in ("release", "sampling", "training")]
+    collapsed = [e for i, e in enumerate(kept) if i == 0 or e != kept[i - 1]]
+    assert collapsed == ["release", "sampling", "release", "training"] * 2
+
+
+def test_the_phase_meter_reports_reserved_and_allocated_peaks(monkeypatch):
+    """On CUDA each epoch's metrics carry the peak reserved and allocated bytes per phase
+    and overall: their gap is the allocator's cache, the figure that tells fragmentation
+    from a phase that really needs more (faked CUDA counters)."""
+    from lowvram_ddpo.memory.meter import PhaseMeter
+
+    counters = {"reserved": 0, "allocated": 0}
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: counters["reserved"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: counters["allocated"])
+    meter = PhaseMeter()
+    meter.cuda = True
+    for phase, reserved, allocated in (("sampling", 6, 4), ("training", 5, 5), ("sampling", 7, 3)):
+        with meter.phase(phase):
+            counters.update(reserved=reserved, allocated=allocated)
+    assert meter.peaks() == {
+        "peak_reserved_bytes": 7,
+        "peak_reserved_bytes_sampling": 7,
+        "peak_reserved_bytes_training": 5,
+        "peak_allocated_bytes": 5,
+        "peak_allocated_bytes_sampling": 4,
+        "peak_allocated_bytes_training": 5,
+    }

@@ -36,8 +36,16 @@ class PhaseMeter:
             record.peak_allocated = max(record.peak_allocated, torch.cuda.max_memory_allocated())
 
     def peaks(self) -> dict[str, int]:
-        """The run's peak reserved bytes so far, per phase and overall (CUDA only)."""
+        """The run's peak reserved and allocated bytes so far, per phase and overall (CUDA
+        only): reserved is what the card must hold; the gap to allocated is the allocator's
+        cache (fragmentation), which the memory estimate models as a fixed share."""
         if not self.cuda or not self.phases:
             return {}
-        per_phase = {f"peak_reserved_bytes_{p.name}": p.peak_reserved for p in self.phases.values()}
-        return {"peak_reserved_bytes": max(per_phase.values()), **per_phase}
+        peaks: dict[str, int] = {}
+        for kind in ("reserved", "allocated"):
+            per_phase = {
+                f"peak_{kind}_bytes_{p.name}": getattr(p, f"peak_{kind}")
+                for p in self.phases.values()
+            }
+            peaks |= {f"peak_{kind}_bytes": max(per_phase.values()), **per_phase}
+        return peaks

@@ -142,9 +142,15 @@ class SpeedReport:
             by_epoch = ", ".join(
                 format_size(p["peak_reserved_bytes"]) for p in self.peak_so_far_by_epoch
             )
+            allocated = [p.get("peak_allocated_bytes") for p in self.peak_so_far_by_epoch]
             lines.append(
                 f"  peak reserved {format_size(self.peak_reserved_bytes)}"
                 + (f" (the peak so far after each epoch: {by_epoch})" if by_epoch else "")
+                + (
+                    f", allocated {format_size(allocated[-1])}"
+                    if allocated and allocated[-1]
+                    else ""
+                )
             )
         if self.graph_events_by_epoch:
             recorded = ", ".join(str(e["cuda_graph_recorded"]) for e in self.graph_events_by_epoch)
@@ -313,4 +319,4 @@ def epoch_profile(path: Path) -> Iterator[None]:
 
 
 def _peaks(epoch: dict) -> dict[str, int]:
-    return {k: v for k, v in epoch.items() if k.startswith("peak_reserved_bytes")}
+    return {k: v for k, v in epoch.items() if k.startswith(("peak_reserved", "peak_allocated"))}
