@@ -48,30 +48,35 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 say() { echo "[gpu_session $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 
 # Inductor's compiled kernels (the trainer's cache folder, speed/compile.py): a bare
-# machine compiles SD 1.5 for ~290 s per shape set; a cache carried from the last session
-# (.compile-cache/torch-compile.tgz, git-ignored; carry ".compile-cache") skips most of it.
-# Each GPU part's end packs the cache into $OUT when it is small enough to come back.
+# machine compiles SD 1.5 for ~260-290 s per shape set; a cache carried from the last
+# session (.compile-cache/torch-compile.tgz.part-NN, git-ignored; carry ".compile-cache")
+# may skip part of it (how much is unmeasured: 2026-11-26, a warm machine's second run
+# did not finish its warm-up epoch in 200 s). Each GPU part's end packs the cache into
+# $OUT in parts of at most 15 MiB (a file coming back from $OUT holds at most 16 MiB).
 COMPILE_CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/lowvram-ddpo"
 CARRIED_CACHE=.compile-cache/torch-compile.tgz
 CACHE_RETURN_MB=${GPU_SESSION_CACHE_MB:-35} # + .ref (19 MB) + .whl (6.4): under the 64 MiB carry
+CACHE_PART=15M
 
 restore_compile_cache() {
-  [ -f "$CARRIED_CACHE" ] || return 0
+  compgen -G "$CARRIED_CACHE.part-*" >/dev/null || return 0
   mkdir -p "$COMPILE_CACHE_ROOT"
-  tar xzf "$CARRIED_CACHE" -C "$COMPILE_CACHE_ROOT" &&
-    say "compile cache restored from $CARRIED_CACHE ($(du -sh "$COMPILE_CACHE_ROOT/torch-compile" | cut -f1))"
+  cat "$CARRIED_CACHE".part-* | tar xz -C "$COMPILE_CACHE_ROOT" &&
+    say "compile cache restored from $CARRIED_CACHE.part-* ($(du -sh "$COMPILE_CACHE_ROOT/torch-compile" | cut -f1))"
 }
 
 pack_compile_cache() {
   [ -d "$COMPILE_CACHE_ROOT/torch-compile" ] || return 0
-  tar czf "$OUT/torch-compile.tgz" -C "$COMPILE_CACHE_ROOT" torch-compile 2>>"$LOG" || return 0
-  local mb=$(($(stat -c %s "$OUT/torch-compile.tgz") / 1048576))
+  local packed=/tmp/torch-compile.tgz
+  tar czf "$packed" -C "$COMPILE_CACHE_ROOT" torch-compile 2>>"$LOG" || return 0
+  local mb=$(($(stat -c %s "$packed") / 1048576))
   if ((mb > CACHE_RETURN_MB)); then
-    rm -f "$OUT/torch-compile.tgz"
     say "compile cache: ${mb} MB packed, over ${CACHE_RETURN_MB} MB: not returned"
   else
-    say "compile cache: ${mb} MB in \$OUT/torch-compile.tgz (copy it to $CARRIED_CACHE)"
+    split -b "$CACHE_PART" -d "$packed" "$OUT/torch-compile.tgz.part-"
+    say "compile cache: ${mb} MB in \$OUT/torch-compile.tgz.part-* (copy them to .compile-cache/)"
   fi
+  rm -f "$packed"
 }
 
 install_wheels() {
