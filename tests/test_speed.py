@@ -1317,3 +1317,24 @@ def test_bench_speed_profiles_its_last_epoch_into_a_file(tmp_path):
     assert "aten::conv2d" in text  # the UNet's convolutions, among the epoch's operators
     kinds = text.splitlines()[0].split("by kind (ms): ")[1]  # the summary line first
     assert "convolution" in kinds and "matmul" in kinds, kinds
+    assert len(report["timed_epoch_seconds"]) == 1  # two epochs: the profiled one is timed
+
+
+def test_bench_speed_keeps_a_profiled_epoch_out_of_its_timing_when_another_is_timed(tmp_path):
+    """`--epochs 3 --profile FILE`: warm-up, a timed epoch, then the profiled one, whose
+    seconds (the profiler's overhead in them) stay out of the rates: one GPU call pays the
+    compile once for both the speed and where it goes."""
+    table = tmp_path / "profile.txt"
+    result = runner.invoke(
+        app,
+        ["bench", "speed", "--preset", "pocket-incompressibility", "--batches", "1",
+         "--set", "sample.num_steps=2", "--set", "sample.batch_size=2",
+         "--set", "train.batch_size=2", "--set", "train.gradient_accumulation_steps=1",
+         "--epochs", "3", "--profile", str(table), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert any("outside the timing" in note for note in report["notes"])
+    assert len(report["timed_epoch_seconds"]) == 1
+    assert report["seconds"]["epoch"] == pytest.approx(report["timed_epoch_seconds"][0])
+    assert table.read_text().startswith("by time on the device")

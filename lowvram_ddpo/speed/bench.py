@@ -217,12 +217,18 @@ def measure_speed(
 ) -> SpeedReport:
     """Time ``config``'s epoch on this machine's accelerator with random-weight models:
     a warm-up epoch, then ``epochs - 1`` timed ones (their mean). ``profile``: a file for
-    the last epoch's profile (``epoch_profile``), which then also slows that epoch."""
+    the last epoch's profile (``epoch_profile``); that epoch, slowed by the profiler, is
+    left out of the timing when another follows the warm-up (``epochs`` >= 3: one GPU
+    call gets the speed and where it goes, paying the compile once)."""
     cfg = speed_config(config, batches, epochs)
     run_images = config.run.epochs * config.sample.batch_size * config.sample.batches_per_epoch
     flops = epoch_flops(cfg, arch)
     around = (lambda: epoch_profile(profile)) if profile else nullcontext
-    (warmup, *timed), _ = run_on_random_weights(cfg, arch, around)
+    ran, _ = run_on_random_weights(cfg, arch, around)
+    warmup, *timed = ran
+    profiled_apart = profile is not None and len(timed) >= 2
+    if profiled_apart:
+        timed = timed[:-1]  # the seconds; memory and replay from every epoch that ran
     on_cuda = torch.cuda.is_available()
     name = torch.cuda.get_device_name() if on_cuda else "cpu"
     rate = peak_tflops or (dense_fp16_tflops(name) if on_cuda else None)
@@ -235,10 +241,15 @@ def measure_speed(
         )
     if rate is None:
         notes.append("no MFU: this device's dense fp16 rate is not listed; give --peak-tflops")
-    if profile:
+    if profiled_apart:
+        notes.append(
+            f"the last epoch ran under the profiler (its table: {profile}), outside the "
+            "timing: the seconds are the epochs between it and the warm-up"
+        )
+    elif profile:
         notes.append(
             f"the last epoch ran under the profiler (its table: {profile}): its seconds "
-            "include the profiler's own overhead"
+            "include the profiler's own overhead (--epochs 3 keeps it out of the timing)"
         )
     return SpeedReport(
         arch=arch,
@@ -249,18 +260,18 @@ def measure_speed(
         warmup_seconds=warmup["seconds_epoch"],
         flops=flops,
         peak_tflops=rate,
-        peak_reserved_bytes=max(e["peak_reserved_bytes"] for e in timed) if on_cuda else None,
+        peak_reserved_bytes=max(e["peak_reserved_bytes"] for e in ran[1:]) if on_cuda else None,
         run_images=run_images,
         notes=notes,
         timed_epoch_seconds=[e["seconds_epoch"] for e in timed],
         predicted=time_model_per_image(cfg, arch, flops) if on_cuda else {},
-        peak_so_far_by_epoch=[_peaks(e) for e in (warmup, *timed)] if on_cuda else [],
+        peak_so_far_by_epoch=[_peaks(e) for e in ran] if on_cuda else [],
         graph_events_by_epoch=[
             {k: v for k, v in e.items() if k.startswith("cuda_graph_")}
-            for e in (warmup, *timed)
+            for e in ran
             if "cuda_graph_recorded" in e
         ],
-        replay=worst_replay([warmup, *timed], cfg.train.clip_range),
+        replay=worst_replay(ran, cfg.train.clip_range),
     )
 
 
