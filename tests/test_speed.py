@@ -253,6 +253,44 @@ def test_compiled_code_is_kept_where_a_reboot_leaves_it(tmp_path, monkeypatch):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "chosen")
 
 
+def test_each_compiling_call_says_how_long_and_what_the_cache_gave(
+    fresh_dynamo, tmp_path, monkeypatch
+):
+    """A call that compiles says which call, how long it took and how many of its graphs
+    came from the compile cache: a GPU session cut off in a warm-up epoch still knows
+    where the minutes went. A second run (dynamo's memory emptied, the disk cache kept)
+    takes every graph from the cache; calls that compile nothing say nothing."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+    class Small(torch.nn.Module):  # a module of its own: dynamo skips torch.nn's frames
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x).relu() * 2
+
+    heard: list[str] = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        layer = Small()
+        compile_unet(layer, "default", torch.device("cpu"), say=heard.append)
+        layer(torch.randn(3, 4)).sum().backward()  # the training call: forward + backward
+        with torch.no_grad():
+            layer.eval()
+            layer(torch.randn(3, 4))  # the sampling call
+            layer(torch.randn(3, 4))  # compiled already: no line
+    assert len(heard) == 4, heard
+    assert [line.split("the UNet's ")[1].split(" call")[0] for line in heard] == [
+        "training", "sampling", "training", "sampling"
+    ]  # fmt: skip
+    assert all(line.startswith("speed.compile=default: ") for line in heard)
+    assert "; 0 of 2 graphs from the compile cache" in heard[0]  # forward and backward
+    assert "; 2 of 2 graphs from the compile cache" in heard[2]
+    assert "; 1 of 1 graphs from the compile cache" in heard[3]
+
+
 def test_inductor_options_are_the_modes_with_eager_roundings(tmp_path, monkeypatch):
     """Each Inductor mode's own options, plus rounding as eager does (CI's torch 2.13); a
     torch without the setting is compiled without it and its log line says the replay

@@ -35,8 +35,10 @@ import os
 import shutil
 import sys
 import sysconfig
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -261,8 +263,9 @@ def eager_if_compiling_fails(unet: torch.nn.Module, mode: str, say: Callable[[st
     compiled: Callable = unet._compiled_call_impl  # what nn.Module.compile installs
 
     def call(*args: object, **kwargs: object) -> object:
+        before = CompileCounts.now()
         try:
-            return compiled(*args, **kwargs)
+            out = compiled(*args, **kwargs)
         except BackendCompilerFailed as failure:
             unet._compiled_call_impl = None  # nn.Module calls its eager forward from now on
             cause = str(failure.inner_exception).strip().splitlines() or [""]
@@ -273,8 +276,45 @@ def eager_if_compiling_fails(unet: torch.nn.Module, mode: str, say: Callable[[st
                 "report the line"
             )
             return unet(*args, **kwargs)
+        if CompileCounts.now().graphs > before.graphs:
+            say(before.compiled_line(mode))
+        return out
 
     unet._compiled_call_impl = call
+
+
+@dataclass(frozen=True)
+class CompileCounts:
+    """Dynamo's and Inductor's counters at one moment: a call that compiled is told
+    apart by the graphs it added, and the compile cache's share by its hits (a run
+    compiling for minutes says how long, and whether the cache served it)."""
+
+    graphs: int
+    cache_hits: int
+    cache_misses: int
+    started: float
+
+    @classmethod
+    def now(cls) -> CompileCounts:
+        inductor = counters["inductor"]
+        return cls(
+            graphs=counters["stats"]["unique_graphs"],
+            cache_hits=inductor["fxgraph_cache_hit"],
+            cache_misses=inductor["fxgraph_cache_miss"],
+            started=time.perf_counter(),
+        )
+
+    def compiled_line(self, mode: str) -> str:
+        """The line for a call that compiled since these counts were taken."""
+        after = CompileCounts.now()
+        call = "training" if torch.is_grad_enabled() else "sampling"
+        hits = after.cache_hits - self.cache_hits
+        looked_up = hits + after.cache_misses - self.cache_misses
+        cache = f"; {hits} of {looked_up} graphs from the compile cache" if looked_up else ""
+        return (
+            f"speed.compile={mode}: the UNet's {call} call compiled in "
+            f"{after.started - self.started:.0f} s{cache}"
+        )
 
 
 CAN_RUN_EAGERLY = hasattr(torch.compiler, "set_stance")
