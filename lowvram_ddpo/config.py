@@ -104,6 +104,8 @@ LOG_WITH = ("auto", "tensorboard", "wandb", "none")
 SAMPLERS = ("auto", "ddim", "lcm", "flow-sde", "flow-cps")
 """``sample.sampler``: each a policy in ``lowvram_ddpo.policy``."""
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "cudagraphs")
+COMPILE_SCOPES = ("model", "blocks")
+"""``speed.compile_scope``: the whole denoiser as one graph, or its repeated blocks."""
 
 
 @dataclass
@@ -198,6 +200,12 @@ class SpeedConfig:
     2.0x faster. default is on in the SD 1.5 DDPO/RWR presets (off where this machine
     cannot run it: ``memory.fit.compile_where_it_runs``), cudagraphs in the SD 1.5-shaped
     RLCM presets (the fit drops it where its pool does not fit), off elsewhere."""
+    compile_scope: str = "model"
+    """What speed.compile=default compiles: the whole UNet as one graph ("model"), or each
+    attention layer and resnet apart ("blocks": each distinct block compiles once and the
+    blocks of its shape reuse it; less fusion, the layers between blocks eager;
+    ``speed/compile_regions.py``). Meant to cut the minutes of compiling at a run's start;
+    its compile time and speed on a GPU are not measured yet."""
     graph_sampling: bool = False
     """With speed.compile=cudagraphs, replay the sampling call as graphs too. It pays only
     where the host's launches bound that call: few latents per call on a fast card (the
@@ -707,6 +715,15 @@ def validate(config: Config) -> None:
         (
             config.speed.compile in COMPILE_MODES,
             f"speed.compile must be one of {', '.join(COMPILE_MODES)}",
+        ),
+        (
+            config.speed.compile_scope in COMPILE_SCOPES,
+            f"speed.compile_scope must be one of {', '.join(COMPILE_SCOPES)}",
+        ),
+        (
+            config.speed.compile_scope == "model" or config.speed.compile in ("off", "default"),
+            "speed.compile_scope=blocks takes speed.compile=default: the CUDA-graph modes "
+            "replay one graph per UNet call; use speed.compile_scope=model",
         ),
         (0 < t.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]"),
         (t.kl_coef >= 0 and math.isfinite(t.kl_coef), "train.kl_coef must be >= 0"),

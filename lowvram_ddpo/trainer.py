@@ -354,7 +354,11 @@ class Trainer:
         optimizer, self.optimizer_kind = build_optimizer(self.params, cfg.train, m.optimizer)
         self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, optimizer)
         note = compile_unet(
-            self.pipe.unet, cfg.speed.compile, self.accelerator.device, say=self.log
+            self.pipe.unet,
+            cfg.speed.compile,
+            self.accelerator.device,
+            say=self.log,
+            scope=cfg.speed.compile_scope,
         )
         if note:
             self.log(note)

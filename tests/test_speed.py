@@ -178,6 +178,76 @@ def test_compiled_unet_replays_its_own_samples_exactly(
         assert (tmp_path / "cache").is_dir()  # compiled code kept for the next run
 
 
+def test_a_unet_compiled_by_blocks_replays_exactly_and_shares_code_between_blocks(
+    fresh_dynamo, tiny_pipeline
+):
+    """speed.compile_scope=blocks compiles each attention layer and resnet apart (the
+    outermost ones: not the transformer block inside a layer): the parameter names stay,
+    the replay is exact, each compiled block's first call compiles, and blocks of one
+    shape reuse one another's code (fewer graphs than blocks x the two calls)."""
+    from torch._dynamo.utils import counters
+
+    from lowvram_ddpo.speed.compile_regions import compile_regions
+
+    pipe = tiny_pipeline
+    attach_lora(pipe.unet, 2, 2.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    names = [n for n, _ in pipe.unet.named_parameters()]
+    regions = compile_regions(pipe.unet)
+    kinds = {type(m).__name__ for m in regions}
+    assert kinds == {"Transformer2DModel", "ResnetBlock2D"}, kinds
+    heard: list[str] = []
+    note = compile_unet(
+        pipe.unet, "default", torch.device("cpu"), backend="aot_eager", say=heard.append,
+        scope="blocks",
+    )  # fmt: skip
+    assert note.startswith(f"torch.compile (default, {len(regions)} blocks, each shape once)")
+    assert all(m._compiled_call_impl is not None for m in regions)
+    assert [n for n, _ in pipe.unet.named_parameters()] == names
+    assert_samples_replay_with_ratio_one(pipe)
+    graphs = counters["stats"]["unique_graphs"]
+    assert 0 < graphs < 2 * len(regions), (graphs, len(regions))
+    assert [line.split("the UNet's ")[1].split(" call")[0] for line in heard] == [
+        "sampling", "training"
+    ]  # fmt: skip
+
+
+def test_compiling_by_blocks_is_checked_in_one_line(tiny_preset, tmp_path):
+    """speed.compile_scope: blocks takes Inductor's default mode (the CUDA-graph modes
+    replay one graph per call), a model without known blocks is refused, and the trainer
+    hands the scope to the compile."""
+    import lowvram_ddpo.trainer as trainer_module
+    from lowvram_ddpo.config import validate
+    from lowvram_ddpo.errors import UserError
+    from lowvram_ddpo.speed.compile_regions import compile_regions
+
+    config = load_preset(str(tiny_preset))
+    for mode in ("reduce-overhead", "cudagraphs", "max-autotune"):
+        wrong = copy.deepcopy(config)
+        apply_overrides(wrong, [f"speed.compile={mode}", "speed.compile_scope=blocks"])
+        with pytest.raises(UserError, match="compile_scope=blocks takes speed.compile=default"):
+            validate(wrong)
+    apply_overrides(wrong, ["speed.compile_scope=layers"])
+    with pytest.raises(UserError, match="compile_scope must be one of model, blocks"):
+        validate(wrong)
+    with pytest.raises(UserError, match="no repeated blocks known in Linear"):
+        compile_regions(torch.nn.Linear(2, 2))
+    seen: dict = {}
+
+    def spy(unet, mode, device, **kwargs):  # noqa: ANN001, ANN202
+        seen.update(kwargs, mode=mode)
+        return ""
+
+    apply_overrides(config, ["run.progress=false", "speed.compile=default",
+                             "speed.compile_scope=blocks"])  # fmt: skip
+    original = trainer_module.compile_unet
+    trainer_module.compile_unet = spy
+    try:
+        trainer_module.Trainer(config, tmp_path / "run").setup()
+    finally:
+        trainer_module.compile_unet = original
+    assert seen["mode"] == "default" and seen["scope"] == "blocks"
+
+
 def _attention_block_outputs(
     eager_roundings: bool, training_graph_sampling: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -552,6 +552,7 @@ def settings_of(config: Config) -> dict[str, object]:
         "decode_batch": m.decode_batch,
         "text_encoders_on_cpu": m.text_encoders_on_cpu,
         "compile": config.speed.compile,
+        "compile_scope": config.speed.compile_scope,
         "graph_sampling": config.speed.graph_sampling,
         "fused_lora": config.speed.fused_lora,
         "half_norms": config.speed.half_norms,

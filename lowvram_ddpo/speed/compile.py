@@ -51,6 +51,7 @@ from torch._inductor import list_mode_options
 
 from lowvram_ddpo.config import COMPILE_MODES, SpeedConfig
 from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.speed.compile_regions import compile_regions
 from lowvram_ddpo.speed.cuda_graphs import (
     count_graph_events,
     make_graph_safe,
@@ -202,15 +203,19 @@ def compile_unet(
     backend: str | None = None,
     eager_roundings: bool = True,
     say: Callable[[str], None] = print,
+    scope: str = "model",
 ) -> str:
     """Compile ``unet`` in place with ``mode`` (one of ``COMPILE_MODES``); returns a line
     for the log ("" when off). ``backend``, when given, replaces the mode's own (tests run
     the graph capture on the CPU with it). ``eager_roundings`` off (a benchmark's
-    control only) lets Inductor round as it fuses (``inductor_options``). Should a
+    control only) lets Inductor round as it fuses (``inductor_options``). ``scope``
+    "blocks" compiles the repeated blocks one by one (``compile_regions``). Should a
     compile fail, the UNet runs eagerly from then on and ``say`` hears why
-    (``eager_if_compiling_fails``)."""
+    (``eager_if_compiling_fails``); each call that compiles says how long it took."""
     if mode == "off":
         return ""
+    if scope == "blocks" and mode != "default":
+        raise ValueError(f"compile scope 'blocks' takes the default mode, not {mode!r}")
     backend = backend or backend_of(mode)
     check_compile_mode(mode, device, backend)
     counters["graph_break"].clear()  # split_graph_note speaks of this run's traces only
@@ -228,11 +233,14 @@ def compile_unet(
         # the backward compiles with the forward, at the first call, where a failure can
         # still be caught (lazily, it would fail inside the first backward pass)
         setattr(functorch_config, EARLY_BACKWARD, True)
-    unet.compile(backend=backend, options=options, dynamic=False)
+    compiled = compile_regions(unet) if scope == "blocks" else [unet]
+    for module in compiled:
+        module.compile(backend=backend, options=options, dynamic=False)
     if replays_cuda_graphs(mode, backend):
         make_graph_safe(unet)
         count_graph_events()  # the epochs report what the graphs' pool went through
-    eager_if_compiling_fails(unet, mode, say)
+    eager_if_compiling_fails(compiled, mode, say)
+    say_what_compiles(unet, mode, say)
     if backend == "cudagraphs":
         return (
             "torch.compile (cudagraphs): the first call of each shape is traced and recorded "
@@ -244,9 +252,10 @@ def compile_unet(
             f"; torch {torch.__version__} cannot round as eager does: sampling and training "
             "may round apart (watch the epoch line's replay, or update torch)"
         )
+    what = f"{len(compiled)} blocks, each shape once" if scope == "blocks" else "the UNet"
     return (
-        f"torch.compile ({mode}): the first call of each shape compiles (minutes on a GPU, "
-        f"less when cached in {compile_cache_dir()}){rounding}"
+        f"torch.compile ({mode}, {what}): the first call of each shape compiles (minutes on "
+        f"a GPU, less when cached in {compile_cache_dir()}){rounding}"
     )
 
 
@@ -255,29 +264,59 @@ EARLY_BACKWARD = "force_non_lazy_backward_lowering"
 (``torch._functorch.config``; by default the backward compiles at the first backward)."""
 
 
-def eager_if_compiling_fails(unet: torch.nn.Module, mode: str, say: Callable[[str], None]) -> None:
+def eager_if_compiling_fails(
+    modules: list[torch.nn.Module], mode: str, say: Callable[[str], None]
+) -> None:
     """From the first call whose compile fails (Triton or a compiler missing a piece, a
-    bug of the compiler on some card), ``unet`` runs eagerly for the rest of the run, and
-    ``say`` hears one line: slower, not a crash minutes into a run. Only compile failures
-    (``BackendCompilerFailed``): any other error of a call is raised as it is."""
-    compiled: Callable = unet._compiled_call_impl  # what nn.Module.compile installs
+    bug of the compiler on some card), the compiled ``modules`` (the UNet, or its blocks)
+    run eagerly for the rest of the run, and ``say`` hears one line: slower, not a crash
+    minutes into a run. Only compile failures (``BackendCompilerFailed``): any other error
+    of a call is raised as it is."""
+    failed: list[str] = []
+
+    def all_eager(failure: BackendCompilerFailed) -> None:
+        for module in modules:
+            module._compiled_call_impl = None  # nn.Module calls its eager forward from now on
+        if failed:
+            return
+        cause = str(failure.inner_exception).strip().splitlines() or [""]
+        failed.append(cause[0])
+        say(
+            f"speed.compile={mode}: compiling the UNet failed "
+            f"({type(failure.inner_exception).__name__}: {cause[0][:160]}); it runs "
+            "eagerly from here (--set speed.compile=off skips the attempt). Please "
+            "report the line"
+        )
+
+    for module in modules:
+        compiled: Callable = module._compiled_call_impl  # what nn.Module.compile installs
+
+        def call(
+            *args: object,
+            _compiled: Callable = compiled,
+            _module: torch.nn.Module = module,
+            **kwargs: object,
+        ) -> object:
+            try:
+                return _compiled(*args, **kwargs)
+            except BackendCompilerFailed as failure:
+                all_eager(failure)
+                return _module(*args, **kwargs)
+
+        module._compiled_call_impl = call
+
+
+def say_what_compiles(unet: torch.nn.Module, mode: str, say: Callable[[str], None]) -> None:
+    """Each call of ``unet`` that compiles (the first of each shape and grad mode) says
+    so in one line: which call, its seconds, what the compile cache gave
+    (``CompileCounts``)."""
+    inner: Callable = unet._compiled_call_impl or unet._call_impl
 
     def call(*args: object, **kwargs: object) -> object:
         before = CompileCounts.now()
-        try:
-            out = compiled(*args, **kwargs)
-        except BackendCompilerFailed as failure:
-            unet._compiled_call_impl = None  # nn.Module calls its eager forward from now on
-            cause = str(failure.inner_exception).strip().splitlines() or [""]
-            say(
-                f"speed.compile={mode}: compiling the UNet failed "
-                f"({type(failure.inner_exception).__name__}: {cause[0][:160]}); it runs "
-                "eagerly from here (--set speed.compile=off skips the attempt). Please "
-                "report the line"
-            )
-            return unet(*args, **kwargs)
+        out = inner(*args, **kwargs)
         if CompileCounts.now().graphs > before.graphs:
-            say(before.compiled_line(mode))
+            say(before.compiled_line(mode, "training" if unet.training else "sampling"))
         return out
 
     unet._compiled_call_impl = call
@@ -304,10 +343,9 @@ class CompileCounts:
             started=time.perf_counter(),
         )
 
-    def compiled_line(self, mode: str) -> str:
-        """The line for a call that compiled since these counts were taken."""
+    def compiled_line(self, mode: str, call: str) -> str:
+        """The line for a ``call`` that compiled since these counts were taken."""
         after = CompileCounts.now()
-        call = "training" if torch.is_grad_enabled() else "sampling"
         hits = after.cache_hits - self.cache_hits
         looked_up = hits + after.cache_misses - self.cache_misses
         cache = f"; {hits} of {looked_up} graphs from the compile cache" if looked_up else ""

@@ -1,0 +1,46 @@
+"""``speed.compile_scope = "blocks"``: compile a denoiser's repeated blocks, not the whole.
+
+Compiling a whole SD 1.5 UNet took 262-290 s on an H100 (2026-11-26), once per run and
+shape set, before the first epoch: a hobbyist waits minutes at every start, and a short
+run never earns them back (``speed/compile_payoff.py``). Most of the UNet is a few kinds
+of block repeated at a few widths (16 attention layers of 4 shapes, 22 resnets):
+compiled one block at a time, dynamo traces and Inductor lowers each distinct block once
+and every other block of that shape reuses its code (parameters are the graph's inputs),
+the regional compilation of PyTorch's recipe and diffusers' ``compile_repeated_blocks``.
+What it gives up: fusion across a block's edges, and the few layers outside the blocks
+(the input and output convolutions, the time embedding, down- and upsamplers, the skip
+concatenations) run eagerly. Measured on the CPU (the pocket UNet, whose blocks hardly
+repeat: docs/benchmarks.md); on a GPU, SD 1.5's compile seconds and epoch against the
+whole model are the run-book's stage ``blocks-default``, not measured yet. Inductor's
+``default`` mode only: the CUDA-graph modes replay one graph per UNet call.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lowvram_ddpo.errors import UserError
+
+UNET_BLOCKS = ("Transformer2DModel", "ResnetBlock2D")
+"""A UNet's repeated blocks, compiled whole: each attention layer with its norm and
+projections (what checkpointing takes whole too) and each resnet (diffusers' own list,
+``BasicTransformerBlock``, would leave the resnets' norms and convolutions eager)."""
+
+
+def compile_regions(model: nn.Module) -> list[nn.Module]:
+    """The outermost blocks of ``model`` that ``blocks`` compiles: a UNet's attention
+    layers and resnets, a transformer's own ``_repeated_blocks`` (diffusers' list)."""
+    names = set(UNET_BLOCKS) | set(getattr(model, "_repeated_blocks", None) or ())
+    regions: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():  # parents come before their children
+        if id(module) in inside or type(module).__name__ not in names:
+            continue
+        regions.append(module)
+        inside |= {id(m) for m in module.modules()}
+    if not regions:
+        raise UserError(
+            f"speed.compile_scope=blocks: no repeated blocks known in {type(model).__name__}; "
+            "use speed.compile_scope=model"
+        )
+    return regions
