@@ -321,14 +321,16 @@ case "$part" in
     ;;
   compile) # each row compiles minutes: expect the first one or two per call. Its first
     # stage ran on an H100 (2026-11-26: 0.746 samples/s, 4.74 GiB, replay 7e-6); right
-    # after a `confirm` call on the warm machine, GPU_SESSION_SKIP=mb8-ckpt-default starts
-    # with that call's row profiled from its compile cache
+    # after a `confirm` call, GPU_SESSION_SKIP=mb8-ckpt-default starts with compiling by
+    # blocks
     install_wheels
     stage mb8-ckpt-default 450 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=default
-    # where Inductor's epoch goes (MFU 23% sampling, 18% training against the goals' 40 and
-    # 30): the `confirm` part's row profiled, its kernels from the compile cache that call
-    # left on a warm machine; the table comes back as a file
-    stage profile-vram7-default 200 bench_speed "${VRAM7[@]}" --profile "$OUT/default-profile.txt"
+    # the `confirm` part's row compiled by blocks (speed.compile_scope=blocks: each
+    # attention layer and resnet apart, each shape once): its warm-up epoch against the
+    # whole UNet's 262 s, its timed epoch against 0.757 samples/s (the compile lines in
+    # session.log say each call's seconds); its replay is the run's own. (Where Inductor's
+    # epoch goes, the profile, is the `confirm` part's third epoch since 2026-11-26 late)
+    stage blocks-default 330 bench_speed "${VRAM7[@]}" --set speed.compile_scope=blocks
     # cuDNN's timed choice of convolution algorithms (speed.cudnn_benchmark): its speed,
     # its peak (a larger workspace is not in the estimate) and its replay; cache warm
     stage vram7-cudnn 200 bench_speed "${VRAM7[@]}" --set speed.cudnn_benchmark=true
