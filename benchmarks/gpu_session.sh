@@ -361,7 +361,12 @@ case "$part" in
     # of arithmetic): Inductor's fused kernels, without a graph pool, stay in its 8 GB
     # (6.90 GiB estimated, as eager) and are predicted at 2 h 19 min per epoch against 5 h
     # 2 eager (the time model with the SD 1.5 row's Inductor factors): the SDXL goal's
-    # candidate. Needs a call of its own: GPU_SESSION_SKIP the stages above
+    # candidate. Needs a call of its own: GPU_SESSION_SKIP the stages above. First by
+    # blocks (speed.compile_scope=blocks: SDXL's attention layers come in 2 shapes and
+    # its resnets in a few, so most of its compile is code shared between blocks)
+    stage sdxl-blocks-default 540 bench_speed --preset sdxl-aesthetic --batches 1 \
+      --set memory.optimizer=adamw --set memory.vram=off --set speed.compile=default \
+      --set speed.compile_scope=blocks
     stage sdxl-default 540 bench_speed --preset sdxl-aesthetic --batches 1 \
       --set memory.optimizer=adamw --set memory.vram=off --set speed.compile=default
     # sampled through the training call's graph, Inductor's own roundings: exact by
