@@ -323,6 +323,17 @@ def test_compiled_code_is_kept_where_a_reboot_leaves_it(tmp_path, monkeypatch):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "chosen")
 
 
+class Small(torch.nn.Module):
+    """A module of its own to compile: dynamo skips torch.nn's own frames."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).relu() * 2
+
+
 def test_each_compiling_call_says_how_long_and_what_the_cache_gave(
     fresh_dynamo, tmp_path, monkeypatch
 ):
@@ -332,14 +343,6 @@ def test_each_compiling_call_says_how_long_and_what_the_cache_gave(
     takes every graph from the cache; calls that compile nothing say nothing."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-
-    class Small(torch.nn.Module):  # a module of its own: dynamo skips torch.nn's frames
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = torch.nn.Linear(4, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.linear(x).relu() * 2
 
     heard: list[str] = []
     for _ in range(2):
@@ -770,14 +773,6 @@ def test_a_compile_that_fails_leaves_the_run_eager_with_one_line(fresh_dynamo):
     functorch_config.force_non_lazy_backward_lowering = False
     torch.manual_seed(0)
     x = torch.randn(3, 4)
-
-    class Small(torch.nn.Module):  # a module of its own: dynamo skips torch.nn's frames
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = torch.nn.Linear(4, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.linear(x).relu() * 2
 
     for backend in ("lowvram_ddpo_no_kernels", "lowvram_ddpo_no_backward_kernels"):
         layer = Small()
@@ -1406,21 +1401,25 @@ def test_a_runs_warmed_epoch_is_checked_against_the_time_model(monkeypatch):
     assert all(0.85 < r < 1.15 for r in ratios)
 
 
-def test_bench_speed_profiles_its_last_epoch_into_a_file(tmp_path):
-    """`bench speed --profile FILE`: the last epoch's operators by time on the device and
-    on the host (where a GPU session sees what an epoch spends outside the UNet)."""
+def _profiled_pocket_speed(tmp_path: Path, epochs: int) -> tuple[dict, str]:
+    """A tiny pocket `bench speed --epochs N --profile FILE`: its report and the table."""
     table = tmp_path / "profile.txt"
     result = runner.invoke(
         app,
         ["bench", "speed", "--preset", "pocket-incompressibility", "--batches", "1",
          "--set", "sample.num_steps=2", "--set", "sample.batch_size=2",
          "--set", "train.batch_size=2", "--set", "train.gradient_accumulation_steps=1",
-         "--profile", str(table), "--json"],
+         "--epochs", str(epochs), "--profile", str(table), "--json"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    return json.loads(result.stdout), table.read_text()
+
+
+def test_bench_speed_profiles_its_last_epoch_into_a_file(tmp_path):
+    """`bench speed --profile FILE`: the last epoch's operators by time on the device and
+    on the host (where a GPU session sees what an epoch spends outside the UNet)."""
+    report, text = _profiled_pocket_speed(tmp_path, epochs=2)
     assert any("ran under the profiler" in note for note in report["notes"])
-    text = table.read_text()
     assert text.startswith("by time on the device") and "by time on the host" in text
     assert "aten::conv2d" in text  # the UNet's convolutions, among the epoch's operators
     kinds = text.splitlines()[0].split("by kind (ms): ")[1]  # the summary line first
@@ -1432,17 +1431,8 @@ def test_bench_speed_keeps_a_profiled_epoch_out_of_its_timing_when_another_is_ti
     """`--epochs 3 --profile FILE`: warm-up, a timed epoch, then the profiled one, whose
     seconds (the profiler's overhead in them) stay out of the rates: one GPU call pays the
     compile once for both the speed and where it goes."""
-    table = tmp_path / "profile.txt"
-    result = runner.invoke(
-        app,
-        ["bench", "speed", "--preset", "pocket-incompressibility", "--batches", "1",
-         "--set", "sample.num_steps=2", "--set", "sample.batch_size=2",
-         "--set", "train.batch_size=2", "--set", "train.gradient_accumulation_steps=1",
-         "--epochs", "3", "--profile", str(table), "--json"],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report, text = _profiled_pocket_speed(tmp_path, epochs=3)
     assert any("outside the timing" in note for note in report["notes"])
     assert len(report["timed_epoch_seconds"]) == 1
     assert report["seconds"]["epoch"] == pytest.approx(report["timed_epoch_seconds"][0])
-    assert table.read_text().startswith("by time on the device")
+    assert text.startswith("by time on the device")
