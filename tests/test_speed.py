@@ -898,6 +898,10 @@ def test_time_model_reproduces_the_h100_unet_calls_and_ranks_by_card():
         ("H100", 8, ["memory.gradient_checkpointing=false", "memory.offload=false",
                      "speed.compile=cudagraphs"], 0.522, 1.171),  # what --vram picks there
         ("H100", 8, [], 0.350, 0.982),  # the preset's Inductor (speed.compile=default)
+        # --vram 7GB's pick, side by side with the reference (2026-11-26 late): one level
+        # kept out of checkpointing, nothing offloaded, 4 images per decode, Inductor
+        ("H100", 8, ["memory.uncheckpointed_levels=1", "memory.offload=false",
+                     "memory.decode_batch=4"], 0.333, 0.979),
     ],
 )  # fmt: skip
 def test_time_model_reproduces_the_gpu_epochs(card, micro, overrides, sampling, training):
@@ -906,7 +910,8 @@ def test_time_model_reproduces_the_gpu_epochs(card, micro, overrides, sampling, 
     checkpointing and at 4 without, and at 4 with CUDA graphs (no launch floor, arithmetic
     only); on an H100 (2026-11-26) the first again, micro-batch 8 with graphs, and the
     first with Inductor (the Inductor factors were fitted to that row: this checks that
-    its calls take them, the eager and graphed ones not)."""
+    its calls take them, the eager and graphed ones not), and `--vram 7GB`'s pick, a row
+    the model had predicted before it ran (0.318 / 0.968 against 0.333 / 0.979)."""
     from lowvram_ddpo.speed.time_model import Gpu, predict_epoch
 
     config = load_preset("incompressibility")
