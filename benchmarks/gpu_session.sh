@@ -61,8 +61,12 @@ CACHE_PART=15M
 restore_compile_cache() {
   compgen -G "$CARRIED_CACHE.part-*" >/dev/null || return 0
   mkdir -p "$COMPILE_CACHE_ROOT"
-  cat "$CARRIED_CACHE".part-* | tar xz -C "$COMPILE_CACHE_ROOT" &&
+  if cat "$CARRIED_CACHE".part-* | tar xz -C "$COMPILE_CACHE_ROOT"; then
     say "compile cache restored from $CARRIED_CACHE.part-* ($(du -sh "$COMPILE_CACHE_ROOT/torch-compile" | cut -f1))"
+  else # parts of two sessions mixed, say: compile from scratch, and say so
+    rm -rf "$COMPILE_CACHE_ROOT/torch-compile"
+    say "compile cache: restoring $CARRIED_CACHE.part-* failed (parts of two sessions?): compiling from scratch"
+  fi
 }
 
 pack_compile_cache() {
@@ -74,7 +78,7 @@ pack_compile_cache() {
     say "compile cache: ${mb} MB packed, over ${CACHE_RETURN_MB} MB: not returned"
   else
     split -b "$CACHE_PART" -d "$packed" "$OUT/torch-compile.tgz.part-"
-    say "compile cache: ${mb} MB in \$OUT/torch-compile.tgz.part-* (copy them to .compile-cache/)"
+    say "compile cache: ${mb} MB in \$OUT/torch-compile.tgz.part-* (replace .compile-cache/'s parts with them)"
   fi
   rm -f "$packed"
 }

@@ -223,9 +223,15 @@ def compile_unet(
         # Inductor reads the variable at each compile: set, not setdefault (PyTorch has
         # already written its /tmp default there)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+    compiled = compile_regions(unet) if scope == "blocks" else [unet]
     # one compiled entry per grad mode, train/eval, adapters on/off and shape: sampling,
-    # training, the KL guard's base model, NFT's old policy, the grids, ... (default 8)
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    # training, the KL guard's base model, NFT's old policy, the grids, ... (default 8).
+    # By blocks, all blocks of a class share one forward and so one list of entries (SD
+    # 1.5's 22 resnets come in ~14 shapes): room for each block's entries, within
+    # dynamo's cap per function (past a limit a block would quietly run eagerly)
+    wanted = RECOMPILE_LIMIT if scope == "model" else max(RECOMPILE_LIMIT, 4 * len(compiled))
+    wanted = min(wanted, dynamo_config.accumulated_recompile_limit)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, wanted)
     # static shapes: each of the run's few shapes (sampling, training, grid) is compiled
     # once, specialised, instead of one slower dynamic-shape kernel for all of them
     options = inductor_options(mode, eager_roundings) if backend == "inductor" else None
@@ -233,7 +239,6 @@ def compile_unet(
         # the backward compiles with the forward, at the first call, where a failure can
         # still be caught (lazily, it would fail inside the first backward pass)
         setattr(functorch_config, EARLY_BACKWARD, True)
-    compiled = compile_regions(unet) if scope == "blocks" else [unet]
     for module in compiled:
         module.compile(backend=backend, options=options, dynamic=False)
     if replays_cuda_graphs(mode, backend):
@@ -268,21 +273,23 @@ def eager_if_compiling_fails(
     modules: list[torch.nn.Module], mode: str, say: Callable[[str], None]
 ) -> None:
     """From the first call whose compile fails (Triton or a compiler missing a piece, a
-    bug of the compiler on some card), the compiled ``modules`` (the UNet, or its blocks)
-    run eagerly for the rest of the run, and ``say`` hears one line: slower, not a crash
-    minutes into a run. Only compile failures (``BackendCompilerFailed``): any other error
-    of a call is raised as it is."""
-    failed: list[str] = []
+    bug of the compiler on some card), that compiled module (the UNet, or one of its
+    blocks) runs eagerly for the rest of the run, and ``say`` hears one line for the run:
+    slower, not a crash minutes into a run. Only the failing module turns eager, there and
+    then: the blocks that did compile keep their code, so a checkpointed block recomputes
+    in its backward what its forward ran. Only compile failures
+    (``BackendCompilerFailed``): any other error of a call is raised as it is."""
+    said: list[str] = []
+    what = "the UNet" if len(modules) == 1 else "a block of the UNet"
 
-    def all_eager(failure: BackendCompilerFailed) -> None:
-        for module in modules:
-            module._compiled_call_impl = None  # nn.Module calls its eager forward from now on
-        if failed:
+    def fall_back(module: torch.nn.Module, failure: BackendCompilerFailed) -> None:
+        module._compiled_call_impl = None  # nn.Module calls its eager forward from now on
+        if said:
             return
         cause = str(failure.inner_exception).strip().splitlines() or [""]
-        failed.append(cause[0])
+        said.append(cause[0])
         say(
-            f"speed.compile={mode}: compiling the UNet failed "
+            f"speed.compile={mode}: compiling {what} failed "
             f"({type(failure.inner_exception).__name__}: {cause[0][:160]}); it runs "
             "eagerly from here (--set speed.compile=off skips the attempt). Please "
             "report the line"
@@ -300,7 +307,7 @@ def eager_if_compiling_fails(
             try:
                 return _compiled(*args, **kwargs)
             except BackendCompilerFailed as failure:
-                all_eager(failure)
+                fall_back(_module, failure)
                 return _module(*args, **kwargs)
 
         module._compiled_call_impl = call

@@ -21,16 +21,17 @@ from torch import nn
 
 from lowvram_ddpo.errors import UserError
 
-UNET_BLOCKS = ("Transformer2DModel", "ResnetBlock2D")
-"""A UNet's repeated blocks, compiled whole: each attention layer with its norm and
-projections (what checkpointing takes whole too) and each resnet (diffusers' own list,
-``BasicTransformerBlock``, would leave the resnets' norms and convolutions eager)."""
+REPEATED_BLOCKS = ("Transformer2DModel", "ResnetBlock2D", "JointTransformerBlock")
+"""The repeated blocks compiled whole: a UNet's attention layers with their norm and
+projections (what checkpointing takes whole too) and its resnets (diffusers' own list,
+``BasicTransformerBlock``, would leave the resnets' norms and convolutions eager); SD 3's
+joint blocks (its transformer declares none)."""
 
 
 def compile_regions(model: nn.Module) -> list[nn.Module]:
-    """The outermost blocks of ``model`` that ``blocks`` compiles: a UNet's attention
-    layers and resnets, a transformer's own ``_repeated_blocks`` (diffusers' list)."""
-    names = set(UNET_BLOCKS) | set(getattr(model, "_repeated_blocks", None) or ())
+    """The outermost blocks of ``model`` that ``blocks`` compiles: ``REPEATED_BLOCKS``
+    and the model's own ``_repeated_blocks`` (diffusers' list, where it has one)."""
+    names = set(REPEATED_BLOCKS) | set(getattr(model, "_repeated_blocks", None) or ())
     regions: list[nn.Module] = []
     inside: set[int] = set()
     for module in model.modules():  # parents come before their children
