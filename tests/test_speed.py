@@ -426,6 +426,26 @@ def test_each_compiling_call_says_how_long_and_what_the_cache_gave(
     assert "; 1 of 1 graphs from the compile cache" in heard[3]
 
 
+def test_a_run_past_dynamos_recompile_limit_says_so_once(fresh_dynamo):
+    """Past dynamo's recompile limit a new shape runs eagerly with no more than a log
+    warning: the compiled UNet's wrapper says it in one line, once, and the calls still
+    compute what eager does."""
+    import torch._dynamo.config as dynamo_config
+
+    layer, heard = Small(), []
+    compile_unet(layer, "default", torch.device("cpu"), backend="eager", say=heard.append)
+    limit = dynamo_config.recompile_limit
+    dynamo_config.recompile_limit = 1
+    try:
+        for rows in (2, 3, 4, 5):
+            x = torch.randn(rows, 4)
+            torch.testing.assert_close(layer(x), type(layer).forward(layer, x))
+    finally:
+        dynamo_config.recompile_limit = limit
+    limit_lines = [line for line in heard if "recompile limit was reached" in line]
+    assert len(limit_lines) == 1 and limit_lines[0].startswith("speed.compile=default: ")
+
+
 def test_inductor_options_are_the_modes_with_eager_roundings(tmp_path, monkeypatch):
     """Each Inductor mode's own options, plus rounding as eager does (CI's torch 2.13); a
     torch without the setting is compiled without it and its log line says the replay

@@ -316,17 +316,32 @@ def eager_if_compiling_fails(
 def say_what_compiles(unet: torch.nn.Module, mode: str, say: Callable[[str], None]) -> None:
     """Each call of ``unet`` that compiles (the first of each shape and grad mode) says
     so in one line: which call, its seconds, what the compile cache gave
-    (``CompileCounts``)."""
+    (``CompileCounts``). The first call that hits dynamo's recompile limit says so too:
+    past it dynamo runs that code eagerly without a word but a log warning, and a run
+    (or a benchmark row) would be slower for no visible reason."""
     inner: Callable = unet._compiled_call_impl or unet._call_impl
+    limit_said: list[bool] = []
 
     def call(*args: object, **kwargs: object) -> object:
         before = CompileCounts.now()
         out = inner(*args, **kwargs)
-        if CompileCounts.now().graphs > before.graphs:
+        after = CompileCounts.now()
+        if after.graphs > before.graphs:
             say(before.compiled_line(mode, "training" if unet.training else "sampling"))
+        if after.limit_hits > before.limit_hits and not limit_said:
+            limit_said.append(True)
+            say(
+                f"speed.compile={mode}: dynamo's recompile limit was reached: the UNet's "
+                "calls of new shapes or modes now run partly eagerly (slower). Please "
+                "report the line"
+            )
         return out
 
     unet._compiled_call_impl = call
+
+
+LIMIT_HIT = "Dynamo recompile limit exceeded"
+"""How dynamo's counters name a frame left eager at its recompile limit (torch 2.13)."""
 
 
 @dataclass(frozen=True)
@@ -338,6 +353,7 @@ class CompileCounts:
     graphs: int
     cache_hits: int
     cache_misses: int
+    limit_hits: int
     started: float
 
     @classmethod
@@ -347,6 +363,9 @@ class CompileCounts:
             graphs=counters["stats"]["unique_graphs"],
             cache_hits=inductor["fxgraph_cache_hit"],
             cache_misses=inductor["fxgraph_cache_miss"],
+            limit_hits=sum(
+                n for why, n in counters["unimplemented"].items() if why.startswith(LIMIT_HIT)
+            ),
             started=time.perf_counter(),
         )
 
