@@ -429,9 +429,13 @@ for line in open(sys.argv[1]):
         replay = r.get("replay") or {}
         recorded = [e["cuda_graph_recorded"] for e in r.get("cuda_graph_events_by_epoch", [])]
         compiled = (r.get("settings") or {}).get("compile", "?")
+        peaks = r.get("peak_so_far_by_epoch") or [{}]
+        gib = lambda key: f"{peaks[-1][key] / 2**30:.2f}" if key in peaks[-1] else "?"
+        share = lambda x: f"{x:.3f}" if x is not None else "-"  # no MFU on a CPU
         print(f"{head}  {r['images_per_second']:.3f} img/s  compile {compiled}  sampling {s['sampling']:.3f} "
-              f"training {s['training']:.3f} s/img  MFU train {mfu['training']}  "
-              f"peak reserved {r['peak_reserved_bytes']}"
+              f"training {s['training']:.3f} s/img  MFU {share(mfu['sampling'])}/{share(mfu['training'])}  "
+              f"warm-up {r['warmup_seconds']:.0f} s  peak reserved/allocated "
+              f"{gib('peak_reserved_bytes')}/{gib('peak_allocated_bytes')} GiB"
               + (f"  replay {replay['replay_rms']:.2e}" if replay else "")
               + (f"  graphs recorded per epoch {recorded}" if recorded else ""))
     elif isinstance(r, dict) and "runs" in r:
