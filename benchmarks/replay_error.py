@@ -82,8 +82,7 @@ def replay_error(
     device = torch.device("cuda" if on_gpu else "cpu")
     half = on_gpu or bool(cpu_autocast)
     dtype = DTYPES[precision if on_gpu else cpu_autocast] if half else torch.float32
-    torch.manual_seed(seed)
-    pipe = random_pipeline(arch, dtype, str(device))
+    pipe = random_pipeline(arch, dtype, str(device), seed=seed)  # the LoRA's draws follow
     make_trainable(pipe.unet, 4, 4.0, [])  # the model family's default LoRA targets
     if fp8:
         store_weights_in_fp8(pipe.unet)

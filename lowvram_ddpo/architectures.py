@@ -425,10 +425,13 @@ def likely_native_resolution(model_name: str) -> int:
     return native_resolution(arch) if arch in ARCHITECTURES else 512
 
 
-def random_pipeline(arch: str, dtype: torch.dtype, device: str = "cpu"):  # noqa: ANN201
+def random_pipeline(arch: str, dtype: torch.dtype, device: str = "cpu", seed: int = 0):  # noqa: ANN201
     """A Stable Diffusion (XL, 3) or FLUX.2-klein pipeline of ``arch`` with random weights
     and byte-level tokenizers built in code: what the memory benchmark trains on a GPU
-    without a download (SD 3 without its T5, whose tokenizer cannot be built offline)."""
+    without a download (SD 3 without its T5, whose tokenizer cannot be built offline).
+    The weights come from ``seed`` (PyTorch's generators are seeded with it): two
+    benchmark rows of one architecture train the same model, so their rewards compare."""
+    torch.manual_seed(seed)
     from diffusers import (
         DDIMScheduler,
         FlowMatchEulerDiscreteScheduler,

@@ -1301,3 +1301,18 @@ def test_the_phase_meter_reports_reserved_and_allocated_peaks(monkeypatch):
         "peak_allocated_bytes_sampling": 4,
         "peak_allocated_bytes_training": 5,
     }
+
+
+def test_benchmark_models_are_the_same_random_weights_for_the_same_seed():
+    """`bench speed`/`bench memory` train random-weight models: seeded, two rows of one
+    architecture train the same model (their rewards and replays compare); another seed
+    gives other weights."""
+    from lowvram_ddpo.architectures import random_pipeline
+
+    def unet_weights(seed: int, callers_seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(callers_seed)  # whatever the caller's generator held before
+        return list(random_pipeline("pocket", torch.float32, seed=seed).unet.parameters())
+
+    first, again, other = unet_weights(0, 1), unet_weights(0, 2), unet_weights(1, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
