@@ -106,6 +106,9 @@ SAMPLERS = ("auto", "ddim", "lcm", "flow-sde", "flow-cps")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "cudagraphs")
 COMPILE_SCOPES = ("model", "blocks")
 """``speed.compile_scope``: the whole denoiser as one graph, or its repeated blocks."""
+BLOCK_COMPILE_MODES = ("default",)
+"""The ``speed.compile`` modes that compile by blocks: the CUDA-graph ones replay one graph
+per UNet call."""
 
 
 @dataclass
@@ -721,7 +724,8 @@ def validate(config: Config) -> None:
             f"speed.compile_scope must be one of {', '.join(COMPILE_SCOPES)}",
         ),
         (
-            config.speed.compile_scope == "model" or config.speed.compile in ("off", "default"),
+            config.speed.compile_scope == "model"
+            or config.speed.compile in ("off", *BLOCK_COMPILE_MODES),
             "speed.compile_scope=blocks takes speed.compile=default: the CUDA-graph modes "
             "replay one graph per UNet call; use speed.compile_scope=model",
         ),

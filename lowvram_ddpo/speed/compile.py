@@ -49,7 +49,7 @@ from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 from torch._inductor import list_mode_options
 
-from lowvram_ddpo.config import COMPILE_MODES, SpeedConfig
+from lowvram_ddpo.config import BLOCK_COMPILE_MODES, COMPILE_MODES, SpeedConfig
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.speed.compile_regions import compile_regions
 from lowvram_ddpo.speed.cuda_graphs import (
@@ -214,7 +214,7 @@ def compile_unet(
     (``eager_if_compiling_fails``); each call that compiles says how long it took."""
     if mode == "off":
         return ""
-    if scope == "blocks" and mode != "default":
+    if scope == "blocks" and mode not in BLOCK_COMPILE_MODES:
         raise ValueError(f"compile scope 'blocks' takes the default mode, not {mode!r}")
     backend = backend or backend_of(mode)
     check_compile_mode(mode, device, backend)
