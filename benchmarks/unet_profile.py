@@ -52,7 +52,7 @@ from lowvram_ddpo.models import make_trainable
 from lowvram_ddpo.rollout import latent_shape
 from lowvram_ddpo.speed.compile import compile_unet
 from lowvram_ddpo.speed.half_norms import run_norms_in_half
-from lowvram_ddpo.speed.kernel_kinds import kind_of, milliseconds_by_kind
+from lowvram_ddpo.speed.kernel_kinds import kernel_times, kind_of, milliseconds_by_kind
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
 
@@ -154,18 +154,12 @@ def kernel_time(call: Callable[[], None], device: torch.device, top: int = 0) ->
         call()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    timed: list[tuple[str, float]] = []
+    timed = kernel_times(prof.events(), on_device=device.type == "cuda")
     by_name: Counter[str] = Counter()
     calls_of: Counter[str] = Counter()
-    for event in prof.events():
-        if device.type == "cuda" and event.device_type.name != "CUDA":
-            continue
-        us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
-        if us <= 0:
-            continue
-        timed.append((event.name, us))
-        by_name[event.name[:120]] += us / 1000
-        calls_of[event.name[:120]] += 1
+    for name, us in timed:
+        by_name[name[:120]] += us / 1000
+        calls_of[name[:120]] += 1
     return {
         "kernels": len(timed),
         "kernel_ms": round(sum(us for _, us in timed) / 1000, 2),

@@ -1248,6 +1248,37 @@ def test_the_unet_profile_times_both_calls_and_sorts_every_kernel_by_kind():
         "fused reduction (Inductor: norms)"
     )
     assert unet_profile.kind_of("triton_tem_fused_convolution_1") == "convolution"
+    # cuDNN's layout changes around an NCHW convolution: a kind apart, not convolution
+    nchw = "void cudnn::engines_precompiled::nchwToNhwcKernel<__half, __half, float>"
+    assert unet_profile.kind_of(nchw) == "layout change (NCHW<->NHWC)"
+
+
+def test_kernel_times_count_a_gpu_kernel_once_not_again_in_its_operator():
+    """On a GPU the profiler gives an operator's row the device time of the kernels it
+    launched, and each kernel a row of its own: the H100 profile of 2026-11-27 summed both
+    (19.2 s by kind for 9.6 s of kernels). Kernels only on a GPU; operators on a CPU."""
+    from types import SimpleNamespace
+
+    from lowvram_ddpo.speed.kernel_kinds import kernel_times
+
+    def event(name: str, device: str, device_us: float, cpu_us: float) -> SimpleNamespace:
+        return SimpleNamespace(
+            name=name,
+            device_type=SimpleNamespace(name=device),
+            self_device_time_total=device_us,
+            self_cpu_time_total=cpu_us,
+        )
+
+    events = [
+        event("aten::cudnn_convolution", "CPU", 300.0, 40.0),  # its kernel's time again
+        event("sm90_xmma_fprop_implicit_gemm", "CUDA", 300.0, 0.0),
+        event("aten::empty", "CPU", 0.0, 2.0),
+    ]
+    assert kernel_times(events, on_device=True) == [("sm90_xmma_fprop_implicit_gemm", 300.0)]
+    assert kernel_times(events, on_device=False) == [
+        ("aten::cudnn_convolution", 40.0),
+        ("aten::empty", 2.0),
+    ]
 
 
 def test_a_unet_traced_in_pieces_is_said_in_one_line():
@@ -1507,10 +1538,14 @@ def test_bench_speed_profiles_its_last_epoch_into_a_file(tmp_path):
     on the host (where a GPU session sees what an epoch spends outside the UNet)."""
     report, text = _profiled_pocket_speed(tmp_path, epochs=2)
     assert any("ran under the profiler" in note for note in report["notes"])
-    assert text.startswith("by time on the device") and "by time on the host" in text
+    assert text.startswith("operators' self time: ") and "by time on the host" in text
+    assert "by time on the device" in text
     assert "aten::conv2d" in text  # the UNet's convolutions, among the epoch's operators
     kinds = text.splitlines()[0].split("by kind (ms): ")[1]  # the summary line first
     assert "convolution" in kinds and "matmul" in kinds, kinds
+    in_all = float(text.split(" ms in all")[0].split(": ")[1])
+    by_kind = sum(float(part.rsplit(" ", 1)[1]) for part in kinds.split(", "))
+    assert in_all == pytest.approx(by_kind, rel=0.01, abs=0.1)  # each op's time once
     assert len(report["timed_epoch_seconds"]) == 1  # two epochs: the profiled one is timed
 
 
@@ -1522,4 +1557,4 @@ def test_bench_speed_keeps_a_profiled_epoch_out_of_its_timing_when_another_is_ti
     assert any("outside the timing" in note for note in report["notes"])
     assert len(report["timed_epoch_seconds"]) == 1
     assert report["seconds"]["epoch"] == pytest.approx(report["timed_epoch_seconds"][0])
-    assert text.startswith("by time on the device")
+    assert text.startswith("operators' self time: ")

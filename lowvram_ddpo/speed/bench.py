@@ -29,7 +29,7 @@ from lowvram_ddpo.memory.units import format_size
 from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
-from lowvram_ddpo.speed.kernel_kinds import milliseconds_by_kind
+from lowvram_ddpo.speed.kernel_kinds import kernel_times, milliseconds_by_kind
 from lowvram_ddpo.speed.time_model import predicted_here
 
 PHASES = ("sampling", "reward", "training")
@@ -317,12 +317,15 @@ def epoch_profile(path: Path) -> Iterator[None]:
     with profile(activities=activities) as prof:
         yield
     averages = prof.key_averages()
-    by_device = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    kinds = milliseconds_by_kind((a.key, getattr(a, by_device)) for a in averages)
+    on_device = torch.cuda.is_available()
+    by_device = "self_device_time_total" if on_device else "self_cpu_time_total"
+    timed = kernel_times(prof.events(), on_device)
+    kinds = milliseconds_by_kind(timed)
+    what = "kernels" if on_device else "operators' self time"
     path.write_text(
-        f"by time on the device ({by_device}), by kind (ms): "
+        f"{what}: {sum(us for _, us in timed) / 1000:.1f} ms in all; by kind (ms): "
         + ", ".join(f"{kind} {ms}" for kind, ms in kinds.items())
-        + f"\nby time on the device ({by_device}):\n"
+        + f"\nby time on the device ({by_device}; an operator's row repeats its kernels'):\n"
         + averages.table(sort_by=by_device, row_limit=PROFILE_ROWS)
         + "\nby time on the host (cpu_time_total):\n"
         + averages.table(sort_by="cpu_time_total", row_limit=PROFILE_ROWS)
