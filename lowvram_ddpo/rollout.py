@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from lowvram_ddpo import flux2
 from lowvram_ddpo.device_transfer import to_device
 from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.memory.meter import PhaseMeter, measured
 from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.policy import Conditioning, PolicyStep
 from lowvram_ddpo.policy.base import draw_noise
@@ -244,28 +245,32 @@ def sample_trajectories(
     offloader: Offloader | None = None,
     cache: PromptCache | None = None,
     decode_batch: int = 1,
+    meter: PhaseMeter | None = None,
 ) -> Trajectories:
     """One sampling batch: encode prompts, roll out, decode (``decode_batch`` images per
     VAE call). Returns CPU tensors.
 
     With an ``offloader`` the text encoder and VAE are on the GPU only while they work;
-    with a ``cache`` the text encoder runs (and moves) only for prompts it has not seen."""
+    with a ``cache`` the text encoder runs (and moves) only for prompts it has not seen;
+    with a ``meter`` (the trainer's) the denoising and the decode are its phases
+    "sampling" and "decode", each with its own peak."""
     device = next(unet.parameters()).device
     cache = PromptCache() if cache is None else cache
-    if cache.missing(prompts):
-        with _loaded(offloader, "text_encoder"):
-            text = cache.encode(pipe, prompts).to(device)
-    else:
-        text = cache.cached(prompts).to(device)
-    time_ids = micro_conditioning(unet.config, resolution)
-    cond = Conditioning.of(text, negative, guidance_scale, time_ids)
-    shape = latent_shape(unet, pipe.vae, resolution)
-    noise = initial_noise(shape, len(prompts), generator, device)
-    latents, log_probs, timesteps, final, stochastic = rollout(
-        unet, policy, cond, noise, generator, progress
-    )
+    with measured(meter, "sampling"):
+        if cache.missing(prompts):
+            with _loaded(offloader, "text_encoder"):
+                text = cache.encode(pipe, prompts).to(device)
+        else:
+            text = cache.cached(prompts).to(device)
+        time_ids = micro_conditioning(unet.config, resolution)
+        cond = Conditioning.of(text, negative, guidance_scale, time_ids)
+        shape = latent_shape(unet, pipe.vae, resolution)
+        noise = initial_noise(shape, len(prompts), generator, device)
+        latents, log_probs, timesteps, final, stochastic = rollout(
+            unet, policy, cond, noise, generator, progress
+        )
     windowed = len(stochastic) < len(timesteps)
-    with _loaded(offloader, "vae"):
+    with measured(meter, "decode"), _loaded(offloader, "vae"):
         upcast = decodes_in_fp32(pipe.vae, is_sdxl(pipe))
         images = decode_latents(pipe.vae, final, upcast, decode_batch)
     return Trajectories(

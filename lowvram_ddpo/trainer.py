@@ -64,7 +64,6 @@ from lowvram_ddpo.epoch_metrics import (
 )
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
-from lowvram_ddpo.memory.allocator import release_cached_blocks
 from lowvram_ddpo.memory.checkpointing import (
     check_uncheckpointed_levels,
     enable_checkpointing,
@@ -171,7 +170,9 @@ class Trainer:
     ``config.reward``."""
     phase: str = "setting up"
     """What the loop is doing now, for error messages."""
-    meter: PhaseMeter = field(default_factory=PhaseMeter)
+    meter: PhaseMeter = field(default_factory=lambda: PhaseMeter(release=True))
+    """Each phase's peak memory and seconds; each phase starts on a released allocator
+    cache (what a phase reserves is then its own, as the memory estimate takes it)."""
     dashboard: Tracker = field(default_factory=NoTracker)
     """TensorBoard, wandb or nothing (``run.log_with``), on the main process."""
 
@@ -448,13 +449,11 @@ class Trainer:
     def run_epoch(self, epoch: int) -> dict:
         epoch_started = time.perf_counter()
         graphs_before = copy.copy(GRAPH_EVENTS)
-        release_cached_blocks()  # the last epoch's training blocks, cut to its shapes
         samples, rewards, seconds = self.sample_and_score(epoch)
         reward_extras = self.reward_extras()
         advantages, gathered_rewards = self.advantages(samples.prompts, rewards, epoch)
         started = time.perf_counter()
         self.phase = "training"
-        release_cached_blocks()  # the decode's wide blocks
         with self.meter.phase("training"):
             train_metrics = self.train_on(samples, advantages, epoch)
         self.optimizer_steps_done += train_metrics["optimizer_steps"]
@@ -652,12 +651,7 @@ class Trainer:
                     grouped = grouped if grouped is not None else self.group_picks(generator)
                     picks = grouped[k * cfg.sample.batch_size : (k + 1) * cfg.sample.batch_size]
                 prompts = [self.prompts[i] for i in picks]
-                with (
-                    self.meter.phase("sampling"),
-                    acc.autocast(),
-                    self.sampling_policy(),
-                    sampling_calls(cfg.speed),
-                ):
+                with acc.autocast(), self.sampling_policy(), sampling_calls(cfg.speed):
                     batch = sample_trajectories(
                         self.pipe,
                         unet,
@@ -670,6 +664,7 @@ class Trainer:
                         offloader=self.offloader,
                         cache=self.prompt_cache,
                         decode_batch=cfg.memory.decode_batch,
+                        meter=self.meter,  # its phases: sampling, then decode
                     )
                 seconds["seconds_sampling"] += time.perf_counter() - started
                 images, batch.images = batch.images, None

@@ -44,14 +44,16 @@ def configure_allocator() -> str:
 
 
 def release_cached_blocks() -> None:
-    """Hand the allocator's free cached blocks back to the driver, between an epoch's
-    phases (sampling, training). Without it a phase starts on the blocks the last one left,
-    cut to that phase's shapes: measured on an H100 (2026-11-26, SD 1.5 fitted to 7 GB,
-    Inductor), the second epoch reserved 7.21 GB where the first peaked at 5.91 and the
-    estimate (which, like `bench memory`, takes each phase from an empty cache) said 5.81.
-    Costs a device sync and the re-mapping of what the next phase reserves: milliseconds
-    against an epoch's seconds. CUDA graphs' private pools are not touched (they hold
-    their own memory while their graphs live)."""
+    """Hand the allocator's free cached blocks back to the driver, at the start of each of
+    an epoch's phases (the trainer's ``PhaseMeter``: encode, sampling, decode, reward,
+    training). Without it a phase starts on the blocks the last one left, cut to that
+    phase's shapes: on an H100 (SD 1.5 fitted to 7 GB, Inductor) the second epoch reserved
+    7.21 GiB where the first peaked at 5.91 and the estimate (which, like `bench memory`,
+    takes each phase from an empty cache) said 5.81; releasing before sampling and before
+    training alone did not change it (2026-11-27: the peak was inside sampling, which then
+    included the decode). Costs a device sync and the re-mapping of what the next phase
+    reserves: milliseconds against an epoch's seconds. CUDA graphs' private pools are not
+    touched (they hold their own memory while their graphs live)."""
     import torch  # here, not at the top: the CLI imports this module before torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():

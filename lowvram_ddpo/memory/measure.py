@@ -113,7 +113,9 @@ def measure_run(config: Config, arch: str) -> MemoryReport:
     cfg = bench_config(config)
     _, meter = run_on_random_weights(cfg, arch)
     phases = [
-        meter.phases[p] for p in ("encode", "sampling", "reward", "training") if p in meter.phases
+        meter.phases[p]
+        for p in ("encode", "sampling", "decode", "reward", "training")
+        if p in meter.phases
     ]
     on_cuda = torch.cuda.is_available()
     return MemoryReport(
@@ -123,8 +125,8 @@ def measure_run(config: Config, arch: str) -> MemoryReport:
         phases=phases,
         notes=[
             f"device: {torch.cuda.get_device_name() if on_cuda else 'cpu (no memory figures)'}",
-            "encode: every prompt, before the first epoch; sampling includes decoding; one "
-            "sampling batch, "
+            "encode: every prompt, before the first epoch; each phase starts on a released "
+            "allocator cache; one sampling batch, "
             f"{cfg.sample.num_steps} steps, every step trained",
             *([GRAPHS_ONE_EPOCH_NOTE] if graphs_replay(cfg.speed, "training") else []),
         ],
