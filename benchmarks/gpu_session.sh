@@ -325,8 +325,8 @@ case "$part" in
     ;;
   compile) # each row compiles minutes: expect the first one or two per call. Its first
     # stage ran on an H100 (2026-11-26: 0.746 samples/s, 4.74 GiB, replay 7e-6); right
-    # after a `confirm` call, GPU_SESSION_SKIP=mb8-ckpt-default starts with compiling by
-    # blocks
+    # after a `confirm` call, GPU_SESSION_SKIP=mb8-ckpt-default,blocks-default starts
+    # with channels-last (blocks-default ran on 2026-11-27)
     install_wheels
     stage mb8-ckpt-default 450 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=default
     # the `confirm` part's row compiled by blocks (speed.compile_scope=blocks: each
@@ -335,6 +335,12 @@ case "$part" in
     # session.log say each call's seconds); its replay is the run's own. (Where Inductor's
     # epoch goes, the profile, is the `confirm` part's third epoch since 2026-11-26 late)
     stage blocks-default 330 bench_speed "${VRAM7[@]}" --set speed.compile_scope=blocks
+    # 2026-11-27 (H100, the whole UNet): blocks cut the warm-up 233 -> 158 s but the timed
+    # epoch +12%; the profile found cuDNN turning NCHW to NHWC and back around every
+    # convolution (6.3% of the kernels' time; Inductor keeps SD's training graph NCHW).
+    # The same row with the frozen convolution weights channels-last: its epoch against
+    # 0.779 samples/s, its replay against 6.9e-6, its peak. A cold compile of its own
+    stage vram7-channels-last 330 bench_speed "${VRAM7[@]}" --set speed.channels_last=true
     # cuDNN's timed choice of convolution algorithms (speed.cudnn_benchmark): its speed,
     # its peak (a larger workspace is not in the estimate) and its replay; cache warm
     stage vram7-cudnn 200 bench_speed "${VRAM7[@]}" --set speed.cudnn_benchmark=true
@@ -432,10 +438,14 @@ for line in open(sys.argv[1]):
         peaks = r.get("peak_so_far_by_epoch") or [{}]
         gib = lambda key: f"{peaks[-1][key] / 2**30:.2f}" if key in peaks[-1] else "?"
         share = lambda x: f"{x:.3f}" if x is not None else "-"  # no MFU on a CPU
+        by_phase = ", ".join(  # the phases' own peaks: where the run's is
+            f"{p} {gib('peak_reserved_bytes_' + p)}/{gib('peak_allocated_bytes_' + p)}"
+            for p in ("sampling", "decode", "training") if "peak_reserved_bytes_" + p in peaks[-1])
         print(f"{head}  {r['images_per_second']:.3f} img/s  compile {compiled}  sampling {s['sampling']:.3f} "
               f"training {s['training']:.3f} s/img  MFU {share(mfu['sampling'])}/{share(mfu['training'])}  "
               f"warm-up {r['warmup_seconds']:.0f} s  peak reserved/allocated "
               f"{gib('peak_reserved_bytes')}/{gib('peak_allocated_bytes')} GiB"
+              + (f" ({by_phase})" if by_phase else "")
               + (f"  replay {replay['replay_rms']:.2e}" if replay else "")
               + (f"  graphs recorded per epoch {recorded}" if recorded else ""))
     elif isinstance(r, dict) and "runs" in r:

@@ -107,6 +107,7 @@ from lowvram_ddpo.rewards import (
     check_rewards,
 )
 from lowvram_ddpo.rollout import Trajectories, image_tokens, render, sample_trajectories
+from lowvram_ddpo.speed.channels_last import convolutions_in_channels_last
 from lowvram_ddpo.speed.compile import (
     check_compile_mode,
     compile_unet,
@@ -343,6 +344,8 @@ class Trainer:
             skip_lora_input_casts(self.pipe.unet)
         if cfg.speed.fused_lora:
             fuse_lora_layers(self.pipe.unet)
+        if cfg.speed.channels_last:
+            convolutions_in_channels_last(self.pipe.unet)
         if cfg.speed.half_norms:  # acts under autocast only: a no-op in full precision
             run_norms_in_half(self.pipe.unet)
         if m.gradient_checkpointing:

@@ -781,6 +781,53 @@ def test_a_run_with_fused_lora_trains_as_peft_does_on_the_cpu(tiny_preset, tmp_p
     assert all(torch.equal(results[True][1][k], results[False][1][k]) for k in results[True][1])
 
 
+def test_channels_last_relays_the_frozen_convolutions_and_replays_exactly(tiny_pipeline):
+    """speed.channels_last: the frozen 4-d weights in NHWC, the LoRA's (trained, saved to
+    safetensors) as they were; sampled and re-scored in that layout: ratio one."""
+    from lowvram_ddpo.speed.channels_last import convolutions_in_channels_last
+
+    pipe = tiny_pipeline
+    attach_lora(pipe.unet, 2, 2.0, ["to_q", "to_k", "to_v", "to_out.0", "conv1"])
+    convs = [p for p in pipe.unet.parameters() if p.dim() == 4 and not p.requires_grad]
+    relaid = convolutions_in_channels_last(pipe.unet)
+    assert 0 < relaid <= len(convs)  # a 1x1 kernel is already both layouts at once
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    trained = [p for p in pipe.unet.parameters() if p.requires_grad and p.dim() == 4]
+    assert trained and all(p.is_contiguous() for p in trained)  # LoRA's conv1 adapters
+    assert convolutions_in_channels_last(pipe.unet) == 0  # once is enough
+    assert_samples_replay_with_ratio_one(pipe)
+
+
+def test_a_run_in_channels_last_trains_as_one_in_nchw_on_the_cpu(tiny_preset, tmp_path):
+    """The trainer with speed.channels_last: its UNet's convolutions run NHWC, and two
+    epochs give the rewards of the NCHW run (the same operations on the same values, fp32
+    on the CPU, the kernels' summation order aside: 1.6e-4 apart after an update) with a
+    LoRA that saves and loads; the settings report names it."""
+    from safetensors.torch import load_file
+
+    from lowvram_ddpo.memory.estimate import settings_of
+    from lowvram_ddpo.trainer import Trainer
+
+    rewards, weights = {}, {}
+    for nhwc in (False, True):
+        config = load_preset(str(tiny_preset))
+        apply_overrides(config, [f"speed.channels_last={nhwc}", "run.progress=false"])
+        trainer = Trainer(config, tmp_path / str(nhwc))
+        history = trainer.fit()
+        conv = trainer.pipe.unet.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) is nhwc
+        assert settings_of(config)["channels_last"] is nhwc
+        rewards[nhwc] = [m["reward_mean"] for m in history]
+        weights[nhwc] = load_file(tmp_path / str(nhwc) / "pytorch_lora_weights.safetensors")
+    assert rewards[True] == pytest.approx(rewards[False], rel=1e-3)
+    assert weights[True].keys() == weights[False].keys()
+    # Adam steps each weight by ~lr whatever its gradient's size: where a gradient is ~0
+    # the sign of a rounding decides, so the LoRAs agree as wholes, not element by element
+    for key, tensor in weights[True].items():
+        apart = (tensor - weights[False][key]).norm() / weights[False][key].norm()
+        assert apart < 0.05, (key, float(apart))  # measured: at most 0.033
+
+
 def test_compile_mode_is_checked():
     from lowvram_ddpo.errors import UserError
 

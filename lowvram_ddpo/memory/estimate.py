@@ -556,5 +556,6 @@ def settings_of(config: Config) -> dict[str, object]:
         "graph_sampling": config.speed.graph_sampling,
         "fused_lora": config.speed.fused_lora,
         "half_norms": config.speed.half_norms,
+        "channels_last": config.speed.channels_last,
         "cudnn_benchmark": config.speed.cudnn_benchmark,
     }
