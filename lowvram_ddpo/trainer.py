@@ -70,7 +70,7 @@ from lowvram_ddpo.memory.checkpointing import (
     resolution_levels,
 )
 from lowvram_ddpo.memory.fp8_weights import keep_out_of_ddp_sync, store_weights_in_fp8
-from lowvram_ddpo.memory.meter import PhaseMeter
+from lowvram_ddpo.memory.meter import PhaseMeter, peak_piece
 from lowvram_ddpo.memory.units import GB
 from lowvram_ddpo.models import (
     DTYPES,
@@ -916,8 +916,7 @@ class Trainer:
         if metrics.get("kl_to_base") is not None:
             line += f"  kl to base {metrics['kl_to_base']:.2e}"
         line += graph_events_piece(metrics)
-        if self.meter.cuda:
-            line += f"  peak {metrics['peak_reserved_bytes'] / 2**30:.2f} GB"
+        line += peak_piece(metrics)  # CUDA only: the meter's peaks are in the metrics
         if metrics["skipped_steps"]:
             line += f"  skipped {metrics['skipped_steps']} steps (NaN/inf gradients)"
         return line + (f"  {time_left}" if time_left else "")

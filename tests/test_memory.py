@@ -1328,6 +1328,27 @@ def test_the_phase_meter_reports_reserved_and_allocated_peaks(monkeypatch):
     }
 
 
+def test_the_epoch_line_names_the_phase_that_holds_the_peak_and_its_memory_in_use():
+    """ "peak 7.21 GB (sampling, 5.59 in use)": where the peak is and how much of it the
+    allocator only caches (the H100's second epoch of 2026-11-27, by phase); nothing
+    without CUDA figures."""
+    from lowvram_ddpo.memory.meter import peak_piece
+
+    gib = 2**30
+    peaks = {
+        "peak_reserved_bytes": int(7.21 * gib),
+        "peak_reserved_bytes_sampling": int(7.21 * gib),
+        "peak_reserved_bytes_training": int(5.20 * gib),
+        "peak_allocated_bytes": int(5.59 * gib),
+        "peak_allocated_bytes_sampling": int(5.59 * gib),
+        "peak_allocated_bytes_training": int(4.66 * gib),
+    }
+    assert peak_piece(peaks) == "  peak 7.21 GB (sampling, 5.59 in use)"
+    peaks["peak_reserved_bytes_training"] = peaks["peak_reserved_bytes"] = int(7.5 * gib)
+    assert peak_piece(peaks) == "  peak 7.50 GB (training, 4.66 in use)"
+    assert peak_piece({}) == ""
+
+
 def test_benchmark_models_are_the_same_random_weights_for_the_same_seed():
     """`bench speed`/`bench memory` train random-weight models: seeded, two rows of one
     architecture train the same model (their rewards and replays compare); another seed

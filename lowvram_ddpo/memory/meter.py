@@ -10,6 +10,7 @@ import torch
 
 from lowvram_ddpo.memory.allocator import release_cached_blocks
 from lowvram_ddpo.memory.report import PhaseMemory
+from lowvram_ddpo.memory.units import GB
 
 
 class PhaseMeter:
@@ -64,3 +65,16 @@ class PhaseMeter:
 def measured(meter: PhaseMeter | None, name: str) -> AbstractContextManager:
     """``meter.phase(name)``, or nothing when there is no meter (sampling outside a run)."""
     return nullcontext() if meter is None else meter.phase(name)
+
+
+def peak_piece(peaks: dict[str, int]) -> str:
+    """The epoch line's memory piece from ``PhaseMeter.peaks()``: the run's peak reserved,
+    the phase that holds it and what that phase had allocated ("peak 7.21 GB (sampling,
+    5.59 in use)"): a gap between the two is the allocator's cache, not the run's need."""
+    if "peak_reserved_bytes" not in peaks:
+        return ""
+    prefix = "peak_reserved_bytes_"
+    phases = {k.removeprefix(prefix): v for k, v in peaks.items() if k.startswith(prefix)}
+    phase = max(phases, key=phases.__getitem__)
+    in_use = peaks.get(f"peak_allocated_bytes_{phase}", 0) / GB
+    return f"  peak {peaks['peak_reserved_bytes'] / GB:.2f} GB ({phase}, {in_use:.2f} in use)"
