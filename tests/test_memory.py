@@ -1167,7 +1167,7 @@ def test_the_measured_path_runs_one_short_epoch_of_the_trainer():
     assert short.train.batch_size * short.train.gradient_accumulation_steps == 16
     report = measure_run(config, "pocket")
     assert report.method == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert [p.name for p in report.phases] == ["encode", "sampling", "reward", "training"]
+    assert [p.name for p in report.phases] == ["encode", "sampling", "decode", "reward", "training"]
     assert all(p.seconds and p.seconds > 0 for p in report.phases)
 
 
@@ -1347,6 +1347,14 @@ def test_the_epoch_line_names_the_phase_that_holds_the_peak_and_its_memory_in_us
     peaks["peak_reserved_bytes_training"] = peaks["peak_reserved_bytes"] = int(7.5 * gib)
     assert peak_piece(peaks) == "  peak 7.50 GB (training, 4.66 in use)"
     assert peak_piece({}) == ""
+    from lowvram_ddpo.speed.bench import phase_peaks_line  # `bench speed`'s line, all phases
+
+    line = phase_peaks_line(peaks)
+    assert line == (
+        "  peak by phase, reserved / allocated: sampling 7.21 GB / 5.59 GB, "
+        "training 7.50 GB / 4.66 GB"
+    )
+    assert phase_peaks_line({}) == ""
 
 
 def test_benchmark_models_are_the_same_random_weights_for_the_same_seed():

@@ -193,7 +193,7 @@ def test_the_measured_bench_path_builds_a_random_sdxl_pipeline(sdxl_dir, tmp_pat
     preset = tmp_path / "tiny-sdxl.toml"
     preset.write_text(TINY_PRESET.format(model=sdxl_dir))
     report = measure_run(load_preset(str(preset)), str(sdxl_dir))
-    assert [p.name for p in report.phases] == ["encode", "sampling", "reward", "training"]
+    assert [p.name for p in report.phases] == ["encode", "sampling", "decode", "reward", "training"]
     assert all(p.seconds and p.seconds > 0 for p in report.phases)
 
 

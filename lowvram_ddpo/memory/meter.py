@@ -67,14 +67,24 @@ def measured(meter: PhaseMeter | None, name: str) -> AbstractContextManager:
     return nullcontext() if meter is None else meter.phase(name)
 
 
+def by_phase(peaks: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """``PhaseMeter.peaks()`` (or an epoch's metrics) as {phase: (peak reserved, peak
+    allocated)}, in the order the phases first ran."""
+    prefix = "peak_reserved_bytes_"
+    return {
+        k.removeprefix(prefix): (v, peaks.get("peak_allocated_bytes_" + k.removeprefix(prefix), 0))
+        for k, v in peaks.items()
+        if k.startswith(prefix)
+    }
+
+
 def peak_piece(peaks: dict[str, int]) -> str:
     """The epoch line's memory piece from ``PhaseMeter.peaks()``: the run's peak reserved,
     the phase that holds it and what that phase had allocated ("peak 7.21 GB (sampling,
     5.59 in use)"): a gap between the two is the allocator's cache, not the run's need."""
-    if "peak_reserved_bytes" not in peaks:
+    phases = by_phase(peaks)
+    if not phases:
         return ""
-    prefix = "peak_reserved_bytes_"
-    phases = {k.removeprefix(prefix): v for k, v in peaks.items() if k.startswith(prefix)}
-    phase = max(phases, key=phases.__getitem__)
-    in_use = peaks.get(f"peak_allocated_bytes_{phase}", 0) / GB
-    return f"  peak {peaks['peak_reserved_bytes'] / GB:.2f} GB ({phase}, {in_use:.2f} in use)"
+    phase = max(phases, key=lambda name: phases[name][0])
+    reserved, allocated = phases[phase]
+    return f"  peak {reserved / GB:.2f} GB ({phase}, {allocated / GB:.2f} in use)"

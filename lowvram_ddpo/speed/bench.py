@@ -25,6 +25,7 @@ import torch
 from lowvram_ddpo.config import Config, set_samples_per_epoch
 from lowvram_ddpo.memory.estimate import settings_of
 from lowvram_ddpo.memory.measure import run_on_random_weights
+from lowvram_ddpo.memory.meter import by_phase
 from lowvram_ddpo.memory.units import format_size
 from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
@@ -152,6 +153,9 @@ class SpeedReport:
                     else ""
                 )
             )
+        last = self.peak_so_far_by_epoch[-1] if self.peak_so_far_by_epoch else {}
+        if phases := phase_peaks_line(last):
+            lines.append(phases)
         if self.graph_events_by_epoch:
             recorded = ", ".join(str(e["cuda_graph_recorded"]) for e in self.graph_events_by_epoch)
             lines.append(f"  CUDA graphs recorded in each epoch: {recorded}")
@@ -182,6 +186,18 @@ class SpeedReport:
         lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+def phase_peaks_line(peaks: dict[str, int]) -> str:
+    """Each phase's own peak, reserved / allocated ("" without CUDA figures): which phase
+    holds the run's peak, and how much of it is the allocator's cache, not memory in use."""
+    phases = by_phase(peaks)
+    if not phases:
+        return ""
+    return "  peak by phase, reserved / allocated: " + ", ".join(
+        f"{phase} {format_size(reserved)} / {format_size(allocated)}"
+        for phase, (reserved, allocated) in phases.items()
+    )
 
 
 def speed_config(config: Config, batches: int, epochs: int = 2) -> Config:
