@@ -21,11 +21,13 @@ from lowvram_ddpo.speed.compile import INDUCTOR_MODES, compile_cache_dir
 from lowvram_ddpo.speed.flops import epoch_flops
 from lowvram_ddpo.speed.time_model import Gpu, leaf_modules, predict_epoch
 
-COLD_COMPILE_SECONDS = 290.0
-"""Inductor's compile of SD 1.5's sampling and training calls with an empty cache: the
-warm-up epoch took 290 s where a warmed one took 11, micro-batch 8 with checkpointing (one
-H100, 2026-11-26, docs/benchmarks.md). Most of it runs on the host's CPU: a slower PC takes
-longer, so this is the least a hobbyist's machine is expected to take."""
+COLD_COMPILE_SECONDS = {"model": 290.0, "blocks": 158.0}
+"""Inductor's compile of SD 1.5's sampling and training calls with an empty cache, by
+``speed.compile_scope``: the whole UNet's warm-up epoch took 290 s where a warmed one took
+11 (micro-batch 8 with checkpointing, one H100, 2026-11-26; 233 s fitted to 7 GB on
+2026-11-27), compiled by blocks 158 s (2026-11-27; docs/benchmarks.md). Most of it runs on
+the host's CPU: a slower PC takes longer, so these are the least a hobbyist's machine is
+expected to take."""
 
 
 def run_saving(config: Config, arch: str, gpu: Gpu) -> tuple[float, float]:
@@ -51,11 +53,12 @@ def unpaid_compile(config: Config, arch: str, gpu: Gpu) -> str:
     """Why a cold compile of ``config``'s Inductor mode does not pay for its run on ``gpu``
     ("" where it does): predicted to save less than the compile costs."""
     eager, saved = run_saving(config, arch, gpu)
-    if saved >= COLD_COMPILE_SECONDS:
+    compiling = COLD_COMPILE_SECONDS[config.speed.compile_scope]
+    if saved >= compiling:
         return ""
     return (
         f"a run this short does not pay the first compile: ~{format_duration(saved)} "
-        f"saved of ~{format_duration(eager)} against ~{format_duration(COLD_COMPILE_SECONDS)} "
+        f"saved of ~{format_duration(eager)} against ~{format_duration(compiling)} "
         f"or more of compiling (time model; --set speed.compile={config.speed.compile} "
         "compiles anyway and fills the cache for later runs)"
     )

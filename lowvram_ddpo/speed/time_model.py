@@ -120,6 +120,13 @@ per call) and ~308 training (8 images, checkpointing's second forward counted) a
 eager's 170: fused elementwise kernels and norms make fewer passes over memory, and the
 training graph's backward fuses more. One row, one card: a slower card's gain is
 assumed the same."""
+BLOCKS_GAIN_SHARE = {"sampling": 0.945, "training": 0.857}
+"""What is left of Inductor's gain when it compiles by blocks (``speed.compile_scope``):
+the whole UNet's time per image over the blocks' on an H100 (2026-11-27, SD 1.5 fitted
+to 7 GB, one call after the other on one machine): sampling 0.329 against 0.348 s,
+training 0.944 against 1.102 (the layers between blocks eager, each block a call). The
+host's share of a call is taken as the whole UNet's (unmeasured: more launches between
+blocks, so a host-bound call, micro-batch 1, is likely slower than predicted)."""
 INDUCTOR_HOST_SHARE = 0.46
 """An Inductor-compiled call's host time over the eager call's (``HOST_SECONDS_...``):
 fewer, fused kernels launched from generated code instead of a module tree. An upper
@@ -268,7 +275,10 @@ def host_share(speed: SpeedConfig, call: str) -> float:
 
 def rate_gain(speed: SpeedConfig, call: str) -> float:
     """How much faster the UNet's arithmetic runs in ``call`` under ``speed`` than eager."""
-    return INDUCTOR_RATE_GAIN[call] if compiles_with_inductor(speed) else 1.0
+    if not compiles_with_inductor(speed):
+        return 1.0
+    by_blocks = BLOCKS_GAIN_SHARE[call] if speed.compile_scope == "blocks" else 1.0
+    return INDUCTOR_RATE_GAIN[call] * by_blocks
 
 
 def predicted_here(config: Config, arch: str, flops: EpochFlops) -> tuple[EpochTime, Gpu]:
