@@ -781,9 +781,13 @@ def test_a_run_with_fused_lora_trains_as_peft_does_on_the_cpu(tiny_preset, tmp_p
     assert all(torch.equal(results[True][1][k], results[False][1][k]) for k in results[True][1])
 
 
-def test_channels_last_relays_the_frozen_convolutions_and_replays_exactly(tiny_pipeline):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_channels_last_relays_the_frozen_convolutions_and_replays_exactly(
+    compiled, tiny_pipeline, fresh_dynamo
+):
     """speed.channels_last: the frozen 4-d weights in NHWC, the LoRA's (trained, saved to
-    safetensors) as they were; sampled and re-scored in that layout: ratio one."""
+    safetensors) as they were; sampled and re-scored in that layout, eager and through
+    dynamo's graphs (``aot_eager``: what Inductor is given): ratio one."""
     from lowvram_ddpo.speed.channels_last import convolutions_in_channels_last
 
     pipe = tiny_pipeline
@@ -795,6 +799,8 @@ def test_channels_last_relays_the_frozen_convolutions_and_replays_exactly(tiny_p
     trained = [p for p in pipe.unet.parameters() if p.requires_grad and p.dim() == 4]
     assert trained and all(p.is_contiguous() for p in trained)  # LoRA's conv1 adapters
     assert convolutions_in_channels_last(pipe.unet) == 0  # once is enough
+    if compiled:
+        compile_unet(pipe.unet, "default", torch.device("cpu"), backend="aot_eager")
     assert_samples_replay_with_ratio_one(pipe)
 
 
