@@ -196,13 +196,13 @@ case "$part" in
     install_wheels
     # (the reference took 130 s on an H100; our row 319 s with a cold compile, 262 of it
     # the warm-up epoch: run the part with GPU_SESSION_BUDGET_S=575 and a 600 s call).
-    # 2026-11-26 late: 3.01x side by side, but the timed epoch reserved 7.21 GiB (the
-    # first 5.91): since then the trainer releases the allocator's cache between phases,
-    # and the epochs report peak allocated. Now three epochs: warm-up, timed, profiled
-    # (outside the timing; where the MFU gap is). Should the profiled epoch overrun the
-    # cap, the timed epoch's line in session.log still gives its seconds and peak
+    # 2026-11-26 late and 2026-11-27: 2.99-3.01x side by side, but the timed epoch
+    # reserved 7.21 GiB (5.59 allocated) inside sampling, which then held the decode:
+    # since then the decode is a phase of its own and every phase starts on a released
+    # cache (the summary line gives each phase's peaks). Two epochs: the profile of a
+    # third (--epochs 3 --profile FILE, ~80 s more) ran on 2026-11-27
     stage reference 160 reference 140
-    stage vram7-default 440 bench_speed "${VRAM7[@]}" --epochs 3 --profile "$OUT/default-profile.txt"
+    stage vram7-default 440 bench_speed "${VRAM7[@]}"
     ;;
   speed)
     install_wheels
@@ -326,7 +326,8 @@ case "$part" in
   compile) # each row compiles minutes: expect the first one or two per call. Its first
     # stage ran on an H100 (2026-11-26: 0.746 samples/s, 4.74 GiB, replay 7e-6); right
     # after a `confirm` call, GPU_SESSION_SKIP=mb8-ckpt-default,blocks-default starts
-    # with channels-last (blocks-default ran on 2026-11-27)
+    # with the equal-settings goal's candidate, then channels-last (blocks-default ran
+    # on 2026-11-27)
     install_wheels
     stage mb8-ckpt-default 450 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=default
     # the `confirm` part's row compiled by blocks (speed.compile_scope=blocks: each
@@ -335,6 +336,13 @@ case "$part" in
     # session.log say each call's seconds); its replay is the run's own. (Where Inductor's
     # epoch goes, the profile, is the `confirm` part's third epoch since 2026-11-26 late)
     stage blocks-default 330 bench_speed "${VRAM7[@]}" --set speed.compile_scope=blocks
+    # the issue's "equal settings" goal (the reference's micro-batch 4, nothing offloaded)
+    # with CUDA graphs over Inductor's kernels (no launches left): predicted 0.318
+    # + 0.777 s per image, 3.70x the reference's 0.247 samples/s, against default's 2.75x
+    # (the time model: Inductor's rate, the graphed call's floor; never run); its replay
+    # is the run's own (the epoch line), beside replay-reduce-overhead's below
+    stage equal-reduce-overhead 450 bench_speed "${SD15[@]}" "${EQUAL[@]}" \
+      --set speed.compile=reduce-overhead --epochs 3
     # 2026-11-27 (H100, the whole UNet): blocks cut the warm-up 233 -> 158 s but the timed
     # epoch +12%; the profile found cuDNN turning NCHW to NHWC and back around every
     # convolution (6.3% of the kernels' time; Inductor keeps SD's training graph NCHW).
@@ -358,12 +366,6 @@ case "$part" in
       --set memory.uncheckpointed_levels=2 --set speed.compile=default
     # the issue's "equal settings" goal: the reference's micro-batch 4, nothing offloaded
     stage equal-default 450 bench_speed "${SD15[@]}" "${EQUAL[@]}" --set speed.compile=default
-    # the same with CUDA graphs over Inductor's kernels (no launches left): predicted 0.318
-    # + 0.777 s per image, 3.70x the reference's 0.247 samples/s, against default's 2.75x
-    # (the time model: Inductor's rate, the graphed call's floor; never run); its replay
-    # is the run's own (the epoch line), beside replay-reduce-overhead's below
-    stage equal-reduce-overhead 450 bench_speed "${SD15[@]}" "${EQUAL[@]}" \
-      --set speed.compile=reduce-overhead --epochs 3
     # compiles a sampling and a training graph at batch 2: more than 176 s on the H100
     stage replay-default 400 "$PY" benchmarks/replay_error.py --arch sd15 --compile default --steps 10
     stage replay-reduce-overhead 300 "$PY" benchmarks/replay_error.py --arch sd15 --compile reduce-overhead --steps 10
