@@ -5,9 +5,14 @@
 
 Builds the architecture's random-weight VAE (fp16 on a GPU, fp32 on a CPU) and decodes
 ``--images`` latents at the model's resolution through ``rollout.decode_latents`` (the
-trainer's decode) at each width of ``--widths``, timing the median of ``--repeats`` (after
-one warm-up: cuDNN's choices) with the peak memory allocated on a GPU. Prints a JSON line
-per width: milliseconds per image, the speed-up over one image per call and the peak.
+trainer's decode, under autocast in fp16 as the trainer runs it) at each width of
+``--widths``, timing the median of ``--repeats`` (after one warm-up: cuDNN's choices) with
+the peak memory allocated on a GPU. Prints a JSON line per width: milliseconds per image,
+the speed-up over one image per call, the peak, and the decode's working memory measured
+(the peak over what was allocated before it) beside the memory estimate's for the same
+width (``MetaRun.decode``: the meta device, which sees no cuDNN workspace). On an H100
+(2026-11-27) the sampling phase, decoding 4 images per call, peaked ~1.1 GiB above the
+estimate: this says whether the decode is where.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from collections.abc import Callable
 import torch
 
 from lowvram_ddpo.architectures import native_resolution, random_pipeline
+from lowvram_ddpo.config import load_preset
+from lowvram_ddpo.memory.estimate import meta_run
 from lowvram_ddpo.rollout import decode_latents, latent_shape
 
 
@@ -43,17 +50,25 @@ def main() -> None:
     args = parser.parse_args()
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
-    pipe = random_pipeline(args.arch, torch.float16 if on_gpu else torch.float32, device)
-    shape = latent_shape(pipe.unet, pipe.vae, native_resolution(args.arch))
+    dtype = torch.float16 if on_gpu else torch.float32
+    pipe = random_pipeline(args.arch, dtype, device)
+    resolution = native_resolution(args.arch)
+    shape = latent_shape(pipe.unet, pipe.vae, resolution)
     latents = torch.randn(args.images, *shape, device=device)
+    estimate = estimated_decode(args.arch, resolution, fp16=on_gpu)
     one = None
     for width in (int(w) for w in args.widths.split(",")):
+        before = torch.cuda.memory_allocated() if on_gpu else 0
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
-        seconds = median_seconds(
-            lambda width=width: decode_latents(pipe.vae, latents, batch_size=width), args.repeats
-        )
+
+        def decode(width: int = width) -> None:
+            with torch.autocast(device, dtype=dtype, enabled=on_gpu):  # as the trainer
+                decode_latents(pipe.vae, latents, batch_size=width)
+
+        seconds = median_seconds(decode, args.repeats)
         one = one or seconds
+        peak = torch.cuda.max_memory_allocated() if on_gpu else None
         print(
             json.dumps({
                 "arch": args.arch,
@@ -61,10 +76,23 @@ def main() -> None:
                 "decode_batch": width,
                 "ms_per_image": round(1e3 * seconds / args.images, 2),
                 "speed_up": round(one / seconds, 3),
-                "peak_allocated_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+                "peak_allocated_bytes": peak,
+                "peak_reserved_bytes": torch.cuda.max_memory_reserved() if on_gpu else None,
+                "working_bytes": peak - before if peak is not None else None,
+                "estimated_working_bytes": estimate(width),
             }),
             flush=True,
         )  # fmt: skip
+
+
+def estimated_decode(arch: str, resolution: int, fp16: bool) -> Callable[[int], int]:
+    """The memory estimate's working peak of decoding ``width`` images at once: ``arch``'s
+    shapes (any preset: only the resolution and the precision matter to a decode)."""
+    config = load_preset("incompressibility")
+    config.sample.resolution = resolution
+    config.model.mixed_precision = "fp16" if fp16 else "no"
+    run = meta_run(config, arch)
+    return lambda width: run.decode(tiling=False, batch=width)
 
 
 if __name__ == "__main__":

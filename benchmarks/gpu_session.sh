@@ -202,6 +202,10 @@ case "$part" in
     # cache (the summary line gives each phase's peaks). Two epochs: the profile of a
     # third (--epochs 3 --profile FILE, ~80 s more) ran on 2026-11-27
     stage reference 160 reference 140
+    # the VAE's decode alone at 1, 2, 4 and 8 images per call, under autocast as the
+    # trainer runs it: its working memory measured beside the estimate's (is the ~1.1 GiB
+    # the estimate missed in sampling+decode the decode's? cuDNN's workspace?), no compile
+    stage decode-batch 90 "$PY" benchmarks/decode_batch.py --arch sd15 --repeats 3
     stage vram7-default 440 bench_speed "${VRAM7[@]}"
     ;;
   speed)

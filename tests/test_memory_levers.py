@@ -261,7 +261,8 @@ def test_train_asks_whether_compiling_pays_for_a_new_run_only(tiny_preset, tmp_p
 
 def test_the_decode_benchmark_times_each_width(monkeypatch, capsys):
     """benchmarks/decode_batch.py (a GPU session's measure of memory.decode_batch) on the
-    pocket model: a row per width, the first the unit of the speed-ups."""
+    pocket model: a row per width, the first the unit of the speed-ups, each with the
+    memory estimate's working peak (growing with the width; measured beside it on a GPU)."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     import decode_batch
 
@@ -271,6 +272,8 @@ def test_the_decode_benchmark_times_each_width(monkeypatch, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [row["decode_batch"] for row in rows] == [1, 4]
     assert rows[0]["speed_up"] == 1.0 and all(row["ms_per_image"] > 0 for row in rows)
+    estimated = [row["estimated_working_bytes"] for row in rows]
+    assert 0 < estimated[0] < estimated[1]  # four images at once hold more than one
 
 
 def test_a_run_encodes_its_prompts_in_one_visit_before_sampling(tiny_preset, tmp_path):
