@@ -454,6 +454,11 @@ for line in open(sys.argv[1]):
               + (f" ({by_phase})" if by_phase else "")
               + (f"  replay {replay['replay_rms']:.2e}" if replay else "")
               + (f"  graphs recorded per epoch {recorded}" if recorded else ""))
+    elif isinstance(r, list) and r and isinstance(r[0], dict) and "decode_batch" in r[0]:
+        gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "?"
+        print(head + "  decode per call: " + "; ".join(
+            f"{d['decode_batch']}: {d['ms_per_image']} ms/img, working {gib(d.get('working_bytes'))} "
+            f"GiB (estimate {gib(d.get('estimated_working_bytes'))})" for d in r))
     elif isinstance(r, dict) and "runs" in r:
         for name, run in r["runs"].items():
             rates = run.get("rates", {})
