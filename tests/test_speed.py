@@ -426,6 +426,42 @@ def test_each_compiling_call_says_how_long_and_what_the_cache_gave(
     assert "; 1 of 1 graphs from the compile cache" in heard[3]
 
 
+def test_a_first_call_that_takes_minutes_says_every_minute_it_is_still_compiling(monkeypatch):
+    """Inductor's compile of the UNet's first sampling and training calls takes minutes
+    with nothing on the screen (233 s on an H100): each kind's first call says every
+    minute that it still compiles (here every 0.05 s, the first call slowed as a compile
+    is); later calls, however slow, say nothing."""
+    import time
+
+    import lowvram_ddpo.speed.compile as compile_module
+
+    class Slow(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.delays = [0.4, 0.4, 0.4]  # a compile per kind, then a slow later call
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            time.sleep(self.delays.pop(0) if self.delays else 0.0)
+            return x
+
+    monkeypatch.setattr(compile_module, "STILL_COMPILING_AFTER", (0.05, 0.05))
+    heard: list[str] = []
+    unet = Slow()
+    compile_module.say_what_compiles(unet, "default", heard.append)
+    unet.eval()
+    unet(torch.ones(1))  # sampling's first call
+    sampling = len(heard)
+    unet.train()
+    unet(torch.ones(1))  # training's first
+    training = len(heard) - sampling
+    unet.eval()
+    unet(torch.ones(1))  # sampling again, slow: not compiling, no word
+    assert len(heard) == sampling + training
+    assert sampling >= 3 and training >= 3  # ~8 lines each in 0.4 s
+    assert heard[0].startswith("speed.compile=default: still compiling the UNet's sampling call")
+    assert "training call" in heard[-1] and heard[-1].endswith("only a run's first calls compile)")
+
+
 def test_a_run_past_dynamos_recompile_limit_says_so_once(fresh_dynamo):
     """Past dynamo's recompile limit a new shape runs eagerly with no more than a log
     warning: the compiled UNet's wrapper says it in one line, once, and the calls still

@@ -1,8 +1,11 @@
-"""Durations as people read them, and the time a run has left."""
+"""Durations as people read them, the time a run has left, and word from a long wait."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 
 def format_duration(seconds: float) -> str:
@@ -50,3 +53,29 @@ class TimeLeft:
             per_epoch = (now - self.started) / finished
         high = " at most: this epoch compiled" if finished == 1 and self.compiles else ""
         return f"~{format_duration(per_epoch * left)} left{high}"
+
+
+@contextmanager
+def word_while_waiting(
+    say: Callable[[str], None], line: Callable[[float], str], first: float, every: float
+) -> Iterator[None]:
+    """While the block runs, ``say(line(seconds so far))`` after ``first`` seconds and then
+    every ``every``: a wait of minutes with nothing on the screen (Inductor compiling the
+    UNet, ~4 min on an H100, longer on a slower PC) looks like a hung run. Says nothing
+    when the block ends sooner. From a daemon thread; the block is not interrupted."""
+    done = threading.Event()
+    started = time.perf_counter()
+
+    def speak() -> None:
+        wait = first
+        while not done.wait(wait):
+            say(line(time.perf_counter() - started))
+            wait = every
+
+    thread = threading.Thread(target=speak, name="word-while-waiting", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

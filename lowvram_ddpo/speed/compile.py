@@ -51,6 +51,7 @@ from torch._inductor import list_mode_options
 
 from lowvram_ddpo.config import BLOCK_COMPILE_MODES, COMPILE_MODES, SpeedConfig
 from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.reporting.progress import format_duration, word_while_waiting
 from lowvram_ddpo.speed.compile_regions import compile_regions
 from lowvram_ddpo.speed.cuda_graphs import (
     count_graph_events,
@@ -313,21 +314,42 @@ def eager_if_compiling_fails(
         module._compiled_call_impl = call
 
 
+STILL_COMPILING_AFTER = (60.0, 60.0)
+"""Seconds before the first "still compiling" line of a call kind's first call, and
+between the next ones: a UNet call that has not returned after a minute is compiling."""
+
+
 def say_what_compiles(unet: torch.nn.Module, mode: str, say: Callable[[str], None]) -> None:
     """Each call of ``unet`` that compiles (the first of each shape and grad mode) says
     so in one line: which call, its seconds, what the compile cache gave
-    (``CompileCounts``). The first call that hits dynamo's recompile limit says so too:
-    past it dynamo runs that code eagerly without a word but a log warning, and a run
-    (or a benchmark row) would be slower for no visible reason."""
+    (``CompileCounts``); the first call of each kind (sampling, training), which compiles
+    for minutes, says every minute that it still does. The first call that hits dynamo's
+    recompile limit says so too: past it dynamo runs that code eagerly without a word but
+    a log warning, and a run (or a benchmark row) would be slower for no visible reason."""
     inner: Callable = unet._compiled_call_impl or unet._call_impl
     limit_said: list[bool] = []
+    returned: set[str] = set()  # the call kinds whose first call is over
+
+    def still_compiling(kind: str) -> Callable[[float], str]:
+        return lambda seconds: (
+            f"speed.compile={mode}: still compiling the UNet's {kind} call "
+            f"({format_duration(seconds)} so far; only a run's first calls compile)"
+        )
 
     def call(*args: object, **kwargs: object) -> object:
+        kind = "training" if unet.training else "sampling"
         before = CompileCounts.now()
-        out = inner(*args, **kwargs)
+        first, every = STILL_COMPILING_AFTER
+        with (
+            word_while_waiting(say, still_compiling(kind), first, every)
+            if kind not in returned
+            else contextlib.nullcontext()
+        ):
+            out = inner(*args, **kwargs)
+        returned.add(kind)
         after = CompileCounts.now()
         if after.graphs > before.graphs:
-            say(before.compiled_line(mode, "training" if unet.training else "sampling"))
+            say(before.compiled_line(mode, kind))
         if after.limit_hits > before.limit_hits and not limit_said:
             limit_said.append(True)
             say(
