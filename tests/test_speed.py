@@ -1015,6 +1015,8 @@ def test_bench_speed_times_a_real_run_and_reports_mfu():
     work = report["unet_tflop_per_image"]
     expected = work["training"] * 1e12 * 4 / seconds["training"] / 1e12
     assert report["mfu"]["training"] == pytest.approx(expected)
+    # no checkpointing: nothing computed twice
+    assert report["mfu_training_with_recomputation"] == report["mfu"]["training"]
     assert report["settings"]["compile"] == "off"
     # the whole run as the preset has it, at the timed rate: what a user plans around
     preset = load_preset("pocket-incompressibility")
@@ -1023,6 +1025,37 @@ def test_bench_speed_times_a_real_run_and_reports_mfu():
     assert report["run"]["seconds"] == pytest.approx(images / report["images_per_second"])
     # sampled and trained 4 at a time in fp32: every epoch's replay exact
     assert report["replay"] == {"replay_rms": 0.0, "replay_clipfrac": 0.0, "clip_range": 1e-4}
+
+
+def test_checkpointings_second_forward_is_counted_beside_mfu():
+    """Training's MFU counts the work the run needs; checkpointing also runs the forward
+    of its levels again in the backward: `bench speed` gives the rate counting it too
+    (on the H100 of 2026-11-27, fitted to 7 GB: 76.7 TFLOP per image recomputed beside
+    171.4 needed, so 18.4% MFU was 26.6% of the card's rate in arithmetic run)."""
+    from lowvram_ddpo.memory.fit import fit_to_vram
+    from lowvram_ddpo.memory.units import parse_size
+    from lowvram_ddpo.speed.bench import SpeedReport
+
+    config = load_preset("incompressibility")
+    apply_overrides(config, ["memory.optimizer=adamw"])
+    fitted = fit_to_vram(config, "sd15", parse_size("7GB")).config
+    assert fitted.memory.gradient_checkpointing and fitted.memory.uncheckpointed_levels == 1
+    flops = epoch_flops(fitted, "sd15")
+    per_step = flops.recomputed_per_step(fitted.memory, fitted.sample.num_steps)
+    guided_forward = flops.sampling_per_image / fitted.sample.num_steps
+    assert 0.9 * guided_forward < per_step < guided_forward  # one level kept out
+    fitted.memory.gradient_checkpointing = False
+    assert flops.recomputed_per_step(fitted.memory, fitted.sample.num_steps) == 0.0
+    report = SpeedReport(
+        arch="sd15", device="H100", settings={}, images=8,
+        seconds={"sampling": 2.6, "reward": 0.0, "training": 7.6, "epoch": 10.3},
+        warmup_seconds=233.0, flops=flops, peak_tflops=989.4, peak_reserved_bytes=None,
+        recomputed_per_image=per_step * flops.trained_steps,
+    )  # fmt: skip
+    ratio = report.mfu_with_recomputation() / report.mfu("training")
+    assert ratio == pytest.approx(1 + per_step * flops.trained_steps / flops.training_per_image)
+    assert 1.4 < ratio < 1.5  # LoRA's backward is light: the second forward weighs
+    assert "counting checkpointing's recomputation" in report.to_text()
 
 
 def test_time_model_reproduces_the_h100_unet_calls_and_ranks_by_card():

@@ -69,6 +69,9 @@ class SpeedReport:
     """Under CUDA graphs, each epoch's recordings, warm-up runs and pool restores
     (``speed.cuda_graphs.count_graph_events``; the warm-up epoch first): after the first
     epoch there should be none."""
+    recomputed_per_image: float = 0.0
+    """The UNet FLOPs gradient checkpointing computes again per image (its second forward):
+    done by the GPU, not counted by MFU (``mfu_with_recomputation``)."""
     replay: dict[str, float] = field(default_factory=dict)
     """The replay of the epoch that missed most (``epoch_metrics.TrainingTotals``):
     log-probs re-scored before the first update against the sampled ones, rms and the
@@ -97,6 +100,15 @@ class SpeedReport:
         }[phase]
         return useful * self.images / self.seconds[phase] / (self.peak_tflops * 1e12)
 
+    def mfu_with_recomputation(self) -> float | None:
+        """The training's MFU counting checkpointing's second forward too: what the GPU's
+        arithmetic ran at, against what the run needed (``mfu``); the gap is the cost of
+        the memory checkpointing saves."""
+        mfu = self.mfu("training")
+        if mfu is None or not self.flops.training_per_image:
+            return mfu
+        return mfu * (1 + self.recomputed_per_image / self.flops.training_per_image)
+
     def to_dict(self) -> dict[str, object]:
         return {
             "arch": self.arch,
@@ -107,6 +119,7 @@ class SpeedReport:
             "seconds_per_image": {p: self.seconds_per_image(p) for p in self.seconds},
             "warmup_seconds": self.warmup_seconds,
             "mfu": {p: self.mfu(p) for p in ("sampling", "training", "epoch")},
+            "mfu_training_with_recomputation": self.mfu_with_recomputation(),
             "peak_tflops": self.peak_tflops,
             "unet_tflop_per_image": {
                 "sampling": self.flops.sampling_per_image / 1e12,
@@ -131,9 +144,16 @@ class SpeedReport:
         lines = [f"speed of one epoch, {self.arch}, on {self.device} ({self.images} images):"]
         for phase in (*PHASES, "epoch"):
             mfu = self.mfu(phase) if phase != "reward" else None
+            again = self.mfu_with_recomputation() if phase == "training" else None
             lines.append(
                 f"  {phase:<9} {self.seconds[phase]:8.2f} s  {self.seconds_per_image(phase):7.3f} "
-                "s/image" + (f"  MFU {mfu:.1%}" if mfu is not None else "")
+                "s/image"
+                + (f"  MFU {mfu:.1%}" if mfu is not None else "")
+                + (
+                    f" ({again:.1%} counting checkpointing's recomputation)"
+                    if again is not None and self.recomputed_per_image
+                    else ""
+                )
             )
         lines.append(
             f"  throughput {self.images_per_second:.3f} images/s; warm-up epoch "
@@ -287,6 +307,9 @@ def measure_speed(
             for e in ran
             if "cuda_graph_recorded" in e
         ],
+        recomputed_per_image=flops.recomputed_per_step(cfg.memory, cfg.sample.num_steps)
+        * flops.trained_steps
+        * cfg.train.inner_epochs,
         replay=worst_replay(ran, cfg.train.clip_range),
     )
 

@@ -19,7 +19,7 @@ from functools import partial
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lowvram_ddpo.config import Config, SampleConfig, trained_steps_per_sample
+from lowvram_ddpo.config import Config, MemoryConfig, SampleConfig, trained_steps_per_sample
 from lowvram_ddpo.memory.checkpointing import (
     disable_checkpointing,
     enable_checkpointing,
@@ -81,6 +81,15 @@ class EpochFlops:
 
     def decode(self, tiled: bool) -> float:
         return self.tiled_decode_per_image if tiled else self.decode_per_image
+
+    def recomputed_per_step(self, memory: MemoryConfig, sampling_steps: int) -> float:
+        """What gradient checkpointing computes again in one image's trained step: the
+        share of a guided forward its checkpointed levels hold (0 without it). Work the
+        GPU does that MFU does not count."""
+        if not memory.gradient_checkpointing:
+            return 0.0
+        share = self.recomputation.left(memory.uncheckpointed_levels)[0]
+        return share * self.sampling_per_image / sampling_steps
 
 
 def _counted(run: MetaRun, work, counter: FlopCounterMode | None = None) -> float:  # noqa: ANN001

@@ -235,12 +235,12 @@ def predict_epoch(
     guided_forward = flops.sampling_per_image / s.num_steps  # of one image at one step
     # the checkpointed part of the forward runs again inside the backward: its arithmetic,
     # its launches, its weights (dequantised again)
-    recomputed, relaunched, reread = (
+    _, relaunched, reread = (
         flops.recomputation.left(m.uncheckpointed_levels)
         if m.gradient_checkpointing
         else (0.0, 0.0, 0.0)
     )
-    per_image_step += recomputed * guided_forward
+    per_image_step += flops.recomputed_per_step(m, s.num_steps)
     extra = no_grad_calls_per_micro_step(t.algorithm, t.kl_coef)  # NFT, the KL guard
     unguided = t.algorithm == "nft" and s.guidance_scale != 1.0  # NFT's calls: CFG-free
     per_image_step += extra * (guided_forward / 2 if unguided else guided_forward)
