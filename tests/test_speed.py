@@ -1017,6 +1017,10 @@ def test_bench_speed_times_a_real_run_and_reports_mfu():
     assert report["mfu"]["training"] == pytest.approx(expected)
     # no checkpointing: nothing computed twice
     assert report["mfu_training_with_recomputation"] == report["mfu"]["training"]
+    # the memory estimate of the same settings, per phase: a GPU row's calibration check
+    estimate = report["memory_estimate"]
+    assert {"sampling", "decode", "training"} <= estimate.keys()
+    assert all(p["reserved"] >= p["allocated"] > 0 for p in estimate.values())
     assert report["settings"]["compile"] == "off"
     # the whole run as the preset has it, at the timed rate: what a user plans around
     preset = load_preset("pocket-incompressibility")
@@ -1025,6 +1029,30 @@ def test_bench_speed_times_a_real_run_and_reports_mfu():
     assert report["run"]["seconds"] == pytest.approx(images / report["images_per_second"])
     # sampled and trained 4 at a time in fp32: every epoch's replay exact
     assert report["replay"] == {"replay_rms": 0.0, "replay_clipfrac": 0.0, "clip_range": 1e-4}
+
+
+def test_bench_speed_puts_the_memory_estimate_beside_each_measured_phase():
+    """On a GPU the text report gives each phase's measured peak and, on the next line,
+    the estimate's for the same settings (faked peaks: a CPU measures none)."""
+    from lowvram_ddpo.speed.bench import SpeedReport
+    from lowvram_ddpo.speed.flops import EpochFlops
+
+    gib = 2**30
+    report = SpeedReport(
+        arch="sd15", device="H100", settings={}, images=8,
+        seconds={"sampling": 2.6, "reward": 0.0, "training": 7.6, "epoch": 10.3},
+        warmup_seconds=233.0, flops=EpochFlops(80e12, 171e12, 0.8e12), peak_tflops=None,
+        peak_reserved_bytes=int(7.21 * gib),
+        peak_so_far_by_epoch=[{
+            "peak_reserved_bytes": int(7.21 * gib), "peak_allocated_bytes": int(5.59 * gib),
+            "peak_reserved_bytes_decode": int(7.21 * gib),
+            "peak_allocated_bytes_decode": int(5.59 * gib),
+        }],
+        estimated_peaks={"decode": {"reserved": int(4.99 * gib), "allocated": int(4.50 * gib)}},
+    )  # fmt: skip
+    text = report.to_text()
+    assert "peak by phase, reserved / allocated: decode 7.21 GB / 5.59 GB" in text
+    assert "the memory estimate by phase, reserved / allocated: decode 4.99 GB / 4.50 GB" in text
 
 
 def test_checkpointings_second_forward_is_counted_beside_mfu():

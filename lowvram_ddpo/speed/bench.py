@@ -23,7 +23,7 @@ from statistics import mean
 import torch
 
 from lowvram_ddpo.config import Config, set_samples_per_epoch
-from lowvram_ddpo.memory.estimate import settings_of
+from lowvram_ddpo.memory.estimate import estimate_memory, settings_of
 from lowvram_ddpo.memory.measure import run_on_random_weights
 from lowvram_ddpo.memory.meter import by_phase
 from lowvram_ddpo.memory.units import format_size
@@ -69,6 +69,10 @@ class SpeedReport:
     """Under CUDA graphs, each epoch's recordings, warm-up runs and pool restores
     (``speed.cuda_graphs.count_graph_events``; the warm-up epoch first): after the first
     epoch there should be none."""
+    estimated_peaks: dict[str, dict[str, int]] = field(default_factory=dict)
+    """The memory estimate of the same settings, per phase: {"reserved": bytes,
+    "allocated": bytes} (``estimate_memory``, what ``--vram`` fits by), beside the
+    measured peaks: each GPU row is also the estimate's calibration check."""
     recomputed_per_image: float = 0.0
     """The UNet FLOPs gradient checkpointing computes again per image (its second forward):
     done by the GPU, not counted by MFU (``mfu_with_recomputation``)."""
@@ -129,6 +133,7 @@ class SpeedReport:
             "peak_reserved_bytes": self.peak_reserved_bytes,
             "timed_epoch_seconds": self.timed_epoch_seconds,
             "time_model": self.predicted,
+            "memory_estimate": self.estimated_peaks,
             "peak_so_far_by_epoch": self.peak_so_far_by_epoch,
             "cuda_graph_events_by_epoch": self.graph_events_by_epoch,
             "replay": self.replay,
@@ -176,6 +181,13 @@ class SpeedReport:
         last = self.peak_so_far_by_epoch[-1] if self.peak_so_far_by_epoch else {}
         if phases := phase_peaks_line(last):
             lines.append(phases)
+            lines.append(
+                "  the memory estimate by phase, reserved / allocated: "
+                + ", ".join(
+                    f"{phase} {format_size(p['reserved'])} / {format_size(p['allocated'])}"
+                    for phase, p in self.estimated_peaks.items()
+                )
+            )
         if self.graph_events_by_epoch:
             recorded = ", ".join(str(e["cuda_graph_recorded"]) for e in self.graph_events_by_epoch)
             lines.append(f"  CUDA graphs recorded in each epoch: {recorded}")
@@ -301,6 +313,10 @@ def measure_speed(
         notes=notes,
         timed_epoch_seconds=[e["seconds_epoch"] for e in timed],
         predicted=time_model_per_image(cfg, arch, flops) if on_cuda else {},
+        estimated_peaks={
+            p.name: {"reserved": p.peak_reserved, "allocated": p.peak_allocated}
+            for p in estimate_memory(cfg, arch).phases
+        },
         peak_so_far_by_epoch=[_peaks(e) for e in ran] if on_cuda else [],
         graph_events_by_epoch=[
             {k: v for k, v in e.items() if k.startswith("cuda_graph_")}
