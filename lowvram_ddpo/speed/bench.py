@@ -313,10 +313,7 @@ def measure_speed(
         notes=notes,
         timed_epoch_seconds=[e["seconds_epoch"] for e in timed],
         predicted=time_model_per_image(cfg, arch, flops) if on_cuda else {},
-        estimated_peaks={
-            p.name: {"reserved": p.peak_reserved, "allocated": p.peak_allocated}
-            for p in estimate_memory(cfg, arch).phases
-        },
+        estimated_peaks=estimated_peaks(cfg, arch, notes),
         peak_so_far_by_epoch=[_peaks(e) for e in ran] if on_cuda else [],
         graph_events_by_epoch=[
             {k: v for k, v in e.items() if k.startswith("cuda_graph_")}
@@ -328,6 +325,20 @@ def measure_speed(
         * cfg.train.inner_epochs,
         replay=worst_replay(ran, cfg.train.clip_range),
     )
+
+
+def estimated_peaks(config: Config, arch: str, notes: list[str]) -> dict[str, dict[str, int]]:
+    """The memory estimate's peaks per phase for ``config``; where the estimate cannot be
+    made, a note says why and the measured row stands without it (it comes after minutes
+    of GPU time)."""
+    try:
+        report = estimate_memory(config, arch)
+    except Exception as error:  # noqa: BLE001  (any: the measurement is what matters)
+        notes.append(f"no memory estimate beside the measured peaks: {error}")
+        return {}
+    return {
+        p.name: {"reserved": p.peak_reserved, "allocated": p.peak_allocated} for p in report.phases
+    }
 
 
 def worst_replay(epochs: list[dict], clip_range: float) -> dict[str, float]:
