@@ -1053,6 +1053,8 @@ def test_bench_speed_puts_the_memory_estimate_beside_each_measured_phase():
     text = report.to_text()
     assert "peak by phase, reserved / allocated: decode 7.21 GB / 5.59 GB" in text
     assert "the memory estimate by phase, reserved / allocated: decode 4.99 GB / 4.50 GB" in text
+    report.estimated_peaks = {}  # the estimate failed: no empty line in its place
+    assert "the memory estimate by phase" not in report.to_text()
 
 
 def test_a_failing_memory_estimate_leaves_the_measured_row_whole(monkeypatch):

@@ -181,6 +181,7 @@ class SpeedReport:
         last = self.peak_so_far_by_epoch[-1] if self.peak_so_far_by_epoch else {}
         if phases := phase_peaks_line(last):
             lines.append(phases)
+        if phases and self.estimated_peaks:  # none where the estimate failed (a note says)
             lines.append(
                 "  the memory estimate by phase, reserved / allocated: "
                 + ", ".join(
