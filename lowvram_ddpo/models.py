@@ -119,9 +119,18 @@ def use_vae_tiling(vae: torch.nn.Module, enabled: bool) -> None:
         vae.disable_tiling()
         return
     vae.enable_tiling()
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
     vae.tile_sample_min_size = min(vae.config.sample_size, VAE_TILE_PIXELS)
-    vae.tile_latent_min_size = vae.tile_sample_min_size // scale
+    vae.tile_latent_min_size = vae.tile_sample_min_size // vae_scale(vae)
+
+
+def vae_scale(vae: torch.nn.Module) -> int:
+    """Pixels per latent along a side (8 for SD's VAEs)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def tiling_would_split(vae: torch.nn.Module, pixels: int) -> bool:
+    """Whether ``use_vae_tiling`` would decode an image ``pixels`` wide in several tiles."""
+    return pixels > min(vae.config.sample_size, VAE_TILE_PIXELS)
 
 
 def fuse_lcm_lora(pipe: DiffusionPipeline, location: str) -> None:

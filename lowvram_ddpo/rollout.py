@@ -19,6 +19,8 @@ from lowvram_ddpo import flux2
 from lowvram_ddpo.device_transfer import to_device
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.meter import PhaseMeter, measured
+from lowvram_ddpo.memory.narrowing import NarrowingWidth
+from lowvram_ddpo.models import VAE_TILE_PIXELS, tiling_would_split, use_vae_tiling, vae_scale
 from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.policy import Conditioning, PolicyStep
 from lowvram_ddpo.policy.base import draw_noise
@@ -113,10 +115,15 @@ class Trajectories:
         return TextEmbeds(self.prompt_embeds[index], pooled)
 
 
+def pixels_per_latent(vae: torch.nn.Module) -> int:
+    """How many pixels along a side one latent of the denoiser's decodes to."""
+    return vae_scale(vae) * _vae_patch(vae)
+
+
 def latent_shape(unet: torch.nn.Module, vae: torch.nn.Module, resolution: int) -> tuple[int, ...]:
     """(C, h, w) of the latent image the denoiser works on. FLUX.2's VAE folds 2x2 latent
     patches into the channels (its ``patch_size``), so its h is a sixteenth of the image."""
-    scale = 2 ** (len(vae.config.block_out_channels) - 1) * _vae_patch(vae)
+    scale = pixels_per_latent(vae)
     step = scale * unet.config.get("patch_size", 1)  # SD 3's transformer: 2x2 latent patches
     if resolution % step != 0:
         raise UserError(
@@ -193,29 +200,55 @@ def vae_input(vae: torch.nn.Module, latents: Tensor) -> Tensor:
 
 @torch.no_grad()
 def decode_latents(
-    vae: torch.nn.Module, latents: Tensor, upcast: bool = False, batch_size: int = 1
+    vae: torch.nn.Module,
+    latents: Tensor,
+    upcast: bool = False,
+    batch_size: int | NarrowingWidth = 1,
 ) -> Tensor:
     """Images in [0, 1] on the CPU, decoding ``batch_size`` latents at a time (its working
-    memory grows with it: ``memory.decode_batch``).
+    memory grows with it: ``memory.decode_batch``). A call that runs out of GPU memory is
+    decoded again with half as many; at one image, larger than the VAE's tiles, in tiles
+    (``NarrowingWidth``: the trainer's keeps the narrower width and logs the change).
 
     ``upcast`` (SDXL's VAE, which overflows in fp16): an fp16 VAE decodes in fp32, outside
     autocast, and goes back to fp16 afterwards, as diffusers' SDXL pipeline does."""
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
+    width = batch_size if isinstance(batch_size, NarrowingWidth) else decode_width(batch_size)
     # nn.Module.to: diffusers' own .to() warns about exactly this cast, which is intended
     if upcast:
         torch.nn.Module.to(vae, torch.float32)
-    images = []
+
+    def decode(chunk: Tensor) -> Tensor:
+        z = chunk.to(device, next(vae.parameters()).dtype)
+        image = vae.decode(vae_input(vae, z)).sample.float()
+        return (image / 2 + 0.5).clamp(0, 1)
+
     try:
         with torch.autocast(device.type, enabled=False) if upcast else nullcontext():
-            for chunk in latents.split(batch_size):
-                z = chunk.to(device, next(vae.parameters()).dtype)
-                image = vae.decode(vae_input(vae, z)).sample.float()
-                images.append((image / 2 + 0.5).clamp(0, 1))
+            images = width.map(latents, decode, lambda: tile_from_now_on(vae, latents))
     finally:
         if upcast:
             torch.nn.Module.to(vae, dtype)
     return torch.cat(images).cpu()  # one copy back (each a wait on the GPU)
+
+
+def decode_width(images: int) -> NarrowingWidth:
+    """A decode width of ``images`` that halves on out-of-memory (``memory.decode_batch``)."""
+    return NarrowingWidth(images, "memory.decode_batch")
+
+
+def tile_from_now_on(vae: torch.nn.Module, latents: Tensor) -> str:
+    """The decode's last resort after one image ran out of memory: diffusers' tiling where
+    the image is larger than a tile and tiling is off (the line that says so), else ""."""
+    tiled = getattr(vae, "use_tiling", True)  # a VAE without the switch cannot tile
+    if tiled or not tiling_would_split(vae, latents.shape[-1] * pixels_per_latent(vae)):
+        return ""
+    use_vae_tiling(vae, True)
+    return (
+        f"out of GPU memory decoding one image: decoding in {VAE_TILE_PIXELS} px tiles from "
+        "now on in this run (--set memory.vae_tiling=true starts there)"
+    )
 
 
 def decodes_in_fp32(vae: torch.nn.Module, sdxl: bool) -> bool:
@@ -244,7 +277,7 @@ def sample_trajectories(
     progress: bool = False,
     offloader: Offloader | None = None,
     cache: PromptCache | None = None,
-    decode_batch: int = 1,
+    decode_batch: int | NarrowingWidth = 1,
     meter: PhaseMeter | None = None,
 ) -> Trajectories:
     """One sampling batch: encode prompts, roll out, decode (``decode_batch`` images per

@@ -106,7 +106,13 @@ from lowvram_ddpo.rewards import (
     check_reward_names,
     check_rewards,
 )
-from lowvram_ddpo.rollout import Trajectories, image_tokens, render, sample_trajectories
+from lowvram_ddpo.rollout import (
+    Trajectories,
+    decode_width,
+    image_tokens,
+    render,
+    sample_trajectories,
+)
 from lowvram_ddpo.speed.channels_last import convolutions_in_channels_last
 from lowvram_ddpo.speed.compile import (
     check_compile_mode,
@@ -228,6 +234,7 @@ class Trainer:
             if note:
                 self.log(note)
         self.prompt_cache = PromptCache()
+        self.decode_width = decode_width(cfg.memory.decode_batch)  # narrows on out-of-memory
         # its own phase: the text encoders' peak is not the epochs' (bench memory shows it)
         with self.meter.phase("encode"), self.offloader.loaded("text_encoder"):
             negative = encode_negative(self.pipe, cfg.sample.negative_prompt)
@@ -535,13 +542,11 @@ class Trainer:
         per_step = t.batch_size * t.gradient_accumulation_steps
         smaller = max((d for d in divisors(per_step) if d < t.batch_size), default=0)
         graphs = self.replays_graphs  # their pool goes first
-        decoding_wide = m.decode_batch > 1 and self.phase == "sampling"  # decodes in it
         return (
             f"out of GPU memory while {self.phase} in epoch {epoch + 1} ({kept}). Use less memory "
             f"and continue: `lowvram-ddpo train --resume {self.run_dir} --vram "
             f"{_smaller_budget(self.accelerator.device)}` picks the settings; by hand, add "
             + ("--set speed.compile=off " if graphs else "")
-            + ("--set memory.decode_batch=1 " if decoding_wide else "")
             + (f"--set train.batch_size={smaller} " if smaller else "")
             + ("" if m.gradient_checkpointing else "--set memory.gradient_checkpointing=true ")
             + ("--set memory.uncheckpointed_levels=0 " if m.uncheckpointed_levels else "")
@@ -666,9 +671,10 @@ class Trainer:
                         generator,
                         offloader=self.offloader,
                         cache=self.prompt_cache,
-                        decode_batch=cfg.memory.decode_batch,
+                        decode_batch=self.decode_width,
                         meter=self.meter,  # its phases: sampling, then decode
                     )
+                self.keep_narrowed_decode()
                 seconds["seconds_sampling"] += time.perf_counter() - started
                 images, batch.images = batch.images, None
                 batches.append(batch)
@@ -681,6 +687,21 @@ class Trainer:
             self.phase = "scoring rewards"
             rewards = [future.result() for future in pending]
         return Trajectories.cat(batches), torch.cat(rewards), seconds
+
+    def keep_narrowed_decode(self) -> None:
+        """Log a decode that ran out of memory and went on narrower (or tiled), and keep
+        that in the run's config, so that a resumed run starts there."""
+        notes = self.decode_width.take_notes()
+        if not notes:
+            return
+        m = self.config.memory
+        m.decode_batch = self.decode_width.width
+        m.vae_tiling = m.vae_tiling or bool(getattr(self.pipe.vae, "use_tiling", False))
+        for note in notes:
+            self.log(f"decode: {note}")
+        if self.is_main:
+            with self.saving("the run's config"):
+                self.save_config()
 
     def sampling_policy(self) -> AbstractContextManager:
         """The weights that sample: the trained ones, or NFT's lagging copy."""

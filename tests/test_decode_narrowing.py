@@ -1,0 +1,91 @@
+"""A decode that runs out of GPU memory goes on narrower (then tiled) instead of ending the
+run (``memory/narrowing.py``). CUDA's out-of-memory error is raised by a wrapped
+``vae.decode`` here: the CPU has no such error of its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowvram_ddpo.config import apply_overrides, load_config_file, load_preset, validate
+from lowvram_ddpo.memory.narrowing import NarrowingWidth
+from lowvram_ddpo.rollout import decode_latents
+from lowvram_ddpo.trainer import Trainer
+
+
+def _failing_above(vae, most: int, calls: list[int]) -> None:  # noqa: ANN001
+    """``vae.decode`` raises CUDA's out-of-memory error for more than ``most`` latents
+    at once (untiled), and records each call's size."""
+    decode = vae.decode
+
+    def decode_or_fail(latents, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(len(latents))
+        if len(latents) > most and not vae.use_tiling:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return decode(latents, *args, **kwargs)
+
+    vae.decode = decode_or_fail
+
+
+def test_a_decode_out_of_memory_halves_its_width_and_gives_the_same_images(tiny_pipeline):
+    vae = tiny_pipeline.vae
+    z = torch.randn(6, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = decode_latents(vae, z, batch_size=1)
+    calls: list[int] = []
+    _failing_above(vae, 1, calls)
+    width = NarrowingWidth(4, "memory.decode_batch")
+    images = decode_latents(vae, z, batch_size=width)
+    assert calls == [4, 2, 1, 1, 1, 1, 1, 1]  # 4 fails, 2 fails, then one at a time
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
+    assert width.width == 1
+    notes = width.take_notes()
+    assert len(notes) == 2 and "decoding images 4 at once: 2 at a time from now on" in notes[0]
+    assert "--set memory.decode_batch=1" in notes[1]
+    assert width.take_notes() == []  # each said once
+    calls.clear()
+    decode_latents(vae, z[:2], batch_size=width)  # the next call starts narrowed
+    assert calls == [1, 1]
+
+
+def test_one_image_that_does_not_fit_is_decoded_in_tiles_from_then_on(tiny_pipeline):
+    """At one image the last resort is diffusers' tiling, where the image is larger than a
+    tile (the tiny VAE's tile: 32 px; these latents decode to 64 px); an image no larger
+    than a tile has no resort left: the error stands."""
+    vae = tiny_pipeline.vae
+    calls: list[int] = []
+    _failing_above(vae, 0, calls)  # nothing fits untiled
+    width = NarrowingWidth(2, "memory.decode_batch")
+    large = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    images = decode_latents(vae, large, batch_size=width)
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+    assert vae.use_tiling and width.width == 1
+    assert "tiles from now on" in width.take_notes()[-1]
+
+    vae.disable_tiling()
+    small = torch.randn(1, 4, 4, 4)  # 16 px: one tile already
+    with pytest.raises(torch.OutOfMemoryError, match="memory.decode_batch=1"):
+        decode_latents(vae, small, batch_size=NarrowingWidth(1, "memory.decode_batch"))
+    assert not vae.use_tiling
+
+
+def test_a_run_whose_decode_runs_out_of_memory_goes_on_and_keeps_the_narrower_width(
+    tiny_preset, tmp_path, capsys
+):
+    """The trainer's decode narrows on out-of-memory and the epoch goes on: the run logs
+    the change once and writes it to its config, so a resumed run starts narrow."""
+    config = load_preset(str(tiny_preset))
+    apply_overrides(config, ["run.epochs=1", "run.progress=false", "memory.decode_batch=8"])
+    validate(config)
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.setup()
+    trainer.start_fresh()
+    calls: list[int] = []
+    _failing_above(trainer.pipe.vae, 2, calls)
+    _samples, rewards, _seconds = trainer.sample_and_score(epoch=0)
+    assert len(rewards) == 16 and torch.isfinite(rewards).all()
+    assert calls == [8, 4, 2, 2, 2, 2, 2, 2, 2, 2]  # the second batch starts at 2
+    logged = capsys.readouterr().out
+    assert logged.count("decode: out of GPU memory") == 2
+    assert config.memory.decode_batch == 2
+    saved = load_config_file(tmp_path / "run" / "config.toml")
+    assert saved.memory.decode_batch == 2
