@@ -10,9 +10,10 @@ trainer's decode, under autocast in fp16 as the trainer runs it) at each width o
 the peak memory allocated on a GPU. Prints a JSON line per width: milliseconds per image,
 the speed-up over one image per call, the peak, and the decode's working memory measured
 (the peak over what was allocated before it) beside the memory estimate's for the same
-width (``MetaRun.decode``: the meta device, which sees no cuDNN workspace). On an H100
-(2026-11-27) the sampling phase, decoding 4 images per call, peaked ~1.1 GiB above the
-estimate: this says whether the decode is where.
+width: the meta device's (``MetaRun.decode``, which sees no cuDNN workspace) and the
+estimate's calibrated one (``calibration.DECODE_WORKING_GROWTH``, x1.44: on an H100,
+2026-11-27, the sampling phase, decoding 4 images per call, peaked ~1.1 GiB above the
+meta figure). This says whether the decode alone is where, and recalibrates the factor.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from lowvram_ddpo.architectures import native_resolution, random_pipeline
 from lowvram_ddpo.config import load_preset
+from lowvram_ddpo.memory.calibration import decode_working_bytes
 from lowvram_ddpo.memory.estimate import meta_run
 from lowvram_ddpo.rollout import decode_latents, latent_shape
 
@@ -80,6 +82,7 @@ def main() -> None:
                 "peak_reserved_bytes": torch.cuda.max_memory_reserved() if on_gpu else None,
                 "working_bytes": peak - before if peak is not None else None,
                 "estimated_working_bytes": estimate(width),
+                "calibrated_working_bytes": decode_working_bytes(estimate(width), on_gpu),
             }),
             flush=True,
         )  # fmt: skip

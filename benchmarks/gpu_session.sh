@@ -461,7 +461,8 @@ for line in open(sys.argv[1]):
         gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "?"
         print(head + "  decode per call: " + "; ".join(
             f"{d['decode_batch']}: {d['ms_per_image']} ms/img, working {gib(d.get('working_bytes'))} "
-            f"GiB (estimate {gib(d.get('estimated_working_bytes'))})" for d in r))
+            f"GiB (meta estimate {gib(d.get('estimated_working_bytes'))}, calibrated "
+            f"{gib(d.get('calibrated_working_bytes'))})" for d in r))
     elif isinstance(r, dict) and "runs" in r:
         for name, run in r["runs"].items():
             rates = run.get("rates", {})

@@ -273,6 +273,8 @@ def test_the_decode_benchmark_times_each_width(monkeypatch, capsys):
     assert rows[0]["speed_up"] == 1.0 and all(row["ms_per_image"] > 0 for row in rows)
     estimated = [row["estimated_working_bytes"] for row in rows]
     assert 0 < estimated[0] < estimated[1]  # four images at once hold more than one
+    calibrated = [row["calibrated_working_bytes"] for row in rows]
+    assert calibrated == estimated  # an fp32 decode on the CPU: as the meta device counts
 
 
 def test_a_run_encodes_its_prompts_in_one_visit_before_sampling(tiny_preset, tmp_path):

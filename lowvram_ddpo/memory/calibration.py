@@ -34,6 +34,26 @@ epochs grow further (``bench speed --epochs``): the largest rise (1.41) to one d
 added to every phase."""
 
 
+DECODE_WORKING_GROWTH = 1.44
+"""The VAE decode's working memory as measured over the meta-device estimate's. SD 1.5
+at 512 px, 4 images per decode call under fp16 autocast (H100, 2026-11-27, `bench speed
+--vram 7GB`): the peak of sampling and decoding allocated 5.59 GiB in both epochs, of
+which ~2.0 GiB were held before the decode (its encode phase: 2.02 measured, 2.01
+estimated); the estimate said 4.50, so 3.59 GiB of working memory where it counted 2.50.
+Likely the copies cuDNN makes of the NCHW activations into its NHWC layout, which the
+meta device does not see (a hypothesis: `benchmarks/decode_batch.py` measures the decode
+alone). Applied to every 16-bit decode, at any width: a decode one step narrower than
+fits costs a few milliseconds an image, one wider than fits the run. Not to fp32 ones
+(SDXL's upcast VAE, CPU runs): unmeasured, and cuDNN's layout for them is another
+question."""
+
+
+def decode_working_bytes(estimated: int, half_precision: bool) -> int:
+    """A decode's working memory from the meta device's figure: ``DECODE_WORKING_GROWTH``
+    times it for a 16-bit decode, as it is for an fp32 one."""
+    return int(estimated * DECODE_WORKING_GROWTH) if half_precision else estimated
+
+
 def reserved_bytes(allocated: int, graph_pool: int = 0) -> int:
     """What the caching allocator reserves for ``allocated`` live bytes, of which
     ``graph_pool`` sit in CUDA graphs' private pool: that pool is reserved as recorded, so

@@ -35,7 +35,7 @@ from lowvram_ddpo.algorithms.steps import (
 from lowvram_ddpo.architectures import Components, build_components, default_architecture
 from lowvram_ddpo.config import Config, RewardConfig
 from lowvram_ddpo.errors import UserError
-from lowvram_ddpo.memory.calibration import reserved_bytes
+from lowvram_ddpo.memory.calibration import decode_working_bytes, reserved_bytes
 from lowvram_ddpo.memory.checkpointing import disable_checkpointing, enable_checkpointing
 from lowvram_ddpo.memory.counting import (
     DeviceBytesCounter,
@@ -205,6 +205,11 @@ class MetaRun:
     @property
     def upcasts_vae(self) -> bool:
         return decodes_in_fp32(self.parts.vae, sdxl=self.parts.family == "sdxl")
+
+    @property
+    def decodes_in_half(self) -> bool:
+        """Whether the VAE decodes in 16 bits (under autocast), as the calibrated row did."""
+        return self.dtype != torch.float32 and not self.upcasts_vae
 
     def _conditioning(self, batch: int, guidance: float) -> Conditioning:
         text = self.text_embeds(batch)
@@ -476,6 +481,7 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
     encode_peak = 0 if m.text_encoders_on_cpu else run.encode_prompts(s.batch_size)
     step_peak = run.denoising_step(s.batch_size, s.guidance_scale)
     decode_peak = run.decode(m.vae_tiling, min(m.decode_batch, s.batch_size))
+    decode_peak = decode_working_bytes(decode_peak, run.decodes_in_half)
     reward_peak = run.score_rewards(config.reward, config.reward.batch_size)
     overlapped = reward_model is not None and config.reward.overlap == "on"
     train_peak = run.training_micro_step(config)

@@ -354,7 +354,7 @@ def widest_decode(
     """``config`` decoding as many images per VAE call (powers of two, then the whole
     sampling batch) as keep the decode phase ``DECODE_HEADROOM`` below the peak
     ``report`` estimates: fewer, larger decode calls for no memory. The decode's working
-    memory grows with its batch (SD 1.5 at 512 px: ~0.63 GB an image, estimated), so the
+    memory grows with its batch (SD 1.5 at 512 px: ~0.9 GiB an image, calibrated), so the
     widest that fits is the last before one that does not."""
     s = config.sample
     widths = [2**i for i in range(1, s.batch_size.bit_length()) if 2**i < s.batch_size]

@@ -28,6 +28,11 @@ class PhaseMeter:
         self.cuda = torch.cuda.is_available()
         self.release = release
         self.phases: dict[str, PhaseMemory] = {}
+        self.starts: dict[str, dict[str, int]] = {}
+        """Per phase, the largest reserved and allocated bytes it started on (after the
+        release) and the largest free bytes stranded inside the allocator's blocks during
+        it (``inactive_split``): what tells memory left by earlier phases, and
+        fragmentation within the phase, from the phase's own need."""
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -36,6 +41,10 @@ class PhaseMeter:
             if self.release:
                 release_cached_blocks()
             torch.cuda.reset_peak_memory_stats()
+            start = {
+                "reserved": torch.cuda.memory_reserved(),
+                "allocated": torch.cuda.memory_allocated(),
+            }
         started = time.perf_counter()
         yield
         if self.cuda:
@@ -45,11 +54,18 @@ class PhaseMeter:
         if self.cuda:
             record.peak_reserved = max(record.peak_reserved, torch.cuda.max_memory_reserved())
             record.peak_allocated = max(record.peak_allocated, torch.cuda.max_memory_allocated())
+            stats = torch.cuda.memory_stats()
+            start["stranded"] = stats.get("inactive_split_bytes.all.peak", 0)
+            seen = self.starts.setdefault(name, {})
+            for kind, value in start.items():
+                seen[kind] = max(seen.get(kind, 0), value)
 
     def peaks(self) -> dict[str, int]:
         """The run's peak reserved and allocated bytes so far, per phase and overall (CUDA
         only): reserved is what the card must hold; the gap to allocated is the allocator's
-        cache (fragmentation), which the memory estimate models as a fixed share."""
+        cache (fragmentation), which the memory estimate models as a fixed share. Beside
+        them each phase's ``starts``: ``start_reserved_bytes_<phase>``,
+        ``start_allocated_bytes_<phase>`` and ``peak_stranded_bytes_<phase>``."""
         if not self.cuda or not self.phases:
             return {}
         peaks: dict[str, int] = {}
@@ -59,6 +75,12 @@ class PhaseMeter:
                 for p in self.phases.values()
             }
             peaks |= {f"peak_{kind}_bytes": max(per_phase.values()), **per_phase}
+        for name, seen in self.starts.items():
+            peaks |= {
+                f"start_reserved_bytes_{name}": seen["reserved"],
+                f"start_allocated_bytes_{name}": seen["allocated"],
+                f"peak_stranded_bytes_{name}": seen["stranded"],
+            }
         return peaks
 
 

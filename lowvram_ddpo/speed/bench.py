@@ -400,4 +400,11 @@ def epoch_profile(path: Path) -> Iterator[None]:
 
 
 def _peaks(epoch: dict) -> dict[str, int]:
-    return {k: v for k, v in epoch.items() if k.startswith(("peak_reserved", "peak_allocated"))}
+    kinds = (
+        "peak_reserved",
+        "peak_allocated",
+        "peak_stranded",
+        "start_reserved",
+        "start_allocated",
+    )
+    return {k: v for k, v in epoch.items() if k.startswith(kinds)}
