@@ -179,7 +179,7 @@ class MemoryConfig:
     calibrated on an H100): fewer, larger decode calls. A fit (memory.vram) raises it, up to the
     sampling batch, as far as the run's peak stays where the other phases put it. A
     decode that runs out of GPU memory goes on with half as many (down to one, then in
-    tiles where the image is larger than one), logged and kept for a resumed run."""
+    overlapping tiles), logged and kept for a resumed run."""
 
 
 @dataclass

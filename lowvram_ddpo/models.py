@@ -112,14 +112,14 @@ def use_attention(unet: UNet2DConditionModel, kind: str) -> None:
 VAE_TILE_PIXELS = 512
 
 
-def use_vae_tiling(vae: torch.nn.Module, enabled: bool) -> None:
-    """Decode in overlapping tiles of at most 512 px (diffusers tiles at the VAE's own
-    sample size, which for SDXL is the whole 1024 px image), or not at all."""
+def use_vae_tiling(vae: torch.nn.Module, enabled: bool, tile_pixels: int = VAE_TILE_PIXELS) -> None:
+    """Decode in overlapping tiles of at most ``tile_pixels`` (512 px: diffusers tiles at
+    the VAE's own sample size, which for SDXL is the whole 1024 px image), or not at all."""
     if not enabled:
         vae.disable_tiling()
         return
     vae.enable_tiling()
-    vae.tile_sample_min_size = min(vae.config.sample_size, VAE_TILE_PIXELS)
+    vae.tile_sample_min_size = min(vae.config.sample_size, tile_pixels)
     vae.tile_latent_min_size = vae.tile_sample_min_size // vae_scale(vae)
 
 
@@ -131,6 +131,16 @@ def vae_scale(vae: torch.nn.Module) -> int:
 def tiling_would_split(vae: torch.nn.Module, pixels: int) -> bool:
     """Whether ``use_vae_tiling`` would decode an image ``pixels`` wide in several tiles."""
     return pixels > min(vae.config.sample_size, VAE_TILE_PIXELS)
+
+
+def tiles_as_configured(vae: torch.nn.Module) -> bool:
+    """Whether ``vae`` tiles as ``memory.vae_tiling`` makes it (not in smaller tiles)."""
+    tile = min(vae.config.sample_size, VAE_TILE_PIXELS)
+    return bool(getattr(vae, "use_tiling", False)) and vae.tile_sample_min_size == tile
+
+
+SMALLEST_VAE_TILE = 128
+"""The smallest tile a decode that ran out of memory falls back to (pixels a side)."""
 
 
 def fuse_lcm_lora(pipe: DiffusionPipeline, location: str) -> None:

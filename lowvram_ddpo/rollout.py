@@ -20,7 +20,13 @@ from lowvram_ddpo.device_transfer import to_device
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.meter import PhaseMeter, measured
 from lowvram_ddpo.memory.narrowing import NarrowingWidth
-from lowvram_ddpo.models import VAE_TILE_PIXELS, tiling_would_split, use_vae_tiling, vae_scale
+from lowvram_ddpo.models import (
+    SMALLEST_VAE_TILE,
+    VAE_TILE_PIXELS,
+    tiling_would_split,
+    use_vae_tiling,
+    vae_scale,
+)
 from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.policy import Conditioning, PolicyStep
 from lowvram_ddpo.policy.base import draw_noise
@@ -239,15 +245,27 @@ def decode_width(images: int) -> NarrowingWidth:
 
 
 def tile_from_now_on(vae: torch.nn.Module, latents: Tensor) -> str:
-    """The decode's last resort after one image ran out of memory: diffusers' tiling where
-    the image is larger than a tile and tiling is off (the line that says so), else ""."""
-    tiled = getattr(vae, "use_tiling", True)  # a VAE without the switch cannot tile
-    if tiled or not tiling_would_split(vae, latents.shape[-1] * pixels_per_latent(vae)):
+    """The decode's last resort after one image ran out of memory: diffusers' tiling (the
+    line that says so), in 512 px tiles where the image is larger, else in tiles of half
+    the image (SD 1.5's 512 px in 256 px tiles: nine overlapping tiles, seams blended, a
+    quarter of the working memory); "" where tiling is on already or has no switch."""
+    if getattr(vae, "use_tiling", True):  # a VAE without the switch cannot tile
         return ""
-    use_vae_tiling(vae, True)
+    pixels = latents.shape[-1] * pixels_per_latent(vae)
+    if tiling_would_split(vae, pixels):
+        use_vae_tiling(vae, True)
+        return (
+            f"out of GPU memory decoding one image: decoding in {VAE_TILE_PIXELS} px tiles "
+            "from now on in this run (--set memory.vae_tiling=true starts there)"
+        )
+    tile = pixels // 2
+    if tile < SMALLEST_VAE_TILE:
+        return ""
+    use_vae_tiling(vae, True, tile)
     return (
-        f"out of GPU memory decoding one image: decoding in {VAE_TILE_PIXELS} px tiles from "
-        "now on in this run (--set memory.vae_tiling=true starts there)"
+        f"out of GPU memory decoding one {pixels} px image: decoding in {tile} px tiles "
+        "from now on in this run (seams blended; on a card this small, lower "
+        "sample.resolution or use --vram to fit the run)"
     )
 
 

@@ -78,6 +78,7 @@ from lowvram_ddpo.models import (
     load_pipeline,
     make_trainable,
     show_loading_bars,
+    tiles_as_configured,
     use_attention,
     use_vae_tiling,
     with_denoiser_as_unet,
@@ -696,7 +697,7 @@ class Trainer:
             return
         m = self.config.memory
         m.decode_batch = self.decode_width.width
-        m.vae_tiling = m.vae_tiling or bool(getattr(self.pipe.vae, "use_tiling", False))
+        m.vae_tiling = m.vae_tiling or tiles_as_configured(self.pipe.vae)
         for note in notes:
             self.log(f"decode: {note}")
         if self.is_main:

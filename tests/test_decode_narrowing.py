@@ -89,3 +89,23 @@ def test_a_run_whose_decode_runs_out_of_memory_goes_on_and_keeps_the_narrower_wi
     assert config.memory.decode_batch == 2
     saved = load_config_file(tmp_path / "run" / "config.toml")
     assert saved.memory.decode_batch == 2
+
+
+def test_an_image_no_larger_than_a_tile_is_decoded_in_tiles_of_half_its_size():
+    """SD 1.5's 512 px image is one 512 px tile: its last resort is tiles of half the
+    image (here a 256 px image on a VAE of 512 px samples: 128 px tiles), not below
+    128 px; the run's memory.vae_tiling (512 px tiles) is not claimed for it."""
+    from tiny import tiny_vae
+
+    from lowvram_ddpo.models import tiles_as_configured
+
+    vae = tiny_vae(sample_size=512)
+    calls: list[int] = []
+    _failing_above(vae, 0, calls)
+    width = NarrowingWidth(1, "memory.decode_batch")
+    latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(2))
+    images = decode_latents(vae, latents, batch_size=width)
+    assert images.shape == (1, 3, 256, 256) and torch.isfinite(images).all()
+    assert vae.use_tiling and vae.tile_sample_min_size == 128
+    assert "one 256 px image: decoding in 128 px tiles" in width.take_notes()[0]
+    assert not tiles_as_configured(vae)
