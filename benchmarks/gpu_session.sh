@@ -446,8 +446,11 @@ for line in open(sys.argv[1]):
         share = lambda x: f"{x:.3f}" if x is not None else "-"  # no MFU on a CPU
         estimate = r.get("memory_estimate") or {}
         est = lambda p: f" (est {estimate[p]['reserved'] / 2**30:.2f})" if p in estimate else ""
+        # what the phase started on (after the release) and its stranded free bytes
+        began = lambda p: (f" [start {gib('start_reserved_bytes_' + p)}, stranded "
+                           f"{gib('peak_stranded_bytes_' + p)}]" if "start_reserved_bytes_" + p in peaks[-1] else "")
         by_phase = ", ".join(  # the phases' own peaks: where the run's is; the estimate's
-            f"{p} {gib('peak_reserved_bytes_' + p)}/{gib('peak_allocated_bytes_' + p)}{est(p)}"
+            f"{p} {gib('peak_reserved_bytes_' + p)}/{gib('peak_allocated_bytes_' + p)}{est(p)}{began(p)}"
             for p in ("sampling", "decode", "training") if "peak_reserved_bytes_" + p in peaks[-1])
         print(f"{head}  {r['images_per_second']:.3f} img/s  compile {compiled}  sampling {s['sampling']:.3f} "
               f"training {s['training']:.3f} s/img  MFU {share(mfu['sampling'])}/{share(mfu['training'])} "
