@@ -1291,7 +1291,17 @@ def test_vram_fit_takes_the_fastest_setting_that_fits_and_says_how_long():
     assert per_step == 64
     shipped = predict_epoch(config, epoch_flops(config, "sd15"), fit.gpu).total
     assert fit.epoch_seconds < shipped / 2
-    assert "per epoch on an H100 (assumed: no GPU here) (time model)" in fit.summary("8GB")
+    summary = fit.summary("8GB")
+    assert (
+        "per epoch on an H100 (assumed: no GPU here) (time model; the run's 100 epochs: ~"
+        in summary
+    )
+    from lowvram_ddpo.reporting.progress import format_duration
+
+    hours = format_duration(100 * fit.epoch_seconds)
+    assert summary.endswith(f"the run's 100 epochs: ~{hours})")  # what a hobbyist waits
+    fit.config.run.epochs = 1
+    assert fit.summary("8GB").endswith("(time model)")
 
 
 def test_lora_layers_skip_their_input_casts_under_autocast_exactly(tiny_pipeline):

@@ -73,8 +73,17 @@ class Fit:
         return (
             f"--vram {vram}: {changed}; predicted peak {format_size(self.report.peak_bytes)} "
             f"reserved + ~{format_size(CUDA_CONTEXT_BYTES)} CUDA context ({self.report.method}), "
-            f"~{format_duration(self.epoch_seconds)} per epoch on {self.gpu.name} (time model)"
+            f"~{format_duration(self.epoch_seconds)} per epoch on {self.gpu.name} (time model"
+            f"{self.run_length()})"
         )
+
+    def run_length(self) -> str:
+        """ "; the run's 100 epochs: ~8 h 20 min" (epochs times the predicted epoch; the
+        compile at the start not counted), or "" for a one-epoch run."""
+        epochs = self.config.run.epochs
+        if epochs <= 1:
+            return ""
+        return f"; the run's {epochs} epochs: ~{format_duration(epochs * self.epoch_seconds)}"
 
 
 def _halvings(value: int, total: int) -> list[int]:
