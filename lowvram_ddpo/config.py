@@ -176,10 +176,10 @@ class MemoryConfig:
     tiling): SDXL's 1024 px decode needs ~4x less memory; seams are blended."""
     decode_batch: int = 1
     """Images the VAE decodes at once (SD 1.5 at 512 px: ~0.9 GiB of working memory each,
-    calibrated on an H100): fewer, larger decode calls. A fit (memory.vram) raises it, up to the
+    inferred from an H100 row): fewer, larger decode calls. A fit (memory.vram) raises it, up to the
     sampling batch, as far as the run's peak stays where the other phases put it. A
     decode that runs out of GPU memory goes on with half as many (down to one, then in
-    overlapping tiles), logged and kept for a resumed run."""
+    overlapping tiles), logged and kept for a resumed run (the width, and 512 px tiles)."""
 
 
 @dataclass

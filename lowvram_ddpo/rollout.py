@@ -212,15 +212,15 @@ def decode_latents(
     batch_size: int | NarrowingWidth = 1,
 ) -> Tensor:
     """Images in [0, 1] on the CPU, decoding ``batch_size`` latents at a time (its working
-    memory grows with it: ``memory.decode_batch``). A call that runs out of GPU memory is
-    decoded again with half as many; at one image, larger than the VAE's tiles, in tiles
-    (``NarrowingWidth``: the trainer's keeps the narrower width and logs the change).
+    memory grows with it: ``memory.decode_batch``). Given a ``NarrowingWidth`` (the
+    trainer's), a call that runs out of GPU memory is decoded again with half as many,
+    at one image in tiles (``tile_from_now_on``); the width keeps the change and its
+    notes. Given a number, an error stands (a benchmark's widths mean what they say).
 
     ``upcast`` (SDXL's VAE, which overflows in fp16): an fp16 VAE decodes in fp32, outside
     autocast, and goes back to fp16 afterwards, as diffusers' SDXL pipeline does."""
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
-    width = batch_size if isinstance(batch_size, NarrowingWidth) else decode_width(batch_size)
     # nn.Module.to: diffusers' own .to() warns about exactly this cast, which is intended
     if upcast:
         torch.nn.Module.to(vae, torch.float32)
@@ -232,7 +232,10 @@ def decode_latents(
 
     try:
         with torch.autocast(device.type, enabled=False) if upcast else nullcontext():
-            images = width.map(latents, decode, lambda: tile_from_now_on(vae, latents))
+            if isinstance(batch_size, int):  # as given: an error stands
+                images = [decode(chunk) for chunk in latents.split(batch_size)]
+            else:
+                images = batch_size.map(latents, decode, lambda: tile_from_now_on(vae, latents))
     finally:
         if upcast:
             torch.nn.Module.to(vae, dtype)

@@ -660,7 +660,12 @@ class Trainer:
                     grouped = grouped if grouped is not None else self.group_picks(generator)
                     picks = grouped[k * cfg.sample.batch_size : (k + 1) * cfg.sample.batch_size]
                 prompts = [self.prompts[i] for i in picks]
-                with acc.autocast(), self.sampling_policy(), sampling_calls(cfg.speed):
+                with (
+                    acc.autocast(),
+                    self.sampling_policy(),
+                    sampling_calls(cfg.speed),
+                    self.narrowed_decode_kept(),
+                ):
                     batch = sample_trajectories(
                         self.pipe,
                         unet,
@@ -675,7 +680,6 @@ class Trainer:
                         decode_batch=self.decode_width,
                         meter=self.meter,  # its phases: sampling, then decode
                     )
-                self.keep_narrowed_decode()
                 seconds["seconds_sampling"] += time.perf_counter() - started
                 images, batch.images = batch.images, None
                 batches.append(batch)
@@ -687,12 +691,22 @@ class Trainer:
                         pending.append(_done(self.timed_score(images, prompts, seconds)))
             self.phase = "scoring rewards"
             rewards = [future.result() for future in pending]
+        self.agree_on_decode_width()
         return Trajectories.cat(batches), torch.cat(rewards), seconds
 
-    def keep_narrowed_decode(self) -> None:
-        """Log a decode that ran out of memory and went on narrower (or tiled), and keep
-        that in the run's config, so that a resumed run starts there."""
-        notes = self.decode_width.take_notes()
+    @contextmanager
+    def narrowed_decode_kept(self) -> Iterator[None]:
+        """Around a sampling batch: a decode that ran out of memory and went on narrower
+        (or tiled) is logged and kept in the run's config, also when a later error in
+        the batch ends the run, so that a resumed run starts there."""
+        try:
+            yield
+        finally:
+            self.keep_narrowed_decode(self.decode_width.take_notes())
+
+    def keep_narrowed_decode(self, notes: list[str]) -> None:
+        """Log ``notes`` (a narrowing's) and write the decode's width and tiling into the
+        run's config (the main process)."""
         if not notes:
             return
         m = self.config.memory
@@ -703,6 +717,25 @@ class Trainer:
         if self.is_main:
             with self.saving("the run's config"):
                 self.save_config()
+
+    def agree_on_decode_width(self) -> None:
+        """Several processes: each narrows its decode alone, mid-epoch; at the epoch's end
+        all take the narrowest width and tiling any of them reached (one collective), so
+        that their configs agree and the main process logs and saves what another met."""
+        if self.accelerator.num_processes == 1:
+            return
+        vae = self.pipe.vae
+        mine = [self.decode_width.width, int(tiles_as_configured(vae))]
+        every = self.accelerator.gather(torch.tensor([mine], device=self.accelerator.device))
+        narrowest, tiled = int(every[:, 0].min()), bool(every[:, 1].max())
+        notes = []
+        if narrowest < self.decode_width.width:
+            self.decode_width.width = narrowest
+            notes.append(f"out of GPU memory in another process: {narrowest} at a time from now on")
+        if tiled and not tiles_as_configured(vae):
+            use_vae_tiling(vae, True)
+            notes.append("out of GPU memory in another process: decoding in tiles from now on")
+        self.keep_narrowed_decode(notes)
 
     def sampling_policy(self) -> AbstractContextManager:
         """The weights that sample: the trained ones, or NFT's lagging copy."""

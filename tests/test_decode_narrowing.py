@@ -109,3 +109,77 @@ def test_an_image_no_larger_than_a_tile_is_decoded_in_tiles_of_half_its_size():
     assert vae.use_tiling and vae.tile_sample_min_size == 128
     assert "one 256 px image: decoding in 128 px tiles" in width.take_notes()[0]
     assert not tiles_as_configured(vae)
+
+
+def test_the_last_resort_is_taken_once_and_the_error_keeps_cudas_words():
+    """A call of one item that fails again after the last resort raises (no endless
+    retries, whatever the resort says), with CUDA's own message; a last chunk of one
+    that fails narrows the width to one first."""
+    calls: list[int] = []
+
+    def always_out_of_memory(chunk: torch.Tensor) -> torch.Tensor:
+        calls.append(len(chunk))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    width = NarrowingWidth(4, "memory.decode_batch")
+    resorts: list[str] = []
+
+    def resort() -> str:
+        resorts.append("tiles")
+        return "tiles from now on"
+
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 2.00 GiB.*=1"):
+        width.map(torch.zeros(5, 2), always_out_of_memory, resort)
+    assert calls == [4, 2, 1, 1] and resorts == ["tiles"] and width.width == 1
+    last_of_one = NarrowingWidth(2, "memory.decode_batch")
+    with pytest.raises(torch.OutOfMemoryError):
+        last_of_one.map(torch.zeros(1, 2), always_out_of_memory)
+    assert last_of_one.width == 1
+
+
+def test_a_decode_given_a_number_lets_the_error_stand(tiny_pipeline):
+    """A plain width (a benchmark's, a grid's) means what it says: no narrowing."""
+    vae = tiny_pipeline.vae
+    calls: list[int] = []
+    _failing_above(vae, 1, calls)
+    with pytest.raises(torch.OutOfMemoryError):
+        decode_latents(vae, torch.randn(4, 4, 4, 4), batch_size=4)
+    assert calls == [4] and not vae.use_tiling
+
+
+def test_a_narrowing_is_kept_when_the_batch_then_fails(tiny_preset, tmp_path):
+    """An error that gets out of the decode (one image does not fit, no tiles to fall
+    back to) still leaves the narrowing it went through in the run's config."""
+    config = load_preset(str(tiny_preset))
+    apply_overrides(config, ["run.epochs=1", "run.progress=false", "memory.decode_batch=4"])
+    validate(config)
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.setup()
+    trainer.start_fresh()
+    _failing_above(trainer.pipe.vae, 0, [])  # 32 px images: one tile already
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.sample_and_score(epoch=0)
+    assert load_config_file(tmp_path / "run" / "config.toml").memory.decode_batch == 1
+
+
+def test_processes_agree_on_the_narrowest_decode_another_one_reached(
+    tiny_preset, tmp_path, monkeypatch, capsys
+):
+    """With several processes each narrows alone; at the epoch's end all take the
+    narrowest width (a faked gather: another process decodes 1 at a time), and the main
+    one logs and saves it."""
+    config = load_preset(str(tiny_preset))
+    apply_overrides(config, ["run.epochs=1", "run.progress=false", "memory.decode_batch=4"])
+    validate(config)
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.setup()
+    trainer.start_fresh()
+    acc = trainer.accelerator
+    monkeypatch.setattr(type(acc), "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(acc, "gather", lambda mine: torch.cat([mine, torch.tensor([[1, 0]])]))
+    trainer.agree_on_decode_width()
+    assert trainer.decode_width.width == 1 and config.memory.decode_batch == 1
+    assert "another process" in capsys.readouterr().out
+    assert load_config_file(tmp_path / "run" / "config.toml").memory.decode_batch == 1
+    trainer.agree_on_decode_width()  # nothing new: nothing said
+    assert "another process" not in capsys.readouterr().out

@@ -1082,6 +1082,10 @@ def test_a_fit_decodes_as_many_images_per_call_as_leave_the_peak_where_it_is(sd1
 def test_vram_refuses_when_nothing_fits():
     with pytest.raises(UserError, match="nothing fits in 1.00 GB"):
         fit_to_vram(load_preset("incompressibility"), "sd15", parse_size("1GB"))
+    # the smallest of every level's smallest setting: SD 1.5's 16-bit decode of one image
+    # peaks lower on an fp8 base (2.07 GiB) than on nf4 (2.54), the last level tried
+    with pytest.raises(UserError, match=r"needs 3\.0\d GB with the CUDA context"):
+        fit_to_vram(load_preset("incompressibility"), "sd15", parse_size("3GB"))
 
 
 def test_sizes_parse_and_reject_nonsense():

@@ -20,6 +20,12 @@ def test_metrics_are_grouped_and_only_numbers_are_logged():
     assert metric_tag("eval_reward_mean") == "eval/reward_mean"
     assert metric_tag("seconds_training") == "time/training"
     assert metric_tag("peak_reserved_bytes") == "memory/reserved_bytes"
+    # a phase's start beside its peak, not written over it
+    start, peak = (
+        metric_tag("start_reserved_bytes_decode"),
+        metric_tag("peak_reserved_bytes_decode"),
+    )
+    assert start == "memory/start_reserved_bytes_decode" != peak
     assert metric_tag("approx_kl") == "train/approx_kl"
     logged = loggable({"epoch": 3, "loss": 0.5, "skipped_steps": 0, "flag": True, "name": "x"})
     assert logged == {"train/loss": 0.5, "train/skipped_steps": 0.0}

@@ -35,11 +35,13 @@ added to every phase."""
 
 
 DECODE_WORKING_GROWTH = 1.44
-"""The VAE decode's working memory as measured over the meta-device estimate's. SD 1.5
-at 512 px, 4 images per decode call under fp16 autocast (H100, 2026-11-27, `bench speed
---vram 7GB`): the peak of sampling and decoding allocated 5.59 GiB in both epochs, of
-which ~2.0 GiB were held before the decode (its encode phase: 2.02 measured, 2.01
-estimated); the estimate said 4.50, so 3.59 GiB of working memory where it counted 2.50.
+"""The VAE decode's working memory over the meta-device estimate's, inferred from one
+row: SD 1.5 at 512 px, 4 images per decode call under fp16 autocast (H100, 2026-11-27,
+`bench speed --vram 7GB`). The sampling phase, which then held the denoising and the
+decode together, allocated 5.55 and 5.59 GiB at its peak in its two epochs; ~2.0 GiB
+were held before the decode (the encode phase: 2.02 measured, 2.01 estimated) and the
+denoising alone is estimated at 3.05, so the peak is taken as the decode's: 3.59 GiB of
+working memory where the estimate counted 2.50 (its decode phase: 4.50 allocated).
 Likely the copies cuDNN makes of the NCHW activations into its NHWC layout, which the
 meta device does not see (a hypothesis: `benchmarks/decode_batch.py` measures the decode
 alone). Applied to every 16-bit decode, at any width: a decode one step narrower than

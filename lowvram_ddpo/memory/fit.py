@@ -298,7 +298,7 @@ def fit_to_vram(
     # text encoders on the CPU cost time only while new prompts arrive: before a
     # quantised base
     on_cpu = [True] if config.memory.text_encoders_on_cpu else [False, True]
-    smallest_setting = config
+    smallest_settings = [config]  # each level's last: every lever of the level on
     for quantize, text_on_cpu in itertools.product(quantizations, on_cpu):
         trains = TrainingBudget(arch, run, budget)
         every = [
@@ -308,7 +308,7 @@ def fit_to_vram(
         ]
         if not every:  # a held quantisation or text-encoder placement
             continue
-        smallest_setting = every[-1]  # each level's last: every lever of the level on
+        smallest_settings.append(every[-1])
         for trial in sorted(every, key=timing.rank):
             if not trains.fits(trial):
                 continue
@@ -319,7 +319,8 @@ def fit_to_vram(
                 changes = describe_changes(given, trial)
                 seconds = timing.seconds(trial)
                 return Fit(trial, report, changes, seconds, timing.gpu, held)
-    smallest = estimate_memory(smallest_setting, arch, run).peak_bytes
+    # the levels' smallest: not always the last (SD 1.5's decode is larger on nf4 than fp8)
+    smallest = min(estimate_memory(c, arch, run).peak_bytes for c in smallest_settings)
     kept = f" keeping {', '.join(sorted(held))} as set" if held else ""
     nf4 = (
         ", install bitsandbytes (pip install 'lowvram-ddpo[bnb]': an nf4 base is smaller)"

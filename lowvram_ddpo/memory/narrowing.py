@@ -23,10 +23,11 @@ from lowvram_ddpo.memory.allocator import release_cached_blocks
 
 class NarrowingWidth:
     """How many items go into one call: ``width`` until a call runs out of memory, then
-    half as many, down to one; at one, ``last_resort`` (when given) may change the work
-    once more (the VAE's tiling) and say so, else the error stands. The width stays
-    narrowed for later calls (the next batches of the epoch, the next epochs), and each
-    change leaves a line in ``notes`` for the run's log."""
+    half as many, down to one; a call of one item that runs out of memory gets
+    ``last_resort`` (when given), once in the width's life: it may change the work (the
+    VAE's tiling) and say so, else the error stands. The width stays narrowed for later
+    calls (the next batches of the epoch, the next epochs), and each change leaves a line
+    in ``notes`` for the run's log."""
 
     def __init__(self, width: int, setting: str, work: str = "decoding images") -> None:
         if width < 1:
@@ -35,6 +36,7 @@ class NarrowingWidth:
         self.setting = setting
         self.work = work  # what the calls do, as the notes say it
         self.notes: list[str] = []
+        self.resort_taken = False
 
     def map(
         self,
@@ -48,9 +50,9 @@ class NarrowingWidth:
         done = 0
         while done < len(items):
             chunk = items[done : done + self.width]
-            output = _unless_out_of_memory(work, chunk)
+            output, error = _unless_out_of_memory(work, chunk)
             if output is None:
-                self._narrow(len(chunk), last_resort)
+                self._narrow(len(chunk), last_resort, error)
                 continue
             outputs.append(output)
             done += len(chunk)
@@ -61,8 +63,11 @@ class NarrowingWidth:
         notes, self.notes = self.notes, []
         return notes
 
-    def _narrow(self, failed: int, last_resort: Callable[[], str] | None) -> None:
+    def _narrow(self, failed: int, last_resort: Callable[[], str] | None, error: str) -> None:
         release_cached_blocks()  # the failed call's blocks, cut to its shapes
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # the failed call's near-full card is not a peak the run needs from now on
+            torch.cuda.reset_peak_memory_stats()
         if failed > 1:
             self.width = failed // 2
             self.notes.append(
@@ -70,17 +75,21 @@ class NarrowingWidth:
                 f"now on in this run (--set {self.setting}={self.width} starts there)"
             )
             return
-        note = last_resort() if last_resort is not None else ""
+        self.width = 1  # a last chunk of one failed: one at a time from now on
+        note = "" if self.resort_taken or last_resort is None else last_resort()
         if not note:
-            raise torch.OutOfMemoryError(f"out of GPU memory with {self.setting}=1")
+            raise torch.OutOfMemoryError(f"{error} (already at {self.setting}=1)")
+        self.resort_taken = True
         self.notes.append(note)
 
 
-def _unless_out_of_memory(work: Callable[[Tensor], Tensor], chunk: Tensor) -> Tensor | None:
-    """``work(chunk)``, or None when the card ran out of memory. Returning from the
-    ``except`` drops the error and with it the failed call's frames and their tensors,
-    which a retry inside the handler would still hold."""
+def _unless_out_of_memory(
+    work: Callable[[Tensor], Tensor], chunk: Tensor
+) -> tuple[Tensor | None, str]:
+    """``work(chunk)``, or None and CUDA's message when the card ran out of memory.
+    Returning from the ``except`` drops the error and with it the failed call's frames
+    and their tensors, which a retry inside the handler would still hold."""
     try:
-        return work(chunk)
-    except torch.OutOfMemoryError:
-        return None
+        return work(chunk), ""
+    except torch.OutOfMemoryError as error:
+        return None, str(error)

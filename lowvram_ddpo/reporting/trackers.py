@@ -25,6 +25,7 @@ GROUPS = {
     "eval_": "eval/",
     "seconds_": "time/",
     "peak_": "memory/",
+    "start_": "memory/start_",  # what each phase started on: beside its peak, not over it
     "cuda_graph_": "cuda_graphs/",
 }
 NOT_LOGGED = {"epoch"}
