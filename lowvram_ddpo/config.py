@@ -319,7 +319,8 @@ class TrainConfig:
 class RewardConfig:
     name: str = "jpeg_incompressibility"
     batch_size: int = 8
-    """Images scored together by a reward model (aesthetic, alignment)."""
+    """Images scored together by a reward model (aesthetic, alignment); a call that runs
+    out of GPU memory is scored again with half as many, for the rest of the run."""
     overlap: str = "auto"
     """Score a batch in a worker thread while the next one samples: on, off, or auto
     (on for CPU rewards such as JPEG when sampling runs on a GPU; off for reward models,

@@ -702,18 +702,21 @@ class Trainer:
         try:
             yield
         finally:
-            self.keep_narrowed_decode(self.decode_width.take_notes())
+            self.keep_narrowing("decode", self.decode_width.take_notes())
 
-    def keep_narrowed_decode(self, notes: list[str]) -> None:
-        """Log ``notes`` (a narrowing's) and write the decode's width and tiling into the
-        run's config (the main process)."""
+    def keep_narrowing(self, phase: str, notes: list[str]) -> None:
+        """Log ``notes`` (a narrowing's, in ``phase``: decode or reward) and write the
+        narrowed widths, and the decode's tiling, into the run's config (the main
+        process), so that a resumed run starts there."""
         if not notes:
             return
         m = self.config.memory
         m.decode_batch = self.decode_width.width
         m.vae_tiling = m.vae_tiling or tiles_as_configured(self.pipe.vae)
+        if isinstance(self.reward_fn, ModelReward):
+            self.config.reward.batch_size = self.reward_fn.scoring_width().width
         for note in notes:
-            self.log(f"decode: {note}")
+            self.log(f"{phase}: {note}")
         if self.is_main:
             with self.saving("the run's config"):
                 self.save_config()
@@ -735,7 +738,7 @@ class Trainer:
         if tiled and not tiles_as_configured(vae):
             use_vae_tiling(vae, True)
             notes.append("out of GPU memory in another process: decoding in tiles from now on")
-        self.keep_narrowed_decode(notes)
+        self.keep_narrowing("decode", notes)
 
     def sampling_policy(self) -> AbstractContextManager:
         """The weights that sample: the trained ones, or NFT's lagging copy."""
@@ -772,8 +775,12 @@ class Trainer:
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if isinstance(self.reward_fn, ModelReward):
-            with self.offloader.loaded("reward"), self.accelerator.autocast():
-                rewards = self.reward_fn(images, prompts)
+            width = self.reward_fn.scoring_width()
+            try:
+                with self.offloader.loaded("reward"), self.accelerator.autocast():
+                    rewards = self.reward_fn(images, prompts)
+            finally:  # a narrowed scoring batch is kept, also when an error follows
+                self.keep_narrowing("reward", width.take_notes())
         else:
             rewards = self.reward_fn(images, prompts)
         return check_rewards(rewards, len(prompts), self.config.reward.name)

@@ -6,9 +6,10 @@ so a chunk that runs out of memory can simply be tried again narrower, as ComfyU
 AUTOMATIC1111 retry a failed decode (there, tiled). The estimate is least sure of this
 phase (on an H100, 2026-11-27: sampling with a decode of 4 images held 5.59 GiB where
 the estimate said 4.50), and an out-of-memory error there would otherwise cost the
-whole epoch's sampling. Only for such independent work: a training micro-batch changes
-what is summed (and what is compiled), so the fit chooses it and an error there stops
-the run with its advice (``Trainer.out_of_memory_message``).
+whole epoch's sampling. A reward model's scoring batch (``reward.batch_size``) narrows
+the same way: its images are scored one by one. Only for such independent work: a
+training micro-batch changes what is summed (and what is compiled), so the fit chooses
+it and an error there stops the run with its advice (``Trainer.out_of_memory_message``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from lowvram_ddpo.memory.allocator import release_cached_blocks
 
 class NarrowingWidth:
     """How many items go into one call: ``width`` until a call runs out of memory, then
-    half as many, down to one; a call of one item that runs out of memory gets
+    half as many (rounded up), down to one; a call of one item that runs out of memory gets
     ``last_resort`` (when given), once in the width's life: it may change the work (the
     VAE's tiling) and say so, else the error stands. The width stays narrowed for later
     calls (the next batches of the epoch, the next epochs), and each change leaves a line
@@ -69,7 +70,7 @@ class NarrowingWidth:
             # the failed call's near-full card is not a peak the run needs from now on
             torch.cuda.reset_peak_memory_stats()
         if failed > 1:
-            self.width = failed // 2
+            self.width = (failed + 1) // 2  # 3 -> 2: no narrower than half
             self.notes.append(
                 f"out of GPU memory {self.work} {failed} at once: {self.width} at a time from "
                 f"now on in this run (--set {self.setting}={self.width} starts there)"

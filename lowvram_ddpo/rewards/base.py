@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lowvram_ddpo.config import OWN_REWARD_HINT, RewardConfig, is_own_reward
 from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.memory.narrowing import NarrowingWidth
 
 
 class Reward(Protocol):
@@ -45,11 +46,22 @@ class ModelReward(ABC):
 
     @torch.no_grad()
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
-        scores = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size].to(self.device)
-            scores.append(self.score(chunk, prompts[start : start + self.batch_size]).float().cpu())
-        return torch.cat(scores)
+        """[B] rewards, scoring ``batch_size`` images at a time; a call that runs out of
+        GPU memory is scored again with half as many (``scoring_width``)."""
+
+        def score(indices: Tensor) -> Tensor:
+            first, end = int(indices[0]), int(indices[-1]) + 1
+            chunk = images[first:end].to(self.device)
+            return self.score(chunk, prompts[first:end]).float().cpu()
+
+        return torch.cat(self.scoring_width().map(torch.arange(len(images)), score))
+
+    def scoring_width(self) -> NarrowingWidth:
+        """How many images a scoring call takes: ``batch_size``, halved for the rest of
+        the run each time a call runs out of GPU memory (the trainer logs its notes)."""
+        if getattr(self, "_width", None) is None:
+            self._width = NarrowingWidth(self.batch_size, "reward.batch_size", "scoring images")
+        return self._width
 
     def device_bytes(self) -> int:
         """Bytes the reward's weights take on the accelerator."""

@@ -1,14 +1,22 @@
-"""A decode that runs out of GPU memory goes on narrower (then tiled) instead of ending the
-run (``memory/narrowing.py``). CUDA's out-of-memory error is raised by a wrapped
-``vae.decode`` here: the CPU has no such error of its own."""
+"""A decode or a reward model's scoring that runs out of GPU memory goes on narrower (a
+decode then tiled) instead of ending the run (``memory/narrowing.py``). CUDA's
+out-of-memory error is raised by a wrapped ``vae.decode`` or ``score`` here: the CPU has
+no such error of its own."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lowvram_ddpo.config import apply_overrides, load_config_file, load_preset, validate
+from lowvram_ddpo.config import (
+    RewardConfig,
+    apply_overrides,
+    load_config_file,
+    load_preset,
+    validate,
+)
 from lowvram_ddpo.memory.narrowing import NarrowingWidth
+from lowvram_ddpo.rewards import ModelReward, register_reward
 from lowvram_ddpo.rollout import decode_latents
 from lowvram_ddpo.trainer import Trainer
 
@@ -183,3 +191,57 @@ def test_processes_agree_on_the_narrowest_decode_another_one_reached(
     assert load_config_file(tmp_path / "run" / "config.toml").memory.decode_batch == 1
     trainer.agree_on_decode_width()  # nothing new: nothing said
     assert "another process" not in capsys.readouterr().out
+
+
+class _MemoryHungryReward(ModelReward):
+    """Mean brightness through a small network; more than ``most`` images at once run
+    out of (simulated) GPU memory."""
+
+    most = 2
+
+    def __init__(self, config: RewardConfig, dtype: torch.dtype) -> None:
+        self.batch_size = config.batch_size
+        self.module = torch.nn.Linear(3, 1)
+        self.calls: list[int] = []
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        self.calls.append(len(images))
+        if len(images) > self.most:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return self.module(images.mean(dim=(2, 3))).squeeze(1)
+
+
+register_reward("test_memory_hungry", "brightness; out of memory above 2 images")(
+    _MemoryHungryReward
+)
+
+
+def test_a_reward_model_scores_narrower_after_running_out_of_memory(tiny_preset, tmp_path, capsys):
+    """A reward model's scoring batch halves like the decode's (the same ``NarrowingWidth``):
+    the rewards are those of one image at a time, the run logs the change and keeps
+    reward.batch_size in its config."""
+    config = load_preset(str(tiny_preset))
+    apply_overrides(
+        config,
+        [
+            "run.epochs=1",
+            "run.progress=false",
+            "reward.name='test_memory_hungry'",
+            "reward.batch_size=8",
+        ],
+    )
+    validate(config)
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.setup()
+    trainer.start_fresh()
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    trainer.reward_fn.calls.clear()  # setup's own check of the reward
+    rewards = trainer.score(images, ["a cat"] * 6)
+    assert trainer.reward_fn.calls == [6, 3, 2, 2, 2]  # 6 fail, 3 fail (halved up), 2s
+    alone = torch.cat([trainer.reward_fn.score(image[None], ["a cat"]) for image in images])
+    torch.testing.assert_close(rewards, alone.detach())
+    logged = capsys.readouterr().out
+    assert "reward: out of GPU memory scoring images 6 at once: 3 at a time" in logged
+    assert "scoring images 3 at once: 2 at a time" in logged
+    assert config.reward.batch_size == 2
+    assert load_config_file(tmp_path / "run" / "config.toml").reward.batch_size == 2
