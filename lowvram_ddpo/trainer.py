@@ -64,6 +64,7 @@ from lowvram_ddpo.epoch_metrics import (
 )
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.grid import make_grid
+from lowvram_ddpo.memory.check import memory_check_line
 from lowvram_ddpo.memory.checkpointing import (
     check_uncheckpointed_levels,
     enable_checkpointing,
@@ -419,8 +420,10 @@ class Trainer:
                 metrics = self.run_epoch(epoch)
                 if epoch == start and (split := split_graph_note(cfg.speed.compile)):
                     self.log(split)  # the first epoch traced every call the run makes
-                if self.checks_time_model(epoch, start) and (check := check_line(cfg, metrics)):
-                    self.log(check)
+                if self.checks_time_model(epoch, start):  # and the memory estimate
+                    for check in (check_line(cfg, metrics), memory_check_line(cfg, metrics)):
+                        if check:
+                            self.log(check)
                 if note := recorded_again_note(metrics, cfg.speed.compile, epoch == start):
                     self.log(note)
                 warning = replay_warning(metrics, cfg)
@@ -439,7 +442,8 @@ class Trainer:
         return history
 
     def checks_time_model(self, epoch: int, start: int) -> bool:
-        """Whether ``epoch`` is where the run prints its time model check: the first epoch
+        """Whether ``epoch`` is where the run prints its time model and memory checks
+        (``memory.check.memory_check_line``): the first epoch
         after the one that warmed up, on one CUDA card (several: no fit to check), in a
         run of the user's model (a benchmark's random-weight pipeline reports its own)."""
         warmed = epoch == start + 1

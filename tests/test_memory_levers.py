@@ -330,6 +330,30 @@ def test_the_time_model_check_follows_the_first_warmed_epoch_of_a_users_run(
     assert not trainer.checks_time_model(1, 0)
 
 
+def test_the_memory_check_puts_each_phases_peak_beside_the_estimate(tiny_preset):
+    """After the warmed epoch a run on a CUDA card prints its measured peaks beside the
+    estimate of its settings, and asks to be reported where the peak is well above it
+    (made-up peaks on the tiny model's estimate); nothing without CUDA figures."""
+    from lowvram_ddpo.memory.check import memory_check_line
+    from lowvram_ddpo.memory.estimate import estimate_memory, readable_shape
+
+    config = _config(tiny_preset)
+    estimate = estimate_memory(config, readable_shape(config, config.model.name)[0])
+    expected = {p.name: p.peak_reserved for p in estimate.phases}
+    peaks = {
+        "peak_reserved_bytes_sampling": 2 * estimate.peak_bytes,  # twice the run's estimate
+        "peak_allocated_bytes_sampling": estimate.peak_bytes,
+        "peak_reserved_bytes_training": expected["training"],
+        "peak_allocated_bytes_training": expected["training"],
+    }
+    line = memory_check_line(config, peaks)
+    assert line.startswith("memory check: peak ") and " reserved in sampling against " in line
+    assert "(2.00)" in line and line.endswith("please report the line")
+    peaks["peak_reserved_bytes_sampling"] = expected["sampling"]
+    assert "please report" not in memory_check_line(config, peaks)  # at or under: nothing asked
+    assert memory_check_line(config, {}) == ""
+
+
 def test_text_encoders_on_the_cpu_are_fp32_and_never_loaded(tiny_preset, tmp_path):
     trainer = Trainer(_config(tiny_preset, "memory.text_encoders_on_cpu=true"), tmp_path / "run")
     trainer.setup()
