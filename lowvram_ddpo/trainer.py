@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -72,6 +73,7 @@ from lowvram_ddpo.memory.checkpointing import (
 )
 from lowvram_ddpo.memory.fp8_weights import keep_out_of_ddp_sync, store_weights_in_fp8
 from lowvram_ddpo.memory.meter import PhaseMeter, peak_piece
+from lowvram_ddpo.memory.narrowing import NarrowingWidth
 from lowvram_ddpo.memory.units import GB
 from lowvram_ddpo.models import (
     DTYPES,
@@ -184,6 +186,9 @@ class Trainer:
     cache (what a phase reserves is then its own, as the memory estimate takes it)."""
     dashboard: Tracker = field(default_factory=NoTracker)
     """TensorBoard, wandb or nothing (``run.log_with``), on the main process."""
+    narrowing: threading.Lock = field(default_factory=threading.Lock)
+    """Held while a narrowing is written: a reward scoring in its worker thread and the
+    decode may both narrow (one temporary file name for the config)."""
 
     # ------------------------------------------------------------ setup
 
@@ -695,7 +700,7 @@ class Trainer:
                         pending.append(_done(self.timed_score(images, prompts, seconds)))
             self.phase = "scoring rewards"
             rewards = [future.result() for future in pending]
-        self.agree_on_decode_width()
+        self.agree_on_narrowing()
         return Trajectories.cat(batches), torch.cat(rewards), seconds
 
     @contextmanager
@@ -714,35 +719,48 @@ class Trainer:
         process), so that a resumed run starts there."""
         if not notes:
             return
+        with self.narrowing:
+            self.write_narrowing(phase, notes)
+
+    def write_narrowing(self, phase: str, notes: list[str]) -> None:
         m = self.config.memory
         m.decode_batch = self.decode_width.width
         m.vae_tiling = m.vae_tiling or tiles_as_configured(self.pipe.vae)
-        if isinstance(self.reward_fn, ModelReward):
-            self.config.reward.batch_size = self.reward_fn.scoring_width().width
+        if (scoring := self.scoring_width()) is not None:
+            self.config.reward.batch_size = scoring.width
         for note in notes:
             self.log(f"{phase}: {note}")
         if self.is_main:
             with self.saving("the run's config"):
                 self.save_config()
 
-    def agree_on_decode_width(self) -> None:
-        """Several processes: each narrows its decode alone, mid-epoch; at the epoch's end
-        all take the narrowest width and tiling any of them reached (one collective), so
-        that their configs agree and the main process logs and saves what another met."""
+    def agree_on_narrowing(self) -> None:
+        """Several processes: each narrows its decode (and a reward model its scoring)
+        alone, mid-epoch; at the epoch's end all take the narrowest widths and the tiling
+        any of them reached (one collective), so that their configs agree and the main
+        process logs and saves what another met."""
         if self.accelerator.num_processes == 1:
             return
-        vae = self.pipe.vae
+        vae, scoring = self.pipe.vae, self.scoring_width()
         mine = [self.decode_width.width, int(tiles_as_configured(vae))]
+        mine.append(scoring.width if scoring is not None else 0)
         every = self.accelerator.gather(torch.tensor([mine], device=self.accelerator.device))
-        narrowest, tiled = int(every[:, 0].min()), bool(every[:, 1].max())
         notes = []
-        if narrowest < self.decode_width.width:
+        if (narrowest := int(every[:, 0].min())) < self.decode_width.width:
             self.decode_width.width = narrowest
             notes.append(f"out of GPU memory in another process: {narrowest} at a time from now on")
-        if tiled and not tiles_as_configured(vae):
+        if bool(every[:, 1].max()) and not tiles_as_configured(vae):
             use_vae_tiling(vae, True)
             notes.append("out of GPU memory in another process: decoding in tiles from now on")
         self.keep_narrowing("decode", notes)
+        if scoring is not None and (narrowest := int(every[:, 2].min())) < scoring.width:
+            scoring.width = narrowest
+            note = f"out of GPU memory in another process: {narrowest} at a time from now on"
+            self.keep_narrowing("reward", [note])
+
+    def scoring_width(self) -> NarrowingWidth | None:
+        """A reward model's scoring width (None for rewards without a network)."""
+        return self.reward_fn.scoring_width() if isinstance(self.reward_fn, ModelReward) else None
 
     def sampling_policy(self) -> AbstractContextManager:
         """The weights that sample: the trained ones, or NFT's lagging copy."""
@@ -778,8 +796,7 @@ class Trainer:
         return rewards
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        if isinstance(self.reward_fn, ModelReward):
-            width = self.reward_fn.scoring_width()
+        if (width := self.scoring_width()) is not None:
             try:
                 with self.offloader.loaded("reward"), self.accelerator.autocast():
                     rewards = self.reward_fn(images, prompts)

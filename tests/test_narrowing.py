@@ -174,22 +174,28 @@ def test_processes_agree_on_the_narrowest_decode_another_one_reached(
     tiny_preset, tmp_path, monkeypatch, capsys
 ):
     """With several processes each narrows alone; at the epoch's end all take the
-    narrowest width (a faked gather: another process decodes 1 at a time), and the main
-    one logs and saves it."""
+    narrowest widths (a faked gather: another process decodes 1 at a time and scores 2),
+    and the main one logs and saves them."""
     config = load_preset(str(tiny_preset))
-    apply_overrides(config, ["run.epochs=1", "run.progress=false", "memory.decode_batch=4"])
+    overrides = ["memory.decode_batch=4", "reward.name='test_memory_hungry'", "reward.batch_size=8"]
+    apply_overrides(config, ["run.epochs=1", "run.progress=false", *overrides])
     validate(config)
     trainer = Trainer(config, tmp_path / "run")
     trainer.setup()
     trainer.start_fresh()
     acc = trainer.accelerator
     monkeypatch.setattr(type(acc), "num_processes", property(lambda self: 2))
-    monkeypatch.setattr(acc, "gather", lambda mine: torch.cat([mine, torch.tensor([[1, 0]])]))
-    trainer.agree_on_decode_width()
+    another = torch.tensor([[1, 0, 2]])  # decodes 1 at a time, no tiles, scores 2
+    monkeypatch.setattr(acc, "gather", lambda mine: torch.cat([mine, another]))
+    trainer.agree_on_narrowing()
     assert trainer.decode_width.width == 1 and config.memory.decode_batch == 1
-    assert "another process" in capsys.readouterr().out
-    assert load_config_file(tmp_path / "run" / "config.toml").memory.decode_batch == 1
-    trainer.agree_on_decode_width()  # nothing new: nothing said
+    assert trainer.scoring_width().width == 2 and config.reward.batch_size == 2
+    logged = capsys.readouterr().out
+    assert "decode: out of GPU memory in another process" in logged
+    assert "reward: out of GPU memory in another process" in logged
+    saved = load_config_file(tmp_path / "run" / "config.toml")
+    assert (saved.memory.decode_batch, saved.reward.batch_size) == (1, 2)
+    trainer.agree_on_narrowing()  # nothing new: nothing said
     assert "another process" not in capsys.readouterr().out
 
 
