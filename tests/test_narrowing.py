@@ -16,7 +16,7 @@ from lowvram_ddpo.config import (
     validate,
 )
 from lowvram_ddpo.memory.narrowing import NarrowingWidth
-from lowvram_ddpo.rewards import ModelReward, register_reward
+from lowvram_ddpo.rewards import ModelReward
 from lowvram_ddpo.rollout import decode_latents
 from lowvram_ddpo.trainer import Trainer
 
@@ -171,7 +171,7 @@ def test_a_narrowing_is_kept_when_the_batch_then_fails(tiny_preset, tmp_path):
 
 
 def test_processes_agree_on_the_narrowest_decode_another_one_reached(
-    tiny_preset, tmp_path, monkeypatch, capsys
+    tiny_preset, tmp_path, monkeypatch, capsys, memory_hungry_reward
 ):
     """With several processes each narrows alone; at the epoch's end all take the
     narrowest widths (a faked gather: another process decodes 1 at a time and scores 2),
@@ -217,12 +217,19 @@ class _MemoryHungryReward(ModelReward):
         return self.module(images.mean(dim=(2, 3))).squeeze(1)
 
 
-register_reward("test_memory_hungry", "brightness; out of memory above 2 images")(
-    _MemoryHungryReward
-)
+@pytest.fixture
+def memory_hungry_reward(monkeypatch):  # noqa: ANN001, ANN201
+    """``reward.name = 'test_memory_hungry'`` for one test (the registry is shared: the
+    `rewards` listing must not show it)."""
+    from lowvram_ddpo.rewards import base
+
+    entry = (_MemoryHungryReward, "brightness; out of memory above 2 images")
+    monkeypatch.setitem(base._REGISTRY, "test_memory_hungry", entry)
 
 
-def test_a_reward_model_scores_narrower_after_running_out_of_memory(tiny_preset, tmp_path, capsys):
+def test_a_reward_model_scores_narrower_after_running_out_of_memory(
+    tiny_preset, tmp_path, capsys, memory_hungry_reward
+):
     """A reward model's scoring batch halves like the decode's (the same ``NarrowingWidth``):
     the rewards are those of one image at a time, the run logs the change and keeps
     reward.batch_size in its config."""
