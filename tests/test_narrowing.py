@@ -35,6 +35,17 @@ def _failing_above(vae, most: int, calls: list[int]) -> None:  # noqa: ANN001
     vae.decode = decode_or_fail
 
 
+def _started_run(preset, folder, *overrides: str) -> Trainer:  # noqa: ANN001
+    """A tiny one-epoch run, set up and started (its config.toml written), not trained."""
+    config = load_preset(str(preset))
+    apply_overrides(config, ["run.epochs=1", "run.progress=false", *overrides])
+    validate(config)
+    trainer = Trainer(config, folder / "run")
+    trainer.setup()
+    trainer.start_fresh()
+    return trainer
+
+
 def test_a_decode_out_of_memory_halves_its_width_and_gives_the_same_images(tiny_pipeline):
     vae = tiny_pipeline.vae
     z = torch.randn(6, 4, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -81,12 +92,8 @@ def test_a_run_whose_decode_runs_out_of_memory_goes_on_and_keeps_the_narrower_wi
 ):
     """The trainer's decode narrows on out-of-memory and the epoch goes on: the run logs
     the change once and writes it to its config, so a resumed run starts narrow."""
-    config = load_preset(str(tiny_preset))
-    apply_overrides(config, ["run.epochs=1", "run.progress=false", "memory.decode_batch=8"])
-    validate(config)
-    trainer = Trainer(config, tmp_path / "run")
-    trainer.setup()
-    trainer.start_fresh()
+    trainer = _started_run(tiny_preset, tmp_path, "memory.decode_batch=8")
+    config = trainer.config
     calls: list[int] = []
     _failing_above(trainer.pipe.vae, 2, calls)
     _samples, rewards, _seconds = trainer.sample_and_score(epoch=0)
@@ -158,12 +165,7 @@ def test_a_decode_given_a_number_lets_the_error_stand(tiny_pipeline):
 def test_a_narrowing_is_kept_when_the_batch_then_fails(tiny_preset, tmp_path):
     """An error that gets out of the decode (one image does not fit, no tiles to fall
     back to) still leaves the narrowing it went through in the run's config."""
-    config = load_preset(str(tiny_preset))
-    apply_overrides(config, ["run.epochs=1", "run.progress=false", "memory.decode_batch=4"])
-    validate(config)
-    trainer = Trainer(config, tmp_path / "run")
-    trainer.setup()
-    trainer.start_fresh()
+    trainer = _started_run(tiny_preset, tmp_path, "memory.decode_batch=4")
     _failing_above(trainer.pipe.vae, 0, [])  # 32 px images: one tile already
     with pytest.raises(torch.OutOfMemoryError):
         trainer.sample_and_score(epoch=0)
@@ -176,13 +178,9 @@ def test_processes_agree_on_the_narrowest_decode_another_one_reached(
     """With several processes each narrows alone; at the epoch's end all take the
     narrowest widths (a faked gather: another process decodes 1 at a time and scores 2),
     and the main one logs and saves them."""
-    config = load_preset(str(tiny_preset))
     overrides = ["memory.decode_batch=4", "reward.name='test_memory_hungry'", "reward.batch_size=8"]
-    apply_overrides(config, ["run.epochs=1", "run.progress=false", *overrides])
-    validate(config)
-    trainer = Trainer(config, tmp_path / "run")
-    trainer.setup()
-    trainer.start_fresh()
+    trainer = _started_run(tiny_preset, tmp_path, *overrides)
+    config = trainer.config
     acc = trainer.accelerator
     monkeypatch.setattr(type(acc), "num_processes", property(lambda self: 2))
     another = torch.tensor([[1, 0, 2]])  # decodes 1 at a time, no tiles, scores 2
@@ -233,20 +231,9 @@ def test_a_reward_model_scores_narrower_after_running_out_of_memory(
     """A reward model's scoring batch halves like the decode's (the same ``NarrowingWidth``):
     the rewards are those of one image at a time, the run logs the change and keeps
     reward.batch_size in its config."""
-    config = load_preset(str(tiny_preset))
-    apply_overrides(
-        config,
-        [
-            "run.epochs=1",
-            "run.progress=false",
-            "reward.name='test_memory_hungry'",
-            "reward.batch_size=8",
-        ],
-    )
-    validate(config)
-    trainer = Trainer(config, tmp_path / "run")
-    trainer.setup()
-    trainer.start_fresh()
+    overrides = ("reward.name='test_memory_hungry'", "reward.batch_size=8")
+    trainer = _started_run(tiny_preset, tmp_path, *overrides)
+    config = trainer.config
     images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     trainer.reward_fn.calls.clear()  # setup's own check of the reward
     rewards = trainer.score(images, ["a cat"] * 6)
