@@ -237,9 +237,10 @@ class SpeedConfig:
     """Store the UNet's convolution weights in channels-last (NHWC) layout, the one a GPU's
     tensor-core convolutions take (``speed/channels_last.py``): cuDNN then stops turning
     each convolution's input and output between layouts (6.3% of an SD 1.5 epoch's kernel
-    time under Inductor on an H100, 2026-11-27). Eager on an H100 the training call was 8%
-    faster and sampling 10% slower; its speed under Inductor and its replay are not
-    measured yet: off."""
+    time under Inductor on an H100, 2026-11-27). Under Inductor every compiled graph is
+    then laid out channels-last too (its heuristic alone keeps SD's training graph NCHW).
+    Eager on an H100 the training call was 8% faster and sampling 10% slower; its speed
+    under Inductor and its replay are not measured yet: off."""
     half_norms: bool = False
     """Under mixed precision, run GroupNorm and LayerNorm in half precision, as diffusers'
     fp16 inference does (``speed/half_norms.py``), instead of autocast's float32 with a cast

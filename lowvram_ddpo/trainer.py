@@ -377,6 +377,7 @@ class Trainer:
             self.accelerator.device,
             say=self.log,
             scope=cfg.speed.compile_scope,
+            channels_last=cfg.speed.channels_last,
         )
         if note:
             self.log(note)

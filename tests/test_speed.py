@@ -840,6 +840,27 @@ def test_channels_last_relays_the_frozen_convolutions_and_replays_exactly(
     assert_samples_replay_with_ratio_one(pipe)
 
 
+def test_channels_last_has_inductor_lay_every_graph_out_channels_last(
+    tiny_preset, tmp_path, monkeypatch
+):
+    """With speed.channels_last, Inductor's options force its layout optimisation (its
+    heuristic keeps SD's training graph NCHW), and the trainer asks for it; without, the
+    options are Inductor's own (the compile itself is spied: Inductor on the CPU takes
+    minutes)."""
+    import lowvram_ddpo.trainer as trainer_module
+    from lowvram_ddpo.speed.compile import FORCED_LAYOUT, inductor_options
+
+    assert inductor_options("default", channels_last=True)[FORCED_LAYOUT] is True
+    assert FORCED_LAYOUT not in inductor_options("default")
+    asked: dict[str, object] = {}
+    monkeypatch.setattr(trainer_module, "compile_unet", lambda *a, **k: asked.update(k) or "")
+    for nhwc in (True, False):
+        config = load_preset(str(tiny_preset))
+        apply_overrides(config, [f"speed.channels_last={nhwc}", "speed.compile='default'"])
+        trainer_module.Trainer(config, tmp_path / str(nhwc)).setup()
+        assert asked["channels_last"] is nhwc
+
+
 def test_a_run_in_channels_last_trains_as_one_in_nchw_on_the_cpu(tiny_preset, tmp_path):
     """The trainer with speed.channels_last: its UNet's convolutions run NHWC, and two
     epochs give the rewards of the NCHW run (the same operations on the same values, fp32

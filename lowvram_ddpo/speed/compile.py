@@ -170,9 +170,13 @@ EAGER_ROUNDINGS = "emulate_precision_casts"
 PyTorch does (``torch._inductor.config``; torch >= 2.5)."""
 
 
-def inductor_options(mode: str, eager_roundings: bool = True) -> dict[str, object]:
+def inductor_options(
+    mode: str, eager_roundings: bool = True, channels_last: bool = False
+) -> dict[str, object]:
     """Inductor's options for ``mode`` (what ``torch.compile(mode=...)`` would set), with
-    half-precision results rounded where eager rounds them (``eager_roundings``).
+    half-precision results rounded where eager rounds them (``eager_roundings``), and
+    every graph's activations in channels-last layout (``channels_last``,
+    ``FORCED_LAYOUT``).
 
     Without it Inductor keeps a fused chain's intermediates in float32 and rounds once,
     and the sampling call's inference graph and the training call's forward graph fuse
@@ -194,7 +198,20 @@ def inductor_options(mode: str, eager_roundings: bool = True) -> dict[str, objec
     options: dict[str, object] = dict(list_mode_options(mode))
     if eager_roundings and hasattr(inductor_config, EAGER_ROUNDINGS):
         options[EAGER_ROUNDINGS] = True
+    if channels_last and hasattr(inductor_config, FORCED_LAYOUT):
+        options[FORCED_LAYOUT] = True
     return options
+
+
+FORCED_LAYOUT = "force_layout_optimization"
+"""Inductor's setting that lays every graph with convolutions out channels-last, past its
+own heuristic. That heuristic keeps any *training* graph with a convolution of twice as
+many input channels as output (SD's up blocks, after the skip connection: 2560 -> 1280)
+in NCHW, so cuDNN turns each convolution's input to NHWC and its output back (0.61 s of
+an epoch's 9.61 s of kernels, H100, 2026-11-27). With ``speed.channels_last`` (its frozen
+convolution weights already channels-last: no copy per call) the compiled calls keep the
+layout from end to end. Values unchanged; the kernels chosen may differ (the replay
+measures it)."""
 
 
 def compile_unet(
@@ -205,11 +222,14 @@ def compile_unet(
     eager_roundings: bool = True,
     say: Callable[[str], None] = print,
     scope: str = "model",
+    channels_last: bool = False,
 ) -> str:
     """Compile ``unet`` in place with ``mode`` (one of ``COMPILE_MODES``); returns a line
     for the log ("" when off). ``backend``, when given, replaces the mode's own (tests run
     the graph capture on the CPU with it). ``eager_roundings`` off (a benchmark's
-    control only) lets Inductor round as it fuses (``inductor_options``). ``scope``
+    control only) lets Inductor round as it fuses (``inductor_options``);
+    ``channels_last`` (``speed.channels_last``) has Inductor lay every graph out
+    channels-last (``FORCED_LAYOUT``). ``scope``
     "blocks" compiles the repeated blocks one by one (``compile_regions``). Should a
     compile fail, the UNet runs eagerly from then on and ``say`` hears why
     (``eager_if_compiling_fails``); each call that compiles says how long it took."""
@@ -235,7 +255,8 @@ def compile_unet(
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, wanted)
     # static shapes: each of the run's few shapes (sampling, training, grid) is compiled
     # once, specialised, instead of one slower dynamic-shape kernel for all of them
-    options = inductor_options(mode, eager_roundings) if backend == "inductor" else None
+    inductor = backend == "inductor"
+    options = inductor_options(mode, eager_roundings, channels_last) if inductor else None
     if mode in INDUCTOR_MODES and hasattr(functorch_config, EARLY_BACKWARD):
         # the backward compiles with the forward, at the first call, where a failure can
         # still be caught (lazily, it would fail inside the first backward pass)
