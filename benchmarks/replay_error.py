@@ -5,6 +5,8 @@
     python benchmarks/replay_error.py --arch flux2-klein --resolution 512 --dtype bf16
     python benchmarks/replay_error.py --arch sd15 --fused-lora (speed.fused_lora's layers)
     python benchmarks/replay_error.py --arch sd15 --half-norms (speed.half_norms)
+    python benchmarks/replay_error.py --arch sd15 --compile default --channels-last
+        (speed.channels_last: NHWC weights, Inductor's layout forced channels-last)
     python benchmarks/replay_error.py --arch sd15 --fp8 (memory.quantize=fp8's base)
     python benchmarks/replay_error.py --arch sd15 --batch 8 --micro-batch 1 (a real run's)
     python benchmarks/replay_error.py --compile default --cpu-autocast bf16 (no GPU: the
@@ -37,6 +39,7 @@ from lowvram_ddpo.memory.fp8_weights import store_weights_in_fp8
 from lowvram_ddpo.models import DTYPES, make_trainable
 from lowvram_ddpo.policy import build_policy
 from lowvram_ddpo.rollout import image_tokens, sample_trajectories
+from lowvram_ddpo.speed.channels_last import convolutions_in_channels_last
 from lowvram_ddpo.speed.compile import compile_unet
 from lowvram_ddpo.speed.half_norms import run_norms_in_half
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
@@ -63,6 +66,7 @@ def replay_error(
     seed: int = 0,
     checkpointing: bool = False,
     training_graph_sampling: bool = False,
+    channels_last: bool = False,
 ) -> dict[str, object]:
     """``resolution`` 0: the architecture's own; ``precision`` of the base on a GPU;
     ``fused_lora``: the LoRA layers as ``speed.fused_lora`` computes them; ``micro_batch``:
@@ -76,7 +80,9 @@ def replay_error(
     off), the control for what the trainer's compile avoids. ``seed``: the random
     weights'. ``checkpointing``: the training call recomputes its forward
     (``memory.gradient_checkpointing``, as the trainer sets it). ``training_graph_sampling``:
-    sampled through the training call's graph (``speed/training_graph_sampling.py``)."""
+    sampled through the training call's graph (``speed/training_graph_sampling.py``).
+    ``channels_last``: ``speed.channels_last`` (NHWC weights; compiled, every graph laid out
+    channels-last)."""
     micro_batch = micro_batch or batch
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -94,7 +100,11 @@ def replay_error(
         fuse_lora_layers(pipe.unet)
     if half_norms:
         run_norms_in_half(pipe.unet)
-    compile_unet(pipe.unet, mode, device, eager_roundings=not fused_roundings)
+    if channels_last:
+        convolutions_in_channels_last(pipe.unet)
+    compile_unet(
+        pipe.unet, mode, device, eager_roundings=not fused_roundings, channels_last=channels_last
+    )
     resolution = resolution or native_resolution(arch)
     tokens = image_tokens(pipe.unet, pipe.vae, resolution)
     config = pipe.scheduler.config
@@ -136,6 +146,7 @@ def replay_error(
         "seed": seed,
         "checkpointing": checkpointing,
         "training_graph_sampling": training_graph_sampling,
+        "channels_last": channels_last,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "dtype": str(dtype),
         "resolution": resolution,
@@ -177,11 +188,13 @@ def main() -> None:
         "--training-graph-sampling", action="store_true",
         help="sample through the training call's compiled graph",
     )  # fmt: skip
+    parser.add_argument("--channels-last", action="store_true", help="speed.channels_last")
     args = parser.parse_args()
     result = replay_error(
         args.arch, args.compile, args.steps, args.batch, args.resolution, args.dtype,
         args.fused_lora, args.micro_batch, args.half_norms, args.fp8, args.cpu_autocast,
         args.fused_roundings, args.seed, args.checkpointing, args.training_graph_sampling,
+        args.channels_last,
     )  # fmt: skip
     print(json.dumps(result))
 

@@ -1240,6 +1240,9 @@ def test_the_replay_error_script_runs_on_a_flow_model():
     assert split["micro_batch"] == 1 and split["fused_lora"] and split["half_norms"]
     assert split["fp8"]
     assert split["rms_log_prob_difference"] < 1e-5 and split["largest_clip_fraction"] == 0
+    # speed.channels_last's NHWC weights (eager here; Inductor's forced layout: GPU stage)
+    nhwc = replay_error.replay_error("pocket", "off", 3, batch=2, channels_last=True)
+    assert nhwc["channels_last"] and nhwc["rms_log_prob_difference"] < 1e-6
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without CUDA")
