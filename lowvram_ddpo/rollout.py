@@ -352,9 +352,11 @@ def render(
     progress: bool = False,
     offloader: Offloader | None = None,
     cache: PromptCache | None = None,
+    decode: int | NarrowingWidth = 1,
 ) -> Tensor:
     """[P, S, 3, H, W] images, one per (prompt, seed), each from its own seeded generator,
-    so an image depends only on its prompt, its seed and the weights."""
+    so an image depends only on its prompt, its seed and the weights. ``decode``: as
+    ``decode_latents``'s width (a ``NarrowingWidth`` falls back to tiles)."""
     rows = []
     for prompt in tqdm(prompts, desc="rendering", leave=False, disable=not progress):
         row = []
@@ -372,6 +374,7 @@ def render(
                     generator,
                     offloader=offloader,
                     cache=cache,
+                    decode_batch=decode,
                 ).images[0]
             )
         rows.append(torch.stack(row))

@@ -23,12 +23,13 @@ from lowvram_ddpo.models import (
     pipeline_class,
     resolve_model_name,
     show_loading_bars,
+    use_vae_tiling,
 )
 from lowvram_ddpo.offload import Offloader
 from lowvram_ddpo.policy import DEFAULT_NOISE_LEVEL, build_policy, sampler_for
 from lowvram_ddpo.preflight import native_resolution_of, saved_model_index
 from lowvram_ddpo.rewards import ModelReward, build_reward, check_reward_names, check_rewards
-from lowvram_ddpo.rollout import image_tokens, render
+from lowvram_ddpo.rollout import decode_width, image_tokens, render
 from lowvram_ddpo.text_encoding import PromptCache, encode_negative, text_encoders
 
 DEFAULT_MODEL = ModelConfig().name
@@ -70,9 +71,12 @@ class SampleResult:
     """Each panel's images, [prompts, seeds, 3, H, W] in [0, 1]."""
     fp8: bool = False
     """Rendered with the denoiser's weights in fp8."""
+    notes: list[str] = field(default_factory=list)
+    """What rendering had to change (a decode that ran out of GPU memory went tiled)."""
 
     def report_lines(self) -> list[str]:
         lines = ["the denoiser's frozen weights in fp8 (--no-fp8: 16 bits)"] if self.fp8 else []
+        lines += self.notes
         for panel, values in self.scores.items():
             for p, prompt in enumerate(self.prompts):
                 cells = "  ".join(
@@ -163,6 +167,9 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     show_loading_bars(request.progress)
     use_t5 = run.model.use_t5 if run else True
     pipe = load_pipeline(model, dtype, lcm_lora=lcm_lora, use_t5=use_t5)
+    # a run's own tiling (what its rewards saw); else tiles only where a decode runs out
+    use_vae_tiling(pipe.vae, bool(run and run.memory.vae_tiling))
+    decoding = decode_width(1)
     fp8 = request.fp8 if request.fp8 is not None else run_quantised(run)
     if fp8:  # on the host, before the denoiser goes to the card
         store_weights_in_fp8(pipe.unet.requires_grad_(False))
@@ -208,6 +215,7 @@ def render_comparison(request: SampleRequest) -> SampleResult:
                 progress=request.progress,
                 cache=cache,
                 offloader=offloader,
+                decode=decoding,
             )
 
     panels = {BASE_PANEL: images()}
@@ -234,4 +242,5 @@ def render_comparison(request: SampleRequest) -> SampleResult:
             values = check_rewards(reward(flat, prompts), len(flat), request.reward)
             scores[name] = values.view(len(request.prompts), len(request.seeds))
     image = make_grid(panels, request.prompts, request.seeds, scores or None)
-    return SampleResult(image, request.prompts, request.seeds, scores, panels, fp8)
+    notes = [f"decode: {note}" for note in decoding.take_notes()]
+    return SampleResult(image, request.prompts, request.seeds, scores, panels, fp8, notes)

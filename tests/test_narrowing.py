@@ -245,3 +245,50 @@ def test_a_reward_model_scores_narrower_after_running_out_of_memory(
     assert "scoring images 3 at once: 2 at a time" in logged
     assert config.reward.batch_size == 2
     assert load_config_file(tmp_path / "run" / "config.toml").reward.batch_size == 2
+
+
+def test_the_sample_command_tiles_a_decode_that_runs_out_of_memory_and_says_so(
+    tiny_model_dir, monkeypatch
+):
+    """`lowvram-ddpo sample` decodes through a narrowing width too: where one image does
+    not fit (here: any untiled decode, 64 px images on the tiny VAE's 32 px tiles), it
+    renders in tiles and its report says so."""
+    from diffusers import AutoencoderKL
+
+    from lowvram_ddpo.sampling import SampleRequest, render_comparison
+
+    decode = AutoencoderKL.decode
+
+    def decode_or_fail(self, latents, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if not self.use_tiling:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return decode(self, latents, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "decode", decode_or_fail)
+    request = SampleRequest(
+        ["a cat"], [0], model=str(tiny_model_dir), steps=2, resolution=64, progress=False
+    )
+    result = render_comparison(request)
+    assert result.panels["base model"].shape[-1] == 64
+    assert any("decode: out of GPU memory decoding one image" in line for line in result.notes)
+    assert result.notes[0] in result.report_lines()
+
+
+def test_the_sample_command_tiles_as_the_run_did(tiny_preset, tiny_model_dir, monkeypatch):
+    """A run that trained with memory.vae_tiling renders its grids tiled too (the images
+    its rewards saw); a model without a run, untiled."""
+    import lowvram_ddpo.sampling as sampling
+
+    run = load_preset(str(tiny_preset))
+    apply_overrides(run, ["memory.vae_tiling=true"])
+    asked: list[bool] = []
+    real = sampling.use_vae_tiling
+    monkeypatch.setattr(
+        sampling, "use_vae_tiling", lambda vae, on: asked.append(on) or real(vae, on)
+    )
+    request = sampling.SampleRequest(["a cat"], [0], steps=2, progress=False)
+    for found, expected in ((run, True), (None, False)):
+        monkeypatch.setattr(sampling, "_run_config_for", lambda lora, found=found: found)
+        request.model = "" if found else str(tiny_model_dir)
+        sampling.render_comparison(request)
+        assert asked.pop() is expected
