@@ -259,7 +259,7 @@ def tile_from_now_on(vae: torch.nn.Module, latents: Tensor) -> str:
         use_vae_tiling(vae, True)
         return (
             f"out of GPU memory decoding one image: decoding in {VAE_TILE_PIXELS} px tiles "
-            "from now on in this run (--set memory.vae_tiling=true starts there)"
+            "from now on (memory.vae_tiling = true starts there)"
         )
     tile = pixels // 2
     if tile < SMALLEST_VAE_TILE:
@@ -267,8 +267,7 @@ def tile_from_now_on(vae: torch.nn.Module, latents: Tensor) -> str:
     use_vae_tiling(vae, True, tile)
     return (
         f"out of GPU memory decoding one {pixels} px image: decoding in {tile} px tiles "
-        "from now on in this run (seams blended; on a card this small, lower "
-        "sample.resolution or use --vram to fit the run)"
+        "from now on (seams blended; on a card this small, a lower resolution fits better)"
     )
 
 

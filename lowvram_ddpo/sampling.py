@@ -243,4 +243,6 @@ def render_comparison(request: SampleRequest) -> SampleResult:
             scores[name] = values.view(len(request.prompts), len(request.seeds))
     image = make_grid(panels, request.prompts, request.seeds, scores or None)
     notes = [f"decode: {note}" for note in decoding.take_notes()]
+    if request.reward and isinstance(reward, ModelReward):
+        notes += [f"reward: {note}" for note in reward.scoring_width().take_notes()]
     return SampleResult(image, request.prompts, request.seeds, scores, panels, fp8, notes)

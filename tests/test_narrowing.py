@@ -292,3 +292,54 @@ def test_the_sample_command_tiles_as_the_run_did(tiny_preset, tiny_model_dir, mo
         request.model = "" if found else str(tiny_model_dir)
         sampling.render_comparison(request)
         assert asked.pop() is expected
+
+
+def test_a_mixed_reward_counts_each_part_once_when_a_part_runs_out_of_memory():
+    """``reward.mix``: a part that runs out of memory midway has the call scored again,
+    narrower; the parts scored before it are not counted twice in their logged means."""
+    from lowvram_ddpo.rewards import build_reward
+    from lowvram_ddpo.rewards.mix import MixedReward
+
+    mix = {"jpeg_incompressibility": 1.0, "test_memory_hungry": 1.0}
+    config = RewardConfig(name="mix", mix=mix, batch_size=4)
+    jpeg = build_reward("jpeg_incompressibility")
+    parts = {
+        "jpeg_incompressibility": jpeg,
+        "test_memory_hungry": _MemoryHungryReward(config, None),
+    }
+    reward = MixedReward(config, torch.float32, parts)
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    reward(images, ["a cat"] * 4)
+    assert reward.scoring_width().width == 2  # 4 ran out of memory, then 2 at a time
+    means = reward.extra_metrics()
+    jpeg_mean = next(v for k, v in means.items() if "jpeg" in k)
+    assert jpeg_mean == pytest.approx(jpeg(images, ["a cat"] * 4).mean().item(), rel=1e-5)
+
+
+def test_a_benchmark_reports_the_decode_width_its_run_narrowed_to(monkeypatch):
+    """`bench speed` on the pocket model with a decode that runs out of memory above one
+    image: the run goes on, and the report's settings give the width it ended with."""
+    import json
+
+    from diffusers import AutoencoderKL
+    from typer.testing import CliRunner
+
+    from lowvram_ddpo.cli import app
+
+    decode = AutoencoderKL.decode
+
+    def decode_or_fail(self, latents, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if len(latents) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return decode(self, latents, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "decode", decode_or_fail)
+    result = CliRunner().invoke(
+        app,
+        ["bench", "speed", "--preset", "pocket-incompressibility", "--batches", "1",
+         "--set", "sample.num_steps=2", "--set", "sample.batch_size=4",
+         "--set", "train.batch_size=4", "--set", "train.gradient_accumulation_steps=1",
+         "--set", "memory.decode_batch=4", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["settings"]["decode_batch"] == 1  # 4 -> 2 -> 1

@@ -65,7 +65,9 @@ def run_on_random_weights(
     """Train ``cfg`` (already shortened) on random-weight models of ``arch`` on this
     machine's accelerator: the per-epoch metrics and the phase meter. The last epoch runs
     inside ``around_last_epoch()`` (``bench speed --profile``: a profiler, once warm). The
-    models are freed before it returns."""
+    models are freed before it returns. A decode or scoring width the run narrowed after
+    running out of memory is written back into ``cfg`` (the trainer's log says so): the
+    report's settings are then those its last epochs ran with."""
     from lowvram_ddpo.trainer import Trainer
 
     release_device_memory()  # what an earlier measurement in this process left behind
@@ -80,7 +82,7 @@ def run_on_random_weights(
         pipe.unet = quantized
     # reward models too: random weights from their configs, nothing downloaded
     reward = reward_with_random_weights(cfg.reward, dtype, device)
-    cfg = copy.deepcopy(cfg)
+    given, cfg = cfg, copy.deepcopy(cfg)
     cfg.run.log_with = "none"  # a benchmark's throwaway run: no TensorBoard events
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(cfg, Path(folder), pipeline=pipe, reward=reward)
@@ -91,6 +93,11 @@ def run_on_random_weights(
         # (`bench speed --json > speed.json`)
         with contextlib.redirect_stdout(sys.stderr):
             history = trainer.fit()
+    given.memory.decode_batch, given.memory.vae_tiling = (
+        cfg.memory.decode_batch,
+        cfg.memory.vae_tiling,
+    )
+    given.reward.batch_size = cfg.reward.batch_size  # narrowed, if it ran out of memory
     meter = trainer.meter
     del trainer, pipe, reward
     release_device_memory()

@@ -14,6 +14,7 @@ it and an error there stops the run with its advice (``Trainer.out_of_memory_mes
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -66,8 +67,10 @@ class NarrowingWidth:
 
     def _narrow(self, failed: int, last_resort: Callable[[], str] | None, error: str) -> None:
         release_cached_blocks()  # the failed call's blocks, cut to its shapes
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        on_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if on_cuda and threading.current_thread() is threading.main_thread():
             # the failed call's near-full card is not a peak the run needs from now on
+            # (not from a reward's worker thread: the main thread's phase is being measured)
             torch.cuda.reset_peak_memory_stats()
         if failed > 1:
             self.width = (failed + 1) // 2  # 3 -> 2: no narrower than half

@@ -63,11 +63,14 @@ class MixedReward(ModelReward):
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         total = torch.zeros(len(images), device=images.device)
-        for name, weight in self.weights.items():
+        sums = {}  # counted once every part has scored: a call that runs out of memory
+        for name, weight in self.weights.items():  # midway is scored again, narrower
             values = self.score_one(name, images, prompts)
             if values.device.type != "meta":
-                self.sums[name] += values.detach().sum().item()
+                sums[name] = values.detach().sum().item()
             total = total + weight * values
+        for name, value in sums.items():
+            self.sums[name] += value
         self.count += len(images)
         return total
 
