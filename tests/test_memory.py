@@ -1409,3 +1409,36 @@ def test_benchmark_models_are_the_same_random_weights_for_the_same_seed():
     first, again, other = unet_weights(0, 1), unet_weights(0, 2), unet_weights(1, 1)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_without_expandable_segments_a_fit_leaves_the_default_allocators_room(
+    sd15_run, monkeypatch
+):
+    """Windows has no expandable segments (nor has a user's own allocator setting without
+    them): reserved is then counted at the default allocator's measured 1.70x, the report
+    and the fit's line say so, and the fit picks a setting that fits with that room."""
+    from lowvram_ddpo.memory.allocator import expandable_segments_expected
+    from lowvram_ddpo.memory.calibration import (
+        RESERVED_OVER_ALLOCATED,
+        RESERVED_OVER_ALLOCATED_PLAIN,
+    )
+
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert expandable_segments_expected()  # none set: the command line sets them
+    linux = _estimate(sd15_run).phase("training")
+    assert linux.peak_reserved == int(linux.peak_allocated * RESERVED_OVER_ALLOCATED)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # the user's
+    assert not expandable_segments_expected()
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True,max_split_size_mb:64")
+    assert expandable_segments_expected()
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setattr(sys, "platform", "win32")
+    plain = _estimate(sd15_run)
+    training = plain.phase("training")
+    assert training.peak_reserved == int(training.peak_allocated * RESERVED_OVER_ALLOCATED_PLAIN)
+    assert any("no expandable segments" in note for note in plain.notes)
+    fit = fit_to_vram(load_preset("incompressibility"), "sd15", parse_size("8GB"))
+    assert fit.report.peak_bytes + CUDA_CONTEXT_BYTES <= 8 * GB
+    assert "no expandable segments" in fit.summary("8GB")

@@ -43,6 +43,16 @@ def configure_allocator() -> str:
     return ours
 
 
+def expandable_segments_expected() -> bool:
+    """Whether this machine's runs reserve with expandable segments: on Linux, unless an
+    allocator setting of the user's leaves them out (none set: the command line sets
+    them, ``configure_allocator``). Elsewhere (Windows, macOS) PyTorch has none."""
+    if sys.platform != "linux":
+        return False
+    chosen = next((os.environ[name] for name in ALLOCATOR_VARIABLES if os.environ.get(name)), None)
+    return chosen is None or EXPANDABLE_SEGMENTS.lower() in chosen.replace(" ", "").lower()
+
+
 def release_cached_blocks() -> None:
     """Hand the allocator's free cached blocks back to the driver, at the start of each of
     an epoch's phases (the trainer's ``PhaseMeter``: encode, sampling, decode, reward,

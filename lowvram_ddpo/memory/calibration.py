@@ -16,11 +16,24 @@ Calibrated on the first GPU measurements (one NVIDIA H100 80GB, 2026-11-25,
 
 from __future__ import annotations
 
+from lowvram_ddpo.memory.allocator import expandable_segments_expected
 from lowvram_ddpo.memory.units import GB
 
 RESERVED_OVER_ALLOCATED = 1.11
 """Peak reserved / estimated allocated, with expandable segments: the largest measured
 ratio (1.104), rounded up."""
+
+RESERVED_OVER_ALLOCATED_PLAIN = 1.70
+"""The same with PyTorch's default allocator (no expandable segments: Windows, or an
+allocator setting of the user's without them): measured 1.40 (SDXL, 9.34 GiB reserved
+for 6.68 allocated) and 1.68 (SD 1.5 with checkpointing, 4.61 for 2.74) on the H100,
+2026-11-25; the larger, rounded up. A fit on such a machine leaves that room."""
+
+
+def fragmentation_ratio() -> float:
+    """Reserved over allocated for runs on this machine (``expandable_segments_expected``)."""
+    expandable = expandable_segments_expected()
+    return RESERVED_OVER_ALLOCATED if expandable else RESERVED_OVER_ALLOCATED_PLAIN
 
 
 GRAPHS_LATER_EPOCH_GROWTH = int(1.4 * GB)
@@ -62,7 +75,7 @@ def reserved_bytes(allocated: int, graph_pool: int = 0) -> int:
     the fragmentation ratio applies to the rest only (measured on an H200, 2026-11-26:
     within 3.3% of both rows' first epochs; `estimate.graph_pool_bytes`), and later epochs
     grow by ``GRAPHS_LATER_EPOCH_GROWTH``."""
-    rest = int((allocated - graph_pool) * RESERVED_OVER_ALLOCATED)
+    rest = int((allocated - graph_pool) * fragmentation_ratio())
     return rest + (graph_pool + GRAPHS_LATER_EPOCH_GROWTH if graph_pool else 0)
 
 

@@ -35,7 +35,12 @@ from lowvram_ddpo.algorithms.steps import (
 from lowvram_ddpo.architectures import Components, build_components, default_architecture
 from lowvram_ddpo.config import Config, RewardConfig
 from lowvram_ddpo.errors import UserError
-from lowvram_ddpo.memory.calibration import decode_working_bytes, reserved_bytes
+from lowvram_ddpo.memory.allocator import expandable_segments_expected
+from lowvram_ddpo.memory.calibration import (
+    RESERVED_OVER_ALLOCATED_PLAIN,
+    decode_working_bytes,
+    reserved_bytes,
+)
 from lowvram_ddpo.memory.checkpointing import disable_checkpointing, enable_checkpointing
 from lowvram_ddpo.memory.counting import (
     DeviceBytesCounter,
@@ -512,7 +517,15 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
         phase("reward", reward_peak, loaded=scorer),
         phase("training", train_peak + dequantised, also=grads),
     ]
-    return MemoryReport(method="estimate", arch=arch, settings=settings_of(config), phases=phases)
+    notes = [] if expandable_segments_expected() else [PLAIN_ALLOCATOR_NOTE]
+    return MemoryReport("estimate", arch, settings_of(config), phases, notes)
+
+
+PLAIN_ALLOCATOR_NOTE = (
+    f"no expandable segments on this machine (Windows, or your PYTORCH_CUDA_ALLOC_CONF): "
+    f"reserved counted at {RESERVED_OVER_ALLOCATED_PLAIN}x the allocated bytes, as measured "
+    "with PyTorch's default allocator (1.11x with them)"
+)
 
 
 def graph_pool_bytes(config: Config, run: MetaRun, step_peak: int, train_peak: int) -> int:

@@ -74,7 +74,7 @@ class Fit:
             f"--vram {vram}: {changed}; predicted peak {format_size(self.report.peak_bytes)} "
             f"reserved + ~{format_size(CUDA_CONTEXT_BYTES)} CUDA context ({self.report.method}), "
             f"~{format_duration(self.epoch_seconds)} per epoch on {self.gpu.name} (time model"
-            f"{self.run_length()})"
+            f"{self.run_length()})" + "".join(f"; {note}" for note in self.report.notes)
         )
 
     def run_length(self) -> str:
