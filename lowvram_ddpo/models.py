@@ -119,8 +119,13 @@ def use_vae_tiling(vae: torch.nn.Module, enabled: bool, tile_pixels: int = VAE_T
         vae.disable_tiling()
         return
     vae.enable_tiling()
-    vae.tile_sample_min_size = min(vae.config.sample_size, tile_pixels)
+    vae.tile_sample_min_size = vae_tile(vae, tile_pixels)
     vae.tile_latent_min_size = vae.tile_sample_min_size // vae_scale(vae)
+
+
+def vae_tile(vae: torch.nn.Module, tile_pixels: int = VAE_TILE_PIXELS) -> int:
+    """The side of ``vae``'s tiles at ``tile_pixels``: never above its own sample size."""
+    return min(vae.config.sample_size, tile_pixels)
 
 
 def vae_scale(vae: torch.nn.Module) -> int:
@@ -130,13 +135,12 @@ def vae_scale(vae: torch.nn.Module) -> int:
 
 def tiling_would_split(vae: torch.nn.Module, pixels: int) -> bool:
     """Whether ``use_vae_tiling`` would decode an image ``pixels`` wide in several tiles."""
-    return pixels > min(vae.config.sample_size, VAE_TILE_PIXELS)
+    return pixels > vae_tile(vae)
 
 
 def tiles_as_configured(vae: torch.nn.Module) -> bool:
     """Whether ``vae`` tiles as ``memory.vae_tiling`` makes it (not in smaller tiles)."""
-    tile = min(vae.config.sample_size, VAE_TILE_PIXELS)
-    return bool(getattr(vae, "use_tiling", False)) and vae.tile_sample_min_size == tile
+    return bool(getattr(vae, "use_tiling", False)) and vae.tile_sample_min_size == vae_tile(vae)
 
 
 SMALLEST_VAE_TILE = 128

@@ -746,18 +746,18 @@ class Trainer:
         mine = [self.decode_width.width, int(tiles_as_configured(vae))]
         mine.append(scoring.width if scoring is not None else 0)
         every = self.accelerator.gather(torch.tensor([mine], device=self.accelerator.device))
+        elsewhere = "out of GPU memory in another process:"
         notes = []
         if (narrowest := int(every[:, 0].min())) < self.decode_width.width:
             self.decode_width.width = narrowest
-            notes.append(f"out of GPU memory in another process: {narrowest} at a time from now on")
+            notes.append(f"{elsewhere} {narrowest} at a time from now on")
         if bool(every[:, 1].max()) and not tiles_as_configured(vae):
             use_vae_tiling(vae, True)
-            notes.append("out of GPU memory in another process: decoding in tiles from now on")
+            notes.append(f"{elsewhere} decoding in tiles from now on")
         self.keep_narrowing("decode", notes)
         if scoring is not None and (narrowest := int(every[:, 2].min())) < scoring.width:
             scoring.width = narrowest
-            note = f"out of GPU memory in another process: {narrowest} at a time from now on"
-            self.keep_narrowing("reward", [note])
+            self.keep_narrowing("reward", [f"{elsewhere} {narrowest} at a time from now on"])
 
     def scoring_width(self) -> NarrowingWidth | None:
         """A reward model's scoring width (None for rewards without a network)."""

@@ -31,12 +31,12 @@ class NarrowingWidth:
     calls (the next batches of the epoch, the next epochs), and each change leaves a line
     in ``notes`` for the run's log."""
 
-    def __init__(self, width: int, setting: str, work: str = "decoding images") -> None:
+    def __init__(self, width: int, setting: str, doing: str = "decoding images") -> None:
         if width < 1:
             raise ValueError(f"{setting} must be at least 1, not {width}")
         self.width = width
         self.setting = setting
-        self.work = work  # what the calls do, as the notes say it
+        self.doing = doing  # what the calls do, as the notes say it
         self.notes: list[str] = []
         self.resort_taken = False
 
@@ -75,7 +75,7 @@ class NarrowingWidth:
         if failed > 1:
             self.width = (failed + 1) // 2  # 3 -> 2: no narrower than half
             self.notes.append(
-                f"out of GPU memory {self.work} {failed} at once: {self.width} at a time from "
+                f"out of GPU memory {self.doing} {failed} at once: {self.width} at a time from "
                 f"now on in this run (--set {self.setting}={self.width} starts there)"
             )
             return
