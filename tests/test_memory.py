@@ -599,10 +599,12 @@ def test_every_shipped_preset_fits_its_budget(preset):
 
 def test_rlcm_presets_keep_cuda_graphs_where_they_fit_and_drop_them_where_not(monkeypatch):
     """rlcm-incompressibility sets speed.compile=cudagraphs (2.0x its eager epoch on an
-    H100): a fit to a 12 GB card keeps them, to a 6 GB card drops them for a setting that
-    fits (and says so), and keeps them when the user set them; without CUDA, or on several
-    GPUs, a preset's "auto" turns them off, as a user's own choice is kept (to fail with
-    its one line without CUDA). Inductor's graph mode falls back to Inductor alone."""
+    H100). Where Inductor cannot run (no Triton): a fit to a 12 GB card keeps them, to a
+    6 GB card drops them for a setting that fits (and says so), and keeps them when the
+    user set them. Where it can, the fit takes Inductor's kernels at bigger batches where
+    the time model predicts them faster (an 8 GB card). Without CUDA, or on several GPUs,
+    a preset's "auto" turns them off, as a user's own choice is kept (to fail with its
+    one line without CUDA). Inductor's graph mode falls back to Inductor alone."""
     from lowvram_ddpo.memory.fit import fit_for_run
 
     monkeypatch.setattr("lowvram_ddpo.memory.fit.this_gpu", _an_h100)  # the calibrated card
@@ -610,20 +612,29 @@ def test_rlcm_presets_keep_cuda_graphs_where_they_fit_and_drop_them_where_not(mo
     assert config.speed.compile == "cudagraphs" and config.speed.graph_sampling
     assert load_preset("rlcm-sdxl-aesthetic").speed.compile == "off"  # not timed on SDXL
     assert load_preset("pocket-rlcm-incompressibility").speed.compile == "off"
-    roomy = fit_to_vram(config, "sd15-lcm", 12 * GB)
+    roomy = fit_to_vram(config, "sd15-lcm", 12 * GB, inductor=False)
     assert roomy.config.speed.compile == "cudagraphs"
     # a card whose calls are bound by arithmetic: graphs would save nothing
     monkeypatch.setattr("lowvram_ddpo.memory.fit.this_gpu", lambda: Gpu.listed("slow", 40.0))
-    assert fit_to_vram(config, "sd15-lcm", 12 * GB).config.speed.compile == "off"
+    slow = fit_to_vram(config, "sd15-lcm", 12 * GB, inductor=False)
+    assert slow.config.speed.compile == "off"
     monkeypatch.setattr("lowvram_ddpo.memory.fit.this_gpu", _an_h100)
     assert not roomy.config.memory.gradient_checkpointing  # the pair not timed yet
-    small = fit_to_vram(config, "sd15-lcm", 6 * GB)
+    small = fit_to_vram(config, "sd15-lcm", 6 * GB, inductor=False)
     assert small.config.speed.compile == "off" and "speed.compile cudagraphs -> off" in (
         small.summary("6GB")
     )
     assert small.report.peak_bytes + CUDA_CONTEXT_BYTES <= 6 * GB
     held = fit_to_vram(config, "sd15-lcm", 7 * GB, held=frozenset({"speed.compile"}))
     assert held.config.speed.compile == "cudagraphs"
+    # where Inductor runs, its kernels at micro-batch 16 with checkpointing beat eager's
+    inductor = fit_to_vram(config, "sd15-lcm", 8 * GB)
+    assert inductor.config.speed.compile == "default"
+    assert inductor.config.train.batch_size == 16
+    assert "speed.compile cudagraphs -> default" in inductor.summary("8GB")
+    eager = fit_to_vram(config, "sd15-lcm", 8 * GB, inductor=False)
+    assert eager.config.speed.compile == "off"
+    assert inductor.epoch_seconds < 0.8 * eager.epoch_seconds
     # Inductor's graph mode, where its pool does not fit: Inductor's kernels without graphs
     inductor = copy.deepcopy(config)
     inductor.speed.compile = "reduce-overhead"
@@ -675,14 +686,14 @@ def test_a_fit_raises_a_small_sampling_batch_where_it_pays(monkeypatch):
 
 def test_the_run_length_table_fits_each_preset_to_each_card():
     """benchmarks/run_length.py: what `--vram` picks and the predicted epoch and run on a
-    card of a given size and listed speed (the RLCM preset keeps its graphs only on the
-    fast card, where they pay)."""
+    card of a given size and listed speed (the RLCM preset's CUDA graphs give way to
+    Inductor's kernels, assumed to run there)."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     import run_length
 
     fast = run_length.row("rlcm-incompressibility", "8GB", 165)
     slow = run_length.row("rlcm-incompressibility", "8GB", 40)
-    assert fast.startswith("| rlcm-incompressibility | 8GB | 165 | ") and "cudagraphs" in fast
+    assert fast.startswith("| rlcm-incompressibility | 8GB | 165 | ") and "default" in fast
     assert "cudagraphs" not in slow and "(100) |" in slow
 
 
@@ -859,6 +870,15 @@ def test_a_presets_inductor_mode_runs_eagerly_on_a_gpu_without_triton(monkeypatc
     graphs = load_preset("rlcm-incompressibility")
     graphs.memory.vram = "off"
     assert fit_for_run(graphs, "sd15-lcm") == (graphs, "")
+    # fitted, a preset's CUDA graphs give way to eager kernels here, not to Inductor's
+    graphs.memory.vram = "8GB"
+    eager, line = fit_for_run(graphs, "sd15-lcm")
+    assert eager.speed.compile == "off" and "speed.compile cudagraphs -> off" in line
+    estimated, line = fit_for_run(graphs, "sd15-lcm", runs_here=False)  # for a card with it
+    assert estimated.speed.compile == "default" and "cudagraphs -> default" in line
+    monkeypatch.setattr(fit, "inductor_gpu_missing", lambda: "")
+    inductor, _ = fit_for_run(graphs, "sd15-lcm")
+    assert inductor.speed.compile == "default"
 
 
 def test_a_presets_compile_mode_where_it_was_never_run_or_cannot_run(monkeypatch):

@@ -139,10 +139,12 @@ def candidates(
     text_on_cpu: bool,
     growth: int = SAMPLING_BATCH_GROWTH,
     levels: int = 0,
+    inductor: bool = True,
 ) -> Iterator[Config]:
     """Every combination of the levers, in a fixed order (the tie-break of equal times);
     sampling batches up to ``growth`` times the one written; checkpointing of all but up
-    to ``levels`` - 1 of the UNet's resolution levels (0: a model without levels)."""
+    to ``levels`` - 1 of the UNet's resolution levels (0: a model without levels);
+    Inductor in place of dropped CUDA graphs where it can run (``inductor``)."""
     s, t = config.sample, config.train
     samples = s.batch_size * s.batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
@@ -162,7 +164,7 @@ def candidates(
     # CUDA graphs as set, then without them: their pool is what a small card lacks first
     compiling = [config.speed.compile]
     if config.speed.compile in GRAPH_MODES:
-        compiling.append(without_graphs(config.speed.compile))
+        compiling.append(without_graphs(config.speed.compile, inductor))
     batches = sampling_batches(config, growth)
     micros = micro_batches(config, largest=max(batches))
     levers = itertools.product(compiling, checkpointing, tiling, offloading)
@@ -193,10 +195,12 @@ def candidates(
                 yield trial
 
 
-def without_graphs(mode: str) -> str:
-    """A compile mode less its CUDA graphs: Inductor's fused kernels stay (``default``)
-    where it was one of Inductor's graph modes, else eager."""
-    return "default" if mode in INDUCTOR_MODES else "off"
+def without_graphs(mode: str, inductor: bool = True) -> str:
+    """A compile mode less its CUDA graphs: Inductor's fused kernels (``default``) where
+    it was one of Inductor's graph modes, or where ``inductor`` can run (plain
+    ``cudagraphs`` replays eager kernels: its fallback need not be eager, and Inductor's
+    replayed SD 1.5's UNet within 0.07 of DDPO's clip range on an H100), else eager."""
+    return "default" if mode in INDUCTOR_MODES or inductor else "off"
 
 
 FITTED_FIELDS = (
@@ -214,8 +218,8 @@ FITTED_FIELDS = (
     "memory.decode_batch",
     "speed.compile",
 )
-"""What a fit may change (``speed.compile`` only from a CUDA-graph mode to the same
-without graphs: ``without_graphs``)."""
+"""What a fit may change (``speed.compile`` only from a CUDA-graph mode to Inductor
+without graphs, or eager: ``without_graphs``)."""
 _PAIRS = (
     ("sample.batch_size", "sample.batches_per_epoch"),
     ("train.batch_size", "train.gradient_accumulation_steps"),
@@ -281,10 +285,13 @@ def fit_to_vram(
     vram_bytes: int,
     held: frozenset[str] = frozenset(),
     growth: int = SAMPLING_BATCH_GROWTH,
+    inductor: bool = True,
 ) -> Fit:
     """The fastest candidate whose estimated peak fits ``vram_bytes`` minus the CUDA context,
     with the ``held`` fields as ``config`` has them; text encoders on the CPU, then an fp8
-    base, then a 4-bit one, only when nothing else fits."""
+    base, then a 4-bit one, only when nothing else fits. ``inductor``: whether Inductor may
+    replace CUDA graphs that do not fit or do not pay (false where the run's machine lacks
+    what it needs; an estimate for another machine's card assumes it has it)."""
     budget = vram_bytes - CUDA_CONTEXT_BYTES
     run = meta_run(config, arch)
     given = config
@@ -303,7 +310,7 @@ def fit_to_vram(
         trains = TrainingBudget(arch, run, budget)
         every = [
             trial
-            for trial in candidates(config, quantize, text_on_cpu, growth, levels)
+            for trial in candidates(config, quantize, text_on_cpu, growth, levels, inductor)
             if all(_value(trial, name) == _value(config, name) for name in held)
         ]
         if not every:  # a held quantisation or text-encoder placement
@@ -408,8 +415,15 @@ def fit_for_run(
     eager = ""
     if runs_here:
         config, eager = compile_where_it_runs(config, held)
-    fitted, line = _fitted_or_as_written(config, arch, held, asked, say, resumed)
+    inductor = not runs_here or inductor_runs_here()
+    fitted, line = _fitted_or_as_written(config, arch, held, asked, say, resumed, inductor)
     return fitted, "\n".join(part for part in (eager, line) if part)
+
+
+def inductor_runs_here() -> bool:
+    """Whether this machine can compile the UNet with Inductor for its CUDA card: a fit
+    may then take Inductor's kernels where a preset's CUDA graphs do not fit."""
+    return torch.cuda.is_available() and not inductor_gpu_missing()
 
 
 def compile_where_it_runs(config: Config, held: frozenset[str]) -> tuple[Config, str]:
@@ -448,8 +462,10 @@ def _fitted_or_as_written(
     asked: bool,
     say: Callable[[str], None],
     resumed: bool,
+    inductor: bool,
 ) -> tuple[Config, str]:
-    """``fit_for_run``'s settings and line, once a preset's Inductor mode is settled."""
+    """``fit_for_run``'s settings and line, once a preset's Inductor mode is settled
+    (``inductor``: whether a fit may take it in place of CUDA graphs)."""
     vram = config.memory.vram
     if means_as_written(vram):
         return config, ""
@@ -471,9 +487,9 @@ def _fitted_or_as_written(
         held = held | {"memory.quantize"}
     arch, guessed = readable_shape(config, arch)
     growth = 1 if resumed else SAMPLING_BATCH_GROWTH
-    fit = fit_to_vram(config, arch, budget, held, growth)
+    fit = fit_to_vram(config, arch, budget, held, growth, inductor)
     line = fit.summary(label) + (f" (the model's shape guessed: {arch})" if guessed else "")
-    hint = fp8_hint(config, arch, budget, fit, held, growth)  # not with a held base
+    hint = fp8_hint(config, arch, budget, fit, held, growth, inductor)  # not with a held base
     return fit.config, line + (f". {hint}" if hint else "")
 
 
@@ -488,6 +504,7 @@ def fp8_hint(
     fit: Fit,
     held: frozenset[str],
     growth: int = SAMPLING_BATCH_GROWTH,
+    inductor: bool = True,
 ) -> str:
     """What an fp8 base would give on the same card, where it is predicted at least
     ``FP8_HINT_GAIN`` times faster than ``fit`` ("" otherwise): the freed GiB often buy a
@@ -500,7 +517,7 @@ def fp8_hint(
     trial = copy.deepcopy(config)
     trial.memory.quantize = "fp8"
     try:
-        faster = fit_to_vram(trial, arch, budget, held | {"memory.quantize"}, growth)
+        faster = fit_to_vram(trial, arch, budget, held | {"memory.quantize"}, growth, inductor)
     except UserError:
         return ""
     if faster.epoch_seconds * FP8_HINT_GAIN > fit.epoch_seconds:
