@@ -1297,14 +1297,20 @@ def test_calls_without_gradients_add_a_guided_forward_per_trained_step():
     assert guarded / plain == pytest.approx(expected, rel=1e-6)
 
 
-def test_vram_fit_takes_the_fastest_setting_that_fits_and_says_how_long():
+def test_vram_fit_takes_the_fastest_setting_that_fits_and_says_how_long(monkeypatch, tmp_path):
     """The shipped preset trains at micro-batch 1; on an 8 GB card the fit trades it for a
     bigger micro-batch (on the calibrated H100 rate, assumed without a GPU), and prints
-    the predicted epoch time beside the predicted peak."""
+    the predicted epoch time beside the predicted peak, and the run's, with the first
+    compile where the compile cache is empty (Inductor: minutes before the first image)."""
+    import lowvram_ddpo.speed.compile_payoff as payoff
     from lowvram_ddpo.memory.fit import fit_to_vram
     from lowvram_ddpo.memory.units import GB
     from lowvram_ddpo.speed.time_model import predict_epoch
 
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "fxgraph").mkdir()  # an earlier run's kernels
+    monkeypatch.setattr(payoff, "compile_cache_dir", lambda: cache)
     config = load_preset("incompressibility")
     fit = fit_to_vram(config, "sd15", 8 * GB)
     assert fit.config.train.batch_size > 1
@@ -1321,7 +1327,13 @@ def test_vram_fit_takes_the_fastest_setting_that_fits_and_says_how_long():
 
     hours = format_duration(100 * fit.epoch_seconds)
     assert summary.endswith(f"the run's 100 epochs: ~{hours})")  # what a hobbyist waits
+    (cache / "fxgraph").rmdir()  # a first run: Inductor compiles for minutes first
+    compiling = format_duration(payoff.COLD_COMPILE_SECONDS["model"])
+    cold = f"after ~{compiling} or more of compiling (once: cached))"
+    assert fit.summary("8GB").endswith(f"the run's 100 epochs: ~{hours}, {cold}")
     fit.config.run.epochs = 1
+    assert fit.summary("8GB").endswith(f"(time model; {cold}")
+    fit.config.speed.compile = "off"
     assert fit.summary("8GB").endswith("(time model)")
 
 

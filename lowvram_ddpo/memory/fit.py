@@ -49,7 +49,11 @@ from lowvram_ddpo.preflight import rescores_at_other_shapes
 from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.compile import INDUCTOR_MODES, graphs_replay, inductor_gpu_missing
-from lowvram_ddpo.speed.compile_payoff import cold_compile_ahead, unpaid_compile
+from lowvram_ddpo.speed.compile_payoff import (
+    cold_compile_ahead,
+    cold_compile_seconds,
+    unpaid_compile,
+)
 from lowvram_ddpo.speed.cuda_graphs import GRAPH_MODES
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
 from lowvram_ddpo.speed.time_model import Gpu, leaf_modules, predict_epoch, this_gpu
@@ -78,12 +82,18 @@ class Fit:
         )
 
     def run_length(self) -> str:
-        """ "; the run's 100 epochs: ~8 h 20 min" (epochs times the predicted epoch; the
-        compile at the start not counted), or "" for a one-epoch run."""
+        """ "; the run's 100 epochs: ~8 h 20 min" (epochs times the predicted epoch), with
+        the first compile where Inductor compiles with an empty cache ("" for a one-epoch
+        run without it): a hobbyist's first run waits that long before its first image."""
         epochs = self.config.run.epochs
+        compiling = ""
+        if cold_compile_ahead(self.config):
+            seconds = cold_compile_seconds(self.config)
+            compiling = f", after ~{format_duration(seconds)} or more of compiling (once: cached)"
         if epochs <= 1:
-            return ""
-        return f"; the run's {epochs} epochs: ~{format_duration(epochs * self.epoch_seconds)}"
+            return f"; {compiling[2:]}" if compiling else ""
+        total = format_duration(epochs * self.epoch_seconds)
+        return f"; the run's {epochs} epochs: ~{total}{compiling}"
 
 
 def _halvings(value: int, total: int) -> list[int]:

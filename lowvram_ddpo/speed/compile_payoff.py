@@ -43,6 +43,11 @@ def run_saving(config: Config, arch: str, gpu: Gpu) -> tuple[float, float]:
     return eager_epoch * epochs, (eager_epoch - compiled_epoch) * epochs
 
 
+def cold_compile_seconds(config: Config) -> float:
+    """The least a cold compile of ``config``'s UNet takes (``COLD_COMPILE_SECONDS``)."""
+    return COLD_COMPILE_SECONDS[config.speed.compile_scope]
+
+
 def cold_compile_ahead(config: Config) -> bool:
     """Whether ``config`` compiles with Inductor while the compile cache is empty: the one
     case ``unpaid_compile`` weighs (checked first: it reads no model)."""
@@ -53,7 +58,7 @@ def unpaid_compile(config: Config, arch: str, gpu: Gpu) -> str:
     """Why a cold compile of ``config``'s Inductor mode does not pay for its run on ``gpu``
     ("" where it does): predicted to save less than the compile costs."""
     eager, saved = run_saving(config, arch, gpu)
-    compiling = COLD_COMPILE_SECONDS[config.speed.compile_scope]
+    compiling = cold_compile_seconds(config)
     if saved >= compiling:
         return ""
     return (
