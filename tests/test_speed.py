@@ -1009,7 +1009,29 @@ def test_known_gpus_have_a_rate_and_unknown_ones_none():
     assert dense_fp16_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert dense_fp16_tflops("NVIDIA H100 PCIe") == 756.0
     assert dense_fp16_tflops("NVIDIA L40S") == 362.05
+    assert dense_fp16_tflops("NVIDIA L4") == 121.0
     assert dense_fp16_tflops("Some Future GPU") is None
+
+
+def test_geforce_cards_get_the_rate_their_sms_and_clock_give():
+    """The hobbyist's cards: SMs x boost clock x 512 FLOPs, the rule the two GeForce
+    datasheet figures follow (within 0.5%); the most specific name wins; a laptop's card,
+    whose clock its power limit sets, gets none (the time model measures it)."""
+    from lowvram_ddpo.speed.devices import geforce_tflops
+
+    assert geforce_tflops(82, 1695) == pytest.approx(71.0, rel=0.005)  # RTX 3090, listed
+    assert geforce_tflops(128, 2520) == pytest.approx(165.2, rel=0.005)  # RTX 4090, listed
+    assert dense_fp16_tflops("NVIDIA GeForce RTX 4090") == 165.2  # the datasheet's own
+    rates = {
+        name: dense_fp16_tflops(f"NVIDIA GeForce {name}")
+        for name in ("RTX 4070", "RTX 4070 SUPER", "RTX 4070 Ti", "RTX 4070 Ti SUPER")
+    }
+    assert rates["RTX 4070"] == pytest.approx(geforce_tflops(46, 2475))
+    assert rates["RTX 4070"] < rates["RTX 4070 SUPER"] < rates["RTX 4070 Ti"]
+    assert rates["RTX 4070 Ti"] < rates["RTX 4070 Ti SUPER"]
+    assert dense_fp16_tflops("NVIDIA GeForce RTX 3060") == pytest.approx(25.5, abs=0.1)
+    assert dense_fp16_tflops("NVIDIA GeForce RTX 3060 Ti") == pytest.approx(32.4, abs=0.1)
+    assert dense_fp16_tflops("NVIDIA GeForce RTX 4060 Laptop GPU") is None
 
 
 def test_bench_speed_times_a_real_run_and_reports_mfu():
