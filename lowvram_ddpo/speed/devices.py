@@ -69,12 +69,11 @@ def geforce_tflops(sms: int, boost_mhz: int) -> float:
     return sms * boost_mhz * 1e6 * GEFORCE_FLOPS_PER_SM_CLOCK / 1e12
 
 
-def known_rates() -> dict[str, float]:
-    """Every listed card's rate by its name's substring: the datasheet figures, then the
-    GeForce cards computed from their SMs and clock."""
-    rates = {name: geforce_tflops(sms, mhz) for name, sms, mhz in GEFORCE_SMS_AND_BOOST_MHZ}
-    rates.update(DENSE_FP16_TFLOPS)
-    return rates
+KNOWN_RATES: dict[str, float] = {
+    **{name: geforce_tflops(sms, mhz) for name, sms, mhz in GEFORCE_SMS_AND_BOOST_MHZ},
+    **dict(DENSE_FP16_TFLOPS),  # a datasheet's own figure over the computed one
+}
+"""Every listed card's rate by its name's substring."""
 
 
 def dense_fp16_tflops(device_name: str) -> float | None:
@@ -82,7 +81,5 @@ def dense_fp16_tflops(device_name: str) -> float | None:
     is a laptop's. The longest name it contains wins ("RTX 4070 Ti SUPER" over "RTX 4070")."""
     if "Laptop" in device_name:
         return None
-    matches = [name for name in known_rates() if name in device_name]
-    if not matches:
-        return None
-    return known_rates()[max(matches, key=len)]
+    matches = [name for name in KNOWN_RATES if name in device_name]
+    return KNOWN_RATES[max(matches, key=len)] if matches else None
