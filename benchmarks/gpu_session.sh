@@ -292,7 +292,7 @@ case "$part" in
     # its CUDA graphs, ~15 s per epoch predicted; a cold compile), as an 8 GB card gets it
     # (the same with checkpointing, ~19 s predicted), and with the preset's CUDA graphs
     # kept (2.34 samples/s measured 2026-11-26: the fit's choice before); then an epoch
-    # profiled. Caps ~1,000 s: two calls (the second GPU_SESSION_SKIP=<stages done>)
+    # profiled. Caps ~1,170 s: two calls (the second GPU_SESSION_SKIP=<stages done>)
     install_wheels
     RLCM=(--preset rlcm-incompressibility --set memory.optimizer=adamw)
     stage rlcm-written-eager 150 bench_speed "${RLCM[@]}" --batches 4 --set memory.vram=off \
