@@ -697,6 +697,18 @@ def test_the_run_length_table_fits_each_preset_to_each_card():
     assert "cudagraphs" not in slow and "(100) |" in slow
 
 
+def test_the_compile_plan_table_compiles_short_runs_by_blocks():
+    """benchmarks/compile_plan.py: a one-epoch SD 1.5 run pays the blocks' shorter compile,
+    the preset's 100 epochs the whole UNet's (the time model's H100 rates)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import compile_plan
+
+    short, whole = compile_plan.rows("incompressibility", "7GB", [1, 100])
+    assert short.startswith("| incompressibility | 7GB | 1 | ")
+    assert short.endswith("| compiled by blocks |")
+    assert whole.endswith("| the whole UNet compiled |")
+
+
 def test_a_models_shape_is_read_or_guessed_and_said_so(monkeypatch):
     """The fit and the time model check estimate a model whose configs cannot be read (a
     hub id, offline) with the shape it most likely has, and the fit's line says so."""
@@ -800,9 +812,9 @@ def test_a_presets_auto_fit_needs_one_cuda_card_and_else_keeps_its_settings(monk
 def test_a_run_too_short_to_pay_a_cold_compile_runs_eagerly(monkeypatch, tmp_path):
     """A preset's Inductor mode costs minutes of compiling once (290 s on an H100, cold):
     a training run predicted to save less (one sampling batch, one epoch) runs eagerly
-    and says why; the preset's whole run keeps it, as does a mode the user set or a
-    compile cache that already holds kernels; the train command asks this of new runs
-    only."""
+    and says why, or compiles by blocks where their shorter compile pays; the preset's
+    whole run keeps the whole UNet, as does a mode the user set or a compile cache that
+    already holds kernels; the train command asks this of new runs only."""
     import lowvram_ddpo.memory.fit as fit
     import lowvram_ddpo.speed.compile_payoff as payoff
     from lowvram_ddpo.memory.fit import compile_where_it_pays
@@ -820,17 +832,29 @@ def test_a_run_too_short_to_pay_a_cold_compile_runs_eagerly(monkeypatch, tmp_pat
     assert compile_where_it_pays(whole, frozenset()) == (whole, "")
     assert compile_where_it_pays(short, frozenset({"speed.compile"})) == (short, "")
     # compiled by blocks the compile is shorter (158 s against 290 on an H100) and saves
-    # a little less per epoch: 40 images (~220 s saved) pay for the blocks' compile only
+    # a little less per epoch: 40 images (~220 s saved) pay for the blocks' compile only,
+    # so such a run compiles by blocks (and says so), unless the user chose the scope
     one = load_preset("incompressibility")
     apply_overrides(one, ["run.epochs=1", "sample.batches_per_epoch=5"])
     h100 = Gpu.listed("H100", H100_DENSE_TFLOPS)
     saved = payoff.run_saving(one, "sd15", h100)[1]
     assert saved < payoff.COLD_COMPILE_SECONDS["model"]
-    assert compile_where_it_pays(one, frozenset())[0].speed.compile == "off"
+    held_scope = frozenset({"speed.compile_scope"})
+    assert compile_where_it_pays(one, held_scope)[0].speed.compile == "off"
+    blocks, line = compile_where_it_pays(one, frozenset())
+    assert (blocks.speed.compile, blocks.speed.compile_scope) == ("default", "blocks")
+    assert one.speed.compile_scope == "model"
+    assert line.startswith("speed.compile_scope model -> blocks (a first compile of ~3 min")
+    assert line.endswith("--set speed.compile_scope=model keeps it)")
     apply_overrides(one, ["speed.compile_scope=blocks"])
     by_blocks = payoff.run_saving(one, "sd15", h100)[1]
     assert payoff.COLD_COMPILE_SECONDS["blocks"] < by_blocks < saved
     assert compile_where_it_pays(one, frozenset()) == (one, "")
+    # the preset's whole run: the whole UNet's faster epochs repay its longer compile
+    assert payoff.quickest_scope(whole, "sd15", h100, scope_held=False) == "model"
+    assert payoff.compiled_run(whole, "model", "sd15", h100) < payoff.compiled_run(
+        whole, "blocks", "sd15", h100
+    )
     cache.mkdir()
     (cache / "fxgraph").mkdir()  # an earlier compile left kernels: most may come from them
     assert compile_where_it_pays(short, frozenset()) == (short, "")

@@ -52,6 +52,8 @@ from lowvram_ddpo.speed.compile import INDUCTOR_MODES, graphs_replay, inductor_g
 from lowvram_ddpo.speed.compile_payoff import (
     cold_compile_ahead,
     cold_compile_seconds,
+    quickest_scope,
+    scope_line,
     unpaid_compile,
 )
 from lowvram_ddpo.speed.cuda_graphs import GRAPH_MODES
@@ -227,9 +229,11 @@ FITTED_FIELDS = (
     "memory.quantize",
     "memory.decode_batch",
     "speed.compile",
+    "speed.compile_scope",
 )
 """What a fit may change (``speed.compile`` only from a CUDA-graph mode to Inductor
-without graphs, or eager: ``without_graphs``)."""
+without graphs, or eager: ``without_graphs``; ``speed.compile_scope`` only where a cold
+compile is weighed: ``compile_where_it_pays``)."""
 _PAIRS = (
     ("sample.batch_size", "sample.batches_per_epoch"),
     ("train.batch_size", "train.gradient_accumulation_steps"),
@@ -453,16 +457,24 @@ def compile_where_it_runs(config: Config, held: frozenset[str]) -> tuple[Config,
 
 
 def compile_where_it_pays(config: Config, held: frozenset[str]) -> tuple[Config, str]:
-    """``config`` less a preset's Inductor mode where its run is predicted to save less
-    than a cold compile costs (``speed.compile_payoff``), and the line that says so ("" when
-    kept). For a training run only: a benchmark compiles to measure."""
+    """``config`` compiling by the scope whose cold compile and run are predicted quickest
+    (the UNet's blocks for a shorter run, unless the scope was set), less a preset's
+    Inductor mode where even that saves less than the compile costs
+    (``speed.compile_payoff``), and the line that says so ("" when kept as it is). For a
+    training run only: a benchmark compiles to measure."""
     if "speed.compile" in held or not cold_compile_ahead(config):
         return config, ""
     arch, _ = readable_shape(config, config.model.name)
-    why = unpaid_compile(config, arch, this_gpu())
-    if not why:
+    gpu = this_gpu()
+    scope = quickest_scope(config, arch, gpu, "speed.compile_scope" in held)
+    scoped = copy.deepcopy(config)
+    scoped.speed.compile_scope = scope
+    why = unpaid_compile(scoped, arch, gpu)
+    if why:
+        return without_preset_compile(config, held, "", why, INDUCTOR_MODES)
+    if scope == config.speed.compile_scope:
         return config, ""
-    return without_preset_compile(config, held, "", why, INDUCTOR_MODES)
+    return scoped, scope_line(config, scope, arch, gpu)
 
 
 def _fitted_or_as_written(

@@ -5,6 +5,12 @@ turned off where the run is predicted to save less than a cold compile costs (th
 "off where it does not pay (short runs, CPU)" of issue 12; without a CUDA card it is off
 anyway, ``memory.fit.compile_where_it_runs``).
 
+Where Inductor's ``default`` mode compiles the whole UNet (``speed.compile_scope``) and
+the user did not choose the scope, its blocks are weighed too: a shorter first compile
+(158 s against 290 on an H100) for epochs 5-14% slower, so a run too short for the whole
+UNet's compile may still pay for the blocks', and the scope whose compile plus the run's
+UNet time is predicted least is taken.
+
 Only a cold compile is weighed: where the compile cache already holds kernels (an earlier
 run on this machine), most of the compile may come from it (on the CPU the pocket model's
 151 s fell to 15 s), and the mode is kept.
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import copy
 
-from lowvram_ddpo.config import Config
+from lowvram_ddpo.config import BLOCK_COMPILE_MODES, COMPILE_SCOPES, Config
 from lowvram_ddpo.memory.estimate import meta_run
 from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.compile import INDUCTOR_MODES, compile_cache_dir
@@ -73,3 +79,35 @@ def cache_holds_kernels() -> bool:
     """Whether the compile cache folder holds anything (an earlier compile on this machine)."""
     folder = compile_cache_dir()
     return folder.is_dir() and any(folder.iterdir())
+
+
+def quickest_scope(config: Config, arch: str, gpu: Gpu, scope_held: bool) -> str:
+    """The ``speed.compile_scope`` whose cold compile and the run's UNet time after it are
+    predicted least on ``gpu``: the scope set where it was chosen (``scope_held``) or the
+    mode compiles only whole, else the whole UNet or its blocks."""
+    if scope_held or config.speed.compile not in BLOCK_COMPILE_MODES:
+        return config.speed.compile_scope
+
+    return min(COMPILE_SCOPES, key=lambda scope: compiled_run(config, scope, arch, gpu))
+
+
+def compiled_run(config: Config, scope: str, arch: str, gpu: Gpu) -> float:
+    """Seconds of a cold compile by ``scope`` and of the run's UNet work after it."""
+    trial = copy.deepcopy(config)
+    trial.speed.compile_scope = scope
+    eager, saved = run_saving(trial, arch, gpu)
+    return eager - saved + cold_compile_seconds(trial)
+
+
+def scope_line(config: Config, scope: str, arch: str, gpu: Gpu) -> str:
+    """Why ``scope`` replaces ``config``'s compile scope: the first compiles, and the run's
+    UNet work with each predicted."""
+    old = config.speed.compile_scope
+    return (
+        f"speed.compile_scope {old} -> {scope} (a first compile of "
+        f"~{format_duration(COLD_COMPILE_SECONDS[scope])} against "
+        f"~{format_duration(COLD_COMPILE_SECONDS[old])}: with it the run's UNet work "
+        f"~{format_duration(compiled_run(config, scope, arch, gpu))} against "
+        f"~{format_duration(compiled_run(config, old, arch, gpu))}, time model; "
+        f"--set speed.compile_scope={old} keeps it)"
+    )
