@@ -87,7 +87,6 @@ def quickest_scope(config: Config, arch: str, gpu: Gpu, scope_held: bool) -> str
     mode compiles only whole, else the whole UNet or its blocks."""
     if scope_held or config.speed.compile not in BLOCK_COMPILE_MODES:
         return config.speed.compile_scope
-
     return min(COMPILE_SCOPES, key=lambda scope: compiled_run(config, scope, arch, gpu))
 
 
