@@ -106,9 +106,9 @@ def _fit_run(config, preset: str, resume: str, vram: str, assignments: list[str]
     fit to what the card has free now could change its base model's precision)."""
     from lowvram_ddpo.config import own_preset_fields
     from lowvram_ddpo.memory.fit import (
-        compile_where_it_pays,
         compile_where_it_runs,
         fit_for_run,
+        fit_new_run,
         held_fields,
     )
     from lowvram_ddpo.memory.units import means_as_written
@@ -123,11 +123,11 @@ def _fit_run(config, preset: str, resume: str, vram: str, assignments: list[str]
         return config
     own = [] if resume else own_preset_fields(preset)
     held = held_fields(own + assignments)
-    config, line = fit_for_run(config, config.model.name, held, asked, _say, bool(resume))
+    if resume:  # its compile was weighed when it started
+        config, line = fit_for_run(config, config.model.name, held, asked, _say, resumed=True)
+    else:
+        config, line = fit_new_run(config, held, asked, _say)
     _say(line)
-    if not resume:  # a resumed run was worth its compile when it started
-        config, line = compile_where_it_pays(config, held)
-        _say(line)
     return config
 
 

@@ -860,6 +860,34 @@ def test_a_run_too_short_to_pay_a_cold_compile_runs_eagerly(monkeypatch, tmp_pat
     assert compile_where_it_pays(short, frozenset()) == (short, "")
 
 
+def test_a_short_rlcm_run_keeps_its_graphs_rather_than_an_unpaid_inductor(monkeypatch, tmp_path):
+    """Where Triton runs, the fit takes Inductor's kernels in place of RLCM's CUDA graphs
+    (faster per epoch); a run too short to pay Inductor's cold compile is fitted again
+    without it: the graphs where they fit (12 GB), eager where not (6 GB), and says why."""
+    import lowvram_ddpo.memory.fit as fit
+    import lowvram_ddpo.speed.compile_payoff as payoff
+
+    monkeypatch.setattr(payoff, "compile_cache_dir", lambda: tmp_path / "cache")  # cold
+    monkeypatch.setattr(fit, "this_gpu", _an_h100)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fit, "inductor_gpu_missing", lambda: "")  # Triton runs here
+    config = load_preset("rlcm-incompressibility")
+    config.memory.vram = "12GB"
+    whole, line = fit.fit_new_run(config, frozenset(), True, lambda _: None)
+    assert whole.speed.compile == "default" and "cudagraphs -> default" in line  # 100 epochs
+    apply_overrides(config, ["run.epochs=2"])
+    short, line = fit.fit_new_run(config, frozenset(), True, lambda _: None)
+    assert short.speed.compile == "cudagraphs" and short.train.batch_size == 4
+    assert line.endswith(
+        "Inductor's kernels in place of speed.compile=cudagraphs would not pay their first "
+        "compile in a run this short: fitted without them"
+    )
+    config.memory.vram = "6GB"  # the graphs' pool does not fit: eager, fitted for eager
+    small, line = fit.fit_new_run(config, frozenset(), True, lambda _: None)
+    assert small.speed.compile == "off" and "speed.compile cudagraphs -> off" in line
+    assert small == fit.fit_to_vram(config, "sd15-lcm", 6 * GB, inductor=False).config
+
+
 def test_a_presets_inductor_mode_runs_eagerly_on_a_gpu_without_triton(monkeypatch):
     """The SD 1.5 presets compile with Inductor (speed.compile=default: the epoch 1.84x
     eager's on an H100); on a CUDA machine where Triton cannot generate kernels (not

@@ -413,6 +413,7 @@ def fit_for_run(
     say: Callable[[str], None] = lambda line: None,
     resumed: bool = False,
     runs_here: bool = True,
+    inductor: bool = True,
 ) -> tuple[Config, str]:
     """The settings a run or a benchmark uses, and the line that says so: ``config``'s own
     where ``memory.vram`` is empty or "off", else the fit to its card (``arch``: an
@@ -425,11 +426,11 @@ def fit_for_run(
     machine's card). ``say`` hears
     that a fit starts (it estimates a dozen settings or more: seconds). A ``resumed`` run's
     sampling batch, fitted before, may shrink but not grow again, and its base keeps its
-    precision."""
+    precision. ``inductor`` false: the fit may not take Inductor in place of CUDA graphs."""
     eager = ""
     if runs_here:
         config, eager = compile_where_it_runs(config, held)
-    inductor = not runs_here or inductor_runs_here()
+    inductor = inductor and (not runs_here or inductor_runs_here())
     fitted, line = _fitted_or_as_written(config, arch, held, asked, say, resumed, inductor)
     return fitted, "\n".join(part for part in (eager, line) if part)
 
@@ -475,6 +476,31 @@ def compile_where_it_pays(config: Config, held: frozenset[str]) -> tuple[Config,
     if scope == config.speed.compile_scope:
         return config, ""
     return scoped, scope_line(config, scope, arch, gpu)
+
+
+def fit_new_run(
+    config: Config, held: frozenset[str], asked: bool, say: Callable[[str], None]
+) -> tuple[Config, str]:
+    """A new training run's settings and lines: fitted (``fit_for_run``), then its compile
+    weighed (``compile_where_it_pays``). Where the fit took Inductor in place of a preset's
+    plain CUDA graphs and the run is too short to pay Inductor's first compile, it is
+    fitted again without Inductor: the graphs where they fit and pay, else eager (not
+    eager at the batches chosen for Inductor)."""
+    fitted, line = fit_for_run(config, config.model.name, held, asked, say)
+    paid, why = compile_where_it_pays(fitted, held)
+    if paid.speed.compile == "off" and took_inductor_for_graphs(config, fitted):
+        paid, line = fit_for_run(config, config.model.name, held, asked, say, inductor=False)
+        why = (
+            f"Inductor's kernels in place of speed.compile={config.speed.compile} would not "
+            "pay their first compile in a run this short: fitted without them"
+        )
+    return paid, "\n".join(part for part in (line, why) if part)
+
+
+def took_inductor_for_graphs(given: Config, fitted: Config) -> bool:
+    """Whether a fit replaced ``given``'s plain CUDA graphs with Inductor's kernels."""
+    mode = given.speed.compile
+    return mode in GRAPH_MODES and mode not in INDUCTOR_MODES and fitted.speed.compile != mode
 
 
 def _fitted_or_as_written(
