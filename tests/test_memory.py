@@ -886,6 +886,11 @@ def test_a_short_rlcm_run_keeps_its_graphs_rather_than_an_unpaid_inductor(monkey
     small, line = fit.fit_new_run(config, frozenset(), True, lambda _: None)
     assert small.speed.compile == "off" and "speed.compile cudagraphs -> off" in line
     assert small == fit.fit_to_vram(config, "sd15-lcm", 6 * GB, inductor=False).config
+    # without Triton the fit never took Inductor: one fit, no word of it
+    monkeypatch.setattr(fit, "inductor_gpu_missing", lambda: "Triton")
+    heard: list[str] = []
+    eager, line = fit.fit_new_run(config, frozenset(), True, heard.append)
+    assert eager == small and "Inductor" not in line and len(heard) == 1
 
 
 def test_a_presets_inductor_mode_runs_eagerly_on_a_gpu_without_triton(monkeypatch):

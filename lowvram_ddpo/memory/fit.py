@@ -500,7 +500,8 @@ def fit_new_run(
 def took_inductor_for_graphs(given: Config, fitted: Config) -> bool:
     """Whether a fit replaced ``given``'s plain CUDA graphs with Inductor's kernels."""
     mode = given.speed.compile
-    return mode in GRAPH_MODES and mode not in INDUCTOR_MODES and fitted.speed.compile != mode
+    replaced = mode in GRAPH_MODES and mode not in INDUCTOR_MODES
+    return replaced and fitted.speed.compile in INDUCTOR_MODES
 
 
 def _fitted_or_as_written(
