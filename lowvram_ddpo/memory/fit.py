@@ -88,14 +88,15 @@ class Fit:
         the first compile where Inductor compiles with an empty cache ("" for a one-epoch
         run without it): a hobbyist's first run waits that long before its first image."""
         epochs = self.config.run.epochs
-        compiling = ""
+        pieces = []
+        if epochs > 1:
+            pieces.append(
+                f"the run's {epochs} epochs: ~{format_duration(epochs * self.epoch_seconds)}"
+            )
         if cold_compile_ahead(self.config):
-            seconds = cold_compile_seconds(self.config)
-            compiling = f", after ~{format_duration(seconds)} or more of compiling (once: cached)"
-        if epochs <= 1:
-            return f"; {compiling[2:]}" if compiling else ""
-        total = format_duration(epochs * self.epoch_seconds)
-        return f"; the run's {epochs} epochs: ~{total}{compiling}"
+            seconds = format_duration(cold_compile_seconds(self.config))
+            pieces.append(f"after ~{seconds} or more of compiling (once: cached)")
+        return "; " + ", ".join(pieces) if pieces else ""
 
 
 def _halvings(value: int, total: int) -> list[int]:
