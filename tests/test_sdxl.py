@@ -197,6 +197,22 @@ def test_the_measured_bench_path_builds_a_random_sdxl_pipeline(sdxl_dir, tmp_pat
     assert all(p.seconds and p.seconds > 0 for p in report.phases)
 
 
+def test_bench_speed_runs_a_gpu_preset_on_the_cpu(sdxl_dir):
+    """The SDXL preset asks for fp16, which the trainer turns into fp32 on the CPU: the
+    random weights must be built in fp32 too (they were fp16, and the first UNet call
+    failed on mixed dtypes). Its replay is then fp32's: far inside the clip range."""
+    result = CliRunner().invoke(
+        app,
+        ["bench", "speed", "--preset", "sdxl-aesthetic", "--arch", str(sdxl_dir),
+         "--resolution", "32", "--batches", "1", "--set", "sample.num_steps=2",
+         "--set", "memory.vram=off", "--peak-tflops", "1", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["settings"]["mixed_precision"] == "fp16"  # the preset's, run in fp32 here
+    assert report["replay"]["replay_rms"] < 1e-5
+
+
 def test_vae_tiling_decodes_in_tiles_with_the_same_image(monkeypatch):
     from tiny import tiny_vae
 

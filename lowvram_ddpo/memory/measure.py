@@ -71,9 +71,11 @@ def run_on_random_weights(
     from lowvram_ddpo.trainer import Trainer
 
     release_device_memory()  # what an earlier measurement in this process left behind
-    dtype = DTYPES[cfg.model.mixed_precision]
     # random init is quicker on the GPU; the trainer then offloads what it offloads
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # the trainer runs a GPU preset in fp32 on the CPU and casts no pipeline it is given:
+    # its weights must come in the precision it will run
+    dtype = DTYPES[cfg.model.mixed_precision] if device == "cuda" else torch.float32
     pipe = random_pipeline(arch, dtype, device)
     if cfg.memory.quantize in BITSANDBYTES_QUANTIZE:  # fp8: the trainer converts
         quantized = quantized_copy(pipe.unet, dtype, cfg.memory.quantize)
