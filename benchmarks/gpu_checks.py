@@ -120,7 +120,7 @@ def check(name: str) -> dict[str, object]:
     short = bench_config(config)
     measured = measure_run(config, row.arch)
     estimated = estimate_memory(short, row.arch)
-    seconds = per_image(measured, short.sample.batch_size)
+    seconds = per_image(measured, short.sample.batch_size * short.sample.batches_per_epoch)
     samples = config.sample.batch_size * config.sample.batches_per_epoch
     epoch = samples * (
         seconds["sampling"] + seconds["reward"] + seconds["training"] * config.train.inner_epochs

@@ -408,7 +408,7 @@ case "$part" in
     stage rlcm-cudagraphs 120 bench_speed "${RLCM[@]}" --set speed.compile=cudagraphs
     stage sdxl 150 bench_speed "${SDXL[@]}"
     stage sdxl-cudagraphs 150 bench_speed "${SDXL[@]}" --set speed.compile=cudagraphs
-    stage sd35m 120 bench_speed --preset sd35m-grpo-incompressibility --batches 1 \
+    stage sd35m 120 bench_speed --preset sd35m-grpo-incompressibility --batches 2 \
       --set memory.optimizer=adamw --set memory.vram=off
     ;;
   dry) # the machinery on the CPU, in seconds: the pocket model, no wheels, no reference

@@ -1271,6 +1271,29 @@ def test_the_measured_path_runs_one_short_epoch_of_the_trainer():
     assert all(p.seconds and p.seconds > 0 for p in report.phases)
 
 
+def test_the_measured_path_samples_whole_groups_where_a_group_spans_batches():
+    """Flow-GRPO's SD 3.5 preset samples 4 images per batch in groups of 8 per prompt: one
+    batch held no whole group, no prompt was drawn and the first encode failed (this is
+    `bench memory` on a GPU, and the `memory` part of gpu_session.sh). Two batches hold
+    one group; `bench speed --batches 1` says which counts would."""
+    from lowvram_ddpo.memory.measure import bench_config, measure_run
+
+    config = load_preset("sd35m-grpo-incompressibility")
+    apply_overrides(config, ["sample.resolution=32", "sample.num_steps=2", "memory.vram=off"])
+    short = bench_config(config)
+    assert (short.sample.batch_size, short.sample.batches_per_epoch) == (4, 2)
+    report = measure_run(config, "pocket-flow")
+    assert all(p.seconds and p.seconds > 0 for p in report.phases)
+    assert "2 sampling batches (a whole group of 8" in report.notes[1]
+    result = CliRunner().invoke(
+        app,
+        ["bench", "speed", "--preset", "sd35m-grpo-incompressibility", "--arch",
+         "pocket-flow", "--batches", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "not whole groups of 8 (sample.group_size): give --batches 2" in result.output
+
+
 def test_rlcm_presets_are_estimated_on_an_lcm_shaped_model():
     from lowvram_ddpo.architectures import default_architecture
 

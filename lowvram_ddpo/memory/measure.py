@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import math
 import sys
 import tempfile
 from collections.abc import Callable
@@ -27,17 +28,36 @@ from lowvram_ddpo.speed.compile import graphs_replay
 
 
 def bench_config(config: Config) -> Config:
-    """One sampling batch, trained on at every step of its trajectories, then stop."""
+    """One group of sampling batches (one batch unless ``sample.group_size`` spans several:
+    GRPO's advantages need whole groups), trained on at every step, then stop."""
     cfg = copy.deepcopy(config)
     cfg.run.epochs = 1
     cfg.run.progress = False
     cfg.run.grid_prompts, cfg.run.grid_seeds, cfg.run.grid_every = cfg.run.grid_prompts[:1], [0], 0
-    cfg.sample.batches_per_epoch = 1
+    cfg.sample.batches_per_epoch = batches_per_group(cfg.sample.batch_size, cfg.sample.group_size)
     cfg.reward.overlap = "off"  # one batch: nothing to overlap, and each phase measured alone
     cfg.train.batch_size = min(cfg.train.batch_size, cfg.sample.batch_size)
     cfg.train.gradient_accumulation_steps = cfg.sample.batch_size // cfg.train.batch_size
     cfg.sample.batch_size = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     return cfg
+
+
+def trained_steps_note(cfg: Config) -> str:
+    if cfg.train.timestep_fraction >= 1 and not cfg.sample.sde_window:
+        return "every step trained"
+    return "the steps trained as configured"
+
+
+def sampling_batches_note(batches: int, group_size: int) -> str:
+    if batches == 1:
+        return "one sampling batch"
+    return f"{batches} sampling batches (a whole group of {group_size} images of one prompt)"
+
+
+def batches_per_group(batch_size: int, group_size: int) -> int:
+    """The fewest sampling batches of ``batch_size`` images that hold whole groups of
+    ``group_size`` (Flow-GRPO's 8 per prompt in batches of 4: 2)."""
+    return max(group_size, 1) // math.gcd(batch_size, max(group_size, 1))
 
 
 def quantized_copy(unet: torch.nn.Module, dtype: torch.dtype, quantize: str) -> torch.nn.Module:
@@ -135,8 +155,9 @@ def measure_run(config: Config, arch: str) -> MemoryReport:
         notes=[
             f"device: {torch.cuda.get_device_name() if on_cuda else 'cpu (no memory figures)'}",
             "encode: every prompt, before the first epoch; each phase starts on a released "
-            "allocator cache; one sampling batch, "
-            f"{cfg.sample.num_steps} steps, every step trained",
+            "allocator cache; "
+            + sampling_batches_note(cfg.sample.batches_per_epoch, cfg.sample.group_size)
+            + f", {cfg.sample.num_steps} steps, {trained_steps_note(cfg)}",
             *([GRAPHS_ONE_EPOCH_NOTE] if graphs_replay(cfg.speed, "training") else []),
         ],
     )

@@ -23,8 +23,9 @@ from statistics import mean
 import torch
 
 from lowvram_ddpo.config import Config, set_samples_per_epoch
+from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.estimate import estimate_memory, settings_of
-from lowvram_ddpo.memory.measure import run_on_random_weights
+from lowvram_ddpo.memory.measure import batches_per_group, run_on_random_weights
 from lowvram_ddpo.memory.meter import by_phase
 from lowvram_ddpo.memory.units import format_size
 from lowvram_ddpo.reporting.progress import format_duration
@@ -244,6 +245,13 @@ def speed_config(config: Config, batches: int, epochs: int = 2) -> Config:
     cfg.run.grid_every = -1
     cfg.run.eval_every = 0
     cfg.run.checkpoint_every = 10**9  # the last epoch still writes one, outside the timing
+    whole = batches_per_group(cfg.sample.batch_size, cfg.sample.group_size)
+    if batches % whole:
+        raise UserError(
+            f"--batches {batches} samples {cfg.sample.batch_size * batches} images an epoch, "
+            f"not whole groups of {cfg.sample.group_size} (sample.group_size): give --batches "
+            f"{whole} or a multiple of it"
+        )
     set_samples_per_epoch(cfg, cfg.sample.batch_size * batches)
     return cfg
 
