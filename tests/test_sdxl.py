@@ -200,7 +200,8 @@ def test_the_measured_bench_path_builds_a_random_sdxl_pipeline(sdxl_dir, tmp_pat
 def test_bench_speed_runs_a_gpu_preset_on_the_cpu(sdxl_dir):
     """The SDXL preset asks for fp16, which the trainer turns into fp32 on the CPU: the
     random weights must be built in fp32 too (they were fp16, and the first UNet call
-    failed on mixed dtypes). Its replay is then fp32's: far inside the clip range."""
+    failed on mixed dtypes), and the report says what ran. Its replay is then fp32's: far
+    inside the clip range."""
     result = CliRunner().invoke(
         app,
         ["bench", "speed", "--preset", "sdxl-aesthetic", "--arch", str(sdxl_dir),
@@ -209,7 +210,9 @@ def test_bench_speed_runs_a_gpu_preset_on_the_cpu(sdxl_dir):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["settings"]["mixed_precision"] == "fp16"  # the preset's, run in fp32 here
+    # the settings that ran, not the preset's fp16 and 8-bit AdamW (no CUDA here)
+    assert report["settings"]["mixed_precision"] == "no"
+    assert report["settings"]["optimizer"] == "adamw"
     assert report["replay"]["replay_rms"] < 1e-5
 
 

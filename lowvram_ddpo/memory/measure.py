@@ -86,8 +86,9 @@ def run_on_random_weights(
     machine's accelerator: the per-epoch metrics and the phase meter. The last epoch runs
     inside ``around_last_epoch()`` (``bench speed --profile``: a profiler, once warm). The
     models are freed before it returns. A decode or scoring width the run narrowed after
-    running out of memory is written back into ``cfg`` (the trainer's log says so): the
-    report's settings are then those its last epochs ran with."""
+    running out of memory is written back into ``cfg`` (the trainer's log says so), and so
+    are the precision and optimiser that ran where this machine could not run those asked
+    for: the report's settings are then those its last epochs ran with."""
     from lowvram_ddpo.trainer import Trainer
 
     release_device_memory()  # what an earlier measurement in this process left behind
@@ -120,6 +121,10 @@ def run_on_random_weights(
         cfg.memory.vae_tiling,
     )
     given.reward.batch_size = cfg.reward.batch_size  # narrowed, if it ran out of memory
+    # what ran where the machine could not run what was asked (fp32 on a CPU, AdamW
+    # without bitsandbytes): a report's settings are those its figures came from
+    given.model.mixed_precision = trainer.accelerator.mixed_precision
+    given.memory.optimizer = trainer.optimizer_kind
     meter = trainer.meter
     del trainer, pipe, reward
     release_device_memory()
