@@ -24,7 +24,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 
 from lowvram_ddpo import flux2
 from lowvram_ddpo.config import BITSANDBYTES_QUANTIZE
-from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.errors import UserError, first_line, loading_errors
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -158,9 +158,9 @@ def fuse_lcm_lora(pipe: DiffusionPipeline, location: str) -> None:
     source = str(folder) if path.exists() else location
     try:
         pipe.load_lora_weights(source, adapter_name="lcm", **options)
-    except (OSError, ValueError) as err:
+    except loading_errors() as err:
         raise UserError(
-            f"could not load the LCM-LoRA '{location}' ({str(err).splitlines()[0]}); offline, "
+            f"could not load the LCM-LoRA '{location}' ({first_line(err)}); offline, "
             "download it first or give a local .safetensors file (model.lcm_lora)"
         ) from None
     pipe.fuse_lora(adapter_names=["lcm"])
@@ -328,10 +328,9 @@ def _from_pretrained(
             parts["unet"] = load_quantized_unet(source, dtype, quantize, "unet", revision)
         pipe = cls.from_pretrained(source, dtype=dtype, revision=revision or None, **parts)
         return with_denoiser_as_unet(pipe)
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except loading_errors() as err:
         raise UserError(
-            f"could not load model '{name}' ({first_line}). If you are offline, download it "
+            f"could not load model '{name}' ({first_line(err)}). If you are offline, download it "
             f"first (`hf download {name}`) or pass a local diffusers folder with --model"
         ) from None
 

@@ -134,6 +134,29 @@ def test_an_lcm_lora_is_fused_into_the_base_and_rlcm_trains_on_top(tiny_model_di
         load_pipeline(str(tiny_model_dir), lcm_lora=str(tmp_path / "missing.safetensors"))
 
 
+def test_no_network_while_loading_a_hub_model_or_lcm_lora_is_one_line(monkeypatch):
+    """Online settings without a network: diffusers' LoRA loader asks the hub which file to
+    take (``model_info``), whose HTTP client's ConnectError is not an OSError. It is met
+    with the same one-line advice as a file missing offline, for the LCM-LoRA and the
+    base model alike."""
+    import types
+
+    import httpx
+
+    import lowvram_ddpo.models as models
+    from lowvram_ddpo.models import fuse_lcm_lora
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+    pipe = types.SimpleNamespace(load_lora_weights=no_network)
+    with pytest.raises(UserError, match=r"LCM-LoRA 'org/lcm-lora' \(\[Errno -2\] Name"):
+        fuse_lcm_lora(pipe, "org/lcm-lora")
+    monkeypatch.setattr(models, "pipeline_class", no_network)
+    with pytest.raises(UserError, match="could not load model 'org/model'.*hf download"):
+        load_pipeline("org/model")
+
+
 def test_sample_renders_the_pocket_lcm_in_its_few_steps(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

@@ -17,7 +17,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from lowvram_ddpo.architectures import building_on
 from lowvram_ddpo.config import RewardConfig
-from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.errors import UserError, first_line, loading_errors
 from lowvram_ddpo.rewards.base import ModelReward, register_reward
 from lowvram_ddpo.rewards.clip_image import clip_preprocess
 from lowvram_ddpo.rewards.weights import load_state_file, weights_file
@@ -65,9 +65,9 @@ def load_head_state(location: str) -> dict[str, Tensor]:
 def load_clip_vision(name: str, dtype: torch.dtype) -> CLIPVisionModelWithProjection:
     try:
         return CLIPVisionModelWithProjection.from_pretrained(name, dtype=dtype)
-    except OSError as err:
+    except loading_errors() as err:
         raise UserError(
-            f"could not load the CLIP model '{name}' ({str(err).splitlines()[0]}); offline, "
+            f"could not load the CLIP model '{name}' ({first_line(err)}); offline, "
             f"download it first (`hf download {name}`) or set reward.clip_model to a folder"
         ) from None
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lowvram_ddpo.architectures import building_on
 from lowvram_ddpo.config import RewardConfig
+from lowvram_ddpo.errors import UserError, loading_errors
 from lowvram_ddpo.rewards.base import ModelReward, register_reward
 from lowvram_ddpo.rewards.bertscore import BertScorer
 from lowvram_ddpo.rewards.captioners import Captioner, HttpCaptioner, LocalCaptioner
@@ -157,9 +158,7 @@ def _vlm_config(name: str):  # noqa: ANN202
 
     try:
         return AutoConfig.from_pretrained(name)
-    except OSError:
-        from lowvram_ddpo.errors import UserError
-
+    except loading_errors():
         known = _known_vlm_configs().get(name)
         if known is not None:
             return known()

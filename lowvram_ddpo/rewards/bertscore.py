@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.errors import UserError, first_line, loading_errors
 
 DEFAULT_ENCODER = "roberta-large"
 DEFAULT_LAYER = 17
@@ -60,9 +60,9 @@ class BertScorer(nn.Module):
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModel.from_pretrained(name, dtype=dtype)
-        except OSError as err:
+        except loading_errors() as err:
             raise UserError(
-                f"could not load the BERTScore encoder '{name}' ({str(err).splitlines()[0]}); "
+                f"could not load the BERTScore encoder '{name}' ({first_line(err)}); "
                 "offline, download it first or set reward.bertscore_model to a folder"
             ) from None
         return cls(model, tokenizer, layer)

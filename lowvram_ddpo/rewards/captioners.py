@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.errors import UserError, first_line, loading_errors
 from lowvram_ddpo.rewards.jpeg import to_pil
 
 
@@ -152,9 +152,9 @@ class LocalCaptioner(torch.nn.Module):
         try:
             processor = AutoProcessor.from_pretrained(name)
             model = AutoModelForImageTextToText.from_pretrained(name, **options)
-        except (OSError, ValueError) as err:
+        except loading_errors() as err:
             raise UserError(
-                f"could not load the captioning model '{name}' ({str(err).splitlines()[0]}); "
+                f"could not load the captioning model '{name}' ({first_line(err)}); "
                 "offline, download it first or set reward.captioner_model to a folder"
             ) from None
         return cls(model, processor, max_tokens)

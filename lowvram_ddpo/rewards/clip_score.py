@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel, PreTrainedTokeniz
 
 from lowvram_ddpo.architectures import building_on
 from lowvram_ddpo.config import RewardConfig
-from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.errors import UserError, first_line, loading_errors
 from lowvram_ddpo.rewards.aesthetic import VIT_L_14
 from lowvram_ddpo.rewards.base import ModelReward, register_reward
 from lowvram_ddpo.rewards.clip_image import Fit, clip_preprocess
@@ -94,9 +94,9 @@ def load_tokenizer(name: str, setting: str) -> PreTrainedTokenizerBase:
     """A tokenizer from a hub id (the cache when offline) or a folder, with a one-line error."""
     try:
         return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:  # ValueError: a folder without tokenizer files
+    except loading_errors() as err:  # ValueError: a folder without tokenizer files
         raise UserError(
-            f"could not load the tokenizer '{name}' ({str(err).splitlines()[0]}); offline, "
+            f"could not load the tokenizer '{name}' ({first_line(err)}); offline, "
             f"download it first (`hf download {name}`) or set reward.{setting} to a folder"
         ) from None
 
@@ -108,10 +108,10 @@ def load_clip(
     try:
         clip = CLIPModel.from_pretrained(name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or name)
-    except OSError as err:
+    except loading_errors() as err:
         raise UserError(
             f"could not load the CLIP model '{name}' or its tokenizer "
-            f"({str(err).splitlines()[0]}); offline, download them first (`hf download "
+            f"({first_line(err)}); offline, download them first (`hf download "
             f"{name}`) or set reward.{setting} to a folder"
         ) from None
     return ClipAgreement(clip, tokenizer, fit)
