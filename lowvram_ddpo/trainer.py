@@ -68,6 +68,7 @@ from lowvram_ddpo.grid import make_grid
 from lowvram_ddpo.memory.check import memory_check_line
 from lowvram_ddpo.memory.checkpointing import (
     check_uncheckpointed_levels,
+    checkpoint_function,
     enable_checkpointing,
     resolution_levels,
 )
@@ -363,7 +364,9 @@ class Trainer:
         if cfg.speed.half_norms:  # acts under autocast only: a no-op in full precision
             run_norms_in_half(self.pipe.unet)
         if m.gradient_checkpointing:
-            enable_checkpointing(self.pipe.unet, uncheckpointed_levels=m.uncheckpointed_levels)
+            enable_checkpointing(
+                self.pipe.unet, checkpoint_function(m.keep_attention), m.uncheckpointed_levels
+            )
         # DiffusionNFT samples with a lagging copy of the LoRA weights
         self.sampling_weights = (
             SamplingWeights(self.params) if cfg.train.algorithm == "nft" else None
@@ -561,6 +564,7 @@ class Trainer:
             + (f"--set train.batch_size={smaller} " if smaller else "")
             + ("" if m.gradient_checkpointing else "--set memory.gradient_checkpointing=true ")
             + ("--set memory.uncheckpointed_levels=0 " if m.uncheckpointed_levels else "")
+            + ("--set memory.keep_attention=false " if m.keep_attention else "")
             + ("" if m.offload else "--set memory.offload=true ")
             + "(`lowvram-ddpo bench memory` predicts the peak of each setting)"
         )

@@ -1013,10 +1013,11 @@ def test_a_fit_keeps_the_fields_set_on_the_command_line():
         "train.batch_size",
         "train.gradient_accumulation_steps",
     }
-    # checkpointing set by hand stays as written: every level checkpointed
+    # checkpointing set by hand stays as written: every level checkpointed, nothing kept
     assert held_fields(["memory.gradient_checkpointing=true"]) == {
         "memory.gradient_checkpointing",
         "memory.uncheckpointed_levels",
+        "memory.keep_attention",
     }
     config = load_preset("incompressibility")
     free = fit_to_vram(config, "sd15", parse_size("8GB"))

@@ -48,6 +48,53 @@ def torch_checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) ->
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
+def _fused_attention_ops() -> frozenset[torch._ops.OpOverload]:
+    """The attention kernels ``F.scaled_dot_product_attention`` dispatches to, on a GPU
+    and on a CPU, whose outputs (and softmax statistics) their backward reads."""
+    aten = torch.ops.aten
+    return frozenset(
+        {
+            aten._scaled_dot_product_flash_attention.default,
+            aten._scaled_dot_product_efficient_attention.default,
+            aten._scaled_dot_product_cudnn_attention.default,
+            aten._scaled_dot_product_flash_attention_for_cpu.default,
+        }
+    )
+
+
+@functools.cache
+def self_attention_kept(
+    extra_ops: frozenset[torch._ops.OpOverload] = frozenset(),
+) -> Callable[[], tuple[Any, Any]]:
+    """A checkpoint's ``context_fn`` that keeps the outputs of each self-attention kernel
+    (query and key of one length) for the backward and recomputes everything else:
+    ``memory.keep_attention``. Cross-attention (77 text tokens) costs little to compute
+    again. ``extra_ops``: the memory estimate's stand-in for the kernels on the meta
+    device. Built once per ``extra_ops`` (cached), not at every checkpoint's call."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    kept_ops = _fused_attention_ops() | extra_ops
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:  # noqa: ANN401
+        if op in kept_ops and args[0].shape[-2] == args[1].shape[-2]:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return functools.partial(create_selective_checkpoint_contexts, policy)
+
+
+def attention_keeping_checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+    """``torch_checkpoint`` that keeps self-attention's outputs (``self_attention_kept``)."""
+    return torch.utils.checkpoint.checkpoint(
+        function, *args, use_reentrant=False, context_fn=self_attention_kept(), **kwargs
+    )
+
+
+def checkpoint_function(keep_attention: bool) -> CheckpointFunction:
+    """The trainer's checkpoint function for ``memory.keep_attention``."""
+    return attention_keeping_checkpoint if keep_attention else torch_checkpoint
+
+
 def _whole_layers(model: nn.Module) -> list[nn.Module]:
     """Attention layers checkpointed whole: ``Transformer2DModel``s with one block."""
     return [

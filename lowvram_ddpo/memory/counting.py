@@ -39,6 +39,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lowvram_ddpo.memory.checkpointing import self_attention_kept
+
 
 class DeviceBytesCounter(TorchDispatchMode):
     """Live and peak bytes of the non-CPU storages created while the mode is active.
@@ -279,13 +281,29 @@ SHAPE_ONLY_KERNELS: dict[Any, Callable[..., Any]] = {
 """Ops whose outputs ``DeviceBytesCounter`` makes from shapes on the meta device."""
 
 
+@torch.library.custom_op("lowvram::attention_footprint", mutates_args=())
+def attention_footprint(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fused attention kernel's outputs, shaped but not computed: the output and the
+    float32 log-sum-exp its backward reads. An op of its own, so that selective
+    checkpointing (``memory.keep_attention``) can keep them on the meta device as it
+    keeps a GPU kernel's."""
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@attention_footprint.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
 class _FusedAttention(torch.autograd.Function):
     """The memory footprint of a fused attention kernel (values are not computed)."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # noqa: ANN401
-        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-        logsumexp = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        out, logsumexp = attention_footprint(q, k, v)
         ctx.save_for_backward(q, k, v, out, logsumexp)
         return out
 
@@ -373,16 +391,30 @@ class GpuKernelEmulation(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def emulated_checkpoint(autocast_dtype: torch.dtype | None) -> Callable[..., Any]:
+def emulated_checkpoint(
+    autocast_dtype: torch.dtype | None, keep_attention: bool = False
+) -> Callable[..., Any]:
     """A ``gradient_checkpointing_func`` for diffusers models that keeps the emulation on
     during the recomputation too (the autograd engine recomputes outside the mode the
-    forward ran under)."""
+    forward ran under); ``keep_attention``: keeping self-attention's outputs, as the
+    trainer's ``memory.keep_attention`` does."""
+    options = (
+        {
+            "context_fn": self_attention_kept(
+                frozenset({torch.ops.lowvram.attention_footprint.default})
+            )
+        }
+        if keep_attention
+        else {}
+    )
 
     def checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-        def run(*inputs: Any, **options: Any) -> Any:  # noqa: ANN401
+        def run(*inputs: Any, **inner: Any) -> Any:  # noqa: ANN401
             with GpuKernelEmulation(autocast_dtype):
-                return function(*inputs, **options)
+                return function(*inputs, **inner)
 
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(
+            run, *args, use_reentrant=False, **options, **kwargs
+        )
 
     return checkpoint

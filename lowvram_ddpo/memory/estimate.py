@@ -308,7 +308,7 @@ class MetaRun:
         """One micro-step's forward and backward with gradients already accumulated."""
         t, guidance = config.train, config.sample.guidance_scale
         m = config.memory
-        checkpointing = (m.gradient_checkpointing, m.uncheckpointed_levels)
+        checkpointing = (m.gradient_checkpointing, m.uncheckpointed_levels, m.keep_attention)
         key = ("training", t.batch_size, checkpointing, t.algorithm, guidance, t.kl_coef > 0)
         if (peak := self.known(key)) is not None:
             return peak
@@ -328,7 +328,7 @@ class MetaRun:
         unet, micro_batch = self.parts.unet, t.batch_size
         m = config.memory
         if m.gradient_checkpointing:
-            checkpoint = emulated_checkpoint(self.autocast_dtype)
+            checkpoint = emulated_checkpoint(self.autocast_dtype, m.keep_attention)
             enable_checkpointing(unet, checkpoint, m.uncheckpointed_levels)
         else:
             disable_checkpointing(unet)
@@ -563,6 +563,7 @@ def settings_of(config: Config) -> dict[str, object]:
         "guidance_scale": s.guidance_scale,
         "gradient_checkpointing": m.gradient_checkpointing,
         "uncheckpointed_levels": m.uncheckpointed_levels,
+        "keep_attention": m.keep_attention,
         "offload": m.offload,
         "optimizer": m.optimizer,
         "quantize": m.quantize,

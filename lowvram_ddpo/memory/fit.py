@@ -121,6 +121,10 @@ GRAPHS_MARGIN = 0.02
 """What a preset's CUDA graphs must save of the epoch (predicted) to be kept: on a card
 whose calls are bound by arithmetic they save nothing, and their pool (GiBs) and first
 epoch's recording cost something."""
+KEPT_ATTENTION_MARGIN = 0.01
+"""What keeping self-attention's outputs (``memory.keep_attention``) must save of the epoch
+(predicted) to be taken: where the host's launches bound the training call it saves
+nothing, and its memory must not be spent for nothing; its gain is not yet measured."""
 
 
 def sampling_batches(config: Config, growth: int = SAMPLING_BATCH_GROWTH) -> list[int]:
@@ -153,18 +157,25 @@ def candidates(
     growth: int = SAMPLING_BATCH_GROWTH,
     levels: int = 0,
     inductor: bool = True,
+    attention: bool = False,
 ) -> Iterator[Config]:
     """Every combination of the levers, in a fixed order (the tie-break of equal times);
     sampling batches up to ``growth`` times the one written; checkpointing of all but up
-    to ``levels`` - 1 of the UNet's resolution levels (0: a model without levels);
+    to ``levels`` - 1 of the UNet's resolution levels (0: a model without levels), and
+    with self-attention's outputs kept where that saves arithmetic (``attention``);
     Inductor in place of dropped CUDA graphs where it can run (``inductor``)."""
     s, t = config.sample, config.train
     samples = s.batch_size * s.batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
-    # (checkpointing, levels kept out of it): the fewer kept, the less memory
-    checkpointing = [(True, kept) for kept in range(most_uncheckpointed_levels(levels), -1, -1)]
+    # (checkpointing, levels kept out of it, attention kept): the fewer kept, the less memory
+    keeping = [True, False] if attention else [False]
+    checkpointing = [
+        (True, kept, keep)
+        for kept in range(most_uncheckpointed_levels(levels), -1, -1)
+        for keep in keeping
+    ]
     if not config.memory.gradient_checkpointing:
-        checkpointing.insert(0, (False, 0))
+        checkpointing.insert(0, (False, 0, False))
     # the text encoder and the VAE stay on the card when they fit (no moves per batch);
     # both are tried whatever was set: offloading changes no number (a resumed run that
     # kept them on a bigger card can offload them on a smaller one)
@@ -181,7 +192,7 @@ def candidates(
     batches = sampling_batches(config, growth)
     micros = micro_batches(config, largest=max(batches))
     levers = itertools.product(compiling, checkpointing, tiling, offloading)
-    for compile_mode, (ckpt, kept), tiled, offload in levers:
+    for compile_mode, (ckpt, kept, keep), tiled, offload in levers:
         if compile_mode in GRAPH_MODES and ckpt and not config.memory.gradient_checkpointing:
             # not paired by the fit: on an H100 (torch 2.11, 2026-11-26) the pair split
             # dynamo's graph at every attention layer; fixed, it was still slow (a second
@@ -196,6 +207,7 @@ def candidates(
                 trial.speed.compile = compile_mode
                 trial.memory.gradient_checkpointing = ckpt
                 trial.memory.uncheckpointed_levels = kept
+                trial.memory.keep_attention = keep
                 trial.memory.vae_tiling = tiled
                 trial.memory.offload = offload
                 trial.memory.quantize = quantize
@@ -224,6 +236,7 @@ FITTED_FIELDS = (
     "reward.batch_size",
     "memory.gradient_checkpointing",
     "memory.uncheckpointed_levels",
+    "memory.keep_attention",
     "memory.offload",
     "memory.vae_tiling",
     "memory.text_encoders_on_cpu",
@@ -238,7 +251,7 @@ compile is weighed: ``compile_where_it_pays``)."""
 _PAIRS = (
     ("sample.batch_size", "sample.batches_per_epoch"),
     ("train.batch_size", "train.gradient_accumulation_steps"),
-    ("memory.gradient_checkpointing", "memory.uncheckpointed_levels"),
+    ("memory.gradient_checkpointing", "memory.uncheckpointed_levels", "memory.keep_attention"),
 )
 """Fields held together: the images per epoch and per optimiser step stay, and
 checkpointing set by hand is kept as written (every level, unless levels are set too)."""
@@ -317,6 +330,7 @@ def fit_to_vram(
     timing = EpochTiming(flops, this_gpu(), leaf_modules(run.parts.unet), config.sample.batch_size)
     quantizations = quantisation_levels(config, held)
     levels = len(resolution_levels(run.parts.unet))
+    attention = flops.recomputation.self_attention[0] > 0  # else keeping it saves nothing
     # text encoders on the CPU cost time only while new prompts arrive: before a
     # quantised base
     on_cpu = [True] if config.memory.text_encoders_on_cpu else [False, True]
@@ -325,7 +339,9 @@ def fit_to_vram(
         trains = TrainingBudget(arch, run, budget)
         every = [
             trial
-            for trial in candidates(config, quantize, text_on_cpu, growth, levels, inductor)
+            for trial in candidates(
+                config, quantize, text_on_cpu, growth, levels, inductor, attention
+            )
             if all(_value(trial, name) == _value(config, name) for name in held)
         ]
         if not every:  # a held quantisation or text-encoder placement
@@ -628,6 +644,7 @@ class TrainingBudget:
             m.offload,
             trial.sample.batch_size if graphs_replay(trial.speed, "sampling") else 0,
             trial.speed.compile,
+            m.gradient_checkpointing and m.keep_attention,  # holds more, not a level's worth
         )
         per_step = t.batch_size * t.gradient_accumulation_steps
         for micro in reversed(micro_batches(trial, largest=t.batch_size)):
@@ -672,12 +689,15 @@ class EpochTiming:
     def rank(self, config: Config) -> float:
         """The fit's order: seconds, with exact replay worth ``EXACT_REPLAY_WORTH`` of them,
         each doubling of the sampling batch above the one written costing
-        ``BIGGER_BATCH_MARGIN`` and CUDA graphs ``GRAPHS_MARGIN``."""
+        ``BIGGER_BATCH_MARGIN``, CUDA graphs ``GRAPHS_MARGIN`` and kept attention
+        ``KEPT_ATTENTION_MARGIN``."""
         drift = rescores_at_other_shapes(config)
         doublings = max(0, (config.sample.batch_size // self.written_batch).bit_length() - 1)
         replay = 1 + EXACT_REPLAY_WORTH if drift else 1
         graphs = 1 + GRAPHS_MARGIN if config.speed.compile in GRAPH_MODES else 1
-        return self.seconds(config) * replay * graphs * (1 + BIGGER_BATCH_MARGIN * doublings)
+        m = config.memory
+        kept = 1 + KEPT_ATTENTION_MARGIN if m.gradient_checkpointing and m.keep_attention else 1
+        return self.seconds(config) * replay * graphs * kept * (1 + BIGGER_BATCH_MARGIN * doublings)
 
 
 HINT_CARD_SIZES_GB = (4, 6, 8, 12, 16, 24)

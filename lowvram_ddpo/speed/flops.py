@@ -11,12 +11,14 @@ useful FLOPs / seconds / the GPU's dense fp16 rate.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F  # noqa: N812
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from lowvram_ddpo.config import Config, MemoryConfig, SampleConfig, trained_steps_per_sample
@@ -45,13 +47,20 @@ class Recomputation:
     arithmetic: tuple[float, ...] = (1.0,)
     launches: tuple[float, ...] = (1.0,)
     weights: tuple[float, ...] = (1.0,)
+    self_attention: tuple[float, ...] = (0.0,)
+    """The part of ``arithmetic`` that is self-attention's kernels (QK^T and the weighted
+    sum): what ``memory.keep_attention`` keeps instead of computing again."""
 
-    def left(self, uncheckpointed_levels: int) -> tuple[float, float, float]:
-        """(arithmetic, launches, weights) recomputed with these levels kept out. More
-        levels than the model has are refused where it is built (``kept_blocks``): here
-        they count as the most it can keep out."""
+    def left(
+        self, uncheckpointed_levels: int, keep_attention: bool = False
+    ) -> tuple[float, float, float]:
+        """(arithmetic, launches, weights) recomputed with these levels kept out (and
+        self-attention's outputs kept). More levels than the model has are refused where
+        it is built (``kept_blocks``): here they count as the most it can keep out. A kept
+        attention's kernel is one launch of a layer's dozens: launches stay as they are."""
         k = min(uncheckpointed_levels, len(self.arithmetic) - 1)
-        return self.arithmetic[k], self.launches[k], self.weights[k]
+        kept = self.self_attention[min(k, len(self.self_attention) - 1)] if keep_attention else 0
+        return self.arithmetic[k] - kept, self.launches[k], self.weights[k]
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,7 @@ class EpochFlops:
         GPU does that MFU does not count."""
         if not memory.gradient_checkpointing:
             return 0.0
-        share = self.recomputation.left(memory.uncheckpointed_levels)[0]
+        share = self.recomputation.left(memory.uncheckpointed_levels, memory.keep_attention)[0]
         return share * self.sampling_per_image / sampling_steps
 
 
@@ -176,10 +185,22 @@ def _sampling_step(
             )
     finally:
         unet.eval()
-    return step, Recomputation(**{kind: _shares(by_level[kind]) for kind in RECOMPUTED})
+    arithmetic = sum(by_level["arithmetic"])
+    shares = {kind: _shares(by_level[kind]) for kind in RECOMPUTED[:-1]}
+    return step, Recomputation(
+        **shares, self_attention=_parts(by_level["self_attention"], arithmetic)
+    )
 
 
-RECOMPUTED = ("arithmetic", "launches", "weights")
+RECOMPUTED = ("arithmetic", "launches", "weights", "self_attention")
+
+
+def _parts(by_level: list[float], whole: float) -> tuple[float, ...]:
+    """What is left with 0, 1, ... of the lowest levels kept out, of ``whole`` (another
+    kind's total: self-attention's part of the recomputed arithmetic)."""
+    if not by_level or whole == 0:
+        return (0.0,) * max(len(by_level), 1)
+    return tuple(sum(by_level[k:]) / whole for k in range(len(by_level)))
 
 
 def _shares(by_level: list[float]) -> tuple[float, ...]:
@@ -196,8 +217,8 @@ def _checkpoints_counted(
 ) -> Iterator[dict[str, list[float]]]:
     """Checkpointing on, with a checkpoint function that only counts what it runs (what a
     backward would run again) by the UNet's resolution level, lowest first: its FLOPs,
-    its layer calls and their weights (``RECOMPUTED``), filled in as the forward runs.
-    Checkpointing is off again afterwards."""
+    its layer calls and their weights, and its self-attention's FLOPs (``RECOMPUTED``),
+    filled in as the forward runs. Checkpointing is off again afterwards."""
     levels = resolution_levels(unet)
     by_level = {kind: [0.0] * len(levels) for kind in RECOMPUTED}
     current = [0]  # the level whose block runs now
@@ -212,6 +233,10 @@ def _checkpoints_counted(
         finally:
             inside[0] = False
             by_level["arithmetic"][current[0]] += counter.get_total_flops() - before
+
+    def _add_if_inside(flops: float) -> None:
+        if inside[0]:
+            by_level["self_attention"][current[0]] += flops
 
     def layer_call(module: torch.nn.Module, _args: object) -> None:
         if inside[0] and next(module.children(), None) is None:  # a layer: its kernels
@@ -229,11 +254,29 @@ def _checkpoints_counted(
     hooks.append(torch.nn.modules.module.register_module_forward_pre_hook(layer_call))
     enable_checkpointing(unet, counting_checkpoint)
     try:
-        yield by_level
+        with _SelfAttentionCounted(lambda flops: _add_if_inside(flops)):
+            yield by_level
     finally:
         for hook in hooks:
             hook.remove()
         disable_checkpointing(unet)
+
+
+class _SelfAttentionCounted(TorchFunctionMode):
+    """Hands ``add`` the FLOPs of each self-attention call (query and key of one length):
+    2 x B x heads x L x L x head width for QK^T, as much for the weighted sum."""
+
+    def __init__(self, add: Callable[[float], None]) -> None:
+        super().__init__()
+        self.add = add
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k = (*args[:2], *(kwargs[n] for n in ("query", "key")[len(args[:2]) :]))
+            if q.shape[-2] == k.shape[-2]:
+                self.add(4.0 * q.numel() * k.shape[-2])
+        return func(*args, **kwargs)
 
 
 def _decode(run: MetaRun, sample: SampleConfig, tiled: bool) -> float:
