@@ -4,6 +4,7 @@ kernel not run again; its bytes counted by the estimate, its saving by the time 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -39,15 +40,22 @@ class _AttentionCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _gradients_and_backward_calls(unet: torch.nn.Module, checkpoint) -> tuple[list, dict]:  # noqa: ANN001
+def _gradients_and_backward_calls(
+    unet: torch.nn.Module,
+    checkpoint,  # noqa: ANN001
+    backend: str = "",
+) -> tuple[list, dict]:
     unet = copy.deepcopy(unet).requires_grad_(True).train()
     enable_checkpointing(unet, checkpoint)
+    if backend:
+        unet.compile(backend=backend)
     generator = torch.Generator().manual_seed(0)
     size = unet.config.sample_size
     x = torch.randn(2, 4, size, size, generator=generator)
     text = torch.randn(2, 8, unet.config.cross_attention_dim, generator=generator)
     out = unet(x, torch.tensor([500, 500]), encoder_hidden_states=text).sample
-    with _AttentionCalls() as backward:
+    backward = _AttentionCalls()
+    with backward if not backend else contextlib.nullcontext():  # compiled: kernels unseen
         out.square().mean().backward()
     return [p.grad for p in unet.parameters()], backward.calls
 
@@ -147,3 +155,26 @@ def test_a_run_that_keeps_attention_trains_to_the_same_weights(tiny_preset, tmp_
 def _oom_advice(trainer) -> str:  # noqa: ANN001
     trainer.phase = "training"
     return trainer.out_of_memory_message(0)
+
+
+def test_compiled_with_the_attention_kept_the_gradients_are_eagers(fresh_dynamo):
+    """Under torch.compile the kept outputs are the graph's (dynamo passes the policy to
+    the partitioner): aot_eager runs the same kernels, so bitwise; in one graph, and
+    without the in-place reminder torch prints for any checkpoint given a policy."""
+    import logging
+
+    from torch._dynamo.utils import counters
+
+    unet = load_pipeline("pocket").unet
+    eager, _ = _gradients_and_backward_calls(unet, attention_keeping_checkpoint)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("torch._higher_order_ops.wrap").addHandler(handler)
+    try:
+        grads, _ = _gradients_and_backward_calls(unet, attention_keeping_checkpoint, "aot_eager")
+    finally:
+        logging.getLogger("torch._higher_order_ops.wrap").removeHandler(handler)
+    assert all(torch.equal(a, b) for a, b in zip(eager, grads, strict=True))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert not records
