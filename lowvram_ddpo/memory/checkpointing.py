@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from lowvram_ddpo.errors import UserError
 
@@ -63,7 +64,6 @@ def _fused_attention_ops() -> frozenset[torch._ops.OpOverload]:
     )
 
 
-@functools.cache
 def self_attention_kept(
     extra_ops: frozenset[torch._ops.OpOverload] = frozenset(),
 ) -> Callable[[], tuple[Any, Any]]:
@@ -71,9 +71,7 @@ def self_attention_kept(
     (query and key of one length) for the backward and recomputes everything else:
     ``memory.keep_attention``. Cross-attention (77 text tokens) costs little to compute
     again. ``extra_ops``: the memory estimate's stand-in for the kernels on the meta
-    device. Built once per ``extra_ops`` (cached), not at every checkpoint's call."""
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
+    device."""
     kept_ops = _fused_attention_ops() | extra_ops
 
     def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:  # noqa: ANN401
@@ -84,10 +82,14 @@ def self_attention_kept(
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
+KEEP_SELF_ATTENTION = self_attention_kept()
+"""Built once: torch.compile then reads a constant, instead of tracing the construction."""
+
+
 def attention_keeping_checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
     """``torch_checkpoint`` that keeps self-attention's outputs (``self_attention_kept``)."""
     return torch.utils.checkpoint.checkpoint(
-        function, *args, use_reentrant=False, context_fn=self_attention_kept(), **kwargs
+        function, *args, use_reentrant=False, context_fn=KEEP_SELF_ATTENTION, **kwargs
     )
 
 
