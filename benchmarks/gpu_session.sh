@@ -351,6 +351,13 @@ case "$part" in
     # The same row with the frozen convolution weights channels-last: its epoch against
     # 0.779 samples/s, its replay against 6.9e-6, its peak. A cold compile of its own
     stage vram7-channels-last 330 bench_speed "${VRAM7[@]}" --set speed.channels_last=true
+    # memory.keep_attention (2026-11-27, CPU only): the 8 GB fit is the `confirm` part's
+    # 7 GB row (micro-batch 8, the 8x8 level out of checkpointing, 2 images per decode)
+    # with checkpointing keeping self-attention's outputs (6.16 GB estimated, +0.35):
+    # training predicted ~2% faster (322 against 329 s per 256 images); its replay,
+    # training s/img and peak against vram7-default's. Only its training graph compiles
+    # anew (the sampling call's is the cached one)
+    stage vram8-keep-attention 330 bench_speed "${VRAM7[@]}" --vram 8GB
     # cuDNN's timed choice of convolution algorithms (speed.cudnn_benchmark): its speed,
     # its peak (a larger workspace is not in the estimate) and its replay; cache warm
     stage vram7-cudnn 200 bench_speed "${VRAM7[@]}" --set speed.cudnn_benchmark=true

@@ -36,6 +36,10 @@ ROWS = [
         )
         for kept in range(4)
     ),
+    (
+        "micro-batch 8 + checkpointing, self-attention's outputs kept",
+        ["train.batch_size=8", "memory.gradient_checkpointing=true", "memory.keep_attention=true"],
+    ),
     ("no offload (text encoder, VAE stay)", ["memory.offload=false"]),
     ("sampling batch 4", ["sample.batch_size=4"]),
     (
@@ -60,6 +64,7 @@ SDXL_ROWS = [
     ("no VAE tiling (fp32 decode of the whole 1024 px image)", ["memory.vae_tiling=false"]),
     ("no checkpointing", ["memory.gradient_checkpointing=false"]),
     ("uncheckpointed_levels=1 (the 32x32 blocks)", ["memory.uncheckpointed_levels=1"]),
+    ("self-attention's outputs kept", ["memory.keep_attention=true"]),
     (
         "sampling batch 4, text encoders on the card (the preset before 2026-11-25)",
         ["sample.batch_size=4", "memory.text_encoders_on_cpu=false"],
