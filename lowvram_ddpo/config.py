@@ -162,7 +162,8 @@ class MemoryConfig:
     rest of the layer is still recomputed (PyTorch's selective checkpointing,
     ``memory/checkpointing.py``). Self-attention is the costliest arithmetic per byte it
     outputs (SD 1.5 at 512 px: 15% of a forward's FLOPs, 24 MB per latent kept). Same
-    numbers, bitwise. Needs gradient_checkpointing. A fit (memory.vram) chooses it."""
+    numbers, bitwise. Needs gradient_checkpointing and memory.attention=sdpa. A fit
+    (memory.vram) chooses it under Inductor (speed.compile), where it fits and pays."""
     offload: bool = True
     """Keep the text encoder and VAE on the CPU, on the GPU only for their phase."""
     optimizer: str = "adamw8bit"
@@ -731,6 +732,11 @@ def validate(config: Config) -> None:
             "memory.keep_attention keeps self-attention's outputs out of gradient "
             "checkpointing's recomputation: set memory.gradient_checkpointing = true with it, "
             "or leave it false",
+        ),
+        (
+            not config.memory.keep_attention or config.memory.attention == "sdpa",
+            "memory.keep_attention keeps the outputs of PyTorch's attention kernels: with "
+            "memory.attention=xformers it would keep nothing; use memory.attention=sdpa",
         ),
         (
             config.memory.decode_batch >= 1,

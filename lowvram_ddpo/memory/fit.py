@@ -168,7 +168,7 @@ def candidates(
     samples = s.batch_size * s.batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
     # (checkpointing, levels kept out of it, attention kept): the fewer kept, the less memory
-    keeping = [True, False] if attention else [False]
+    keeping = [True, False] if attention else [config.memory.keep_attention]
     checkpointing = [
         (True, kept, keep)
         for kept in range(most_uncheckpointed_levels(levels), -1, -1)
@@ -193,6 +193,11 @@ def candidates(
     micros = micro_batches(config, largest=max(batches))
     levers = itertools.product(compiling, checkpointing, tiling, offloading)
     for compile_mode, (ckpt, kept, keep), tiled, offload in levers:
+        if keep and compile_mode not in INDUCTOR_MODES and not config.memory.keep_attention:
+            # not offered eager: its policy runs in Python for every op of every
+            # checkpointed block (forward and recomputation), a host cost the time model
+            # does not know (compiled, it is traced away)
+            continue
         if compile_mode in GRAPH_MODES and ckpt and not config.memory.gradient_checkpointing:
             # not paired by the fit: on an H100 (torch 2.11, 2026-11-26) the pair split
             # dynamo's graph at every attention layer; fixed, it was still slow (a second
@@ -251,10 +256,17 @@ compile is weighed: ``compile_where_it_pays``)."""
 _PAIRS = (
     ("sample.batch_size", "sample.batches_per_epoch"),
     ("train.batch_size", "train.gradient_accumulation_steps"),
-    ("memory.gradient_checkpointing", "memory.uncheckpointed_levels", "memory.keep_attention"),
+    ("memory.gradient_checkpointing", "memory.uncheckpointed_levels"),
 )
 """Fields held together: the images per epoch and per optimiser step stay, and
 checkpointing set by hand is kept as written (every level, unless levels are set too)."""
+_HELD_WITH = {
+    "memory.gradient_checkpointing": "memory.keep_attention",
+    "memory.uncheckpointed_levels": "memory.keep_attention",
+}
+"""Held along with a field, not the other way round: checkpointing set by hand keeps no
+attention unless that is set too, while ``keep_attention=false`` alone leaves the fit
+free to checkpoint."""
 
 
 def _value(config: Config, field_name: str) -> object:
@@ -267,7 +279,8 @@ def held_fields(assignments: list[str]) -> frozenset[str]:
     what the user chose and fits the rest around it."""
     named = {a.split("=", 1)[0].strip() for a in assignments} & set(FITTED_FIELDS)
     paired = {f for pair in _PAIRS if named & set(pair) for f in pair}
-    return frozenset(named | paired)
+    along = {_HELD_WITH[f] for f in named | paired if f in _HELD_WITH}
+    return frozenset(named | paired | along)
 
 
 def describe_changes(before: Config, after: Config) -> list[str]:
@@ -330,7 +343,9 @@ def fit_to_vram(
     timing = EpochTiming(flops, this_gpu(), leaf_modules(run.parts.unet), config.sample.batch_size)
     quantizations = quantisation_levels(config, held)
     levels = len(resolution_levels(run.parts.unet))
-    attention = flops.recomputation.self_attention[0] > 0  # else keeping it saves nothing
+    # kept only where it saves arithmetic (levels counted) and PyTorch's kernels run
+    # (xformers' are not the policy's)
+    attention = flops.recomputation.self_attention[0] > 0 and config.memory.attention == "sdpa"
     # text encoders on the CPU cost time only while new prompts arrive: before a
     # quantised base
     on_cpu = [True] if config.memory.text_encoders_on_cpu else [False, True]

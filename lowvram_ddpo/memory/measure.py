@@ -34,11 +34,12 @@ def bench_config(config: Config) -> Config:
     cfg.run.epochs = 1
     cfg.run.progress = False
     cfg.run.grid_prompts, cfg.run.grid_seeds, cfg.run.grid_every = cfg.run.grid_prompts[:1], [0], 0
-    cfg.sample.batches_per_epoch = batches_per_group(cfg.sample.batch_size, cfg.sample.group_size)
     cfg.reward.overlap = "off"  # one batch: nothing to overlap, and each phase measured alone
     cfg.train.batch_size = min(cfg.train.batch_size, cfg.sample.batch_size)
     cfg.train.gradient_accumulation_steps = cfg.sample.batch_size // cfg.train.batch_size
     cfg.sample.batch_size = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+    # of the batch as it now is (whole micro-batches may have shrunk it)
+    cfg.sample.batches_per_epoch = batches_per_group(cfg.sample.batch_size, cfg.sample.group_size)
     return cfg
 
 

@@ -264,7 +264,8 @@ def _checkpoints_counted(
 
 class _SelfAttentionCounted(TorchFunctionMode):
     """Hands ``add`` the FLOPs of each self-attention call (query and key of one length):
-    2 x B x heads x L x L x head width for QK^T, as much for the weighted sum."""
+    2 x B x heads x L x L x query width for QK^T, the same with the value's width for the
+    weighted sum."""
 
     def __init__(self, add: Callable[[float], None]) -> None:
         super().__init__()
@@ -273,9 +274,11 @@ class _SelfAttentionCounted(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            q, k = (*args[:2], *(kwargs[n] for n in ("query", "key")[len(args[:2]) :]))
+            names = ("query", "key", "value")
+            q, k, v = (*args[:3], *(kwargs[n] for n in names[len(args[:3]) :]))
             if q.shape[-2] == k.shape[-2]:
-                self.add(4.0 * q.numel() * k.shape[-2])
+                rows = q.numel() // q.shape[-1]  # B x heads x L
+                self.add(2.0 * rows * k.shape[-2] * (q.shape[-1] + v.shape[-1]))
         return func(*args, **kwargs)
 
 
