@@ -281,21 +281,21 @@ SHAPE_ONLY_KERNELS: dict[Any, Callable[..., Any]] = {
 """Ops whose outputs ``DeviceBytesCounter`` makes from shapes on the meta device."""
 
 
-@torch.library.custom_op("lowvram::attention_footprint", mutates_args=())
-def attention_footprint(
+def _attention_outputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fused attention kernel's outputs, shaped but not computed: the output and the
-    float32 log-sum-exp its backward reads. An op of its own, so that selective
-    checkpointing (``memory.keep_attention``) can keep them on the meta device as it
-    keeps a GPU kernel's."""
+    float32 log-sum-exp its backward reads."""
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@attention_footprint.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
+attention_footprint = torch.library.custom_op(
+    "lowvram::attention_footprint", _attention_outputs, mutates_args=()
+)
+"""``_attention_outputs`` as an op of its own, so that selective checkpointing
+(``memory.keep_attention``) keeps them on the meta device as it keeps a GPU kernel's."""
+attention_footprint.register_fake(_attention_outputs)  # shapes only, whatever the mode
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -316,12 +316,16 @@ class _FusedAttention(torch.autograd.Function):
         return grads
 
 
-def fused_attention(*args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
-    """``F.scaled_dot_product_attention``'s memory on the meta device; q, k, v given by
-    position or by name (FLUX.2's attention passes ``query=``, ``key=``, ``value=``)."""
+def attention_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
+    """q, k, v of an ``F.scaled_dot_product_attention`` call, given by position or by name
+    (FLUX.2's attention passes ``query=``, ``key=``, ``value=``)."""
     names = ("query", "key", "value")
-    q, k, v = (*args[:3], *(kwargs[name] for name in names[len(args[:3]) :]))
-    return _FusedAttention.apply(q, k, v)
+    return (*args[:3], *(kwargs[name] for name in names[len(args[:3]) :]))
+
+
+def fused_attention(*args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
+    """``F.scaled_dot_product_attention``'s memory on the meta device."""
+    return _FusedAttention.apply(*attention_inputs(args, kwargs))
 
 
 # What CUDA autocast runs in the low-precision dtype, and what it runs in float32. The

@@ -27,7 +27,7 @@ from lowvram_ddpo.memory.checkpointing import (
     enable_checkpointing,
     resolution_levels,
 )
-from lowvram_ddpo.memory.counting import GpuKernelEmulation, ShapeOnlyKernels
+from lowvram_ddpo.memory.counting import GpuKernelEmulation, ShapeOnlyKernels, attention_inputs
 from lowvram_ddpo.memory.estimate import MetaRun, meta_run
 from lowvram_ddpo.memory.fp8_weights import fp8_layers
 from lowvram_ddpo.models import use_vae_tiling
@@ -274,8 +274,7 @@ class _SelfAttentionCounted(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            names = ("query", "key", "value")
-            q, k, v = (*args[:3], *(kwargs[n] for n in names[len(args[:3]) :]))
+            q, k, v = attention_inputs(args, kwargs)
             if q.shape[-2] == k.shape[-2]:
                 rows = q.numel() // q.shape[-1]  # B x heads x L
                 self.add(2.0 * rows * k.shape[-2] * (q.shape[-1] + v.shape[-1]))
