@@ -34,7 +34,7 @@ def bench_config(config: Config) -> Config:
     cfg.run.epochs = 1
     cfg.run.progress = False
     cfg.run.grid_prompts, cfg.run.grid_seeds, cfg.run.grid_every = cfg.run.grid_prompts[:1], [0], 0
-    cfg.reward.overlap = "off"  # one batch: nothing to overlap, and each phase measured alone
+    cfg.reward.overlap = "off"  # each phase measured alone
     cfg.train.batch_size = min(cfg.train.batch_size, cfg.sample.batch_size)
     cfg.train.gradient_accumulation_steps = cfg.sample.batch_size // cfg.train.batch_size
     cfg.sample.batch_size = cfg.train.batch_size * cfg.train.gradient_accumulation_steps

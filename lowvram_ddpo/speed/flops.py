@@ -208,7 +208,7 @@ def _shares(by_level: list[float]) -> tuple[float, ...]:
     total = sum(by_level)
     if not by_level or total == 0:  # no levels, or none checkpointed
         return (1.0,) * max(len(by_level), 1)
-    return tuple(sum(by_level[k:]) / total for k in range(len(by_level)))
+    return _parts(by_level, total)
 
 
 @contextmanager
