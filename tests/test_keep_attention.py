@@ -214,3 +214,19 @@ def test_compiled_with_the_attention_kept_the_gradients_are_eagers(fresh_dynamo)
 
 def _record(message: str) -> logging.LogRecord:
     return logging.LogRecord("torch._higher_order_ops.wrap", 30, "", 0, message, None, None)
+
+
+def test_the_keep_attention_table_shows_the_fit_and_its_twin():
+    """benchmarks/keep_attention_fit.py: the 8 GB fit keeps attention and is predicted
+    faster than its twin without, which holds less."""
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import keep_attention_fit
+
+    line = keep_attention_fit.row("incompressibility", "8GB")
+    assert "attention kept" in line
+    (kept_s, kept_gb), (twin_s, twin_gb) = re.findall(r"(\d+) s, ([\d.]+) GB", line)
+    assert int(kept_s) < int(twin_s) and float(kept_gb) > float(twin_gb)
