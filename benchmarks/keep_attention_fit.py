@@ -6,7 +6,8 @@ estimated peak of each.
     python benchmarks/keep_attention_fit.py --preset sdxl-aesthetic --vram 8GB,12GB,16GB
 
 Predictions and estimates, not measurements (no GPU needed; ~15 s per SD 1.5 size).
-Prints a markdown table.
+Prints a markdown table, then self-attention's part of what checkpointing recomputes
+(counted on the meta device).
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for vram in args.vram.split(","):
         print(row(args.preset, vram))
+    print()
+    print(share_line(args.preset))
+
+
+def share_line(preset: str) -> str:
+    """Self-attention's part of what checkpointing recomputes, by levels kept out."""
+    config = load_preset(preset)
+    arch = default_architecture(config.model.name)
+    shares = epoch_flops(config, arch, count_backward=False).recomputation.self_attention
+    parts = ", ".join(f"{k} level(s) out: {share:.1%}" for k, share in enumerate(shares))
+    return f"self-attention, of what full checkpointing recomputes ({arch}): {parts}"
 
 
 if __name__ == "__main__":

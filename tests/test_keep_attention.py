@@ -230,3 +230,6 @@ def test_the_keep_attention_table_shows_the_fit_and_its_twin():
     assert "attention kept" in line
     (kept_s, kept_gb), (twin_s, twin_gb) = re.findall(r"(\d+) s, ([\d.]+) GB", line)
     assert int(kept_s) < int(twin_s) and float(kept_gb) > float(twin_gb)
+    assert keep_attention_fit.share_line("incompressibility").startswith(
+        "self-attention, of what full checkpointing recomputes (sd15): 0 level(s) out: 16."
+    )
