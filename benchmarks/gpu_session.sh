@@ -51,7 +51,9 @@ say() { echo "[gpu_session $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 # machine compiles SD 1.5 for ~260-290 s per shape set; a cache carried from the last
 # session (.compile-cache/torch-compile.tgz.part-NN, git-ignored; carry ".compile-cache")
 # may skip part of it (how much is unmeasured: 2026-11-26, a warm machine's second run
-# did not finish its warm-up epoch in 200 s). Each GPU part's end packs the cache into
+# did not finish its warm-up epoch in 200 s: its checkpointed training graph, 2/3 of the
+# compile, bypassed the cache on CUDA until 2026-11-27, speed/compile_cache.py; the cache
+# carried from 2026-11-27 holds only sampling graphs). Each GPU part's end packs the cache into
 # $OUT in parts of at most 15 MiB (a file coming back from $OUT holds at most 16 MiB).
 COMPILE_CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/lowvram-ddpo"
 CARRIED_CACHE=.compile-cache/torch-compile.tgz
@@ -328,8 +330,8 @@ case "$part" in
   compile) # each row compiles minutes: expect the first one or two per call. Its first
     # stage ran on an H100 (2026-11-26: 0.746 samples/s, 4.74 GiB, replay 7e-6); right
     # after a `confirm` call, GPU_SESSION_SKIP=mb8-ckpt-default,blocks-default starts
-    # with the equal-settings goal's candidate, then channels-last (blocks-default ran
-    # on 2026-11-27)
+    # with the `confirm` row from the compile cache, then the equal-settings goal's
+    # candidate, then channels-last (blocks-default ran on 2026-11-27)
     install_wheels
     stage mb8-ckpt-default 450 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=default
     # the `confirm` part's row compiled by blocks (speed.compile_scope=blocks: each
@@ -338,6 +340,13 @@ case "$part" in
     # session.log say each call's seconds); its replay is the run's own. (Where Inductor's
     # epoch goes, the profile, is the `confirm` part's third epoch since 2026-11-26 late)
     stage blocks-default 330 bench_speed "${VRAM7[@]}" --set speed.compile_scope=blocks
+    # the `confirm` part's row again, its compile now in the cache: until 2026-11-27 the
+    # checkpointed training graph was never cached on CUDA (its compile line looked up no
+    # graph: torch 2.11's graph-safe RNG wrapper around the recomputed attention is not
+    # cacheable; speed/compile_cache.py). Expected: "2 of 2 graphs from the compile cache"
+    # on the training line and a warm-up epoch well under the cold 233 s (the CPU: 121 ->
+    # 11 s); "cannot cache" there means the fix did not take on this torch
+    stage vram7-cached 200 bench_speed "${VRAM7[@]}"
     # the issue's "equal settings" goal (the reference's micro-batch 4, nothing offloaded)
     # with CUDA graphs over Inductor's kernels (no launches left): predicted 0.318
     # + 0.777 s per image, 3.70x the reference's 0.247 samples/s, against default's 2.75x

@@ -24,7 +24,8 @@ from lowvram_ddpo.models import attach_lora
 from lowvram_ddpo.policy import DDIMPolicy, GaussianStep, LCMPolicy
 from lowvram_ddpo.policy.base import draw_noise
 from lowvram_ddpo.rollout import sample_trajectories
-from lowvram_ddpo.speed.compile import compile_cache_dir, compile_unet
+from lowvram_ddpo.speed.compile import compile_unet
+from lowvram_ddpo.speed.compile_cache import compile_cache_dir
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
 from lowvram_ddpo.speed.flops import epoch_flops
 from lowvram_ddpo.text_encoding import encode_negative

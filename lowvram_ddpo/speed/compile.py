@@ -25,7 +25,8 @@ and DDPO's replay is far from exact (on the CPU in bf16: ~50 times the clip rang
 ``nn.Module.compile`` compiles in place: parameter names, LoRA export and checkpoints
 are the same as without it. Compiled code is cached on disk between runs
 (``TORCHINDUCTOR_CACHE_DIR``, by default under the user's cache folder), so a resumed or
-repeated run skips most of the compile time.
+repeated run skips most of the compile time (``compile_cache``: where it lives, and what
+keeps a checkpointed training graph in it on CUDA).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from torch._inductor import list_mode_options
 from lowvram_ddpo.config import BLOCK_COMPILE_MODES, COMPILE_MODES, SpeedConfig
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.reporting.progress import format_duration, word_while_waiting
+from lowvram_ddpo.speed.compile_cache import compile_cache_dir, keep_training_graph_cacheable
 from lowvram_ddpo.speed.compile_regions import compile_regions
 from lowvram_ddpo.speed.cuda_graphs import (
     count_graph_events,
@@ -60,29 +62,6 @@ from lowvram_ddpo.speed.cuda_graphs import (
 )
 
 RECOMPILE_LIMIT = 32
-
-
-def compile_cache_dir() -> Path:
-    """Where compiled kernels are kept: ``TORCHINDUCTOR_CACHE_DIR`` when the user set it,
-    else ``$XDG_CACHE_HOME/lowvram-ddpo/torch-compile`` (``~/.cache/...``), which survives
-    a reboot, unlike PyTorch's default under /tmp. PyTorch writes its default into the
-    variable as its compiler modules load (importing ``torch._dynamo.utils`` does), so a
-    value equal to that default counts as unset."""
-    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if chosen and chosen != _torch_default_cache_dir():
-        return Path(chosen)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "lowvram-ddpo" / "torch-compile"
-
-
-def _torch_default_cache_dir() -> str:
-    """PyTorch's own default for ``TORCHINDUCTOR_CACHE_DIR`` ("" where this torch keeps
-    it elsewhere)."""
-    try:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-    except ImportError:
-        return ""
-    return os.path.abspath(default_cache_dir())
 
 
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -261,9 +240,11 @@ def compile_unet(
         # the backward compiles with the forward, at the first call, where a failure can
         # still be caught (lazily, it would fail inside the first backward pass)
         setattr(functorch_config, EARLY_BACKWARD, True)
+    graphs = replays_cuda_graphs(mode, backend)
+    keep_training_graph_cacheable(graphs)  # the checkpointed training graph, on CUDA
     for module in compiled:
         module.compile(backend=backend, options=options, dynamic=False)
-    if replays_cuda_graphs(mode, backend):
+    if graphs:
         make_graph_safe(unet)
         count_graph_events()  # the epochs report what the graphs' pool went through
     eager_if_compiling_fails(compiled, mode, say)
@@ -390,12 +371,14 @@ LIMIT_HIT = "Dynamo recompile limit exceeded"
 @dataclass(frozen=True)
 class CompileCounts:
     """Dynamo's and Inductor's counters at one moment: a call that compiled is told
-    apart by the graphs it added, and the compile cache's share by its hits (a run
-    compiling for minutes says how long, and whether the cache served it)."""
+    apart by the graphs it added, and the compile cache's share by its hits and the graphs
+    it could not take (a run compiling for minutes says how long, and whether the cache
+    served it or ever will: ``compile_cache``)."""
 
     graphs: int
     cache_hits: int
     cache_misses: int
+    cache_bypasses: int
     limit_hits: int
     started: float
 
@@ -406,6 +389,7 @@ class CompileCounts:
             graphs=counters["stats"]["unique_graphs"],
             cache_hits=inductor["fxgraph_cache_hit"],
             cache_misses=inductor["fxgraph_cache_miss"],
+            cache_bypasses=inductor["fxgraph_cache_bypass"],
             limit_hits=sum(
                 n for why, n in counters["unimplemented"].items() if why.startswith(LIMIT_HIT)
             ),
@@ -417,7 +401,13 @@ class CompileCounts:
         after = CompileCounts.now()
         hits = after.cache_hits - self.cache_hits
         looked_up = hits + after.cache_misses - self.cache_misses
+        bypassed = after.cache_bypasses - self.cache_bypasses
         cache = f"; {hits} of {looked_up} graphs from the compile cache" if looked_up else ""
+        if bypassed:
+            cache += (
+                f"; {bypassed} graph{'s' * (bypassed > 1)} this torch cannot cache "
+                "(compiled again by every run)"
+            )
         return (
             f"speed.compile={mode}: the UNet's {call} call compiled in "
             f"{after.started - self.started:.0f} s{cache}"

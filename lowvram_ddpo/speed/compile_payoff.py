@@ -13,7 +13,8 @@ UNet time is predicted least is taken.
 
 Only a cold compile is weighed: where the compile cache already holds kernels (an earlier
 run on this machine), most of the compile may come from it (on the CPU the pocket model's
-151 s fell to 15 s), and the mode is kept.
+151 s fell to 15 s; on a GPU the checkpointed training graph only since
+``compile_cache.keep_training_graph_cacheable``), and the mode is kept.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import copy
 from lowvram_ddpo.config import BLOCK_COMPILE_MODES, COMPILE_SCOPES, Config
 from lowvram_ddpo.memory.estimate import meta_run
 from lowvram_ddpo.reporting.progress import format_duration
-from lowvram_ddpo.speed.compile import INDUCTOR_MODES, compile_cache_dir
+from lowvram_ddpo.speed.compile import INDUCTOR_MODES
+from lowvram_ddpo.speed.compile_cache import compile_cache_dir
 from lowvram_ddpo.speed.flops import epoch_flops
 from lowvram_ddpo.speed.time_model import Gpu, leaf_modules, predict_epoch
 

@@ -1,0 +1,82 @@
+"""Inductor's compile cache: where it lives, and keeping the training graph in it.
+
+A compiled UNet costs minutes at a run's first calls (SD 1.5 on an H100: 68 s for the
+sampling call, 144 s for the training call); the cache on disk lets the next run (a
+resume, a second preset, the next benchmark row) load the kernels instead.
+
+**A checkpointed training graph was never cached on a CUDA GPU** (torch 2.11, H100,
+2026-11-27: the training call's compile line looked up no graph at all, while the
+sampling call's did). Inside a gradient-checkpointed region the partitioner recomputes
+attention in the backward, and because ``scaled_dot_product_attention`` is tagged as a
+random op (it may apply dropout) it wraps each recomputed call in a higher-order op that
+carries the RNG state from the forward to the backward. On CUDA that op is
+``graphsafe_run_with_rng_state`` (safe inside CUDA graphs), which torch declared
+uncacheable until pytorch#185562 (merged June 2026: torch 2.11 does, 2.13 does not):
+Inductor's FX graph cache and AOT autograd's cache both bypass the whole graph, so every
+run compiled the training call from scratch. On the CPU the partitioner uses
+``run_and_save_rng_state`` / ``run_with_rng_state``, cacheable in both (the pocket
+model's warm-up fell from 151 s to 15 s on the CPU), which is why the CPU never showed it.
+
+Where no CUDA graph is replayed (Inductor's ``default`` mode: the presets' mode) the
+graph-safe variant buys nothing, so ``keep_training_graph_cacheable`` has the partitioner
+use the plain pair on CUDA too (``torch._functorch.config.graphsafe_rng_functionalization``
+off). Same kernels, same numbers: the attention runs with dropout 0, and the plain pair
+only saves and restores the generator's seed and offset on the host around the recomputed
+call. Under CUDA graphs (``reduce-overhead``, ``max-autotune``, ``cudagraphs``) the
+graph-safe op is needed and stays, uncached on such a torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch._functorch.config as functorch_config
+
+GRAPH_SAFE_RNG = "graphsafe_rng_functionalization"
+"""The partitioner's setting (``torch._functorch.config``) that picks the CUDA-graph-safe
+RNG wrapper for random ops recomputed under activation checkpointing."""
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled kernels are kept: ``TORCHINDUCTOR_CACHE_DIR`` when the user set it,
+    else ``$XDG_CACHE_HOME/lowvram-ddpo/torch-compile`` (``~/.cache/...``), which survives
+    a reboot, unlike PyTorch's default under /tmp. PyTorch writes its default into the
+    variable as its compiler modules load (importing ``torch._dynamo.utils`` does), so a
+    value equal to that default counts as unset."""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen and chosen != _torch_default_cache_dir():
+        return Path(chosen)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "lowvram-ddpo" / "torch-compile"
+
+
+def _torch_default_cache_dir() -> str:
+    """PyTorch's own default for ``TORCHINDUCTOR_CACHE_DIR`` ("" where this torch keeps
+    it elsewhere)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return ""
+    return os.path.abspath(default_cache_dir())
+
+
+def graph_safe_rng_is_cacheable() -> bool:
+    """Whether this torch's compile caches take a graph holding the CUDA-graph-safe RNG
+    wrapper (True where the wrapper does not exist: nothing to bypass)."""
+    wrapper = getattr(torch._prims.rng_prims, "graphsafe_run_with_rng_state", None)
+    return wrapper is None or wrapper.cacheable()
+
+
+def keep_training_graph_cacheable(replays_graphs: bool) -> bool:
+    """Before a compile whose calls replay no CUDA graph (``replays_graphs`` False), have
+    attention recomputed under checkpointing carry its RNG state with the cacheable
+    wrapper instead of the graph-safe one, where this torch would not cache the latter;
+    with graphs, the graph-safe one (torch's default) is set back. Returns whether the
+    cacheable wrapper is in use where torch's default would not cache."""
+    if graph_safe_rng_is_cacheable() or not hasattr(functorch_config, GRAPH_SAFE_RNG):
+        return False
+    # set on every compile, not once: one process may compile a graph mode after this
+    setattr(functorch_config, GRAPH_SAFE_RNG, replays_graphs)
+    return not replays_graphs

@@ -1,0 +1,113 @@
+"""The compile cache keeps a checkpointed training graph (``speed/compile_cache.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._functorch.config as functorch_config
+import torch.nn.functional as F
+from torch._prims import rng_prims
+from torch.utils.checkpoint import checkpoint
+
+from lowvram_ddpo.speed.compile import compile_unet
+from lowvram_ddpo.speed.compile_cache import (
+    GRAPH_SAFE_RNG,
+    graph_safe_rng_is_cacheable,
+    keep_training_graph_cacheable,
+)
+
+
+@pytest.fixture
+def graph_safe_rng_as_torch_sets_it():
+    """The partitioner's RNG setting at torch's default, put back after the test (a
+    config module's own patch: monkeypatch's undo would delete the setting)."""
+    with functorch_config.patch({GRAPH_SAFE_RNG: True}):
+        yield
+
+
+@pytest.fixture
+def uncacheable_graph_safe_rng(monkeypatch, graph_safe_rng_as_torch_sets_it):
+    """This torch as torch 2.11 is: the graph-safe RNG wrapper not cacheable."""
+    monkeypatch.setattr(rng_prims.graphsafe_run_with_rng_state, "_cacheable", False)
+    assert not graph_safe_rng_is_cacheable()
+
+
+def test_graph_free_compiles_carry_rng_state_with_the_cacheable_wrapper(
+    uncacheable_graph_safe_rng,
+):
+    """Where torch would not cache the graph-safe wrapper, a compile that replays no CUDA
+    graph has the partitioner use the cacheable one; a compile that replays graphs gets
+    the graph-safe one back (one process may compile both, the tests do)."""
+    assert keep_training_graph_cacheable(replays_graphs=False)
+    assert getattr(functorch_config, GRAPH_SAFE_RNG) is False
+    assert not keep_training_graph_cacheable(replays_graphs=True)
+    assert getattr(functorch_config, GRAPH_SAFE_RNG) is True
+
+
+def test_a_torch_that_caches_the_graph_safe_wrapper_is_left_as_it_is(
+    monkeypatch, graph_safe_rng_as_torch_sets_it
+):
+    monkeypatch.setattr(rng_prims.graphsafe_run_with_rng_state, "_cacheable", True)
+    assert not keep_training_graph_cacheable(replays_graphs=False)
+    assert getattr(functorch_config, GRAPH_SAFE_RNG) is True
+
+
+def test_the_presets_compile_mode_turns_the_graph_safe_wrapper_off(
+    fresh_dynamo, uncacheable_graph_safe_rng, tmp_path, monkeypatch
+):
+    """Inductor's ``default`` mode (the SD 1.5 presets') replays no graph: its compile
+    sets the cacheable wrapper before anything is traced."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    compile_unet(torch.nn.Linear(2, 2), "default", torch.device("cpu"))
+    assert getattr(functorch_config, GRAPH_SAFE_RNG) is False
+
+
+class CheckpointedAttention(torch.nn.Module):
+    """Attention inside a gradient-checkpointed region, as the trainer's UNet has it: the
+    backward recomputes ``scaled_dot_product_attention``, an op tagged random."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.attend, x, use_reentrant=False)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+def training_call_lines(runs: int, heard: list[str]) -> None:
+    """``runs`` runs' first training call of a fresh module, dynamo emptied between runs
+    (the disk cache kept), each compile's line into ``heard``."""
+    for _ in range(runs):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        module = CheckpointedAttention()
+        compile_unet(module, "default", torch.device("cpu"), say=heard.append)
+        module(torch.randn(2, 5, 8)).sum().backward()
+
+
+def test_a_checkpointed_training_graph_the_cache_cannot_take_is_said(
+    fresh_dynamo, graph_safe_rng_as_torch_sets_it, tmp_path, monkeypatch
+):
+    """The CPU's RNG wrappers made uncacheable, as the graph-safe one is on CUDA under
+    torch 2.11: the checkpointed attention's training graph (forward and backward) is then
+    compiled by every run, and its line says so. Cacheable again, the second run's
+    training call comes from the cache: the path the fix gives CUDA."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "bypassed"))
+    for wrapper in (rng_prims.run_and_save_rng_state, rng_prims.run_with_rng_state):
+        monkeypatch.setattr(wrapper, "_cacheable", False)
+    bypassed: list[str] = []
+    training_call_lines(2, bypassed)
+    assert all("2 graphs this torch cannot cache" in line for line in bypassed), bypassed
+    assert not any("from the compile cache" in line for line in bypassed)
+
+    monkeypatch.undo()  # the wrappers cacheable again, a fresh cache folder
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cached"))
+    cached: list[str] = []
+    training_call_lines(2, cached)
+    assert "; 0 of 2 graphs from the compile cache" in cached[0], cached
+    assert "; 2 of 2 graphs from the compile cache" in cached[1], cached
+    assert not any("cannot cache" in line for line in cached)
