@@ -71,16 +71,27 @@ restore_compile_cache() {
   fi
 }
 
+# Over the limit, the cache is packed again without triton/: Inductor's FX graph entries
+# bundle the Triton kernels they launch (torch's bundle_triton_into_fx_graph_cache, on by
+# default) and write them back on a hit, so the entries alone restore a whole compiled
+# graph (2026-11-27's parts: triton/ 140 MB of 183 unpacked, the one FX entry 43)
 pack_compile_cache() {
   [ -d "$COMPILE_CACHE_ROOT/torch-compile" ] || return 0
-  local packed=/tmp/torch-compile.tgz
+  local packed=/tmp/torch-compile.tgz what="" mb
   tar czf "$packed" -C "$COMPILE_CACHE_ROOT" torch-compile 2>>"$LOG" || return 0
-  local mb=$(($(stat -c %s "$packed") / 1048576))
+  mb=$(($(stat -c %s "$packed") / 1048576))
   if ((mb > CACHE_RETURN_MB)); then
-    say "compile cache: ${mb} MB packed, over ${CACHE_RETURN_MB} MB: not returned"
+    tar czf "$packed" -C "$COMPILE_CACHE_ROOT" --exclude=torch-compile/triton torch-compile \
+      2>>"$LOG" || return 0
+    say "compile cache: ${mb} MB packed, over ${CACHE_RETURN_MB} MB: packed again without triton/"
+    mb=$(($(stat -c %s "$packed") / 1048576))
+    what=" (without triton/)"
+  fi
+  if ((mb > CACHE_RETURN_MB)); then
+    say "compile cache: ${mb} MB packed${what}, over ${CACHE_RETURN_MB} MB: not returned"
   else
     split -b "$CACHE_PART" -d "$packed" "$OUT/torch-compile.tgz.part-"
-    say "compile cache: ${mb} MB in \$OUT/torch-compile.tgz.part-* (replace .compile-cache/'s parts with them)"
+    say "compile cache: ${mb} MB${what} in \$OUT/torch-compile.tgz.part-* (replace .compile-cache/'s parts with them)"
   fi
   rm -f "$packed"
 }
