@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch._functorch.config as functorch_config
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from torch._prims import rng_prims
-from torch.utils.checkpoint import checkpoint
 
+from lowvram_ddpo.memory.checkpointing import attention_keeping_checkpoint, torch_checkpoint
 from lowvram_ddpo.speed.compile import compile_unet
 from lowvram_ddpo.speed.compile_cache import (
     GRAPH_SAFE_RNG,
@@ -64,27 +70,31 @@ def test_the_presets_compile_mode_turns_the_graph_safe_wrapper_off(
 
 class CheckpointedAttention(torch.nn.Module):
     """Attention inside a gradient-checkpointed region, as the trainer's UNet has it: the
-    backward recomputes ``scaled_dot_product_attention``, an op tagged random."""
+    backward recomputes ``scaled_dot_product_attention``, an op tagged random, unless
+    ``checkpoint`` keeps self-attention (``memory.keep_attention``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoint: Callable = torch_checkpoint) -> None:
         super().__init__()
         self.qkv = torch.nn.Linear(8, 24)
+        self.checkpoint = checkpoint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self.attend, x, use_reentrant=False)
+        return self.checkpoint(self.attend, x)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
-def training_call_lines(runs: int, heard: list[str]) -> None:
+def training_call_lines(
+    runs: int, heard: list[str], checkpoint: Callable = torch_checkpoint
+) -> None:
     """``runs`` runs' first training call of a fresh module, dynamo emptied between runs
     (the disk cache kept), each compile's line into ``heard``."""
     for _ in range(runs):
         torch._dynamo.reset()
         torch.manual_seed(0)
-        module = CheckpointedAttention()
+        module = CheckpointedAttention(checkpoint)
         compile_unet(module, "default", torch.device("cpu"), say=heard.append)
         module(torch.randn(2, 5, 8)).sum().backward()
 
@@ -111,3 +121,42 @@ def test_a_checkpointed_training_graph_the_cache_cannot_take_is_said(
     assert "; 0 of 2 graphs from the compile cache" in cached[0], cached
     assert "; 2 of 2 graphs from the compile cache" in cached[1], cached
     assert not any("cannot cache" in line for line in cached)
+
+
+def test_a_training_graph_that_keeps_self_attention_comes_whole_from_the_cache(
+    fresh_dynamo, tmp_path, monkeypatch
+):
+    """``memory.keep_attention``'s selective checkpoint: AOT autograd's cache takes a
+    graph holding it only where its ``context_fn`` has a ``cache_hash`` and pickles; the
+    second run's training call then comes from that cache (no tracing, no partitioning)
+    and its kernels from Inductor's."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    heard: list[str] = []
+    before = dict(counters["aot_autograd"])
+    training_call_lines(2, heard, attention_keeping_checkpoint)
+    after = counters["aot_autograd"]
+    assert after["autograd_cache_bypass"] == before.get("autograd_cache_bypass", 0)
+    assert after["autograd_cache_hit"] == before.get("autograd_cache_hit", 0) + 1
+    assert "; 2 of 2 graphs from the compile cache" in heard[1], heard
+
+
+def test_the_kept_attention_policy_pickles_alike_in_every_process():
+    """The cache key pickles the selective checkpoint's policy: a set of op names pickled
+    in an order salted per process, and the second run's training graph missed the cache
+    (a key of its own every run). Processes with other string-hash salts must agree."""
+    probe = (
+        "import hashlib, pickle\n"
+        "from lowvram_ddpo.memory.checkpointing import KEEP_SELF_ATTENTION as k\n"
+        "print(hashlib.sha256(pickle.dumps(k)).hexdigest(), k.cache_hash)"
+    )
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout
+        for seed in (1, 2, 3)
+    }
+    assert len(seen) == 1, seen

@@ -29,6 +29,7 @@ pair too 7.79 GiB more, 58% less.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import types
 from collections.abc import Callable
@@ -71,15 +72,42 @@ def self_attention_kept(
     (query and key of one length) for the backward and recomputes everything else:
     ``memory.keep_attention``. Cross-attention (77 text tokens) costs little to compute
     again. ``extra_ops``: the memory estimate's stand-in for the kernels on the meta
-    device."""
-    kept_ops = _fused_attention_ops() | extra_ops
+    device.
 
-    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:  # noqa: ANN401
-        if op in kept_ops and args[0].shape[-2] == args[1].shape[-2]:
-            return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.PREFER_RECOMPUTE
+    Built of module-level functions and op names, and given a ``cache_hash``: AOT
+    autograd's compile cache pickles a selective checkpoint's ``context_fn`` into its key
+    and wants that hash beside it. Without them it cached no training graph holding the
+    checkpoint and each run traced and partitioned it again (the tests' tiny SD 1.5 on the
+    CPU: the training call's warm compile 27-36 s against 4 s, and the first warm run
+    after a cold one missed the backward's kernels too)."""
+    # a sorted tuple, not a set: the key pickles it, and a set of strings pickles in an
+    # order that changes from process to process (string hashing is salted)
+    kept = tuple(sorted({str(op) for op in _fused_attention_ops() | extra_ops}))
+    policy = functools.partial(_keep_self_attention, kept)
+    context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+    context_fn.cache_hash = _policy_hash(kept)  # type: ignore[attr-defined]
+    return context_fn
 
-    return functools.partial(create_selective_checkpoint_contexts, policy)
+
+def _keep_self_attention(
+    kept: tuple[str, ...],
+    ctx: Any,  # noqa: ANN401
+    op: Any,  # noqa: ANN401
+    *args: Any,  # noqa: ANN401
+    **kwargs: Any,  # noqa: ANN401
+) -> CheckpointPolicy:
+    """The policy: save the kernels named in ``kept`` where query and key have one length."""
+    if str(op) in kept and args[0].shape[-2] == args[1].shape[-2]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _policy_hash(kept: tuple[str, ...]) -> str:
+    """The policy's bytecode and constants and the kept ops' names: a change to either is
+    a new compile-cache key."""
+    code = _keep_self_attention.__code__
+    described = [code.co_code.hex(), repr(code.co_consts), *kept]
+    return hashlib.sha256("\n".join(described).encode()).hexdigest()
 
 
 KEEP_SELF_ATTENTION = self_attention_kept()
