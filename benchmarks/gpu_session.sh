@@ -484,7 +484,11 @@ for line in open(sys.argv[1]):
               f"{gib('peak_reserved_bytes')}/{gib('peak_allocated_bytes')} GiB"
               + (f" ({by_phase})" if by_phase else "")
               + (f"  replay {replay['replay_rms']:.2e}" if replay else "")
-              + (f"  graphs recorded per epoch {recorded}" if recorded else ""))
+              + (f"  graphs recorded per epoch {recorded}" if recorded else "")
+              # the compile cache's hits/misses/bypassed, Inductor's then AOT autograd's
+              + (f"  cache {cache['inductor_hits']}/{cache['inductor_misses']}/{cache['inductor_bypassed']}"
+                 f" aot {cache['aot_autograd_hits']}/{cache['aot_autograd_misses']}/{cache['aot_autograd_bypassed']}"
+                 if (cache := r.get("compile_cache")) else ""))
     elif isinstance(r, list) and r and isinstance(r[0], dict) and "decode_batch" in r[0]:
         gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "?"
         print(head + "  decode per call: " + "; ".join(

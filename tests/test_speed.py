@@ -1066,6 +1066,7 @@ def test_bench_speed_times_a_real_run_and_reports_mfu():
     assert {"sampling", "decode", "training"} <= estimate.keys()
     assert all(p["reserved"] >= p["allocated"] > 0 for p in estimate.values())
     assert report["settings"]["compile"] == "off"
+    assert report["compile_cache"] and not any(report["compile_cache"].values())  # eager
     # the whole run as the preset has it, at the timed rate: what a user plans around
     preset = load_preset("pocket-incompressibility")
     images = preset.run.epochs * 4 * preset.sample.batches_per_epoch

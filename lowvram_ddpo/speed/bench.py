@@ -29,6 +29,7 @@ from lowvram_ddpo.memory.measure import batches_per_group, run_on_random_weights
 from lowvram_ddpo.memory.meter import by_phase
 from lowvram_ddpo.memory.units import format_size
 from lowvram_ddpo.reporting.progress import format_duration
+from lowvram_ddpo.speed.compile_cache import cache_lookups, cache_lookups_line
 from lowvram_ddpo.speed.devices import dense_fp16_tflops
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
 from lowvram_ddpo.speed.kernel_kinds import kernel_times, milliseconds_by_kind
@@ -81,6 +82,9 @@ class SpeedReport:
     """The replay of the epoch that missed most (``epoch_metrics.TrainingTotals``):
     log-probs re-scored before the first update against the sampled ones, rms and the
     share clipped, beside the clip range; empty where the objective clips nothing."""
+    compile_cache: dict[str, int] = field(default_factory=dict)
+    """The run's compile-cache lookups (``compile_cache.cache_lookups``): whether the
+    warm-up's compile came from an earlier run's, and what no run can cache."""
 
     @property
     def images_per_second(self) -> float:
@@ -138,6 +142,7 @@ class SpeedReport:
             "peak_so_far_by_epoch": self.peak_so_far_by_epoch,
             "cuda_graph_events_by_epoch": self.graph_events_by_epoch,
             "replay": self.replay,
+            "compile_cache": self.compile_cache,
             "run": {"images": self.run_images, "seconds": self.run_seconds},
             "settings": self.settings,
             "notes": self.notes,
@@ -190,6 +195,8 @@ class SpeedReport:
                     for phase, p in self.estimated_peaks.items()
                 )
             )
+        if cache := cache_lookups_line(self.compile_cache):
+            lines.append(cache)
         if self.graph_events_by_epoch:
             recorded = ", ".join(str(e["cuda_graph_recorded"]) for e in self.graph_events_by_epoch)
             lines.append(f"  CUDA graphs recorded in each epoch: {recorded}")
@@ -281,6 +288,7 @@ def measure_speed(
     run_images = config.run.epochs * config.sample.batch_size * config.sample.batches_per_epoch
     flops = epoch_flops(cfg, arch)
     around = (lambda: epoch_profile(profile)) if profile else nullcontext
+    looked_up_before = cache_lookups()  # the process's counts: this run's are the rise
     ran, _ = run_on_random_weights(cfg, arch, around)
     warmup, *timed = ran
     profiled_apart = profile is not None and len(timed) >= 2
@@ -290,6 +298,12 @@ def measure_speed(
     name = torch.cuda.get_device_name() if on_cuda else "cpu"
     rate = peak_tflops or (dense_fp16_tflops(name) if on_cuda else None)
     notes = []
+    lookups = {k: n - looked_up_before[k] for k, n in cache_lookups().items()}
+    if lookups["inductor_bypassed"] or lookups["aot_autograd_bypassed"]:
+        notes.append(
+            "some compiled graphs bypassed the compile cache: every run compiles them again "
+            "(the compile lines say which call's; speed/compile_cache.py)"
+        )
     skips = cudagraph_skips()
     if skips:
         notes.append(
@@ -333,6 +347,7 @@ def measure_speed(
         * flops.trained_steps
         * cfg.train.inner_epochs,
         replay=worst_replay(ran, cfg.train.clip_range),
+        compile_cache=lookups,
     )
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch._functorch.config as functorch_config
+from torch._dynamo.utils import counters
 
 GRAPH_SAFE_RNG = "graphsafe_rng_functionalization"
 """The partitioner's setting (``torch._functorch.config``) that picks the CUDA-graph-safe
@@ -80,3 +81,30 @@ def keep_training_graph_cacheable(replays_graphs: bool) -> bool:
     # set on every compile, not once: one process may compile a graph mode after this
     setattr(functorch_config, GRAPH_SAFE_RNG, replays_graphs)
     return not replays_graphs
+
+
+def cache_lookups() -> dict[str, int]:
+    """This process's compile-cache lookups so far: Inductor's (a graph's kernels) and AOT
+    autograd's (a training graph's trace and partition, which also names its kernels),
+    hits, misses and graphs bypassed (never cached: each run compiles them again)."""
+    inductor, aot = counters["inductor"], counters["aot_autograd"]
+    return {
+        "inductor_hits": inductor["fxgraph_cache_hit"],
+        "inductor_misses": inductor["fxgraph_cache_miss"],
+        "inductor_bypassed": inductor["fxgraph_cache_bypass"],
+        "aot_autograd_hits": aot["autograd_cache_hit"],
+        "aot_autograd_misses": aot["autograd_cache_miss"],
+        "aot_autograd_bypassed": aot["autograd_cache_bypass"],
+    }
+
+
+def cache_lookups_line(lookups: dict[str, int]) -> str:
+    """One line of ``cache_lookups`` ("" where nothing was looked up: nothing compiled)."""
+    if not any(lookups.values()):
+        return ""
+    parts = [
+        f"{name} {lookups[f'{key}_hits']} hit, {lookups[f'{key}_misses']} missed, "
+        f"{lookups[f'{key}_bypassed']} bypassed"
+        for key, name in (("inductor", "Inductor"), ("aot_autograd", "AOT autograd"))
+    ]
+    return "  compile cache, graphs: " + "; ".join(parts)
