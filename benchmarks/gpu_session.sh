@@ -51,8 +51,8 @@ say() { echo "[gpu_session $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 # machine compiles SD 1.5 for ~260-290 s per shape set; a cache carried from the last
 # session (.compile-cache/torch-compile.tgz.part-NN, git-ignored; carry ".compile-cache")
 # may skip part of it (how much is unmeasured: 2026-11-26, a warm machine's second run
-# did not finish its warm-up epoch in 200 s: its checkpointed training graph, 2/3 of the
-# compile, bypassed the cache on CUDA until 2026-11-27, speed/compile_cache.py; the cache
+# did not finish its warm-up epoch in 200 s: likely its checkpointed training graph, 144
+# of 212 s of compile, which bypassed the cache on CUDA until 2026-11-27, speed/compile_cache.py; the cache
 # carried from 2026-11-27 holds only sampling graphs). Each GPU part's end packs the cache into
 # $OUT in parts of at most 15 MiB (a file coming back from $OUT holds at most 16 MiB).
 COMPILE_CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/lowvram-ddpo"
@@ -78,11 +78,11 @@ restore_compile_cache() {
 pack_compile_cache() {
   [ -d "$COMPILE_CACHE_ROOT/torch-compile" ] || return 0
   local packed=/tmp/torch-compile.tgz what="" mb
-  tar czf "$packed" -C "$COMPILE_CACHE_ROOT" torch-compile 2>>"$LOG" || return 0
+  tar czf "$packed" -C "$COMPILE_CACHE_ROOT" torch-compile 2>>"$LOG" || { rm -f "$packed"; return 0; }
   mb=$(($(stat -c %s "$packed") / 1048576))
   if ((mb > CACHE_RETURN_MB)); then
     tar czf "$packed" -C "$COMPILE_CACHE_ROOT" --exclude=torch-compile/triton torch-compile \
-      2>>"$LOG" || return 0
+      2>>"$LOG" || { rm -f "$packed"; return 0; }
     say "compile cache: ${mb} MB packed, over ${CACHE_RETURN_MB} MB: packed again without triton/"
     mb=$(($(stat -c %s "$packed") / 1048576))
     what=" (without triton/)"
@@ -356,7 +356,8 @@ case "$part" in
     # graph: torch 2.11's graph-safe RNG wrapper around the recomputed attention is not
     # cacheable; speed/compile_cache.py). Expected: "2 of 2 graphs from the compile cache"
     # on the training line and a warm-up epoch well under the cold 233 s (the CPU: 121 ->
-    # 11 s); "cannot cache" there means the fix did not take on this torch
+    # 11 s); "could not take" there means the fix did not take on this torch. Needs the
+    # machine the `confirm` call warmed (run at once) or its returned cache parts carried
     stage vram7-cached 200 bench_speed "${VRAM7[@]}"
     # the issue's "equal settings" goal (the reference's micro-batch 4, nothing offloaded)
     # with CUDA graphs over Inductor's kernels (no launches left): predicted 0.318

@@ -118,15 +118,15 @@ def _fresh_accelerate_state():
 
 @pytest.fixture
 def fresh_dynamo():
-    """A test that compiles starts and ends with dynamo's caches empty, and AOT's
-    early-backward setting as it was."""
+    """A test that compiles starts and ends with dynamo's caches empty, and the AOT
+    settings compile_unet sets (where torch has them) as they were."""
     import torch  # here: the module imports torch only after setting its thread count
     import torch._functorch.config as functorch_config
 
-    early = "force_non_lazy_backward_lowering"  # compile_unet sets it (where torch has it)
-    early_backward = getattr(functorch_config, early, None)
+    names = ("force_non_lazy_backward_lowering", "graphsafe_rng_functionalization")
+    kept = {n: getattr(functorch_config, n) for n in names if hasattr(functorch_config, n)}
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-    if early_backward is not None:
-        setattr(functorch_config, early, early_backward)
+    for name, value in kept.items():
+        setattr(functorch_config, name, value)

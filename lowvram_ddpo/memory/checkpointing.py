@@ -97,16 +97,29 @@ def _keep_self_attention(
     **kwargs: Any,  # noqa: ANN401
 ) -> CheckpointPolicy:
     """The policy: save the kernels named in ``kept`` where query and key have one length."""
-    if str(op) in kept and args[0].shape[-2] == args[1].shape[-2]:
+    if _op_name(op) in kept and args[0].shape[-2] == args[1].shape[-2]:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+@functools.cache
+def _op_name(op: Any) -> str:  # noqa: ANN401
+    """An op's name ("aten.mm.default"), formatted once per op: eagerly the policy sees
+    every op of a checkpointed block, twice."""
+    return str(op)
+
+
 def _policy_hash(kept: tuple[str, ...]) -> str:
-    """The policy's bytecode and constants and the kept ops' names: a change to either is
-    a new compile-cache key."""
+    """The policy's bytecode, constants and the names it reads, and the kept ops' names:
+    a change to any is a new compile-cache key."""
     code = _keep_self_attention.__code__
-    described = [code.co_code.hex(), repr(code.co_consts), *kept]
+    described = [
+        code.co_code.hex(),
+        repr(code.co_consts),
+        repr(code.co_names),
+        repr(code.co_varnames),
+        *kept,
+    ]
     return hashlib.sha256("\n".join(described).encode()).hexdigest()
 
 

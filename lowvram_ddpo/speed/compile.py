@@ -53,7 +53,11 @@ from torch._inductor import list_mode_options
 from lowvram_ddpo.config import BLOCK_COMPILE_MODES, COMPILE_MODES, SpeedConfig
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.reporting.progress import format_duration, word_while_waiting
-from lowvram_ddpo.speed.compile_cache import compile_cache_dir, keep_training_graph_cacheable
+from lowvram_ddpo.speed.compile_cache import (
+    cache_lookups,
+    compile_cache_dir,
+    keep_training_graph_cacheable,
+)
 from lowvram_ddpo.speed.compile_regions import compile_regions
 from lowvram_ddpo.speed.cuda_graphs import (
     count_graph_events,
@@ -384,12 +388,12 @@ class CompileCounts:
 
     @classmethod
     def now(cls) -> CompileCounts:
-        inductor = counters["inductor"]
+        lookups = cache_lookups()
         return cls(
             graphs=counters["stats"]["unique_graphs"],
-            cache_hits=inductor["fxgraph_cache_hit"],
-            cache_misses=inductor["fxgraph_cache_miss"],
-            cache_bypasses=inductor["fxgraph_cache_bypass"],
+            cache_hits=lookups["inductor_hits"],
+            cache_misses=lookups["inductor_misses"],
+            cache_bypasses=lookups["inductor_bypassed"],
             limit_hits=sum(
                 n for why, n in counters["unimplemented"].items() if why.startswith(LIMIT_HIT)
             ),
@@ -405,8 +409,8 @@ class CompileCounts:
         cache = f"; {hits} of {looked_up} graphs from the compile cache" if looked_up else ""
         if bypassed:
             cache += (
-                f"; {bypassed} graph{'s' * (bypassed > 1)} this torch cannot cache "
-                "(compiled again by every run)"
+                f"; {bypassed} graph{'s' * (bypassed > 1)} the compile cache could not "
+                "take (compiled again by every run)"
             )
         return (
             f"speed.compile={mode}: the UNet's {call} call compiled in "

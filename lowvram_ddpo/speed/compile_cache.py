@@ -10,8 +10,8 @@ sampling call's did). Inside a gradient-checkpointed region the partitioner reco
 attention in the backward, and because ``scaled_dot_product_attention`` is tagged as a
 random op (it may apply dropout) it wraps each recomputed call in a higher-order op that
 carries the RNG state from the forward to the backward. On CUDA that op is
-``graphsafe_run_with_rng_state`` (safe inside CUDA graphs), which torch declared
-uncacheable until pytorch#185562 (merged June 2026: torch 2.11 does, 2.13 does not):
+``graphsafe_run_with_rng_state`` (safe inside CUDA graphs), which torch 2.11 declares
+uncacheable (read in its source; 2.13's marks it cacheable, after pytorch/pytorch#185562):
 Inductor's FX graph cache and AOT autograd's cache both bypass the whole graph, so every
 run compiled the training call from scratch. On the CPU the partitioner uses
 ``run_and_save_rng_state`` / ``run_with_rng_state``, cacheable in both (the pocket
@@ -20,10 +20,11 @@ model's warm-up fell from 151 s to 15 s on the CPU), which is why the CPU never 
 Where no CUDA graph is replayed (Inductor's ``default`` mode: the presets' mode) the
 graph-safe variant buys nothing, so ``keep_training_graph_cacheable`` has the partitioner
 use the plain pair on CUDA too (``torch._functorch.config.graphsafe_rng_functionalization``
-off). Same kernels, same numbers: the attention runs with dropout 0, and the plain pair
-only saves and restores the generator's seed and offset on the host around the recomputed
-call. Under CUDA graphs (``reduce-overhead``, ``max-autotune``, ``cudagraphs``) the
-graph-safe op is needed and stays, uncached on such a torch.
+off). The same kernels and numbers are expected (read from the source, not measured on
+a GPU): the attention runs with dropout 0, and the plain pair only saves and restores the
+generator's seed and offset on the host around the recomputed call. Under CUDA graphs
+(``reduce-overhead``, ``max-autotune``, ``cudagraphs``) the graph-safe op is needed and
+stays, uncached on such a torch.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 import torch._functorch.config as functorch_config
 from torch._dynamo.utils import counters
+from torch._prims import rng_prims
 
 GRAPH_SAFE_RNG = "graphsafe_rng_functionalization"
 """The partitioner's setting (``torch._functorch.config``) that picks the CUDA-graph-safe
@@ -66,7 +67,7 @@ def _torch_default_cache_dir() -> str:
 def graph_safe_rng_is_cacheable() -> bool:
     """Whether this torch's compile caches take a graph holding the CUDA-graph-safe RNG
     wrapper (True where the wrapper does not exist: nothing to bypass)."""
-    wrapper = getattr(torch._prims.rng_prims, "graphsafe_run_with_rng_state", None)
+    wrapper = getattr(rng_prims, "graphsafe_run_with_rng_state", None)
     return wrapper is None or wrapper.cacheable()
 
 
@@ -75,7 +76,11 @@ def keep_training_graph_cacheable(replays_graphs: bool) -> bool:
     attention recomputed under checkpointing carry its RNG state with the cacheable
     wrapper instead of the graph-safe one, where this torch would not cache the latter;
     with graphs, the graph-safe one (torch's default) is set back. Returns whether the
-    cacheable wrapper is in use where torch's default would not cache."""
+    cacheable wrapper is in use where torch's default would not cache.
+
+    The setting is process-wide and read when a graph is first traced, not here: a
+    process that compiles two modules in different modes before calling either traces
+    both with the second's (the trainer compiles one UNet, once)."""
     if graph_safe_rng_is_cacheable() or not hasattr(functorch_config, GRAPH_SAFE_RNG):
         return False
     # set on every compile, not once: one process may compile a graph mode after this
@@ -86,7 +91,9 @@ def keep_training_graph_cacheable(replays_graphs: bool) -> bool:
 def cache_lookups() -> dict[str, int]:
     """This process's compile-cache lookups so far: Inductor's (a graph's kernels) and AOT
     autograd's (a training graph's trace and partition, which also names its kernels),
-    hits, misses and graphs bypassed (never cached: each run compiles them again)."""
+    hits, misses and graphs bypassed (never cached: each run compiles them again). AOT
+    autograd may count one graph twice: a miss at its lookup, then a bypass when its
+    entry cannot be saved."""
     inductor, aot = counters["inductor"], counters["aot_autograd"]
     return {
         "inductor_hits": inductor["fxgraph_cache_hit"],
