@@ -480,8 +480,11 @@ for line in open(sys.argv[1]):
             for p in ("sampling", "decode", "training") if "peak_reserved_bytes_" + p in peaks[-1])
         print(f"{head}  {r['images_per_second']:.3f} img/s  compile {compiled}  sampling {s['sampling']:.3f} "
               f"training {s['training']:.3f} s/img  MFU {share(mfu['sampling'])}/{share(mfu['training'])} "
-              f"(recomputation counted {share(r.get('mfu_training_with_recomputation'))})  "
-              f"warm-up {r['warmup_seconds']:.0f} s  peak reserved/allocated "
+              f"(recomputation counted {share(r.get('mfu_training_with_recomputation'))}; "
+              f"denoising alone {share(r.get('mfu_denoising'))})  "
+              + (f"denoise/decode {ph['sampling']:.2f}/{ph['decode']:.2f} s  "
+                 if {"sampling", "decode"} <= (ph := r.get("phase_seconds") or {}).keys() else "")
+              + f"warm-up {r['warmup_seconds']:.0f} s  peak reserved/allocated "
               f"{gib('peak_reserved_bytes')}/{gib('peak_allocated_bytes')} GiB"
               + (f" ({by_phase})" if by_phase else "")
               + (f"  replay {replay['replay_rms']:.2e}" if replay else "")

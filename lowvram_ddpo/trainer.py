@@ -73,7 +73,7 @@ from lowvram_ddpo.memory.checkpointing import (
     resolution_levels,
 )
 from lowvram_ddpo.memory.fp8_weights import keep_out_of_ddp_sync, store_weights_in_fp8
-from lowvram_ddpo.memory.meter import PhaseMeter, peak_piece
+from lowvram_ddpo.memory.meter import PhaseMeter, peak_piece, phase_seconds_since
 from lowvram_ddpo.memory.narrowing import NarrowingWidth
 from lowvram_ddpo.memory.units import GB
 from lowvram_ddpo.models import (
@@ -473,6 +473,7 @@ class Trainer:
     def run_epoch(self, epoch: int) -> dict:
         epoch_started = time.perf_counter()
         graphs_before = copy.copy(GRAPH_EVENTS)
+        phase_seconds_before = self.meter.seconds()
         samples, rewards, seconds = self.sample_and_score(epoch)
         reward_extras = self.reward_extras()
         advantages, gathered_rewards = self.advantages(samples.prompts, rewards, epoch)
@@ -497,6 +498,7 @@ class Trainer:
             "samples": len(gathered_rewards),
             **train_metrics,
             **seconds,
+            **phase_seconds_since(self.meter, phase_seconds_before),
             **self.meter.peaks(),
             **reward_extras,
             **evaluation,

@@ -19,6 +19,7 @@ def test_metrics_are_grouped_and_only_numbers_are_logged():
     assert metric_tag("reward_mean") == "reward/mean"
     assert metric_tag("eval_reward_mean") == "eval/reward_mean"
     assert metric_tag("seconds_training") == "time/training"
+    assert metric_tag("phase_seconds_decode") == "time/device_decode"
     assert metric_tag("peak_reserved_bytes") == "memory/reserved_bytes"
     # a phase's start beside its peak, not written over it
     start, peak = (

@@ -1061,6 +1061,13 @@ def test_bench_speed_times_a_real_run_and_reports_mfu():
     assert report["mfu"]["training"] == pytest.approx(expected)
     # no checkpointing: nothing computed twice
     assert report["mfu_training_with_recomputation"] == report["mfu"]["training"]
+    # the phase meter splits sampling: the denoising and the decode, inside its seconds
+    phases = report["phase_seconds"]
+    assert phases["sampling"] > 0 and phases["decode"] > 0 and phases["training"] > 0
+    assert phases["sampling"] + phases["decode"] <= seconds["sampling"]
+    denoising = work["sampling"] * 1e12 * 4 / phases["sampling"] / 1e12
+    assert report["mfu_denoising"] == pytest.approx(denoising)
+    assert report["mfu_denoising"] > report["mfu"]["sampling"]
     # the memory estimate of the same settings, per phase: a GPU row's calibration check
     estimate = report["memory_estimate"]
     assert {"sampling", "decode", "training"} <= estimate.keys()

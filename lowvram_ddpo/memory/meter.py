@@ -60,6 +60,12 @@ class PhaseMeter:
             for kind, value in start.items():
                 seen[kind] = max(seen.get(kind, 0), value)
 
+    def seconds(self) -> dict[str, float]:
+        """Each phase's seconds so far in the run: on CUDA between synchronisations at its
+        start and end, so the device's time on it (the denoising apart from the decode
+        that follows it, say), not the host's."""
+        return {name: p.seconds or 0.0 for name, p in self.phases.items()}
+
     def peaks(self) -> dict[str, int]:
         """The run's peak reserved and allocated bytes so far, per phase and overall (CUDA
         only): reserved is what the card must hold; the gap to allocated is the allocator's
@@ -82,6 +88,15 @@ class PhaseMeter:
                 f"peak_stranded_bytes_{name}": seen["stranded"],
             }
         return peaks
+
+
+def phase_seconds_since(meter: PhaseMeter, before: dict[str, float]) -> dict[str, float]:
+    """The meter's seconds per phase since ``before`` (its ``seconds()`` then), as epoch
+    metrics ``phase_seconds_<phase>``: the denoising ("sampling") and the decode apart."""
+    return {
+        f"phase_seconds_{name}": seconds - before.get(name, 0.0)
+        for name, seconds in meter.seconds().items()
+    }
 
 
 def measured(meter: PhaseMeter | None, name: str) -> AbstractContextManager:

@@ -24,6 +24,7 @@ GROUPS = {
     "reward_": "reward/",
     "eval_": "eval/",
     "seconds_": "time/",
+    "phase_seconds_": "time/device_",  # the phase meter's, between device synchronisations
     "peak_": "memory/",
     "start_": "memory/start_",  # what each phase started on: beside its peak, not over it
     "cuda_graph_": "cuda_graphs/",

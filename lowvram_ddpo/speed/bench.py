@@ -82,6 +82,10 @@ class SpeedReport:
     """The replay of the epoch that missed most (``epoch_metrics.TrainingTotals``):
     log-probs re-scored before the first update against the sampled ones, rms and the
     share clipped, beside the clip range; empty where the objective clips nothing."""
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    """The timed epoch's seconds by the phase meter's phases, each between device
+    synchronisations: "sampling" is the denoising alone (and any prompt encoding), beside
+    "decode", "training" and "reward" where it is not overlapped."""
     compile_cache: dict[str, int] = field(default_factory=dict)
     """The run's compile-cache lookups (``compile_cache.cache_lookups``): whether the
     warm-up's compile came from an earlier run's, and what no run can cache."""
@@ -109,6 +113,15 @@ class SpeedReport:
         }[phase]
         return useful * self.images / self.seconds[phase] / (self.peak_tflops * 1e12)
 
+    def mfu_denoising(self) -> float | None:
+        """Sampling's MFU over the denoising alone (the decode and the loop's host work left
+        out): how busy the UNet's calls keep the device while sampling."""
+        denoising = self.phase_seconds.get("sampling")
+        if self.peak_tflops is None or not denoising:
+            return None
+        useful = self.flops.sampling_per_image * self.images
+        return useful / denoising / (self.peak_tflops * 1e12)
+
     def mfu_with_recomputation(self) -> float | None:
         """The training's MFU counting checkpointing's second forward too: what the GPU's
         arithmetic ran at, against what the run needed (``mfu``); the gap is the cost of
@@ -117,6 +130,19 @@ class SpeedReport:
         if mfu is None or not self.flops.training_per_image:
             return mfu
         return mfu * (1 + self.recomputed_per_image / self.flops.training_per_image)
+
+    def sampling_split_line(self) -> str:
+        """Sampling's seconds split by the phase meter: the denoising (its MFU beside) and
+        the decode ("" where the meter timed neither)."""
+        denoising, decode = self.phase_seconds.get("sampling"), self.phase_seconds.get("decode")
+        if denoising is None or decode is None:
+            return ""
+        mfu = self.mfu_denoising()
+        return (
+            f"    of which denoising {denoising:.2f} s"
+            + (f" (MFU {mfu:.1%})" if mfu is not None else "")
+            + f", decoding {decode:.2f} s ({decode / self.images:.3f} s/image)"
+        )
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -129,6 +155,8 @@ class SpeedReport:
             "warmup_seconds": self.warmup_seconds,
             "mfu": {p: self.mfu(p) for p in ("sampling", "training", "epoch")},
             "mfu_training_with_recomputation": self.mfu_with_recomputation(),
+            "mfu_denoising": self.mfu_denoising(),
+            "phase_seconds": self.phase_seconds,
             "peak_tflops": self.peak_tflops,
             "unet_tflop_per_image": {
                 "sampling": self.flops.sampling_per_image / 1e12,
@@ -166,6 +194,8 @@ class SpeedReport:
                     else ""
                 )
             )
+            if phase == "sampling" and (split := self.sampling_split_line()):
+                lines.append(split)
         lines.append(
             f"  throughput {self.images_per_second:.3f} images/s; warm-up epoch "
             f"{self.warmup_seconds:.1f} s"
@@ -348,7 +378,16 @@ def measure_speed(
         * cfg.train.inner_epochs,
         replay=worst_replay(ran, cfg.train.clip_range),
         compile_cache=lookups,
+        phase_seconds=timed_phase_seconds(timed),
     )
+
+
+def timed_phase_seconds(timed: list[dict]) -> dict[str, float]:
+    """The timed epochs' mean seconds per phase of the phase meter (their
+    ``phase_seconds_<phase>`` metrics)."""
+    prefix = "phase_seconds_"
+    names = [k.removeprefix(prefix) for k in timed[0] if k.startswith(prefix)]
+    return {name: mean(e.get(prefix + name, 0.0) for e in timed) for name in names}
 
 
 def estimated_peaks(config: Config, arch: str, notes: list[str]) -> dict[str, dict[str, int]]:
