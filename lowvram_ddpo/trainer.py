@@ -236,7 +236,11 @@ class Trainer:
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.prompts)
         for note in (
             resolution_note(self.pipe, cfg.sample.resolution, cfg.model.name),
-            unknown_words_note(self.pipe, self.prompts + cfg.run.grid_prompts, cfg.model.name),
+            # of the shipped pocket model's words: not of a pipeline given by the caller
+            # (`bench speed` gives random weights, whose tokenizer knows other words)
+            None
+            if self.pipeline is not None
+            else unknown_words_note(self.pipe, self.prompts + cfg.run.grid_prompts, cfg.model.name),
             replay_note(cfg, self.accelerator.device.type, self.accelerator.mixed_precision),
         ):
             if note:

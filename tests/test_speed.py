@@ -1048,6 +1048,8 @@ def test_bench_speed_times_a_real_run_and_reports_mfu():
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)  # the report alone: the epoch lines go to stderr
     assert report["images"] == 4 and report["device"] == "cpu"
+    assert "epoch 3/3" in result.output  # the epoch lines are there; a random-weight
+    assert "unknown to the pocket model" not in result.output  # tokenizer's words are not
     seconds = report["seconds"]
     assert seconds["epoch"] > 0 and seconds["training"] > 0 and seconds["sampling"] > 0
     assert seconds["epoch"] >= seconds["training"]
