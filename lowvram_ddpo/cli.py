@@ -344,7 +344,10 @@ DEFAULT_SEEDS_TEXT = " ".join(map(str, DEFAULT_SEEDS))
 @app.command()
 def sample(
     prompts: Annotated[
-        list[str] | None, typer.Option("--prompts", help="A prompt (repeat the flag).")
+        list[str] | None,
+        typer.Option(
+            "--prompts", help="A prompt (repeat the flag) [default: the --lora run's grid prompts]."
+        ),
     ] = None,
     prompt_set: Annotated[
         str,
@@ -384,14 +387,19 @@ def sample(
     ] = None,
 ) -> None:
     """Render a grid (rows = prompts, columns = seeds): the base model and, with --lora, the
-    fine-tuned one side by side."""
+    fine-tuned one side by side. Without prompts, a run's own grid prompts."""
     from lowvram_ddpo.prompts import load_prompts
-    from lowvram_ddpo.sampling import SampleRequest, render_comparison
+    from lowvram_ddpo.sampling import SampleRequest, render_comparison, run_grid_prompts
 
     with _user_errors():
         every_prompt = list(prompts or []) + (load_prompts(prompt_set) if prompt_set else [])
+        if not every_prompt and (every_prompt := run_grid_prompts(lora)):
+            typer.echo(f"prompts: the run's grid prompts ({'; '.join(every_prompt)})")
         if not every_prompt:
-            raise UserError("give prompts with --prompts (repeatable) or --prompt-set")
+            raise UserError(
+                "give prompts with --prompts (repeatable) or --prompt-set, or --lora a run "
+                "folder: its grid prompts are the default"
+            )
         request = SampleRequest(
             prompts=every_prompt,
             seeds=seeds or DEFAULT_SEEDS,

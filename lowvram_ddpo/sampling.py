@@ -127,6 +127,13 @@ def _run_config_for(lora: str):  # noqa: ANN202
     return None
 
 
+def run_grid_prompts(lora: str) -> list[str]:
+    """The prompts of the training grids of the run ``lora`` came from (what its grids
+    showed epoch by epoch), or [] where no run's config is found."""
+    run = _run_config_for(lora)
+    return list(run.run.grid_prompts) if run is not None else []
+
+
 def run_quantised(run) -> bool:  # noqa: ANN001  (a Config or None)
     """Whether the run trained on a quantised base (fp8, int8 or nf4)."""
     return run is not None and run.memory.quantize != "none"

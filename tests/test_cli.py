@@ -188,6 +188,13 @@ def test_train_from_a_saved_folder_then_sample_before_and_after(tiny_preset, tmp
     assert "[with LoRA run (epoch 1)] a dog:" in result.output
     assert result.output.count("mean reward") == 2
 
+    # no prompts: the run's own grid prompts, said
+    result = _run("sample", "--lora", str(run_dir), "--seeds", "0", "--grid", str(grid))
+    assert result.exit_code == 0, result.output
+    assert f"the run's grid prompts ({'; '.join(config.run.grid_prompts)})" in result.output
+    assert Image.open(grid).height > len(config.run.grid_prompts) * 32  # a row each
+    _assert_clean_error(_run("sample", "--seeds", "0"), "or --lora a run folder")
+
 
 def test_sample_without_a_lora_at_the_path_is_refused(tmp_path):
     result = _run("sample", "--lora", str(tmp_path), "--prompts", "a cat", "--model", str(tmp_path))
