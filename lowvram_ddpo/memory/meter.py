@@ -92,10 +92,13 @@ class PhaseMeter:
 
 def phase_seconds_since(meter: PhaseMeter, before: dict[str, float]) -> dict[str, float]:
     """The meter's seconds per phase since ``before`` (its ``seconds()`` then), as epoch
-    metrics ``phase_seconds_<phase>``: the denoising ("sampling") and the decode apart."""
+    metrics ``phase_seconds_<phase>``: the denoising ("sampling") and the decode apart.
+    Phases that did not run since (the prompts' encoding before the first epoch) are left
+    out."""
     return {
         f"phase_seconds_{name}": seconds - before.get(name, 0.0)
         for name, seconds in meter.seconds().items()
+        if seconds != before.get(name)
     }
 
 
