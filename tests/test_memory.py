@@ -1543,3 +1543,26 @@ def test_without_expandable_segments_a_fit_leaves_the_default_allocators_room(
     fit = fit_to_vram(load_preset("incompressibility"), "sd15", parse_size("8GB"))
     assert fit.report.peak_bytes + CUDA_CONTEXT_BYTES <= 8 * GB
     assert "no expandable segments" in fit.summary("8GB")
+
+
+def test_an_epochs_phase_seconds_are_the_meters_rise_over_it():
+    """``phase_seconds_since``: each phase's seconds since a snapshot of the meter; a phase
+    that did not run since (the encode before the first epoch) is left out."""
+    import time
+
+    from lowvram_ddpo.memory.meter import PhaseMeter, phase_seconds_since
+
+    meter = PhaseMeter()
+    with meter.phase("encode"):
+        time.sleep(0.01)
+    with meter.phase("sampling"):
+        time.sleep(0.01)
+    before = meter.seconds()
+    with meter.phase("sampling"):
+        time.sleep(0.02)
+    with meter.phase("decode"):
+        time.sleep(0.01)
+    since = phase_seconds_since(meter, before)
+    assert set(since) == {"phase_seconds_sampling", "phase_seconds_decode"}
+    assert 0.02 <= since["phase_seconds_sampling"] < meter.seconds()["sampling"]
+    assert since["phase_seconds_decode"] == meter.seconds()["decode"] >= 0.01
