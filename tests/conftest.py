@@ -123,7 +123,11 @@ def fresh_dynamo():
     import torch  # here: the module imports torch only after setting its thread count
     import torch._functorch.config as functorch_config
 
-    names = ("force_non_lazy_backward_lowering", "graphsafe_rng_functionalization")
+    names = (
+        "force_non_lazy_backward_lowering",
+        "graphsafe_rng_functionalization",
+        "autograd_cache_allow_custom_autograd_functions",
+    )
     kept = {n: getattr(functorch_config, n) for n in names if hasattr(functorch_config, n)}
     torch._dynamo.reset()
     yield

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch._prims import rng_prims
 
 from lowvram_ddpo.memory.checkpointing import attention_keeping_checkpoint, torch_checkpoint
+from lowvram_ddpo.memory.fp8_weights import store_weights_in_fp8
 from lowvram_ddpo.speed.compile import compile_unet
 from lowvram_ddpo.speed.compile_cache import (
     GRAPH_SAFE_RNG,
@@ -168,3 +169,36 @@ def test_the_kept_attention_policy_pickles_alike_in_every_process():
         for seed in (1, 2, 3)
     }
     assert len(seen) == 1, seen
+
+
+class Fp8Block(torch.nn.Module):
+    """A frozen layer stored in fp8 (``memory.quantize=fp8``: a custom autograd Function
+    per call) after a trainable one: its input needs a gradient, so dynamo keeps the
+    Function whole in the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = torch.nn.Linear(8, 8).requires_grad_(False)
+        self.trained = torch.nn.Linear(8, 8)
+        assert store_weights_in_fp8(self) == 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.frozen(self.trained(x))
+
+
+def test_a_training_graph_through_an_fp8_base_comes_from_the_cache(
+    fresh_dynamo, tmp_path, monkeypatch
+):
+    """The fp8 base's layers are a custom autograd Function, which AOT autograd's cache
+    refuses by default: allowed, the second run's training call is a hit."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    before = cache_lookups()
+    for _ in range(2):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        block = Fp8Block()
+        compile_unet(block, "default", torch.device("cpu"), say=lambda line: None)
+        block(torch.randn(3, 8)).sum().backward()
+    looked_up = {k: n - before[k] for k, n in cache_lookups().items()}
+    assert looked_up["aot_autograd_bypassed"] == 0, looked_up
+    assert looked_up["aot_autograd_hits"] == 1, looked_up

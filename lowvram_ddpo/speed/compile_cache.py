@@ -39,6 +39,9 @@ from torch._prims import rng_prims
 GRAPH_SAFE_RNG = "graphsafe_rng_functionalization"
 """The partitioner's setting (``torch._functorch.config``) that picks the CUDA-graph-safe
 RNG wrapper for random ops recomputed under activation checkpointing."""
+CUSTOM_FUNCTIONS = "autograd_cache_allow_custom_autograd_functions"
+"""AOT autograd's setting that lets its cache take a graph holding a custom
+``torch.autograd.Function``: off by default in torch 2.11 and 2.13."""
 
 
 def compile_cache_dir() -> Path:
@@ -72,20 +75,36 @@ def graph_safe_rng_is_cacheable() -> bool:
 
 
 def keep_training_graph_cacheable(replays_graphs: bool) -> bool:
-    """Before a compile whose calls replay no CUDA graph (``replays_graphs`` False), have
-    attention recomputed under checkpointing carry its RNG state with the cacheable
-    wrapper instead of the graph-safe one, where this torch would not cache the latter;
+    """Before a compile: custom autograd Functions allowed into AOT autograd's cache
+    (``allow_custom_autograd_functions``), and where its calls replay no CUDA graph
+    (``replays_graphs`` False), attention recomputed under checkpointing made to carry its
+    RNG state with the cacheable wrapper instead of the graph-safe one, where this torch
+    would not cache the latter;
     with graphs, the graph-safe one (torch's default) is set back. Returns whether the
     cacheable wrapper is in use where torch's default would not cache.
 
-    The setting is process-wide and read when a graph is first traced, not here: a
+    The settings are process-wide and read when a graph is first traced, not here: a
     process that compiles two modules in different modes before calling either traces
     both with the second's (the trainer compiles one UNet, once)."""
+    allow_custom_autograd_functions()
     if graph_safe_rng_is_cacheable() or not hasattr(functorch_config, GRAPH_SAFE_RNG):
         return False
     # set on every compile, not once: one process may compile a graph mode after this
     setattr(functorch_config, GRAPH_SAFE_RNG, replays_graphs)
     return not replays_graphs
+
+
+def allow_custom_autograd_functions() -> None:
+    """Let AOT autograd's cache take training graphs holding a custom autograd Function:
+    the fp8 base's layers are one (``memory/fp8_weights.py``), and without this each run
+    traced and partitioned its training graph again (the tests' tiny SD 1.5 on the CPU
+    with ``memory.quantize=fp8``: warm-up 121.5 s cold, 40.8 s warm, the training call
+    34 s and "1 of 2" graphs from the cache). Dynamo traces the Function's forward and
+    backward into the graph the key holds; torch's developers found that higher-order op
+    pure in its inputs and keep the setting off only while they test it
+    (pytorch/pytorch#149751)."""
+    if hasattr(functorch_config, CUSTOM_FUNCTIONS):
+        setattr(functorch_config, CUSTOM_FUNCTIONS, True)
 
 
 def cache_lookups() -> dict[str, int]:
