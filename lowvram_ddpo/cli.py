@@ -389,17 +389,10 @@ def sample(
     """Render a grid (rows = prompts, columns = seeds): the base model and, with --lora, the
     fine-tuned one side by side. Without prompts, a run's own grid prompts."""
     from lowvram_ddpo.prompts import load_prompts
-    from lowvram_ddpo.sampling import SampleRequest, render_comparison, run_grid_prompts
+    from lowvram_ddpo.sampling import SampleRequest, render_comparison
 
     with _user_errors():
         every_prompt = list(prompts or []) + (load_prompts(prompt_set) if prompt_set else [])
-        if not every_prompt and (every_prompt := run_grid_prompts(lora)):
-            typer.echo(f"prompts: the run's grid prompts ({'; '.join(every_prompt)})")
-        if not every_prompt:
-            raise UserError(
-                "give prompts with --prompts (repeatable) or --prompt-set, or --lora a run "
-                "folder: its grid prompts are the default"
-            )
         request = SampleRequest(
             prompts=every_prompt,
             seeds=seeds or DEFAULT_SEEDS,

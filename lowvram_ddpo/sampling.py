@@ -3,7 +3,7 @@ a trained LoRA, through the same DDIM policy the trainer samples with."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -127,13 +127,6 @@ def _run_config_for(lora: str):  # noqa: ANN202
     return None
 
 
-def run_grid_prompts(lora: str) -> list[str]:
-    """The prompts of the training grids of the run ``lora`` came from (what its grids
-    showed epoch by epoch), or [] where no run's config is found."""
-    run = _run_config_for(lora)
-    return list(run.run.grid_prompts) if run is not None else []
-
-
 def run_quantised(run) -> bool:  # noqa: ANN001  (a Config or None)
     """Whether the run trained on a quantised base (fp8, int8 or nf4)."""
     return run is not None and run.memory.quantize != "none"
@@ -150,6 +143,15 @@ def _gpu_dtype(model: str, run) -> torch.dtype:  # noqa: ANN001  (a Config or No
 
 def render_comparison(request: SampleRequest) -> SampleResult:
     run = _run_config_for(request.lora)
+    defaulted = []
+    if not request.prompts and run is not None:  # the run's grid prompts, as its grids had
+        request = replace(request, prompts=list(run.run.grid_prompts))
+        defaulted = [f"prompts: the run's grid prompts ({'; '.join(request.prompts)})"]
+    if not request.prompts:
+        raise UserError(
+            "give prompts with --prompts (repeatable) or --prompt-set, or --lora a run "
+            "folder: its grid prompts are the default"
+        )
     model = request.model or (run.model.name if run else DEFAULT_MODEL)
     defaults = run.sample if run else SampleConfig()  # the run's settings, else SD 1.5's
     guidance = defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale
@@ -249,7 +251,7 @@ def render_comparison(request: SampleRequest) -> SampleResult:
             values = check_rewards(reward(flat, prompts), len(flat), request.reward)
             scores[name] = values.view(len(request.prompts), len(request.seeds))
     image = make_grid(panels, request.prompts, request.seeds, scores or None)
-    notes = [f"decode: {note}" for note in decoding.take_notes()]
+    notes = defaulted + [f"decode: {note}" for note in decoding.take_notes()]
     if request.reward and isinstance(reward, ModelReward):
         notes += [f"reward: {note}" for note in reward.scoring_width().take_notes()]
     return SampleResult(image, request.prompts, request.seeds, scores, panels, fp8, notes)
