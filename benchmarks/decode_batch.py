@@ -2,6 +2,7 @@
 
     python benchmarks/decode_batch.py --arch sd15                 # on a GPU machine
     python benchmarks/decode_batch.py --arch pocket --repeats 1   # CPU smoke run
+    python benchmarks/decode_batch.py --arch sd15 --variants eager,compiled --widths 2,4
 
 Builds the architecture's random-weight VAE (fp16 on a GPU, fp32 on a CPU) and decodes
 ``--images`` latents at the model's resolution through ``rollout.decode_latents`` (the
@@ -14,6 +15,12 @@ width: the meta device's (``MetaRun.decode``, which sees no cuDNN workspace) and
 estimate's calibrated one (``calibration.DECODE_WORKING_GROWTH``, x1.44: on an H100,
 2026-11-27, the sampling phase, decoding 4 images per call, peaked ~1.1 GiB above the
 meta figure). This says whether the decode alone is where, and recalibrates the factor.
+
+``--variants eager,compiled`` times each width again with the decoder compiled by Inductor
+for that width (``speed.compile_decoder``, ``speed/compile_decoder.py``): a row's
+``first_call_seconds`` is its first call (the compile), its ``eager_ms_per_image`` the eager
+row's, and ``max_abs_difference`` how far its images lie from eager's (the rewards see
+them; the policy's log-probabilities do not).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -31,16 +39,27 @@ from lowvram_ddpo.config import load_preset
 from lowvram_ddpo.memory.calibration import decode_working_bytes
 from lowvram_ddpo.memory.estimate import meta_run
 from lowvram_ddpo.rollout import decode_latents, latent_shape
+from lowvram_ddpo.speed.compile_decoder import DecodeShape, compile_decoder
+
+VARIANTS = ("eager", "compiled")
 
 
-def median_seconds(decode: Callable[[], object], repeats: int) -> float:
-    decode()  # warm-up
+def to_stderr(line: str) -> None:
+    """The compile's lines: standard output carries only the JSON rows."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def timed(decode: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(seconds of the first call: a compile, cuDNN's choices; median seconds after)."""
+    started = time.perf_counter()
+    decode()  # ends with a copy to the host: the GPU's work is done
+    first = time.perf_counter() - started
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        decode()  # ends with a copy to the host: the GPU's work is done
+        decode()
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return first, statistics.median(times)
 
 
 def main() -> None:
@@ -49,7 +68,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--widths", default="1,2,4,8")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--variants", default="eager", help="eager, compiled (speed.compile_decoder) or both"
+    )
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    if unknown := set(variants) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     dtype = torch.float16 if on_gpu else torch.float32
@@ -59,33 +84,47 @@ def main() -> None:
     latents = torch.randn(args.images, *shape, device=device)
     estimate = estimated_decode(args.arch, resolution, fp16=on_gpu)
     one = None
-    for width in (int(w) for w in args.widths.split(",")):
-        before = torch.cuda.memory_allocated() if on_gpu else 0
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats()
+    eager: dict[int, tuple[float, torch.Tensor]] = {}  # width: (seconds, images)
+    for variant in variants:
+        for width in (int(w) for w in args.widths.split(",")):
+            if variant == "compiled":  # in place, for this width (other widths eager)
+                side = DecodeShape.of_run(pipe.vae, width, args.images, resolution).side
+                shape = DecodeShape(width, side)
+                compile_decoder(pipe.vae, torch.device(device), shape, say=to_stderr)
+            before = torch.cuda.memory_allocated() if on_gpu else 0
+            if on_gpu:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            images: list[torch.Tensor] = []
 
-        def decode(width: int = width) -> None:
-            with torch.autocast(device, dtype=dtype, enabled=on_gpu):  # as the trainer
-                decode_latents(pipe.vae, latents, batch_size=width)
+            def decode(width: int = width, images: list = images) -> None:
+                with torch.autocast(device, dtype=dtype, enabled=on_gpu):  # as the trainer
+                    images[:] = [decode_latents(pipe.vae, latents, batch_size=width)]
 
-        seconds = median_seconds(decode, args.repeats)
-        one = one or seconds
-        peak = torch.cuda.max_memory_allocated() if on_gpu else None
-        print(
-            json.dumps({
+            first, seconds = timed(decode, args.repeats)
+            one = one or seconds
+            peak = torch.cuda.max_memory_allocated() if on_gpu else None
+            row = {
                 "arch": args.arch,
                 "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+                "variant": variant,
                 "decode_batch": width,
                 "ms_per_image": round(1e3 * seconds / args.images, 2),
                 "speed_up": round(one / seconds, 3),
+                "first_call_seconds": round(first, 2),
                 "peak_allocated_bytes": peak,
                 "peak_reserved_bytes": torch.cuda.max_memory_reserved() if on_gpu else None,
                 "working_bytes": peak - before if peak is not None else None,
                 "estimated_working_bytes": estimate(width),
                 "calibrated_working_bytes": decode_working_bytes(estimate(width), on_gpu),
-            }),
-            flush=True,
-        )  # fmt: skip
+            }
+            if variant == "eager":
+                eager[width] = (seconds, images[0])
+            elif width in eager:
+                seen, pictures = eager[width]
+                row["eager_ms_per_image"] = round(1e3 * seen / args.images, 2)
+                row["max_abs_difference"] = float((images[0] - pictures).abs().max())
+            print(json.dumps(row), flush=True)
 
 
 def estimated_decode(arch: str, resolution: int, fp16: bool) -> Callable[[int], int]:

@@ -305,13 +305,18 @@ case "$part" in
     # its CUDA graphs, ~15 s per epoch predicted; a cold compile), as an 8 GB card gets it
     # (the same with checkpointing, ~19 s predicted), and with the preset's CUDA graphs
     # kept (2.34 samples/s measured 2026-11-26: the fit's choice before); then an epoch
-    # profiled. Caps ~1,170 s: two calls (the second GPU_SESSION_SKIP=<stages done>)
+    # profiled. Caps ~1,470 s: three calls (each next GPU_SESSION_SKIP=<stages done>)
     install_wheels
     RLCM=(--preset rlcm-incompressibility --set memory.optimizer=adamw)
     stage rlcm-written-eager 150 bench_speed "${RLCM[@]}" --batches 4 --set memory.vram=off \
       --set speed.compile=off --epochs 3
     stage rlcm-auto 450 bench_speed "${RLCM[@]}" --batches 2 --epochs 3
     stage rlcm-vram8 300 bench_speed "${RLCM[@]}" --batches 2 --vram 8GB --epochs 3
+    # the decode is RLCM's large share of sampling (the model under-predicted it 2x): the
+    # fitted row with the VAE's decoder compiled (speed.compile_decoder), its decoding
+    # seconds against rlcm-auto's
+    stage rlcm-auto-decoder 300 bench_speed "${RLCM[@]}" --batches 2 --epochs 3 \
+      --set speed.compile_decoder=true
     stage rlcm-graphs 150 bench_speed "${RLCM[@]}" --batches 2 --epochs 3 \
       --set speed.compile=cudagraphs
     # where the graphed sampling of the preset as written spent ~0.4 s per batch outside
@@ -359,6 +364,13 @@ case "$part" in
     # 11 s); "could not take" there means the fix did not take on this torch. Needs the
     # machine the `confirm` call warmed (run at once) or its returned cache parts carried
     stage vram7-cached 200 bench_speed "${VRAM7[@]}"
+    # speed.compile_decoder (2026-11-27, CPU only): the VAE's decode alone, eager and
+    # compiled at 2 and 4 images per call (ms per image, first call = the compile, peak,
+    # pixels apart); then the row above with it, the UNet's graphs from the cache: its
+    # "decoding" seconds against vram7-cached's, its sampling phase's peak
+    stage decode-compiled 150 "$PY" benchmarks/decode_batch.py --arch sd15 \
+      --variants eager,compiled --widths 2,4 --repeats 3
+    stage vram7-decoder 250 bench_speed "${VRAM7[@]}" --set speed.compile_decoder=true
     # the "equal settings" goal (the reference's micro-batch 4, nothing offloaded)
     # with CUDA graphs over Inductor's kernels (no launches left): predicted 0.318
     # + 0.777 s per image, 3.70x the reference's 0.247 samples/s, against default's 2.75x

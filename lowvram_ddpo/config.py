@@ -220,6 +220,15 @@ class SpeedConfig:
     ``speed/compile_regions.py``). It cuts the minutes of compiling at a run's start, and
     costs every epoch after: on an H100 (2026-11-27, SD 1.5 fitted to 7 GB) the warm-up
     epoch took 158 s instead of 233, each later one 12% longer; for quick tries."""
+    compile_decoder: bool = False
+    """Compile the VAE's decoder with Inductor (``speed/compile_decoder.py``) for the run's
+    decode (memory.decode_batch images at the run's resolution; other shapes, such as a
+    narrower decode after running out of memory or tiles, decode eagerly): its float32
+    norms and casts fused, where eager runs them as separate memory-bound kernels. A
+    minute or more of compiling at the first decode on a GPU (cached for the next run);
+    needs Triton on a GPU. The replay is untouched (the decode is no log-probability);
+    images may differ by a rounding. Its speed and peak are not measured on a GPU yet:
+    off."""
     graph_sampling: bool = False
     """With speed.compile=cudagraphs, replay the sampling call as graphs too. It pays only
     where the host's launches bound that call: few latents per call on a fast card (the

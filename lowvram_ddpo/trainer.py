@@ -127,6 +127,11 @@ from lowvram_ddpo.speed.compile import (
     split_graph_note,
     uncompiled_calls,
 )
+from lowvram_ddpo.speed.compile_decoder import (
+    DecodeShape,
+    check_decoder_compiler,
+    compile_decoder,
+)
 from lowvram_ddpo.speed.cuda_graphs import (
     GRAPH_EVENTS,
     graph_events_counted,
@@ -282,6 +287,7 @@ class Trainer:
                 check_algorithm_fits(cfg, flow)
             flux2.check_index_guidance(index, cfg.sample.guidance_scale)
         check_compile_mode(cfg.speed.compile, self.accelerator.device)
+        check_decoder_compiler(cfg.speed.compile_decoder, self.accelerator.device)
         if self.reward is None:
             check_reward_names(rewards_in_use(cfg.reward))
         kept = cfg.memory.uncheckpointed_levels
@@ -388,6 +394,11 @@ class Trainer:
         )
         if note:
             self.log(note)
+        if cfg.speed.compile_decoder:
+            shape = DecodeShape.of_run(
+                self.pipe.vae, m.decode_batch, cfg.sample.batch_size, cfg.sample.resolution
+            )
+            self.log(compile_decoder(self.pipe.vae, self.accelerator.device, shape, self.log))
         # an fp16 gradient scaler overflows until its scale has come down (halved per
         # skipped step, from 2**16): allow it those steps on top
         scaler_allowance = SCALER_HALVINGS if self.accelerator.scaler is not None else 0

@@ -277,6 +277,25 @@ def test_the_decode_benchmark_times_each_width(monkeypatch, capsys):
     assert calibrated == estimated  # an fp32 decode on the CPU: as the meta device counts
 
 
+def test_the_decode_benchmark_times_a_compiled_decoder_beside_eager(
+    fresh_dynamo, monkeypatch, capsys, tmp_path
+):
+    """``--variants eager,compiled``: the compiled row (speed.compile_decoder) carries the
+    eager row's time and how far its images lie from eager's (fp32 on the CPU: roundings)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import decode_batch
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["decode_batch.py", "--arch", "pocket", "--images", "4", "--widths", "4"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--repeats", "1", "--variants", "eager,compiled"])
+    decode_batch.main()
+    eager, compiled = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (eager["variant"], compiled["variant"]) == ("eager", "compiled")
+    assert compiled["eager_ms_per_image"] == eager["ms_per_image"]
+    assert 0 <= compiled["max_abs_difference"] < 1e-4
+    assert compiled["first_call_seconds"] > compiled["ms_per_image"] * 4 / 1e3  # it compiled
+
+
 def test_a_run_encodes_its_prompts_in_one_visit_before_sampling(tiny_preset, tmp_path):
     """Every prompt (and grid prompt) is encoded during setup, in the text encoders' one
     visit; sampling then never loads them, and the embeddings are what sampling would have

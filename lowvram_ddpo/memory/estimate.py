@@ -573,6 +573,7 @@ def settings_of(config: Config) -> dict[str, object]:
         "text_encoders_on_cpu": m.text_encoders_on_cpu,
         "compile": config.speed.compile,
         "compile_scope": config.speed.compile_scope,
+        "compile_decoder": config.speed.compile_decoder,
         "graph_sampling": config.speed.graph_sampling,
         "fused_lora": config.speed.fused_lora,
         "half_norms": config.speed.half_norms,

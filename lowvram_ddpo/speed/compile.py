@@ -113,19 +113,21 @@ def python_headers() -> Path:
     return Path(sysconfig.get_paths(scheme=scheme)["include"]) / "Python.h"
 
 
-def check_compiler(device: torch.device) -> None:
-    """Inductor needs Triton (and what it builds with) for GPU kernels and a C++ compiler
-    for CPU ones."""
+def inductor_missing(device: torch.device) -> str:
+    """What Inductor lacks to compile for ``device`` ("" when nothing): Triton (and what it
+    builds with) for GPU kernels, a C++ compiler for CPU ones."""
     if device.type == "cuda":
-        if missing := inductor_gpu_missing():
-            raise UserError(
-                f"speed.compile needs {missing}; or set speed.compile=cudagraphs (no Triton) or off"
-            )
-    elif not any(shutil.which(c) for c in ("g++", "clang++", "c++", "cl")):
-        raise UserError(
-            "speed.compile needs a C++ compiler (g++ or clang) on a CPU-only machine, "
-            "or set speed.compile=off"
-        )
+        return inductor_gpu_missing()
+    if not any(shutil.which(c) for c in ("g++", "clang++", "c++", "cl")):
+        return "a C++ compiler (g++ or clang) on a CPU-only machine"
+    return ""
+
+
+def check_compiler(device: torch.device) -> None:
+    """One line when Inductor cannot compile ``speed.compile``'s kernels for ``device``."""
+    if missing := inductor_missing(device):
+        instead = "cudagraphs (no Triton) or off" if device.type == "cuda" else "off"
+        raise UserError(f"speed.compile needs {missing}; or set speed.compile={instead}")
 
 
 def backend_of(mode: str) -> str:
@@ -251,7 +253,8 @@ def compile_unet(
     if graphs:
         make_graph_safe(unet)
         count_graph_events()  # the epochs report what the graphs' pool went through
-    eager_if_compiling_fails(compiled, mode, say)
+    what = "the UNet" if scope == "model" else "a block of the UNet"
+    eager_if_compiling_fails(compiled, f"speed.compile={mode}", what, say)
     say_what_compiles(unet, mode, say)
     if backend == "cudagraphs":
         return (
@@ -277,17 +280,20 @@ EARLY_BACKWARD = "force_non_lazy_backward_lowering"
 
 
 def eager_if_compiling_fails(
-    modules: list[torch.nn.Module], mode: str, say: Callable[[str], None]
+    modules: list[torch.nn.Module], setting: str, what: str, say: Callable[[str], None]
 ) -> None:
     """From the first call whose compile fails (Triton or a compiler missing a piece, a
-    bug of the compiler on some card), that compiled module (the UNet, or one of its
-    blocks) runs eagerly for the rest of the run, and ``say`` hears one line for the run:
+    bug of the compiler on some card), that compiled module (``what``: the UNet, one of
+    its blocks, the VAE's decoder) runs eagerly for the rest of the run, and ``say`` hears
+    one line for the run, which names the ``setting`` ("speed.compile=default") that skips
+    the attempt:
     slower, not a crash minutes into a run. Only the failing module turns eager, there and
     then: the blocks that did compile keep their code, so a checkpointed block recomputes
     in its backward what its forward ran. Only compile failures
     (``BackendCompilerFailed``): any other error of a call is raised as it is."""
     said: list[str] = []
-    what = "the UNet" if len(modules) == 1 else "a block of the UNet"
+    name, _, _ = setting.partition("=")
+    skip = f"{name}=off" if name == "speed.compile" else f"{name}=false"
 
     def fall_back(module: torch.nn.Module, failure: BackendCompilerFailed) -> None:
         module._compiled_call_impl = None  # nn.Module calls its eager forward from now on
@@ -296,10 +302,9 @@ def eager_if_compiling_fails(
         cause = str(failure.inner_exception).strip().splitlines() or [""]
         said.append(cause[0])
         say(
-            f"speed.compile={mode}: compiling {what} failed "
+            f"{setting}: compiling {what} failed "
             f"({type(failure.inner_exception).__name__}: {cause[0][:160]}); it runs "
-            "eagerly from here (--set speed.compile=off skips the attempt). Please "
-            "report the line"
+            f"eagerly from here (--set {skip} skips the attempt). Please report the line"
         )
 
     for module in modules:
@@ -355,7 +360,7 @@ def say_what_compiles(unet: torch.nn.Module, mode: str, say: Callable[[str], Non
         returned.add(kind)
         after = CompileCounts.now()
         if after.graphs > before.graphs:
-            say(before.compiled_line(mode, kind))
+            say(before.compiled_line(f"speed.compile={mode}", f"the UNet's {kind} call"))
         if after.limit_hits > before.limit_hits and not limit_said:
             limit_said.append(True)
             say(
@@ -400,8 +405,9 @@ class CompileCounts:
             started=time.perf_counter(),
         )
 
-    def compiled_line(self, mode: str, call: str) -> str:
-        """The line for a ``call`` that compiled since these counts were taken."""
+    def compiled_line(self, setting: str, call: str) -> str:
+        """The line for a ``call`` ("the UNet's training call") that compiled since these
+        counts were taken, under ``setting`` ("speed.compile=default")."""
         after = CompileCounts.now()
         hits = after.cache_hits - self.cache_hits
         looked_up = hits + after.cache_misses - self.cache_misses
@@ -412,10 +418,7 @@ class CompileCounts:
                 f"; {bypassed} graph{'s' * (bypassed > 1)} the compile cache could not "
                 "take (compiled again by every run)"
             )
-        return (
-            f"speed.compile={mode}: the UNet's {call} call compiled in "
-            f"{after.started - self.started:.0f} s{cache}"
-        )
+        return f"{setting}: {call} compiled in {after.started - self.started:.0f} s{cache}"
 
 
 CAN_RUN_EAGERLY = hasattr(torch.compiler, "set_stance")

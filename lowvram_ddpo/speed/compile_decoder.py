@@ -1,0 +1,135 @@
+"""``speed.compile_decoder``: the VAE's decoder compiled by Inductor, for the run's decode.
+
+Each sampling batch ends with the VAE decoding its images. At 512 px SD's decoder works on
+maps of 64x64 to 512x512 pixels with 128-512 channels, and under autocast each of its
+GroupNorms runs in float32 with a cast up before and down after it (CUDA autocast's op
+lists): memory traffic that Inductor fuses away (norm, SiLU and casts in one kernel). The
+decode is a small part of a 50-step DDPO batch but a large one of RLCM's few steps: on an
+H100 (2026-11-26) the time model, which counts the UNet's and the decoder's FLOPs, put
+RLCM's sampling at half what was measured. ``bench speed`` reports the decode's seconds
+apart (its "decoding" line), so a GPU row with and without the setting measures it.
+
+Only the run's own decode compiles: ``memory.decode_batch`` images (at most a sampling
+batch) at the run's resolution (``DecodeShape``). Any other shape runs eagerly: a narrower
+decode after running out of memory, tiles, a last short chunk, grids of one image. Each
+would cost a compile of its own (a minute or more on a GPU) for a call made rarely, and
+the narrowing ones come at a moment short of memory.
+
+Exactness: the decode is not part of a log-probability, so DDPO's replay is untouched.
+Images may differ from eager ones by a rounding (Inductor keeps a fused chain's
+intermediates in float32; no eager roundings asked, unlike ``compile_unet``), and rewards
+with them: measured on the CPU in float32 (``tests/test_compile_decoder.py``) within
+1e-5 of eager's pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch._inductor import list_mode_options
+
+from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.models import vae_scale
+from lowvram_ddpo.reporting.progress import format_duration, word_while_waiting
+from lowvram_ddpo.speed.compile import (
+    STILL_COMPILING_AFTER,
+    CompileCounts,
+    eager_if_compiling_fails,
+    inductor_missing,
+)
+from lowvram_ddpo.speed.compile_cache import compile_cache_dir
+
+SETTING = "speed.compile_decoder"
+
+
+def check_decoder_compiler(wanted: bool, device: torch.device) -> None:
+    """One line, before anything loads, when ``speed.compile_decoder`` cannot compile for
+    ``device`` (Inductor: Triton on a GPU, a C++ compiler on a CPU)."""
+    if wanted and (missing := inductor_missing(device)):
+        raise UserError(f"{SETTING} needs {missing}; or set {SETTING}=false")
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """The decoder input that compiles: ``images`` latents of ``side`` x ``side``."""
+
+    images: int
+    side: int
+
+    @classmethod
+    def of_run(
+        cls, vae: torch.nn.Module, decode_batch: int, sampling_batch: int, resolution: int
+    ) -> DecodeShape:
+        """The run's decode: ``decode_batch`` images per call (none more than a sampling
+        batch holds) at ``resolution`` pixels, which the decoder sees ``vae_scale``
+        times smaller."""
+        return cls(min(decode_batch, sampling_batch), resolution // vae_scale(vae))
+
+    def holds(self, sample: Tensor) -> bool:
+        """Whether ``sample`` (latents [N, C, h, w]) is of this shape; any channels, dtype."""
+        if sample.dim() != 4:
+            return False
+        images, _, height, width = sample.shape
+        return (images, height, width) == (self.images, self.side, self.side)
+
+
+def compile_decoder(
+    vae: torch.nn.Module,
+    device: torch.device,
+    shape: DecodeShape,
+    say: Callable[[str], None] = print,
+) -> str:
+    """Compile ``vae``'s decoder in place for ``shape`` (other shapes run eagerly); returns
+    the line for the log. A compile that fails leaves the decoder eager, with one line
+    (``eager_if_compiling_fails``); the first compile says how long it took."""
+    decoder = getattr(vae, "decoder", None)
+    if not isinstance(decoder, torch.nn.Module):
+        return f"{SETTING}: this VAE has no decoder module to compile; it decodes eagerly"
+    check_decoder_compiler(True, device)
+    # Inductor reads the variable at each compile (see compile_unet)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+    decoder.compile(backend="inductor", options=dict(list_mode_options("default")), dynamic=False)
+    eager_if_compiling_fails([decoder], f"{SETTING}=true", "the VAE's decoder", say)
+    compiled_for_one_shape(decoder, shape, say)
+    images = f"{shape.images} image{'s' * (shape.images > 1)}"
+    return (
+        f"{SETTING}: the VAE's decoder compiles at the first decode of {images} (a minute "
+        f"or more on a GPU, less when cached in {compile_cache_dir()}); other decodes "
+        "run eagerly"
+    )
+
+
+def compiled_for_one_shape(
+    decoder: torch.nn.Module, shape: DecodeShape, say: Callable[[str], None]
+) -> None:
+    """Calls of ``shape`` go to the compiled decoder (its first says how long it compiled,
+    and every minute that it still does); any other shape to the eager one."""
+    compiled: Callable = decoder._compiled_call_impl
+    returned: list[bool] = []  # whether a compiled call has returned: the first compiles
+
+    def still_compiling(seconds: float) -> str:
+        return f"{SETTING}: still compiling the VAE's decoder ({format_duration(seconds)} so far)"
+
+    def call(sample: Tensor, *args: object, **kwargs: object) -> object:
+        if not shape.holds(sample):
+            return decoder._call_impl(sample, *args, **kwargs)
+        before = CompileCounts.now()
+        first, every = STILL_COMPILING_AFTER
+        with (
+            word_while_waiting(say, still_compiling, first, every)
+            if not returned
+            else contextlib.nullcontext()
+        ):
+            out = compiled(sample, *args, **kwargs)
+        if not returned:
+            returned.append(True)
+        if CompileCounts.now().graphs > before.graphs:
+            say(before.compiled_line(f"{SETTING}=true", "the VAE's decoder"))
+        return out
+
+    decoder._compiled_call_impl = call
