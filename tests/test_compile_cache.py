@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch._functorch.config as functorch_config
+import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from torch._prims import rng_prims
 
@@ -17,12 +18,15 @@ from lowvram_ddpo.memory.checkpointing import attention_keeping_checkpoint, torc
 from lowvram_ddpo.memory.fp8_weights import store_weights_in_fp8
 from lowvram_ddpo.speed.compile import compile_unet
 from lowvram_ddpo.speed.compile_cache import (
+    AUTOCAST_SWITCHES,
     GRAPH_SAFE_RNG,
+    MARKED_CACHEABLE,
     cache_lookups,
     cache_lookups_line,
     graph_safe_rng_is_cacheable,
     keep_training_graph_cacheable,
 )
+from lowvram_ddpo.speed.half_norms import run_norms_in_half
 
 
 @pytest.fixture
@@ -202,3 +206,26 @@ def test_a_training_graph_through_an_fp8_base_comes_from_the_cache(
     looked_up = {k: n - before[k] for k, n in cache_lookups().items()}
     assert looked_up["aot_autograd_bypassed"] == 0, looked_up
     assert looked_up["aot_autograd_hits"] == 1, looked_up
+
+
+def test_a_training_graph_with_half_norms_comes_from_the_cache(fresh_dynamo, tmp_path, monkeypatch):
+    """``speed.half_norms`` switches autocast off around each norm: dynamo records the
+    switch as torch.amp's private functions, which AOT autograd's cache refused until
+    marked (``allow_autocast_switches``): the second run's training call is a hit."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(inductor_config, MARKED_CACHEABLE, {})  # as torch starts
+    before = cache_lookups()
+    for _ in range(2):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+        assert run_norms_in_half(block) == 1
+        compile_unet(block, "default", torch.device("cpu"), say=lambda line: None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(torch.randn(3, 8))
+        assert out.dtype == torch.bfloat16  # the norm ran in autocast's dtype
+        out.float().sum().backward()
+    looked_up = {k: n - before[k] for k, n in cache_lookups().items()}
+    assert looked_up["aot_autograd_bypassed"] == 0, looked_up
+    assert looked_up["aot_autograd_hits"] == 1, looked_up
+    assert set(AUTOCAST_SWITCHES) <= set(getattr(inductor_config, MARKED_CACHEABLE))

@@ -32,7 +32,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 import torch._functorch.config as functorch_config
+import torch._inductor.config as inductor_config
 from torch._dynamo.utils import counters
 from torch._prims import rng_prims
 
@@ -87,6 +89,7 @@ def keep_training_graph_cacheable(replays_graphs: bool) -> bool:
     process that compiles two modules in different modes before calling either traces
     both with the second's (the trainer compiles one UNet, once)."""
     allow_custom_autograd_functions()
+    allow_autocast_switches()
     if graph_safe_rng_is_cacheable() or not hasattr(functorch_config, GRAPH_SAFE_RNG):
         return False
     # set on every compile, not once: one process may compile a graph mode after this
@@ -105,6 +108,38 @@ def allow_custom_autograd_functions() -> None:
     (pytorch/pytorch#149751)."""
     if hasattr(functorch_config, CUSTOM_FUNCTIONS):
         setattr(functorch_config, CUSTOM_FUNCTIONS, True)
+
+
+AUTOCAST_SWITCHES = (
+    "torch.amp.autocast_mode._enter_autocast",
+    "torch.amp.autocast_mode._exit_autocast",
+)
+"""What dynamo records in a graph for a ``torch.autocast`` block inside it."""
+
+
+def allow_autocast_switches() -> None:
+    """Let AOT autograd's cache take training graphs that switch autocast inside them.
+    ``speed.half_norms`` runs each norm with autocast off (``speed/half_norms.py``), which
+    dynamo records as calls of torch.amp's private ``_enter_autocast``/``_exit_autocast``;
+    AOT autograd's cache takes only public or allow-listed functions, so it bypassed
+    every such graph (sampling's too) and each run traced and partitioned them again
+    (pytorch/pytorch#191106). Measured on the CPU (2026-11-27, the tests' tiny SD 1.5,
+    ``benchmarks/replay_error.py --compile default --cpu-autocast bf16 --half-norms
+    --steps 4``, run twice on one cache): the warm run took 28.6 s with both graphs
+    bypassed (training call 12 s, sampling 9 s), 15.2 s with both from the cache (3 s,
+    6 s), replay 0.0 either way. Each switch's
+    arguments (device, dtype, on or off) are constants of the graph that the key holds,
+    so equal keys switch alike. Inductor's list for this (``unsafe_marked_cacheable_
+    functions``, name -> version) is part of its own key: graphs cached before it are
+    compiled once more."""
+    marked = getattr(inductor_config, MARKED_CACHEABLE, None)
+    if isinstance(marked, dict):
+        for name in AUTOCAST_SWITCHES:
+            marked.setdefault(name, torch.__version__)
+
+
+MARKED_CACHEABLE = "unsafe_marked_cacheable_functions"
+"""Inductor's setting that lists functions its caches (and AOT autograd's) may take."""
 
 
 def cache_lookups() -> dict[str, int]:
