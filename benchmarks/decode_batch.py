@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--widths", default="1,2,4,8")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--resolution", type=int, default=0, help="0: the model's own")
     parser.add_argument(
         "--variants", default="eager", help="eager, compiled (speed.compile_decoder) or both"
     )
@@ -79,7 +80,7 @@ def main() -> None:
     device = "cuda" if on_gpu else "cpu"
     dtype = torch.float16 if on_gpu else torch.float32
     pipe = random_pipeline(args.arch, dtype, device)
-    resolution = native_resolution(args.arch)
+    resolution = args.resolution or native_resolution(args.arch)
     shape = latent_shape(pipe.unet, pipe.vae, resolution)
     latents = torch.randn(args.images, *shape, device=device)
     estimate = estimated_decode(args.arch, resolution, fp16=on_gpu)
@@ -106,6 +107,7 @@ def main() -> None:
             peak = torch.cuda.max_memory_allocated() if on_gpu else None
             row = {
                 "arch": args.arch,
+                "resolution": resolution,
                 "device": torch.cuda.get_device_name() if on_gpu else "cpu",
                 "variant": variant,
                 "decode_batch": width,
