@@ -4,16 +4,17 @@ Each sampling batch ends with the VAE decoding its images. At 512 px SD's decode
 maps of 64x64 to 512x512 pixels with 128-512 channels, and under autocast each of its
 GroupNorms runs in float32 with a cast up before and down after it (CUDA autocast's op
 lists): memory traffic that Inductor fuses away (norm, SiLU and casts in one kernel). The
-decode is a small part of a 50-step DDPO batch but a large one of RLCM's few steps: on an
-H100 (2026-11-26) the time model, which counts the UNet's and the decoder's FLOPs, put
-RLCM's sampling at half what was measured. ``bench speed`` reports the decode's seconds
+decode is a small part of a 50-step DDPO batch and likely a large one of RLCM's few
+steps: on an H100 (2026-11-26) the time model, which counts the UNet's and the decoder's
+FLOPs, put RLCM's sampling at half what was measured. ``bench speed`` reports the decode's seconds
 apart (its "decoding" line), so a GPU row with and without the setting measures it.
 
 Only the run's own decode compiles: ``memory.decode_batch`` images (at most a sampling
 batch) at the run's resolution (``DecodeShape``). Any other shape runs eagerly: a narrower
 decode after running out of memory, tiles, a last short chunk, grids of one image. Each
-would cost a compile of its own (a minute or more on a GPU) for a call made rarely, and
-the narrowing ones come at a moment short of memory.
+would cost a compile of its own (36 s on the CPU for SD 1.5's VAE at 128 px; not yet
+timed on a GPU) for a call made rarely, and the narrowing ones come at a moment short of
+memory.
 
 Exactness: the decode is not part of a log-probability, so DDPO's replay is untouched.
 Images may differ from eager ones by a rounding (Inductor keeps a fused chain's
@@ -98,9 +99,8 @@ def compile_decoder(
     compiled_for_one_shape(decoder, shape, say)
     images = f"{shape.images} image{'s' * (shape.images > 1)}"
     return (
-        f"{SETTING}: the VAE's decoder compiles at the first decode of {images} (a minute "
-        f"or more on a GPU, less when cached in {compile_cache_dir()}); other decodes "
-        "run eagerly"
+        f"{SETTING}: the VAE's decoder compiles at the first decode of {images} (once: "
+        f"cached in {compile_cache_dir()}); other decodes run eagerly"
     )
 
 
