@@ -18,7 +18,8 @@ meta figure). This says whether the decode alone is where, and recalibrates the 
 
 ``--variants eager,compiled`` times each width again with the decoder compiled by Inductor
 for that width (``speed.compile_decoder``, ``speed/compile_decoder.py``): a row's
-``first_call_seconds`` is its first call (the compile), its ``eager_ms_per_image`` the eager
+``first_call_seconds`` is its first call (the compile; ``graphs_compiled`` 1 where it
+compiled), its peaks those of the calls after it, its ``eager_ms_per_image`` the eager
 row's, and ``max_abs_difference`` how far its images lie from eager's (the rewards see
 them; the policy's log-probabilities do not).
 """
@@ -33,6 +34,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch._dynamo.utils import counters
 
 from lowvram_ddpo.architectures import native_resolution, random_pipeline
 from lowvram_ddpo.config import load_preset
@@ -49,11 +51,15 @@ def to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def timed(decode: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(seconds of the first call: a compile, cuDNN's choices; median seconds after)."""
+def timed(
+    decode: Callable[[], object], repeats: int, after_first: Callable[[], None]
+) -> tuple[float, float]:
+    """(seconds of the first call: a compile, cuDNN's choices; median seconds after);
+    ``after_first`` runs between them."""
     started = time.perf_counter()
     decode()  # ends with a copy to the host: the GPU's work is done
     first = time.perf_counter() - started
+    after_first()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -88,21 +94,23 @@ def main() -> None:
     eager: dict[int, tuple[float, torch.Tensor]] = {}  # width: (seconds, images)
     for variant in variants:
         for width in (int(w) for w in args.widths.split(",")):
-            if variant == "compiled":  # in place, for this width (other widths eager)
-                side = DecodeShape.of_run(pipe.vae, width, args.images, resolution).side
-                shape = DecodeShape(width, side)
+            compiled = variant == "compiled"
+            if compiled:  # in place, for this width (other widths eager)
+                shape = DecodeShape.of_run(pipe.vae, width, args.images, resolution)
                 compile_decoder(pipe.vae, torch.device(device), shape, say=to_stderr)
             before = torch.cuda.memory_allocated() if on_gpu else 0
-            if on_gpu:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+            reset_peak = torch.cuda.reset_peak_memory_stats if on_gpu else lambda: None
+            if not compiled:  # as before 2026-11-27: the first call's peak counts
+                reset_peak()
+            graphs = counters["stats"]["unique_graphs"]
             images: list[torch.Tensor] = []
 
             def decode(width: int = width, images: list = images) -> None:
                 with torch.autocast(device, dtype=dtype, enabled=on_gpu):  # as the trainer
                     images[:] = [decode_latents(pipe.vae, latents, batch_size=width)]
 
-            first, seconds = timed(decode, args.repeats)
+            # a compiled row's peak leaves its compile out (the calls after it)
+            first, seconds = timed(decode, args.repeats, reset_peak if compiled else lambda: None)
             one = one or seconds
             peak = torch.cuda.max_memory_allocated() if on_gpu else None
             row = {
@@ -114,6 +122,7 @@ def main() -> None:
                 "ms_per_image": round(1e3 * seconds / args.images, 2),
                 "speed_up": round(one / seconds, 3),
                 "first_call_seconds": round(first, 2),
+                "graphs_compiled": counters["stats"]["unique_graphs"] - graphs,
                 "peak_allocated_bytes": peak,
                 "peak_reserved_bytes": torch.cuda.max_memory_reserved() if on_gpu else None,
                 "working_bytes": peak - before if peak is not None else None,

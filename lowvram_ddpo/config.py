@@ -226,9 +226,10 @@ class SpeedConfig:
     narrower decode after running out of memory or tiles, decode eagerly): its float32
     norms and casts fused, where eager runs them as separate memory-bound kernels. It
     compiles at the first decode (SD 1.5's VAE: 36 s on a 2-core CPU at 128 px; not yet
-    timed on a GPU; cached for the next run); needs Triton on a GPU. The replay is untouched (the decode is no log-probability);
-    images may differ by a rounding. Its speed and peak are not measured on a GPU yet:
-    off."""
+    timed on a GPU; cached for the next run); needs Triton on a GPU; a run that decodes
+    in tiles (memory.vae_tiling) compiles nothing. The replay is untouched (the decode is
+    no log-probability); images may differ by a rounding. Its speed and peak are not
+    measured on a GPU yet: off."""
     graph_sampling: bool = False
     """With speed.compile=cudagraphs, replay the sampling call as graphs too. It pays only
     where the host's launches bound that call: few latents per call on a fast card (the

@@ -51,6 +51,54 @@ def test_the_decoder_compiles_for_the_runs_decode_and_decodes_other_shapes_eager
     assert len(heard) == 1
 
 
+def test_the_runs_decode_compiles_where_the_unets_calls_run_eagerly(fresh_dynamo):
+    """Under ``speed.compile=cudagraphs`` without graph_sampling the sampling batch (its
+    decode included) runs inside ``uncompiled_calls``: the decoder's own setting still
+    compiles the run's decode there (here with dynamo's plain ``eager`` backend)."""
+    from lowvram_ddpo.speed.compile import uncompiled_calls
+
+    vae = tiny_vae().eval()
+    compile_decoder(vae, torch.device("cpu"), DecodeShape(2, 8), say=print, backend="eager")
+    before = graphs()
+    with uncompiled_calls("cudagraphs"):
+        decode_latents(vae, torch.randn(2, 4, 8, 8), batch_size=2)
+    assert graphs() == before + 1
+
+
+def test_a_decoder_that_fails_to_compile_decodes_eagerly_with_one_line(fresh_dynamo):
+    from torch._dynamo import register_backend
+
+    def no_kernels(gm, example_inputs):  # noqa: ANN001, ANN202
+        raise RuntimeError("no kernels for this card")
+
+    register_backend(no_kernels, name="lowvram_ddpo_no_decoder_kernels")
+    vae = tiny_vae().eval()
+    latents = torch.randn(2, 4, 8, 8)
+    expected = decode_latents(vae, latents, batch_size=2)
+    heard: list[str] = []
+    compile_decoder(
+        vae, torch.device("cpu"), DecodeShape(2, 8), heard.append, "lowvram_ddpo_no_decoder_kernels"
+    )
+    for _ in range(2):
+        assert torch.equal(decode_latents(vae, latents, batch_size=2), expected)
+    assert len(heard) == 1, heard
+    assert heard[0].startswith("speed.compile_decoder=true: compiling the VAE's decoder failed")
+    assert "no kernels for this card" in heard[0]
+    assert "--set speed.compile_decoder=false skips the attempt" in heard[0]
+    assert vae.decoder._compiled_call_impl is None
+
+
+def test_a_run_that_decodes_in_tiles_compiles_no_decoder():
+    """Tiles never have the run's shape: the line says nothing compiles."""
+    from lowvram_ddpo.models import use_vae_tiling
+
+    vae = tiny_vae()
+    use_vae_tiling(vae, True, 16)  # 32 px images in 16 px tiles
+    line = compile_decoder(vae, torch.device("cpu"), DecodeShape(2, 8), say=print)
+    assert line.startswith("speed.compile_decoder: this run decodes in tiles")
+    assert vae.decoder._compiled_call_impl is None
+
+
 def test_a_decoder_compile_this_machine_cannot_run_is_refused_in_one_line(monkeypatch):
     check_decoder_compiler(True, torch.device("cpu"))  # a C++ compiler is here
     monkeypatch.setattr(decoder_compiling, "inductor_missing", lambda device: "a C++ compiler")

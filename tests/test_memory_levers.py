@@ -293,7 +293,7 @@ def test_the_decode_benchmark_times_a_compiled_decoder_beside_eager(
     assert (eager["variant"], compiled["variant"]) == ("eager", "compiled")
     assert compiled["eager_ms_per_image"] == eager["ms_per_image"]
     assert 0 <= compiled["max_abs_difference"] < 1e-4
-    assert compiled["first_call_seconds"] > compiled["ms_per_image"] * 4 / 1e3  # it compiled
+    assert (eager["graphs_compiled"], compiled["graphs_compiled"]) == (0, 1)
 
 
 def test_a_run_encodes_its_prompts_in_one_visit_before_sampling(tiny_preset, tmp_path):

@@ -448,7 +448,13 @@ def test_a_first_call_that_takes_minutes_says_every_minute_it_is_still_compiling
     monkeypatch.setattr(compile_module, "STILL_COMPILING_AFTER", (0.05, 0.05))
     heard: list[str] = []
     unet = Slow()
-    compile_module.say_what_compiles(unet, "default", heard.append)
+    compile_module.say_what_compiles(
+        unet,
+        "speed.compile=default",
+        heard.append,
+        lambda: f"the UNet's {compile_module.call_kind(unet)} call",
+        compile_module.CALLS,
+    )
     unet.eval()
     unet(torch.ones(1))  # sampling's first call
     sampling = len(heard)

@@ -57,6 +57,7 @@ from lowvram_ddpo.speed.compile_cache import (
     cache_lookups,
     compile_cache_dir,
     keep_training_graph_cacheable,
+    use_compile_cache,
 )
 from lowvram_ddpo.speed.compile_regions import compile_regions
 from lowvram_ddpo.speed.cuda_graphs import (
@@ -225,10 +226,7 @@ def compile_unet(
     backend = backend or backend_of(mode)
     check_compile_mode(mode, device, backend)
     counters["graph_break"].clear()  # split_graph_note speaks of this run's traces only
-    if backend == "inductor":
-        # Inductor reads the variable at each compile: set, not setdefault (PyTorch has
-        # already written its /tmp default there)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+    use_compile_cache()
     compiled = compile_regions(unet) if scope == "blocks" else [unet]
     # one compiled entry per grad mode, train/eval, adapters on/off and shape: sampling,
     # training, the KL guard's base model, NFT's old policy, the grids, ... (default 8).
@@ -253,9 +251,10 @@ def compile_unet(
     if graphs:
         make_graph_safe(unet)
         count_graph_events()  # the epochs report what the graphs' pool went through
+    setting = f"speed.compile={mode}"
     what = "the UNet" if scope == "model" else "a block of the UNet"
-    eager_if_compiling_fails(compiled, f"speed.compile={mode}", what, say)
-    say_what_compiles(unet, mode, say)
+    eager_if_compiling_fails(compiled, setting, what, "speed.compile=off", say)
+    say_what_compiles(unet, setting, say, lambda: f"the UNet's {call_kind(unet)} call", CALLS)
     if backend == "cudagraphs":
         return (
             "torch.compile (cudagraphs): the first call of each shape is traced and recorded "
@@ -280,20 +279,22 @@ EARLY_BACKWARD = "force_non_lazy_backward_lowering"
 
 
 def eager_if_compiling_fails(
-    modules: list[torch.nn.Module], setting: str, what: str, say: Callable[[str], None]
+    modules: list[torch.nn.Module],
+    setting: str,
+    what: str,
+    skip: str,
+    say: Callable[[str], None],
 ) -> None:
     """From the first call whose compile fails (Triton or a compiler missing a piece, a
     bug of the compiler on some card), that compiled module (``what``: the UNet, one of
     its blocks, the VAE's decoder) runs eagerly for the rest of the run, and ``say`` hears
-    one line for the run, which names the ``setting`` ("speed.compile=default") that skips
-    the attempt:
+    one line for the run, which starts with the ``setting`` ("speed.compile=default") and
+    names the one that ``skip``s the attempt ("speed.compile=off"):
     slower, not a crash minutes into a run. Only the failing module turns eager, there and
     then: the blocks that did compile keep their code, so a checkpointed block recomputes
     in its backward what its forward ran. Only compile failures
     (``BackendCompilerFailed``): any other error of a call is raised as it is."""
     said: list[str] = []
-    name, _, _ = setting.partition("=")
-    skip = f"{name}=off" if name == "speed.compile" else f"{name}=false"
 
     def fall_back(module: torch.nn.Module, failure: BackendCompilerFailed) -> None:
         module._compiled_call_impl = None  # nn.Module calls its eager forward from now on
@@ -330,47 +331,54 @@ STILL_COMPILING_AFTER = (60.0, 60.0)
 between the next ones: a UNet call that has not returned after a minute is compiling."""
 
 
-def say_what_compiles(unet: torch.nn.Module, mode: str, say: Callable[[str], None]) -> None:
-    """Each call of ``unet`` that compiles (the first of each shape and grad mode) says
-    so in one line: which call, its seconds, what the compile cache gave
-    (``CompileCounts``); the first call of each kind (sampling, training), which compiles
-    for minutes, says every minute that it still does. The first call that hits dynamo's
-    recompile limit says so too: past it dynamo runs that code eagerly without a word but
-    a log warning, and a run (or a benchmark row) would be slower for no visible reason."""
-    inner: Callable = unet._compiled_call_impl or unet._call_impl
+def say_what_compiles(
+    module: torch.nn.Module,
+    setting: str,
+    say: Callable[[str], None],
+    call_name: Callable[[], str],
+    calls: str,
+) -> None:
+    """Each call of the compiled ``module`` that compiles (the first of each shape and
+    grad mode) says so in one line: which call (``call_name()``: "the UNet's training
+    call"), its seconds, what the compile cache gave (``CompileCounts``); the first call
+    of each name, which may compile for minutes, says every minute that it still does.
+    The first call that hits dynamo's recompile limit says so too: past it dynamo runs
+    that code eagerly without a word but a log warning, and a run (or a benchmark row)
+    would be slower for no visible reason. ``setting`` ("speed.compile=default") starts
+    each line; ``calls`` ("the UNet's calls") is what the limit's line says turned eager."""
+    inner: Callable = module._compiled_call_impl or module._call_impl
     limit_said: list[bool] = []
-    returned: set[str] = set()  # the call kinds whose first call is over
+    returned: set[str] = set()  # the calls whose first call is over
 
-    def still_compiling(kind: str) -> Callable[[float], str]:
+    def still_compiling(name: str) -> Callable[[float], str]:
         return lambda seconds: (
-            f"speed.compile={mode}: still compiling the UNet's {kind} call "
+            f"{setting}: still compiling {name} "
             f"({format_duration(seconds)} so far; only a run's first calls compile)"
         )
 
     def call(*args: object, **kwargs: object) -> object:
-        kind = "training" if unet.training else "sampling"
+        name = call_name()
         before = CompileCounts.now()
         first, every = STILL_COMPILING_AFTER
         with (
-            word_while_waiting(say, still_compiling(kind), first, every)
-            if kind not in returned
+            word_while_waiting(say, still_compiling(name), first, every)
+            if name not in returned
             else contextlib.nullcontext()
         ):
             out = inner(*args, **kwargs)
-        returned.add(kind)
+        returned.add(name)
         after = CompileCounts.now()
         if after.graphs > before.graphs:
-            say(before.compiled_line(f"speed.compile={mode}", f"the UNet's {kind} call"))
+            say(before.compiled_line(setting, name))
         if after.limit_hits > before.limit_hits and not limit_said:
             limit_said.append(True)
             say(
-                f"speed.compile={mode}: dynamo's recompile limit was reached: the UNet's "
-                "calls of new shapes or modes now run partly eagerly (slower). Please "
-                "report the line"
+                f"{setting}: dynamo's recompile limit was reached: {calls} of new shapes "
+                "or modes now run partly eagerly (slower). Please report the line"
             )
         return out
 
-    unet._compiled_call_impl = call
+    module._compiled_call_impl = call
 
 
 LIMIT_HIT = "Dynamo recompile limit exceeded"
@@ -456,6 +464,14 @@ def split_graph_note(mode: str) -> str:
 
 CALL_KINDS = ("sampling", "training")
 """The trainer's UNet calls whose compiled form ``speed`` settings decide."""
+
+
+def call_kind(unet: torch.nn.Module) -> str:
+    """Which of ``CALL_KINDS`` a call of ``unet`` is: the trainer trains in train mode."""
+    return "training" if unet.training else "sampling"
+
+
+CALLS = "the UNet's calls"
 
 
 def graphs_replay(speed: SpeedConfig, call: str) -> bool:

@@ -76,20 +76,30 @@ def graph_safe_rng_is_cacheable() -> bool:
     return wrapper is None or wrapper.cacheable()
 
 
+def use_compile_cache() -> None:
+    """Before any compile of this toolkit's (the UNet's, the VAE decoder's): compiled code
+    kept in ``compile_cache_dir``, and the caches' settings that decide their keys set
+    alike for every compile (``allow_custom_autograd_functions``,
+    ``allow_autocast_switches``): a decoder compiled in a run whose UNet is eager then
+    keys as one compiled beside a compiled UNet, and a later run finds it."""
+    # Inductor reads the variable at each compile: set, not setdefault (PyTorch has
+    # already written its /tmp default there)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+    allow_custom_autograd_functions()
+    allow_autocast_switches()
+
+
 def keep_training_graph_cacheable(replays_graphs: bool) -> bool:
-    """Before a compile: custom autograd Functions allowed into AOT autograd's cache
-    (``allow_custom_autograd_functions``), and where its calls replay no CUDA graph
-    (``replays_graphs`` False), attention recomputed under checkpointing made to carry its
-    RNG state with the cacheable wrapper instead of the graph-safe one, where this torch
-    would not cache the latter;
+    """Before a UNet's compile, after ``use_compile_cache``: where its calls replay no
+    CUDA graph (``replays_graphs`` False), attention recomputed under checkpointing made
+    to carry its RNG state with the cacheable wrapper instead of the graph-safe one, where
+    this torch would not cache the latter;
     with graphs, the graph-safe one (torch's default) is set back. Returns whether the
     cacheable wrapper is in use where torch's default would not cache.
 
     The settings are process-wide and read when a graph is first traced, not here: a
     process that compiles two modules in different modes before calling either traces
     both with the second's (the trainer compiles one UNet, once)."""
-    allow_custom_autograd_functions()
-    allow_autocast_switches()
     if graph_safe_rng_is_cacheable() or not hasattr(functorch_config, GRAPH_SAFE_RNG):
         return False
     # set on every compile, not once: one process may compile a graph mode after this

@@ -26,8 +26,8 @@ with them: measured on the CPU in float32 (``tests/test_compile_decoder.py``) wi
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -36,14 +36,13 @@ from torch._inductor import list_mode_options
 
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.models import vae_scale
-from lowvram_ddpo.reporting.progress import format_duration, word_while_waiting
 from lowvram_ddpo.speed.compile import (
-    STILL_COMPILING_AFTER,
-    CompileCounts,
+    CAN_RUN_EAGERLY,
     eager_if_compiling_fails,
     inductor_missing,
+    say_what_compiles,
 )
-from lowvram_ddpo.speed.compile_cache import compile_cache_dir
+from lowvram_ddpo.speed.compile_cache import compile_cache_dir, use_compile_cache
 
 SETTING = "speed.compile_decoder"
 
@@ -84,19 +83,27 @@ def compile_decoder(
     device: torch.device,
     shape: DecodeShape,
     say: Callable[[str], None] = print,
+    backend: str = "inductor",
 ) -> str:
     """Compile ``vae``'s decoder in place for ``shape`` (other shapes run eagerly); returns
     the line for the log. A compile that fails leaves the decoder eager, with one line
-    (``eager_if_compiling_fails``); the first compile says how long it took."""
+    (``eager_if_compiling_fails``); each compile says how long it took. ``backend``
+    replaces Inductor in tests."""
     decoder = getattr(vae, "decoder", None)
     if not isinstance(decoder, torch.nn.Module):
         return f"{SETTING}: this VAE has no decoder module to compile; it decodes eagerly"
+    if decodes_in_tiles(vae, shape):
+        return (
+            f"{SETTING}: this run decodes in tiles (memory.vae_tiling), which decode "
+            "eagerly: nothing compiled"
+        )
     check_decoder_compiler(True, device)
-    # Inductor reads the variable at each compile (see compile_unet)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
-    decoder.compile(backend="inductor", options=dict(list_mode_options("default")), dynamic=False)
-    eager_if_compiling_fails([decoder], f"{SETTING}=true", "the VAE's decoder", say)
-    compiled_for_one_shape(decoder, shape, say)
+    use_compile_cache()
+    options = dict(list_mode_options("default")) if backend == "inductor" else None
+    decoder.compile(backend=backend, options=options, dynamic=False)
+    eager_if_compiling_fails([decoder], SAID_AS, "the VAE's decoder", f"{SETTING}=false", say)
+    say_what_compiles(decoder, SAID_AS, say, lambda: "the VAE's decoder", "the decoder's calls")
+    compiled_for_one_shape(decoder, shape)
     images = f"{shape.images} image{'s' * (shape.images > 1)}"
     return (
         f"{SETTING}: the VAE's decoder compiles at the first decode of {images} (once: "
@@ -104,32 +111,32 @@ def compile_decoder(
     )
 
 
-def compiled_for_one_shape(
-    decoder: torch.nn.Module, shape: DecodeShape, say: Callable[[str], None]
-) -> None:
-    """Calls of ``shape`` go to the compiled decoder (its first says how long it compiled,
-    and every minute that it still does); any other shape to the eager one."""
-    compiled: Callable = decoder._compiled_call_impl
-    returned: list[bool] = []  # whether a compiled call has returned: the first compiles
+def decodes_in_tiles(vae: torch.nn.Module, shape: DecodeShape) -> bool:
+    """Whether diffusers' VAE decodes latents of ``shape`` in tiles (its rule: tiling on
+    and the latent wider than a tile)."""
+    tile = getattr(vae, "tile_latent_min_size", shape.side)
+    return bool(getattr(vae, "use_tiling", False)) and shape.side > tile
 
-    def still_compiling(seconds: float) -> str:
-        return f"{SETTING}: still compiling the VAE's decoder ({format_duration(seconds)} so far)"
 
-    def call(sample: Tensor, *args: object, **kwargs: object) -> object:
+SAID_AS = f"{SETTING}=true"
+"""How the decoder's compile lines start."""
+
+
+def compiled_for_one_shape(decoder: torch.nn.Module, shape: DecodeShape) -> None:
+    """Calls of ``shape`` go to the compiled decoder, whatever the UNet's stance (a run
+    whose sampling call runs eagerly under ``speed.compile=cudagraphs`` still decodes
+    compiled); any other shape to the eager one."""
+    compiled: Callable[..., Tensor] = decoder._compiled_call_impl
+
+    def call(sample: Tensor, *args: object, **kwargs: object) -> Tensor:
         if not shape.holds(sample):
             return decoder._call_impl(sample, *args, **kwargs)
-        before = CompileCounts.now()
-        first, every = STILL_COMPILING_AFTER
-        with (
-            word_while_waiting(say, still_compiling, first, every)
-            if not returned
-            else contextlib.nullcontext()
-        ):
-            out = compiled(sample, *args, **kwargs)
-        if not returned:
-            returned.append(True)
-        if CompileCounts.now().graphs > before.graphs:
-            say(before.compiled_line(f"{SETTING}=true", "the VAE's decoder"))
-        return out
+        with compiled_stance():
+            return compiled(sample, *args, **kwargs)
 
     decoder._compiled_call_impl = call
+
+
+def compiled_stance() -> AbstractContextManager:
+    """Compiled code runs inside, also where ``uncompiled_calls`` made the UNet eager."""
+    return torch.compiler.set_stance("default") if CAN_RUN_EAGERLY else contextlib.nullcontext()
