@@ -16,8 +16,10 @@ estimate's calibrated one (``calibration.DECODE_WORKING_GROWTH``, x1.44: on an H
 2026-11-27, the sampling phase, decoding 4 images per call, peaked ~1.1 GiB above the
 meta figure). This says whether the decode alone is where, and recalibrates the factor.
 
-``--variants eager,compiled`` times each width again with the decoder compiled by Inductor
-for that width (``speed.compile_decoder``, ``speed/compile_decoder.py``): a row's
+``--variants eager,half,compiled`` times each width again outside autocast in the VAE's
+own dtype (``speed.half_decode``: its estimate is that path's), then with the decoder
+compiled by Inductor for that width (``speed.compile_decoder``,
+``speed/compile_decoder.py``): a row's
 ``first_call_seconds`` is its first call (the compile; ``graphs_compiled`` 1 where it
 compiled), its peaks those of the calls after it, its ``eager_ms_per_image`` the eager
 row's, and ``max_abs_difference`` how far its images lie from eager's (the rewards see
@@ -43,7 +45,10 @@ from lowvram_ddpo.memory.estimate import meta_run
 from lowvram_ddpo.rollout import decode_latents, latent_shape
 from lowvram_ddpo.speed.compile_decoder import DecodeShape, compile_decoder
 
-VARIANTS = ("eager", "compiled")
+VARIANTS = ("eager", "half", "compiled", "compiled-half")
+"""Run in this order (a decoder once compiled stays so): under autocast as the trainer
+decodes by default; outside it in the VAE's own dtype (``speed.half_decode``); compiled
+(``speed.compile_decoder``); both."""
 
 
 def to_stderr(line: str) -> None:
@@ -75,13 +80,12 @@ def main() -> None:
     parser.add_argument("--widths", default="1,2,4,8")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--resolution", type=int, default=0, help="0: the model's own")
-    parser.add_argument(
-        "--variants", default="eager", help="eager, compiled (speed.compile_decoder) or both"
-    )
+    parser.add_argument("--variants", default="eager", help=f"of {', '.join(VARIANTS)}")
     args = parser.parse_args()
     variants = args.variants.split(",")
     if unknown := set(variants) - set(VARIANTS):
         parser.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
+    variants.sort(key=VARIANTS.index)
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     dtype = torch.float16 if on_gpu else torch.float32
@@ -94,7 +98,7 @@ def main() -> None:
     eager: dict[int, tuple[float, torch.Tensor]] = {}  # width: (seconds, images)
     for variant in variants:
         for width in (int(w) for w in args.widths.split(",")):
-            compiled = variant == "compiled"
+            compiled, own_dtype = variant.startswith("compiled"), variant.endswith("half")
             if compiled:  # in place, for this width (other widths eager)
                 shape = DecodeShape.of_run(pipe.vae, width, args.images, resolution)
                 compile_decoder(pipe.vae, torch.device(device), shape, say=to_stderr)
@@ -105,9 +109,12 @@ def main() -> None:
             graphs = counters["stats"]["unique_graphs"]
             images: list[torch.Tensor] = []
 
-            def decode(width: int = width, images: list = images) -> None:
+            def decode(
+                width: int = width, images: list[torch.Tensor] = images, own: bool = own_dtype
+            ) -> None:
                 with torch.autocast(device, dtype=dtype, enabled=on_gpu):  # as the trainer
-                    images[:] = [decode_latents(pipe.vae, latents, batch_size=width)]
+                    decoded = decode_latents(pipe.vae, latents, batch_size=width, own_dtype=own)
+                    images[:] = [decoded]
 
             # a compiled row's peak leaves its compile out (the calls after it)
             first, seconds = timed(decode, args.repeats, reset_peak if compiled else lambda: None)
@@ -126,8 +133,10 @@ def main() -> None:
                 "peak_allocated_bytes": peak,
                 "peak_reserved_bytes": torch.cuda.max_memory_reserved() if on_gpu else None,
                 "working_bytes": peak - before if peak is not None else None,
-                "estimated_working_bytes": estimate(width),
-                "calibrated_working_bytes": decode_working_bytes(estimate(width), on_gpu),
+                "estimated_working_bytes": estimate(width, own_dtype),
+                "calibrated_working_bytes": decode_working_bytes(
+                    estimate(width, own_dtype), on_gpu
+                ),
             }
             if variant == "eager":
                 eager[width] = (seconds, images[0])
@@ -138,14 +147,15 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
 
-def estimated_decode(arch: str, resolution: int, fp16: bool) -> Callable[[int], int]:
-    """The memory estimate's working peak of decoding ``width`` images at once: ``arch``'s
-    shapes (any preset: only the resolution and the precision matter to a decode)."""
+def estimated_decode(arch: str, resolution: int, fp16: bool) -> Callable[[int, bool], int]:
+    """The memory estimate's working peak of decoding ``width`` images at once, in the
+    VAE's own dtype or not: ``arch``'s shapes (any preset: only the resolution and the
+    precision matter to a decode)."""
     config = load_preset("incompressibility")
     config.sample.resolution = resolution
     config.model.mixed_precision = "fp16" if fp16 else "no"
     run = meta_run(config, arch)
-    return lambda width: run.decode(tiling=False, batch=width)
+    return lambda width, own_dtype: run.decode(tiling=False, batch=width, own_dtype=own_dtype)
 
 
 if __name__ == "__main__":

@@ -218,7 +218,10 @@ case "$part" in
     # the VAE's decode alone at 1, 2, 4 and 8 images per call, under autocast as the
     # trainer runs it: its working memory measured beside the estimate's (is the ~1.1 GiB
     # the estimate missed in sampling+decode the decode's? cuDNN's workspace?), no compile
-    stage decode-batch 90 "$PY" benchmarks/decode_batch.py --arch sd15 --repeats 3
+    # (and since 2026-11-27 fifth session each width outside autocast too, speed.half_decode:
+    # seconds of decoding, not of building the model)
+    stage decode-batch 90 "$PY" benchmarks/decode_batch.py --arch sd15 --repeats 3 \
+      --variants eager,half
     stage vram7-default 440 bench_speed "${VRAM7[@]}"
     ;;
   speed)
@@ -368,9 +371,14 @@ case "$part" in
     # compiled at 2 and 4 images per call (ms per image, first call = the compile, peak,
     # pixels apart); then the row above with it, the UNet's graphs from the cache: its
     # "decoding" seconds against vram7-cached's, its sampling phase's peak
-    stage decode-compiled 150 "$PY" benchmarks/decode_batch.py --arch sd15 \
-      --variants eager,compiled --widths 2,4 --repeats 3
+    stage decode-compiled 180 "$PY" benchmarks/decode_batch.py --arch sd15 \
+      --variants eager,half,compiled --widths 2,4 --repeats 3
     stage vram7-decoder 250 bench_speed "${VRAM7[@]}" --set speed.compile_decoder=true
+    # speed.half_decode: the decode outside autocast (diffusers' fp16 numerics; 0.60 of
+    # autocast's working memory on the meta device), so the 7 GB fit decodes 4 images per
+    # call, not 2 (decode phase 4.61 GB reserved estimated, 4.21 before): its decoding
+    # seconds and peaks against vram7-cached's; nothing compiles anew
+    stage vram7-half-decode 150 bench_speed "${VRAM7[@]}" --set speed.half_decode=true
     # the issue's "equal settings" goal (the reference's micro-batch 4, nothing offloaded)
     # with CUDA graphs over Inductor's kernels (no launches left): predicted 0.318
     # + 0.777 s per image, 3.70x the reference's 0.247 samples/s, against default's 2.75x

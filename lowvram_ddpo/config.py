@@ -230,6 +230,15 @@ class SpeedConfig:
     in tiles (memory.vae_tiling) compiles nothing. The replay is untouched (the decode is
     no log-probability); images may differ by a rounding. Its speed and peak are not
     measured on a GPU yet: off."""
+    half_decode: bool = False
+    """Decode in the VAE's own half precision outside autocast, as diffusers' SD 1.5
+    pipelines do (GroupNorm, SiLU and the mid-block attention in fp16, accumulating in
+    float32 inside their kernels), instead of under autocast, which runs every GroupNorm
+    in float32 with a cast up and down around it, at up to 512x512 pixels by 128
+    channels: half the bytes through those layers, a smaller working memory (the memory
+    estimate counts it). SDXL's VAE, which overflows in fp16, still decodes in float32.
+    The replay is untouched (the decode is no log-probability); images differ by a
+    rounding. Its speed and peak are not measured on a GPU yet: off."""
     graph_sampling: bool = False
     """With speed.compile=cudagraphs, replay the sampling call as graphs too. It pays only
     where the host's launches bound that call: few latents per call on a fast card (the

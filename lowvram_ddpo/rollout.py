@@ -210,6 +210,7 @@ def decode_latents(
     latents: Tensor,
     upcast: bool = False,
     batch_size: int | NarrowingWidth = 1,
+    own_dtype: bool = False,
 ) -> Tensor:
     """Images in [0, 1] on the CPU, decoding ``batch_size`` latents at a time (its working
     memory grows with it: ``memory.decode_batch``). Given a ``NarrowingWidth`` (the
@@ -218,7 +219,9 @@ def decode_latents(
     notes. Given a number, an error stands (a benchmark's widths mean what they say).
 
     ``upcast`` (SDXL's VAE, which overflows in fp16): an fp16 VAE decodes in fp32, outside
-    autocast, and goes back to fp16 afterwards, as diffusers' SDXL pipeline does."""
+    autocast, and goes back to fp16 afterwards, as diffusers' SDXL pipeline does.
+    ``own_dtype`` (``speed.half_decode``): the VAE decodes in its own dtype outside autocast,
+    as diffusers' SD 1.5 pipeline does, not with autocast's float32 norms."""
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     # nn.Module.to: diffusers' own .to() warns about exactly this cast, which is intended
@@ -231,7 +234,8 @@ def decode_latents(
         return (image / 2 + 0.5).clamp(0, 1)
 
     try:
-        with torch.autocast(device.type, enabled=False) if upcast else nullcontext():
+        outside_autocast = upcast or own_dtype
+        with torch.autocast(device.type, enabled=False) if outside_autocast else nullcontext():
             if isinstance(batch_size, int):  # as given: an error stands
                 images = [decode(chunk) for chunk in latents.split(batch_size)]
             else:
@@ -299,6 +303,7 @@ def sample_trajectories(
     cache: PromptCache | None = None,
     decode_batch: int | NarrowingWidth = 1,
     meter: PhaseMeter | None = None,
+    half_decode: bool = False,
 ) -> Trajectories:
     """One sampling batch: encode prompts, roll out, decode (``decode_batch`` images per
     VAE call). Returns CPU tensors.
@@ -306,7 +311,8 @@ def sample_trajectories(
     With an ``offloader`` the text encoder and VAE are on the GPU only while they work;
     with a ``cache`` the text encoder runs (and moves) only for prompts it has not seen;
     with a ``meter`` (the trainer's) the denoising and the decode are its phases
-    "sampling" and "decode", each with its own peak."""
+    "sampling" and "decode", each with its own peak. ``half_decode``: the VAE decodes in
+    its own dtype, outside autocast (``speed.half_decode``)."""
     device = next(unet.parameters()).device
     cache = PromptCache() if cache is None else cache
     with measured(meter, "sampling"):
@@ -325,7 +331,7 @@ def sample_trajectories(
     windowed = len(stochastic) < len(timesteps)
     with measured(meter, "decode"), _loaded(offloader, "vae"):
         upcast = decodes_in_fp32(pipe.vae, is_sdxl(pipe))
-        images = decode_latents(pipe.vae, final, upcast, decode_batch)
+        images = decode_latents(pipe.vae, final, upcast, decode_batch, own_dtype=half_decode)
     return Trajectories(
         prompts=list(prompts),
         prompt_embeds=text.hidden.cpu(),
@@ -352,10 +358,12 @@ def render(
     offloader: Offloader | None = None,
     cache: PromptCache | None = None,
     decode: int | NarrowingWidth = 1,
+    half_decode: bool = False,
 ) -> Tensor:
     """[P, S, 3, H, W] images, one per (prompt, seed), each from its own seeded generator,
     so an image depends only on its prompt, its seed and the weights. ``decode``: as
-    ``decode_latents``'s width (a ``NarrowingWidth`` falls back to tiles)."""
+    ``decode_latents``'s width (a ``NarrowingWidth`` falls back to tiles); ``half_decode``:
+    as ``sample_trajectories``'."""
     rows = []
     for prompt in tqdm(prompts, desc="rendering", leave=False, disable=not progress):
         row = []
@@ -374,6 +382,7 @@ def render(
                     offloader=offloader,
                     cache=cache,
                     decode_batch=decode,
+                    half_decode=half_decode,
                 ).images[0]
             )
         rows.append(torch.stack(row))

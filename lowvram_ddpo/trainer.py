@@ -556,6 +556,7 @@ class Trainer:
                 cfg.sample.resolution,
                 offloader=self.offloader,
                 cache=self.prompt_cache,
+                half_decode=cfg.speed.half_decode,
             )
 
     def reward_extras(self) -> dict[str, float]:
@@ -710,6 +711,7 @@ class Trainer:
                         cache=self.prompt_cache,
                         decode_batch=self.decode_width,
                         meter=self.meter,  # its phases: sampling, then decode
+                        half_decode=cfg.speed.half_decode,
                     )
                 seconds["seconds_sampling"] += time.perf_counter() - started
                 images, batch.images = batch.images, None

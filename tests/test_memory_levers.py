@@ -474,3 +474,50 @@ def test_out_of_memory_says_what_to_change_and_keeps_the_checkpoint(
     assert epochs == [1, 2]
     saved = load_config_file(run_dir / "config.toml").train  # the step's 16 samples kept
     assert (saved.batch_size, saved.gradient_accumulation_steps) == (4, 4)
+
+
+def test_half_decode_decodes_outside_autocast_and_the_estimate_counts_it(
+    tiny_pipeline, tiny_preset, tmp_path, monkeypatch
+):
+    """speed.half_decode: the VAE decodes with autocast off (its own dtype, as diffusers'
+    SD 1.5 pipeline), the trainer asks it of every decode (sampling and grids), and the
+    estimate counts its smaller working memory (CUDA autocast's float32 norms gone)."""
+    import lowvram_ddpo.rollout as rollout
+    from lowvram_ddpo.memory.estimate import meta_run, settings_of
+
+    vae = tiny_pipeline.vae
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    autocast_inside: list[bool] = []
+    decode = vae.decode
+
+    def spy(latents, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        autocast_inside.append(torch.is_autocast_enabled("cpu"))
+        return decode(latents, *args, **kwargs)
+
+    vae.decode = spy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rollout.decode_latents(vae, z, batch_size=2)
+        rollout.decode_latents(vae, z, batch_size=2, own_dtype=True)
+    assert autocast_inside == [True, False]
+
+    asked: list[bool] = []
+    real = rollout.decode_latents
+
+    def recorded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        asked.append(kwargs.get("own_dtype", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rollout, "decode_latents", recorded)
+    config = _config(tiny_preset, "speed.half_decode=true")
+    assert settings_of(config)["half_decode"] is True
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.setup()
+    trainer.sample_and_score(epoch=0)
+    trainer.render_to_view(["a cat"], [0])
+    assert len(asked) == 3 and all(asked)  # two sampling batches and a grid image
+
+    fp16 = load_preset("incompressibility")
+    fp16.model.mixed_precision = "fp16"
+    run = meta_run(fp16, "sd15")
+    own, autocast = run.decode(False, 2, own_dtype=True), run.decode(False, 2)
+    assert own < 0.7 * autocast  # counted: 0.60 of it at 512 px

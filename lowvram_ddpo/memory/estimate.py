@@ -283,9 +283,10 @@ class MetaRun:
         with torch.no_grad():
             return self.measure(("reward", repr(reward_config), batch), work)
 
-    def decode(self, tiling: bool, batch: int = 1) -> int:
-        """The working peak of decoding ``batch`` images at once (``memory.decode_batch``)."""
-        key = ("decode", tiling, batch)
+    def decode(self, tiling: bool, batch: int = 1, own_dtype: bool = False) -> int:
+        """The working peak of decoding ``batch`` images at once (``memory.decode_batch``),
+        outside autocast in the VAE's own dtype with ``own_dtype`` (``speed.half_decode``)."""
+        key = ("decode", tiling, batch, own_dtype)
         if (peak := self.known(key)) is not None:  # before the VAE's casts below
             return peak
         vae = self.parts.vae
@@ -299,7 +300,7 @@ class MetaRun:
                 return self.measure(
                     key,
                     lambda: vae.decode(vae_input(vae, z.to(dtype))).sample.float(),
-                    autocast=not upcast,
+                    autocast=not (upcast or own_dtype),
                 )
         finally:
             torch.nn.Module.to(vae, self.dtype)
@@ -485,7 +486,9 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
 
     encode_peak = 0 if m.text_encoders_on_cpu else run.encode_prompts(s.batch_size)
     step_peak = run.denoising_step(s.batch_size, s.guidance_scale)
-    decode_peak = run.decode(m.vae_tiling, min(m.decode_batch, s.batch_size))
+    decode_peak = run.decode(
+        m.vae_tiling, min(m.decode_batch, s.batch_size), own_dtype=config.speed.half_decode
+    )
     decode_peak = decode_working_bytes(decode_peak, run.decodes_in_half)
     reward_peak = run.score_rewards(config.reward, config.reward.batch_size)
     overlapped = reward_model is not None and config.reward.overlap == "on"
@@ -574,6 +577,7 @@ def settings_of(config: Config) -> dict[str, object]:
         "compile": config.speed.compile,
         "compile_scope": config.speed.compile_scope,
         "compile_decoder": config.speed.compile_decoder,
+        "half_decode": config.speed.half_decode,
         "graph_sampling": config.speed.graph_sampling,
         "fused_lora": config.speed.fused_lora,
         "half_norms": config.speed.half_norms,
