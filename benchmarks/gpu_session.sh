@@ -308,7 +308,7 @@ case "$part" in
     # its CUDA graphs, ~15 s per epoch predicted; a cold compile), as an 8 GB card gets it
     # (the same with checkpointing, ~19 s predicted), and with the preset's CUDA graphs
     # kept (2.34 samples/s measured 2026-11-26: the fit's choice before); then an epoch
-    # profiled. Caps ~1,470 s: three calls (each next GPU_SESSION_SKIP=<stages done>)
+    # profiled. Caps ~1,670 s: three calls (each next GPU_SESSION_SKIP=<stages done>)
     install_wheels
     RLCM=(--preset rlcm-incompressibility --set memory.optimizer=adamw)
     stage rlcm-written-eager 150 bench_speed "${RLCM[@]}" --batches 4 --set memory.vram=off \
@@ -320,6 +320,9 @@ case "$part" in
     # seconds against rlcm-auto's
     stage rlcm-auto-decoder 300 bench_speed "${RLCM[@]}" --batches 2 --epochs 3 \
       --set speed.compile_decoder=true
+    # and decoded outside autocast (speed.half_decode; nothing compiles anew)
+    stage rlcm-auto-half-decode 200 bench_speed "${RLCM[@]}" --batches 2 --epochs 3 \
+      --set speed.half_decode=true
     stage rlcm-graphs 150 bench_speed "${RLCM[@]}" --batches 2 --epochs 3 \
       --set speed.compile=cudagraphs
     # where the graphed sampling of the preset as written spent ~0.4 s per batch outside
