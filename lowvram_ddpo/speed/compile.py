@@ -472,6 +472,7 @@ def call_kind(unet: torch.nn.Module) -> str:
 
 
 CALLS = "the UNet's calls"
+"""What the recompile limit's line says turned eager (``say_what_compiles``)."""
 
 
 def graphs_replay(speed: SpeedConfig, call: str) -> bool:
