@@ -236,9 +236,11 @@ class SpeedConfig:
     float32 inside their kernels), instead of under autocast, which runs every GroupNorm
     in float32 with a cast up and down around it, at up to 512x512 pixels by 128
     channels: half the bytes through those layers, a smaller working memory (the memory
-    estimate counts it). SDXL's VAE, which overflows in fp16, still decodes in float32.
-    The replay is untouched (the decode is no log-probability); images differ by a
-    rounding. Its speed and peak are not measured on a GPU yet: off."""
+    estimate counts it). SDXL's VAE, which overflows in fp16, still decodes in float32;
+    another VAE whose fp16 decode overflows (NaN pixels) has those images decoded again
+    under autocast, with a warning. The replay is untouched (the decode is no
+    log-probability); images differ by a rounding. Its speed and peak are not measured
+    on a GPU yet: off."""
     graph_sampling: bool = False
     """With speed.compile=cudagraphs, replay the sampling call as graphs too. It pays only
     where the host's launches bound that call: few latents per call on a fast card (the

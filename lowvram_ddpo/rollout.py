@@ -8,6 +8,7 @@ gives an importance ratio of 1.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -221,7 +222,9 @@ def decode_latents(
     ``upcast`` (SDXL's VAE, which overflows in fp16): an fp16 VAE decodes in fp32, outside
     autocast, and goes back to fp16 afterwards, as diffusers' SDXL pipeline does.
     ``own_dtype`` (``speed.half_decode``): the VAE decodes in its own dtype outside autocast,
-    as diffusers' SD 1.5 pipeline does, not with autocast's float32 norms."""
+    as diffusers' SD 1.5 pipeline does, not with autocast's float32 norms; should that
+    overflow (NaN pixels: some fine-tuned VAEs do in fp16), the latents are decoded again
+    as without it, with a warning."""
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     # nn.Module.to: diffusers' own .to() warns about exactly this cast, which is intended
@@ -243,7 +246,18 @@ def decode_latents(
     finally:
         if upcast:
             torch.nn.Module.to(vae, dtype)
-    return torch.cat(images).cpu()  # one copy back (each a wait on the GPU)
+    result = torch.cat(images).cpu()  # one copy back (each a wait on the GPU)
+    if own_dtype and not upcast and torch.isnan(result).any():  # on the host: no extra wait
+        warnings.warn(HALF_DECODE_OVERFLOW, stacklevel=2)
+        return decode_latents(vae, latents, upcast, batch_size)
+    return result
+
+
+HALF_DECODE_OVERFLOW = (
+    "speed.half_decode: the VAE's decode in its own half precision gave NaN pixels (an "
+    "overflow); these images were decoded again under autocast. If it repeats, set "
+    "speed.half_decode=false"
+)
 
 
 def decode_width(images: int) -> NarrowingWidth:

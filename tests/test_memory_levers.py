@@ -521,3 +521,27 @@ def test_half_decode_decodes_outside_autocast_and_the_estimate_counts_it(
     run = meta_run(fp16, "sd15")
     own, autocast = run.decode(False, 2, own_dtype=True), run.decode(False, 2)
     assert own < 0.7 * autocast  # counted: 0.60 of it at 512 px
+
+
+def test_a_half_decode_that_overflows_is_decoded_again_under_autocast(tiny_pipeline):
+    """Some fine-tuned VAEs overflow in fp16 (NaN pixels): speed.half_decode then decodes
+    those latents again as without it, and warns."""
+    from lowvram_ddpo.rollout import decode_latents
+
+    vae = tiny_pipeline.vae
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = decode_latents(vae, z, batch_size=2)
+    decode = vae.decode
+
+    def overflowing(latents, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        out = decode(latents, *args, **kwargs)
+        if not torch.is_autocast_enabled("cpu"):  # the own-dtype decode
+            out.sample[0, 0, 0, 0] = float("nan")
+        return out
+
+    vae.decode = overflowing
+    overflow = pytest.warns(UserWarning, match="speed.half_decode: .* gave NaN pixels")
+    with torch.autocast("cpu", dtype=torch.bfloat16), overflow:
+        images = decode_latents(vae, z, batch_size=2, own_dtype=True)
+    assert torch.equal(images, expected)
