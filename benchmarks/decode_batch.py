@@ -19,11 +19,10 @@ meta figure). This says whether the decode alone is where, and recalibrates the 
 ``--variants eager,half,compiled`` times each width again outside autocast in the VAE's
 own dtype (``speed.half_decode``: its estimate is that path's), then with the decoder
 compiled by Inductor for that width (``speed.compile_decoder``,
-``speed/compile_decoder.py``): a row's
-``first_call_seconds`` is its first call (the compile; ``graphs_compiled`` 1 where it
-compiled), its peaks those of the calls after it, its ``eager_ms_per_image`` the eager
-row's, and ``max_abs_difference`` how far its images lie from eager's (the rewards see
-them; the policy's log-probabilities do not).
+``speed/compile_decoder.py``): a row's ``first_call_seconds`` is its first call (the
+compile; ``graphs_compiled`` 1 where it compiled), its peaks those of the calls after it,
+its ``eager_ms_per_image`` the eager row's, and ``max_abs_difference`` how far its images
+lie from eager's (the rewards see them; the policy's log-probabilities do not).
 """
 
 from __future__ import annotations
@@ -100,8 +99,8 @@ def main() -> None:
         for width in (int(w) for w in args.widths.split(",")):
             compiled, own_dtype = variant.startswith("compiled"), variant.endswith("half")
             if compiled:  # in place, for this width (other widths eager)
-                shape = DecodeShape.of_run(pipe.vae, width, args.images, resolution)
-                compile_decoder(pipe.vae, torch.device(device), shape, say=to_stderr)
+                compiled_for = DecodeShape.of_run(pipe.vae, width, args.images, resolution)
+                compile_decoder(pipe.vae, torch.device(device), compiled_for, say=to_stderr)
             before = torch.cuda.memory_allocated() if on_gpu else 0
             reset_peak = torch.cuda.reset_peak_memory_stats if on_gpu else lambda: None
             if not compiled:  # as before 2026-11-27: the first call's peak counts
@@ -120,6 +119,7 @@ def main() -> None:
             first, seconds = timed(decode, args.repeats, reset_peak if compiled else lambda: None)
             one = one or seconds
             peak = torch.cuda.max_memory_allocated() if on_gpu else None
+            estimated = estimate(width, own_dtype)
             row = {
                 "arch": args.arch,
                 "resolution": resolution,
@@ -133,10 +133,8 @@ def main() -> None:
                 "peak_allocated_bytes": peak,
                 "peak_reserved_bytes": torch.cuda.max_memory_reserved() if on_gpu else None,
                 "working_bytes": peak - before if peak is not None else None,
-                "estimated_working_bytes": estimate(width, own_dtype),
-                "calibrated_working_bytes": decode_working_bytes(
-                    estimate(width, own_dtype), on_gpu
-                ),
+                "estimated_working_bytes": estimated,
+                "calibrated_working_bytes": decode_working_bytes(estimated, on_gpu),
             }
             if variant == "eager":
                 eager[width] = (seconds, images[0])
