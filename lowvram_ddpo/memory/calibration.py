@@ -16,6 +16,7 @@ Calibrated on the first GPU measurements (one NVIDIA H100 80GB, 2026-11-25,
 
 from __future__ import annotations
 
+from lowvram_ddpo.config import Config
 from lowvram_ddpo.memory.allocator import expandable_segments_expected
 from lowvram_ddpo.memory.units import GB
 
@@ -63,10 +64,58 @@ fits costs a few milliseconds an image, one wider than fits the run. Not to fp32
 question."""
 
 
-def decode_working_bytes(estimated: int, half_precision: bool) -> int:
+COMPILED_DECODE_WORKING = 0.55
+"""The decode's working memory with the VAE's decoder compiled by Inductor
+(``speed.compile_decoder``) over the meta-device estimate (eager, under autocast):
+measured 0.515 and 0.505 of it at 2 and 4 images per call (SD 1.5, 512 px, fp16
+autocast: 0.64 and 1.26 GiB where eager took 1.80 and 3.51; H200, 2026-11-27,
+`benchmarks/decode_batch.py --variants eager,half,compiled --widths 2,4`), rounded up.
+Inductor fuses each GroupNorm with its casts and SiLU, so the float32 copies and the
+cuDNN layout copies that ``DECODE_WORKING_GROWTH`` counts are never made."""
+
+INDUCTOR_TRAINING_WORKING = 0.90
+"""A training micro-step's working memory under Inductor's kernels (``speed.compile =
+"default"``, the whole UNet one graph, no CUDA graphs) over the meta device's count, which
+is eager's. Measured on SD 1.5 at 512 px, fp16, micro-batch 8 with checkpointing:
+- the 8x8 level kept out, nothing offloaded: the training phase allocated 4.61-4.67 GiB
+  at its peak in three runs on an H200 and 4.66 on an H100 (2026-11-27), 2.06 of them
+  held before it: 2.55-2.61 GiB of working memory where the meta device counts 3.24
+  (0.79-0.81); 5.20 GiB reserved on both cards (5.81 estimated without this factor,
+  5.46 with it);
+- every level checkpointed, offloaded: 4.73 GiB reserved on an H100 (2026-11-26, before
+  each phase started on a released cache; allocated not recorded), 5.09 estimated
+  without this factor, 4.76 with it: ~0.89 if it reserved 1.11x what it allocated.
+The larger, rounded up. Eager, the same row reserved 4.99 GiB (5.09 estimated): the
+meta count is eager's. Why Inductor holds less: its partitioner saves fewer tensors for
+the backward pass (it recomputes cheap pointwise results, a norm's or an activation's
+output, from a kept input). Not applied with ``memory.keep_attention`` (unmeasured
+under Inductor), by blocks (``speed.compile_scope = "blocks"``:
+4.95 GiB allocated on the H100, 0.89 of the count: no margin) nor to the CUDA-graph
+modes (their pool is unmeasured under Inductor)."""
+
+
+def decode_working_bytes(estimated: int, half_precision: bool, compiled: bool = False) -> int:
     """A decode's working memory from the meta device's figure: ``DECODE_WORKING_GROWTH``
-    times it for a 16-bit decode, as it is for an fp32 one."""
+    times it for a 16-bit eager decode, ``COMPILED_DECODE_WORKING`` times it for a
+    compiled one, as it is for an fp32 one."""
+    if compiled and half_precision:
+        return int(estimated * COMPILED_DECODE_WORKING)
     return int(estimated * DECODE_WORKING_GROWTH) if half_precision else estimated
+
+
+def training_working_bytes(estimated: int, config: Config) -> int:
+    """A training micro-step's working memory from the meta device's figure: less by
+    ``INDUCTOR_TRAINING_WORKING`` where Inductor compiles the whole UNet without graphs,
+    unless checkpointing keeps attention's outputs (``memory.keep_attention``: not
+    measured under Inductor yet)."""
+    speed, m = config.speed, config.memory
+    whole_graph = speed.compile == "default" and speed.compile_scope == "model"
+    kept_attention = m.gradient_checkpointing and m.keep_attention
+    return (
+        int(estimated * INDUCTOR_TRAINING_WORKING)
+        if whole_graph and not kept_attention
+        else estimated
+    )
 
 
 def reserved_bytes(allocated: int, graph_pool: int = 0) -> int:

@@ -40,6 +40,7 @@ from lowvram_ddpo.memory.calibration import (
     RESERVED_OVER_ALLOCATED_PLAIN,
     decode_working_bytes,
     reserved_bytes,
+    training_working_bytes,
 )
 from lowvram_ddpo.memory.checkpointing import disable_checkpointing, enable_checkpointing
 from lowvram_ddpo.memory.counting import (
@@ -486,13 +487,14 @@ def estimate_memory(config: Config, arch: str, run: MetaRun | None = None) -> Me
 
     encode_peak = 0 if m.text_encoders_on_cpu else run.encode_prompts(s.batch_size)
     step_peak = run.denoising_step(s.batch_size, s.guidance_scale)
-    decode_peak = run.decode(
-        m.vae_tiling, min(m.decode_batch, s.batch_size), own_dtype=config.speed.half_decode
-    )
-    decode_peak = decode_working_bytes(decode_peak, run.decodes_in_half)
+    # a compiled decoder is calibrated on autocast's meta figure, with or without half_decode
+    compiled_decode = config.speed.compile_decoder and not m.vae_tiling
+    own_dtype = config.speed.half_decode and not compiled_decode
+    decode_peak = run.decode(m.vae_tiling, min(m.decode_batch, s.batch_size), own_dtype)
+    decode_peak = decode_working_bytes(decode_peak, run.decodes_in_half, compiled_decode)
     reward_peak = run.score_rewards(config.reward, config.reward.batch_size)
     overlapped = reward_model is not None and config.reward.overlap == "on"
-    train_peak = run.training_micro_step(config)
+    train_peak = training_working_bytes(run.training_micro_step(config), config)
     pool = graph_pool_bytes(config, run, step_peak, train_peak)
     if pool:  # the graphed calls' working memory is the pool's, from the first epoch on
         resident["CUDA graph pool"] = pool

@@ -659,6 +659,7 @@ class TrainingBudget:
             m.offload,
             trial.sample.batch_size if graphs_replay(trial.speed, "sampling") else 0,
             trial.speed.compile,
+            trial.speed.compile_scope,  # Inductor's whole graph saves less than its blocks
             m.gradient_checkpointing and m.keep_attention,  # holds more, not a level's worth
         )
         per_step = t.batch_size * t.gradient_accumulation_steps
