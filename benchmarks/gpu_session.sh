@@ -222,7 +222,9 @@ case "$part" in
     # seconds of decoding, not of building the model)
     stage decode-batch 90 "$PY" benchmarks/decode_batch.py --arch sd15 --repeats 3 \
       --variants eager,half
-    stage vram7-default 440 bench_speed "${VRAM7[@]}"
+    # three timed epochs since 2026-11-27 sixth session: one epoch (8 images) gave 0.797,
+    # 0.843 and 0.813 samples/s in three runs of these settings on one H200 (2.88-3.05x)
+    stage vram7-default 440 bench_speed "${VRAM7[@]}" --epochs 4
     ;;
   speed)
     install_wheels
@@ -353,7 +355,9 @@ case "$part" in
     # stage ran on an H100 (2026-11-26: 0.746 samples/s, 4.74 GiB, replay 7e-6); right
     # after a `confirm` call, GPU_SESSION_SKIP=mb8-ckpt-default,blocks-default starts
     # with the `confirm` row from the compile cache, then the equal-settings goal's
-    # candidate, then channels-last (blocks-default ran on 2026-11-27)
+    # candidate, then channels-last (blocks-default ran on 2026-11-27; vram7-cached,
+    # decode-compiled and vram7-decoder on an H200, 2026-11-27 sixth session: skip them
+    # too)
     install_wheels
     stage mb8-ckpt-default 450 bench_speed "${SD15[@]}" "${MB8_CKPT[@]}" --set speed.compile=default
     # the `confirm` part's row compiled by blocks (speed.compile_scope=blocks: each
@@ -368,12 +372,17 @@ case "$part" in
     # cacheable; speed/compile_cache.py). Expected: "2 of 2 graphs from the compile cache"
     # on the training line and a warm-up epoch well under the cold 233 s (the CPU: 121 ->
     # 11 s); "could not take" there means the fix did not take on this torch. Needs the
-    # machine the `confirm` call warmed (run at once) or its returned cache parts carried
+    # machine the `confirm` call warmed (run at once) or its returned cache parts carried.
+    # Ran on an H200 (2026-11-27 sixth session): 3 of 3 Inductor graphs and 2 of 2 AOT
+    # entries from the cache, warm-up 45 s against the cold 245 s
     stage vram7-cached 200 bench_speed "${VRAM7[@]}"
     # speed.compile_decoder (2026-11-27, CPU only): the VAE's decode alone, eager and
     # compiled at 2 and 4 images per call (ms per image, first call = the compile, peak,
     # pixels apart); then the row above with it, the UNet's graphs from the cache: its
-    # "decoding" seconds against vram7-cached's, its sampling phase's peak
+    # "decoding" seconds against vram7-cached's, its sampling phase's peak. Ran on an H200
+    # (2026-11-27 sixth session): 10.06 and 8.96 ms per image against eager's 24.26 and
+    # 20.96, 0.64 and 1.26 GiB working against 1.80 and 3.51; in the row decoding 0.07 s
+    # against 0.18, its phase 2.74 GiB reserved against 4.14
     stage decode-compiled 180 "$PY" benchmarks/decode_batch.py --arch sd15 \
       --variants eager,half,compiled --widths 2,4 --repeats 3
     stage vram7-decoder 250 bench_speed "${VRAM7[@]}" --set speed.compile_decoder=true

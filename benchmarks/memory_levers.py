@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from lowvram_ddpo.config import apply_overrides, load_preset
 from lowvram_ddpo.errors import UserError
-from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, RESERVED_OVER_ALLOCATED
+from lowvram_ddpo.memory.calibration import (
+    CUDA_CONTEXT_BYTES,
+    INDUCTOR_TRAINING_WORKING,
+    RESERVED_OVER_ALLOCATED,
+)
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory
 from lowvram_ddpo.memory.fit import fit_to_vram
 from lowvram_ddpo.memory.units import GB, parse_size
@@ -132,7 +136,12 @@ def main() -> None:
     print(
         f"Reserved = {RESERVED_OVER_ALLOCATED} x the estimated allocated bytes (calibrated on an "
         "H100, docs/benchmarks.md); a card also needs "
-        f"~{CUDA_CONTEXT_BYTES / GB:.0f} GiB for the CUDA context, which `--vram` subtracts.\n"
+        f"~{CUDA_CONTEXT_BYTES / GB:.0f} GiB for the CUDA context, which `--vram` subtracts."
+    )
+    print(
+        "The preset compiles the UNet with Inductor: with checkpointing its training step's "
+        f"working memory counts {INDUCTOR_TRAINING_WORKING} of the meta device's eager count "
+        "(measured on an H200 and an H100, `memory/calibration.py`).\n"
     )
     lever_table(PRESET, "sd15", ROWS)
     full_fine_tuning_table()

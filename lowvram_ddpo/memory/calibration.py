@@ -88,10 +88,10 @@ is eager's. Measured on SD 1.5 at 512 px, fp16, micro-batch 8 with checkpointing
 The larger, rounded up. Eager, the same row reserved 4.99 GiB (5.09 estimated): the
 meta count is eager's. Why Inductor holds less: its partitioner saves fewer tensors for
 the backward pass (it recomputes cheap pointwise results, a norm's or an activation's
-output, from a kept input). Not applied with ``memory.keep_attention`` (unmeasured
-under Inductor), by blocks (``speed.compile_scope = "blocks"``:
-4.95 GiB allocated on the H100, 0.89 of the count: no margin) nor to the CUDA-graph
-modes (their pool is unmeasured under Inductor)."""
+output, from a kept input). Not applied without checkpointing nor with
+``memory.keep_attention`` (both unmeasured under Inductor), by blocks
+(``speed.compile_scope = "blocks"``: 4.95 GiB allocated on the H100, 0.89 of the count:
+no margin) nor to the CUDA-graph modes (their pool is unmeasured under Inductor)."""
 
 
 def decode_working_bytes(estimated: int, half_precision: bool, compiled: bool = False) -> int:
@@ -105,16 +105,15 @@ def decode_working_bytes(estimated: int, half_precision: bool, compiled: bool = 
 
 def training_working_bytes(estimated: int, config: Config) -> int:
     """A training micro-step's working memory from the meta device's figure: less by
-    ``INDUCTOR_TRAINING_WORKING`` where Inductor compiles the whole UNet without graphs,
-    unless checkpointing keeps attention's outputs (``memory.keep_attention``: not
-    measured under Inductor yet)."""
+    ``INDUCTOR_TRAINING_WORKING`` where Inductor compiles the whole UNet without graphs
+    and checkpointing recomputes whole blocks, as measured (not without checkpointing,
+    nor where it keeps attention's outputs, ``memory.keep_attention``: not measured under
+    Inductor yet)."""
     speed, m = config.speed, config.memory
     whole_graph = speed.compile == "default" and speed.compile_scope == "model"
-    kept_attention = m.gradient_checkpointing and m.keep_attention
+    measured_like = m.gradient_checkpointing and not m.keep_attention
     return (
-        int(estimated * INDUCTOR_TRAINING_WORKING)
-        if whole_graph and not kept_attention
-        else estimated
+        int(estimated * INDUCTOR_TRAINING_WORKING) if whole_graph and measured_like else estimated
     )
 
 
