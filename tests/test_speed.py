@@ -1210,6 +1210,10 @@ def test_time_model_reproduces_the_h100_unet_calls_and_ranks_by_card():
         # kept out of checkpointing, nothing offloaded, 4 images per decode, Inductor
         ("H100", 8, ["memory.uncheckpointed_levels=1", "memory.offload=false",
                      "memory.decode_batch=4"], 0.333, 0.979),
+        # the same fit on an H200 (2026-11-27: 2 images per decode since the decode's
+        # calibration; the mean of two runs, 0.339 / 0.907 and 0.316 / 0.864)
+        ("H200", 8, ["memory.uncheckpointed_levels=1", "memory.offload=false",
+                     "memory.decode_batch=2"], 0.328, 0.886),
     ],
 )  # fmt: skip
 def test_time_model_reproduces_the_gpu_epochs(card, micro, overrides, sampling, training):
@@ -1219,7 +1223,8 @@ def test_time_model_reproduces_the_gpu_epochs(card, micro, overrides, sampling, 
     only); on an H100 (2026-11-26) the first again, micro-batch 8 with graphs, and the
     first with Inductor (the Inductor factors were fitted to that row: this checks that
     its calls take them, the eager and graphed ones not), and `--vram 7GB`'s pick, a row
-    the model had predicted before it ran (0.318 / 0.968 against 0.333 / 0.979)."""
+    the model had predicted before it ran (0.318 / 0.968 against 0.333 / 0.979), and again
+    on an H200 (2026-11-27)."""
     from lowvram_ddpo.speed.time_model import Gpu, predict_epoch
 
     config = load_preset("incompressibility")
@@ -1285,15 +1290,19 @@ def test_time_model_puts_a_floor_under_small_graphed_calls():
 
 
 def test_time_model_counts_each_images_decode():
-    """The VAE's decode adds its counted FLOPs per image at the UNet's rate (2.5 TFLOP for
-    SD 1.5 at 512 px: 3% of a 50-step guided rollout, 39% of an 8-step LCM's); SDXL's
-    tiled decode counts its overlapping tiles, so a fit weighs tiling's time too."""
+    """The VAE's decode adds its counted FLOPs per image (2.5 TFLOP for SD 1.5 at 512 px:
+    3% of a 50-step guided rollout, 39% of an 8-step LCM's) at its measured share of the
+    UNet's rate, and a fixed cost per decode call; SDXL's tiled decode counts its
+    overlapping tiles, so a fit weighs tiling's time too."""
     import dataclasses
 
     from lowvram_ddpo.speed.time_model import (
+        DECODE_CALL_SECONDS,
+        DECODE_RATE_SHARE,
         OFFLOAD_SAMPLING_COST,
         SAMPLING_LOOP_OVERHEAD,
         Gpu,
+        decode_seconds,
         predict_epoch,
     )
 
@@ -1307,10 +1316,16 @@ def test_time_model_counts_each_images_decode():
         predict_epoch(config, flops, slow).sampling - predict_epoch(config, without, slow).sampling
     )
     samples = config.sample.batch_size * config.sample.batches_per_epoch
-    rate = slow.unet_tflops * 1e12
+    rate = slow.unet_tflops * 1e12 * DECODE_RATE_SHARE["autocast"]
     expected = samples * flops.decode_per_image / rate * SAMPLING_LOOP_OVERHEAD
     offload = OFFLOAD_SAMPLING_COST if config.memory.offload else 1.0
     assert added == pytest.approx(expected * offload, rel=1e-6)
+    # each call's fixed cost: one image per call against a whole sampling batch per call
+    each, whole = copy.deepcopy(config), copy.deepcopy(config)
+    each.memory.decode_batch, whole.memory.decode_batch = 1, config.sample.batch_size
+    calls_saved = samples - config.sample.batches_per_epoch
+    saved = decode_seconds(each, flops, slow) - decode_seconds(whole, flops, slow)
+    assert saved == pytest.approx(calls_saved * DECODE_CALL_SECONDS["autocast"], rel=1e-6)
     sdxl = load_preset("sdxl-aesthetic")
     tiles = epoch_flops(sdxl, "sdxl", count_backward=False)
     assert tiles.tiled_decode_per_image > 1.4 * tiles.decode_per_image
@@ -1318,6 +1333,45 @@ def test_time_model_counts_each_images_decode():
     untiled.memory.vae_tiling = False
     gap = predict_epoch(sdxl, tiles, slow).sampling - predict_epoch(untiled, tiles, slow).sampling
     assert gap > 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "widths_ms"),
+    [
+        ("autocast", {1: 27.1, 2: 24.16, 4: 20.95, 8: 19.47}),
+        ("half", {1: 23.16, 2: 20.6, 4: 17.56, 8: 16.0}),
+        ("compiled", {2: 10.06, 4: 8.96}),
+    ],
+)
+def test_time_model_reproduces_the_h200s_decodes(kind, widths_ms):
+    """The VAE's decode alone on an H200 (2026-11-27, SD 1.5 at 512 px, fp16,
+    `benchmarks/decode_batch.py`), ms per image at each number of images per call: the
+    model within 10% for each kind (under autocast, speed.half_decode, speed.compile_decoder),
+    wider calls faster, and compiled faster than half, faster than autocast."""
+    from lowvram_ddpo.speed.time_model import Gpu, decode_kind, decode_seconds
+
+    config = load_preset("incompressibility")
+    config.sample.batch_size, config.sample.batches_per_epoch = 8, 1
+    config.speed.half_decode = kind == "half"
+    config.speed.compile_decoder = kind == "compiled"
+    assert decode_kind(config) == kind
+    flops = epoch_flops(config, "sd15", count_backward=False)
+    h200 = Gpu.listed("H200", 989.4)
+    predicted = {}
+    for width, measured in widths_ms.items():
+        config.memory.decode_batch = width
+        predicted[width] = decode_seconds(config, flops, h200) / 8 * 1000
+        assert predicted[width] == pytest.approx(measured, rel=0.10)
+    assert list(predicted.values()) == sorted(predicted.values(), reverse=True)
+    config.memory.decode_batch = 2
+    by_kind = {}
+    for other in ("autocast", "half", "compiled"):
+        config.speed.half_decode = other == "half"
+        config.speed.compile_decoder = other == "compiled"
+        by_kind[other] = decode_seconds(config, flops, h200)
+    assert by_kind["compiled"] < by_kind["half"] < by_kind["autocast"]
+    config.memory.vae_tiling = True  # a tiled decode compiles nothing
+    assert decode_kind(config) == "autocast"
 
 
 def test_calls_without_gradients_add_a_guided_forward_per_trained_step():

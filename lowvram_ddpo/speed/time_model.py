@@ -16,11 +16,13 @@ FLOPs counted for the run's model and resolution (``speed.flops``) and the card'
 its listed dense fp16 rate (``speed.devices``), else its fp16 matmul rate measured when
 the fit runs (a second), each scaled by the share of it the UNet with LoRA reached on the
 H100. A micro-step's calls without gradients (NFT's old policy, the KL guard's base model)
-add a guided forward each. Each image's decode adds the VAE's counted FLOPs at the UNet's
-rate (an assumption; SD 1.5 at 512 px: 2.5 TFLOP, 3% of a 50-step guided rollout but 39%
-of an 8-step LCM's; tiling counted as tiled). An fp8 base (``memory.quantize=fp8``) adds
-its dequantisation to each pass: host time (``FP8_MODULES_PER_LAYER``) and memory traffic
-(``FP8_DEQUANTISE_BYTES``, at a bandwidth assumed), neither timed on a GPU. bitsandbytes'
+add a guided forward each. Each image's decode adds the VAE's counted FLOPs (SD 1.5 at
+512 px: 2.5 TFLOP, 3% of a 50-step guided rollout but 39% of an 8-step LCM's; tiling
+counted as tiled) at a share of the UNet's rate, and each decode call a fixed cost, both
+measured per kind of decode (``DECODE_RATE_SHARE``, ``DECODE_CALL_SECONDS``). An fp8
+base (``memory.quantize=fp8``) adds its dequantisation to each pass: host time
+(``FP8_MODULES_PER_LAYER``) and memory traffic (``FP8_DEQUANTISE_BYTES``, at a bandwidth
+assumed), neither timed on a GPU. bitsandbytes'
 nf4/int8 dequantisation is not modelled: the one nf4 row (H100, 2026-11-25, micro-batch 1,
 launch-bound; ``../shared/measurements/h100-2026-11-25/`` rows ``sd15-nf4`` in gpu2.jsonl
 and ``sd15`` in gpu1.jsonl) took 0.69 and 11.51 s per image of sampling and training
@@ -110,6 +112,19 @@ H100_MEMORY_TBPS = 3.35
 """The H100 SXM's listed memory bandwidth. Other cards' is taken in proportion to their
 UNet rate, as on the H100 (an assumption: most consumer cards have more bandwidth per
 FLOP, so their dequantisation is predicted slower than it is)."""
+DECODE_RATE_SHARE = {"autocast": 0.81, "half": 1.0, "compiled": 1.88}
+"""The VAE decode's arithmetic rate over the UNet's (``Gpu.unet_tflops``), per kind of
+decode: under autocast (the default), in the VAE's own half precision
+(``speed.half_decode``), compiled by Inductor (``speed.compile_decoder``). Fitted with
+``DECODE_CALL_SECONDS`` to the decode alone on an H200 (2026-11-27, SD 1.5 at 512 px,
+fp16, `benchmarks/decode_batch.py`; 2.51 TFLOP an image): under autocast 27.1, 24.2,
+21.0 and 19.5 ms an image at 1, 2, 4 and 8 images per call, half 23.2, 20.6, 17.6 and
+16.0, compiled 10.1 and 9.0 at 2 and 4; the fit within 7% of each. Autocast's float32
+norms and layout copies make the eager decode slower than the UNet's arithmetic; fused,
+it runs faster. An fp32 decode (SDXL's upcast VAE) is taken as autocast's: not measured."""
+DECODE_CALL_SECONDS = {"autocast": 0.0104, "half": 0.0101, "compiled": 0.0044}
+"""What each decode call costs besides its images' arithmetic (the same fit): launches
+and small-batch kernels, so fewer, wider calls (``memory.decode_batch``) decode faster."""
 INDUCTOR_RATE_GAIN = {"sampling": 1.51, "training": 1.81}
 """The UNet's arithmetic rate compiled by Inductor over eager's, per call kind. On an H100
 (2026-11-26, SD 1.5 at 512 px, ``bench speed`` with ``speed.compile=default``, micro-batch
@@ -213,7 +228,7 @@ def predict_epoch(
     launches = (unet_modules + fp8 * FP8_MODULES_PER_LAYER) / SD15_UNET_MODULES  # kernels
     host = {c: launches * host_share(config.speed, c) for c in CALL_KINDS}
     rates = {c: gpu.unet_tflops * 1e12 * rate_gain(config.speed, c) for c in CALL_KINDS}
-    rate = gpu.unet_tflops * 1e12  # the VAE's and the dequantisation's: never compiled
+    rate = gpu.unet_tflops * 1e12  # the dequantisation's: never compiled
     samples = s.batch_size * s.batches_per_epoch
     steps = flops.trained_steps
 
@@ -224,7 +239,7 @@ def predict_epoch(
     sampling_call = max(
         HOST_SECONDS_SAMPLING_CALL * host["sampling"], step_flops / rates["sampling"] + dequantise
     )
-    decoding = samples * flops.decode(m.vae_tiling) / rate
+    decoding = decode_seconds(config, flops, gpu)
     sampling = (
         s.batches_per_epoch * s.num_steps * sampling_call + decoding
     ) * SAMPLING_LOOP_OVERHEAD
@@ -256,6 +271,26 @@ def predict_epoch(
     micro_batches = -(-samples // t.batch_size)
     training = micro_batches * steps * t.inner_epochs * training_call * TRAINING_LOOP_OVERHEAD
     return EpochTime(sampling, training)
+
+
+def decode_kind(config: Config) -> str:
+    """How the run decodes: compiled (``speed.compile_decoder``; a tiled decode compiles
+    nothing), in the VAE's half precision (``speed.half_decode``), else under autocast."""
+    if config.speed.compile_decoder and not config.memory.vae_tiling:
+        return "compiled"
+    return "half" if config.speed.half_decode else "autocast"
+
+
+def decode_seconds(config: Config, flops: EpochFlops, gpu: Gpu) -> float:
+    """Seconds of an epoch's VAE decodes: ``memory.decode_batch`` images per call (at most
+    a sampling batch), each call's fixed cost and each image's arithmetic."""
+    s, kind = config.sample, decode_kind(config)
+    calls = s.batches_per_epoch * -(-s.batch_size // min(config.memory.decode_batch, s.batch_size))
+    rate = gpu.unet_tflops * 1e12 * DECODE_RATE_SHARE[kind]
+    images = s.batch_size * s.batches_per_epoch
+    return (
+        calls * DECODE_CALL_SECONDS[kind] + images * flops.decode(config.memory.vae_tiling) / rate
+    )
 
 
 def compiles_with_inductor(speed: SpeedConfig) -> bool:
