@@ -510,7 +510,9 @@ for line in open(sys.argv[1]):
         by_phase = ", ".join(  # the phases' own peaks: where the run's is; the estimate's
             f"{p} {gib('peak_reserved_bytes_' + p)}/{gib('peak_allocated_bytes_' + p)}{est(p)}{began(p)}"
             for p in ("sampling", "decode", "training") if "peak_reserved_bytes_" + p in peaks[-1])
-        print(f"{head}  {r['images_per_second']:.3f} img/s  compile {compiled}  sampling {s['sampling']:.3f} "
+        spread = r.get("images_per_second_range")  # the timed epochs' slowest and fastest
+        spread = f" ({spread[0]:.3f}-{spread[1]:.3f})" if spread else ""
+        print(f"{head}  {r['images_per_second']:.3f}{spread} img/s  compile {compiled}  sampling {s['sampling']:.3f} "
               f"training {s['training']:.3f} s/img  MFU {share(mfu['sampling'])}/{share(mfu['training'])} "
               f"(recomputation counted {share(r.get('mfu_training_with_recomputation'))}; "
               f"denoising alone {share(r.get('mfu_denoising'))})  "

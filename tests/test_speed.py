@@ -1062,6 +1062,9 @@ def test_bench_speed_times_a_real_run_and_reports_mfu():
     timed = report["timed_epoch_seconds"]
     assert len(timed) == 2 and seconds["epoch"] == pytest.approx(sum(timed) / 2)
     assert report["images_per_second"] == pytest.approx(4 / seconds["epoch"])
+    slowest, fastest = report["images_per_second_range"]  # the timed epochs' spread
+    assert slowest == pytest.approx(4 / max(timed)) and fastest == pytest.approx(4 / min(timed))
+    assert slowest <= report["images_per_second"] <= fastest
     for phase in ("sampling", "training", "epoch"):
         assert 0 < report["mfu"][phase] < 1
     work = report["unet_tflop_per_image"]
@@ -1115,6 +1118,9 @@ def test_bench_speed_puts_the_memory_estimate_beside_each_measured_phase():
     assert "the memory estimate by phase, reserved / allocated: decode 4.99 GB / 4.50 GB" in text
     report.estimated_peaks = {}  # the estimate failed: no empty line in its place
     assert "the memory estimate by phase" not in report.to_text()
+    assert "timed epochs" not in text  # one timed epoch: no spread to give
+    report.timed_epoch_seconds = [10.0, 10.6]  # two: the slowest's and fastest's rates
+    assert "throughput 0.777 images/s (0.755-0.800 over 2 timed epochs)" in report.to_text()
 
 
 def test_a_failing_memory_estimate_leaves_the_measured_row_whole(monkeypatch):

@@ -94,6 +94,16 @@ class SpeedReport:
     def images_per_second(self) -> float:
         return self.images / self.seconds["epoch"]
 
+    def images_per_second_range(self) -> tuple[float, float] | None:
+        """The slowest and fastest timed epoch's images per second, where several were
+        timed: identical runs' single epochs differed by 6% on an H200 (2026-11-27), so a
+        ratio is read against this spread (None with one timed epoch)."""
+        if len(self.timed_epoch_seconds) < 2:
+            return None
+        return self.images / max(self.timed_epoch_seconds), self.images / min(
+            self.timed_epoch_seconds
+        )
+
     @property
     def run_seconds(self) -> float:
         """The configured run at the timed epoch's rate (warm-up and grids left out)."""
@@ -150,6 +160,7 @@ class SpeedReport:
             "device": self.device,
             "images": self.images,
             "images_per_second": self.images_per_second,
+            "images_per_second_range": self.images_per_second_range(),
             "seconds": self.seconds,
             "seconds_per_image": {p: self.seconds_per_image(p) for p in self.seconds},
             "warmup_seconds": self.warmup_seconds,
@@ -196,9 +207,16 @@ class SpeedReport:
             )
             if phase == "sampling" and (split := self.sampling_split_line()):
                 lines.append(split)
+        spread = self.images_per_second_range()
         lines.append(
-            f"  throughput {self.images_per_second:.3f} images/s; warm-up epoch "
-            f"{self.warmup_seconds:.1f} s"
+            f"  throughput {self.images_per_second:.3f} images/s"
+            + (
+                f" ({spread[0]:.3f}-{spread[1]:.3f} over {len(self.timed_epoch_seconds)} "
+                "timed epochs)"
+                if spread
+                else ""
+            )
+            + f"; warm-up epoch {self.warmup_seconds:.1f} s"
         )
         if self.peak_reserved_bytes is not None:
             by_epoch = ", ".join(
