@@ -15,6 +15,7 @@ import typer
 
 if TYPE_CHECKING:
     from lowvram_ddpo.config import Config
+    from lowvram_ddpo.memory.report import MemoryReport
 
 from lowvram_ddpo.config import OWN_REWARD_HINT, REWARD_NAMES
 from lowvram_ddpo.errors import UserError
@@ -483,34 +484,61 @@ def bench_memory(
     estimate: Annotated[
         bool, typer.Option(help="Estimate even when a CUDA GPU is present.")
     ] = False,
+    card: Annotated[
+        str,
+        typer.Option(
+            help="Rank and time the --vram fit for this card, not this machine's (e.g. "
+            "'RTX 3060': its listed fp16 rate; a prediction). Implies --estimate."
+        ),
+    ] = "",
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Peak accelerator memory of each phase of a DDPO epoch (sampling, decode, reward,
     training): measured on a CUDA GPU, else estimated on the meta device."""
     with _user_errors():
-        import torch
+        from lowvram_ddpo.speed.time_model import assume_card, card_for_prediction
 
-        measured = torch.cuda.is_available() and not estimate
-        config, arch, notes, held, fitted = _bench_setup(
-            preset, arch, resolution, set_ or [], vram, runs_here=measured
-        )
-        allocator = configure_allocator()
-        if measured:
-            from lowvram_ddpo.memory.measure import measure_run
-
-            report = measure_run(config, arch)
-            notes += [allocator] if allocator else []
-        else:
-            from lowvram_ddpo.memory.estimate import estimate_memory
-
-            report = estimate_memory(config, arch)
-        if not fitted and (arch == "sdxl" or (report.card_gb or 99) > 8):
-            from lowvram_ddpo.memory.fit import smaller_card_hint
-
-            hint = smaller_card_hint(config, arch, report.card_gb, held)
-            notes += [hint] if hint else []
-        report.notes = notes + report.notes
+        named = card_for_prediction(card) if card else None
+        with assume_card(named):
+            report = _memory_report(
+                preset, arch, resolution, set_ or [], vram, estimate or bool(card)
+            )
     typer.echo(report.to_json() if json_ else report.to_text())
+
+
+def _memory_report(
+    preset: str,
+    arch: str,
+    resolution: int | None,
+    assignments: list[str],
+    vram: str,
+    estimate: bool,
+) -> MemoryReport:
+    """``bench memory``'s report: the settings fitted as a run would be, measured on this
+    machine's CUDA GPU unless ``estimate``, else estimated on the meta device."""
+    import torch
+
+    measured = torch.cuda.is_available() and not estimate
+    config, arch, notes, held, fitted = _bench_setup(
+        preset, arch, resolution, assignments, vram, runs_here=measured
+    )
+    allocator = configure_allocator()
+    if measured:
+        from lowvram_ddpo.memory.measure import measure_run
+
+        report = measure_run(config, arch)
+        notes += [allocator] if allocator else []
+    else:
+        from lowvram_ddpo.memory.estimate import estimate_memory
+
+        report = estimate_memory(config, arch)
+    if not fitted and (arch == "sdxl" or (report.card_gb or 99) > 8):
+        from lowvram_ddpo.memory.fit import smaller_card_hint
+
+        hint = smaller_card_hint(config, arch, report.card_gb, held)
+        notes += [hint] if hint else []
+    report.notes = notes + report.notes
+    return report
 
 
 class BenchSetup(NamedTuple):

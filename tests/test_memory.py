@@ -1630,3 +1630,36 @@ def test_an_epochs_phase_seconds_are_the_meters_rise_over_it():
     assert set(since) == {"phase_seconds_sampling", "phase_seconds_decode"}
     assert 0.02 <= since["phase_seconds_sampling"] < meter.seconds()["sampling"]
     assert since["phase_seconds_decode"] == meter.seconds()["decode"] >= 0.01
+
+
+def test_bench_memory_fits_and_times_for_a_card_the_user_names():
+    """`bench memory --card NAME`: the --vram fit ranked and timed for a listed card (its
+    fp16 rate), without that card here; on a slow card the fit avoids checkpointing's
+    second forward (arithmetic bounds each call) where a fast one takes it for bigger
+    batches, and the epoch is predicted longer. A card not listed (a laptop's) is one
+    line; afterwards the time model predicts for this machine again."""
+    from lowvram_ddpo.speed.time_model import card_for_prediction, this_gpu
+
+    def fitted(card: str) -> tuple[dict, str]:
+        args = ["bench", "memory", "--preset", "incompressibility", "--vram", "12GB",
+                "--set", "memory.optimizer=adamw", "--card", card, "--json"]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output[result.output.index("{") :])
+        return report["settings"], " ".join(report["notes"])
+
+    slow, slow_line = fitted("rtx 3060")  # any case, as nvidia-smi prints it or not
+    fast, fast_line = fitted("NVIDIA H100 80GB HBM3")
+    assert "on an RTX 3060 (--card: its listed rate)" in slow_line
+    assert "on an H100 (--card: its listed rate)" in fast_line
+    assert not slow["gradient_checkpointing"] and fast["gradient_checkpointing"]
+    assert slow["train_micro_batch"] < fast["train_micro_batch"]
+    assert card_for_prediction("RTX 3060").unet_tflops < card_for_prediction("H100").unet_tflops
+    assert "assumed: no GPU here" in this_gpu().name or torch.cuda.is_available()
+    result = CliRunner().invoke(
+        app, ["bench", "memory", "--preset", "incompressibility", "--card", "RTX 4060 Laptop GPU"]
+    )
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "not a card in the rate table" in lines[0]
+    assert "Traceback" not in result.output

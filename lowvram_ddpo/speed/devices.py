@@ -83,3 +83,16 @@ def dense_fp16_tflops(device_name: str) -> float | None:
         return None
     matches = [name for name in KNOWN_RATES if name in device_name]
     return KNOWN_RATES[max(matches, key=len)] if matches else None
+
+
+def named_card(query: str) -> tuple[str, float] | None:
+    """The listed card a user names (``--card``), as ``dense_fp16_tflops`` finds a device
+    name but in any case ("rtx 3060", "GeForce RTX 3060"), with its rate; None when no
+    listed name is in it, or it is a laptop's."""
+    if "laptop" in query.lower():
+        return None
+    matches = [name for name in KNOWN_RATES if name.lower() in query.lower()]
+    if not matches:
+        return None
+    name = max(matches, key=len)
+    return name, KNOWN_RATES[name]

@@ -54,16 +54,19 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from lowvram_ddpo.algorithms.steps import no_grad_calls_per_micro_step
 from lowvram_ddpo.config import Config, SpeedConfig
+from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.estimate import meta_run, readable_shape
 from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.speed.compile import CALL_KINDS, INDUCTOR_MODES, graphs_replay
-from lowvram_ddpo.speed.devices import dense_fp16_tflops
+from lowvram_ddpo.speed.devices import KNOWN_RATES, dense_fp16_tflops, named_card
 from lowvram_ddpo.speed.flops import EpochFlops
 
 # The H100 calibration (SD 1.5 UNet at 512 px, LoRA rank 4 under fp16 autocast).
@@ -183,8 +186,45 @@ def matmul_tflops(size: int = 4096, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
-@functools.cache
+_assumed: list[Gpu] = []
+"""The card ``assume_card`` names, while it is in force."""
+
+
+def card_for_prediction(query: str) -> Gpu:
+    """The listed card ``query`` names (``bench memory --card``), at its listed rate; a
+    one-line error for one not listed."""
+    found = named_card(query)
+    if found is None:
+        examples = ", ".join(name for name in KNOWN_RATES if name.startswith("RTX 40"))
+        raise UserError(
+            f"--card {query!r}: not a card in the rate table (laptop GPUs are not: their "
+            f"clocks follow the laptop's power limit). Name a listed one, e.g. {examples}, "
+            "H100, A100"
+        )
+    name, rate = found
+    article = "a" if name[0] in "BCDGJKPQTUVWYZ" else "an"  # "an RTX", "an H100", "a T4"
+    return Gpu.listed(f"{article} {name} (--card: its listed rate)", rate)
+
+
+@contextmanager
+def assume_card(gpu: Gpu | None) -> Iterator[None]:
+    """Within it, ``this_gpu`` is ``gpu`` (None: this machine's): the time model ranks and
+    predicts for a card the user names, not the one present."""
+    _assumed[:] = [gpu] if gpu is not None else []
+    try:
+        yield
+    finally:
+        _assumed.clear()
+
+
 def this_gpu() -> Gpu:
+    """The card the time model predicts for: the one ``assume_card`` names, else this
+    machine's (``detected_gpu``)."""
+    return _assumed[0] if _assumed else detected_gpu()
+
+
+@functools.cache
+def detected_gpu() -> Gpu:
     """The CUDA card: its listed rate, or its matmul rate measured once per process for a
     card not in the table; without CUDA an H100 (the calibrated card), named as assumed."""
     if torch.cuda.is_available():
