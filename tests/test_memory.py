@@ -1663,3 +1663,48 @@ def test_bench_memory_fits_and_times_for_a_card_the_user_names():
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "not a card in the rate table" in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_a_presets_decoder_compile_stays_only_where_it_runs_and_pays(monkeypatch, tmp_path):
+    """The RLCM presets compile the VAE's decoder (speed.compile_decoder: 2.4-2.7x faster
+    decodes on an H200, a large share of an 8-step batch): a run drops a preset's where
+    this machine has no CUDA or no Triton (one line each, as for the UNet's Inductor),
+    and where its run is too short to pay the decoder's ~18 s cold compile; the preset's
+    whole run, a warm compile cache and a value the user set keep it."""
+    import lowvram_ddpo.memory.fit as fit
+    import lowvram_ddpo.speed.compile_payoff as payoff
+
+    config = load_preset("rlcm-incompressibility")
+    assert (
+        config.speed.compile_decoder and not load_preset("incompressibility").speed.compile_decoder
+    )
+    assert not load_preset("rlcm-sdxl-aesthetic").speed.compile_decoder  # fp32, tiled
+    monkeypatch.setattr(fit.torch.cuda, "is_available", lambda: False)
+    dropped, line = fit.compile_where_it_runs(config, frozenset())
+    assert not dropped.speed.compile_decoder and config.speed.compile_decoder
+    assert "speed.compile_decoder true -> false (compiled for a CUDA GPU)" in line
+    held = frozenset({"speed.compile_decoder"})
+    assert fit.compile_where_it_runs(config, held)[0].speed.compile_decoder
+    monkeypatch.setattr(fit.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fit, "inductor_gpu_missing", lambda: "Triton")
+    dropped, line = fit.compile_where_it_runs(config, frozenset())
+    lacks = "this machine lacks Triton: the VAE decodes eagerly"
+    assert line == f"speed.compile_decoder true -> false ({lacks})"
+    monkeypatch.setattr(fit, "inductor_gpu_missing", lambda: "")
+    assert fit.compile_where_it_runs(config, frozenset()) == (config, "")
+
+    cache = tmp_path / "cache"  # on a CUDA machine with Triton (still faked):
+    monkeypatch.setattr(payoff, "compile_cache_dir", lambda: cache)  # empty: a cold compile
+    monkeypatch.setattr(fit, "this_gpu", lambda: Gpu.listed("H100", H100_DENSE_TFLOPS))
+    short = load_preset("rlcm-incompressibility")
+    apply_overrides(short, ["run.epochs=1", "sample.batches_per_epoch=1"])
+    eager, line = fit.decoder_compile_where_it_pays(short, frozenset())
+    assert not eager.speed.compile_decoder
+    assert line.startswith(
+        "speed.compile_decoder true -> false (a run this short does not pay the decoder's"
+    )
+    assert fit.decoder_compile_where_it_pays(config, frozenset()) == (config, "")  # 16,000 images
+    assert fit.decoder_compile_where_it_pays(short, held) == (short, "")
+    cache.mkdir()
+    (cache / "fxgraph").mkdir()  # an earlier compile left kernels: the decoder's may be there
+    assert fit.decoder_compile_where_it_pays(short, frozenset()) == (short, "")

@@ -55,6 +55,7 @@ from lowvram_ddpo.speed.compile_payoff import (
     quickest_scope,
     scope_line,
     unpaid_compile,
+    unpaid_decoder_compile,
 )
 from lowvram_ddpo.speed.cuda_graphs import GRAPH_MODES
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
@@ -474,6 +475,40 @@ def inductor_runs_here() -> bool:
 
 
 def compile_where_it_runs(config: Config, held: frozenset[str]) -> tuple[Config, str]:
+    """``config`` less a preset's compiles (the UNet's ``speed.compile``, the VAE decoder's
+    ``speed.compile_decoder``) where this machine cannot run them or they were never run,
+    and the lines that say so ("" when kept)."""
+    config, unet = unet_compile_where_it_runs(config, held)
+    missing = decoder_compile_missing()
+    config, decoder = (
+        without_preset_decoder_compile(config, held, missing) if missing else (config, "")
+    )
+    return config, "\n".join(part for part in (unet, decoder) if part)
+
+
+def decoder_compile_missing() -> str:
+    """Why the VAE's decoder cannot be compiled here for a GPU run ("" where it can)."""
+    if world_size() > 1:
+        return "not yet run on several GPUs"
+    if not torch.cuda.is_available():
+        return "compiled for a CUDA GPU"
+    missing = inductor_gpu_missing()
+    return f"this machine lacks {missing}: the VAE decodes eagerly" if missing else ""
+
+
+def without_preset_decoder_compile(
+    config: Config, held: frozenset[str], why: str
+) -> tuple[Config, str]:
+    """``config`` less a preset's ``speed.compile_decoder``, with the line that says why;
+    one the user set is kept (it compiles, or fails with its own line)."""
+    if not config.speed.compile_decoder or "speed.compile_decoder" in held:
+        return config, ""
+    kept = copy.deepcopy(config)
+    kept.speed.compile_decoder = False
+    return kept, f"speed.compile_decoder true -> false ({why})"
+
+
+def unet_compile_where_it_runs(config: Config, held: frozenset[str]) -> tuple[Config, str]:
     """``config`` less a preset's ``speed.compile`` where this machine cannot run it or it
     was never run, and the line that says so ("" when kept): every mode in a multi-GPU
     run; Inductor's without CUDA, or without what Triton needs. A preset's CUDA graphs
@@ -518,7 +553,9 @@ def fit_new_run(
     plain CUDA graphs and the run is too short to pay Inductor's first compile, it is
     fitted again without Inductor: the graphs where they fit and pay, else eager (not
     eager at the batches chosen for Inductor)."""
+    config, decoder = decoder_compile_where_it_pays(config, held)
     fitted, line = fit_for_run(config, config.model.name, held, asked, say)
+    line = "\n".join(part for part in (decoder, line) if part)
     paid, why = compile_where_it_pays(fitted, held)
     if paid.speed.compile == "off" and took_inductor_for_graphs(config, fitted):
         paid, line = fit_for_run(config, config.model.name, held, asked, say, inductor=False)
@@ -527,6 +564,20 @@ def fit_new_run(
             "pay their first compile in a run this short: fitted without them"
         )
     return paid, "\n".join(part for part in (line, why) if part)
+
+
+def decoder_compile_where_it_pays(config: Config, held: frozenset[str]) -> tuple[Config, str]:
+    """``config`` less a preset's ``speed.compile_decoder`` where the run is predicted to
+    save less decoding than the decoder's cold compile costs, with the line that says so.
+    Weighed before the fit, which decodes wider calls with a compiled decoder (less
+    working memory)."""
+    if not config.speed.compile_decoder or "speed.compile_decoder" in held:
+        return config, ""
+    if decoder_compile_missing():  # not run here at all: compile_where_it_runs says why
+        return config, ""
+    arch, _ = readable_shape(config, config.model.name)
+    why = unpaid_decoder_compile(config, arch, this_gpu())
+    return without_preset_decoder_compile(config, held, why) if why else (config, "")
 
 
 def took_inductor_for_graphs(given: Config, fitted: Config) -> bool:

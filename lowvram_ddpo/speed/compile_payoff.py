@@ -27,7 +27,7 @@ from lowvram_ddpo.reporting.progress import format_duration
 from lowvram_ddpo.speed.compile import INDUCTOR_MODES
 from lowvram_ddpo.speed.compile_cache import compile_cache_dir
 from lowvram_ddpo.speed.flops import epoch_flops
-from lowvram_ddpo.speed.time_model import Gpu, leaf_modules, predict_epoch
+from lowvram_ddpo.speed.time_model import Gpu, decode_seconds, leaf_modules, predict_epoch
 
 COLD_COMPILE_SECONDS = {"model": 290.0, "blocks": 158.0}
 """Inductor's compile of SD 1.5's sampling and training calls with an empty cache, by
@@ -74,6 +74,34 @@ def unpaid_compile(config: Config, arch: str, gpu: Gpu) -> str:
         f"saved of ~{format_duration(eager)} against ~{format_duration(compiling)} "
         f"or more of compiling (time model; --set speed.compile={config.speed.compile} "
         "compiles anyway and fills the cache for later runs)"
+    )
+
+
+DECODER_COLD_COMPILE_SECONDS = 18.0
+"""The VAE decoder's compile for the run's decode shape with an empty cache: 18.0 and 18.3
+s (SD 1.5's VAE at 512 px, 2 and 4 images per call; H200, 2026-11-27,
+`benchmarks/decode_batch.py`'s first call). Mostly the host's work: a hobbyist's PC
+likely takes longer."""
+
+
+def unpaid_decoder_compile(config: Config, arch: str, gpu: Gpu) -> str:
+    """Why a cold compile of the VAE's decoder (``speed.compile_decoder``) does not pay for
+    ``config``'s run on ``gpu`` ("" where it does, or where the decode is tiled: then
+    nothing compiles, and the run says so): its decodes predicted to save less than
+    ``DECODER_COLD_COMPILE_SECONDS``."""
+    if config.memory.vae_tiling or cache_holds_kernels():
+        return ""
+    flops = epoch_flops(config, arch, count_backward=False)
+    eager = copy.deepcopy(config)
+    eager.speed.compile_decoder = False
+    per_epoch = decode_seconds(eager, flops, gpu) - decode_seconds(config, flops, gpu)
+    saved = per_epoch * config.run.epochs
+    if saved >= DECODER_COLD_COMPILE_SECONDS:
+        return ""
+    return (
+        f"a run this short does not pay the decoder's first compile: ~{format_duration(saved)} "
+        f"of decoding saved against ~{format_duration(DECODER_COLD_COMPILE_SECONDS)} or more "
+        "of compiling (time model; --set speed.compile_decoder=true compiles anyway)"
     )
 
 
