@@ -548,14 +548,14 @@ def compile_where_it_pays(config: Config, held: frozenset[str]) -> tuple[Config,
 def fit_new_run(
     config: Config, held: frozenset[str], asked: bool, say: Callable[[str], None]
 ) -> tuple[Config, str]:
-    """A new training run's settings and lines: fitted (``fit_for_run``), then its compile
+    """A new training run's settings and lines: its decoder's compile weighed
+    (``decoder_compile_where_it_pays``), fitted (``fit_for_run``), then its UNet's compile
     weighed (``compile_where_it_pays``). Where the fit took Inductor in place of a preset's
     plain CUDA graphs and the run is too short to pay Inductor's first compile, it is
     fitted again without Inductor: the graphs where they fit and pay, else eager (not
     eager at the batches chosen for Inductor)."""
     config, decoder = decoder_compile_where_it_pays(config, held)
     fitted, line = fit_for_run(config, config.model.name, held, asked, say)
-    line = "\n".join(part for part in (decoder, line) if part)
     paid, why = compile_where_it_pays(fitted, held)
     if paid.speed.compile == "off" and took_inductor_for_graphs(config, fitted):
         paid, line = fit_for_run(config, config.model.name, held, asked, say, inductor=False)
@@ -563,7 +563,7 @@ def fit_new_run(
             f"Inductor's kernels in place of speed.compile={config.speed.compile} would not "
             "pay their first compile in a run this short: fitted without them"
         )
-    return paid, "\n".join(part for part in (line, why) if part)
+    return paid, "\n".join(part for part in (decoder, line, why) if part)
 
 
 def decoder_compile_where_it_pays(config: Config, held: frozenset[str]) -> tuple[Config, str]:
