@@ -1652,6 +1652,10 @@ def test_bench_memory_fits_and_times_for_a_card_the_user_names():
     fast, fast_line = fitted("NVIDIA H100 80GB HBM3")
     assert "on an RTX 3060 (--card: its listed rate)" in slow_line
     assert "on an H100 (--card: its listed rate)" in fast_line
+    # ~11 days predicted on the RTX 3060: the line says what shortens it; not the H100's
+    assert "days of training on this card: fewer epochs (run.epochs)" in slow_line
+    assert "(or an rlcm-* preset: 8 steps)" in slow_line
+    assert "days of training" not in fast_line
     assert not slow["gradient_checkpointing"] and fast["gradient_checkpointing"]
     assert slow["train_micro_batch"] < fast["train_micro_batch"]
     assert card_for_prediction("RTX 3060").unet_tflops < card_for_prediction("H100").unet_tflops

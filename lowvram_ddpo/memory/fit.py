@@ -81,7 +81,20 @@ class Fit:
             f"--vram {vram}: {changed}; predicted peak {format_size(self.report.peak_bytes)} "
             f"reserved + ~{format_size(CUDA_CONTEXT_BYTES)} CUDA context ({self.report.method}), "
             f"~{format_duration(self.epoch_seconds)} per epoch on {self.gpu.name} (time model"
-            f"{self.run_length()})" + "".join(f"; {note}" for note in self.report.notes)
+            f"{self.run_length()})"
+            + "".join(f"; {note}" for note in [*self.report.notes, self.long_run_hint()] if note)
+        )
+
+    def long_run_hint(self) -> str:
+        """What shortens a run predicted to take days ("" for a shorter one): its work
+        scales with the epochs, the denoising steps and the trained share of them; an LCM
+        preset's 8 steps where the run is not one already."""
+        if self.config.run.epochs * self.epoch_seconds < LONG_RUN_SECONDS:
+            return ""
+        lcm = "" if self.config.sample.sampler == "lcm" else " (or an rlcm-* preset: 8 steps)"
+        return (
+            "days of training on this card: fewer epochs (run.epochs), denoising steps "
+            f"(sample.num_steps) or trained steps (train.timestep_fraction) shorten it{lcm}"
         )
 
     def run_length(self) -> str:
@@ -109,6 +122,10 @@ def _halvings(value: int, total: int) -> list[int]:
         v //= 2
     return options or [1]
 
+
+LONG_RUN_SECONDS = 2 * 24 * 3600
+"""A predicted run beyond this gets ``Fit.long_run_hint``: the paper's 50-step DDPO on a
+consumer card takes days (an RTX 4060: ~9.6 days predicted)."""
 
 SAMPLING_BATCH_GROWTH = 4
 """How far a fit may raise the sampling batch above the one written (two doublings). A
