@@ -920,6 +920,9 @@ def test_a_short_rlcm_run_keeps_its_graphs_rather_than_an_unpaid_inductor(monkey
     config.memory.vram = "6GB"  # the graphs' pool does not fit: eager, fitted for eager
     small, line = fit.fit_new_run(config, frozenset(), True, lambda _: None)
     assert small.speed.compile == "off" and "speed.compile cudagraphs -> off" in line
+    # two epochs do not pay the decoder's compile either (its own line)
+    assert line.startswith("speed.compile_decoder true -> false (a run this short")
+    config.speed.compile_decoder = False
     assert small == fit.fit_to_vram(config, "sd15-lcm", 6 * GB, inductor=False).config
     # without Triton the fit never took Inductor: one fit, no word of it
     monkeypatch.setattr(fit, "inductor_gpu_missing", lambda: "Triton")
@@ -961,7 +964,10 @@ def test_a_presets_inductor_mode_runs_eagerly_on_a_gpu_without_triton(monkeypatc
     assert fit_line.startswith("--vram auto (7.00 GB free on RTX Test): ")
     graphs = load_preset("rlcm-incompressibility")
     graphs.memory.vram = "off"
-    assert fit_for_run(graphs, "sd15-lcm") == (graphs, "")
+    kept, line = fit_for_run(graphs, "sd15-lcm")  # its graphs; its decoder eager
+    assert kept.speed.compile == "cudagraphs" and not kept.speed.compile_decoder
+    lacks = "this machine lacks Triton: the VAE decodes eagerly"
+    assert line == f"speed.compile_decoder true -> false ({lacks})"
     # fitted, a preset's CUDA graphs give way to eager kernels here, not to Inductor's
     graphs.memory.vram = "8GB"
     eager, line = fit_for_run(graphs, "sd15-lcm")
@@ -993,7 +999,9 @@ def test_a_presets_compile_mode_where_it_was_never_run_or_cannot_run(monkeypatch
     assert own.speed.compile == "default"
     graphs = load_preset("rlcm-incompressibility")
     graphs.memory.vram = "off"
-    assert fit_for_run(graphs, "sd15-lcm") == (graphs, "")
+    kept, line = fit_for_run(graphs, "sd15-lcm")  # its graphs stay, to fail with their line
+    assert kept.speed.compile == "cudagraphs" and not kept.speed.compile_decoder
+    assert line == "speed.compile_decoder true -> false (compiled for a CUDA GPU)"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("WORLD_SIZE", "2")
     for config, arch in ((inductor, "sd15"), (graphs, "sd15-lcm")):
