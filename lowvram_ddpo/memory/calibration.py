@@ -81,7 +81,7 @@ is eager's. Measured on SD 1.5 at 512 px, fp16, micro-batch 8 with checkpointing
   at its peak in three runs on an H200 and 4.66 on an H100 (2026-11-27), 2.06 of them
   held before it: 2.55-2.61 GiB of working memory where the meta device counts 3.24
   (0.79-0.81); 5.20 GiB reserved on both cards (5.81 estimated without this factor,
-  5.46 with it);
+  5.45 with it);
 - every level checkpointed, offloaded: 4.73 GiB reserved on an H100 (2026-11-26, before
   each phase started on a released cache; allocated not recorded), 5.09 estimated
   without this factor, 4.76 with it: ~0.89 if it reserved 1.11x what it allocated.

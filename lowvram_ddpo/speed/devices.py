@@ -79,16 +79,15 @@ KNOWN_RATES: dict[str, float] = {
 def dense_fp16_tflops(device_name: str) -> float | None:
     """The listed rate of the GPU named ``device_name``, or None when it is not listed or
     is a laptop's. The longest name it contains wins ("RTX 4070 Ti SUPER" over "RTX 4070")."""
-    if "Laptop" in device_name:
-        return None
-    matches = [name for name in KNOWN_RATES if name in device_name]
-    return KNOWN_RATES[max(matches, key=len)] if matches else None
+    found = named_card(device_name)
+    return found[1] if found else None
 
 
 def named_card(query: str) -> tuple[str, float] | None:
-    """The listed card a user names (``--card``), as ``dense_fp16_tflops`` finds a device
-    name but in any case ("rtx 3060", "GeForce RTX 3060"), with its rate; None when no
-    listed name is in it, or it is a laptop's."""
+    """The listed card named in ``query`` (a device's name, or one a user gives to
+    ``--card`` in any case: "rtx 3060", "GeForce RTX 3060") and its rate; None when no
+    listed name is in it, or it is a laptop's. The longest name it contains wins ("RTX
+    4070 Ti SUPER" over "RTX 4070")."""
     if "laptop" in query.lower():
         return None
     matches = [name for name in KNOWN_RATES if name.lower() in query.lower()]
