@@ -509,60 +509,6 @@ esac
 
 [ -n "${PACK_CACHE:-}" ] && pack_compile_cache
 
-# one line per stage: what a reader needs first
-"$PY" - "$RESULTS" <<'EOF' | tee -a "$LOG"
-import json, sys
-for line in open(sys.argv[1]):
-    row = json.loads(line)
-    if row.get("skipped"):
-        print(f"{row['stage']:<24} skipped ({row['skipped']})")
-        continue
-    r, head = row["result"], f"{row['stage']:<24} exit {row['rc']:<3} {row['seconds']:>4} s"
-    if isinstance(r, dict) and "images_per_second" in r:
-        s, mfu = r["seconds_per_image"], r["mfu"]
-        replay = r.get("replay") or {}
-        recorded = [e["cuda_graph_recorded"] for e in r.get("cuda_graph_events_by_epoch", [])]
-        compiled = (r.get("settings") or {}).get("compile", "?")
-        peaks = r.get("peak_so_far_by_epoch") or [{}]
-        gib = lambda key: f"{peaks[-1][key] / 2**30:.2f}" if key in peaks[-1] else "?"
-        share = lambda x: f"{x:.3f}" if x is not None else "-"  # no MFU on a CPU
-        estimate = r.get("memory_estimate") or {}
-        est = lambda p: f" (est {estimate[p]['reserved'] / 2**30:.2f})" if p in estimate else ""
-        # what the phase started on (after the release) and its stranded free bytes
-        began = lambda p: (f" [start {gib('start_reserved_bytes_' + p)}, stranded "
-                           f"{gib('peak_stranded_bytes_' + p)}]" if "start_reserved_bytes_" + p in peaks[-1] else "")
-        by_phase = ", ".join(  # the phases' own peaks: where the run's is; the estimate's
-            f"{p} {gib('peak_reserved_bytes_' + p)}/{gib('peak_allocated_bytes_' + p)}{est(p)}{began(p)}"
-            for p in ("sampling", "decode", "training") if "peak_reserved_bytes_" + p in peaks[-1])
-        spread = r.get("images_per_second_range")  # the timed epochs' slowest and fastest
-        spread = f" ({spread[0]:.3f}-{spread[1]:.3f})" if spread else ""
-        print(f"{head}  {r['images_per_second']:.3f}{spread} img/s  compile {compiled}  sampling {s['sampling']:.3f} "
-              f"training {s['training']:.3f} s/img  MFU {share(mfu['sampling'])}/{share(mfu['training'])} "
-              f"(recomputation counted {share(r.get('mfu_training_with_recomputation'))}; "
-              f"denoising alone {share(r.get('mfu_denoising'))})  "
-              + (f"denoise/decode {ph['sampling']:.2f}/{ph['decode']:.2f} s  "
-                 if {"sampling", "decode"} <= (ph := r.get("phase_seconds") or {}).keys() else "")
-              + f"warm-up {r['warmup_seconds']:.0f} s  peak reserved/allocated "
-              f"{gib('peak_reserved_bytes')}/{gib('peak_allocated_bytes')} GiB"
-              + (f" ({by_phase})" if by_phase else "")
-              + (f"  replay {replay['replay_rms']:.2e}" if replay else "")
-              + (f"  graphs recorded per epoch {recorded}" if recorded else "")
-              # the compile cache's hits/misses/bypassed, Inductor's then AOT autograd's
-              + (f"  cache {cache['inductor_hits']}/{cache['inductor_misses']}/{cache['inductor_bypassed']}"
-                 f" aot {cache['aot_autograd_hits']}/{cache['aot_autograd_misses']}/{cache['aot_autograd_bypassed']}"
-                 if (cache := r.get("compile_cache")) else ""))
-    elif isinstance(r, list) and r and isinstance(r[0], dict) and "decode_batch" in r[0]:
-        gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "?"
-        print(head + "  decode per call: " + "; ".join(
-            f"{d['decode_batch']}: {d['ms_per_image']} ms/img, working {gib(d.get('working_bytes'))} "
-            f"GiB (meta estimate {gib(d.get('estimated_working_bytes'))}, calibrated "
-            f"{gib(d.get('calibrated_working_bytes'))})" for d in r))
-    elif isinstance(r, dict) and "runs" in r:
-        for name, run in r["runs"].items():
-            rates = run.get("rates", {})
-            print(f"{head}  reference {name}: sampling {rates.get('sampling_s_per_image')} "
-                  f"training {rates.get('training_s_per_sample')} s/img  peak reserved "
-                  f"{run.get('memory_GiB', {}).get('max_memory_reserved')} GiB")
-    else:
-        print(f"{head}  {json.dumps(r)[:300] if r is not None else row.get('output_tail', '')[-300:]}")
-EOF
+# one line per stage: what a reader needs first (with each row's ratio to the reference's
+# samples/s where the part ran it)
+"$PY" benchmarks/session_summary.py "$RESULTS" | tee -a "$LOG"

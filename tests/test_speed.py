@@ -1870,3 +1870,35 @@ def test_bench_speed_keeps_a_profiled_epoch_out_of_its_timing_when_another_is_ti
     assert len(report["timed_epoch_seconds"]) == 1
     assert report["seconds"]["epoch"] == pytest.approx(report["timed_epoch_seconds"][0])
     assert text.startswith("operators' self time: ")
+
+
+def test_the_session_summary_puts_each_row_beside_the_reference():
+    """benchmarks/session_summary.py, the GPU session's last lines, on the H200's own
+    results of 2026-11-27: the side-by-side call's row reads 2.88x the reference's
+    samples/s (0.797 against 1 / (0.7915 + 2.8228)), the other call (no reference run)
+    gives no ratio; a row with several timed epochs gives their spread too."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from session_summary import reference_rate, summary_lines
+    finally:
+        sys.path.pop(0)
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks/results/h200-2026-11-27"
+
+    def rows(call: int) -> list[dict]:
+        return [json.loads(line) for line in (results / f"call{call}-results.jsonl").open()]
+
+    side_by_side = rows(1)
+    assert reference_rate(side_by_side) == pytest.approx(1 / (0.7915 + 2.8228))
+    lines = summary_lines(side_by_side)
+    (row,) = [line for line in lines if line.startswith("vram7-default")]
+    assert "0.797 img/s = 2.88x the reference  compile default" in row
+    assert "peak reserved/allocated 5.20/4.67 GiB" in row
+    assert any("reference default: sampling 0.7915 training 2.8228" in line for line in lines)
+    later = rows(2)
+    assert reference_rate(later) is None
+    assert not any("the reference" in line for line in summary_lines(later))
+    assert "mb8-ckpt-default         skipped (GPU_SESSION_SKIP)" in summary_lines(later)
+    spread = dict(later[2], result={**later[2]["result"], "images_per_second_range": [0.8, 0.85]})
+    (line,) = summary_lines([side_by_side[0], spread])[1:]
+    assert "0.843 (0.800-0.850) img/s = 3.05x the reference (2.89-3.07)" in line
