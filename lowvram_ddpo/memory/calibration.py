@@ -49,19 +49,20 @@ added to every phase."""
 
 
 DECODE_WORKING_GROWTH = 1.44
-"""The VAE decode's working memory over the meta-device estimate's, inferred from one
-row: SD 1.5 at 512 px, 4 images per decode call under fp16 autocast (H100, 2026-11-27,
-`bench speed --vram 7GB`). The sampling phase, which then held the denoising and the
-decode together, allocated 5.55 and 5.59 GiB at its peak in its two epochs; ~2.0 GiB
-were held before the decode (the encode phase: 2.02 measured, 2.01 estimated) and the
-denoising alone is estimated at 3.05, so the peak is taken as the decode's: 3.59 GiB of
-working memory where the estimate counted 2.50 (its decode phase: 4.50 allocated).
-Likely the copies cuDNN makes of the NCHW activations into its NHWC layout, which the
-meta device does not see (a hypothesis: `benchmarks/decode_batch.py` measures the decode
-alone). Applied to every 16-bit decode, at any width: a decode one step narrower than
-fits costs a few milliseconds an image, one wider than fits the run. Not to fp32 ones
-(SDXL's upcast VAE, CPU runs): unmeasured, and cuDNN's layout for them is another
-question."""
+"""The VAE decode's working memory over the meta-device estimate's, inferred from one row:
+SD 1.5 at 512 px, 4 images per decode call under fp16 autocast (H100, 2026-11-27, `bench
+speed --vram 7GB`). The sampling phase, which then held the denoising and the decode
+together, allocated 5.55 and 5.59 GiB at its peak in its two epochs; ~2.0 GiB were held
+before the decode (the encode phase: 2.02 measured, 2.01 estimated) and the denoising
+alone is estimated at 3.05, so the peak is taken as the decode's: 3.59 GiB of working
+memory where the estimate counted 2.50 (its decode phase: 4.50 allocated). Likely the
+copies cuDNN makes of the NCHW activations into its NHWC layout, which the meta device
+does not see. The decode alone, measured since (H200, 2026-11-27,
+`benchmarks/decode_batch.py`): 0.90, 1.77, 3.51 and 7.00 GiB of working memory at 1, 2,
+4 and 8 images per call, where this factor gives 0.90, 1.80, 3.60 and 7.20. Applied to
+every 16-bit decode, at any width: a decode one step narrower than fits costs a few
+milliseconds an image, one wider than fits the run. Not to fp32 ones (SDXL's upcast VAE,
+CPU runs): unmeasured, and cuDNN's layout for them is another question."""
 
 
 COMPILED_DECODE_WORKING = 0.55
