@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh speed2    # issue 12: checkpointing, graphs as shipped, profile
 #   bash benchmarks/gpu_session.sh speed3    # issue 12: checkpointing + graphs fixed? half norms
 #   bash benchmarks/gpu_session.sh rlcm      # issue 12's RLCM goal: as written, fitted, 8 GB
+#   bash benchmarks/gpu_session.sh graphs    # issue 12: CUDA graphs reading the weights in place
 #   bash benchmarks/gpu_session.sh fp8       # issue 12: an fp8 base (SDXL in 8 GB, SD 1.5 in 6)
 #   bash benchmarks/gpu_session.sh compile   # issue 12: Inductor's modes (minutes to compile)
 #   bash benchmarks/gpu_session.sh memory    # issues 11, 14: nf4, SDXL, SD 3.5, FLUX.2 rows
@@ -21,6 +22,7 @@
 #   speed2:  .whl (diffusers, importlib_metadata)
 #   speed3:  .whl (diffusers, importlib_metadata)
 #   rlcm:    .whl (diffusers, importlib_metadata)
+#   graphs:  .whl (diffusers, importlib_metadata)
 #   fp8:     .whl (diffusers, importlib_metadata)
 #   confirm: .whl (diffusers, importlib_metadata) and .ref (../shared/reference-bench)
 #   equal:   .whl (diffusers, importlib_metadata) and .ref (../shared/reference-bench)
@@ -357,6 +359,22 @@ case "$part" in
     stage rlcm-profile 120 bench_speed "${RLCM[@]}" --batches 2 --set memory.vram=off \
       --profile "$OUT/rlcm-profile.txt"
     ;;
+  graphs) # speed.compile=cudagraphs' graphs read the UNet's weights in place since
+    # 2026-11-27 (speed/cudagraphs_backend.py): torch's own backend copied every weight into
+    # the graphs' pool before each replay (on the H100, 2026-11-26: +1,046 kernels and 4.45
+    # ms of "other" kernels per sampling call, +1,390 and 9.3 ms per training call, the
+    # sampling call's wall 16 ms above its kernels). Each call in its own process, so each
+    # peak is its own pool; then the RLCM row as the H100 ran it with torch's backend
+    # (2.343 samples/s: sampling 0.165, training 0.249 s per image, 6.50 GiB). ~200 s
+    install_wheels
+    stage profile-graphs 90 "$PY" benchmarks/unet_profile.py --arch sd15 --variants cudagraphs \
+      --repeats 5
+    stage profile-torch-graphs 90 "$PY" benchmarks/unet_profile.py --arch sd15 \
+      --variants torch-cudagraphs --repeats 5
+    stage rlcm-graphs-written 120 bench_speed --preset rlcm-incompressibility --batches 1 \
+      --set memory.optimizer=adamw --set memory.vram=off --set speed.compile=cudagraphs \
+      --set speed.compile_decoder=false --epochs 3
+    ;;
   fp8) # memory.quantize=fp8 (the base in 8 bits, dequantised per call): SDXL's 2x within
     # 8 GB with CUDA graphs on its host-bound training (6.64 GiB, ~2 h 13 per epoch
     # predicted against 5 h 2 at 16 bits eager), then as --vram 8GB fits it eager
@@ -502,7 +520,7 @@ case "$part" in
     stage profile 100 "$PY" benchmarks/unet_profile.py --arch pocket --variants eager --repeats 2
     ;;
   *)
-    echo "usage: bash $0 confirm|equal|speed|speed2|speed3|rlcm|fp8|compile|memory|others|dry (see its header)" >&2
+    echo "usage: bash $0 confirm|equal|speed|speed2|speed3|rlcm|graphs|fp8|compile|memory|others|dry (see its header)" >&2
     exit 2
     ;;
 esac

@@ -19,7 +19,10 @@ the table says which kernels to cut (issue 12: MFU training >= 30%, sampling >= 
 
 Variants: ``eager``; ``channels_last`` (the UNet's weights and inputs in NHWC, the layout
 tensor-core convolutions use); ``no-lora`` (the adapters switched off: their own cost);
-``cudagraphs`` (``speed.compile=cudagraphs``, traced once per call kind before timing);
+``cudagraphs`` (``speed.compile=cudagraphs``, traced once per call kind before timing;
+its graphs read the weights in place, ``speed/cudagraphs_backend.py``);
+``torch-cudagraphs`` (the same through torch's own backend, which copies every weight
+into the graphs' pool before each replay: what ours saves);
 ``fused-lora`` (``speed.fused_lora``: each LoRA layer's up-projection, scaling and sum in
 one addmm); ``half-norms`` (``speed.half_norms``: GroupNorm and LayerNorm in fp16 under
 autocast, no casts around them); ``fp8`` (``memory.quantize=fp8``: the base stored in fp8,
@@ -43,9 +46,11 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 
+import lowvram_ddpo.speed.compile as compiling
 from lowvram_ddpo.architectures import native_resolution, random_pipeline
 from lowvram_ddpo.memory.fp8_weights import store_weights_in_fp8
 from lowvram_ddpo.models import make_trainable
@@ -56,7 +61,16 @@ from lowvram_ddpo.speed.kernel_kinds import kernel_times, kind_of, milliseconds_
 from lowvram_ddpo.speed.lora_casts import skip_lora_input_casts
 from lowvram_ddpo.speed.lora_fusion import fuse_lora_layers
 
-VARIANTS = ("eager", "channels_last", "no-lora", "cudagraphs", "fused-lora", "half-norms", "fp8")
+VARIANTS = (
+    "eager",
+    "channels_last",
+    "no-lora",
+    "cudagraphs",
+    "torch-cudagraphs",
+    "fused-lora",
+    "half-norms",
+    "fp8",
+)
 
 
 def build_unet(
@@ -83,6 +97,9 @@ def build_unet(
         unet.disable_adapters()  # also stops their gradients: sampling alone is timed
     if "cudagraphs" in features:
         compile_unet(unet, "cudagraphs", device)
+    if "torch-cudagraphs" in features:
+        with mock.patch.object(compiling, "cudagraphs_compiler", lambda: "cudagraphs"):
+            compile_unet(unet, "cudagraphs", device)
     return unet, latent_shape(unet, pipe.vae, native_resolution(arch))
 
 
@@ -220,13 +237,17 @@ def main() -> None:
         parser.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
     rows = {}
     for variant in variants:  # a JSON line as each ends: a cut-off run keeps what it had
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         rows[variant] = profile_variant(args, variant, device)
+        peak = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None
         print(json.dumps({
             "arch": args.arch,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "sample_batch": args.sample_batch,
             "micro_batch": args.micro_batch,
             "variant": variant,
+            "peak_reserved_gib": None if peak is None else round(peak, 2),  # the graphs' pools
             "calls": rows[variant],
         }), flush=True)  # fmt: skip
     for variant, calls_of_variant in rows.items():  # the table a reader needs first

@@ -561,6 +561,71 @@ def test_graph_modes_accumulate_gradients_and_keep_outputs_as_eager(tiny_pipelin
         assert g is not None and torch.allclose(g, p.grad, atol=1e-6), name
 
 
+@pytest.mark.parametrize("backend", ["ours", "torch's"])
+def test_cudagraphs_backend_reads_the_weights_in_place(tiny_pipeline, monkeypatch, backend):
+    """speed.compile=cudagraphs tells cudagraph trees that the UNet's weights keep their
+    address (static inputs, read in place by a graph), where torch's own backend names
+    none of them and so copies every weight before each replay
+    (``speed/cudagraphs_backend.py``). A CPU cannot record a graph: the backends' checks
+    are told it can, and a stand-in for cudagraph trees notes what each graph would take
+    as static and runs the graph as it is, so outputs and gradients are eager's too."""
+    import torch._dynamo.backends.cudagraphs as stock
+    import torch._inductor.cudagraph_trees as trees
+
+    from lowvram_ddpo.speed.cudagraphs_backend import cudagraphs_compiler
+
+    graphs = []
+
+    def stand_in(model, inputs, static_input_idxs, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        copied = [tuple(x.shape) for i, x in enumerate(inputs) if i not in static_input_idxs]
+        graphs.append((kwargs["is_backward"], len(static_input_idxs), copied))
+        return model
+
+    monkeypatch.setattr(stock, "check_for_skip", lambda *args: None)
+    monkeypatch.setattr(stock, "get_device_index", lambda graph: 0)
+    monkeypatch.setattr(trees, "cudagraphify_impl", stand_in)
+    eager = with_active_lora(tiny_pipeline.unet, 2.0)
+    compiled = copy.deepcopy(eager)
+    compiled.compile(backend=cudagraphs_compiler() if backend == "ours" else "cudagraphs")
+    generator = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([10, 500])
+    cond = torch.randn(2, 8, 32, generator=generator)
+    outputs = []
+    for unet in (eager, compiled):
+        out = unet(x, t, encoder_hidden_states=cond).sample
+        out.square().mean().backward()
+        outputs.append(out.detach())
+    assert torch.allclose(*outputs, atol=1e-6)
+    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None)
+        assert a.grad is None or torch.allclose(a.grad, b.grad, atol=1e-6)
+
+    forward = [(static, copied) for is_backward, static, copied in graphs if not is_backward]
+    assert len(forward) == 1 and any(is_backward for is_backward, _, _ in graphs)
+    static, copied = forward[0]
+    weights = len(list(compiled.parameters())) + len(list(compiled.buffers()))
+    if backend == "ours":  # every weight read in place; the latents, steps and text copied
+        assert static == weights > 100
+        assert sorted(copied) == sorted([tuple(x.shape), tuple(t.shape), tuple(cond.shape)])
+    else:  # what ours is for: should torch's ever name the weights, ours can go
+        assert static == 0 and len(copied) == weights + 3
+
+
+def test_cudagraphs_backend_gives_way_to_torchs_where_its_pieces_are_missing(monkeypatch):
+    """Written against torch 2.11-2.13's internals: where one is gone, speed.compile=
+    cudagraphs compiles with torch's own backend (copying the weights) instead of failing."""
+    import torch._dynamo.backends.cudagraphs as stock
+
+    from lowvram_ddpo.speed.cudagraphs_backend import (
+        cudagraphs_compiler,
+        cudagraphs_reading_weights_in_place,
+    )
+
+    assert cudagraphs_compiler() is cudagraphs_reading_weights_in_place
+    monkeypatch.delattr(stock, "count_tangents")
+    assert cudagraphs_compiler() == "cudagraphs"
+
+
 def test_cuda_graph_recordings_are_counted_per_epoch_and_a_late_one_is_said():
     """cudagraph trees' manager methods are wrapped once (a CPU cannot record a graph:
     the real methods run on stand-ins for the manager); the counts since a snapshot are

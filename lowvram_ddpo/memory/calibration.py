@@ -45,7 +45,12 @@ epochs' peaks were within 5% of the estimate without it. Cause not known yet (a 
 recording of some graph? each epoch's recordings are counted since:
 ``speed.cuda_graphs.count_graph_events``, in ``bench speed``'s JSON), nor whether later
 epochs grow further (``bench speed --epochs``): the largest rise (1.41) to one decimal is
-added to every phase."""
+added to every phase. A candidate cause found since (2026-11-27, without a GPU): all
+three rows ran torch's ``cudagraphs`` backend, which copied every weight of the UNet into
+the graphs' pool at each replay (SD 1.5's: 1.6 GiB); ours reads them in place
+(``speed/cudagraphs_backend.py``). Kept until a GPU measures a graphed run without the
+copy (``gpu_session.sh graphs``): where it was the cause, the estimate is now high by
+about this much, the safe side."""
 
 
 DECODE_WORKING_GROWTH = 1.44

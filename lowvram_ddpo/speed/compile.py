@@ -65,6 +65,7 @@ from lowvram_ddpo.speed.cuda_graphs import (
     make_graph_safe,
     replays_cuda_graphs,
 )
+from lowvram_ddpo.speed.cudagraphs_backend import cudagraphs_compiler
 
 RECOMPILE_LIMIT = 32
 
@@ -246,8 +247,10 @@ def compile_unet(
         setattr(functorch_config, EARLY_BACKWARD, True)
     graphs = replays_cuda_graphs(mode, backend)
     keep_training_graph_cacheable(graphs)  # the checkpointed training graph, on CUDA
+    # the cudagraphs mode: torch's backend, its graphs reading the weights in place
+    compiler = cudagraphs_compiler() if backend == "cudagraphs" else backend
     for module in compiled:
-        module.compile(backend=backend, options=options, dynamic=False)
+        module.compile(backend=compiler, options=options, dynamic=False)
     if graphs:
         make_graph_safe(unet)
         count_graph_events()  # the epochs report what the graphs' pool went through

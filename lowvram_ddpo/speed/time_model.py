@@ -99,7 +99,11 @@ above). The RLCM preset on an H100 (2026-11-26, ``cudagraphs``, LCM-shaped SD 1.
 training 2 unguided latents per call): 0.249 s of training per image = 62 ms per micro-step,
 52 ms without the loop's 1.2, where its arithmetic needs 20: 0.31 of the eager training
 call's 167 ms. The H200's graphed micro-batch 4 (80 ms of arithmetic per call) is above
-it, as measured."""
+it, as measured. Both ran torch's ``cudagraphs`` backend, whose replays first copied every
+weight of the UNet into the graphs' pool (on the H100: ~1,400 more kernels per training
+call than eager, 9.3 ms of them; ``speed/cudagraphs_backend.py`` reads the weights in
+place since 2026-11-27): the floor is likely lower now, unmeasured (``gpu_session.sh
+graphs``)."""
 FP8_MODULES_PER_LAYER = 1.0
 """The host's cost of one fp8 layer's dequantisation (``memory.quantize=fp8``: an autograd
 Function, a cast and a multiply per pass) in leaf modules' host time: assumed, not timed.
