@@ -5,6 +5,7 @@
     python benchmarks/cudagraphs_cpu_check.py explain --layout sdxl   # SDXL's kind of layout
     python benchmarks/cudagraphs_cpu_check.py trainer pocket-incompressibility train.kl_coef=0.01
     python benchmarks/cudagraphs_cpu_check.py trace     # seconds of the first training calls
+    python benchmarks/cudagraphs_cpu_check.py static pocket-rlcm-incompressibility
 
 `ops` and `explain` use a UNet with SD 1.5's block layout at tiny widths (the same module
 and op count per call as SD 1.5, small tensors) with peft LoRA on the attention under
@@ -14,7 +15,11 @@ the UNet compiled by the `cudagraphs` backend (on a CPU it records no graph but 
 same capture and guards) and prints the rewards, to set beside `--eager`. `trace` times
 the first four training calls of that UNet compiled with the `cudagraphs` backend, without
 and with gradient checkpointing: the first holds dynamo's trace (what a run's first epoch
-pays), the rest show whether anything is traced again.
+pays), the rest show whether anything is traced again. `static` runs `trainer` through
+torch's own ``cudagraphs`` backend and prints, for each graph it would record, its inputs,
+how many of them that backend treats as static (read in place), how many AOT autograd's
+metadata names static (what ``speed/cudagraphs_backend.py`` and Inductor pass), and the
+other reasons it would skip the graph (mutated inputs, ops unfit for graphs).
 """
 
 from __future__ import annotations
@@ -193,11 +198,37 @@ def train_through(preset: str, overrides: list[str], eager: bool) -> None:
     print("rewards per epoch:", [round(m["reward_mean"], 4) for m in history])
 
 
+def static_inputs(preset: str, overrides: list[str]) -> None:
+    import torch._dynamo.backends.cudagraphs as stock
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    import lowvram_ddpo.speed.compile as compiling
+
+    checks = stock.check_for_skip
+
+    def check_and_say(graph: torch.fx.GraphModule, fixed: int) -> str | None:
+        context = torch._guards.TracingContext.try_get()
+        meta = context.fw_metadata if context else None
+        inputs = sum(1 for node in graph.graph.nodes if node.op == "placeholder")
+        print(
+            f"graph: {inputs} inputs; static for torch's backend {fixed}, for AOT autograd "
+            f"{len(meta.static_input_indices) if meta else '?'}; mutated inputs: "
+            f"{stock.check_for_mutation_ignore_cuda_graph_managed_tensor(graph, fixed)}; op "
+            f"unfit for graphs: {get_first_incompatible_cudagraph_node(graph)}",
+            flush=True,
+        )
+        return checks(graph, fixed)  # on a CPU: "cpu device", the graph runs as traced
+
+    stock.check_for_skip = check_and_say
+    compiling.cudagraphs_compiler = lambda: "cudagraphs"  # torch's own backend
+    train_through(preset, overrides, eager=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=["ops", "explain", "trainer", "trace"])
+    parser.add_argument("check", choices=["ops", "explain", "trainer", "trace", "static"])
     parser.add_argument("preset", nargs="?", default="pocket-incompressibility")
-    parser.add_argument("overrides", nargs="*", help="--set style KEY=VALUE (trainer)")
+    parser.add_argument("overrides", nargs="*", help="--set style KEY=VALUE (trainer, static)")
     parser.add_argument("--eager", action="store_true", help="trainer: without compile")
     parser.add_argument(
         "--layout", choices=["sd15", "sdxl"], default="sd15", help="explain: the UNet's layout"
@@ -209,6 +240,8 @@ def main() -> None:
         explain(args.layout)
     elif args.check == "trace":
         time_traces()
+    elif args.check == "static":
+        static_inputs(args.preset, args.overrides)
     else:
         train_through(args.preset, args.overrides, args.eager)
 
