@@ -82,22 +82,20 @@ def cudagraphs_reading_weights_in_place(
     do_cudagraphs = stock.BoxedBool(True)
     device_index = stock.BoxedDeviceIndex(None)
 
-    def forward(
-        aot_model: torch.fx.GraphModule, aot_inputs: list[Any], is_inference: bool = False
+    def record(
+        aot_model: torch.fx.GraphModule,
+        aot_inputs: list[Any],
+        static: Sequence[int],
+        is_backward: bool,
+        is_inference: bool,
     ) -> Any:
-        interp = stock.boxed_nop(aot_model, aot_inputs)
-        fixed = stock.num_fw_fixed_arguments(len(dynamo_inputs), len(aot_inputs))
-        if skip := stock.check_for_skip(aot_model, fixed):
-            stock.BoxedBool.disable(do_cudagraphs)
-            stock.log_cudagraph_skip_and_bump_counter(f"skipping cudagraphs due to {skip}")
-            return interp
-        device_index.set(stock.get_device_index(aot_model))
+        """The graph handed to cudagraph trees, ``static`` its inputs read in place."""
         out = cudagraphify_impl(
-            interp,
+            stock.boxed_nop(aot_model, aot_inputs),
             aot_inputs,
-            get_static_input_idxs(fixed),  # torch's backend: range(fixed), no weight
-            device_index=device_index.value,
-            is_backward=False,
+            static,
+            device_index=stock.get_device_index(aot_model),
+            is_backward=is_backward,
             is_inference=is_inference,
             stack_traces=stock.get_stack_traces(aot_model),
             placeholders=stock.get_placeholder_info(aot_model.graph),
@@ -106,9 +104,21 @@ def cudagraphs_reading_weights_in_place(
         out._boxed_call = True
         return out
 
+    def forward(
+        aot_model: torch.fx.GraphModule, aot_inputs: list[Any], is_inference: bool = False
+    ) -> Any:
+        fixed = stock.num_fw_fixed_arguments(len(dynamo_inputs), len(aot_inputs))
+        if skip := stock.check_for_skip(aot_model, fixed):
+            stock.BoxedBool.disable(do_cudagraphs)
+            stock.log_cudagraph_skip_and_bump_counter(f"skipping cudagraphs due to {skip}")
+            return stock.boxed_nop(aot_model, aot_inputs)
+        device_index.set(stock.get_device_index(aot_model))
+        # torch's backend: range(fixed), no weight among them
+        static = get_static_input_idxs(fixed)
+        return record(aot_model, aot_inputs, static, is_backward=False, is_inference=is_inference)
+
     def backward(aot_model: torch.fx.GraphModule, aot_inputs: list[Any]) -> Any:
         """torch's: the saved tensors (weights among them) are static already."""
-        interp = stock.boxed_nop(aot_model, aot_inputs)
         if not do_cudagraphs:
             return aot_model
         fixed = stock.count_tangents(aot_model)
@@ -126,19 +136,7 @@ def cudagraphs_reading_weights_in_place(
 
             run_backward._boxed_call = True  # type: ignore[attr-defined]
             return run_backward
-        out = cudagraphify_impl(
-            interp,
-            aot_inputs,
-            range(fixed),
-            device_index=stock.get_device_index(aot_model),
-            is_backward=True,
-            is_inference=False,
-            stack_traces=stock.get_stack_traces(aot_model),
-            placeholders=stock.get_placeholder_info(aot_model.graph),
-            mutated_input_idxs=stock.find_input_mutations(aot_model.graph),
-        )
-        out._boxed_call = True
-        return out
+        return record(aot_model, aot_inputs, range(fixed), is_backward=True, is_inference=False)
 
     compiler = stock.aot_autograd(
         fw_compiler=forward,
