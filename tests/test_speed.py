@@ -1104,6 +1104,22 @@ def test_geforce_cards_get_the_rate_their_sms_and_clock_give():
     assert dense_fp16_tflops("NVIDIA GeForce RTX 3060") == pytest.approx(25.5, abs=0.1)
     assert dense_fp16_tflops("NVIDIA GeForce RTX 3060 Ti") == pytest.approx(32.4, abs=0.1)
     assert dense_fp16_tflops("NVIDIA GeForce RTX 4060 Laptop GPU") is None
+    assert dense_fp16_tflops("NVIDIA GeForce RTX 2080 with Max-Q Design") is None
+
+
+def test_a_card_is_named_by_whole_words_and_an_unlisted_variant_gets_no_rate():
+    """A listed name inside another card's ("A100" in "RTX A1000", "T4" in "T400") or
+    followed by a variant word ("RTX 4090 D", fewer SMs) is not that card: no rate (MFU
+    needs --peak-tflops; the time model measures the card) rather than a wrong one."""
+    assert dense_fp16_tflops("NVIDIA RTX A1000") is None
+    assert dense_fp16_tflops("NVIDIA T400 4GB") is None
+    assert dense_fp16_tflops("NVIDIA GeForce RTX 4090 D") is None
+    assert dense_fp16_tflops("Tesla T4") == 65.0
+    assert dense_fp16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert dense_fp16_tflops("NVIDIA L40") == 181.05
+    assert dense_fp16_tflops("NVIDIA GeForce RTX 3090 Ti") > dense_fp16_tflops(
+        "NVIDIA GeForce RTX 3090"
+    )
 
 
 def test_bench_speed_times_a_real_run_and_reports_mfu():

@@ -12,6 +12,8 @@ listed; RTX 4090: 128 at 2.52 GHz, 165.2 against 165.2; a test holds both). A la
 
 from __future__ import annotations
 
+import re
+
 DENSE_FP16_TFLOPS: tuple[tuple[str, float], ...] = (
     # (a substring of torch.cuda.get_device_name(), TFLOP/s)
     ("H100 PCIe", 756.0),
@@ -83,14 +85,31 @@ def dense_fp16_tflops(device_name: str) -> float | None:
     return found[1] if found else None
 
 
+LAPTOP_MARKS = ("laptop", "max-q", "mobile")
+"""Words in a device's name that make it a laptop's GPU, clocked by the laptop's power."""
+
+VARIANT_WORDS = ("ti", "super", "d")
+"""Words after a card's name that make it another card ("RTX 4090 D": fewer SMs than the
+RTX 4090's): a variant not listed gets no rate rather than its sibling's."""
+
+
 def named_card(query: str) -> tuple[str, float] | None:
     """The listed card named in ``query`` (a device's name, or one a user gives to
     ``--card`` in any case: "rtx 3060", "GeForce RTX 3060") and its rate; None when no
     listed name is in it, or it is a laptop's. The longest name it contains wins ("RTX
-    4070 Ti SUPER" over "RTX 4070")."""
-    if "laptop" in query.lower():
+    4070 Ti SUPER" over "RTX 4070"); a name counts as whole words only ("A100" is not in
+    "RTX A1000", "T4" not in "T400") and not when a variant word follows it."""
+    text = query.lower()
+    if any(mark in text for mark in LAPTOP_MARKS):
         return None
-    matches = [name for name in KNOWN_RATES if name.lower() in query.lower()]
+    variant = "|".join(VARIANT_WORDS)
+    matches = [
+        name
+        for name in KNOWN_RATES
+        if re.search(
+            rf"(?<![a-z0-9]){re.escape(name.lower())}(?![a-z0-9])(?!\s+(?:{variant})\b)", text
+        )
+    ]
     if not matches:
         return None
     name = max(matches, key=len)
