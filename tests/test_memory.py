@@ -1677,6 +1677,35 @@ def test_bench_memory_fits_and_times_for_a_card_the_user_names():
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("preset", "arch", "suggested"),
+    [
+        ("incompressibility", "sd15", True),
+        ("sdxl-aesthetic", "sdxl", True),
+        ("incompressibility", "sd15-lcm", False),  # an LCM folder, its sampler "auto"
+        ("rlcm-incompressibility", "sd15-lcm", False),
+        ("sd35m-grpo-incompressibility", "sd35m", False),  # a flow model: no LCM preset
+    ],
+)
+def test_a_long_runs_hint_suggests_rlcm_only_where_an_rlcm_preset_stands_in(
+    preset, arch, suggested
+):
+    """A fit predicting days of training says what shortens it; an rlcm-* preset only for
+    SD 1.5 and SDXL-shaped DDPM runs (their bases), by the model's architecture, not the
+    sampler's name (an LCM runs with sampler "auto" too)."""
+    from lowvram_ddpo.memory.fit import LONG_RUN_SECONDS, Fit
+    from lowvram_ddpo.memory.report import MemoryReport
+
+    config = load_preset(preset)
+    report = MemoryReport(method="estimate", arch=arch, settings={}, phases=[])
+    days = Fit(config, report, [], 2 * LONG_RUN_SECONDS / config.run.epochs, Gpu("a card", 1.0))
+    hint = days.long_run_hint()
+    assert hint.startswith("days of training on this card")
+    assert ("rlcm-* preset" in hint) == suggested
+    hours = Fit(config, report, [], LONG_RUN_SECONDS / config.run.epochs / 2, Gpu("a card", 1.0))
+    assert hours.long_run_hint() == ""
+
+
 def test_a_presets_decoder_compile_stays_only_where_it_runs_and_pays(monkeypatch, tmp_path):
     """The RLCM presets compile the VAE's decoder (speed.compile_decoder: 2.4-2.7x faster
     decodes on an H200, a large share of an 8-step batch): a run drops a preset's where
@@ -1695,7 +1724,8 @@ def test_a_presets_decoder_compile_stays_only_where_it_runs_and_pays(monkeypatch
     dropped, line = fit.compile_where_it_runs(config, frozenset())
     assert not dropped.speed.compile_decoder and config.speed.compile_decoder
     assert "speed.compile_decoder true -> false (compiled for a CUDA GPU)" in line
-    held = frozenset({"speed.compile_decoder"})
+    held = fit.held_fields(["speed.compile_decoder=true"])  # as `--set` gives it
+    assert held == frozenset({"speed.compile_decoder"})
     assert fit.compile_where_it_runs(config, held)[0].speed.compile_decoder
     monkeypatch.setattr(fit.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(fit, "inductor_gpu_missing", lambda: "Triton")

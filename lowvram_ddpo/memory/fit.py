@@ -61,6 +61,10 @@ from lowvram_ddpo.speed.cuda_graphs import GRAPH_MODES
 from lowvram_ddpo.speed.flops import EpochFlops, epoch_flops
 from lowvram_ddpo.speed.time_model import Gpu, leaf_modules, predict_epoch, this_gpu
 
+RLCM_BASES = ("sd15", "sdxl")
+"""The architectures whose runs an rlcm-* preset can stand in for: DDPM models of SD 1.5's
+and SDXL's shape ("sd15-lcm" is an LCM already; the flow models have no LCM preset)."""
+
 
 @dataclass
 class Fit:
@@ -88,10 +92,12 @@ class Fit:
     def long_run_hint(self) -> str:
         """What shortens a run predicted to take days ("" for a shorter one): its work
         scales with the epochs, the denoising steps and the trained share of them; an LCM
-        preset's 8 steps where the run is not one already."""
+        preset's 8 steps for a run of SD 1.5 or SDXL's shape (the rlcm-* presets' bases)
+        that is not an LCM's already."""
         if self.config.run.epochs * self.epoch_seconds < LONG_RUN_SECONDS:
             return ""
-        lcm = "" if self.config.sample.sampler == "lcm" else " (or an rlcm-* preset: 8 steps)"
+        rlcm = self.report.arch in RLCM_BASES and self.config.sample.sampler != "lcm"
+        lcm = " (or an rlcm-* preset: 8 steps)" if rlcm else ""
         return (
             "days of training on this card: fewer epochs (run.epochs), denoising steps "
             f"(sample.num_steps) or trained steps (train.timestep_fraction) shorten it{lcm}"
@@ -292,10 +298,17 @@ def _value(config: Config, field_name: str) -> object:
     return getattr(getattr(config, section), name)
 
 
+WEIGHED_FIELDS = ("speed.compile_decoder",)
+"""Settings the search leaves alone but a run may drop before it (a preset's compiled
+decoder where it cannot run or would not pay: ``decoder_compile_where_it_pays``): held,
+like the fitted ones, when the user sets them."""
+
+
 def held_fields(assignments: list[str]) -> frozenset[str]:
-    """The fitted fields that ``--set`` assignments name (with their pairs): a fit keeps
-    what the user chose and fits the rest around it."""
-    named = {a.split("=", 1)[0].strip() for a in assignments} & set(FITTED_FIELDS)
+    """The fitted (and weighed) fields that ``--set`` assignments name (with their pairs):
+    a fit keeps what the user chose and fits the rest around it."""
+    named = {a.split("=", 1)[0].strip() for a in assignments}
+    named &= set(FITTED_FIELDS) | set(WEIGHED_FIELDS)
     paired = {f for pair in _PAIRS if named & set(pair) for f in pair}
     along = {_HELD_WITH[f] for f in named | paired if f in _HELD_WITH}
     return frozenset(named | paired | along)
@@ -727,7 +740,7 @@ class TrainingBudget:
             m.offload,
             trial.sample.batch_size if graphs_replay(trial.speed, "sampling") else 0,
             trial.speed.compile,
-            trial.speed.compile_scope,  # Inductor's whole graph saves less than its blocks
+            trial.speed.compile_scope,  # the whole UNet under Inductor holds less (0.90)
             m.gradient_checkpointing and m.keep_attention,  # holds more, not a level's worth
         )
         per_step = t.batch_size * t.gradient_accumulation_steps
