@@ -931,6 +931,36 @@ def test_a_short_rlcm_run_keeps_its_graphs_rather_than_an_unpaid_inductor(monkey
     assert eager == small and "Inductor" not in line and len(heard) == 1
 
 
+def test_a_run_whose_compile_is_dropped_is_fitted_for_the_eager_unet(monkeypatch, tmp_path):
+    """The fit sizes a preset's Inductor run with the whole-UNet graph's smaller training
+    memory (``INDUCTOR_TRAINING_WORKING``); a run too short to pay the compile then trains
+    eagerly, so it is fitted again for that: on a 6 GB card Inductor's pick (micro-batch 8,
+    every level checkpointed: 5.09 GiB estimated eager) would not fit its 5 GiB."""
+    import lowvram_ddpo.memory.fit as fit
+    import lowvram_ddpo.speed.compile_payoff as payoff
+
+    monkeypatch.setattr(payoff, "compile_cache_dir", lambda: tmp_path / "cache")  # cold
+    monkeypatch.setattr(fit, "this_gpu", _an_h100)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fit, "inductor_gpu_missing", lambda: "")  # Triton runs here
+    config = load_preset("incompressibility")
+    apply_overrides(
+        config,
+        ["memory.vram=6GB", "memory.optimizer=adamw", "run.epochs=1", "sample.batches_per_epoch=1"],
+    )
+    inductors, _ = fit.fit_for_run(config, config.model.name)
+    assert inductors.speed.compile == "default" and inductors.train.batch_size == 8
+    short, line = fit.fit_new_run(config, frozenset(), True, lambda _: None)
+    assert short.speed.compile == "off" and "speed.compile default -> off" in line
+    budget = 6 * GB - CUDA_CONTEXT_BYTES
+    assert estimate_memory(short, "sd15").peak_bytes <= budget
+    eager = copy.deepcopy(inductors)
+    eager.speed.compile = "off"
+    assert estimate_memory(eager, "sd15").peak_bytes > budget  # what it ran before
+    config.speed.compile = "off"
+    assert short == fit.fit_to_vram(config, "sd15", 6 * GB).config
+
+
 def test_a_presets_inductor_mode_runs_eagerly_on_a_gpu_without_triton(monkeypatch):
     """The SD 1.5 presets compile with Inductor (speed.compile=default: the epoch 1.84x
     eager's on an H100); on a CUDA machine where Triton cannot generate kernels (not

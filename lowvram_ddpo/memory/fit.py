@@ -583,7 +583,11 @@ def fit_new_run(
     weighed (``compile_where_it_pays``). Where the fit took Inductor in place of a preset's
     plain CUDA graphs and the run is too short to pay Inductor's first compile, it is
     fitted again without Inductor: the graphs where they fit and pay, else eager (not
-    eager at the batches chosen for Inductor)."""
+    eager at the batches chosen for Inductor). Where the weighing changed the compile
+    otherwise (eager, or by blocks), it is fitted again with that compile: Inductor's
+    whole-UNet graph holds less training memory than either (``calibration``), so the
+    batches fitted for it may not fit without it, and the line's epoch would be another
+    setting's."""
     config, decoder = decoder_compile_where_it_pays(config, held)
     fitted, line = fit_for_run(config, config.model.name, held, asked, say)
     paid, why = compile_where_it_pays(fitted, held)
@@ -593,7 +597,16 @@ def fit_new_run(
             f"Inductor's kernels in place of speed.compile={config.speed.compile} would not "
             "pay their first compile in a run this short: fitted without them"
         )
+    elif compile_of(paid) != compile_of(fitted):
+        weighed = copy.deepcopy(config)
+        weighed.speed.compile, weighed.speed.compile_scope = compile_of(paid)
+        paid, line = fit_for_run(weighed, config.model.name, held, asked, say)
     return paid, "\n".join(part for part in (decoder, line, why) if part)
+
+
+def compile_of(config: Config) -> tuple[str, str]:
+    """The UNet's compile: (``speed.compile``, ``speed.compile_scope``)."""
+    return config.speed.compile, config.speed.compile_scope
 
 
 def decoder_compile_where_it_pays(config: Config, held: frozenset[str]) -> tuple[Config, str]:
