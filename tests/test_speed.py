@@ -1077,6 +1077,33 @@ def test_sd15_unet_flops_match_the_published_count():
     assert derived.training_per_image == pytest.approx(flops.training_per_image, rel=0.01)
 
 
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [
+        ("incompressibility-rwr", []),  # guided sampling, unguided training
+        ("incompressibility", ["train.kl_coef=0.01"]),  # the KL guard's base forward
+    ],
+)
+def test_derived_and_counted_training_flops_predict_the_same_epoch(preset, overrides):
+    """`--vram` derives training's arithmetic from the sampling step; `bench speed` counts
+    it: the two agree on RWR (which trains one latent per image where sampling runs two)
+    and on the KL guard's extra forward (counted once, not also added by the time model),
+    checkpointing's recomputation included."""
+    from lowvram_ddpo.speed.time_model import Gpu, predict_epoch
+
+    config = load_preset(preset)
+    apply_overrides(config, [*overrides, "memory.gradient_checkpointing=true"])
+    counted = epoch_flops(config, "sd15")
+    derived = epoch_flops(config, "sd15", count_backward=False)
+    slow = Gpu.listed("slow card", 20.0)  # arithmetic bounds every call
+    by_count = predict_epoch(config, counted, slow).training
+    by_derivation = predict_epoch(config, derived, slow).training
+    assert by_count == pytest.approx(by_derivation, rel=0.05)
+    assert counted.recomputed_per_step(config.memory, 50) == derived.recomputed_per_step(
+        config.memory, 50
+    )
+
+
 def test_known_gpus_have_a_rate_and_unknown_ones_none():
     assert dense_fp16_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert dense_fp16_tflops("NVIDIA H100 PCIe") == 756.0

@@ -3,8 +3,9 @@ PyTorch's ``FlopCounterMode`` on the meta device (no memory, no weights, seconds
 
 Only useful work counts, as in model FLOPs utilisation (MFU): per image, the sampling
 steps' forward passes (classifier-free guidance doubles them) and, per inner epoch, each
-trained step's forward and backward, as one micro-batch of one image without gradient
-checkpointing (its recomputation is overhead, not useful work). MFU is then
+trained step's forward and backward (with the forwards without gradients the algorithm
+makes there: the KL guard's base model, NFT's old policy), as one micro-batch of one
+image without gradient checkpointing (its recomputation is overhead, not useful work). MFU is then
 useful FLOPs / seconds / the GPU's dense fp16 rate.
 """
 
@@ -21,7 +22,14 @@ import torch.nn.functional as F  # noqa: N812
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from lowvram_ddpo.config import Config, MemoryConfig, SampleConfig, trained_steps_per_sample
+from lowvram_ddpo.algorithms.steps import no_grad_calls_per_micro_step
+from lowvram_ddpo.config import (
+    POLICY_GRADIENT,
+    Config,
+    MemoryConfig,
+    SampleConfig,
+    trained_steps_per_sample,
+)
 from lowvram_ddpo.memory.checkpointing import (
     disable_checkpointing,
     enable_checkpointing,
@@ -88,6 +96,16 @@ class EpochFlops:
     fp8_weights: int = 0
     """...and their weights: what each call then dequantises (the time model's cost)."""
 
+    trained_latents: float = 1.0
+    """A trained step's latents per image over a sampling step's: 0.5 where the sampling
+    is guided and the training is not (RWR and NFT train without classifier-free
+    guidance), else 1. What checkpointing recomputes scales with it."""
+    calls_without_gradients: int = 0
+    """The algorithm's forwards without gradients per trained step (the KL guard's base
+    model, NFT's old policy) that ``training_per_image`` holds: counted, those of the
+    settings counted; derived from the sampling step (``count_backward=False``) none, and
+    the time model adds what the run makes."""
+
     def decode(self, tiled: bool) -> float:
         return self.tiled_decode_per_image if tiled else self.decode_per_image
 
@@ -98,7 +116,7 @@ class EpochFlops:
         if not memory.gradient_checkpointing:
             return 0.0
         share = self.recomputation.left(memory.uncheckpointed_levels, memory.keep_attention)[0]
-        return share * self.sampling_per_image / sampling_steps
+        return share * self.trained_latents * self.sampling_per_image / sampling_steps
 
 
 def _counted(run: MetaRun, work, counter: FlopCounterMode | None = None) -> float:  # noqa: ANN001
@@ -123,6 +141,13 @@ without guidance). `--vram` uses it instead of counting the backward, which take
 on SDXL; `bench speed` counts."""
 
 
+def trained_latents_per_sampled(config: Config) -> float:
+    """A trained step's latents per image over a sampling step's (``EpochFlops``): policy
+    gradients replay the guided step (both halves), RWR and NFT train one latent."""
+    guided = config.sample.guidance_scale != 1.0
+    return 0.5 if guided and config.train.algorithm not in POLICY_GRADIENT else 1.0
+
+
 def epoch_flops(config: Config, arch: str, count_backward: bool = True) -> EpochFlops:
     """The UNet FLOPs per image of ``config``'s sampling and training, counted on the meta
     models the memory estimate uses (built once per model settings, each count kept).
@@ -134,14 +159,16 @@ def epoch_flops(config: Config, arch: str, count_backward: bool = True) -> Epoch
         ("flops: sampling step", s.guidance_scale),
         lambda: _sampling_step(run, config, s.guidance_scale),
     )
+    trained_latents = trained_latents_per_sampled(config)
     if count_backward:
         trained = run.sizes(
-            ("flops: trained step", s.guidance_scale, t.algorithm),
+            ("flops: trained step", s.guidance_scale, t.algorithm, t.kl_coef > 0),
             lambda: _trained_step(run, config),
         )
         forward, _ = run.sizes(("flops: forward",), lambda: _sampling_step(run, config, 1.0))
     else:
-        trained, forward = step * TRAINED_OVER_SAMPLING_STEP, 0.0
+        trained = step * trained_latents * TRAINED_OVER_SAMPLING_STEP
+        forward = 0.0
     trained_steps = trained_steps_per_sample(s, t, run.policy.trainable_steps())
     decode = {
         tiled: run.sizes(("flops: decode", s.resolution, tiled), partial(_decode, run, s, tiled))
@@ -158,6 +185,10 @@ def epoch_flops(config: Config, arch: str, count_backward: bool = True) -> Epoch
         recomputation=recomputation,
         fp8_layers=layers,
         fp8_weights=weights,
+        trained_latents=trained_latents,
+        calls_without_gradients=(
+            no_grad_calls_per_micro_step(t.algorithm, t.kl_coef) if count_backward else 0
+        ),
     )
 
 

@@ -302,7 +302,8 @@ def predict_epoch(
     per_image_step += flops.recomputed_per_step(m, s.num_steps)
     extra = no_grad_calls_per_micro_step(t.algorithm, t.kl_coef)  # NFT, the KL guard
     unguided = t.algorithm == "nft" and s.guidance_scale != 1.0  # NFT's calls: CFG-free
-    per_image_step += extra * (guided_forward / 2 if unguided else guided_forward)
+    uncounted = max(extra - flops.calls_without_gradients, 0)  # counted: in the trained step
+    per_image_step += uncounted * (guided_forward / 2 if unguided else guided_forward)
     checkpointing_launches = relaunched * (
         HOST_SECONDS_CHECKPOINTED_CALL - HOST_SECONDS_TRAINING_CALL
     )
