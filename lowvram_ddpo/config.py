@@ -998,4 +998,11 @@ def trained_steps_per_sample(
     steps = max(1, round(sample.num_steps * train.timestep_fraction))
     if trainable is not None and train.algorithm in POLICY_GRADIENT:
         steps = min(steps, trainable)
+        if steps < 1:
+            sharp = sample.num_steps - trainable
+            raise UserError(
+                f"sample.num_steps={sample.num_steps} leaves {train.algorithm} no step to train "
+                f"on this model (its last {sharp} step(s) are deterministic, never trained): "
+                f"set sample.num_steps to {sharp + 1} or more"
+            )
     return steps

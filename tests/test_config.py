@@ -119,3 +119,17 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(dump_toml(config))
     assert load_config_file(path) == config
+
+
+def test_a_policy_gradient_with_no_trainable_step_is_one_line():
+    """A flow model's last step is deterministic (never trained): one sampling step leaves
+    GRPO nothing to train, said in one line that names the fix, not a division by zero in
+    the fit's time model."""
+    from lowvram_ddpo.config import trained_steps_per_sample
+
+    config = load_preset("sd35m-grpo-incompressibility")
+    config.sample.num_steps = 1
+    with pytest.raises(UserError, match=r"set sample.num_steps to 2 or more"):
+        trained_steps_per_sample(config.sample, config.train, trainable=0)
+    config.sample.num_steps = 2
+    assert trained_steps_per_sample(config.sample, config.train, trainable=1) == 1
