@@ -33,6 +33,7 @@ def copy_atomic(src: Path, dst: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
     old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)  # a killed copy's leftover would block the rename
     if dst.exists():
         os.replace(dst, old)  # a folder cannot be replaced in one step: keep it until done
     os.replace(tmp, dst)

@@ -86,6 +86,7 @@ def save_checkpoint(
     keep: int = 2,
     algorithm: dict[str, torch.Tensor] | None = None,
     optimizer_steps: int = 0,
+    optimizer_kind: str = "",
 ) -> Path:
     """Write ``checkpoints/epoch-NNNN`` atomically and point ``latest.json`` at it.
     Weights that are not finite are refused before anything is written or rotated out."""
@@ -99,6 +100,7 @@ def save_checkpoint(
     try:
         state = {"epochs_done": epochs_done, "stat_tracker": stat_tracker}
         state["optimizer_steps"] = optimizer_steps
+        state["optimizer"] = optimizer_kind or optimizer_kind_of(optimizer.state_dict())
         _write_checkpoint_files(tmp, unet, optimizer, state, algorithm or {})
     except BaseException:  # disk full, killed...: leave no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,7 +114,7 @@ def save_checkpoint(
         exports = [LORA_WEIGHTS_NAME] + ([KOHYA_WEIGHTS_NAME] if has_kohya_layout(unet) else [])
     for export in exports:
         copy_atomic(final / export, run_dir / export)
-    _prune(root, keep)
+    _prune(root, keep, final)
     return final
 
 
@@ -130,16 +132,26 @@ def _write_checkpoint_files(
         if has_kohya_layout(unet):
             save_kohya_lora(unet, tmp, state["epochs_done"])
     else:
-        unet.save_pretrained(tmp / FULL_UNET_DIR)
+        # one file: diffusers splits at 10 GB (SDXL's UNet in fp32 is 10.3), resume reads one
+        unet.save_pretrained(tmp / FULL_UNET_DIR, max_shard_size=UNSHARDED)
     blob = {"optimizer": optimizer.state_dict(), "rng": rng_states(), "algorithm": algorithm}
     torch.save(blob, tmp / OPTIMIZER_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(state))
 
 
-def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("epoch-*") if p.is_dir())
+def _prune(root: Path, keep: int, latest: Path) -> None:
+    """Keep the ``keep`` newest checkpoints by epoch (a name's digits: "epoch-10000" is
+    newer than "epoch-9999") and always ``latest``, the one ``latest.json`` names (a folder
+    of a later epoch can be a killed run's leftover, resumed with fewer epochs)."""
+    done = sorted((p for p in root.glob("epoch-*") if p.is_dir()), key=_epoch_of)
     for old in done[: max(0, len(done) - max(keep, 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != latest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _epoch_of(folder: Path) -> int:
+    digits = folder.name.removeprefix("epoch-")
+    return int(digits) if digits.isdigit() else -1
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -170,23 +182,65 @@ def check_epochs_left(run_dir: Path, done: int, epochs: int) -> None:
 
 
 def load_checkpoint(
-    folder: Path, unet: torch.nn.Module, optimizer: torch.optim.Optimizer
+    folder: Path,
+    unet: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    optimizer_kind: str = "",
 ) -> TrainerState:
     """Load adapter and optimiser in place; return the rest of the trainer's state."""
     if (folder / ADAPTER_FILE).is_file():
         load_adapter_state_dict(unet, load_file(folder / ADAPTER_FILE))
     else:
-        weights = folder / FULL_UNET_DIR / "diffusion_pytorch_model.safetensors"
-        unet.load_state_dict(load_file(weights))
+        unet.load_state_dict(full_unet_weights(folder / FULL_UNET_DIR))
     blob = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
     state = json.loads((folder / STATE_FILE).read_text())
+    check_optimizer_kind(
+        folder, state.get("optimizer") or optimizer_kind_of(blob["optimizer"]), optimizer_kind
+    )
+    optimizer.load_state_dict(blob["optimizer"])
     return TrainerState(
         state["epochs_done"],
         state["stat_tracker"],
         blob["rng"],
         blob.get("algorithm", {}),  # checkpoints before NFT have none
         state.get("optimizer_steps", 0),
+    )
+
+
+UNSHARDED = "1000GB"
+"""``save_pretrained``'s shard size for a fully fine-tuned UNet: never split."""
+
+
+def full_unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A saved UNet's weights: one safetensors file, or the shards its index names (a
+    checkpoint written before they were kept whole)."""
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if not index.is_file():
+        return load_file(folder / "diffusion_pytorch_model.safetensors")
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return {name: t for shard in shards for name, t in load_file(folder / shard).items()}
+
+
+def optimizer_kind_of(state: dict) -> str:
+    """``memory.optimizer``'s name for the optimiser a state dict came from: torch's AdamW
+    keeps ``exp_avg``, bitsandbytes' 8-bit one ``state1`` ("" when it has no state yet)."""
+    for param_state in state.get("state", {}).values():
+        if "exp_avg" in param_state:
+            return "adamw"
+        if "state1" in param_state:
+            return "adamw8bit"
+    return ""
+
+
+def check_optimizer_kind(folder: Path, saved: str, using: str) -> None:
+    """One line where the checkpoint's optimiser state is another optimiser's than the
+    resumed run builds (a run begun without bitsandbytes fell back to torch's AdamW)."""
+    if not saved or not using or saved == using:
+        return
+    needs = " (bitsandbytes and a CUDA GPU)" if saved == "adamw8bit" else ""
+    raise UserError(
+        f"{folder} holds {saved}'s optimiser state, which {using} cannot take: resume with "
+        f"--set memory.optimizer={saved}{needs}"
     )
 
 

@@ -101,7 +101,12 @@ from lowvram_ddpo.preflight import (
 )
 from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.prompts import load_prompts
-from lowvram_ddpo.reporting.metrics_chart import METRICS_CHART, read_metrics, write_metrics_chart
+from lowvram_ddpo.reporting.metrics_chart import (
+    METRICS_CHART,
+    decoded,
+    read_metrics,
+    write_metrics_chart,
+)
 from lowvram_ddpo.reporting.progress import TimeLeft
 from lowvram_ddpo.reporting.trackers import NoTracker, Tracker, build_tracker, resolve_log_with
 from lowvram_ddpo.rewards import (
@@ -383,6 +388,9 @@ class Trainer:
         )
         self.optimizer_steps_done = 0
         optimizer, self.optimizer_kind = build_optimizer(self.params, cfg.train, m.optimizer)
+        # the run's config says what steps (its resume builds the same, whatever is
+        # installed by then): 8-bit AdamW falls back to torch's where bitsandbytes is missing
+        m.optimizer = self.optimizer_kind
         self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, optimizer)
         note = compile_unet(
             self.pipe.unet,
@@ -639,7 +647,9 @@ class Trainer:
         if folder is None:
             self.log(f"no checkpoint in {self.run_dir} yet: starting from epoch 1")
             return self.start_fresh()
-        state = load_checkpoint(folder, self.accelerator.unwrap_model(self.unet), self.optimizer)
+        state = load_checkpoint(
+            folder, self.accelerator.unwrap_model(self.unet), self.optimizer, self.optimizer_kind
+        )
         check_epochs_left(self.run_dir, state.epochs_done, self.config.run.epochs)
         self.tracker.load_state_dict(state.stat_tracker)
         self.optimizer_steps_done = state.optimizer_steps
@@ -1007,6 +1017,7 @@ class Trainer:
                 self.config.run.keep_checkpoints,
                 algorithm=self.sampling_weights.state() if self.sampling_weights else None,
                 optimizer_steps=self.optimizer_steps_done,
+                optimizer_kind=self.optimizer_kind,
             )
 
     def epoch_line(self, metrics: dict, time_left: str = "") -> str:
@@ -1111,8 +1122,9 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
     """Drop metric lines of epochs a killed run logged but did not checkpoint."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["epoch"] <= epochs_done]
+    records = [(line, decoded(line)) for line in path.read_text().splitlines()]
+    # a line cut short (the disk filled as it was written) is dropped with the epochs after
+    kept = [line for line, record in records if record and record["epoch"] <= epochs_done]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 

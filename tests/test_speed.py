@@ -1017,6 +1017,23 @@ def test_inductor_on_a_gpu_needs_triton_a_c_compiler_and_pythons_headers(monkeyp
     compiling.check_compile_mode("default", cuda)  # nothing missing: no error
 
 
+def test_the_recompile_limit_is_raised_by_the_names_this_torch_has(monkeypatch):
+    """torch 2.7 renamed dynamo's cache_size_limit to recompile_limit (the package takes
+    torch >= 2.4): the limit is raised by whichever names there are, within the cap."""
+    from types import SimpleNamespace
+
+    import lowvram_ddpo.speed.compile as compiling
+
+    old_torch = SimpleNamespace(cache_size_limit=8, accumulated_cache_size_limit=24)
+    monkeypatch.setattr(compiling, "dynamo_config", old_torch)
+    compiling.raise_recompile_limit(32)
+    assert old_torch.cache_size_limit == 24  # the cap on all entries
+    new_torch = SimpleNamespace(recompile_limit=8, accumulated_recompile_limit=256)
+    monkeypatch.setattr(compiling, "dynamo_config", new_torch)
+    compiling.raise_recompile_limit(32)
+    assert new_torch.recompile_limit == 32
+
+
 def test_a_compile_that_fails_leaves_the_run_eager_with_one_line(fresh_dynamo):
     """A compiler that fails (here a backend that raises, in its forward compile, then in
     its backward's, which the trainer has compiled with the forward) does not end the run:
@@ -1058,6 +1075,15 @@ def test_a_compile_that_fails_leaves_the_run_eager_with_one_line(fresh_dynamo):
             lambda *_: (_ for _ in ()).throw(ValueError("a call's own error"))
         )
         broken(x)
+
+    def out_of_memory(gm, example_inputs):  # noqa: ANN001, ANN202
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory while autotuning")
+
+    register_backend(out_of_memory, name="lowvram_ddpo_out_of_memory")
+    full = Small()  # dynamo wraps it as a compile failure: raised as what it is
+    compile_unet(full, "default", torch.device("cpu"), backend="lowvram_ddpo_out_of_memory")
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="while autotuning"):
+        full(x)
 
 
 def test_sd15_unet_flops_match_the_published_count():

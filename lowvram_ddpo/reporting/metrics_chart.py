@@ -47,4 +47,15 @@ def read_metrics(path: Path) -> list[dict]:
     """``metrics.jsonl``'s records, one per finished epoch."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for record in map(decoded, path.read_text().splitlines()) if record]
+
+
+def decoded(line: str) -> dict | None:
+    """A metrics line's record; None for a blank line or one cut short (the disk filled as
+    it was written: the run stopped there, and a resume goes on past it)."""
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None

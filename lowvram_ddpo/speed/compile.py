@@ -235,16 +235,17 @@ def compile_unet(
     # 1.5's 22 resnets come in ~14 shapes): room for each block's entries, within
     # dynamo's cap per function (past a limit a block would quietly run eagerly)
     wanted = RECOMPILE_LIMIT if scope == "model" else max(RECOMPILE_LIMIT, 4 * len(compiled))
-    wanted = min(wanted, dynamo_config.accumulated_recompile_limit)
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, wanted)
+    raise_recompile_limit(wanted)
     # static shapes: each of the run's few shapes (sampling, training, grid) is compiled
     # once, specialised, instead of one slower dynamic-shape kernel for all of them
     inductor = backend == "inductor"
     options = inductor_options(mode, eager_roundings, channels_last) if inductor else None
-    if mode in INDUCTOR_MODES and hasattr(functorch_config, EARLY_BACKWARD):
-        # the backward compiles with the forward, at the first call, where a failure can
-        # still be caught (lazily, it would fail inside the first backward pass)
-        setattr(functorch_config, EARLY_BACKWARD, True)
+    if hasattr(functorch_config, EARLY_BACKWARD):
+        # Inductor's backward compiles with the forward, at the first call, where a
+        # failure can still be caught (lazily, it would fail inside the first backward
+        # pass); the cudagraphs backend records its backward at the first backward, as
+        # torch's does (set either way: an earlier compile in this process set it)
+        setattr(functorch_config, EARLY_BACKWARD, mode in INDUCTOR_MODES)
     graphs = replays_cuda_graphs(mode, backend)
     keep_training_graph_cacheable(graphs)  # the checkpointed training graph, on CUDA
     # the cudagraphs mode: torch's backend, its graphs reading the weights in place
@@ -276,6 +277,22 @@ def compile_unet(
     )
 
 
+RECOMPILE_LIMITS = (
+    ("recompile_limit", "accumulated_recompile_limit"),
+    ("cache_size_limit", "accumulated_cache_size_limit"),  # their names before torch 2.7
+)
+
+
+def raise_recompile_limit(wanted: int) -> None:
+    """Let dynamo compile ``wanted`` entries per function (within its cap on all of them),
+    by the settings' names this torch has."""
+    for limit, cap in RECOMPILE_LIMITS:
+        if hasattr(dynamo_config, limit) and hasattr(dynamo_config, cap):
+            wanted = min(wanted, getattr(dynamo_config, cap))
+            setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), wanted))
+            return
+
+
 EARLY_BACKWARD = "force_non_lazy_backward_lowering"
 """AOT autograd's setting that compiles a training graph's backward with its forward
 (``torch._functorch.config``; by default the backward compiles at the first backward)."""
@@ -296,10 +313,14 @@ def eager_if_compiling_fails(
     slower, not a crash minutes into a run. Only the failing module turns eager, there and
     then: the blocks that did compile keep their code, so a checkpointed block recomputes
     in its backward what its forward ran. Only compile failures
-    (``BackendCompilerFailed``): any other error of a call is raised as it is."""
+    (``BackendCompilerFailed``): any other error of a call is raised as it is, and so is
+    the card running out of memory while compiling (dynamo wraps it as a compile failure:
+    the trainer's own out-of-memory advice is what helps, not an eager run)."""
     said: list[str] = []
 
     def fall_back(module: torch.nn.Module, failure: BackendCompilerFailed) -> None:
+        if isinstance(failure.inner_exception, torch.cuda.OutOfMemoryError):
+            raise failure.inner_exception
         module._compiled_call_impl = None  # nn.Module calls its eager forward from now on
         if said:
             return
