@@ -109,13 +109,25 @@ def save_checkpoint(
     os.replace(tmp, final)
     latest = {"checkpoint": f"checkpoints/{name}", "epochs_done": epochs_done}
     write_text_atomic(run_dir / LATEST_FILE, json.dumps(latest))
-    exports = [FULL_UNET_DIR]
-    if has_lora(unet):
-        exports = [LORA_WEIGHTS_NAME] + ([KOHYA_WEIGHTS_NAME] if has_kohya_layout(unet) else [])
-    for export in exports:
-        copy_atomic(final / export, run_dir / export)
+    refresh_exports(run_dir, final)
     _prune(root, keep, final)
     return final
+
+
+RUN_EXPORTS = (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, FULL_UNET_DIR)
+"""What a checkpoint also leaves in the run folder itself, for loaders to find."""
+
+
+def refresh_exports(run_dir: Path, checkpoint: Path) -> None:
+    """Copy the ``checkpoint``'s exports (``RUN_EXPORTS``, those it has) into ``run_dir``
+    where they are missing or older than the checkpoint's: after a save, and on a resume,
+    where a run killed between ``latest.json`` and the copies left last epoch's."""
+    for export in RUN_EXPORTS:
+        source, target = checkpoint / export, run_dir / export
+        if source.exists() and not (
+            target.exists() and target.stat().st_mtime >= source.stat().st_mtime
+        ):
+            copy_atomic(source, target)
 
 
 def _write_checkpoint_files(

@@ -45,6 +45,7 @@ from lowvram_ddpo.checkpoint import (
     epochs_done,
     latest_checkpoint,
     load_checkpoint,
+    refresh_exports,
     restore_rng_states,
     save_checkpoint,
 )
@@ -647,6 +648,9 @@ class Trainer:
         if folder is None:
             self.log(f"no checkpoint in {self.run_dir} yet: starting from epoch 1")
             return self.start_fresh()
+        if self.is_main:  # a run killed before it copied them left last epoch's
+            with self.saving("the run folder's LoRA files"):
+                refresh_exports(self.run_dir, folder)
         state = load_checkpoint(
             folder, self.accelerator.unwrap_model(self.unet), self.optimizer, self.optimizer_kind
         )

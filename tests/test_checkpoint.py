@@ -4,6 +4,7 @@ and one line where a resume cannot go on (a review found each case, 2026-11-27).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from lowvram_ddpo.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     optimizer_kind_of,
+    refresh_exports,
     save_checkpoint,
 )
 from lowvram_ddpo.errors import UserError
@@ -114,3 +116,26 @@ def test_a_metrics_line_cut_short_by_a_full_disk_does_not_stop_the_resume(tmp_pa
     assert [m["epoch"] for m in read_metrics(path)] == [1, 2]
     _truncate_metrics(path, 1)
     assert path.read_text() == good[0] + "\n"
+
+
+def test_a_resume_refreshes_the_run_folders_lora_a_kill_left_a_epoch_behind(tmp_path):
+    """The run folder's LoRA files are copied after latest.json moves on: a run killed in
+    between left last epoch's there, and its resume (even one refused: nothing to do)
+    copies them again; files already current are left alone."""
+    unet = _lora_unet()
+    optimizer = torch.optim.SGD(trainable_parameters(unet), lr=0.1)
+    save_checkpoint(tmp_path, unet, optimizer, 1, {})
+    stale = (tmp_path / "pytorch_lora_weights.safetensors").read_bytes()
+    with torch.no_grad():
+        for p in trainable_parameters(unet):
+            p.add_(1.0)
+    newest = save_checkpoint(tmp_path, unet, optimizer, 2, {})
+    fresh = (newest / "pytorch_lora_weights.safetensors").read_bytes()
+    assert fresh != stale
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(stale)  # the kill's leftover
+    os.utime(tmp_path / "pytorch_lora_weights.safetensors", (0, 0))  # written before
+    refresh_exports(tmp_path, newest)
+    assert (tmp_path / "pytorch_lora_weights.safetensors").read_bytes() == fresh
+    copied = (tmp_path / "pytorch_lora_weights.safetensors").stat().st_mtime
+    refresh_exports(tmp_path, newest)
+    assert (tmp_path / "pytorch_lora_weights.safetensors").stat().st_mtime == copied
