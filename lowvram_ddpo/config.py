@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.errors import UserError, read_user_text
 
 ALGORITHMS = ("ddpo-is", "ddpo-sf", "grpo", "nft", "rwr", "sparse-rwr")
 POLICY_GRADIENT = ("ddpo-is", "ddpo-sf", "grpo")
@@ -480,10 +480,17 @@ def list_presets() -> dict[str, str]:
     }
 
 
-def _preset_path(name_or_path: str) -> Path:
+def _preset_path(name_or_path: str, beside: Path | None = None) -> Path:
+    """A preset's file: a path (from the folder ``beside``, a preset extending it, then
+    from here) or a shipped preset's name."""
     path = Path(name_or_path)
-    if path.suffix == ".toml" and path.is_file():
-        return path
+    if path.suffix == ".toml":
+        for candidate in ([beside / path] if beside and not path.is_absolute() else []) + [path]:
+            if candidate.is_file():
+                return candidate
+        shipped = presets_dir() / path.name
+        instead = f"; for the shipped preset drop .toml: {path.stem}" if shipped.is_file() else ""
+        raise UserError(f"no preset file {path} (from {beside or Path.cwd()}){instead}")
     candidate = presets_dir() / f"{name_or_path}.toml"
     if candidate.is_file():
         return candidate
@@ -494,18 +501,28 @@ def _preset_path(name_or_path: str) -> Path:
     )
 
 
-def _read_preset_tables(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    path = _preset_path(name_or_path)
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file the user wrote or edited (``what``: "preset", "the run's config"); one
+    line where it is not UTF-8 or not valid TOML."""
+    try:
+        return tomllib.loads(read_user_text(path, what))
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{what} {path} is not valid TOML: {err}: fix that line") from None
+
+
+def _read_preset_tables(
+    name_or_path: str, seen: tuple[str, ...] = (), beside: Path | None = None
+) -> dict[str, Any]:
+    path = _preset_path(name_or_path, beside)
     if str(path) in seen:
         raise UserError(f"preset {path} extends itself in a loop")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"preset {path} is not valid TOML: {err}") from None
+    data = read_toml(path, "preset")
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    merged = _read_preset_tables(parent, (*seen, str(path)))
+    if not isinstance(parent, str):
+        raise UserError(f"preset {path}: extends must be a preset's name or file, got {parent!r}")
+    merged = _read_preset_tables(parent, (*seen, str(path)), path.parent)
     for key, value in data.items():
         if isinstance(value, dict):
             merged.setdefault(key, {}).update(value)
@@ -520,13 +537,14 @@ def own_preset_fields(name_or_path: str) -> list[str]:
     ``--set`` fields, where it may change a shipped preset's."""
     fields: list[str] = []
     seen: set[Path] = set()
+    beside = None
     while name_or_path:
-        path = _preset_path(name_or_path).resolve()
+        path = _preset_path(name_or_path, beside).resolve()
         if path.parent == presets_dir().resolve() or path in seen:
             break
         seen.add(path)
-        data = tomllib.loads(path.read_text())  # already read once by load_preset
-        name_or_path = data.pop("extends", "")
+        data = read_toml(path, "preset")  # already read once by load_preset
+        name_or_path, beside = data.pop("extends", ""), path.parent
         for key, value in data.items():
             subs = value.keys() if isinstance(value, dict) else [None]
             fields += [f"{key}.{sub}" if sub else key for sub in subs]
@@ -550,7 +568,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
 
 
 def load_config_file(path: Path) -> Config:
-    return config_from_dict(tomllib.loads(path.read_text()), source=str(path))
+    return config_from_dict(read_toml(path, "the config"), source=str(path))
 
 
 # ---------------------------------------------------------------- overrides

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -27,3 +28,13 @@ def first_line(err: BaseException) -> str:
     """An exception's first line, or its type's name where it has no message."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def read_user_text(path: Path, what: str) -> str:
+    """A text file the user wrote (a preset, a run's config, a prompt list), as UTF-8 on
+    every system (Windows would take its own code page); one line where it is not UTF-8
+    (Notepad's "Unicode" is UTF-16)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text: save it as UTF-8") from None

@@ -133,3 +133,40 @@ def test_a_policy_gradient_with_no_trainable_step_is_one_line():
         trained_steps_per_sample(config.sample, config.train, trainable=0)
     config.sample.num_steps = 2
     assert trained_steps_per_sample(config.sample, config.train, trainable=1) == 1
+
+
+def test_user_files_that_do_not_read_are_one_line_each(tmp_path, monkeypatch):
+    """A run's config edited into invalid TOML, a prompt file saved as UTF-16 (Notepad's
+    "Unicode"), a preset file named but not here (or a shipped preset's name with .toml),
+    an extends that is not a name: one line each, saying what to do."""
+    from lowvram_ddpo.config import load_config_file
+    from lowvram_ddpo.prompts import load_prompts
+
+    monkeypatch.chdir(tmp_path)
+    broken = tmp_path / "config.toml"
+    broken.write_text("[run\nepochs = 2\n")
+    with pytest.raises(UserError, match=r"config.toml is not valid TOML: .*line 1.*fix that line"):
+        load_config_file(broken)
+    utf16 = tmp_path / "prompts.txt"
+    utf16.write_bytes("a cat\n".encode("utf-16"))
+    with pytest.raises(UserError, match="prompts.txt is not UTF-8 text: save it as UTF-8"):
+        load_prompts(str(utf16))
+    with pytest.raises(UserError, match="for the shipped preset drop .toml: incompressibility"):
+        load_preset("incompressibility.toml")
+    with pytest.raises(UserError, match="no preset file mine.toml"):
+        load_preset("mine.toml")
+    (tmp_path / "odd.toml").write_text("extends = 5\n")
+    with pytest.raises(UserError, match="extends must be a preset's name or file, got 5"):
+        load_preset("odd.toml")
+
+
+def test_a_preset_extends_a_file_beside_it(tmp_path, monkeypatch):
+    """``extends = "parent.toml"`` in sub/child.toml means sub/parent.toml, whatever folder
+    the command runs from (as an include would)."""
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "parent.toml").write_text('extends = "incompressibility"\n[run]\nepochs = 3\n')
+    (sub / "child.toml").write_text('extends = "parent.toml"\n[train]\nlearning_rate = 1e-4\n')
+    monkeypatch.chdir(tmp_path)
+    config = load_preset("sub/child.toml")
+    assert config.run.epochs == 3 and config.train.learning_rate == 1e-4

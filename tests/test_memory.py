@@ -1269,6 +1269,8 @@ def test_vram_refuses_when_nothing_fits():
 def test_sizes_parse_and_reject_nonsense():
     assert parse_size("8GB") == 8 * GB == parse_size("8 gib")
     assert parse_size("512MB") == GB // 2
+    with pytest.raises(UserError, match="'8' has no unit: write 8GB"):
+        parse_size("8")  # not 8 bytes: nothing would fit, and the line would say so
     with pytest.raises(UserError, match="memory size"):
         parse_size("eight")
 

@@ -25,10 +25,14 @@ def means_this_card(vram: str) -> bool:
 
 
 def parse_size(text: str) -> int:
-    """'8GB' -> bytes (GB and GiB both mean 1024^3, as card makers use them)."""
+    """'8GB' -> bytes (GB and GiB both mean 1024^3, as card makers use them). A number
+    without a unit is refused: "8" meant as gigabytes would be read as 8 bytes, and the
+    fit would say that nothing fits (bytes are written "8B")."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else ""
-    if not match or unit not in _UNITS or (unit in ("", "b") and "." in match.group(1)):
+    if match and not unit:
+        raise UserError(f"'{text}' has no unit: write {match.group(1)}GB (or MB)")
+    if not match or unit not in _UNITS or (unit == "b" and "." in match.group(1)):
         raise UserError(f"cannot read '{text}' as a memory size: write it like 8GB or 6144MB")
     return int(float(match.group(1)) * _UNITS[unit])
 

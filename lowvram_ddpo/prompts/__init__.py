@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lowvram_ddpo.errors import UserError
+from lowvram_ddpo.errors import UserError, read_user_text
 
 _DATA = Path(__file__).parent
 BUILTIN_SETS = {
@@ -25,7 +25,9 @@ def with_article(name: str) -> str:
 
 
 def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [
+        line.strip() for line in read_user_text(path, "prompt file").splitlines() if line.strip()
+    ]
 
 
 def load_prompts(source: str, explicit: list[str] | None = None) -> list[str]:
