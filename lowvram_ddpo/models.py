@@ -398,12 +398,22 @@ def attach_lora(
 ) -> list[torch.nn.Parameter]:
     """Freeze the UNet, add a LoRA adapter on the attention projections, return its fp32 params."""
     unet.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets
     )
-    params = trainable_parameters(unet)
+    try:
+        unet.add_adapter(config)
+    except ValueError as err:  # peft's: no layer matches (NoMatchingPeftModuleError)
+        if "not found" not in str(err):
+            raise
+        params = []
+    else:
+        params = trainable_parameters(unet)
     if not params:
-        raise UserError(f"no LoRA target modules {targets} found in the UNet")
+        raise UserError(
+            f"model.lora_targets {','.join(targets)} matches no layer of this model's "
+            "denoiser: name its layers as peft does, e.g. to_q,to_k,to_v,to_out.0"
+        )
     for param in params:
         param.data = param.data.float()
     return params

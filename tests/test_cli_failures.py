@@ -132,3 +132,14 @@ def test_a_bad_resolution_is_advised_in_the_model_s_own_size():
     _assert_clean_error(pocket, "pocket was trained at 32 px")
     sd15 = _run("train", "--preset", "incompressibility", "--resolution", "33")
     _assert_clean_error(sd15, "was trained at 512 px")
+
+
+def test_lora_targets_that_match_no_layer_are_one_line():
+    """``model.lora_targets`` naming no layer of the model was peft's traceback."""
+    from tiny import build_tiny_pipeline
+
+    from lowvram_ddpo.errors import UserError
+    from lowvram_ddpo.models import attach_lora
+
+    with pytest.raises(UserError, match="lora_targets nosuch matches no layer .* e.g. to_q"):
+        attach_lora(build_tiny_pipeline().unet, 2, 2.0, ["nosuch"])
