@@ -166,11 +166,36 @@ def _epoch_of(folder: Path) -> int:
     return int(digits) if digits.isdigit() else -1
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def _latest(run_dir: Path) -> dict | None:
+    """``latest.json``'s record (None before the first checkpoint); one line where it is
+    damaged (a copy cut short, an edit), naming what to write into it."""
     pointer = run_dir / LATEST_FILE
     if not pointer.is_file():
         return None
-    folder = run_dir / json.loads(pointer.read_text())["checkpoint"]
+    try:
+        record = json.loads(pointer.read_text())
+    except json.JSONDecodeError:
+        record = None
+    if isinstance(record, dict) and {"checkpoint", "epochs_done"} <= record.keys():
+        return record
+    kept = sorted(
+        (p for p in (run_dir / "checkpoints").glob("epoch-*") if p.is_dir()), key=_epoch_of
+    )
+    hint = (
+        f': write {{"checkpoint": "checkpoints/{kept[-1].name}", "epochs_done": '
+        f"{_epoch_of(kept[-1])}}} into it (the newest kept)"
+        if kept
+        else ": no checkpoint is kept; start the run again"
+    )
+    raise UserError(f"{pointer} is damaged{hint}")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    record = _latest(run_dir)
+    if record is None:
+        return None
+    pointer = run_dir / LATEST_FILE
+    folder = run_dir / record["checkpoint"]
     if not folder.is_dir():
         raise UserError(
             f"{pointer} points at {folder}, which is missing: the run folder is damaged"
@@ -180,8 +205,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def epochs_done(run_dir: Path) -> int:
     """Epochs the run's newest checkpoint holds (0 before the first)."""
-    pointer = run_dir / LATEST_FILE
-    return json.loads(pointer.read_text())["epochs_done"] if pointer.is_file() else 0
+    record = _latest(run_dir)
+    return record["epochs_done"] if record else 0
 
 
 def check_epochs_left(run_dir: Path, done: int, epochs: int) -> None:

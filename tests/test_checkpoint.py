@@ -139,3 +139,14 @@ def test_a_resume_refreshes_the_run_folders_lora_a_kill_left_a_epoch_behind(tmp_
     copied = (tmp_path / "pytorch_lora_weights.safetensors").stat().st_mtime
     refresh_exports(tmp_path, newest)
     assert (tmp_path / "pytorch_lora_weights.safetensors").stat().st_mtime == copied
+
+
+def test_a_damaged_latest_json_is_one_line_naming_the_newest_kept(tmp_path):
+    """latest.json cut short (a copy, an edit) was a JSONDecodeError at resume and export."""
+    unet = _lora_unet()
+    optimizer = torch.optim.SGD(trainable_parameters(unet), lr=0.1)
+    save_checkpoint(tmp_path, unet, optimizer, 7, {})
+    (tmp_path / "latest.json").write_text('{"checkpoint": "checkp')
+    expected = '"checkpoint": "checkpoints/epoch-0007", "epochs_done": 7'
+    with pytest.raises(UserError, match=expected):
+        latest_checkpoint(tmp_path)
