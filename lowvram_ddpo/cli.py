@@ -503,6 +503,10 @@ def bench_memory(
             report = _memory_report(
                 preset, arch, resolution, set_ or [], vram, estimate or bool(card)
             )
+        if named and not any(note.startswith("--vram ") for note in report.notes):
+            report.notes.append(  # nothing was fitted, so nothing was timed for the card
+                f"--card {card} ranks and times a --vram fit: add the card's size, e.g. --vram 12GB"
+            )
     typer.echo(report.to_json() if json_ else report.to_text())
 
 

@@ -142,6 +142,7 @@ def _gpu_dtype(model: str, run) -> torch.dtype:  # noqa: ANN001  (a Config or No
 
 
 def render_comparison(request: SampleRequest) -> SampleResult:
+    location = _lora_location(request.lora) if request.lora else None  # first: a typo'd path
     run = _run_config_for(request.lora)
     defaulted = []
     if not request.prompts and run is not None:  # the run's grid prompts, as its grids had
@@ -161,7 +162,6 @@ def render_comparison(request: SampleRequest) -> SampleResult:
         raise UserError(f"--steps must be at least 1 (got {request.steps})")
     if resolution is not None and resolution % 8 != 0:
         raise UserError(f"--resolution must be a multiple of 8 (got {resolution})")
-    location = _lora_location(request.lora) if request.lora else None
     # before minutes of model loading: what the names and the model's index can tell
     if request.reward:
         check_reward_names([request.reward])

@@ -199,6 +199,8 @@ def test_train_from_a_saved_folder_then_sample_before_and_after(tiny_preset, tmp
 def test_sample_without_a_lora_at_the_path_is_refused(tmp_path):
     result = _run("sample", "--lora", str(tmp_path), "--prompts", "a cat", "--model", str(tmp_path))
     _assert_clean_error(result, "no LoRA at")
+    # without prompts too: the path is what is wrong, not the missing prompts
+    _assert_clean_error(_run("sample", "--lora", str(tmp_path / "typo")), "no LoRA at")
 
 
 def test_held_out_prompts_are_scored_during_training_and_by_sample(tiny_preset, tmp_path):

@@ -1699,6 +1699,9 @@ def test_bench_memory_fits_and_times_for_a_card_the_user_names():
     assert not slow["gradient_checkpointing"] and fast["gradient_checkpointing"]
     assert slow["train_micro_batch"] < fast["train_micro_batch"]
     assert card_for_prediction("RTX 3060").unet_tflops < card_for_prediction("H100").unet_tflops
+    alone = CliRunner().invoke(app, ["bench", "memory", "--preset", "incompressibility",
+                                     "--card", "RTX 3060", "--vram", "off"])  # fmt: skip
+    assert alone.exit_code == 0 and "ranks and times a --vram fit: add" in alone.output
     assert "assumed: no GPU here" in this_gpu().name or torch.cuda.is_available()
     result = CliRunner().invoke(
         app, ["bench", "memory", "--preset", "incompressibility", "--card", "RTX 4060 Laptop GPU"]
