@@ -362,7 +362,8 @@ def sample(
     ] = None,
     grid: Annotated[Path, typer.Option(help="Output PNG.")] = Path("grid.png"),
     steps: Annotated[
-        int | None, typer.Option(help="Denoising steps [default: the run's, else 50].")
+        int | None,
+        typer.Option(help="Denoising steps [default: the run's, else 4 for an LCM, else 50]."),
     ] = None,
     guidance: Annotated[
         float | None, typer.Option(help="Guidance scale [default: the run's, else 5.0].")
@@ -443,10 +444,10 @@ def export(
 
 
 ARCH_HELP = (
-    "sd15, sd15-lcm, sdxl, sd35m, pocket, pocket-lcm, pocket-flow or a diffusers folder "
-    "[default: the preset's pocket model, sd15-lcm for LCM presets, sdxl for SDXL models, "
-    "sd35m for SD 3 models, else sd15]. Built from its config with random weights: nothing "
-    "is downloaded."
+    "sd15, sd15-lcm, sdxl, sd35m, flux2-klein, pocket, pocket-lcm, pocket-flow or a "
+    "diffusers folder [default: the preset's pocket model, sd15-lcm for LCM presets, sdxl "
+    "for SDXL models, sd35m for SD 3 models, flux2-klein for FLUX.2 models, else sd15]. "
+    "Built from its config with random weights: nothing is downloaded."
 )
 
 
