@@ -58,7 +58,7 @@ def test_help_and_version():
     assert main.exit_code == 0 and "RLCM" in main.output and "export" in main.output
     assert "RLCM" in _run("train", "-h").output
     sample = _run("sample", "--help").output
-    assert "Denoising steps [default: the run's, else 50]" in sample  # no markup gap
+    assert "Denoising steps [default: the run's, else 4 for" in sample  # no markup gap
     assert "prompt_alignment" in sample and "[default: 0 1 2 3]" in sample
     assert _run("bench", "-h").exit_code == 0
 
