@@ -61,6 +61,9 @@ class TrainerState:
     algorithm: dict[str, torch.Tensor] = field(default_factory=dict)
     """An algorithm's own tensors (DiffusionNFT's sampling weights); empty for the rest."""
     optimizer_steps: int = 0
+    grad_scaler: dict = field(default_factory=dict)
+    """An fp16 run's gradient scaler (its scale and growth count; empty for the rest): a
+    resume goes on at the scale it had, not at 2^16 with steps skipped to find it again."""
 
 
 def rng_states() -> dict[str, torch.Tensor]:
@@ -87,6 +90,7 @@ def save_checkpoint(
     algorithm: dict[str, torch.Tensor] | None = None,
     optimizer_steps: int = 0,
     optimizer_kind: str = "",
+    grad_scaler: dict | None = None,
 ) -> Path:
     """Write ``checkpoints/epoch-NNNN`` atomically and point ``latest.json`` at it.
     Weights that are not finite are refused before anything is written or rotated out."""
@@ -101,6 +105,7 @@ def save_checkpoint(
         state = {"epochs_done": epochs_done, "stat_tracker": stat_tracker}
         state["optimizer_steps"] = optimizer_steps
         state["optimizer"] = optimizer_kind or optimizer_kind_of(optimizer.state_dict())
+        state["grad_scaler"] = grad_scaler or {}
         _write_checkpoint_files(tmp, unet, optimizer, state, algorithm or {})
     except BaseException:  # disk full, killed...: leave no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -241,6 +246,7 @@ def load_checkpoint(
         blob["rng"],
         blob.get("algorithm", {}),  # checkpoints before NFT have none
         state.get("optimizer_steps", 0),
+        state.get("grad_scaler", {}),
     )
 
 

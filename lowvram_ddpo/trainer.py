@@ -657,6 +657,8 @@ class Trainer:
         check_epochs_left(self.run_dir, state.epochs_done, self.config.run.epochs)
         self.tracker.load_state_dict(state.stat_tracker)
         self.optimizer_steps_done = state.optimizer_steps
+        if self.accelerator.scaler is not None and state.grad_scaler:
+            self.accelerator.scaler.load_state_dict(state.grad_scaler)
         if self.sampling_weights is not None:
             if not state.algorithm:
                 raise UserError(f"{folder} has no DiffusionNFT sampling weights: not an nft run")
@@ -1022,6 +1024,7 @@ class Trainer:
                 algorithm=self.sampling_weights.state() if self.sampling_weights else None,
                 optimizer_steps=self.optimizer_steps_done,
                 optimizer_kind=self.optimizer_kind,
+                grad_scaler=scaler.state_dict() if (scaler := self.accelerator.scaler) else None,
             )
 
     def epoch_line(self, metrics: dict, time_left: str = "") -> str:

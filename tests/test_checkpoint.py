@@ -150,3 +150,19 @@ def test_a_damaged_latest_json_is_one_line_naming_the_newest_kept(tmp_path):
     expected = '"checkpoint": "checkpoints/epoch-0007", "epochs_done": 7'
     with pytest.raises(UserError, match=expected):
         latest_checkpoint(tmp_path)
+
+
+def test_an_fp16_runs_gradient_scale_comes_back_with_its_checkpoint(tmp_path):
+    """A resumed fp16 run goes on at the scale it had found, not at 2^16 (skipping steps
+    until overflows bring it down again)."""
+    unet = _lora_unet()
+    optimizer = torch.optim.SGD(trainable_parameters(unet), lr=0.1)
+    found = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    found.load_state_dict({**found.state_dict(), "scale": 512.0, "_growth_tracker": 37})
+    folder = save_checkpoint(tmp_path, unet, optimizer, 1, {}, grad_scaler=found.state_dict())
+    state = load_checkpoint(folder, unet, optimizer)
+    resumed = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    resumed.load_state_dict(state.grad_scaler)
+    assert resumed.get_scale() == 512.0 and resumed.state_dict()["_growth_tracker"] == 37
+    bf16 = save_checkpoint(tmp_path, unet, optimizer, 2, {})  # no scaler: nothing to restore
+    assert load_checkpoint(bf16, unet, optimizer).grad_scaler == {}
