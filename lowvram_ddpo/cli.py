@@ -368,7 +368,9 @@ def sample(
     guidance: Annotated[
         float | None, typer.Option(help="Guidance scale [default: the run's, else 5.0].")
     ] = None,
-    eta: Annotated[float, typer.Option(help="DDIM eta (> 0).")] = 1.0,
+    eta: Annotated[
+        float | None, typer.Option(help="DDIM eta (> 0) [default: the run's, else 1.0].")
+    ] = None,
     resolution: Annotated[
         int | None, typer.Option(help="Image size [default: the run's, else the model's].")
     ] = None,

@@ -48,7 +48,8 @@ class SampleRequest:
     """None: the run's (or 50)."""
     guidance_scale: float | None = None
     """None: the run's (or 5.0)."""
-    eta: float = 1.0
+    eta: float | None = None
+    """DDIM's eta; None: the run's (``sample.eta``), else 1.0."""
     resolution: int | None = None
     """None: the run's, else the model's own size."""
     reward: str = ""
@@ -201,7 +202,7 @@ def render_comparison(request: SampleRequest) -> SampleResult:
         pipe.scheduler.config,
         pipe.unet.config,
         steps,
-        request.eta,
+        defaults.eta if request.eta is None else request.eta,
         noise_level,
         image_tokens=tokens,
     ).for_viewing()  # flow models: the ODE, as their own pipelines sample
