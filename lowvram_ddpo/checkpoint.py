@@ -18,6 +18,7 @@ new checkpoint, never half of one. Nothing here is unpickled: tensors are read w
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
@@ -123,16 +124,24 @@ RUN_EXPORTS = (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, FULL_UNET_DIR)
 """What a checkpoint also leaves in the run folder itself, for loaders to find."""
 
 
-def refresh_exports(run_dir: Path, checkpoint: Path) -> None:
-    """Copy the ``checkpoint``'s exports (``RUN_EXPORTS``, those it has) into ``run_dir``
-    where they are missing or older than the checkpoint's: after a save, and on a resume,
+def refresh_exports(run_dir: Path, checkpoint: Path, only_stale: bool = False) -> None:
+    """Copy the ``checkpoint``'s exports (``RUN_EXPORTS``, those it has) into ``run_dir``:
+    after a save, and (``only_stale``: where missing or not the checkpoint's) on a resume,
     where a run killed between ``latest.json`` and the copies left last epoch's."""
     for export in RUN_EXPORTS:
         source, target = checkpoint / export, run_dir / export
-        if source.exists() and not (
-            target.exists() and target.stat().st_mtime >= source.stat().st_mtime
-        ):
+        if source.exists() and not (only_stale and _same_export(source, target)):
             copy_atomic(source, target)
+
+
+def _same_export(source: Path, target: Path) -> bool:
+    """Whether ``target`` is already ``source``'s copy: a file byte for byte (a LoRA: a few
+    MB), a folder (a fully fine-tuned UNet: GBs) by its copied time stamp."""
+    if not target.exists():
+        return False
+    if source.is_dir():
+        return target.stat().st_mtime >= source.stat().st_mtime
+    return filecmp.cmp(source, target, shallow=False)
 
 
 def _write_checkpoint_files(

@@ -650,7 +650,7 @@ class Trainer:
             return self.start_fresh()
         if self.is_main:  # a run killed before it copied them left last epoch's
             with self.saving("the run folder's LoRA files"):
-                refresh_exports(self.run_dir, folder)
+                refresh_exports(self.run_dir, folder, only_stale=True)
         state = load_checkpoint(
             folder, self.accelerator.unwrap_model(self.unet), self.optimizer, self.optimizer_kind
         )

@@ -133,12 +133,11 @@ def test_a_resume_refreshes_the_run_folders_lora_a_kill_left_a_epoch_behind(tmp_
     fresh = (newest / "pytorch_lora_weights.safetensors").read_bytes()
     assert fresh != stale
     (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(stale)  # the kill's leftover
-    os.utime(tmp_path / "pytorch_lora_weights.safetensors", (0, 0))  # written before
-    refresh_exports(tmp_path, newest)
+    refresh_exports(tmp_path, newest, only_stale=True)
     assert (tmp_path / "pytorch_lora_weights.safetensors").read_bytes() == fresh
-    copied = (tmp_path / "pytorch_lora_weights.safetensors").stat().st_mtime
-    refresh_exports(tmp_path, newest)
-    assert (tmp_path / "pytorch_lora_weights.safetensors").stat().st_mtime == copied
+    os.utime(tmp_path / "pytorch_lora_weights.safetensors", (0, 0))
+    refresh_exports(tmp_path, newest, only_stale=True)  # current: left as it is
+    assert (tmp_path / "pytorch_lora_weights.safetensors").stat().st_mtime == 0
 
 
 def test_a_damaged_latest_json_is_one_line_naming_the_newest_kept(tmp_path):
