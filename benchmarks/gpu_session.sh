@@ -365,7 +365,8 @@ case "$part" in
     # ms of "other" kernels per sampling call, +1,390 and 9.3 ms per training call, the
     # sampling call's wall 16 ms above its kernels). Each call in its own process, so each
     # peak is its own pool; then the RLCM row as the H100 ran it with torch's backend
-    # (2.343 samples/s: sampling 0.165, training 0.249 s per image, 6.50 GiB). ~200 s
+    # (2.343 samples/s: sampling 0.165, training 0.249 s per image, 6.50 GiB). ~200 s, then
+    # DDPO with its sampling graphed too (~200 s more)
     install_wheels
     stage profile-graphs 90 "$PY" benchmarks/unet_profile.py --arch sd15 --variants cudagraphs \
       --repeats 5
@@ -374,6 +375,11 @@ case "$part" in
     stage rlcm-graphs-written 120 bench_speed --preset rlcm-incompressibility --batches 1 \
       --set memory.optimizer=adamw --set memory.vram=off --set speed.compile=cudagraphs \
       --set speed.compile_decoder=false --epochs 3
+    # DDPO's sampling replayed too: judged no faster on the H200 (2026-11-26, 0.474 against
+    # 0.469 s per image at micro-batch 4, nothing offloaded) with the weights copied each
+    # replay; the same settings with them read in place (if time is left)
+    stage equal-graphs-sampling 200 bench_speed "${SD15[@]}" "${EQUAL[@]}" \
+      --set speed.compile=cudagraphs --set speed.graph_sampling=true --epochs 3
     ;;
   fp8) # memory.quantize=fp8 (the base in 8 bits, dequantised per call): SDXL's 2x within
     # 8 GB with CUDA graphs on its host-bound training (6.64 GiB, ~2 h 13 per epoch
