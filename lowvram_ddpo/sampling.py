@@ -161,6 +161,8 @@ def render_comparison(request: SampleRequest) -> SampleResult:
     negative_prompt = defaults.negative_prompt
     if request.steps is not None and request.steps < 1:
         raise UserError(f"--steps must be at least 1 (got {request.steps})")
+    if request.eta is not None and request.eta <= 0:  # before minutes of model loading
+        raise UserError(f"--eta must be above 0 (got {request.eta}): DDIM samples with it")
     if resolution is not None and resolution % 8 != 0:
         raise UserError(f"--resolution must be a multiple of 8 (got {resolution})")
     # before minutes of model loading: what the names and the model's index can tell

@@ -201,6 +201,9 @@ def test_sample_without_a_lora_at_the_path_is_refused(tmp_path):
     _assert_clean_error(result, "no LoRA at")
     # without prompts too: the path is what is wrong, not the missing prompts
     _assert_clean_error(_run("sample", "--lora", str(tmp_path / "typo")), "no LoRA at")
+    # a bad value is refused before any model loads (none is at --model)
+    result = _run("sample", "--prompts", "a cat", "--eta", "0", "--model", str(tmp_path))
+    _assert_clean_error(result, "--eta must be above 0 (got 0.0)")
 
 
 def test_held_out_prompts_are_scored_during_training_and_by_sample(tiny_preset, tmp_path):
