@@ -931,6 +931,8 @@ def set_samples_per_epoch(config: Config, samples: int, processes: int = 1) -> s
     fewer samples than one optimiser step holds means it: the step shrinks to fit (fewer
     accumulated micro-batches). Returns a line saying what changed ("" if nothing)."""
     s, t = config.sample, config.train
+    if samples < 1:
+        raise UserError(f"--samples-per-epoch must be at least 1 (got {samples})")
     per_round = s.batch_size * processes
     if samples % per_round == 0:
         s.batches_per_epoch = samples // per_round

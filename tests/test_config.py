@@ -170,3 +170,11 @@ def test_a_preset_extends_a_file_beside_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_preset("sub/child.toml")
     assert config.run.epochs == 3 and config.train.learning_rate == 1e-4
+
+
+def test_no_samples_per_epoch_names_the_flag():
+    """``--samples-per-epoch 0`` named sample.batch_size, which the user never set."""
+    from lowvram_ddpo.config import set_samples_per_epoch
+
+    with pytest.raises(UserError, match=r"--samples-per-epoch must be at least 1 \(got 0\)"):
+        set_samples_per_epoch(load_preset("incompressibility"), 0)
