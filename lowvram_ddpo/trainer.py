@@ -138,6 +138,7 @@ from lowvram_ddpo.speed.compile_decoder import (
     check_decoder_compiler,
     compile_decoder,
 )
+from lowvram_ddpo.speed.compile_payoff import mark_compiled
 from lowvram_ddpo.speed.cuda_graphs import (
     GRAPH_EVENTS,
     graph_events_counted,
@@ -1005,6 +1006,7 @@ class Trainer:
                 chart = self.run_dir / METRICS_CHART
                 write_metrics_chart(read_metrics(metrics_file), chart, cfg.reward.name)
             self.dashboard.log_metrics(metrics, done)
+            mark_compiled(cfg)  # a later short run finds these kernels (compile_payoff)
             if done % cfg.run.checkpoint_every == 0 or done == cfg.run.epochs:
                 self.write_checkpoint(done)
             if cfg.run.grid_every > 0 and done % cfg.run.grid_every == 0 and done < cfg.run.epochs:

@@ -891,8 +891,13 @@ def test_a_run_too_short_to_pay_a_cold_compile_runs_eagerly(monkeypatch, tmp_pat
         whole, "blocks", "sd15", h100
     )
     cache.mkdir()
-    (cache / "fxgraph").mkdir()  # an earlier compile left kernels: most may come from them
+    (cache / "fxgraph").mkdir()  # kernels of something else (another model, the decoder):
+    assert compile_where_it_pays(short, frozenset())[0].speed.compile == "off"  # still cold
+    payoff.mark_compiled(short)  # an earlier run compiled this UNet: most may come from it
     assert compile_where_it_pays(short, frozenset()) == (short, "")
+    other = copy.deepcopy(short)
+    other.model.name = "another/model"
+    assert compile_where_it_pays(other, frozenset())[0].speed.compile == "off"
 
 
 def test_a_short_rlcm_run_keeps_its_graphs_rather_than_an_unpaid_inductor(monkeypatch, tmp_path):
@@ -1782,6 +1787,5 @@ def test_a_presets_decoder_compile_stays_only_where_it_runs_and_pays(monkeypatch
     )
     assert fit.decoder_compile_where_it_pays(config, frozenset()) == (config, "")  # 16,000 images
     assert fit.decoder_compile_where_it_pays(short, held) == (short, "")
-    cache.mkdir()
-    (cache / "fxgraph").mkdir()  # an earlier compile left kernels: the decoder's may be there
+    payoff.mark_compiled(short)  # an earlier run compiled this decoder: it may be there
     assert fit.decoder_compile_where_it_pays(short, frozenset()) == (short, "")

@@ -20,6 +20,10 @@ run on this machine), most of the compile may come from it (on the CPU the pocke
 from __future__ import annotations
 
 import copy
+import hashlib
+from pathlib import Path
+
+import torch
 
 from lowvram_ddpo.config import BLOCK_COMPILE_MODES, COMPILE_SCOPES, Config
 from lowvram_ddpo.memory.estimate import meta_run
@@ -59,7 +63,7 @@ def cold_compile_seconds(config: Config) -> float:
 def cold_compile_ahead(config: Config) -> bool:
     """Whether ``config`` compiles with Inductor while the compile cache is empty: the one
     case ``unpaid_compile`` weighs (checked first: it reads no model)."""
-    return config.speed.compile in INDUCTOR_MODES and not cache_holds_kernels()
+    return config.speed.compile in INDUCTOR_MODES and not cache_holds_kernels(config)
 
 
 def unpaid_compile(config: Config, arch: str, gpu: Gpu) -> str:
@@ -89,7 +93,7 @@ def unpaid_decoder_compile(config: Config, arch: str, gpu: Gpu) -> str:
     ``config``'s run on ``gpu`` ("" where it does, or where the decode is tiled: then
     nothing compiles, and the run says so): its decodes predicted to save less than
     ``DECODER_COLD_COMPILE_SECONDS``."""
-    if config.memory.vae_tiling or cache_holds_kernels():
+    if config.memory.vae_tiling or cache_holds_kernels(config, "decoder"):
         return ""
     flops = epoch_flops(config, arch, count_backward=False)
     eager = copy.deepcopy(config)
@@ -105,10 +109,40 @@ def unpaid_decoder_compile(config: Config, arch: str, gpu: Gpu) -> str:
     )
 
 
-def cache_holds_kernels() -> bool:
-    """Whether the compile cache folder holds anything (an earlier compile on this machine)."""
-    folder = compile_cache_dir()
-    return folder.is_dir() and any(folder.iterdir())
+COMPILED_MARKS = "lowvram-ddpo-compiled"
+"""The cache folder's subfolder where a run marks what it compiled (``mark_compiled``)."""
+
+
+def compiled_mark(config: Config, what: str) -> Path:
+    """The mark of ``what`` ("unet" or "decoder") compiled for ``config``'s model, mode and
+    scope with this torch: Inductor's cache holds kernels of that graph's kind then. Any
+    file in the cache folder would not say so (another model's, the decoder's, another
+    torch's kernels): a short run would then pay the cold compile it was spared."""
+    speed = config.speed
+    shape = (speed.compile, speed.compile_scope) if what == "unet" else ("decoder",)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where this machine's runs go
+    key = "|".join((torch.__version__, device, config.model.name, *shape))
+    return compile_cache_dir() / COMPILED_MARKS / hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def mark_compiled(config: Config) -> None:
+    """After an epoch that ran ``config``'s compiles: mark them (``cache_holds_kernels``)."""
+    for what, compiled in (
+        ("unet", config.speed.compile in INDUCTOR_MODES),
+        ("decoder", config.speed.compile_decoder),
+    ):
+        if compiled:
+            mark = compiled_mark(config, what)
+            try:
+                mark.parent.mkdir(parents=True, exist_ok=True)
+                mark.touch()
+            except OSError:  # a cache folder not ours to write: the next short run weighs anew
+                return
+
+
+def cache_holds_kernels(config: Config, what: str = "unet") -> bool:
+    """Whether an earlier run on this machine compiled ``what`` as ``config`` would."""
+    return compiled_mark(config, what).is_file()
 
 
 def quickest_scope(config: Config, arch: str, gpu: Gpu, scope_held: bool) -> str:
