@@ -1,5 +1,7 @@
 """Files written by renaming into place: a run killed at any moment leaves either the old
-file or the new one, never half of one."""
+file or the new one, never half of one. What is renamed is flushed to the disk first
+(``flush_to_disk``), so a power cut after the rename cannot leave the new name on
+blocks the system had not written yet."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ def write_atomic_with(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
+        flush_to_disk(tmp)
     except BaseException:  # disk full, killed...: leave nothing half written behind
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+    flush_entries(path.parent)  # the rename itself
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -38,3 +42,30 @@ def copy_atomic(src: Path, dst: Path) -> None:
         os.replace(dst, old)  # a folder cannot be replaced in one step: keep it until done
     os.replace(tmp, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def flush_to_disk(path: Path) -> None:
+    """Have the system write ``path`` (a file, or a folder and everything in it) to the
+    disk before going on."""
+    if path.is_dir():
+        for child in path.iterdir():
+            flush_to_disk(child)
+        flush_entries(path)
+        return
+    fd = os.open(path, os.O_RDWR)  # Windows commits only what it may write
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def flush_entries(folder: Path) -> None:
+    """Have the system write ``folder``'s list of names (a rename into it) to the disk,
+    where it can: a folder cannot be opened for that on Windows."""
+    if os.name == "nt":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowvram_ddpo.atomic import copy_atomic, write_text_atomic
+from lowvram_ddpo.atomic import copy_atomic, flush_entries, flush_to_disk, write_text_atomic
 from lowvram_ddpo.divergence import NonFiniteTraining, all_finite
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.lora_export import (
@@ -108,11 +108,13 @@ def save_checkpoint(
         state["optimizer"] = optimizer_kind or optimizer_kind_of(optimizer.state_dict())
         state["grad_scaler"] = grad_scaler or {}
         _write_checkpoint_files(tmp, unet, optimizer, state, algorithm or {})
+        flush_to_disk(tmp)  # on the disk before latest.json can name it
     except BaseException:  # disk full, killed...: leave no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    flush_entries(root)
     latest = {"checkpoint": f"checkpoints/{name}", "epochs_done": epochs_done}
     write_text_atomic(run_dir / LATEST_FILE, json.dumps(latest))
     refresh_exports(run_dir, final)

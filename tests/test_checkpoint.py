@@ -165,3 +165,36 @@ def test_an_fp16_runs_gradient_scale_comes_back_with_its_checkpoint(tmp_path):
     assert resumed.get_scale() == 512.0 and resumed.state_dict()["_growth_tracker"] == 37
     bf16 = save_checkpoint(tmp_path, unet, optimizer, 2, {})  # no scaler: nothing to restore
     assert load_checkpoint(bf16, unet, optimizer).grad_scaler == {}
+
+
+def test_a_checkpoint_is_on_the_disk_before_latest_json_names_it(tmp_path, monkeypatch):
+    """A power cut must not leave latest.json naming a folder whose files the system had
+    not written yet: every file of the checkpoint is flushed (fsync) before the pointer
+    moves, and the pointer itself before its rename."""
+    import lowvram_ddpo.atomic as atomic
+    import lowvram_ddpo.checkpoint as checkpoint
+
+    events: list[str] = []
+    real_open = os.open
+    names: dict[int, str] = {}
+
+    def open_and_name(path, flags, *args):  # noqa: ANN001, ANN002, ANN202
+        fd = real_open(path, flags, *args)
+        names[fd] = Path(path).name
+        return fd
+
+    monkeypatch.setattr(atomic.os, "open", open_and_name)
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: events.append(f"flush {names[fd]}"))
+    real_write = checkpoint.write_text_atomic
+    monkeypatch.setattr(
+        checkpoint,
+        "write_text_atomic",
+        lambda path, text: (events.append(f"point {path.name}"), real_write(path, text)),
+    )
+    unet = _lora_unet()
+    optimizer = torch.optim.SGD(trainable_parameters(unet), lr=0.1)
+    folder = save_checkpoint(tmp_path, unet, optimizer, 1, {})
+    pointing = events.index("point latest.json")
+    flushed = {e.removeprefix("flush ") for e in events[:pointing] if e.startswith("flush")}
+    assert {p.name for p in folder.iterdir()} <= flushed
+    assert "flush .latest.json.tmp" in events[pointing:]
