@@ -52,19 +52,18 @@ def flush_to_disk(path: Path) -> None:
             flush_to_disk(child)
         flush_entries(path)
         return
-    fd = os.open(path, os.O_RDWR)  # Windows commits only what it may write
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, os.O_RDWR)  # Windows commits only what it may write
 
 
 def flush_entries(folder: Path) -> None:
     """Have the system write ``folder``'s list of names (a rename into it) to the disk,
     where it can: a folder cannot be opened for that on Windows."""
-    if os.name == "nt":
-        return
-    fd = os.open(folder, os.O_RDONLY)
+    if os.name != "nt":
+        _fsync(folder, os.O_RDONLY)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:

@@ -171,10 +171,15 @@ def _prune(root: Path, keep: int, latest: Path) -> None:
     """Keep the ``keep`` newest checkpoints by epoch (a name's digits: "epoch-10000" is
     newer than "epoch-9999") and always ``latest``, the one ``latest.json`` names (a folder
     of a later epoch can be a killed run's leftover, resumed with fewer epochs)."""
-    done = sorted((p for p in root.glob("epoch-*") if p.is_dir()), key=_epoch_of)
+    done = kept_checkpoints(root)
     for old in done[: max(0, len(done) - max(keep, 1))]:
         if old != latest:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def kept_checkpoints(root: Path) -> list[Path]:
+    """The checkpoint folders in ``root`` (a run's ``checkpoints``), oldest epoch first."""
+    return sorted((p for p in root.glob("epoch-*") if p.is_dir()), key=_epoch_of)
 
 
 def _epoch_of(folder: Path) -> int:
@@ -194,9 +199,7 @@ def _latest(run_dir: Path) -> dict | None:
         record = None
     if isinstance(record, dict) and {"checkpoint", "epochs_done"} <= record.keys():
         return record
-    kept = sorted(
-        (p for p in (run_dir / "checkpoints").glob("epoch-*") if p.is_dir()), key=_epoch_of
-    )
+    kept = kept_checkpoints(run_dir / "checkpoints")
     hint = (
         f': write {{"checkpoint": "checkpoints/{kept[-1].name}", "epochs_done": '
         f"{_epoch_of(kept[-1])}}} into it (the newest kept)"
@@ -315,7 +318,7 @@ def checkpoint_to_export(run: Path, epoch: int | None) -> Path:
         return folder
     folder = run / "checkpoints" / f"epoch-{epoch:04d}"
     if not folder.is_dir():
-        kept = sorted(p.name for p in (run / "checkpoints").glob("epoch-*") if p.is_dir())
+        kept = [p.name for p in kept_checkpoints(run / "checkpoints")]
         raise UserError(
             f"no checkpoint of epoch {epoch} in {run} (kept: {', '.join(kept) or 'none'}); "
             "run.keep_checkpoints sets how many are kept"

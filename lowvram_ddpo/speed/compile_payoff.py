@@ -61,8 +61,9 @@ def cold_compile_seconds(config: Config) -> float:
 
 
 def cold_compile_ahead(config: Config) -> bool:
-    """Whether ``config`` compiles with Inductor while the compile cache is empty: the one
-    case ``unpaid_compile`` weighs (checked first: it reads no model)."""
+    """Whether ``config`` compiles with Inductor before any run on this machine compiled
+    its UNet so (``cache_holds_kernels``): the one case ``unpaid_compile`` weighs
+    (checked first: it reads no model)."""
     return config.speed.compile in INDUCTOR_MODES and not cache_holds_kernels(config)
 
 
