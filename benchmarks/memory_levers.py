@@ -14,6 +14,7 @@ from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.calibration import (
     CUDA_CONTEXT_BYTES,
     INDUCTOR_TRAINING_WORKING,
+    INDUCTOR_UNCHECKPOINTED_TRAINING_WORKING,
     RESERVED_OVER_ALLOCATED,
 )
 from lowvram_ddpo.memory.estimate import MetaRun, estimate_memory
@@ -139,9 +140,10 @@ def main() -> None:
         f"~{CUDA_CONTEXT_BYTES / GB:.0f} GiB for the CUDA context, which `--vram` subtracts."
     )
     print(
-        "The preset compiles the UNet with Inductor: with checkpointing its training step's "
-        f"working memory counts {INDUCTOR_TRAINING_WORKING} of the meta device's eager count "
-        "(measured on an H200 and an H100, `memory/calibration.py`).\n"
+        "The preset compiles the UNet with Inductor: its training step's working memory counts "
+        f"{INDUCTOR_TRAINING_WORKING} of the meta device's eager count with checkpointing "
+        f"(measured on an H200 and an H100), {INDUCTOR_UNCHECKPOINTED_TRAINING_WORKING} "
+        "without (measured on an H100 at micro-batch 4; `memory/calibration.py`).\n"
     )
     lever_table(PRESET, "sd15", ROWS)
     full_fine_tuning_table()

@@ -19,6 +19,7 @@ from __future__ import annotations
 from lowvram_ddpo.config import Config
 from lowvram_ddpo.memory.allocator import expandable_segments_expected
 from lowvram_ddpo.memory.units import GB
+from lowvram_ddpo.speed.compile import INDUCTOR_MODES
 
 RESERVED_OVER_ALLOCATED = 1.11
 """Peak reserved / estimated allocated, with expandable segments: the largest measured
@@ -50,7 +51,19 @@ three rows ran torch's ``cudagraphs`` backend, which copied every weight of the 
 the graphs' pool at each replay (SD 1.5's: 1.6 GiB); ours reads them in place
 (``speed/cudagraphs_backend.py``). Kept until a GPU measures a graphed run without the
 copy (``gpu_session.sh graphs``): where it was the cause, the estimate is now high by
-about this much, the safe side."""
+about this much, the safe side. Not added under Inductor's graph modes
+(``reduce-overhead``, ``max-autotune``: ``later_epoch_growth``), measured without it: SD
+1.5 at micro-batch 4, nothing offloaded (H100, 2026-11-27), the pool held 5.21 GiB from
+the end of the first epoch to the fourth; the later epochs' peak, 0.89 GiB above the
+first's, was the decode's working memory beside the pool, which the estimate counts.
+"""
+
+
+def later_epoch_growth(compile_mode: str) -> int:
+    """What the estimate adds to a graphed run's reserved peak for its later epochs:
+    ``GRAPHS_LATER_EPOCH_GROWTH`` for the ``cudagraphs`` backend, none for Inductor's graph
+    modes (measured), none without graphs."""
+    return GRAPHS_LATER_EPOCH_GROWTH if compile_mode == "cudagraphs" else 0
 
 
 DECODE_WORKING_GROWTH = 1.44
@@ -94,10 +107,23 @@ is eager's. Measured on SD 1.5 at 512 px, fp16, micro-batch 8 with checkpointing
 The larger, rounded up. Eager, the same row reserved 4.99 GiB (5.09 estimated): the
 meta count is eager's. Why Inductor holds less: its partitioner saves fewer tensors for
 the backward pass (it recomputes cheap pointwise results, a norm's or an activation's
-output, from a kept input). Not applied without checkpointing nor with
-``memory.keep_attention`` (both unmeasured under Inductor), by blocks
-(``speed.compile_scope = "blocks"``: 4.95 GiB allocated on the H100, 0.89 of the count:
-no margin) nor to the CUDA-graph modes (their pool is unmeasured under Inductor)."""
+output, from a kept input). Not applied with ``memory.keep_attention`` (unmeasured
+under Inductor), by blocks (``speed.compile_scope = "blocks"``: 4.95 GiB allocated on the
+H100, 0.89 of the count: no margin) nor with checkpointing under the CUDA-graph modes
+(unmeasured); without checkpointing, ``INDUCTOR_UNCHECKPOINTED_TRAINING_WORKING``."""
+
+INDUCTOR_UNCHECKPOINTED_TRAINING_WORKING = 0.60
+"""``INDUCTOR_TRAINING_WORKING`` without checkpointing, under any Inductor mode compiling the
+whole UNet:
+measured 0.587 (SD 1.5, 512 px, fp16, micro-batch 4, nothing offloaded, ``speed.compile =
+"reduce-overhead"``, H100, 2026-11-27): the training phase allocated 7.10 GiB at its peak,
+2.02 of them held before it, 5.08 GiB of working memory where the meta device counts
+8.66; rounded up. Far below eager's because nothing is recomputed there: every
+intermediate the backward pass needs is either kept or, where cheap, recomputed from a
+kept input by Inductor's partitioner, which eager autograd cannot do. Measured in the
+first epoch, while cudagraph trees recorded (their pool allocates as eager's allocator
+does); applied to ``default`` and ``max-autotune`` too (the same partitioner, the same
+saved tensors; unmeasured there)."""
 
 
 def decode_working_bytes(estimated: int, half_precision: bool, compiled: bool = False) -> int:
@@ -110,27 +136,30 @@ def decode_working_bytes(estimated: int, half_precision: bool, compiled: bool = 
 
 
 def training_working_bytes(estimated: int, config: Config) -> int:
-    """A training micro-step's working memory from the meta device's figure: less by
-    ``INDUCTOR_TRAINING_WORKING`` where Inductor compiles the whole UNet without graphs
-    and checkpointing recomputes whole blocks, as measured (not without checkpointing,
-    nor where it keeps attention's outputs, ``memory.keep_attention``: not measured under
-    Inductor yet)."""
+    """A training micro-step's working memory from the meta device's figure, which is
+    eager's: where Inductor compiles the whole UNet, ``INDUCTOR_UNCHECKPOINTED_TRAINING_WORKING``
+    of it without checkpointing and ``INDUCTOR_TRAINING_WORKING`` with whole blocks
+    recomputed under ``default`` (as measured; not with ``memory.keep_attention``, nor
+    checkpointing under the graph modes: unmeasured under Inductor)."""
     speed, m = config.speed, config.memory
-    whole_graph = speed.compile == "default" and speed.compile_scope == "model"
-    measured_like = m.gradient_checkpointing and not m.keep_attention
-    return (
-        int(estimated * INDUCTOR_TRAINING_WORKING) if whole_graph and measured_like else estimated
-    )
+    whole_graph = speed.compile in INDUCTOR_MODES and speed.compile_scope == "model"
+    if not whole_graph or m.keep_attention:
+        return estimated
+    if not m.gradient_checkpointing:
+        return int(estimated * INDUCTOR_UNCHECKPOINTED_TRAINING_WORKING)
+    if speed.compile == "default":
+        return int(estimated * INDUCTOR_TRAINING_WORKING)
+    return estimated
 
 
-def reserved_bytes(allocated: int, graph_pool: int = 0) -> int:
+def reserved_bytes(allocated: int, graph_pool: int = 0, growth: int = 0) -> int:
     """What the caching allocator reserves for ``allocated`` live bytes, of which
     ``graph_pool`` sit in CUDA graphs' private pool: that pool is reserved as recorded, so
     the fragmentation ratio applies to the rest only (measured on an H200, 2026-11-26:
     within 3.3% of both rows' first epochs; `estimate.graph_pool_bytes`), and later epochs
-    grow by ``GRAPHS_LATER_EPOCH_GROWTH``."""
+    grow by ``growth`` (``later_epoch_growth``)."""
     rest = int((allocated - graph_pool) * fragmentation_ratio())
-    return rest + (graph_pool + GRAPHS_LATER_EPOCH_GROWTH if graph_pool else 0)
+    return rest + (graph_pool + growth if graph_pool else 0)
 
 
 CUDA_CONTEXT_BYTES = GB

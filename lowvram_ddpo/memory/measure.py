@@ -171,6 +171,8 @@ def measure_run(config: Config, arch: str) -> MemoryReport:
 
 GRAPHS_ONE_EPOCH_NOTE = (
     "CUDA graphs: one epoch measured, which also records them; later epochs reserved up to "
-    f"{format_size(GRAPHS_LATER_EPOCH_GROWTH)} more (H200 and H100, 2026-11-26; the "
-    "estimate adds it): `lowvram-ddpo bench speed --epochs 3` shows the peak after each epoch"
+    f"{format_size(GRAPHS_LATER_EPOCH_GROWTH)} more under speed.compile=cudagraphs (H200 and "
+    "H100, 2026-11-26; the estimate adds it), the decode's working memory beside the pool "
+    "under reduce-overhead (H100, 2026-11-27): `lowvram-ddpo bench speed --epochs 3` shows "
+    "the peak after each epoch"
 )
