@@ -231,10 +231,11 @@ case "$part" in
     stage vram7-default 440 bench_speed "${VRAM7[@]}" --epochs 4
     ;;
   equal) # issue 12's second goal: at the reference's own settings (micro-batch 4, nothing
-    # offloaded) at least 3x its samples/s, side by side in one call (never run: the
-    # `compile` part's equal-* stages came after the budget each time). CUDA graphs over
-    # Inductor's kernels first (predicted 3.70x by the time model), then Inductor alone
-    # (2.75x predicted) if time is left; each a cold compile (~250-300 s) and three timed
+    # offloaded) at least 3x its samples/s, side by side in one call. CUDA graphs over
+    # Inductor's kernels first (predicted 3.70x by the time model; measured 3.63x on an
+    # H100, 2026-11-27: skip it with GPU_SESSION_SKIP=equal-reduce-overhead), then the
+    # preset fitted to the big card and Inductor alone at equal settings (2.75x
+    # predicted) if time is left; each a cold compile (~250-300 s) and three timed
     # epochs. Carries .whl and .ref
     install_wheels
     stage reference 160 reference 140
@@ -361,25 +362,25 @@ case "$part" in
     ;;
   graphs) # speed.compile=cudagraphs' graphs read the UNet's weights in place since
     # 2026-11-27 (speed/cudagraphs_backend.py): torch's own backend copied every weight into
-    # the graphs' pool before each replay (on the H100, 2026-11-26: +1,046 kernels and 4.45
-    # ms of "other" kernels per sampling call, +1,390 and 9.3 ms per training call, the
-    # sampling call's wall 16 ms above its kernels). Each call in its own process, so each
-    # peak is its own pool; then the RLCM row as the H100 ran it with torch's backend
-    # (2.343 samples/s: sampling 0.165, training 0.249 s per image, 6.50 GiB). ~200 s, then
-    # DDPO with its sampling graphed too (~200 s more)
+    # the graphs' pool before each replay. Profiled on an H100 (2026-11-27, eighth session:
+    # 2,733 kernels and 82.1 ms per sampling call, 6,147 and 115.2 ms per training call,
+    # against torch's 3,675/91.5 and 7,089/122.0 the day before); its 90 s stages were
+    # too short for anything else (torch's backend still recording at 90 s, the RLCM row's
+    # training call compiled at ~70 s). Most telling first: the RLCM row as the H100 ran it
+    # with torch's backend (2.343 samples/s: sampling 0.165, training 0.249 s per image,
+    # 6.50 GiB; the issue's RLCM goal), DDPO with its sampling graphed too, then torch's
+    # backend profiled on the same machine. ~470 s in all: one call
     install_wheels
-    stage profile-graphs 90 "$PY" benchmarks/unet_profile.py --arch sd15 --variants cudagraphs \
-      --repeats 5
-    stage profile-torch-graphs 90 "$PY" benchmarks/unet_profile.py --arch sd15 \
-      --variants torch-cudagraphs --repeats 5
-    stage rlcm-graphs-written 120 bench_speed --preset rlcm-incompressibility --batches 1 \
+    stage rlcm-graphs-written 170 bench_speed --preset rlcm-incompressibility --batches 1 \
       --set memory.optimizer=adamw --set memory.vram=off --set speed.compile=cudagraphs \
       --set speed.compile_decoder=false --epochs 3
     # DDPO's sampling replayed too: judged no faster on the H200 (2026-11-26, 0.474 against
     # 0.469 s per image at micro-batch 4, nothing offloaded) with the weights copied each
-    # replay; the same settings with them read in place (if time is left)
+    # replay; the same settings with them read in place
     stage equal-graphs-sampling 200 bench_speed "${SD15[@]}" "${EQUAL[@]}" \
       --set speed.compile=cudagraphs --set speed.graph_sampling=true --epochs 3
+    stage profile-torch-graphs 150 "$PY" benchmarks/unet_profile.py --arch sd15 \
+      --variants eager,torch-cudagraphs --repeats 5
     ;;
   fp8) # memory.quantize=fp8 (the base in 8 bits, dequantised per call): SDXL's 2x within
     # 8 GB with CUDA graphs on its host-bound training (6.64 GiB, ~2 h 13 per epoch
