@@ -161,7 +161,7 @@ while (at := text.find("{", at)) >= 0:  # every JSON object in the output, text 
     at = end
 result = found[0] if len(found) == 1 else (found or None)
 row = {"stage": name, "command": command, "rc": rc, "seconds": seconds, "result": result}
-if result is None:
+if result is None or rc != 0:  # a cut-off stage's last words say where it was
     row["output_tail"] = text[-3000:]
 print(json.dumps(row))
 EOF

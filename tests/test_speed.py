@@ -1354,6 +1354,10 @@ def test_time_model_reproduces_the_h100_unet_calls_and_ranks_by_card():
         # calibration; the mean of two runs, 0.339 / 0.907 and 0.316 / 0.864)
         ("H200", 8, ["memory.uncheckpointed_levels=1", "memory.offload=false",
                      "memory.decode_batch=2"], 0.328, 0.886),
+        # the reference's settings with Inductor's graphs, side by side (H100, 2026-11-27:
+        # 3.63x the reference; predicted 0.332 / 0.777 before it ran)
+        ("H100", 4, ["memory.gradient_checkpointing=false", "memory.offload=false",
+                     "speed.compile=reduce-overhead"], 0.338, 0.794),
     ],
 )  # fmt: skip
 def test_time_model_reproduces_the_gpu_epochs(card, micro, overrides, sampling, training):
@@ -1364,7 +1368,8 @@ def test_time_model_reproduces_the_gpu_epochs(card, micro, overrides, sampling, 
     first with Inductor (the Inductor factors were fitted to that row: this checks that
     its calls take them, the eager and graphed ones not), and `--vram 7GB`'s pick, a row
     the model had predicted before it ran (0.318 / 0.968 against 0.333 / 0.979), and again
-    on an H200 (2026-11-27)."""
+    on an H200 (2026-11-27); on an H100 (2026-11-27) micro-batch 4 under
+    ``reduce-overhead``, also predicted before it ran."""
     from lowvram_ddpo.speed.time_model import Gpu, predict_epoch
 
     config = load_preset("incompressibility")
