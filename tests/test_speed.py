@@ -1065,9 +1065,18 @@ def test_a_compile_that_fails_leaves_the_run_eager_with_one_line(fresh_dynamo):
         assert torch.equal(out, expected) and layer.linear.weight.grad is not None
         assert len(heard) == 1 and "compiling the UNet failed (" in heard[0], heard
         assert "no kernels for this card" in heard[0] and "runs eagerly from here" in heard[0]
+        assert (
+            "this epoch's samples were drawn by the compiled calls" in heard[0]
+        )  # a training call
         assert layer._compiled_call_impl is None
         layer(x)
         assert len(heard) == 1  # said once
+    sampling_layer, heard = Small(), []  # a call without gradients: nothing mixed
+    compile_unet(sampling_layer, "default", torch.device("cpu"), backend="lowvram_ddpo_no_kernels",
+                 say=heard.append)  # fmt: skip
+    with torch.no_grad():
+        sampling_layer(x)
+    assert len(heard) == 1 and "samples were drawn" not in heard[0], heard
     with pytest.raises(ValueError, match="a call's own error"):
         broken = Small()
         compile_unet(broken, "default", torch.device("cpu"), backend="eager", say=heard.append)

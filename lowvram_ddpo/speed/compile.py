@@ -329,7 +329,9 @@ def eager_if_compiling_fails(
         say(
             f"{setting}: compiling {what} failed "
             f"({type(failure.inner_exception).__name__}: {cause[0][:160]}); it runs "
-            f"eagerly from here (--set {skip} skips the attempt). Please report the line"
+            f"eagerly from here (--set {skip} skips the attempt)"
+            + (MIXED_EPOCH_NOTE if torch.is_grad_enabled() else "")
+            + ". Please report the line"
         )
 
     for module in modules:
@@ -348,6 +350,15 @@ def eager_if_compiling_fails(
                 return _module(*args, **kwargs)
 
         module._compiled_call_impl = call
+
+
+MIXED_EPOCH_NOTE = (
+    "; this epoch's samples were drawn by the compiled calls, so DDPO's importance ratios "
+    "set them against eager kernels' roundings (the epoch line's replay says how far off 1)"
+)
+"""Added where a training call's compile fails (gradients on): the epoch's log-probs came
+from the compiled sampling call, so DDPO's replay is no longer like for like until the
+next epoch samples eagerly too."""
 
 
 STILL_COMPILING_AFTER = (60.0, 60.0)
