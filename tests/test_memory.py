@@ -1346,6 +1346,22 @@ def test_bench_memory_names_the_card_and_what_fits_a_smaller_one():
     assert "per epoch on an H100" in hint
 
 
+def test_bench_memory_says_which_set_fields_keep_a_smaller_card_out():
+    """Where the next card down fits nothing around the fields the user set, the hint names
+    them and says to set fewer, not only to lower the resolution."""
+    result = CliRunner().invoke(
+        app,
+        ["bench", "memory", "--preset", "incompressibility", "--set", "train.batch_size=8",
+         "--set", "train.gradient_accumulation_steps=8",
+         "--set", "memory.gradient_checkpointing=false"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    [hint] = [line for line in result.output.splitlines() if "nothing fits" in line]
+    assert "on a 16 GB card nothing fits keeping memory.gradient_checkpointing," in hint
+    assert "train.batch_size" in hint
+    assert hint.endswith("as set: set fewer fields or lower sample.resolution"), hint
+
+
 def test_bench_memory_with_vram_fits_sd15_in_4_gb():
     result = CliRunner().invoke(
         app, ["bench", "memory", "--preset", "incompressibility", "--vram", "4GB", "--json"]

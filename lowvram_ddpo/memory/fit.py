@@ -405,7 +405,7 @@ def fit_to_vram(
                 return Fit(trial, report, changes, seconds, timing.gpu, held)
     # the levels' smallest: not always the last (SD 1.5's decode is larger on nf4 than fp8)
     smallest = min(estimate_memory(c, arch, run).peak_bytes for c in smallest_settings)
-    kept = f" keeping {', '.join(sorted(held))} as set" if held else ""
+    kept = keeping_as_set(held)
     nf4 = (
         ", install bitsandbytes (pip install 'lowvram-ddpo[bnb]': an nf4 base is smaller)"
         if _no_bitsandbytes_here() and "memory.quantize" not in held and config.model.lora_rank
@@ -826,5 +826,13 @@ def smaller_card_hint(
     try:
         fit = fit_to_vram(config, arch, size * GB, held)
     except UserError:
-        return f"on {a_card(size)} nothing fits: lower sample.resolution"
+        fewer = "set fewer fields or " if held else ""
+        return (
+            f"on {a_card(size)} nothing fits{keeping_as_set(held)}: {fewer}lower sample.resolution"
+        )
     return f"for {a_card(size)}: {fit.summary(f'{size}GB')}"
+
+
+def keeping_as_set(held: frozenset[str]) -> str:
+    """The fields a fit keeps as the user set them, as its lines name them ("" for none)."""
+    return f" keeping {', '.join(sorted(held))} as set" if held else ""
