@@ -369,7 +369,7 @@ case "$part" in
     # training call compiled at ~70 s). Most telling first: the RLCM row as the H100 ran it
     # with torch's backend (2.343 samples/s: sampling 0.165, training 0.249 s per image,
     # 6.50 GiB; the RLCM goal), DDPO with its sampling graphed too, then torch's
-    # backend profiled on the same machine. ~470 s in all: one call
+    # backend profiled on the same machine. Caps ~520 s in all: one call
     install_wheels
     stage rlcm-graphs-written 170 bench_speed --preset rlcm-incompressibility --batches 1 \
       --set memory.optimizer=adamw --set memory.vram=off --set speed.compile=cudagraphs \

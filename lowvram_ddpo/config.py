@@ -104,6 +104,9 @@ LOG_WITH = ("auto", "tensorboard", "wandb", "none")
 SAMPLERS = ("auto", "ddim", "lcm", "flow-sde", "flow-cps")
 """``sample.sampler``: each a policy in ``lowvram_ddpo.policy``."""
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "cudagraphs")
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune")
+"""``speed.compile`` modes that Inductor compiles: its fused kernels (Triton on a GPU);
+``cudagraphs`` replays the UNet's own."""
 COMPILE_SCOPES = ("model", "blocks")
 """``speed.compile_scope``: the whole denoiser as one graph, or its repeated blocks."""
 BLOCK_COMPILE_MODES = ("default",)

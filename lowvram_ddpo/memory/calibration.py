@@ -16,10 +16,9 @@ Calibrated on the first GPU measurements (one NVIDIA H100 80GB, 2026-11-25,
 
 from __future__ import annotations
 
-from lowvram_ddpo.config import Config
+from lowvram_ddpo.config import INDUCTOR_MODES, Config
 from lowvram_ddpo.memory.allocator import expandable_segments_expected
 from lowvram_ddpo.memory.units import GB
-from lowvram_ddpo.speed.compile import INDUCTOR_MODES
 
 RESERVED_OVER_ALLOCATED = 1.11
 """Peak reserved / estimated allocated, with expandable segments: the largest measured
@@ -52,17 +51,17 @@ the graphs' pool at each replay (SD 1.5's: 1.6 GiB); ours reads them in place
 (``speed/cudagraphs_backend.py``). Kept until a GPU measures a graphed run without the
 copy (``gpu_session.sh graphs``): where it was the cause, the estimate is now high by
 about this much, the safe side. Not added under Inductor's graph modes
-(``reduce-overhead``, ``max-autotune``: ``later_epoch_growth``), measured without it: SD
-1.5 at micro-batch 4, nothing offloaded (H100, 2026-11-27), the pool held 5.21 GiB from
-the end of the first epoch to the fourth; the later epochs' peak, 0.89 GiB above the
-first's, was the decode's working memory beside the pool, which the estimate counts.
-"""
+(``later_epoch_growth``): under ``reduce-overhead`` (``max-autotune`` assumed alike) SD
+1.5 at micro-batch 4, nothing offloaded (H100, 2026-11-27) reserved 5.16-5.21 GiB beyond
+what it allocated (the graphs' pool, inferred) from the start of the second epoch to the
+fourth; the later epochs' peak, 0.89 GiB above the first's, was the decode's working
+memory beside the pool, which the estimate counts."""
 
 
 def later_epoch_growth(compile_mode: str) -> int:
     """What the estimate adds to a graphed run's reserved peak for its later epochs:
     ``GRAPHS_LATER_EPOCH_GROWTH`` for the ``cudagraphs`` backend, none for Inductor's graph
-    modes (measured), none without graphs."""
+    modes (measured under ``reduce-overhead``), none without graphs."""
     return GRAPHS_LATER_EPOCH_GROWTH if compile_mode == "cudagraphs" else 0
 
 
@@ -113,17 +112,19 @@ H100, 0.89 of the count: no margin) nor with checkpointing under the CUDA-graph 
 (unmeasured); without checkpointing, ``INDUCTOR_UNCHECKPOINTED_TRAINING_WORKING``."""
 
 INDUCTOR_UNCHECKPOINTED_TRAINING_WORKING = 0.60
-"""``INDUCTOR_TRAINING_WORKING`` without checkpointing, under any Inductor mode compiling the
-whole UNet:
-measured 0.587 (SD 1.5, 512 px, fp16, micro-batch 4, nothing offloaded, ``speed.compile =
-"reduce-overhead"``, H100, 2026-11-27): the training phase allocated 7.10 GiB at its peak,
-2.02 of them held before it, 5.08 GiB of working memory where the meta device counts
-8.66; rounded up. Far below eager's because nothing is recomputed there: every
-intermediate the backward pass needs is either kept or, where cheap, recomputed from a
-kept input by Inductor's partitioner, which eager autograd cannot do. Measured in the
-first epoch, while cudagraph trees recorded (their pool allocates as eager's allocator
-does); applied to ``default`` and ``max-autotune`` too (the same partitioner, the same
-saved tensors; unmeasured there)."""
+"""``INDUCTOR_TRAINING_WORKING`` without checkpointing, under any Inductor mode compiling
+the whole UNet: measured 0.587 (SD 1.5, 512 px, fp16, micro-batch 4, nothing offloaded,
+``speed.compile = "reduce-overhead"``, H100, 2026-11-27): the training phase allocated
+7.10 GiB at its peak, 2.02 of them held before it, 5.08 GiB of working memory where the
+meta device counts 8.66; rounded up. Why so much less than eager (inferred, not
+measured): without checkpointing eager autograd keeps every intermediate its backward
+reads, where Inductor's partitioner keeps fewer and recomputes the cheap ones (norms,
+activations) from kept inputs. Measured in the first epoch, while cudagraph trees warmed
+up and recorded (both allocate through the caching allocator). Applied beyond that row,
+unmeasured: to ``default`` and ``max-autotune`` (the same partitioner, so the same saved
+tensors expected), to other micro-batches (the 16 GB fit's 8), other models (SDXL, SD 3,
+FLUX.2 with a user's ``speed.compile``). A compile that fails mid-run leaves the UNet
+eager, which needs ~1.7x this (``compile.eager_if_compiling_fails`` says so)."""
 
 
 def decode_working_bytes(estimated: int, half_precision: bool, compiled: bool = False) -> int:

@@ -547,9 +547,11 @@ def graph_pool_bytes(config: Config, run: MetaRun, step_peak: int, train_peak: i
     ``calibration.GRAPHS_LATER_EPOCH_GROWTH``. The training graphs alone (H100, micro-batch
     8): 20.70 estimated before that growth, 20.34 and then 21.75 measured. Under
     Inductor's ``reduce-overhead`` (H100, 2026-11-27, micro-batch 4, both graphed) the
-    pool held 5.21 GiB where the sum gives 6.25 (0.80 measured of sampling's working
-    memory, 5.08 of training's: cudagraph trees share part of it): the sum is kept, the
-    safe side, and no later growth is added there (``calibration.later_epoch_growth``).
+    run reserved 5.16-5.21 GiB beyond what it allocated after its first epoch (the pool,
+    inferred), where the estimate's sum is 6.25 and the measured parts add to 5.88 (0.80
+    of sampling's working memory, 5.08 of training's: cudagraph trees share part of it):
+    the sum is kept, the safe side, and no later growth is added there
+    (``calibration.later_epoch_growth``).
     The extra calls' graphs are not measured yet."""
     speed, t = config.speed, config.train
     if not graphs_replay(speed, "training"):

@@ -753,7 +753,11 @@ class TrainingBudget:
             m.offload,
             trial.sample.batch_size if graphs_replay(trial.speed, "sampling") else 0,
             trial.speed.compile,
-            trial.speed.compile_scope,  # the whole UNet under Inductor holds less (0.90)
+            # the whole UNet under Inductor holds less: 0.90 checkpointed, 0.60 not
+            trial.speed.compile_scope,
+            # so checkpointing off is answered apart: under Inductor it need not hold more
+            # than every checkpointed level count (calibration.training_working_bytes)
+            m.gradient_checkpointing,
             m.gradient_checkpointing and m.keep_attention,  # holds more, not a level's worth
         )
         per_step = t.batch_size * t.gradient_accumulation_steps

@@ -50,7 +50,7 @@ from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 from torch._inductor import list_mode_options
 
-from lowvram_ddpo.config import BLOCK_COMPILE_MODES, COMPILE_MODES, SpeedConfig
+from lowvram_ddpo.config import BLOCK_COMPILE_MODES, COMPILE_MODES, INDUCTOR_MODES, SpeedConfig
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.reporting.progress import format_duration, word_while_waiting
 from lowvram_ddpo.speed.compile_cache import (
@@ -68,10 +68,6 @@ from lowvram_ddpo.speed.cuda_graphs import (
 from lowvram_ddpo.speed.cudagraphs_backend import cudagraphs_compiler
 
 RECOMPILE_LIMIT = 32
-
-
-INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune")
-"""``speed.compile`` modes that Inductor compiles: its fused kernels (Triton on a GPU)."""
 
 
 def has_triton() -> bool:
@@ -354,11 +350,14 @@ def eager_if_compiling_fails(
 
 MIXED_EPOCH_NOTE = (
     "; this epoch's samples were drawn by the compiled calls, so DDPO's importance ratios "
-    "set them against eager kernels' roundings (the epoch line's replay says how far off 1)"
+    "set them against eager kernels' roundings (the epoch line's replay says how far off 1); "
+    "eager training needs more memory than Inductor's (~1.7x without checkpointing): if the "
+    "card runs out, resume with --set memory.gradient_checkpointing=true"
 )
 """Added where a training call's compile fails (gradients on): the epoch's log-probs came
 from the compiled sampling call, so DDPO's replay is no longer like for like until the
-next epoch samples eagerly too."""
+next epoch samples eagerly too; and the fit counted Inductor's smaller training memory
+(``calibration.INDUCTOR_UNCHECKPOINTED_TRAINING_WORKING``), which eager does not hold to."""
 
 
 STILL_COMPILING_AFTER = (60.0, 60.0)
