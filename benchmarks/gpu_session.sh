@@ -61,7 +61,9 @@ say() { echo "[gpu_session $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 # $OUT in parts of at most 15 MiB (a file coming back from $OUT holds at most 16 MiB).
 COMPILE_CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/lowvram-ddpo"
 CARRIED_CACHE=.compile-cache/torch-compile.tgz
-CACHE_RETURN_MB=${GPU_SESSION_CACHE_MB:-35} # + .ref (19 MB) + .whl (6.4): under the 64 MiB carry
+# the device tool's 64 MiB (67.1 MB) counts the working tree too: 16.5 MB of tracked files
+# (2026-11-27) + .ref (19.1) + .whl (6.4) leave 25 MB; 35 did not fit beside .ref then
+CACHE_RETURN_MB=${GPU_SESSION_CACHE_MB:-24}
 CACHE_PART=15M
 
 restore_compile_cache() {
