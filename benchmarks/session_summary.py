@@ -116,6 +116,17 @@ def decode_line(rows: list[dict]) -> str:
     )
 
 
+def profile_line(r: dict) -> str:
+    """`benchmarks/unet_profile.py`'s row: per UNet call, wall ms, kernels and their ms."""
+    calls = "; ".join(
+        f"{name} {c['ms_per_call']} ms, {c['kernels']} kernels in {c['kernel_ms']} ms"
+        if "kernels" in c
+        else f"{name} {c['ms_per_call']} ms"
+        for name, c in r["calls"].items()
+    )
+    return f"profile {r['variant']}: {calls}  peak reserved {r.get('peak_reserved_gib')} GiB"
+
+
 def reference_lines(head: str, r: dict) -> list[str]:
     lines = []
     for name, run in r["runs"].items():
@@ -144,10 +155,17 @@ def summary_lines(rows: list[dict]) -> list[str]:
             lines.append(f"{head}  {decode_line(r)}")
         elif isinstance(r, dict) and "runs" in r:
             lines += reference_lines(head, r)
+        elif r and all(isinstance(p, dict) and "calls" in p for p in _listed(r)):
+            lines += [f"{head}  {profile_line(p)}" for p in _listed(r)]
         else:
             tail = json.dumps(r)[:300] if r is not None else row.get("output_tail", "")[-300:]
             lines.append(f"{head}  {tail}")
     return lines
+
+
+def _listed(result: dict | list) -> list:
+    """A stage's JSON objects as a list (a stage printing several gives a list)."""
+    return result if isinstance(result, list) else [result]
 
 
 def main(path: str) -> None:

@@ -2049,3 +2049,8 @@ def test_the_session_summary_puts_each_row_beside_the_reference():
     spread = dict(later[2], result={**later[2]["result"], "images_per_second_range": [0.8, 0.85]})
     (line,) = summary_lines([side_by_side[0], spread])[1:]
     assert "0.843 (0.800-0.850) img/s = 3.05x the reference (2.89-3.07)" in line
+    # a UNet profile's row (H100, 2026-11-27: cut at its cap after its JSON line)
+    profiled = results.parent / "h100-2026-11-27-equal/call2-results.jsonl"
+    (line,) = summary_lines([json.loads(next(iter(profiled.open())))])
+    assert line.startswith("profile-graphs           exit 124   90 s  profile cudagraphs:")
+    assert "sampling 82.06 ms, 2733 kernels in 72.69 ms" in line and "10.2 GiB" in line
