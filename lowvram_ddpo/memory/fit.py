@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowvram_ddpo.config import BITSANDBYTES_QUANTIZE, COMPILE_MODES, Config
+from lowvram_ddpo.config import BITSANDBYTES_QUANTIZE, COMPILE_MODES, INDUCTOR_MODES, Config
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.calibration import CUDA_CONTEXT_BYTES, a_card
 from lowvram_ddpo.memory.checkpointing import most_uncheckpointed_levels, resolution_levels
@@ -48,7 +48,7 @@ from lowvram_ddpo.optimizers import bitsandbytes_usable
 from lowvram_ddpo.preflight import rescores_at_other_shapes
 from lowvram_ddpo.processes import world_size
 from lowvram_ddpo.reporting.progress import format_duration
-from lowvram_ddpo.speed.compile import INDUCTOR_MODES, graphs_replay, inductor_gpu_missing
+from lowvram_ddpo.speed.compile import graphs_replay, inductor_gpu_missing
 from lowvram_ddpo.speed.compile_payoff import (
     cold_compile_ahead,
     cold_compile_seconds,

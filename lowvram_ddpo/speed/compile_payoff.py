@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 
-from lowvram_ddpo.config import BLOCK_COMPILE_MODES, COMPILE_SCOPES, Config
+from lowvram_ddpo.config import BLOCK_COMPILE_MODES, COMPILE_SCOPES, INDUCTOR_MODES, Config
 from lowvram_ddpo.memory.estimate import meta_run
 from lowvram_ddpo.reporting.progress import format_duration
-from lowvram_ddpo.speed.compile import INDUCTOR_MODES
 from lowvram_ddpo.speed.compile_cache import compile_cache_dir
 from lowvram_ddpo.speed.flops import epoch_flops
 from lowvram_ddpo.speed.time_model import Gpu, decode_seconds, leaf_modules, predict_epoch

@@ -61,11 +61,11 @@ from dataclasses import dataclass
 import torch
 
 from lowvram_ddpo.algorithms.steps import no_grad_calls_per_micro_step
-from lowvram_ddpo.config import Config, SpeedConfig
+from lowvram_ddpo.config import INDUCTOR_MODES, Config, SpeedConfig
 from lowvram_ddpo.errors import UserError
 from lowvram_ddpo.memory.estimate import meta_run, readable_shape
 from lowvram_ddpo.processes import world_size
-from lowvram_ddpo.speed.compile import CALL_KINDS, INDUCTOR_MODES, graphs_replay
+from lowvram_ddpo.speed.compile import CALL_KINDS, graphs_replay
 from lowvram_ddpo.speed.devices import KNOWN_RATES, dense_fp16_tflops, named_card
 from lowvram_ddpo.speed.flops import EpochFlops
 
